@@ -1,0 +1,248 @@
+"""The cgroup interface the runtime uses, and small cgroupfs helpers shared by both drivers.
+
+Every call is a handful of plain syscalls on cgroupfs: these run on the hot path of each run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sandbox.errors import CgroupError
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+# How long kill() and destroy() wait for the kernel: a SIGKILLed process needs a moment to
+# exit and a just-emptied cgroup may briefly refuse rmdir with EBUSY.
+KILL_TIMEOUT_S = 5.0
+RMDIR_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    memory_bytes: int | None = None  # hard limit, swap off
+    pids: int | None = None
+    cpu_quota_us: int | None = None  # CPU time per cpu_period_us
+    cpu_period_us: int = 100_000
+    cpuset_cpus: str | None = None
+
+
+@dataclass(frozen=True)
+class CgroupStats:
+    cpu_user_ns: int | None
+    cpu_sys_ns: int | None
+    cpu_total_ns: int | None
+    memory_peak_bytes: int | None
+    oom_kills: int
+    cpu_source: str | None
+    memory_source: str | None
+
+
+class Cgroup(ABC):
+    """One logical cgroup; on v1 it spans one directory per hierarchy."""
+
+    path: str  # relative to the driver's base, e.g. "c-1a2b/r-3"
+
+    @abstractmethod
+    def child(self, name: str) -> Cgroup:
+        """Create a sub-cgroup (in every hierarchy)."""
+
+    @abstractmethod
+    def apply(self, limits: CgroupLimits) -> None:
+        """Write the limits that are set; a missing controller raises CgroupError naming it."""
+
+    @abstractmethod
+    def open_procs_fds(self) -> list[int]:
+        """Write-only cgroup.procs fds, one per hierarchy; a process joins by writing b"0"."""
+
+    @abstractmethod
+    def add_pid(self, pid: int) -> None: ...
+
+    @abstractmethod
+    def pids(self, *, recursive: bool = False) -> list[int]:
+        """Processes in this cgroup (and its descendants if recursive), over all hierarchies."""
+
+    @abstractmethod
+    def stats(self) -> CgroupStats: ...
+
+    @abstractmethod
+    def cpu_ns(self) -> int | None:
+        """The cheapest current CPU total, for watchdogs."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """SIGKILL everything in this cgroup and its children; return once it is empty."""
+
+    @abstractmethod
+    def destroy(self) -> None:
+        """kill(), then remove this cgroup and its children everywhere. Idempotent."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path}>"
+
+
+class CgroupDriver(ABC):
+    version: int
+    controllers: frozenset[str]
+
+    @abstractmethod
+    def create(self, name: str) -> Cgroup: ...
+
+    @abstractmethod
+    def open(self, path: str) -> Cgroup | None:
+        """An existing cgroup under the base (crash cleanup); None if absent."""
+
+    @abstractmethod
+    def list(self) -> list[str]:
+        """Names of the direct children of the base."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Remove the base directories this driver owns, if empty."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]: ...
+
+
+# --- cgroupfs helpers ---------------------------------------------------------------------
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise CgroupError(f"invalid cgroup name {name!r}: use letters, digits, '_', '.', '-'")
+    return name
+
+
+def check_path(path: str) -> str:
+    for part in path.split("/"):
+        check_name(part)
+    return path
+
+
+def read_bytes(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def write_raw(path: str, data: str) -> None:
+    # O_TRUNC is ignored by cgroupfs but keeps plain files (test trees) exact.
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def write(path: str, data: str) -> None:
+    try:
+        write_raw(path, data)
+    except OSError as e:
+        raise CgroupError(f"cannot write {data!r} to {path}: {e.strerror}") from e
+
+
+def read_int(path: str) -> int:
+    return int(read_bytes(path))
+
+
+def read_keyed(path: str) -> dict[str, int]:
+    """Parse 'key value' lines (cpu.stat, memory.events, memory.oom_control, cpuacct.stat)."""
+    out: dict[str, int] = {}
+    for line in read_bytes(path).split(b"\n"):
+        key, _, value = line.partition(b" ")
+        if value:
+            try:
+                out[key.decode()] = int(value)
+            except ValueError:
+                continue
+    return out
+
+
+def read_pids(path: str) -> list[int]:
+    """cgroup.procs as ints; a directory that is gone counts as empty."""
+    try:
+        return [int(p) for p in read_bytes(path).split()]
+    except FileNotFoundError:
+        return []
+
+
+def subtree_dirs(top: str) -> Iterator[str]:
+    """Descendant directories of top, deepest first, then top itself (if it exists)."""
+    if not os.path.isdir(top):
+        return
+    for dirpath, _dirs, _files in os.walk(top, topdown=False):
+        yield dirpath
+
+
+def has_children(top: str) -> bool:
+    try:
+        with os.scandir(top) as it:
+            return any(e.is_dir(follow_symlinks=False) for e in it)
+    except FileNotFoundError:
+        return False
+
+
+def rmdir(path: str) -> None:
+    """Remove one cgroup directory. A module attribute so tests with plain trees can swap it."""
+    os.rmdir(path)
+
+
+def remove_tree(top: str, timeout: float = RMDIR_TIMEOUT_S) -> None:
+    """rmdir top's descendants bottom-up, then top; retry EBUSY briefly; gone is fine."""
+    deadline = time.monotonic() + timeout
+    for d in list(subtree_dirs(top)):
+        delay = 0.001
+        while True:
+            try:
+                rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise CgroupError(f"cannot remove cgroup {d}: {e.strerror}") from e
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+
+def wait_until(done: Callable[[], bool], on_retry: Callable[[], object], what: str,
+               timeout: float = KILL_TIMEOUT_S) -> None:
+    """Poll done() with a short backoff, calling on_retry() between polls."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while not done():
+        if time.monotonic() > deadline:
+            raise CgroupError(f"{what} did not finish within {timeout:.0f}s")
+        on_retry()
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        if pid <= 0:  # a process outside our pid namespace reads as 0
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+
+
+def cpuset_copy_parent(directory: str) -> None:
+    """v1: a new cpuset cgroup starts with empty cpus/mems and refuses processes; copy the
+    parent's and let the kernel do it for every later child (cgroup.clone_children)."""
+    parent = os.path.dirname(directory)
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        if not read_bytes(f"{directory}/{name}").strip():
+            write(f"{directory}/{name}", read_bytes(f"{parent}/{name}").decode().strip())
+    write(f"{directory}/cgroup.clone_children", "1")

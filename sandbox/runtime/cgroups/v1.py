@@ -1,0 +1,291 @@
+"""cgroup v1 driver: one directory per hierarchy (memory, pids, cpu, cpuacct, cpuset, freezer).
+
+A hierarchy may carry several controllers (cpu,cpuacct co-mounted), so a cgroup is a set of
+distinct directories plus a map from controller to the directory that holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from sandbox.errors import CgroupError
+from sandbox.runtime.cgroups import base
+from sandbox.runtime.cgroups.base import Cgroup, CgroupDriver, CgroupLimits, CgroupStats
+
+CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "cpuset", "freezer")
+_FREEZE_TIMEOUT_S = 1.0
+
+
+class V1Cgroup(Cgroup):
+    def __init__(self, driver: V1Driver, path: str) -> None:
+        self.path = path
+        self._driver = driver
+        self._dirs = {c: f"{b}/{path}" for c, b in driver.bases.items()}
+        self._hier = tuple(dict.fromkeys(self._dirs.values()))
+
+    def _dir(self, controller: str) -> str:
+        d = self._dirs.get(controller)
+        if d is None:
+            raise CgroupError(
+                f"the {controller} cgroup controller is not available to sandboxd "
+                f"(v1 hierarchies in use: {', '.join(sorted(self._dirs))})")
+        return d
+
+    def child(self, name: str) -> V1Cgroup:
+        return self._driver._make(f"{self.path}/{base.check_name(name)}")
+
+    def apply(self, limits: CgroupLimits) -> None:
+        if limits.memory_bytes is not None:
+            self._apply_memory(self._dir("memory"), limits.memory_bytes)
+        if limits.pids is not None:
+            base.write(f"{self._dir('pids')}/pids.max", str(limits.pids))
+        if limits.cpu_quota_us is not None:
+            d = self._dir("cpu")
+            base.write(f"{d}/cpu.cfs_period_us", str(limits.cpu_period_us))
+            base.write(f"{d}/cpu.cfs_quota_us", str(limits.cpu_quota_us))
+        if limits.cpuset_cpus is not None:
+            d = self._dir("cpuset")
+            mems = base.read_bytes(f"{os.path.dirname(d)}/cpuset.mems").decode().strip()
+            base.write(f"{d}/cpuset.mems", mems)
+            base.write(f"{d}/cpuset.cpus", limits.cpuset_cpus)
+
+    def _apply_memory(self, d: str, limit: int) -> None:
+        value = str(limit)
+        if not self._driver.memsw:
+            base.write(f"{d}/memory.limit_in_bytes", value)
+        else:
+            # The kernel keeps limit <= memsw.limit at every step, so the order depends on
+            # whether the limit goes up or down from what is there now.
+            try:
+                base.write_raw(f"{d}/memory.limit_in_bytes", value)
+                base.write(f"{d}/memory.memsw.limit_in_bytes", value)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise CgroupError(
+                        f"cannot write {value!r} to {d}/memory.limit_in_bytes: {e.strerror}"
+                    ) from e
+                base.write(f"{d}/memory.memsw.limit_in_bytes", value)
+                base.write(f"{d}/memory.limit_in_bytes", value)
+        base.write(f"{d}/memory.swappiness", "0")
+
+    def open_procs_fds(self) -> list[int]:
+        fds: list[int] = []
+        try:
+            for d in self._hier:
+                fds.append(os.open(f"{d}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise CgroupError(f"cannot open cgroup.procs of {self.path}: {e.strerror}") from e
+        return fds
+
+    def add_pid(self, pid: int) -> None:
+        for d in self._hier:
+            base.write(f"{d}/cgroup.procs", str(pid))
+
+    def pids(self, *, recursive: bool = False) -> list[int]:
+        found: set[int] = set()
+        for d in self._hier:
+            dirs = base.subtree_dirs(d) if recursive else (d,)
+            for sub in dirs:
+                found.update(base.read_pids(f"{sub}/cgroup.procs"))
+        return sorted(found)
+
+    def stats(self) -> CgroupStats:
+        user = sys_ = total = peak = None
+        cpu_source = memory_source = None
+        oom = 0
+        try:
+            if (d := self._dirs.get("cpuacct")) is not None:
+                total = base.read_int(f"{d}/cpuacct.usage")
+                if self._driver.cpuacct_split:
+                    user = base.read_int(f"{d}/cpuacct.usage_user")
+                    sys_ = base.read_int(f"{d}/cpuacct.usage_sys")
+                    cpu_source = "cgroup-v1:cpuacct.usage_user+usage_sys"
+                else:  # older kernels: only clock ticks for the split
+                    ticks = base.read_keyed(f"{d}/cpuacct.stat")
+                    tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+                    user, sys_ = ticks["user"] * tick_ns, ticks["system"] * tick_ns
+                    cpu_source = "cgroup-v1:cpuacct.stat+usage"
+            if (d := self._dirs.get("memory")) is not None:
+                peak = base.read_int(f"{d}/memory.max_usage_in_bytes")
+                memory_source = "cgroup-v1:memory.max_usage_in_bytes"
+                oom = self._oom_kills(d)
+        except (OSError, ValueError, KeyError) as e:
+            raise CgroupError(f"cannot read the figures of cgroup {self.path}: {e}") from e
+        return CgroupStats(user, sys_, total, peak, oom, cpu_source, memory_source)
+
+    @staticmethod
+    def _oom_kills(d: str) -> int:
+        # v1 counts an OOM kill only in the victim's own cgroup, so add the descendants'.
+        total = 0
+        dirs = base.subtree_dirs(d) if base.has_children(d) else (d,)
+        for sub in dirs:
+            ctl = base.read_keyed(f"{sub}/memory.oom_control")
+            if "oom_kill" in ctl:
+                total += ctl["oom_kill"]
+            elif base.read_int(f"{sub}/memory.failcnt") > 0:
+                total += 1  # kernel < 4.13: hitting the limit is the best hint there is
+        return total
+
+    def cpu_ns(self) -> int | None:
+        d = self._dirs.get("cpuacct")
+        if d is None:
+            return None
+        try:
+            return base.read_int(f"{d}/cpuacct.usage")
+        except OSError as e:
+            raise CgroupError(f"cannot read {d}/cpuacct.usage: {e.strerror}") from e
+
+    def kill(self) -> None:
+        freezer = self._dirs.get("freezer")
+        if freezer is not None and os.path.isdir(freezer):
+            self._frozen_kill(freezer)
+        # Without a freezer a fork can outrun one pass; with it, stragglers outside the
+        # freezer hierarchy are still possible. Kill again until every hierarchy is empty.
+        base.wait_until(lambda: not self.pids(recursive=True),
+                        lambda: base.kill_pids(self.pids(recursive=True)),
+                        f"killing the processes of cgroup {self.path}")
+
+    def _frozen_kill(self, freezer: str) -> None:
+        state = f"{freezer}/freezer.state"
+        base.write(state, "FROZEN")
+        try:
+            # A task stuck in D state can hold FREEZING: kill what is there anyway.
+            with contextlib.suppress(CgroupError):
+                base.wait_until(lambda: base.read_bytes(state).strip() == b"FROZEN",
+                                lambda: None, "freezing", _FREEZE_TIMEOUT_S)
+            base.kill_pids(self.pids(recursive=True))
+        finally:
+            # A frozen task does not act on SIGKILL until thawed.
+            base.write(state, "THAWED")
+
+    def destroy(self) -> None:
+        self.kill()
+        for d in self._hier:
+            base.remove_tree(d)
+
+
+class V1Driver(CgroupDriver):
+    version = 1
+
+    def __init__(self, bases: Mapping[str, str], *, owns_base: bool, memsw: bool,
+                 cpuacct_split: bool) -> None:
+        """bases: controller -> base directory (co-mounted controllers share one)."""
+        self.bases = dict(bases)
+        self.controllers = frozenset(self.bases)
+        self.owns_base = owns_base
+        self.memsw = memsw
+        self.cpuacct_split = cpuacct_split
+        self._hier = tuple(dict.fromkeys(self.bases.values()))
+
+    @classmethod
+    def at(cls, mounts: Mapping[str, str], base_name: str, *, may_create: bool,
+           setup_hint: str) -> tuple[V1Driver | None, list[str]]:
+        """Set up the base directory in each hierarchy (controller -> mount directory).
+
+        may_create: root makes the base dirs; others need them made by `sandboxd setup`.
+        """
+        warnings: list[str] = []
+        bases: dict[str, str] = {}
+        by_mount: dict[str, list[str]] = {}
+        for c in CONTROLLERS:
+            if c in mounts:
+                by_mount.setdefault(mounts[c], []).append(c)
+        for mount, ctls in by_mount.items():
+            b = f"{mount}/{base_name}"
+            problem = _prepare_base(b, ctls, may_create)
+            if problem is None:
+                bases.update(dict.fromkeys(ctls, b))
+            elif "memory" in ctls:
+                return None, [f"no writable cgroup ({problem}): memory and pids limits fall "
+                              f"back to rlimits; {setup_hint}"]
+            else:
+                warnings.append(f"cgroup v1 {','.join(ctls)} not usable ({problem}); "
+                                f"{setup_hint}")
+        if "memory" not in bases:
+            return None, ["no cgroup v1 memory hierarchy: memory limits fall back to rlimits"]
+        if "pids" not in mounts:
+            warnings.append("no cgroup v1 pids hierarchy: pids limits fall back to rlimits")
+        if "cpuacct" not in mounts:
+            warnings.append("no cgroup v1 cpuacct hierarchy: CPU time comes from rusage")
+        memsw = os.path.exists(f"{mounts['memory']}/memory.memsw.limit_in_bytes")
+        if not memsw:
+            warnings.append("no memory.memsw.* (swap accounting off): a memory limit does "
+                            "not cover swap; boot with swapaccount=1 or disable swap")
+        split = "cpuacct" in mounts and os.path.exists(
+            f"{mounts['cpuacct']}/cpuacct.usage_user")
+        driver = cls(bases, owns_base=may_create, memsw=memsw, cpuacct_split=split)
+        return driver, warnings
+
+    def _make(self, path: str) -> V1Cgroup:
+        made: list[str] = []
+        try:
+            for b in self._hier:
+                os.mkdir(f"{b}/{path}")
+                made.append(f"{b}/{path}")
+        except OSError as e:
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    base.rmdir(d)
+            what = "already exists" if e.errno == errno.EEXIST else e.strerror
+            raise CgroupError(f"cannot create cgroup {b}/{path}: {what}") from e
+        return V1Cgroup(self, path)
+
+    def create(self, name: str) -> V1Cgroup:
+        return self._make(base.check_name(name))
+
+    def open(self, path: str) -> V1Cgroup | None:
+        base.check_path(path)
+        if any(os.path.isdir(f"{b}/{path}") for b in self._hier):
+            return V1Cgroup(self, path)
+        return None
+
+    def list(self) -> list[str]:
+        names: set[str] = set()
+        for b in self._hier:
+            try:
+                with os.scandir(b) as it:
+                    names.update(e.name for e in it if e.is_dir(follow_symlinks=False))
+            except FileNotFoundError:
+                continue
+        return sorted(names)
+
+    def close(self) -> None:
+        if not self.owns_base:
+            return  # made by `sandboxd setup`, which also removes it
+        for b in self._hier:
+            try:
+                base.rmdir(b)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                    raise CgroupError(f"cannot remove cgroup base {b}: {e.strerror}") from e
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "base": dict(sorted(self.bases.items())),
+            "controllers": sorted(self.controllers),
+            "memsw": self.memsw,
+            "cpu_split": "cpuacct.usage_user" if self.cpuacct_split else "cpuacct.stat",
+        }
+
+
+def _prepare_base(b: str, ctls: list[str], may_create: bool) -> str | None:
+    """Make (or check) one hierarchy's base; return what is wrong, or None."""
+    try:
+        if may_create:
+            os.makedirs(b, exist_ok=True)
+        elif not os.path.isdir(b):
+            return f"{b} does not exist"
+        elif not (os.access(b, os.W_OK) and os.access(f"{b}/cgroup.procs", os.W_OK)):
+            return f"{b} is not writable"
+        if "cpuset" in ctls:
+            base.cpuset_copy_parent(b)
+    except (OSError, CgroupError) as e:
+        return str(e)
+    return None

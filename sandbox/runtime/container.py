@@ -1,0 +1,525 @@
+"""The host side of containers: the Runtime (spawner, id map, cgroups, compiled policies)
+and Container (exec, reset, destroy), on asyncio.
+
+Output pipes belong to this process and are read by its event loop as bytes arrive, so the
+output limit is exact and the partial output is kept. Limits that need a kill (wall time,
+CPU time, output) are enforced here through the run's cgroup; the run's figures come from
+that cgroup, or from init's wait4 rusage when there is none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import os
+import resource
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandbox.errors import ContainerGoneError, PolicyError, RuntimeSetupError, SandboxError
+from sandbox.runtime import idmap, protocol, seccomp
+from sandbox.runtime.cgroups import Cgroup, CgroupLimits, Detection, detect
+from sandbox.runtime.profiles import Limits, Profile, load_profile
+from sandbox.runtime.results import Observed, RunResult, Status, verdict
+from sandbox.runtime.rootfs import RootfsSpec
+
+OutputCallback = Callable[[str, bytes], None]
+_CPU_POLL_MIN_S = 0.005
+_CPU_POLL_MAX_S = 0.1
+_DRAIN_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """A container: its layers (lowest first; one directory = a plain root) and profile."""
+
+    layers: tuple[str, ...]
+    profile: str = "default"
+    writable: bool | None = None     # None: as the profile says
+    hostname: str = "sandbox"
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=lambda: {"PATH": DEFAULT_PATH})
+    cwd: str = "/"
+    stdin: bytes | int | None = None   # bytes, a readable fd (not consumed), or /dev/null
+    limits: Limits | None = None
+    uid: int | None = None             # inside the container; default: the mapping's run id
+    gid: int | None = None
+
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _validate(req: ExecRequest) -> None:
+    if not req.argv or not all(isinstance(a, str) for a in req.argv):
+        raise PolicyError("argv: give at least the program, as a list of strings")
+    if any("\0" in a for a in req.argv):
+        raise PolicyError("argv: an argument contains a NUL byte")
+    for k, v in req.env.items():
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise PolicyError(f"env: {k!r} is not a valid variable (no '=', no NUL, not empty)")
+    if not req.cwd.startswith("/") or "\0" in req.cwd:
+        raise PolicyError("cwd: must be an absolute path inside the container")
+
+
+class _Reader:
+    """Collects one output pipe, up to a cap, as the event loop sees data."""
+
+    def __init__(self, name: str, fd: int, cap: int | None, on_data: OutputCallback | None,
+                 on_overflow: Callable[[], None], done: asyncio.Future[None]) -> None:
+        self.name, self.fd, self.cap = name, fd, cap
+        self.buf = bytearray()
+        self.truncated = False
+        self.on_data, self.on_overflow, self.done = on_data, on_overflow, done
+
+    def readable(self) -> None:
+        try:
+            chunk = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.finish()
+            return
+        if self.cap is not None and len(self.buf) + len(chunk) > self.cap:
+            chunk = chunk[: self.cap - len(self.buf)]
+            self.truncated = True
+        if chunk:
+            self.buf += chunk
+            if self.on_data:
+                self.on_data(self.name, chunk)
+        if self.truncated:
+            self.on_overflow()
+            self.finish()
+
+    def finish(self) -> None:
+        if not self.done.done():
+            asyncio.get_running_loop().remove_reader(self.fd)
+            os.close(self.fd)
+            self.done.set_result(None)
+
+
+class Runtime:
+    """One per service: the spawner process, the id map, cgroups, compiled policies."""
+
+    def __init__(self, spawner: subprocess.Popen[bytes], sock: socket.socket,
+                 mapping: idmap.IdMapping, cgroups: Detection) -> None:
+        self._spawner, self._sock = spawner, sock
+        self.mapping, self.cgroups = mapping, cgroups
+        self._lock = asyncio.Lock()
+        self._programs: dict[str, seccomp.SeccompProgram] = {}
+        self._profiles: dict[str, Profile] = {}
+        self.containers: dict[str, Container] = {}
+
+    @classmethod
+    async def start(cls, *, mapping: idmap.IdMapping | None = None,
+                    cgroups: Detection | None = None) -> Runtime:
+        mapping = mapping or idmap.plan()
+        cgroups = cgroups if cgroups is not None else detect()
+        ours, theirs = protocol.socketpair()
+        # The spawner is exec'd fresh (not forked from this threaded process).
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sandbox.runtime.spawner", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            cwd=str(Path(__file__).resolve().parents[2]))
+        theirs.close()
+        return cls(proc, ours, mapping, cgroups)
+
+    def profile(self, name: str) -> Profile:
+        if name not in self._profiles:
+            self._profiles[name] = load_profile(name)
+        return self._profiles[name]
+
+    def program(self, name: str) -> seccomp.SeccompProgram:
+        """Each policy is compiled once; children load the ready BPF."""
+        if name not in self._programs:
+            self._programs[name] = seccomp.compile_profile(
+                seccomp.load_profile(seccomp.builtin_profile_path(name), name=name))
+        return self._programs[name]
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.cgroups.warnings)
+
+    async def _ask_spawner(self, req: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any],
+                                                                               list[int]]:
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            protocol.send(self._sock, req, fds)
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(self._sock, lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(self._sock)
+            got = protocol.recv(self._sock)
+        if got is None:
+            raise RuntimeSetupError("the spawner process died; restart the runtime")
+        return got
+
+    async def create_container(self, spec: ContainerSpec) -> Container:
+        started = time.monotonic()
+        profile = self.profile(spec.profile)
+        program = self.program(profile.seccomp)
+        for layer in spec.layers:
+            if not Path(layer).is_dir():
+                raise RuntimeSetupError(f"layer {layer!r} is not a directory")
+        shape = profile.rootfs
+        rootfs = RootfsSpec(
+            layers=tuple(str(Path(p).resolve()) for p in spec.layers),
+            writable=shape.writable if spec.writable is None else spec.writable,
+            upper_size=shape.upper_size, tmp_size=shape.tmp_size, tmp_inodes=shape.tmp_inodes,
+            shm_size=shape.shm_size, sys=shape.sys)
+        cid = secrets.token_hex(6)
+        cgroup: Cgroup | None = None
+        fds: list[int] = []
+        n_container = 0
+        try:
+            if self.cgroups.driver is not None:
+                cgroup = self.cgroups.driver.create(f"c-{cid}")
+                fds = cgroup.open_procs_fds()
+                n_container = len(fds)
+                fds += cgroup.child("init").open_procs_fds()
+            reply, got = await self._ask_spawner(
+                {"op": "create", "id": cid, "rootfs": asdict(rootfs),
+                 "mapping": self.mapping.describe(), "seccomp_bpf": program.bpf.hex(),
+                 "hostname": spec.hostname, "container_cgroup_fds": n_container}, fds)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.destroy()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if not reply.get("ok") or len(got) != 1:
+            for fd in got:
+                os.close(fd)
+            if cgroup is not None:
+                cgroup.destroy()
+            raise RuntimeSetupError(f"container setup failed: {reply.get('error')}")
+        container = Container(self, cid, int(reply["pid"]), socket.socket(fileno=got[0]),
+                              profile, rootfs, cgroup)
+        try:
+            await container._wait_ready()
+        except BaseException:
+            await container.destroy()
+            raise
+        container.setup_ms = (time.monotonic() - started) * 1000
+        self.containers[cid] = container
+        return container
+
+    async def close(self) -> None:
+        for c in list(self.containers.values()):
+            await c.destroy()
+        self._sock.close()
+        try:
+            await asyncio.to_thread(self._spawner.wait, 10)
+        except subprocess.TimeoutExpired:
+            self._spawner.kill()
+            await asyncio.to_thread(self._spawner.wait)
+        if self.cgroups.driver is not None:
+            self.cgroups.driver.close()
+
+
+class Container:
+    """A running container: an init waiting on its control socket."""
+
+    def __init__(self, runtime: Runtime, cid: str, pid: int, ctl: socket.socket,
+                 profile: Profile, rootfs: RootfsSpec, cgroup: Cgroup | None) -> None:
+        self.runtime, self.id, self.pid, self.profile = runtime, cid, pid, profile
+        self.rootfs, self.cgroup = rootfs, cgroup
+        self.setup_ms = 0.0
+        self.alive = True
+        self._ctl = ctl
+        self._ids = itertools.count(1)
+        self._waiters: dict[tuple[str, int], asyncio.Future[dict[str, Any]]] = {}
+        self._active = 0
+        self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().add_reader(ctl, self._on_message)
+
+    @property
+    def reusable(self) -> bool:
+        """A read-only root can be reset and reused; a writable one is used once."""
+        return not self.rootfs.writable
+
+    def _on_message(self) -> None:
+        try:
+            got = protocol.recv(self._ctl)
+        except (protocol.ProtocolError, OSError):
+            got = None
+        if got is None:
+            self._gone("the container's init exited")
+            return
+        msg, fds = got
+        for fd in fds:  # init never sends descriptors; drop any
+            os.close(fd)
+        ev = msg.get("ev")
+        if ev in ("ready", "error"):
+            if not self._ready.done():
+                self._ready.set_result(msg)
+            return
+        key = (str(ev), msg.get("id", 0) if ev != "reset" else 0)
+        waiter = self._waiters.pop(key, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg)
+
+    def _gone(self, why: str) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        asyncio.get_running_loop().remove_reader(self._ctl)
+        err = ContainerGoneError(f"container {self.id}: {why}")
+        if not self._ready.done():
+            self._ready.set_exception(err)
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(err)
+        self._waiters.clear()
+
+    async def _wait_ready(self) -> None:
+        msg = await self._ready
+        if msg.get("ev") != "ready":
+            raise RuntimeSetupError(str(msg.get("message")))
+
+    def _expect(self, ev: str, run_id: int = 0) -> asyncio.Future[dict[str, Any]]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters[(ev, run_id)] = fut
+        return fut
+
+    def _send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        if not self.alive:
+            raise ContainerGoneError(f"container {self.id} is gone; create a new one")
+        protocol.send(self._ctl, msg, fds or [])
+
+    def _rlimits(self, limits: Limits, has: frozenset[str]) -> list[tuple[int, int, int]]:
+        r: list[tuple[int, int, int]] = [(resource.RLIMIT_CORE, 0, 0)]
+        if limits.cpu_ms:
+            # A per-process backstop a little past the limit; the exact limit is enforced on
+            # the run's cgroup (or this is all there is without one).
+            secs = math.ceil(limits.cpu_ms / 1000) + (1 if "cpuacct" in has or "cpu" in has else 0)
+            r.append((resource.RLIMIT_CPU, secs, secs + 1))
+        for res, value in ((resource.RLIMIT_STACK, limits.stack_bytes),
+                           (resource.RLIMIT_FSIZE, limits.file_size_bytes),
+                           (resource.RLIMIT_NOFILE, limits.open_files),
+                           (resource.RLIMIT_AS, limits.address_space_bytes)):
+            if value:
+                r.append((res, value, value))
+        if limits.memory_bytes and "memory" not in has and not limits.address_space_bytes:
+            r.append((resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes))
+        if limits.pids and "pids" not in has:
+            r.append((resource.RLIMIT_NPROC, limits.pids, limits.pids))
+        return r
+
+    async def exec(self, req: ExecRequest, *, on_output: OutputCallback | None = None) -> RunResult:
+        """Run one command to its end and return its result; many may run at once."""
+        _validate(req)
+        limits = self.profile.resolve(req.limits)
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        run_id = next(self._ids)
+        driver = self.runtime.cgroups.driver
+        has = driver.controllers if driver else frozenset()
+        warnings = list(self.runtime.warnings)
+        run_cg: Cgroup | None = None
+        own: list[int] = []       # descriptors to close once init has its copies
+        readers: list[_Reader] = []
+        killed_for: list[Status] = []
+        timers: list[asyncio.TimerHandle] = []
+        started = self._expect("started", run_id)
+        exited = self._expect("exited", run_id)
+        self._active += 1
+        try:
+            if self.cgroup is not None:
+                run_cg = self.cgroup.child(f"r-{run_id}")
+                quota = (int(limits.cpu_quota_cores * 100_000) if limits.cpu_quota_cores
+                         else None)
+                run_cg.apply(CgroupLimits(memory_bytes=limits.memory_bytes, pids=limits.pids,
+                                          cpu_quota_us=quota, cpuset_cpus=limits.cpuset))
+                cg_fds = run_cg.open_procs_fds()
+                own += cg_fds
+            else:
+                cg_fds = []
+            stdin_fd = self._stdin_fd(req.stdin)
+            if stdin_fd != req.stdin:
+                own.append(stdin_fd)
+
+            def kill(reason: Status) -> None:
+                if not killed_for:
+                    killed_for.append(reason)
+                self._kill_run(run_cg, run_id)
+
+            pipes = []
+            for name in ("stdout", "stderr"):
+                r, w = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(r, False)
+                own.append(w)
+                pipes.append(w)
+                done: asyncio.Future[None] = loop.create_future()
+                reader = _Reader(name, r, limits.output_bytes, on_output,
+                                 lambda: kill(Status.OUTPUT_LIMIT), done)
+                readers.append(reader)
+                loop.add_reader(r, reader.readable)
+            uid = self.runtime.mapping.run_uid if req.uid is None else req.uid
+            gid = self.runtime.mapping.run_gid if req.gid is None else req.gid
+            self._send({"op": "exec", "id": run_id, "argv": req.argv, "env": req.env,
+                        "cwd": req.cwd, "uid": uid, "gid": gid,
+                        "rlimits": self._rlimits(limits, has)},
+                       [stdin_fd, *pipes, *cg_fds])
+            for fd in own:
+                os.close(fd)
+            own.clear()
+            await started
+            setup_ms = (time.monotonic() - t0) * 1000
+            if limits.wall_ms:
+                timers.append(loop.call_later(limits.wall_ms / 1000, kill, Status.WALL_LIMIT))
+            if limits.cpu_ms and run_cg is not None:
+                self._watch_cpu(run_cg, limits.cpu_ms, lambda: kill(Status.TIME_LIMIT), timers)
+            done_msg = await exited
+            for t in timers:
+                t.cancel()
+            # The run is over when its first process is: whatever it left behind goes too.
+            if run_cg is not None:
+                await asyncio.to_thread(run_cg.kill)
+            elif self._active == 1:
+                await self._sweep()
+            await self._drain(readers, warnings)
+            stats = run_cg.stats() if run_cg is not None else None
+        except BaseException:
+            for t in timers:
+                t.cancel()
+            for fd in own:
+                os.close(fd)
+            for reader in readers:
+                reader.finish()
+            self._waiters.pop(("started", run_id), None)
+            self._waiters.pop(("exited", run_id), None)
+            raise
+        finally:
+            self._active -= 1
+            if run_cg is not None:
+                with contextlib.suppress(SandboxError, OSError):
+                    await asyncio.to_thread(run_cg.destroy)
+        return self._result(run_id, done_msg, stats, limits, killed_for, readers, setup_ms,
+                            warnings)
+
+    def _result(self, run_id: int, msg: dict[str, Any], stats: Any, limits: Limits,
+                killed_for: list[Status], readers: list[_Reader], setup_ms: float,
+                warnings: list[str]) -> RunResult:
+        ru = msg.get("rusage") or {}
+        if stats is not None and stats.cpu_total_ns is not None:
+            user_ns, sys_ns, cpu_ns = stats.cpu_user_ns, stats.cpu_sys_ns, stats.cpu_total_ns
+            cpu_source = stats.cpu_source
+        else:
+            user_ns, sys_ns = int(ru.get("utime_ns", 0)), int(ru.get("stime_ns", 0))
+            cpu_ns, cpu_source = user_ns + sys_ns, "rusage"
+        if stats is not None and stats.memory_peak_bytes is not None:
+            peak, mem_source = stats.memory_peak_bytes, stats.memory_source
+        else:
+            peak, mem_source = int(ru.get("maxrss_kb", 0)) * 1024, "rusage:ru_maxrss"
+        oom = stats.oom_kills if stats is not None else 0
+        status, code, sig = verdict(Observed(
+            wait_status=int(msg["status"]), killed_for=killed_for[0] if killed_for else None,
+            cpu_ns=cpu_ns, cpu_limit_ms=limits.cpu_ms, oom_kills=oom,
+            exec_error=msg.get("error")))
+        error = msg.get("error")
+        wall_ns = max(0, int(msg.get("end_ns", 0)) - int(msg.get("start_ns", 0)))
+        out, err = readers
+        return RunResult(
+            id=f"{self.id}-{run_id}", status=status, exit_code=code, signal=sig,
+            stdout=bytes(out.buf), stderr=bytes(err.buf),
+            stdout_truncated=out.truncated, stderr_truncated=err.truncated,
+            cpu_ms=None if cpu_ns is None else cpu_ns / 1e6,
+            user_ms=None if user_ns is None else user_ns / 1e6,
+            sys_ms=None if sys_ns is None else sys_ns / 1e6,
+            wall_ms=wall_ns / 1e6, memory_peak_bytes=peak, setup_ms=setup_ms,
+            measured_by={"cpu": cpu_source, "memory": mem_source, "wall": "init:CLOCK_MONOTONIC"},
+            oom_killed=oom > 0, error=error.split(":", 1)[1] if error else None,
+            warnings=warnings)
+
+    def _stdin_fd(self, stdin: bytes | int | None) -> int:
+        if isinstance(stdin, int):
+            return stdin
+        if stdin is None:
+            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        # A memfd rather than a pipe: any size, no writer to keep alive, and seekable.
+        fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
+        view = memoryview(stdin)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+
+    def _kill_run(self, run_cg: Cgroup | None, run_id: int) -> None:
+        if run_cg is not None:
+            run_cg.kill()
+        elif self.alive:
+            self._send({"op": "signal", "id": run_id, "signal": 9})
+
+    async def _sweep(self) -> None:
+        """Without a cgroup, the processes a finished run left are found by killing all but
+        init, which is only right when no other run is active."""
+        await self.reset(remount=False)
+
+    def _watch_cpu(self, cg: Cgroup, limit_ms: int, on_over: Callable[[], None],
+                   timers: list[asyncio.TimerHandle]) -> None:
+        loop = asyncio.get_running_loop()
+        ncpu = os.cpu_count() or 1
+        limit_ns = limit_ms * 1_000_000
+
+        def check() -> None:
+            used = cg.cpu_ns() or 0
+            if used >= limit_ns:
+                on_over()
+                return
+            # CPU time grows at most ncpu seconds per second: no need to look sooner.
+            delay = (limit_ns - used) / 1e9 / ncpu
+            timers.append(loop.call_later(min(max(delay, _CPU_POLL_MIN_S), _CPU_POLL_MAX_S),
+                                          check))
+
+        timers.append(loop.call_later(min(max(limit_ms / 1000 / ncpu, _CPU_POLL_MIN_S),
+                                          _CPU_POLL_MAX_S), check))
+
+    async def _drain(self, readers: list[_Reader], warnings: list[str]) -> None:
+        """Wait for both pipes to reach EOF; every writer is dead by now, unless one handed
+        its descriptor to a process outside the run."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(r.done for r in readers)), _DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            warnings.append("output pipes stayed open after the run ended; output cut there")
+            for r in readers:
+                r.finish()
+
+    async def reset(self, *, remount: bool = True) -> None:
+        """Kill every process but init and give /tmp and /dev/shm back empty."""
+        if self._active > (0 if remount else 1):
+            raise SandboxError(f"container {self.id} has runs in progress; wait for them first")
+        fut = self._expect("reset")
+        self._send({"op": "reset", "remount": remount})
+        msg = await fut
+        if msg.get("error"):
+            raise SandboxError(f"container {self.id} reset failed: {msg['error']}")
+
+    async def destroy(self) -> None:
+        """Kill init (and so every process of the container), then remove its cgroups."""
+        self.runtime.containers.pop(self.id, None)
+        if self.alive:
+            self._gone("destroyed")
+        with contextlib.suppress(OSError):
+            self._ctl.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, 9)
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.destroy)

@@ -1,0 +1,147 @@
+"""Which host ids a container's user namespace maps, and writing that map.
+
+Three ways, chosen by who runs the service and what the host offers:
+- `single`: an ordinary user without subordinate ids; container root is that user and
+  untrusted code runs as container root with no capabilities.
+- `newuidmap`: an ordinary user with /etc/subuid and /etc/subgid ranges and the setuid
+  helpers from the `uidmap` package; untrusted code runs as 65534, distinct from init.
+- `direct`: host root writes a subordinate range itself; container root is never host root.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox.errors import RuntimeSetupError
+
+NOBODY = 65534
+
+
+@dataclass(frozen=True)
+class IdRange:
+    inside: int
+    outside: int
+    count: int
+
+
+@dataclass(frozen=True)
+class IdMapping:
+    method: str  # "single" | "newuidmap" | "direct"
+    uids: tuple[IdRange, ...]
+    gids: tuple[IdRange, ...]
+    run_uid: int
+    run_gid: int
+
+    @property
+    def root_uid(self) -> int:
+        """The host uid that container root maps to (owns files the container writes as root)."""
+        return self.uids[0].outside
+
+    @property
+    def root_gid(self) -> int:
+        return self.gids[0].outside
+
+    def host_uid(self, inside: int) -> int | None:
+        for r in self.uids:
+            if r.inside <= inside < r.inside + r.count:
+                return r.outside + inside - r.inside
+        return None
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "uid_map": [[r.inside, r.outside, r.count] for r in self.uids],
+            "gid_map": [[r.inside, r.outside, r.count] for r in self.gids],
+            "run_uid": self.run_uid,
+            "run_gid": self.run_gid,
+        }
+
+
+def read_subordinate(path: Path, user: str, uid: int) -> tuple[int, int] | None:
+    """The first range for `user` (by name or number) in an /etc/subuid-style file."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in (user, str(uid)):
+            try:
+                start, count = int(parts[1]), int(parts[2])
+            except ValueError:
+                continue
+            if count > 0:
+                return start, count
+    return None
+
+
+def plan(*, uid: int | None = None, gid: int | None = None, etc: Path = Path("/etc"),
+         allow_single: bool = True) -> IdMapping:
+    """Choose the mapping for a service running as `uid`/`gid` (default: this process)."""
+    uid = os.geteuid() if uid is None else uid
+    gid = os.getegid() if gid is None else gid
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    sub_u = read_subordinate(etc / "subuid", user, uid)
+    sub_g = read_subordinate(etc / "subgid", user, uid)
+
+    if uid == 0:
+        if not (sub_u and sub_g):
+            raise RuntimeSetupError(
+                "running as root needs a subordinate id range so that container root is not "
+                "host root: add a line such as 'root:100000:65536' to /etc/subuid and "
+                "/etc/subgid (or run the service as an ordinary user)")
+        count = min(sub_u[1], sub_g[1], 65536)
+        run = NOBODY if count > NOBODY else count - 1
+        return IdMapping("direct", (IdRange(0, sub_u[0], count),),
+                         (IdRange(0, sub_g[0], count),), run, run)
+
+    helpers = shutil.which("newuidmap") and shutil.which("newgidmap")
+    if sub_u and sub_g and helpers:
+        count = min(sub_u[1], sub_g[1], 65535)
+        run = NOBODY if count >= NOBODY else count
+        return IdMapping("newuidmap",
+                         (IdRange(0, uid, 1), IdRange(1, sub_u[0], count)),
+                         (IdRange(0, gid, 1), IdRange(1, sub_g[0], count)), run, run)
+    if not allow_single:
+        raise RuntimeSetupError(
+            f"no subordinate ids for {user}: install the uidmap package and add ranges to "
+            "/etc/subuid and /etc/subgid")
+    return IdMapping("single", (IdRange(0, uid, 1),), (IdRange(0, gid, 1),), 0, 0)
+
+
+def _fmt(ranges: tuple[IdRange, ...]) -> str:
+    return "".join(f"{r.inside} {r.outside} {r.count}\n" for r in ranges)
+
+
+def apply(mapping: IdMapping, pid: int) -> None:
+    """Write the map of process `pid`, which has just unshared its user namespace."""
+    proc = f"/proc/{pid}"
+    if mapping.method == "newuidmap":
+        for tool, ranges in (("newuidmap", mapping.uids), ("newgidmap", mapping.gids)):
+            args = [tool, str(pid)]
+            for r in ranges:
+                args += [str(r.inside), str(r.outside), str(r.count)]
+            done = subprocess.run(args, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeSetupError(f"{tool} failed: {done.stderr.strip()}; check the "
+                                        "ranges in /etc/subuid and /etc/subgid")
+        return
+    try:
+        if mapping.method == "single":
+            # An unprivileged writer may only map its own gid after giving up setgroups.
+            with open(f"{proc}/setgroups", "w") as f:
+                f.write("deny")
+        with open(f"{proc}/uid_map", "w") as f:
+            f.write(_fmt(mapping.uids))
+        with open(f"{proc}/gid_map", "w") as f:
+            f.write(_fmt(mapping.gids))
+    except OSError as e:
+        raise RuntimeSetupError(f"writing the id map of pid {pid} failed: {e}") from e

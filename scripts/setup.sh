@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what sandboxd needs on Debian 12 (run as root) and builds the venv at .venv.
+# Safe to run again: every step checks before it changes anything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh installs system packages: run it as root (sudo bash scripts/setup.sh)" >&2
+    exit 1
+fi
+
+packages=(busybox-static gcc libc6-dev uidmap libseccomp2 python3 python3-venv procps)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Container root must never be host root: root's containers map into a subordinate range.
+for f in /etc/subuid /etc/subgid; do
+    touch "$f"
+    grep -q '^root:' "$f" || echo "root:100000:65536" >> "$f"
+done
+
+# Debian's interpreter, not a per-user build (pyenv under /root cannot be run by others).
+if [ ! -x .venv/bin/python ]; then
+    /usr/bin/python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'

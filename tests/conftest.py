@@ -1,0 +1,97 @@
+"""Fixtures shared by the runtime suites: one Runtime per session on its own event loop, a
+busybox root filesystem, containers that are always destroyed, and an end-of-session check
+that nothing of ours is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+
+from sandbox import busybox
+from sandbox.runtime.container import Container, ContainerSpec, ExecRequest, Runtime
+from sandbox.runtime.profiles import Limits
+from sandbox.runtime.results import RunResult
+
+T = TypeVar("T")
+
+
+def shared_dir() -> Path:
+    """The steering repository's shared/ folder (data such as Docker's seccomp profile)."""
+    env = os.environ.get("SANDBOXD_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+
+
+class Session:
+    """Runs the async runtime from synchronous tests on one event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.runtime: Runtime = self.run(Runtime.start())
+        self.containers: list[Container] = []
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def container(self, layers: list[Path] | Path, profile: str = "default",
+                  writable: bool | None = None) -> Container:
+        if isinstance(layers, Path):
+            layers = [layers]
+        c = self.run(self.runtime.create_container(
+            ContainerSpec(layers=tuple(str(p) for p in layers), profile=profile,
+                          writable=writable)))
+        self.containers.append(c)
+        return c
+
+    def exec(self, container: Container, argv: list[str], *, stdin: bytes | None = None,
+             env: dict[str, str] | None = None, cwd: str = "/", uid: int | None = None,
+             **limits: Any) -> RunResult:
+        req = ExecRequest(argv=argv, env=env if env is not None else {"PATH": "/bin"},
+                          cwd=cwd, stdin=stdin, limits=Limits(**limits) if limits else None,
+                          uid=uid)
+        return self.run(container.exec(req))
+
+    def close(self) -> None:
+        for c in self.containers:
+            self.run(c.destroy())
+        self.run(self.runtime.close())
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def session() -> Iterator[Session]:
+    s = Session()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield s
+    s.close()
+    leftover = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not leftover, f"processes left behind: {leftover}"
+    driver = s.runtime.cgroups.driver
+    if driver is not None:
+        assert driver.list() == [], f"cgroups left behind: {driver.list()}"
+
+
+@pytest.fixture(scope="session")
+def busybox_root(session: Session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    m = session.runtime.mapping
+    return busybox.build_rootfs(tmp_path_factory.mktemp("busybox") / "rootfs",
+                                owner=(m.root_uid, m.root_gid))
+
+
+@pytest.fixture
+def container(session: Session, busybox_root: Path) -> Iterator[Container]:
+    c = session.container(busybox_root)
+    yield c
+    session.run(c.destroy())
+
+
+@pytest.fixture
+def judge_container(session: Session, busybox_root: Path) -> Iterator[Container]:
+    c = session.container(busybox_root, profile="judge")
+    yield c
+    session.run(c.destroy())
