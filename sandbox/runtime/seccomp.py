@@ -508,9 +508,11 @@ def _known(name: str, arch_values: list[int]) -> bool:
 
 
 def _native_arch() -> str:
-    native = int(seccomp.system_arch())
+    # Debian's binding gives Arch values as signed 32-bit ints, system_arch() as unsigned.
+    native = int(seccomp.system_arch()) & 0xFFFFFFFF
     for name in ARCHITECTURES:
-        if getattr(seccomp.Arch, name.removeprefix("SCMP_ARCH_"), None) == native:
+        value = getattr(seccomp.Arch, name.removeprefix("SCMP_ARCH_"), None)
+        if value is not None and int(value) & 0xFFFFFFFF == native:
             return name
     raise PolicyError(f"libseccomp reports an unknown native architecture {native:#x}")
 

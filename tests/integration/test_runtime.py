@@ -1,0 +1,227 @@
+"""The runtime against the real kernel: a busybox root, real namespaces, cgroups, seccomp."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import PolicyError, RuntimeSetupError
+from sandbox.runtime.container import Container
+from sandbox.runtime.results import Status
+from tests.conftest import Session
+
+
+def sh(session: Session, c: Container, script: str, **kw: object):
+    return session.exec(c, ["sh", "-c", script], **kw)  # type: ignore[arg-type]
+
+
+def test_echo_and_exit_code(session: Session, container: Container) -> None:
+    r = session.exec(container, ["echo", "hello", "world"])
+    assert (r.status, r.exit_code, r.stdout, r.stderr) == (Status.OK, 0, b"hello world\n", b"")
+    r = sh(session, container, "echo out; echo err >&2; exit 7")
+    assert (r.status, r.exit_code) == (Status.NONZERO_EXIT, 7)
+    assert (r.stdout, r.stderr) == (b"out\n", b"err\n")
+
+
+def test_stdin_reaches_cat_whole(session: Session, container: Container) -> None:
+    data = os.urandom(300_000)  # larger than a pipe buffer
+    r = session.exec(container, ["cat"], stdin=data, output_bytes=1 << 20)
+    assert r.status == Status.OK
+    assert r.stdout == data
+
+
+def test_pipeline_env_and_cwd(session: Session, container: Container) -> None:
+    r = sh(session, container, "printf 'b\\na\\nc\\n' | sort | tr a-z A-Z; pwd; env | sort",
+           env={"PATH": "/bin", "ANSWER": "42"}, cwd="/tmp")
+    lines = r.stdout.decode().splitlines()
+    assert lines[:4] == ["A", "B", "C", "/tmp"]
+    # Only what was declared (plus what sh itself sets) reaches the program.
+    assert sorted(set(lines[4:]) - {"SHLVL=1", "PWD=/tmp"}) == ["ANSWER=42", "PATH=/bin"]
+
+
+def test_killed_by_signal(session: Session, container: Container) -> None:
+    r = sh(session, container, "kill -SEGV $$")
+    assert (r.status, r.signal, r.exit_code) == (Status.SIGNALED, signal.SIGSEGV, None)
+
+
+def test_missing_program_and_bad_cwd(session: Session, container: Container) -> None:
+    r = session.exec(container, ["/bin/no-such-program"])
+    assert (r.status, r.exit_code) == (Status.NONZERO_EXIT, 127)
+    assert r.error and "No such file" in r.error
+    r = session.exec(container, ["true"], cwd="/does/not/exist")
+    assert r.exit_code == 127 and r.error and "chdir /does/not/exist" in r.error
+
+
+def test_runs_as_unprivileged_id_when_mapped(session: Session, container: Container) -> None:
+    m = session.runtime.mapping
+    r = sh(session, container, "id -u; id -g")
+    assert r.stdout.split() == [str(m.run_uid).encode(), str(m.run_gid).encode()]
+    if m.method != "single":
+        assert m.run_uid != 0, "untrusted code must not run as container root"
+
+
+def test_concurrent_execs_in_one_container(session: Session, container: Container) -> None:
+    import asyncio
+
+    from sandbox.runtime.container import ExecRequest
+
+    async def many() -> list:
+        return await asyncio.gather(*(container.exec(ExecRequest(
+            argv=["sh", "-c", f"sleep 0.2; echo {i}"], env={"PATH": "/bin"}))
+            for i in range(6)))
+
+    results = session.run(many())
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(6)]
+    assert all(r.status == Status.OK for r in results)
+
+
+def test_cpu_limit(session: Session, container: Container) -> None:
+    r = sh(session, container, "while :; do :; done", cpu_ms=300, wall_ms=10_000)
+    assert r.status == Status.TIME_LIMIT
+    assert r.cpu_ms is not None and r.cpu_ms >= 300
+    assert r.signal == signal.SIGKILL
+
+
+def test_wall_limit_kills_every_process(session: Session, container: Container) -> None:
+    r = sh(session, container, "sleep 100 & sleep 100 & sleep 100", wall_ms=300)
+    assert r.status == Status.WALL_LIMIT
+    left = sh(session, container, "ls /proc | grep -c '^[0-9]'")
+    # init, the sh running the count and its ls/grep: nothing of the killed run.
+    assert int(left.stdout) <= 4, left.stdout
+
+
+def test_memory_limit(session: Session, container: Container) -> None:
+    limit = 48 << 20
+    r = sh(session, container, "x=a; while :; do x=$x$x; done", memory_bytes=limit)
+    assert r.status == Status.MEMORY_LIMIT
+    assert r.memory_peak_bytes is not None and r.memory_peak_bytes <= limit
+    if session.runtime.cgroups.driver is not None:
+        assert r.oom_killed
+
+
+def test_fork_bomb_held_by_pids(session: Session, container: Container) -> None:
+    r = sh(session, container, "b() { b | b & }; b; sleep 1; echo survived", pids=20,
+           wall_ms=5000)
+    assert b"can't fork" in r.stderr
+    assert r.status in (Status.OK, Status.WALL_LIMIT)
+    assert sh(session, container, "echo alive").stdout == b"alive\n"
+
+
+def test_output_limit_keeps_partial_output(session: Session, container: Container) -> None:
+    r = session.exec(container, ["yes"], output_bytes=10_000)
+    assert r.status == Status.OUTPUT_LIMIT
+    assert r.stdout_truncated
+    assert r.stdout == b"y\n" * 5000
+
+
+def test_file_size_bomb_stopped(session: Session, container: Container) -> None:
+    r = sh(session, container, "cat /dev/zero > /tmp/big", file_size_bytes=1 << 20)
+    assert r.status == Status.OUTPUT_LIMIT
+    assert r.signal == signal.SIGXFSZ
+    size = sh(session, container, "wc -c < /tmp/big").stdout
+    assert int(size) == 1 << 20
+
+
+def test_tmp_is_size_limited(session: Session, container: Container) -> None:
+    r = sh(session, container, "dd if=/dev/zero of=/tmp/fill bs=1M count=200 2>&1; echo rc=$?",
+           file_size_bytes=1 << 30)
+    assert b"No space left" in r.stdout
+
+
+def test_double_forked_daemon_dies_with_the_run(session: Session, container: Container) -> None:
+    r = sh(session, container, "(setsid sh -c 'trap \"\" HUP; sleep 1000' &) ; echo started")
+    assert r.stdout == b"started\n"
+    listing = sh(session, container, "for p in /proc/[0-9]*; do cat $p/comm; done")
+    assert b"sleep" not in listing.stdout
+
+
+def test_read_only_root_and_reset(session: Session, judge_container: Container) -> None:
+    c = judge_container
+    r = sh(session, c, "touch /etc/owned 2>&1; echo secret > /tmp/left; sleep 1000 &")
+    assert b"Read-only file system" in r.stdout
+    assert c.reusable
+    session.run(c.reset())
+    r = sh(session, c, "ls -A /tmp; ls /proc | grep -c '^[0-9]'")
+    lines = r.stdout.split()
+    assert b"left" not in lines
+    assert int(lines[-1]) <= 4
+
+
+def test_writable_root_is_private(session: Session, busybox_root: Path) -> None:
+    a = session.container(busybox_root, profile="default")
+    b = session.container(busybox_root, profile="default")
+    try:
+        m = session.runtime.mapping
+        root = {"uid": 0} if m.method != "single" else {}
+        r = sh(session, a, "echo mine > /etc/mine && cat /etc/mine", **root)
+        assert (r.status, r.stdout) == (Status.OK, b"mine\n")
+        assert sh(session, b, "cat /etc/mine").status == Status.NONZERO_EXIT
+        assert not (busybox_root / "etc/mine").exists(), "the write reached the host directory"
+        assert not a.reusable
+    finally:
+        session.run(a.destroy())
+        session.run(b.destroy())
+
+
+def test_layers_stack_in_order(session: Session, busybox_root: Path, tmp_path: Path) -> None:
+    top = tmp_path / "top"
+    (top / "etc").mkdir(parents=True)
+    (top / "etc/hostname").write_text("from-top\n")
+    (top / "etc/only-top").write_text("yes\n")
+    m = session.runtime.mapping
+    for p in (top, top / "etc", top / "etc/hostname", top / "etc/only-top"):
+        os.lchown(p, m.root_uid, m.root_gid)
+    for writable in (False, True):
+        c = session.container([busybox_root, top], profile="judge", writable=writable)
+        r = sh(session, c, "cat /etc/hostname /etc/only-top; echo x > /tmp/ok && echo tmp-ok")
+        assert r.stdout == b"from-top\nyes\ntmp-ok\n"
+        session.run(c.destroy())
+
+
+def test_destroy_leaves_nothing(session: Session, busybox_root: Path) -> None:
+    c = session.container(busybox_root, profile="judge")
+    sh(session, c, "sleep 1000 & echo")
+    pid, cgroup = c.pid, c.cgroup
+    session.run(c.destroy())
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            break
+        import time
+
+        time.sleep(0.01)
+    assert not Path(f"/proc/{pid}").exists(), "init survived destroy"
+    if cgroup is not None:
+        assert session.runtime.cgroups.driver is not None
+        assert session.runtime.cgroups.driver.open(cgroup.path) is None
+
+
+def test_limits_above_maxima_refused(session: Session, container: Container) -> None:
+    with pytest.raises(PolicyError, match=r"limits\.cpu_ms: .*maximum"):
+        session.exec(container, ["true"], cpu_ms=10**9)
+
+
+def test_measurements_name_their_source(session: Session, container: Container) -> None:
+    r = sh(session, container, "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done")
+    assert r.cpu_ms and r.cpu_ms > 0 and r.wall_ms > 0
+    assert r.memory_peak_bytes and r.memory_peak_bytes > 0
+    driver = session.runtime.cgroups.driver
+    if driver is not None and "memory" in driver.controllers:
+        assert r.measured_by["memory"].startswith("cgroup-v")
+        assert r.measured_by["cpu"].startswith("cgroup-v")
+    else:
+        assert r.measured_by["memory"].startswith("rusage")
+
+
+def test_missing_layer_is_a_clear_error(session: Session, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeSetupError, match="is not a directory"):
+        session.container(tmp_path / "nope")
+
+
+def test_read_only_root_without_mountpoints(session: Session, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(RuntimeSetupError, match="no /proc directory"):
+        session.container(bare, profile="judge")
