@@ -9,6 +9,7 @@ reports each run's wait status and rusage.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -91,7 +92,7 @@ def exec_child(msg: dict[str, Any], fds: list[int], cfg: InitConfig, ctl: int, e
             os.write(err_w, f"{code}:{stage}: {e.strerror or e}".encode()[:4000])
         finally:
             os._exit(code)
-    except BaseException as e:  # noqa: BLE001 - a child must never return into init's loop
+    except BaseException as e:
         try:
             os.write(err_w, f"125:{stage}: {e!r}".encode()[:4000])
         finally:
@@ -188,18 +189,14 @@ def _signal_run(pid: int, sig: int) -> None:
     # The child called setsid, so its process group carries its id; members that left the
     # group are found through the run's cgroup on the host side.
     for target in (-pid, pid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(target, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _kill_all_and_reap() -> None:
     """As pid 1, kill(-1) reaches every other process of the pid namespace."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(-1, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     while True:
         try:
             os.waitpid(-1, 0)

@@ -7,6 +7,8 @@ peer that dies shows up as an empty read.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 from typing import Any
 
@@ -29,7 +31,8 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+def send(sock: socket.socket, message: dict[str, Any],
+         fds: list[int] | tuple[int, ...] = ()) -> None:
     data = orjson.dumps(message)
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes is over the {MAX_MESSAGE} byte cap")
@@ -68,9 +71,5 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
 
 
 def _close(fd: int) -> None:
-    import os
-
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

@@ -12,6 +12,7 @@ Run as `python -m sandbox.runtime.spawner FD`.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -63,7 +64,7 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
                        [f"/proc/self/fd/{fd}" for fd in sources])
         os.write(to_spawner, f"p{pid}".encode())
         os._exit(0)
-    except BaseException as e:  # noqa: BLE001 - report any failure, then leave
+    except BaseException as e:
         try:
             os.write(to_spawner, f"E{e}".encode()[:4000])
         finally:
@@ -99,7 +100,7 @@ def _init_main(req: dict[str, Any], init_cgroup_fds: list[int], ctl: socket.sock
             resettable=tuple(plan.resettable()))
         gc.disable()
         protocol.send(ctl, {"ev": "ready", "setup_ns": time.monotonic_ns() - started})
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         try:
             protocol.send(ctl, {"ev": "error", "message": f"container setup failed: {e}"})
         finally:
@@ -192,10 +193,8 @@ class Spawner:
                     protocol.send(self.sock, {"ok": False, "error": f"bad create request: {e}"})
             self.reap()
         for pid in list(self.inits):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         while True:
             try:

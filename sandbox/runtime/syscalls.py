@@ -21,7 +21,7 @@ _libc.mount.argtypes = [
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 
 CLONE_NEWNS = 0x00020000
@@ -127,7 +127,8 @@ class _CapHeader(ctypes.Structure):
     _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
 
 
-_CapData = ctypes.c_uint32 * 6  # two struct __user_cap_data_struct: effective, permitted, inheritable
+# Two struct __user_cap_data_struct (effective, permitted, inheritable), all zero.
+_CapData = ctypes.c_uint32 * 6
 
 
 def drop_bounding_and_ambient(last_cap: int) -> None:

@@ -1,0 +1,159 @@
+"""Pure logic of the runtime: profiles and limits, verdicts, the mount plan, id map choice."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import PolicyError, RuntimeSetupError
+from sandbox.runtime import idmap, rootfs
+from sandbox.runtime.profiles import Limits, load_profile
+from sandbox.runtime.results import Observed, Status, verdict
+
+
+def exited(code: int) -> int:
+    return code << 8
+
+
+def killed(sig: int) -> int:
+    return sig
+
+
+def obs(status: int, **kw: object) -> Observed:
+    base = {"wait_status": status, "killed_for": None, "cpu_ns": 0, "cpu_limit_ms": None,
+            "oom_kills": 0, "exec_error": None}
+    base.update(kw)
+    return Observed(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("o", "expected"), [
+    (obs(exited(0)), (Status.OK, 0, None)),
+    (obs(exited(3)), (Status.NONZERO_EXIT, 3, None)),
+    (obs(killed(signal.SIGSEGV)), (Status.SIGNALED, None, signal.SIGSEGV)),
+    (obs(killed(signal.SIGSYS)), (Status.SYSCALL_BLOCKED, None, signal.SIGSYS)),
+    (obs(killed(signal.SIGXFSZ)), (Status.OUTPUT_LIMIT, None, signal.SIGXFSZ)),
+    (obs(killed(signal.SIGXCPU)), (Status.TIME_LIMIT, None, signal.SIGXCPU)),
+    (obs(killed(signal.SIGKILL), oom_kills=1), (Status.MEMORY_LIMIT, None, signal.SIGKILL)),
+    (obs(exited(1), oom_kills=1), (Status.MEMORY_LIMIT, 1, None)),
+    (obs(killed(9), cpu_ns=2_000_000_000, cpu_limit_ms=1000), (Status.TIME_LIMIT, None, 9)),
+    # The first limit the host enforced wins over what the kernel saw afterwards.
+    (obs(killed(9), killed_for=Status.WALL_LIMIT, oom_kills=1), (Status.WALL_LIMIT, None, 9)),
+    (obs(killed(9), killed_for=Status.OUTPUT_LIMIT), (Status.OUTPUT_LIMIT, None, 9)),
+    (obs(exited(125), exec_error="125:seccomp: bad"), (Status.INTERNAL_ERROR, 125, None)),
+    (obs(exited(127), exec_error="127:exec x: No such file"), (Status.NONZERO_EXIT, 127, None)),
+    (obs(None), (Status.INTERNAL_ERROR, None, None)),  # type: ignore[arg-type]
+])
+def test_verdicts(o: Observed, expected: tuple[Status, int | None, int | None]) -> None:
+    assert verdict(o) == expected
+
+
+def test_builtin_profiles_load() -> None:
+    judge = load_profile("judge")
+    assert not judge.rootfs.writable and judge.network == "none"
+    assert load_profile("default").rootfs.writable
+    for p in (judge, load_profile("default")):
+        for f in ("cpu_ms", "wall_ms", "memory_bytes", "pids", "output_bytes"):
+            assert getattr(p.defaults, f) <= getattr(p.maxima, f)
+
+
+def test_limits_resolve_and_refuse() -> None:
+    judge = load_profile("judge")
+    got = judge.resolve(Limits(cpu_ms=500))
+    assert got.cpu_ms == 500 and got.wall_ms == judge.defaults.wall_ms
+    with pytest.raises(PolicyError, match=r"limits\.memory_bytes: .* maximum of 2147483648"):
+        judge.resolve(Limits(memory_bytes=1 << 40))
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    ({"cpu_ms": -1}, r"limits\.cpu_ms: expected a positive integer"),
+    ({"cpu_ms": True}, r"limits\.cpu_ms"),
+    ({"cpus": 1}, r"limits\.cpus: unknown limit"),
+    ({"cpuset": "0;rm"}, r"limits\.cpuset"),
+    ([], "expected an object"),
+])
+def test_limits_validation(data: object, match: str) -> None:
+    with pytest.raises(PolicyError, match=match):
+        Limits.from_dict(data)  # type: ignore[arg-type]
+
+
+def test_unknown_profile_names_known_ones() -> None:
+    with pytest.raises(PolicyError, match="known profiles: default, judge"):
+        load_profile("missing")
+    with pytest.raises(PolicyError, match="lowercase"):
+        load_profile("../etc/passwd")
+
+
+def _kinds(plan: rootfs.Plan) -> list[str]:
+    return [type(op).__name__ for op in plan.ops]
+
+
+def test_plan_read_only_directory_root() -> None:
+    spec = rootfs.RootfsSpec(layers=("/r",))
+    plan = rootfs.plan(spec, ["/proc/self/fd/5"])
+    kinds = _kinds(plan)
+    assert kinds[-1] == "PivotRoot"
+    assert "Overlay" not in kinds
+    binds = [op for op in plan.ops if isinstance(op, rootfs.Bind) and op.target == "/"]
+    assert binds and binds[0].readonly
+    masked = {op.target for op in plan.ops if isinstance(op, rootfs.Mask)}
+    assert {"/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"} <= masked
+    assert not any(p.startswith("/sys") for p in masked)  # no /sys at all by default
+    ro = {op.target for op in plan.ops if isinstance(op, rootfs.ReadOnly)}
+    assert ro == set(rootfs.READONLY_PATHS)
+    # /proc comes before what masks parts of it; /dev is sealed after it is filled.
+    assert kinds.index("Proc") < kinds.index("Mask")
+    order = [op.target for op in plan.ops if hasattr(op, "target")]
+    assert order.index("/dev/pts") < len(order) - order[::-1].index("/dev") - 1
+    assert {op.target for op in plan.resettable()} == {"/tmp", "/dev/shm"}
+
+
+def test_plan_writable_overlay_puts_top_layer_first() -> None:
+    spec = rootfs.RootfsSpec(layers=("/a", "/b", "/c"), writable=True, upper_size=1 << 20)
+    plan = rootfs.plan(spec, ["A", "B", "C"])
+    overlay = next(op for op in plan.ops if isinstance(op, rootfs.Overlay))
+    assert overlay.lowers == ("C", "B", "A")
+    assert overlay.upper and overlay.work
+    upper_tmpfs = next(op for op in plan.ops if isinstance(op, rootfs.Tmpfs)
+                       and op.target == rootfs.RW_DIR)
+    assert upper_tmpfs.size == 1 << 20
+
+
+def test_plan_read_only_layers_use_overlay_without_upper() -> None:
+    plan = rootfs.plan(rootfs.RootfsSpec(layers=("/a", "/b")), ["A", "B"])
+    overlay = next(op for op in plan.ops if isinstance(op, rootfs.Overlay))
+    assert overlay.upper is None
+
+
+def test_plan_needs_a_layer() -> None:
+    with pytest.raises(RuntimeSetupError):
+        rootfs.plan(rootfs.RootfsSpec(layers=()), [])
+
+
+def _etc(tmp_path: Path, subuid: str, subgid: str) -> Path:
+    (tmp_path / "subuid").write_text(subuid)
+    (tmp_path / "subgid").write_text(subgid)
+    return tmp_path
+
+
+def test_idmap_root_uses_a_subordinate_range(tmp_path: Path) -> None:
+    etc = _etc(tmp_path, "root:100000:65536\n", "root:200000:65536\n")
+    m = idmap.plan(uid=0, gid=0, etc=etc)
+    assert m.method == "direct" and m.root_uid == 100000 and m.root_gid == 200000
+    assert m.run_uid == 65534 and m.host_uid(65534) == 165534
+    with pytest.raises(RuntimeSetupError, match="root:100000:65536"):
+        idmap.plan(uid=0, gid=0, etc=_etc(tmp_path, "", ""))
+
+
+def test_idmap_user_with_and_without_ranges(tmp_path: Path) -> None:
+    uid = os.geteuid() or 1000
+    etc = _etc(tmp_path, f"{uid}:300000:65536\n", f"{uid}:300000:65536\n")
+    m = idmap.plan(uid=uid, gid=uid, etc=etc)
+    if m.method == "newuidmap":
+        assert m.root_uid == uid and m.host_uid(1) == 300000 and m.run_uid == 65534
+    single = idmap.plan(uid=uid, gid=uid, etc=tmp_path / "none")
+    assert single.method == "single" and single.run_uid == 0 and single.root_uid == uid
+    with pytest.raises(RuntimeSetupError, match="subordinate"):
+        idmap.plan(uid=uid, gid=uid, etc=tmp_path / "none", allow_single=False)
