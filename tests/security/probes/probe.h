@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #define PROBE_TEXT 3500
+#define PROBE_FN static __attribute__((unused))
 
 struct probe_report {
     int n_safe, n_unsafe;
@@ -41,15 +42,15 @@ struct probe_report {
     char unsafe[PROBE_TEXT];
 };
 
-static struct probe_report *R;
+static __attribute__((unused)) struct probe_report *R;
 
-static const char *en(int e)
+PROBE_FN const char *en(int e)
 {
     const char *s = strerrorname_np(e);
     return s ? s : "E?";
 }
 
-static void die(const char *fmt, ...)
+PROBE_FN void die(const char *fmt, ...)
 {
     char buf[512];
     va_list ap;
@@ -60,7 +61,7 @@ static void die(const char *fmt, ...)
     _exit(2);
 }
 
-static void probe_init(void)
+PROBE_FN void probe_init(void)
 {
     R = mmap(NULL, sizeof *R, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (R == MAP_FAILED)
@@ -68,7 +69,7 @@ static void probe_init(void)
     memset(R, 0, sizeof *R);
 }
 
-static void add_note(char *buf, int *n, const char *fmt, va_list ap)
+PROBE_FN void add_note(char *buf, int *n, const char *fmt, va_list ap)
 {
     size_t len = strlen(buf);
     if (len + 8 >= PROBE_TEXT)
@@ -82,7 +83,7 @@ static void add_note(char *buf, int *n, const char *fmt, va_list ap)
     (*n)++;
 }
 
-static void note_safe(const char *fmt, ...)
+PROBE_FN void note_safe(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -90,7 +91,7 @@ static void note_safe(const char *fmt, ...)
     va_end(ap);
 }
 
-static void note_unsafe(const char *fmt, ...)
+PROBE_FN void note_unsafe(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -99,7 +100,7 @@ static void note_unsafe(const char *fmt, ...)
 }
 
 /* Valid, harmless arguments: any failure is the safe outcome. */
-static long expect_fail(const char *what, long rc)
+PROBE_FN long expect_fail(const char *what, long rc)
 {
     int e = errno;
     if (rc == -1)
@@ -112,7 +113,7 @@ static long expect_fail(const char *what, long rc)
 
 /* Deliberately invalid arguments that the kernel only rejects after its permission
  * check: only a permission-type error is safe. */
-static long expect_denied(const char *what, long rc)
+PROBE_FN long expect_denied(const char *what, long rc)
 {
     int e = errno;
     if (rc == -1 && (e == EPERM || e == EACCES || e == ENOSYS))
@@ -125,7 +126,7 @@ static long expect_denied(const char *what, long rc)
     return rc;
 }
 
-static void close_fd(long fd)
+PROBE_FN void close_fd(long fd)
 {
     if (fd >= 0)
         close((int)fd);
@@ -133,7 +134,7 @@ static void close_fd(long fd)
 
 /* Run fn in a forked child (so a successful attack cannot change the rest of the probe).
  * A child killed by SIGSYS counts as blocked (seccomp kill action). */
-static void in_child(const char *what, void (*fn)(void *), void *arg)
+PROBE_FN void in_child(const char *what, void (*fn)(void *), void *arg)
 {
     fflush(NULL);
     pid_t pid = fork();
@@ -157,7 +158,7 @@ static void in_child(const char *what, void (*fn)(void *), void *arg)
     }
 }
 
-static int probe_finish(void)
+PROBE_FN int probe_finish(void)
 {
     fflush(NULL);
     if (R->n_unsafe) {
@@ -169,7 +170,7 @@ static int probe_finish(void)
 }
 
 /* Value of a "Name:\tvalue" line of /proc/self/status, or -1 (as text: NULL). */
-static int status_field(const char *name, char *out, size_t outlen)
+PROBE_FN int status_field(const char *name, char *out, size_t outlen)
 {
     FILE *f = fopen("/proc/self/status", "r");
     if (!f)

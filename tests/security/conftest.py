@@ -1,0 +1,131 @@
+"""Fixtures for the security probes: a busybox root holding the compiled probes at /probes,
+containers to run them in, and host-side things that must stay out of reach."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox import busybox
+from sandbox.runtime.container import Container, ExecRequest
+from sandbox.runtime.results import RunResult
+from tests.conftest import Session
+from tests.security.probes.build import build_probes
+
+SETUID_PROBE = "/probes/setuid-root"
+
+
+@pytest.fixture(scope="session")
+def probe_root(session: Session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the probes: apt-get install gcc")
+    m = session.runtime.mapping
+    root = busybox.build_rootfs(tmp_path_factory.mktemp("probes") / "rootfs")
+    probes = build_probes(root / "probes")
+    # A setuid-root copy: owned by container root, which the run uid must not become.
+    shutil.copy2(probes["setuid"], root / SETUID_PROBE.lstrip("/"))
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            os.lchown(os.path.join(dirpath, name), m.root_uid, m.root_gid)
+    os.lchown(root, m.root_uid, m.root_gid)
+    os.chmod(root / SETUID_PROBE.lstrip("/"), 0o4755)
+    return root
+
+
+@pytest.fixture(scope="session")
+def _probe_containers(session: Session, probe_root: Path) -> Iterator[dict[str, Container]]:
+    made: dict[str, Container] = {}
+    yield made
+    for c in made.values():
+        session.run(c.destroy())
+
+
+def _exec(session: Session, c: Container, name: str, args: tuple[str, ...],
+          env: dict[str, str] | None) -> RunResult:
+    path = name if name.startswith("/") else f"/probes/{name}"
+    return session.run(c.exec(ExecRequest(
+        argv=[path, *args], env=env if env is not None else {"PATH": "/bin"})))
+
+
+@pytest.fixture
+def probe_run(session: Session, probe_root: Path, _probe_containers: dict[str, Container]
+              ) -> Callable[..., RunResult]:
+    """Run a probe in a container of `profile` that is reset after every run."""
+
+    def run(name: str, *args: str, env: dict[str, str] | None = None,
+            profile: str = "judge") -> RunResult:
+        c = _probe_containers.get(profile)
+        if c is None or not c.alive:
+            c = _probe_containers[profile] = session.container(probe_root, profile=profile)
+        try:
+            return _exec(session, c, name, args, env)
+        finally:
+            if c.reusable:
+                session.run(c.reset())
+            else:
+                session.run(c.destroy())
+                del _probe_containers[profile]
+
+    return run
+
+
+@pytest.fixture
+def container_factory(session: Session, probe_root: Path) -> Iterator[Callable[[], Container]]:
+    made: list[Container] = []
+
+    def make() -> Container:
+        c = session.container(probe_root, profile="judge")
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        session.run(c.destroy())
+
+
+@pytest.fixture
+def probe_exec(session: Session) -> Callable[..., RunResult]:
+    def run(container: Container, name: str, *args: str,
+            env: dict[str, str] | None = None) -> RunResult:
+        return _exec(session, container, name, args, env)
+
+    return run
+
+
+@pytest.fixture
+def host_listener() -> Iterator[tuple[int, str]]:
+    """A TCP port on the host's 127.0.0.1 and an abstract unix socket, both listening."""
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    name = f"sandboxd-test-{os.getpid()}-{os.urandom(4).hex()}"
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind("\0" + name)
+    unix.listen()
+    try:
+        yield tcp.getsockname()[1], name
+    finally:
+        tcp.close()
+        unix.close()
+
+
+@pytest.fixture
+def host_marker() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="sandboxd-marker-"))
+    marker = d / "host-secret"
+    marker.write_text("host secret\n")
+    try:
+        yield marker
+    finally:
+        shutil.rmtree(d)
+
+
+@pytest.fixture
+def setuid_probe_path() -> str:
+    return SETUID_PROBE
