@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,17 +64,33 @@ class Session:
         self.loop.close()
 
 
+def _mounts() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {" ".join(line.split()[3:5]) for line in f}
+
+
+def _temp_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("sandboxd-*")}
+
+
 @pytest.fixture(scope="session")
 def session() -> Iterator[Session]:
+    """The runtime for the whole session; at its end nothing of ours may remain."""
+    procs_before = {p.pid for p in psutil.Process().children(recursive=True)}
+    mounts_before, temps_before = _mounts(), _temp_dirs()
     s = Session()
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield s
-    s.close()
-    leftover = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-    assert not leftover, f"processes left behind: {leftover}"
     driver = s.runtime.cgroups.driver
-    if driver is not None:
-        assert driver.list() == [], f"cgroups left behind: {driver.list()}"
+    for c in s.containers:
+        s.run(c.destroy())
+    cgroups_left = driver.list() if driver is not None else []
+    s.close()
+    assert cgroups_left == [], f"cgroups left behind: {cgroups_left}"
+    leftover = [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in procs_before]
+    assert not leftover, f"processes left behind: {leftover}"
+    assert _mounts() - mounts_before == set(), "mounts left in the host's namespace"
+    assert _temp_dirs() - temps_before == set(), "temporary directories left behind"
 
 
 @pytest.fixture(scope="session")

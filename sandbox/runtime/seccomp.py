@@ -14,6 +14,7 @@ import importlib.resources
 import json
 import os
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,9 +419,43 @@ def _compile(
                     f"syscalls[{i}]: libseccomp rejected the rule for {name}: "
                     f"{os.strerror(exc.errno) if exc.errno else exc}"
                 ) from None
-    return SeccompProgram(
-        name=profile.name, bpf=_export_bpf(flt), skipped_syscalls=tuple(sorted(skipped))
-    )
+    bpf = _export_bpf(flt)
+    if default != int(seccomp.ALLOW):
+        named = [int(seccomp.resolve_syscall(arch_values[0], n))
+                 for _, r, action in rules if action != default
+                 for n in r.names if n not in skipped]
+        newest = max((nr for nr in named if nr >= 0), default=-1)
+        if newest >= 0:
+            bpf = _enosys_stub(arch_values[0], newest) + bpf
+    return SeccompProgram(name=profile.name, bpf=bpf, skipped_syscalls=tuple(sorted(skipped)))
+
+
+# Classic BPF opcodes and seccomp return values used by the stub below.
+_BPF_LD_W_ABS = 0x20
+_BPF_JEQ_K = 0x15
+_BPF_JGT_K = 0x25
+_BPF_JGE_K = 0x35
+_BPF_RET_K = 0x06
+_SECCOMP_RET_ERRNO = 0x00050000
+_X32_SYSCALL_BIT = 0x40000000
+
+
+def _enosys_stub(native: int, newest: int) -> bytes:
+    """Instructions put before libseccomp's program: a native syscall numbered above every
+    one the profile names is newer than the profile, so it fails with ENOSYS (as runc
+    does) and a libc falls back to an older call, instead of treating EPERM as fatal.
+    x32 numbers are left to libseccomp's bad-architecture action."""
+    def insn(code: int, jt: int, jf: int, k: int) -> bytes:
+        return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
+
+    return b"".join((
+        insn(_BPF_LD_W_ABS, 0, 0, 4),                    # seccomp_data.arch
+        insn(_BPF_JEQ_K, 0, 4, native),                  # another arch: to libseccomp
+        insn(_BPF_LD_W_ABS, 0, 0, 0),                    # seccomp_data.nr
+        insn(_BPF_JGE_K, 2, 0, _X32_SYSCALL_BIT),        # x32: to libseccomp
+        insn(_BPF_JGT_K, 0, 1, newest),
+        insn(_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS),
+    ))
 
 
 def _cap_name(cap: str) -> str:

@@ -622,3 +622,14 @@ def test_default_runs_real_programs(default_bpf: bytes, program: str, tmp_path: 
     code, output = run_program(default_bpf, argv, tmp_path)
     assert code == 0, output
     assert expected in output
+
+
+@x86_64_only
+def test_syscalls_newer_than_the_profile_get_enosys(default_bpf: bytes) -> None:
+    # Numbers above every syscall the profile names: a libc falls back to an older call on
+    # ENOSYS but gives up on EPERM.
+    for number in (600, 1000):
+        assert value_in_child(default_bpf, lambda n=number: syscall(n, 0, 0, 0)) == -errno.ENOSYS
+    # A known but denied call keeps its EPERM, and x32 still hits the bad-arch action.
+    assert value_in_child(default_bpf, lambda: syscall("keyctl", 0, 0)) == -errno.EPERM
+    assert run_child(default_bpf, lambda: syscall(0x40000000 | 1000)).signal == signal.SIGSYS

@@ -2,13 +2,14 @@
  * §3.1 CVE-2022-0492 release_agent; §4.2 rootless runc with a writable /sys/fs/cgroup;
  * PaloAltoNetworks/can-ctr-escape-cve-2022-0492).
  * Attack: mount cgroup v1 (memory) and cgroup2; the same after unshare(user|mount|cgroup)
- * in a child, then open release_agent for writing; create a sub-cgroup and open
+ * in a child, then open release_agent for writing; create a sub-cgroup (see below) and open
  * cgroup.procs / memory.max of our own cgroup for writing under /sys/fs/cgroup.
  * Safe outcome: all fail; /sys/fs/cgroup is absent or read-only.
  * Host safety: the direct mounts carry an unknown option (EINVAL comes only after the
  * permission check, so only EPERM/EACCES/ENOSYS count as safe); the unshare chain mounts
  * only inside its own private namespaces; files are opened for writing, never written;
- * a sub-cgroup that does get created is removed at once.
+ * the right to create a sub-cgroup is asked with faccessat(W_OK) (EROFS on a read-only
+ * mount, EACCES without permission) rather than by creating one.
  */
 #include "probe.h"
 #include <sched.h>
@@ -47,10 +48,10 @@ static void try_cgroup_dir(const char *dir)
         snprintf(what, sizeof what, "open(%s, O_WRONLY)", path);
         close_fd(expect_fail(what, open(path, O_WRONLY | O_CLOEXEC)));
     }
-    snprintf(path, sizeof path, "%s/sbxprobe-%d", dir, (int)getpid());
-    snprintf(what, sizeof what, "mkdir(%s)", path);
-    if (expect_fail(what, mkdir(path, 0755)) == 0)
-        rmdir(path);
+    /* mkdir of a sub-cgroup needs exactly this permission (and a writable mount); asking
+     * instead of creating leaves the host's cgroup tree alone when run there by hand. */
+    snprintf(what, sizeof what, "could mkdir in %s: faccessat(W_OK|X_OK)", dir);
+    expect_fail(what, faccessat(AT_FDCWD, dir, W_OK | X_OK, AT_EACCESS));
 }
 
 int main(void)
@@ -84,11 +85,16 @@ int main(void)
         if (strncmp(ctrl, "name=", 5) == 0)
             ctrl += 5;
         char dir[600];
+        size_t rl = strlen(rel);
+        if (rl > 1 && rel[rl - 1] == '/')
+            rel[rl - 1] = 0;
+        if (strcmp(rel, "/") == 0)
+            rel = "";
         if (*ctrl)
             snprintf(dir, sizeof dir, "/sys/fs/cgroup/%s%s", ctrl, rel);
         else
             snprintf(dir, sizeof dir, "/sys/fs/cgroup%s", rel);
-        if (strcmp(rel, "/") != 0 || *ctrl)
+        if (*rel || *ctrl)
             try_cgroup_dir(dir);
     }
     if (f)

@@ -193,4 +193,13 @@ PROBE_FN int status_field(const char *name, char *out, size_t outlen)
     return found;
 }
 
+/* Whether capability `bit` is in CapEff. */
+PROBE_FN int has_cap(int bit)
+{
+    char v[64];
+    if (status_field("CapEff", v, sizeof v) != 0)
+        return 0;
+    return (int)((strtoull(v, NULL, 16) >> bit) & 1);
+}
+
 #endif

@@ -32,6 +32,7 @@ static void inject(int fd, const char *name)
 static void pty_attack(void *arg)
 {
     (void)arg;
+    signal(SIGHUP, SIG_IGN); /* closing our controlling pty at the end hangs it up */
     if (setsid() < 0) /* a new session without a controlling terminal */
         die("setsid: %s", en(errno));
     int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
