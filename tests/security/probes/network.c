@@ -44,6 +44,15 @@ static void tcp_connect(const char *ip, int port, int timeout_ms)
     close(fd);
 }
 
+static void add_interface(char *names, size_t size, const char *name, int *others)
+{
+    if (strcmp(name, "lo"))
+        (*others)++;
+    size_t l = strlen(names);
+    if (l + strlen(name) + 2 < size)
+        snprintf(names + l, size - l, "%s%.64s", l ? "," : "", name);
+}
+
 int main(int argc, char **argv)
 {
     probe_init();
@@ -89,24 +98,32 @@ int main(int argc, char **argv)
             note_safe("/proc/net/unix does not list it");
     }
 
-    struct if_nameindex *ifs = if_nameindex();
-    if (!ifs) {
-        note_unsafe("if_nameindex failed (%s): cannot tell which interfaces exist", en(errno));
-    } else {
-        char names[512] = "";
-        int others = 0;
-        for (struct if_nameindex *i = ifs; i->if_index; i++) {
-            if (strcmp(i->if_name, "lo"))
-                others++;
-            size_t l = strlen(names);
-            snprintf(names + l, sizeof names - l, "%s%s", l ? "," : "", i->if_name);
-        }
+    char names[512] = "";
+    int others = 0;
+    struct if_nameindex *ifs = if_nameindex(); /* needs an AF_NETLINK socket */
+    if (ifs) {
+        for (struct if_nameindex *i = ifs; i->if_index; i++)
+            add_interface(names, sizeof names, i->if_name, &others);
         if_freenameindex(ifs);
-        if (others)
-            note_unsafe("interfaces besides lo: %s", names);
-        else
-            note_safe("interfaces: %s", names[0] ? names : "(none)");
+    } else if ((f = fopen("/proc/net/dev", "r"))) { /* "  name: counters..." */
+        char line[512];
+        while (fgets(line, sizeof line, f)) {
+            char *colon = strchr(line, ':'), *name = line;
+            if (!colon)
+                continue;
+            *colon = 0;
+            while (*name == ' ')
+                name++;
+            add_interface(names, sizeof names, name, &others);
+        }
+        fclose(f);
+    } else {
+        note_unsafe("cannot list interfaces (if_nameindex and /proc/net/dev: %s)", en(errno));
     }
+    if (others)
+        note_unsafe("interfaces besides lo: %s", names);
+    else
+        note_safe("interfaces: %s", names[0] ? names : "(none)");
 
     tcp_connect("169.254.169.254", 80, 1500);
     return probe_finish();
