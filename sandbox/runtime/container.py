@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +61,12 @@ class ExecRequest:
 
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _cgroup_limits(limits: Limits) -> CgroupLimits:
+    quota = int(limits.cpu_quota_cores * 100_000) if limits.cpu_quota_cores else None
+    return CgroupLimits(memory_bytes=limits.memory_bytes, pids=limits.pids,
+                        cpu_quota_us=quota, cpuset_cpus=limits.cpuset)
 
 
 def _validate(req: ExecRequest) -> None:
@@ -243,10 +250,15 @@ class Container:
         self.rootfs, self.cgroup = rootfs, cgroup
         self.setup_ms = 0.0
         self.alive = True
+        self._pidfd = os.pidfd_open(pid)
         self._ctl = ctl
         self._ids = itertools.count(1)
         self._waiters: dict[tuple[str, int], asyncio.Future[dict[str, Any]]] = {}
         self._active = 0
+        # The next run's cgroup is made (with the profile's default limits applied) while
+        # nobody waits, and a finished run's is removed the same way.
+        self._spare: tuple[Cgroup, CgroupLimits] | None = None
+        self._chores: set[asyncio.Future[None]] = set()
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().add_reader(ctl, self._on_message)
 
@@ -271,6 +283,8 @@ class Container:
             if not self._ready.done():
                 self._ready.set_result(msg)
             return
+        if ev == "failed":  # init could not start the child: no "exited" will follow
+            ev = "started"
         key = (str(ev), msg.get("id", 0) if ev != "reset" else 0)
         waiter = self._waiters.pop(key, None)
         if waiter is not None and not waiter.done():
@@ -343,11 +357,7 @@ class Container:
         self._active += 1
         try:
             if self.cgroup is not None:
-                run_cg = self.cgroup.child(f"r-{run_id}")
-                quota = (int(limits.cpu_quota_cores * 100_000) if limits.cpu_quota_cores
-                         else None)
-                run_cg.apply(CgroupLimits(memory_bytes=limits.memory_bytes, pids=limits.pids,
-                                          cpu_quota_us=quota, cpuset_cpus=limits.cpuset))
+                run_cg = self._take_run_cgroup(run_id, _cgroup_limits(limits))
                 cg_fds = run_cg.open_procs_fds()
                 own += cg_fds
             else:
@@ -381,8 +391,14 @@ class Container:
             for fd in own:
                 os.close(fd)
             own.clear()
-            await started
+            first = await started
             setup_ms = (time.monotonic() - t0) * 1000
+            if first.get("ev") == "failed":
+                self._waiters.pop(("exited", run_id), None)
+                for r in readers:
+                    r.finish()
+                return self._result(run_id, {"status": None, "error": first.get("error")},
+                                    None, limits, killed_for, readers, setup_ms, warnings)
             if limits.wall_ms:
                 timers.append(loop.call_later(limits.wall_ms / 1000, kill, Status.WALL_LIMIT))
             if limits.cpu_ms and run_cg is not None:
@@ -392,7 +408,8 @@ class Container:
                 t.cancel()
             # The run is over when its first process is: whatever it left behind goes too.
             if run_cg is not None:
-                await asyncio.to_thread(run_cg.kill)
+                if run_cg.pids(recursive=True):
+                    await asyncio.to_thread(run_cg.kill)
             elif self._active == 1:
                 await self._sweep()
             await self._drain(readers, warnings)
@@ -410,8 +427,9 @@ class Container:
         finally:
             self._active -= 1
             if run_cg is not None:
-                with contextlib.suppress(SandboxError, OSError):
-                    await asyncio.to_thread(run_cg.destroy)
+                self._chore(run_cg.destroy)
+            if self.cgroup is not None and self._spare is None and self.alive:
+                self._chore(self._make_spare)
         return self._result(run_id, done_msg, stats, limits, killed_for, readers, setup_ms,
                             warnings)
 
@@ -431,7 +449,7 @@ class Container:
             peak, mem_source = int(ru.get("maxrss_kb", 0)) * 1024, "rusage:ru_maxrss"
         oom = stats.oom_kills if stats is not None else 0
         status, code, sig = verdict(Observed(
-            wait_status=int(msg["status"]), killed_for=killed_for[0] if killed_for else None,
+            wait_status=msg.get("status"), killed_for=killed_for[0] if killed_for else None,
             cpu_ns=cpu_ns, cpu_limit_ms=limits.cpu_ms, oom_kills=oom,
             exec_error=msg.get("error")))
         error = msg.get("error")
@@ -448,6 +466,39 @@ class Container:
             measured_by={"cpu": cpu_source, "memory": mem_source, "wall": "init:CLOCK_MONOTONIC"},
             oom_killed=oom > 0, error=error.split(":", 1)[1] if error else None,
             warnings=warnings)
+
+    def _take_run_cgroup(self, run_id: int, limits: CgroupLimits) -> Cgroup:
+        assert self.cgroup is not None
+        spare, self._spare = self._spare, None
+        if spare is None:
+            cg = self.cgroup.child(f"r-{run_id}")
+            cg.apply(limits)
+            return cg
+        cg, applied = spare
+        if applied != limits:
+            cg.apply(limits)
+        return cg
+
+    def _make_spare(self) -> None:
+        assert self.cgroup is not None
+        if not self.alive:
+            return
+        cg = self.cgroup.child(f"s-{secrets.token_hex(4)}")
+        cg.apply(_cgroup_limits(self.profile.defaults))
+        if self._spare is None and self.alive:
+            self._spare = (cg, _cgroup_limits(self.profile.defaults))
+        else:
+            cg.destroy()
+
+    def _chore(self, work: Callable[[], None]) -> None:
+        """Cgroup housekeeping in a worker thread, off the path of any run."""
+        async def run() -> None:
+            with contextlib.suppress(SandboxError, OSError):
+                await asyncio.to_thread(work)
+
+        task = asyncio.ensure_future(run())
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     def _stdin_fd(self, stdin: bytes | int | None) -> int:
         if isinstance(stdin, int):
@@ -519,7 +570,14 @@ class Container:
             self._gone("destroyed")
         with contextlib.suppress(OSError):
             self._ctl.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, 9)
+        if self._pidfd >= 0:
+            # Through a pidfd: a pid the spawner has already reaped may name another process.
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        while self._chores:
+            await asyncio.gather(*self._chores)
+        self._spare = None
         if self.cgroup is not None:
             await asyncio.to_thread(self.cgroup.destroy)

@@ -1,16 +1,15 @@
-"""A container's init: pid 1 of its namespaces, forking one child per exec.
+"""A container's init: pid 1 of its namespaces, starting one child per exec.
 
 Init is hostile ground: it is non-dumpable, holds no host file, and only talks over its
-control socket. Untrusted code never runs in it; each exec forks a child that takes the
-run's cgroup, rlimits, stdio, identity, drops every capability, sets no_new_privs, loads the
-policy's ready BPF and execs. Init reaps everything (orphans are re-parented to it) and
-reports each run's wait status and rusage.
+control socket. Untrusted code never runs in it; each exec vforks a child (in C, _spawn.c)
+that takes the run's cgroup, rlimits, stdio, identity, drops every capability, sets
+no_new_privs, loads the policy's ready BPF and execs. Init reaps everything (orphans are
+re-parented to it) and reports each run's wait status and rusage.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import resource
 import select
@@ -20,12 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox.runtime import protocol, rootfs, seccomp
-from sandbox.runtime import syscalls as sc
-
-# Signals Python sets to SIG_IGN at start; an exec'd program must get the defaults back or
-# `yes | head` never sees SIGPIPE and a file-size bomb never sees SIGXFSZ.
-_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM)
+from sandbox.runtime import _spawn, protocol, rootfs
 
 
 @dataclass(frozen=True)
@@ -42,61 +36,27 @@ class _Run:
     pid: int
     start_ns: int
     err_r: int
+    what: dict[str, str]             # stage -> what it acted on, for error messages
 
 
-def exec_child(msg: dict[str, Any], fds: list[int], cfg: InitConfig, ctl: int, err_w: int) -> None:
-    """Runs in the forked child; never returns."""
-    stage = "setup"
-    try:
-        for sig in _RESET_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        os.close(ctl)
-        os.setsid()
-        stage = "cgroup"
-        for fd in fds[3:]:
-            os.write(fd, b"0")
-        stage = "rlimits"
-        for res, soft, hard in msg["rlimits"]:
-            resource.setrlimit(res, (soft, hard))
-        stage = "stdio"
-        for target, fd in enumerate(fds[:3]):
-            os.dup2(fd, target, inheritable=True)
-        stage = f"chdir {msg['cwd']}"
-        os.chdir(msg["cwd"])
-        os.umask(0o022)
-        stage = "capabilities"
-        sc.drop_bounding_and_ambient(cfg.last_cap)
-        stage = "identity"
-        if cfg.set_groups:
-            os.setgroups([])
-        os.setresgid(msg["gid"], msg["gid"], msg["gid"])
-        os.setresuid(msg["uid"], msg["uid"], msg["uid"])
-        stage = "capabilities"
-        sc.clear_capabilities()
-        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-        # Everything but stdio and the cloexec error pipe goes before the policy is loaded.
-        os.closerange(3, err_w)
-        os.closerange(err_w + 1, 1 << 16)
-        stage = "seccomp"
-        if cfg.seccomp_bpf:
-            seccomp.install(cfg.seccomp_bpf)
-        stage = f"exec {msg['argv'][0]}"
-        os.execvpe(msg["argv"][0], msg["argv"], msg["env"])
-    except OSError as e:
-        code = 126 if e.errno in (errno.EACCES, errno.ENOEXEC, errno.EISDIR) else 127
-        if stage.startswith(("setup", "cgroup", "rlimits", "stdio", "identity", "capab", "secc")):
-            code = 125
-        try:
-            os.write(err_w, f"{code}:{stage}: {e.strerror or e}".encode()[:4000])
-        finally:
-            os._exit(code)
-    except BaseException as e:
-        try:
-            os.write(err_w, f"125:{stage}: {e!r}".encode()[:4000])
-        finally:
-            os._exit(125)
+def _candidates(argv0: str, env: dict[str, str]) -> list[bytes]:
+    """Where execvp would look, but with the run's PATH rather than init's."""
+    if "/" in argv0:
+        return [argv0.encode()]
+    dirs = env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":")
+    return [f"{d or '.'}/{argv0}".encode() for d in dirs]
+
+
+def start_child(msg: dict[str, Any], fds: list[int], cfg: InitConfig, err_w: int) -> int:
+    """vfork the run's child (see _spawn.c for everything it does before execve)."""
+    env = msg["env"]
+    return _spawn.spawn(
+        paths=_candidates(msg["argv"][0], env),
+        argv=[a.encode() for a in msg["argv"]],
+        envp=[f"{k}={v}".encode() for k, v in env.items()],
+        cwd=msg["cwd"].encode(), uid=msg["uid"], gid=msg["gid"], set_groups=cfg.set_groups,
+        rlimits=[tuple(r) for r in msg["rlimits"]], stdio=tuple(fds[:3]),
+        cgroup_fds=fds[3:], bpf=cfg.seccomp_bpf, last_cap=cfg.last_cap, err_fd=err_w)
 
 
 def _rusage(ru: resource.struct_rusage) -> dict[str, int]:
@@ -104,13 +64,18 @@ def _rusage(ru: resource.struct_rusage) -> dict[str, int]:
             "maxrss_kb": ru.ru_maxrss}
 
 
-def _read_error(fd: int) -> str | None:
+def _read_error(fd: int, what: dict[str, str]) -> str | None:
+    """The child's "<code>:<stage>:<errno>", made readable: "<code>:<stage>: <message>"."""
     try:
         data = os.read(fd, 4096)
     except OSError:
         data = b""
     os.close(fd)
-    return data.decode(errors="replace") if data else None
+    if not data:
+        return None
+    code, stage, err = data.decode(errors="replace").split(":", 2)
+    subject = f"{stage} {what[stage]}" if stage in what else stage
+    return f"{code}:{subject}: {os.strerror(int(err)) if err.isdigit() else err}"
 
 
 def serve(ctl: socket.socket, cfg: InitConfig) -> None:
@@ -133,9 +98,11 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
                 return
             run = runs.pop(pid, None)
             if run is not None:
+                end = time.monotonic_ns()
                 protocol.send(ctl, {"ev": "exited", "id": run.id, "status": status,
-                                    "start_ns": run.start_ns, "end_ns": time.monotonic_ns(),
-                                    "rusage": _rusage(ru), "error": _read_error(run.err_r)})
+                                    "start_ns": run.start_ns, "end_ns": end,
+                                    "rusage": _rusage(ru),
+                                    "error": _read_error(run.err_r, run.what)})
 
     while True:
         for fd, _ in poller.poll():
@@ -156,13 +123,19 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
             if op == "exec":
                 err_r, err_w = os.pipe2(os.O_CLOEXEC)
                 start = time.monotonic_ns()
-                pid = os.fork()
-                if pid == 0:
-                    exec_child(msg, fds, cfg, ctl.fileno(), err_w)
-                os.close(err_w)
-                for f in fds:
-                    os.close(f)
-                runs[pid] = _Run(msg["id"], pid, start, err_r)
+                try:
+                    pid = start_child(msg, fds, cfg, err_w)
+                except (OSError, ValueError, TypeError, KeyError) as e:
+                    os.close(err_r)
+                    protocol.send(ctl, {"ev": "failed", "id": msg.get("id"),
+                                        "error": f"125:spawn: {e}"})
+                    continue
+                finally:
+                    os.close(err_w)
+                    for f in fds:
+                        os.close(f)
+                runs[pid] = _Run(msg["id"], pid, start, err_r,
+                                 {"chdir": msg["cwd"], "exec": msg["argv"][0]})
                 protocol.send(ctl, {"ev": "started", "id": msg["id"], "pid": pid})
             elif op == "signal":
                 for run in runs.values():

@@ -49,15 +49,9 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
-PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 _SYS_PIVOT_ROOT = 155
-_SYS_CAPSET = 126
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # statvfs f_flag bits that a mount in a user namespace cannot drop (the kernel "locks" them).
 _ST_LOCKED = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV,
@@ -121,29 +115,6 @@ def locked_mount_flags(path: str) -> int:
 def cap_last_cap() -> int:
     with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
         return int(f.read())
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
-
-
-# Two struct __user_cap_data_struct (effective, permitted, inheritable), all zero.
-_CapData = ctypes.c_uint32 * 6
-
-
-def drop_bounding_and_ambient(last_cap: int) -> None:
-    """Empty the bounding and ambient sets; needs CAP_SETPCAP, so it comes before the
-    identity change. An empty bounding set means an execve as uid 0 gains nothing."""
-    for cap in range(last_cap + 1):
-        _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"PR_CAPBSET_DROP {cap}")
-    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "ambient clear")
-
-
-def clear_capabilities() -> None:
-    """Empty the effective, permitted and inheritable sets (a uid 0 process keeps them)."""
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = _CapData()
-    _check(_libc.syscall(_SYS_CAPSET, ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
 def loopback_up() -> None:

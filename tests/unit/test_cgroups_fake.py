@@ -459,8 +459,8 @@ def test_v1_pids_open_list_kill_destroy(tmp_path: Path, writes: list[tuple[str, 
         drv.create("c-1")
     writes.clear()
     c.destroy()
-    assert [(Path(p).name, d) for p, d in writes] == [
-        ("freezer.state", "FROZEN"), ("freezer.state", "THAWED")]
+    # Nothing runs in it, so there is nothing to freeze and kill: destroy only removes.
+    assert [(Path(p).name, d) for p, d in writes] == []
     for h in ("memory", "pids", "cpu", "cpuacct", "cpuset", "freezer"):
         assert not (cg / h / "sandboxd/c-1").exists()
     c.destroy()  # idempotent

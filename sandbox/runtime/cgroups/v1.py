@@ -142,6 +142,8 @@ class V1Cgroup(Cgroup):
             raise CgroupError(f"cannot read {d}/cpuacct.usage: {e.strerror}") from e
 
     def kill(self) -> None:
+        if not self.pids(recursive=True):  # the usual case at the end of a run: nothing to do
+            return
         freezer = self._dirs.get("freezer")
         if freezer is not None and os.path.isdir(freezer):
             self._frozen_kill(freezer)
