@@ -9,7 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(busybox-static gcc libc6-dev uidmap libseccomp2 python3 python3-venv procps)
+packages=(busybox-static gcc libc6-dev python3-dev uidmap libseccomp2 python3 python3-venv procps)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -388,6 +388,11 @@ def _compile(
     # A syscall from an architecture the filter does not list (i386 `int 0x80`, x32) must not be
     # judged by the native rules: kill the process instead.
     flt.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
+    # A binary tree of syscall numbers instead of a linear chain: a syscall walks ~log2(n)
+    # comparisons, and so does the kernel when it builds its per-syscall cache at load
+    # time (it emulates the filter for every syscall number), which made loading a
+    # 440-instruction chain cost ~0.4 ms per exec.
+    flt.set_attr(seccomp.Attr.CTL_OPTIMIZE, 2)
     arch_values = [_arch_value(native, "native architecture")]
     # libseccomp adds rules only to the architectures present when each rule is added.
     for arch in _compat_arches(profile, native):
