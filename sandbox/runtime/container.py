@@ -257,8 +257,9 @@ class Container:
         self._active = 0
         # The next run's cgroup is made (with the profile's default limits applied) while
         # nobody waits, and a finished run's is removed the same way.
-        self._spare: tuple[Cgroup, CgroupLimits] | None = None
+        self._spare: tuple[Cgroup, CgroupLimits, list[int]] | None = None
         self._chores: set[asyncio.Future[None]] = set()
+        self._making_spare = False
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().add_reader(ctl, self._on_message)
 
@@ -357,8 +358,7 @@ class Container:
         self._active += 1
         try:
             if self.cgroup is not None:
-                run_cg = self._take_run_cgroup(run_id, _cgroup_limits(limits))
-                cg_fds = run_cg.open_procs_fds()
+                run_cg, cg_fds = self._take_run_cgroup(run_id, _cgroup_limits(limits))
                 own += cg_fds
             else:
                 cg_fds = []
@@ -393,6 +393,11 @@ class Container:
             own.clear()
             first = await started
             setup_ms = (time.monotonic() - t0) * 1000
+            if self.cgroup is not None and not self._making_spare:
+                # Made while this run runs (its child has joined its cgroups by now, so the
+                # two do not queue on the kernel's cgroup lock), ready when the next starts.
+                self._making_spare = True
+                self._chore(self._make_spare)
             if first.get("ev") == "failed":
                 self._waiters.pop(("exited", run_id), None)
                 for r in readers:
@@ -408,7 +413,7 @@ class Container:
                 t.cancel()
             # The run is over when its first process is: whatever it left behind goes too.
             if run_cg is not None:
-                if run_cg.pids(recursive=True):
+                if not run_cg.is_empty():
                     await asyncio.to_thread(run_cg.kill)
             elif self._active == 1:
                 await self._sweep()
@@ -428,8 +433,6 @@ class Container:
             self._active -= 1
             if run_cg is not None:
                 self._chore(run_cg.destroy)
-            if self.cgroup is not None and self._spare is None and self.alive:
-                self._chore(self._make_spare)
         return self._result(run_id, done_msg, stats, limits, killed_for, readers, setup_ms,
                             warnings)
 
@@ -467,28 +470,39 @@ class Container:
             oom_killed=oom > 0, error=error.split(":", 1)[1] if error else None,
             warnings=warnings)
 
-    def _take_run_cgroup(self, run_id: int, limits: CgroupLimits) -> Cgroup:
+    def _take_run_cgroup(self, run_id: int, limits: CgroupLimits) -> tuple[Cgroup, list[int]]:
+        """The run's cgroup, with limits applied, and the cgroup.procs fds its child joins by."""
         assert self.cgroup is not None
         spare, self._spare = self._spare, None
         if spare is None:
             cg = self.cgroup.child(f"r-{run_id}")
             cg.apply(limits)
-            return cg
-        cg, applied = spare
+            return cg, cg.open_procs_fds()
+        cg, applied, fds = spare
         if applied != limits:
             cg.apply(limits)
-        return cg
+        return cg, fds
 
     def _make_spare(self) -> None:
         assert self.cgroup is not None
-        if not self.alive:
-            return
-        cg = self.cgroup.child(f"s-{secrets.token_hex(4)}")
-        cg.apply(_cgroup_limits(self.profile.defaults))
-        if self._spare is None and self.alive:
-            self._spare = (cg, _cgroup_limits(self.profile.defaults))
-        else:
-            cg.destroy()
+        try:
+            if not self.alive:
+                return
+            limits = _cgroup_limits(self.profile.defaults)
+            cg = self.cgroup.child(f"s-{secrets.token_hex(4)}")
+            cg.apply(limits)
+            if self._spare is None and self.alive:
+                self._spare = (cg, limits, cg.open_procs_fds())
+            else:
+                cg.destroy()
+        finally:
+            self._making_spare = False
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            for fd in spare[2]:
+                os.close(fd)
 
     def _chore(self, work: Callable[[], None]) -> None:
         """Cgroup housekeeping in a worker thread, off the path of any run."""
@@ -578,6 +592,6 @@ class Container:
             self._pidfd = -1
         while self._chores:
             await asyncio.gather(*self._chores)
-        self._spare = None
+        self._drop_spare()
         if self.cgroup is not None:
             await asyncio.to_thread(self.cgroup.destroy)

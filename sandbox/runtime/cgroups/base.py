@@ -70,6 +70,10 @@ class Cgroup(ABC):
         """Processes in this cgroup (and its descendants if recursive), over all hierarchies."""
 
     @abstractmethod
+    def is_empty(self) -> bool:
+        """No process in it: one read, for the end of every run (runs cannot make children)."""
+
+    @abstractmethod
     def stats(self) -> CgroupStats: ...
 
     @abstractmethod

@@ -95,6 +95,10 @@ class V1Cgroup(Cgroup):
                 found.update(base.read_pids(f"{sub}/cgroup.procs"))
         return sorted(found)
 
+    def is_empty(self) -> bool:
+        # Every process of a run joins every hierarchy, so one hierarchy tells.
+        return not base.read_pids(f"{self._hier[0]}/cgroup.procs")
+
     def stats(self) -> CgroupStats:
         user = sys_ = total = peak = None
         cpu_source = memory_source = None

@@ -83,6 +83,9 @@ class V2Cgroup(Cgroup):
             found.update(base.read_pids(f"{d}/cgroup.procs"))
         return sorted(found)
 
+    def is_empty(self) -> bool:
+        return not base.read_pids(f"{self._dir}/cgroup.procs")
+
     def stats(self) -> CgroupStats:
         d = self._dir
         peak = memory_source = None
