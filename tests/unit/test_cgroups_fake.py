@@ -641,3 +641,17 @@ def test_systemd_recipe_v2() -> None:
     assert "Delegate=memory pids cpu cpuset" in text
     assert "systemctl daemon-reload" in text
     assert "/proc/self/cgroup" in text and "sandboxd-alice" in text
+
+
+def test_v1_create_remakes_a_base_another_runtime_removed(tmp_path: Path,
+                                                          plain_rmdir: None) -> None:
+    # Root's runtimes share the base; one that closes while it is empty removes it.
+    drv, cg = v1_driver(tmp_path)
+    other = detect(root=tmp_path, uid=0).driver
+    assert other is not None
+    other.close()
+    assert not (cg / "memory/sandboxd").exists()
+    c = drv.create("c-1")
+    for h in ("memory", "pids", "cpu", "cpuacct", "cpuset", "freezer"):
+        assert (cg / h / "sandboxd/c-1").is_dir()
+    assert c.path == "c-1"

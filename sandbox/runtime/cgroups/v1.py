@@ -243,7 +243,18 @@ class V1Driver(CgroupDriver):
         return V1Cgroup(self, path)
 
     def create(self, name: str) -> V1Cgroup:
-        return self._make(base.check_name(name))
+        name = base.check_name(name)
+        for _ in range(3):
+            try:
+                return self._make(name)
+            except CgroupError as e:
+                # Another runtime's close() removed the shared base while it was empty.
+                if not (self.owns_base and isinstance(e.__cause__, FileNotFoundError)):
+                    raise
+                for b in self._hier:
+                    ctls = [c for c, d in self.bases.items() if d == b]
+                    _prepare_base(b, ctls, may_create=True)
+        return self._make(name)
 
     def open(self, path: str) -> V1Cgroup | None:
         base.check_path(path)
