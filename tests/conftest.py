@@ -83,7 +83,9 @@ def session() -> Iterator[Session]:
     driver = s.runtime.cgroups.driver
     for c in s.containers:
         s.run(c.destroy())
-    cgroups_left = driver.list() if driver is not None else []
+    # Only this session's own: root's runtimes share a base with any other on the host.
+    ours = {f"c-{c.id}" for c in s.containers}
+    cgroups_left = sorted(ours & set(driver.list())) if driver is not None else []
     s.close()
     assert cgroups_left == [], f"cgroups left behind: {cgroups_left}"
     leftover = [p for p in psutil.Process().children(recursive=True)
