@@ -62,6 +62,13 @@ class ExecRequest:
     gid: int | None = None
 
 
+# What a result without cgroup figures cannot say; run `sandboxd setup` to get them.
+FALLBACK_CPU = ("no cpu cgroup: the CPU limit is RLIMIT_CPU, per process and in whole "
+                "seconds, and CPU time covers only the processes init reaped")
+FALLBACK_MEMORY = ("no memory cgroup: peak memory is ru_maxrss, which also counts the "
+                   "runtime's own pages at exec, and a memory limit (RLIMIT_AS) makes an "
+                   "allocation fail rather than report memory_limit")
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -452,10 +459,13 @@ class Container:
         else:
             user_ns, sys_ns = int(ru.get("utime_ns", 0)), int(ru.get("stime_ns", 0))
             cpu_ns, cpu_source = user_ns + sys_ns, "rusage"
+            if limits.cpu_ms:
+                warnings.append(FALLBACK_CPU)
         if stats is not None and stats.memory_peak_bytes is not None:
             peak, mem_source = stats.memory_peak_bytes, stats.memory_source
         else:
             peak, mem_source = int(ru.get("maxrss_kb", 0)) * 1024, "rusage:ru_maxrss"
+            warnings.append(FALLBACK_MEMORY)
         oom = stats.oom_kills if stats is not None else 0
         status, code, sig = verdict(Observed(
             wait_status=msg.get("status"), killed_for=killed_for[0] if killed_for else None,

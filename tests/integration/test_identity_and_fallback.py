@@ -93,6 +93,9 @@ def test_rlimit_fallback_says_so(no_cgroup_session: Session, busybox_root: Path)
     assert r.measured_by["cpu"] == "rusage"
     assert r.measured_by["memory"] == "rusage:ru_maxrss"
     assert "no writable cgroup (test)" in r.warnings
+    from sandbox.runtime.container import FALLBACK_CPU, FALLBACK_MEMORY
+
+    assert FALLBACK_CPU in r.warnings and FALLBACK_MEMORY in r.warnings
     # The run's leftovers are still swept without a cgroup.
     s.exec(c, ["sh", "-c", "(setsid sleep 1000 &); true"])
     listing = s.exec(c, ["sh", "-c", "for p in /proc/[0-9]*; do cat $p/comm; done"])
