@@ -7,7 +7,9 @@ says which step failed and why.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
+import socket
 import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -119,9 +121,6 @@ def cap_last_cap() -> int:
 
 def loopback_up() -> None:
     """Bring `lo` up in this network namespace (a new one starts with it down)."""
-    import fcntl
-    import socket
-
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sh", b"lo", 0)
