@@ -19,7 +19,7 @@ from sandbox.errors import SandboxError
 
 
 def _setup(args: argparse.Namespace) -> int:
-    from sandbox.runtime.cgroups import delegate, detect
+    from sandbox.runtime.cgroups import delegate, detect, tuning
 
     if os.geteuid() != 0:
         print("sandboxd setup changes cgroup ownership: run it as root", file=sys.stderr)
@@ -28,6 +28,7 @@ def _setup(args: argparse.Namespace) -> int:
         for path in delegate.undelegate_v1(args.user):
             print(f"removed {path}")
         return 0
+    print(tuning.favor_dynmods())
     found = detect()
     if found.driver is not None and found.driver.version == 2:
         print(delegate.systemd_recipe_v2(args.user))

@@ -9,7 +9,7 @@ from typing import Any
 
 from sandbox.errors import SandboxError
 from sandbox.runtime import idmap
-from sandbox.runtime.cgroups import Detection, detect
+from sandbox.runtime.cgroups import Detection, detect, tuning
 
 
 def _read(path: str) -> str | None:
@@ -68,6 +68,10 @@ def report(cgroups: Detection | None = None, mapping: idmap.IdMapping | None = N
     cgroups = cgroups if cgroups is not None else detect()
     warnings.extend(cgroups.warnings)
     driver = cgroups.driver
+    favored = tuning.dynmods_favored() if driver is not None else None
+    if driver is not None and not favored:
+        warnings.append("cgroup moves may wait for an RCU grace period after idle (~7 ms a "
+                        "run): run `sandboxd setup` as root to set favordynmods")
     return {
         "kernel": platform.release(),
         "user": os.geteuid(),
@@ -75,8 +79,8 @@ def report(cgroups: Detection | None = None, mapping: idmap.IdMapping | None = N
         "id_mapping": mapping.describe() if mapping else None,
         "overlay_in_userns": overlay,
         "seccomp": {"available": seccomp_ok, "binding": _seccomp_binding()},
-        "cgroup": driver.describe() if driver else {"version": None,
-                                                   "fallback": "rlimits and rusage"},
+        "cgroup": ({**driver.describe(), "favordynmods": favored} if driver
+                   else {"version": None, "fallback": "rlimits and rusage"}),
         "measurement": {
             "cpu": "cgroup" if driver and {"cpuacct", "cpu"} & driver.controllers else "rusage",
             "memory": "cgroup" if driver and "memory" in driver.controllers

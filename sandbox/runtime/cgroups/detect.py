@@ -19,6 +19,7 @@ class CgroupMount:
     fstype: str  # "cgroup" (v1) or "cgroup2"
     controllers: frozenset[str]  # v1: the controllers this hierarchy carries
     root: str  # the part of the hierarchy this mount shows ("/" unless bind-mounted)
+    options: frozenset[str] = frozenset()  # the superblock's options
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def parse_mountinfo(text: str, root: Path = Path("/")) -> list[CgroupMount]:
             path=root / _unescape(fields[4]).lstrip("/"),
             fstype=fstype,
             controllers=frozenset(opts & set(CONTROLLERS)) if fstype == "cgroup" else frozenset(),
-            root=_unescape(fields[3])))
+            root=_unescape(fields[3]), options=frozenset(opts)))
     return mounts
 
 
