@@ -601,7 +601,10 @@ class Container:
         """Wait for both pipes to reach EOF; every writer is dead by now, unless one handed
         its descriptor to a process outside the run."""
         try:
-            await asyncio.wait_for(asyncio.gather(*(r.done for r in readers)), _DRAIN_TIMEOUT_S)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives as the pipes close.
+            async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+                await asyncio.gather(*(r.done for r in readers))
         except TimeoutError:
             warnings.append("output pipes stayed open after the run ended; output cut there")
             for r in readers:

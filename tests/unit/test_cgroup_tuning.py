@@ -33,7 +33,7 @@ def test_no_cgroup2_mount_is_unknown(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="remounting cgroup2 needs root")
-def test_remount_sets_it_and_keeps_the_mount_flags() -> None:
+def test_remount_sets_it_once() -> None:
     if tuning.dynmods_favored() is None:
         pytest.skip("this host has no cgroup2 mount")
     tuning.favor_dynmods()
