@@ -38,6 +38,7 @@ from typing import Any
 import psutil
 
 from sandbox import busybox
+from sandbox.runtime import _spawn, seccomp
 from sandbox.runtime.container import Container, ContainerSpec, ExecRequest, Runtime
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.results import RunResult, Status
@@ -129,6 +130,34 @@ def spawn_wait(path: Path, argv: list[str]) -> tuple[float, float]:
     wall = ms_since(t0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise BenchError(f"{path} {argv[1:]} ended with wait status {status:#x}")
+    return wall, (ru.ru_utime + ru.ru_stime) * 1000
+
+
+# The cheapest seccomp filter there is: every sandbox with a filter pays at least this
+# much per syscall (the kernel's syscall-entry slow path), whatever its policy.
+ALLOW_ALL = seccomp.compile_profile(
+    seccomp.load_profile({"defaultAction": "SCMP_ACT_ALLOW"}, name="allow-all")).bpf
+
+
+def spawn_filtered_wait(path: Path, argv: list[str], bpf: bytes) -> tuple[float, float]:
+    """As spawn_wait, through the runtime's own exec child with `bpf` loaded, no namespace."""
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    t0 = time.monotonic_ns()
+    try:
+        pid = _spawn.spawn(paths=[str(path).encode()], argv=[a.encode() for a in argv],
+                           envp=[b"PATH=/bin"], cwd=b"/", uid=os.getuid(), gid=os.getgid(),
+                           set_groups=False, rlimits=[], stdio=(null, null, null),
+                           cgroup_fds=[], bpf=bpf, last_cap=-1, err_fd=err_w)
+    finally:
+        os.close(err_w)
+        os.close(null)
+    _, status, ru = os.wait4(pid, 0)
+    wall = ms_since(t0)
+    failure = os.read(err_r, 200)
+    os.close(err_r)
+    if failure or os.waitstatus_to_exitcode(status) != 0:
+        raise BenchError(f"{path} under a filter: {failure!r}, wait status {status:#x}")
     return wall, (ru.ru_utime + ru.ru_stime) * 1000
 
 
@@ -298,12 +327,15 @@ async def compare(c: Container, root: Path, name: str, args: tuple[str, ...],
     path = root / "bin" / name
     spawn_wait(path, [name, *args])
     await checked_exec(c, [f"/bin/{name}", *args], LONG)
-    cpu: dict[str, list[float]] = {"bare": [], "box": []}
-    wall: dict[str, list[float]] = {"bare": [], "box": []}
+    cpu: dict[str, list[float]] = {"bare": [], "box": [], "filtered": []}
+    wall: dict[str, list[float]] = {"bare": [], "box": [], "filtered": []}
     for _ in range(n.repeats):
         w, u = spawn_wait(path, [name, *args])
         wall["bare"].append(w)
         cpu["bare"].append(u)
+        w, u = spawn_filtered_wait(path, [name, *args], ALLOW_ALL)
+        wall["filtered"].append(w)
+        cpu["filtered"].append(u)
         r = await checked_exec(c, [f"/bin/{name}", *args], LONG)
         if r.cpu_ms is None:
             raise BenchError("the container run reported no CPU time")
@@ -314,6 +346,8 @@ async def compare(c: Container, root: Path, name: str, args: tuple[str, ...],
     for kind in ("cpu", "wall"):
         box, bare = out[f"{name}_{kind}_box_median_ms"], out[f"{name}_{kind}_bare_median_ms"]
         out[f"{name}_{kind}_overhead_pct"] = (box / bare - 1) * 100
+        floor = out[f"{name}_{kind}_filtered_median_ms"]
+        out[f"{name}_{kind}_overhead_vs_allow_all_filter_pct"] = (box / floor - 1) * 100
     return out
 
 
@@ -329,13 +363,18 @@ async def bench_overhead(runtime: Runtime, root: Path,
                            "cpu_overhead_pct": spin["spin_cpu_overhead_pct"],
                            "cpu_overhead_wall_pct": spin["spin_wall_overhead_pct"],
                            "syscall_overhead_pct": sysc["syscalls_cpu_overhead_pct"],
-                           "syscall_overhead_wall_pct": sysc["syscalls_wall_overhead_pct"]}
+                           "syscall_overhead_wall_pct": sysc["syscalls_wall_overhead_pct"],
+                           "syscall_overhead_vs_allow_all_filter_pct":
+                               sysc["syscalls_cpu_overhead_vs_allow_all_filter_pct"]}
     rows = []
     for name, what in (("spin", "CPU-bound"), ("syscalls", "syscall-bound")):
         for kind in ("cpu", "wall"):
             rows.append(Row(f"{name}.c ({what}) {kind} median (ms)",
                             fig[f"{name}_{kind}_box_median_ms"],
                             fig[f"{name}_{kind}_bare_median_ms"], "the same binary, bare"))
+            rows.append(Row("", fig[f"{name}_{kind}_box_median_ms"],
+                            fig[f"{name}_{kind}_filtered_median_ms"],
+                            "bare under an allow-all seccomp filter"))
     return rows, fig
 
 
