@@ -78,16 +78,36 @@ def _cgroup_limits(limits: Limits) -> CgroupLimits:
                         cpu_quota_us=quota, cpuset_cpus=limits.cpuset)
 
 
-def _validate(req: ExecRequest) -> None:
+# The kernel's own bounds (MAX_ARG_STRLEN; ARG_MAX on a default 8 MiB stack is 2 MiB): a
+# request past them would only fail at execve, so it is refused before anything is made.
+MAX_ARG_BYTES = 128 << 10
+MAX_ARGV_ENV_BYTES = 1 << 20
+
+
+def _validate(req: ExecRequest, mapping: idmap.IdMapping) -> None:
     if not req.argv or not all(isinstance(a, str) for a in req.argv):
         raise PolicyError("argv: give at least the program, as a list of strings")
     if any("\0" in a for a in req.argv):
         raise PolicyError("argv: an argument contains a NUL byte")
     for k, v in req.env.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise PolicyError("env: names and values must be strings")
         if not k or "=" in k or "\0" in k or "\0" in v:
             raise PolicyError(f"env: {k!r} is not a valid variable (no '=', no NUL, not empty)")
+    strings = [a.encode() for a in req.argv] + [f"{k}={v}".encode() for k, v in req.env.items()]
+    if any(len(b) > MAX_ARG_BYTES for b in strings):
+        raise PolicyError(f"argv/env: one string is over {MAX_ARG_BYTES} bytes; pass large "
+                          "data through stdin or a file")
+    if sum(len(b) + 1 for b in strings) > MAX_ARGV_ENV_BYTES:
+        raise PolicyError(f"argv/env: over {MAX_ARGV_ENV_BYTES} bytes in all; pass large "
+                          "data through stdin or a file")
     if not req.cwd.startswith("/") or "\0" in req.cwd:
         raise PolicyError("cwd: must be an absolute path inside the container")
+    for name, value, ranges in (("uid", req.uid, mapping.uids), ("gid", req.gid, mapping.gids)):
+        top = max(r.inside + r.count for r in ranges)
+        if value is not None and not 0 <= value < top:
+            raise PolicyError(f"{name}: {value} is not mapped in this container; "
+                              f"use 0 to {top - 1}")
 
 
 class _Reader:
@@ -353,7 +373,7 @@ class Container:
 
     async def exec(self, req: ExecRequest, *, on_output: OutputCallback | None = None) -> RunResult:
         """Run one command to its end and return its result; many may run at once."""
-        _validate(req)
+        _validate(req, self.runtime.mapping)
         limits = self.profile.resolve(req.limits)
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()

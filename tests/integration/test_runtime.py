@@ -225,3 +225,22 @@ def test_read_only_root_without_mountpoints(session: Session, tmp_path: Path) ->
     bare.mkdir()
     with pytest.raises(RuntimeSetupError, match="no /proc directory"):
         session.container(bare, profile="judge")
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"argv": []}, "argv: give at least"),
+    ({"argv": ["echo", "a\0b"]}, "NUL"),
+    ({"argv": ["echo", "x" * (200 << 10)]}, r"argv/env: one string is over"),
+    ({"argv": ["echo", *["y" * 1000] * 1100]}, r"argv/env: over \d+ bytes in all"),
+    ({"argv": ["true"], "env": {"A=B": "1"}}, "env: 'A=B' is not a valid variable"),
+    ({"argv": ["true"], "cwd": "relative"}, "cwd: must be an absolute path"),
+    ({"argv": ["true"], "uid": 1 << 20}, r"uid: 1048576 is not mapped in this container"),
+])
+def test_bad_exec_requests_are_refused(session: Session, container: Container,
+                                       kw: dict, match: str) -> None:
+    from sandbox.runtime.container import ExecRequest
+
+    with pytest.raises(PolicyError, match=match):
+        session.run(container.exec(ExecRequest(**kw)))
+    # Nothing was started and the container is still usable.
+    assert session.exec(container, ["echo", "ok"]).stdout == b"ok\n"

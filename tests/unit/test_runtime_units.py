@@ -157,3 +157,10 @@ def test_idmap_user_with_and_without_ranges(tmp_path: Path) -> None:
     assert single.method == "single" and single.run_uid == 0 and single.root_uid == uid
     with pytest.raises(RuntimeSetupError, match="subordinate"):
         idmap.plan(uid=uid, gid=uid, etc=tmp_path / "none", allow_single=False)
+
+
+def test_plan_read_only_sys_masks_its_sensitive_parts() -> None:
+    plan = rootfs.plan(rootfs.RootfsSpec(layers=("/r",), sys="ro"), ["R"])
+    assert any(isinstance(op, rootfs.Sysfs) for op in plan.ops)
+    masked = {op.target for op in plan.ops if isinstance(op, rootfs.Mask)}
+    assert {"/sys/firmware", "/sys/devices/virtual/powercap"} <= masked
