@@ -72,10 +72,13 @@ FALLBACK_MEMORY = ("no memory cgroup: peak memory is ru_maxrss, which also count
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def _cgroup_limits(limits: Limits) -> CgroupLimits:
+def _cgroup_limits(limits: Limits, has: frozenset[str]) -> CgroupLimits:
+    """What the cgroup enforces; the rest falls back to rlimits (see Container._rlimits)."""
     quota = int(limits.cpu_quota_cores * 100_000) if limits.cpu_quota_cores else None
-    return CgroupLimits(memory_bytes=limits.memory_bytes, pids=limits.pids,
-                        cpu_quota_us=quota, cpuset_cpus=limits.cpuset)
+    return CgroupLimits(memory_bytes=limits.memory_bytes if "memory" in has else None,
+                        pids=limits.pids if "pids" in has else None,
+                        cpu_quota_us=quota if "cpu" in has else None,
+                        cpuset_cpus=limits.cpuset if "cpuset" in has else None)
 
 
 # The kernel's own bounds (MAX_ARG_STRLEN; ARG_MAX on a default 8 MiB stack is 2 MiB): a
@@ -228,7 +231,10 @@ class Runtime:
                 cgroup = self.cgroups.driver.create(f"c-{cid}")
                 fds = cgroup.open_procs_fds()
                 n_container = len(fds)
-                fds += cgroup.child("init").open_procs_fds()
+                # The helper joins the container's cgroup (rooting the cgroup namespace
+                # there) and init moves on to this leaf; on v2 the container's cgroup hands
+                # controllers down only later, to runs, once no process is left in it.
+                fds += cgroup.child("init", limitable=False).open_procs_fds()
             reply, got = await self._ask_spawner(
                 {"op": "create", "id": cid, "rootfs": asdict(rootfs),
                  "mapping": self.mapping.describe(), "seccomp_bpf": program.bpf.hex(),
@@ -391,7 +397,7 @@ class Container:
         self._active += 1
         try:
             if self.cgroup is not None:
-                run_cg, cg_fds = self._take_run_cgroup(run_id, _cgroup_limits(limits))
+                run_cg, cg_fds = self._take_run_cgroup(run_id, _cgroup_limits(limits, has))
                 own += cg_fds
             else:
                 cg_fds = []
@@ -524,7 +530,9 @@ class Container:
         try:
             if not self.alive:
                 return
-            limits = _cgroup_limits(self.profile.defaults)
+            assert self.runtime.cgroups.driver is not None
+            limits = _cgroup_limits(self.profile.defaults,
+                                    self.runtime.cgroups.driver.controllers)
             cg = self.cgroup.child(f"s-{secrets.token_hex(4)}")
             cg.apply(limits)
             if self._spare is None and self.alive:

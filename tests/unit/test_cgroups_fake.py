@@ -533,10 +533,14 @@ def test_v2_child_enables_controllers_once(tmp_path: Path,
     c = drv.create("c-1")
     v2_files(b / "c-1")
     writes.clear()
-    c.child("init")
+    # A container's init leaf needs no controller: the container's cgroup must stay able to
+    # take the helper process until init has moved on, so nothing is handed down yet.
+    c.child("init", limitable=False)
+    assert writes == []
     c.child("r-1")
+    c.child("r-2")
     assert writes == [(f"{b}/c-1/cgroup.subtree_control", "+cpu +cpuset +memory +pids")]
-    assert sorted(p.name for p in (b / "c-1").iterdir() if p.is_dir()) == ["init", "r-1"]
+    assert sorted(p.name for p in (b / "c-1").iterdir() if p.is_dir()) == ["init", "r-1", "r-2"]
 
 
 def test_v2_stats_parse_real_formats(tmp_path: Path) -> None:

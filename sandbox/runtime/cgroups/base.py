@@ -51,8 +51,10 @@ class Cgroup(ABC):
     path: str  # relative to the driver's base, e.g. "c-1a2b/r-3"
 
     @abstractmethod
-    def child(self, name: str) -> Cgroup:
-        """Create a sub-cgroup (in every hierarchy)."""
+    def child(self, name: str, *, limitable: bool = True) -> Cgroup:
+        """Create a sub-cgroup (in every hierarchy). limitable=False: one that needs no
+        controller of its own (a container's init), so on v2 the parent need not hand
+        controllers down yet and a process may still join the parent meanwhile."""
 
     @abstractmethod
     def apply(self, limits: CgroupLimits) -> None:

@@ -35,7 +35,7 @@ class V1Cgroup(Cgroup):
                 f"(v1 hierarchies in use: {', '.join(sorted(self._dirs))})")
         return d
 
-    def child(self, name: str) -> V1Cgroup:
+    def child(self, name: str, *, limitable: bool = True) -> V1Cgroup:
         return self._driver._make(f"{self.path}/{base.check_name(name)}")
 
     def apply(self, limits: CgroupLimits) -> None:

@@ -30,9 +30,9 @@ class V2Cgroup(Cgroup):
                 f"the {controller} cgroup controller is not enabled for sandboxd's cgroup "
                 f"{self._driver.base} (enabled: {', '.join(sorted(self._driver.subtree))})")
 
-    def child(self, name: str) -> V2Cgroup:
+    def child(self, name: str, *, limitable: bool = True) -> V2Cgroup:
         base.check_name(name)
-        if not self._delegating and self._driver.subtree:
+        if limitable and not self._delegating and self._driver.subtree:
             # A v2 cgroup hands controllers to its children only while it holds no process
             # itself; enabling an already enabled controller is a no-op.
             try:
