@@ -10,6 +10,7 @@ staging root, after it (for a reset) they are used as they are.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 
@@ -225,11 +226,8 @@ def execute(p: Plan, *, writable: bool) -> None:
                 path = _join(root, target)
                 if not os.path.isdir(path):
                     os.mkdir(path, mode)
-            case Bind(source=source, target="/", flags=flags):
-                sc.mount(source, root, None, sc.MS_BIND | sc.MS_REC)
-                locked = sc.locked_mount_flags(root)
-                sc.mount(None, root, None,
-                         sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | flags | locked)
+            case Bind(source=source, target="/"):
+                _bind_root(source, root)
             case Bind(source=source, target=target, readonly=ro, flags=flags):
                 path = _join(root, target)
                 sc.mount(source, path, None, sc.MS_BIND)
@@ -278,6 +276,24 @@ def execute(p: Plan, *, writable: bool) -> None:
                 sc.pivot_root(".", ".")
                 sc.umount2(".", sc.MNT_DETACH)
                 os.chdir("/")
+
+
+def _bind_root(source: str, root: str) -> None:
+    """A read-only, nosuid, nodev bind of a directory as the container's root.
+
+    Not recursive, so that mounts below the directory on the host stay out of sight; the
+    kernel refuses that (EINVAL) when such mounts are locked (they came from a more
+    privileged namespace and hide what is under them), and then they come along, made
+    read-only, nosuid and nodev with the rest.
+    """
+    try:
+        sc.mount(source, root, None, sc.MS_BIND)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        sc.mount(source, root, None, sc.MS_BIND | sc.MS_REC)
+    sc.mount_setattr_recursive(
+        root, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
 
 
 def reset(ops: list[Tmpfs]) -> None:

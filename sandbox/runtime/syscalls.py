@@ -108,6 +108,26 @@ def sethostname(name: str) -> None:
     _check(_libc.sethostname(raw, len(raw)), f"sethostname({name!r})")
 
 
+_SYS_MOUNT_SETATTR = 442
+_AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64))
+
+
+def mount_setattr_recursive(path: str, attr_set: int) -> None:
+    """Set mount attributes on `path` and every mount below it (Linux >= 5.12)."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    _check(_libc.syscall(_SYS_MOUNT_SETATTR, -100, _b(path), _AT_RECURSIVE,
+                         ctypes.byref(attr), ctypes.sizeof(attr)),
+           f"mount_setattr({path!r}, recursive)")
+
+
 def locked_mount_flags(path: str) -> int:
     """The flags of the mount holding `path` that a remount inside a user namespace must keep."""
     flags = os.statvfs(path).f_flag

@@ -286,3 +286,27 @@ def test_streaming_callback_sees_output_as_it_comes(session: Session,
     r = session.run(container.exec(req, on_output=lambda s, d: seen.append((s, d))))
     assert seen == [("stdout", b"one\n"), ("stderr", b"two\n")]
     assert (r.stdout, r.stderr) == (b"one\n", b"two\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting on the host needs root")
+def test_host_mounts_below_a_directory_root_are_read_only(session: Session,
+                                                          tmp_path: Path) -> None:
+    import subprocess
+
+    from sandbox import busybox
+
+    m = session.runtime.mapping
+    root = busybox.build_rootfs(tmp_path / "rootfs", owner=(m.root_uid, m.root_gid))
+    (root / "extra").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", str(root / "extra")],
+                   check=True)
+    try:
+        (root / "extra/seen").write_text("host\n")
+        c = session.container(root, profile="judge")
+        r = sh(session, c, "cat /extra/seen; echo x > /extra/new; echo x > /etc/new", uid=0)
+        assert b"Read-only file system" in r.stderr
+        assert r.stderr.count(b"Read-only") == 2, r.stderr
+        assert not (root / "extra/new").exists() and not (root / "etc/new").exists()
+        session.run(c.destroy())
+    finally:
+        subprocess.run(["umount", "-l", str(root / "extra")], check=True)
