@@ -31,3 +31,6 @@ if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+
+# Host tuning for many short-lived cgroup moves (see docs/architecture.md).
+.venv/bin/sandboxd setup

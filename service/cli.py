@@ -1,6 +1,6 @@
 """`sandboxd`: the engine's command line.
 
-    sandboxd setup --user NAME [--remove]   as root, once: delegate cgroups to NAME
+    sandboxd setup [--user NAME [--remove]] as root, once: cgroup tuning, delegation to NAME
     sandboxd info                           what this host can enforce, as JSON
     sandboxd demo                           run untrusted code in a busybox container
 """
@@ -22,13 +22,19 @@ def _setup(args: argparse.Namespace) -> int:
     from sandbox.runtime.cgroups import delegate, detect, tuning
 
     if os.geteuid() != 0:
-        print("sandboxd setup changes cgroup ownership: run it as root", file=sys.stderr)
+        print("sandboxd setup changes cgroup mounts and ownership: run it as root",
+              file=sys.stderr)
         return 2
     if args.remove:
+        if not args.user:
+            print("--remove undoes a delegation: name it with --user", file=sys.stderr)
+            return 2
         for path in delegate.undelegate_v1(args.user):
             print(f"removed {path}")
         return 0
     print(tuning.favor_dynmods())
+    if not args.user:  # a service run as root needs only the tuning
+        return 0
     found = detect()
     if found.driver is not None and found.driver.version == 2:
         print(delegate.systemd_recipe_v2(args.user))
@@ -97,8 +103,8 @@ def _demo(_: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sandboxd", description="rootless sandbox engine")
     sub = parser.add_subparsers(dest="command", required=True)
-    setup = sub.add_parser("setup", help="as root: delegate a cgroup subtree to a user")
-    setup.add_argument("--user", required=True, help="the user the service will run as")
+    setup = sub.add_parser("setup", help="as root: tune cgroups, delegate a subtree to a user")
+    setup.add_argument("--user", help="the ordinary user the service will run as")
     setup.add_argument("--remove", action="store_true", help="undo the delegation")
     setup.set_defaults(func=_setup)
     sub.add_parser("info", help="print what this host can enforce").set_defaults(func=_info)
