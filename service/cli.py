@@ -36,9 +36,11 @@ def _setup(args: argparse.Namespace) -> int:
     if not args.user:  # a service run as root needs only the tuning
         return 0
     found = detect()
-    if found.driver is not None and found.driver.version == 2:
-        print(delegate.systemd_recipe_v2(args.user))
-        return 0
+    if found.driver is not None:
+        found.driver.close()  # only asked which version this host runs
+        if found.driver.version == 2:
+            print(delegate.systemd_recipe_v2(args.user))
+            return 0
     for path in delegate.delegate_v1(args.user):
         print(f"delegated {path} to {args.user}")
     return 0

@@ -65,9 +65,12 @@ def report(cgroups: Detection | None = None, mapping: idmap.IdMapping | None = N
         warnings.append("overlayfs in a user namespace needs Linux >= 5.11 with overlay "
                         "loaded; writable roots are unavailable")
     seccomp_ok = (_read("/proc/self/status") or "").find("Seccomp:") >= 0
-    cgroups = cgroups if cgroups is not None else detect()
+    detected = cgroups is None
+    cgroups = detect() if cgroups is None else cgroups
     warnings.extend(cgroups.warnings)
     driver = cgroups.driver
+    if detected and driver is not None:
+        driver.close()  # detection made the base (as root); a report leaves nothing
     favored = tuning.dynmods_favored() if driver is not None else None
     if driver is not None and not favored:
         warnings.append("cgroup moves may wait for an RCU grace period after idle (~7 ms a "
