@@ -10,7 +10,6 @@
  * Safe outcome: all of the above hold.
  */
 #include "probe.h"
-#include <dirent.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -23,21 +22,7 @@ static void check_path(const char *path, const char *token)
         return;
     }
     if (S_ISDIR(st.st_mode)) {
-        DIR *d = opendir(path);
-        if (!d) {
-            note_safe("%s: opendir %s", path, en(errno));
-            return;
-        }
-        int n = 0;
-        struct dirent *e;
-        while ((e = readdir(d)))
-            if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
-                n++;
-        closedir(d);
-        if (n)
-            note_unsafe("%s: directory lists %d entries", path, n);
-        else
-            note_safe("%s: exists but empty", path);
+        expect_no_entries(path);
         return;
     }
     if (S_ISSOCK(st.st_mode)) {

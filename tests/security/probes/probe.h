@@ -21,6 +21,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -200,6 +201,55 @@ PROBE_FN int has_cap(int bit)
     if (status_field("CapEff", v, sizeof v) != 0)
         return 0;
     return (int)((strtoull(v, NULL, 16) >> bit) & 1);
+}
+
+/* Safe when `path` cannot be opened or reads as empty; unsafe when it yields bytes. */
+PROBE_FN void expect_no_data(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        note_safe("%s: %s", path, en(errno));
+        return;
+    }
+    char buf[4096];
+    ssize_t n = read(fd, buf, sizeof buf);
+    if (n > 0)
+        note_unsafe("read %zd bytes from %s", n, path);
+    else if (n == 0)
+        note_safe("%s: empty", path);
+    else
+        note_safe("%s: read %s", path, en(errno));
+    close(fd);
+}
+
+/* Entries of a directory other than . and ..; -1 (errno set) when it cannot be listed. */
+PROBE_FN int count_entries(const char *path)
+{
+    DIR *d = opendir(path);
+    if (!d)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    errno = 0;
+    while ((e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+            n++;
+    int err = errno;
+    closedir(d);
+    errno = err;
+    return n;
+}
+
+/* Safe when `path` cannot be listed or lists nothing. */
+PROBE_FN void expect_no_entries(const char *path)
+{
+    int n = count_entries(path);
+    if (n < 0)
+        note_safe("%s: %s", path, en(errno));
+    else if (n > 0)
+        note_unsafe("%s lists %d entries", path, n);
+    else
+        note_safe("%s: no entries", path);
 }
 
 #endif
