@@ -459,6 +459,9 @@ class Container:
             await self._drain(readers, warnings)
             stats = run_cg.stats() if run_cg is not None else None
         except BaseException:
+            # Cancelled (a caller gave up) or failed: the run must not outlive its exec.
+            with contextlib.suppress(SandboxError, OSError):
+                self._kill_run(run_cg, run_id)
             for t in timers:
                 t.cancel()
             for fd in own:

@@ -310,3 +310,19 @@ def test_host_mounts_below_a_directory_root_are_read_only(session: Session,
         session.run(c.destroy())
     finally:
         subprocess.run(["umount", "-l", str(root / "extra")], check=True)
+
+
+def test_cancelled_exec_takes_its_run_with_it(session: Session, container: Container) -> None:
+    import asyncio
+
+    from sandbox.runtime.container import ExecRequest
+
+    async def give_up() -> None:
+        req = ExecRequest(argv=["sh", "-c", "sleep 1000 & sleep 1000"], env={"PATH": "/bin"})
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await container.exec(req)
+
+    session.run(give_up())
+    listing = sh(session, container, "for p in /proc/[0-9]*; do cat $p/comm; done")
+    assert b"sleep" not in listing.stdout
