@@ -28,7 +28,7 @@ from typing import Any
 
 from sandbox.errors import ContainerGoneError, PolicyError, RuntimeSetupError, SandboxError
 from sandbox.runtime import idmap, protocol, seccomp
-from sandbox.runtime.cgroups import Cgroup, CgroupLimits, Detection, detect
+from sandbox.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, Detection, detect
 from sandbox.runtime.profiles import Limits, Profile, load_profile
 from sandbox.runtime.results import Observed, RunResult, Status, verdict
 from sandbox.runtime.rootfs import RootfsSpec
@@ -410,17 +410,9 @@ class Container:
                     killed_for.append(reason)
                 self._kill_run(run_cg, run_id)
 
-            pipes = []
-            for name in ("stdout", "stderr"):
-                r, w = os.pipe2(os.O_CLOEXEC)
-                os.set_blocking(r, False)
-                own.append(w)
-                pipes.append(w)
-                done: asyncio.Future[None] = loop.create_future()
-                reader = _Reader(name, r, limits.output_bytes, on_output,
-                                 lambda: kill(Status.OUTPUT_LIMIT), done)
-                readers.append(reader)
-                loop.add_reader(r, reader.readable)
+            pipes = self._open_output(readers, limits.output_bytes, on_output,
+                                      lambda: kill(Status.OUTPUT_LIMIT))
+            own += pipes
             uid = self.runtime.mapping.run_uid if req.uid is None else req.uid
             gid = self.runtime.mapping.run_gid if req.gid is None else req.gid
             self._send({"op": "exec", "id": run_id, "argv": req.argv, "env": req.env,
@@ -450,14 +442,7 @@ class Container:
             done_msg = await exited
             for t in timers:
                 t.cancel()
-            # The run is over when its first process is: whatever it left behind goes too.
-            if run_cg is not None:
-                if not run_cg.is_empty():
-                    await asyncio.to_thread(run_cg.kill)
-            elif self._active == 1:
-                await self._sweep()
-            await self._drain(readers, warnings)
-            stats = run_cg.stats() if run_cg is not None else None
+            stats = await self._end_run(run_cg, readers, warnings)
         except BaseException:
             # Cancelled (a caller gave up) or failed: the run must not outlive its exec.
             with contextlib.suppress(SandboxError, OSError):
@@ -478,7 +463,36 @@ class Container:
         return self._result(run_id, done_msg, stats, limits, killed_for, readers, setup_ms,
                             warnings)
 
-    def _result(self, run_id: int, msg: dict[str, Any], stats: Any, limits: Limits,
+    @staticmethod
+    def _open_output(readers: list[_Reader], cap: int | None,
+                     on_output: OutputCallback | None,
+                     on_overflow: Callable[[], None]) -> list[int]:
+        """Pipes for stdout and stderr, read by the event loop; returns the write ends."""
+        loop = asyncio.get_running_loop()
+        ends = []
+        for name in ("stdout", "stderr"):
+            r, w = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(r, False)
+            ends.append(w)
+            reader = _Reader(name, r, cap, on_output, on_overflow, loop.create_future())
+            readers.append(reader)
+            loop.add_reader(r, reader.readable)
+        return ends
+
+    async def _end_run(self, run_cg: Cgroup | None, readers: list[_Reader],
+                       warnings: list[str]) -> CgroupStats | None:
+        """The run is over when its first process is: whatever it left behind goes too;
+        then its output is drained and its figures read."""
+        if run_cg is not None:
+            if not run_cg.is_empty():
+                await asyncio.to_thread(run_cg.kill)
+        elif self._active == 1:
+            await self._sweep()
+        await self._drain(readers, warnings)
+        return run_cg.stats() if run_cg is not None else None
+
+    def _result(self, run_id: int, msg: dict[str, Any], stats: CgroupStats | None,
+                limits: Limits,
                 killed_for: list[Status], readers: list[_Reader], setup_ms: float,
                 warnings: list[str]) -> RunResult:
         ru = msg.get("rusage") or {}
