@@ -38,6 +38,7 @@ _CPU_POLL_MIN_S = 0.005
 _CPU_POLL_MAX_S = 0.1
 _DRAIN_TIMEOUT_S = 2.0
 _BURY_BATCH = 32
+_SPARES = 2
 _BURY_IDLE_S = 0.05
 
 
@@ -290,11 +291,12 @@ class Container:
         self._ids = itertools.count(1)
         self._waiters: dict[tuple[str, int], asyncio.Future[dict[str, Any]]] = {}
         self._active = 0
-        # The next run's cgroup is made (with the profile's default limits applied) while
-        # nobody waits, and a finished run's is removed the same way.
-        self._spare: tuple[Cgroup, CgroupLimits, list[int]] | None = None
+        # The next runs' cgroups are made (with the profile's default limits applied) while
+        # nobody waits, two ahead so that back-to-back runs always find one; a finished
+        # run's is removed the same way.
+        self._spares: list[tuple[Cgroup, CgroupLimits, list[int]]] = []
         self._chores: set[asyncio.Future[None]] = set()
-        self._making_spare = False
+        self._making_spares = False
         # Finished runs' cgroups, removed in batches while no run is starting: an rmdir
         # holds the kernel's cgroup lock, which a starting run needs to join its cgroups.
         self._dead: list[Cgroup] = []
@@ -323,8 +325,6 @@ class Container:
             if not self._ready.done():
                 self._ready.set_result(msg)
             return
-        if ev == "failed":  # init could not start the child: no "exited" will follow
-            ev = "started"
         key = (str(ev), msg.get("id", 0) if ev != "reset" else 0)
         waiter = self._waiters.pop(key, None)
         if waiter is not None and not waiter.done():
@@ -382,7 +382,7 @@ class Container:
         _validate(req, self.runtime.mapping)
         limits = self.profile.resolve(req.limits)
         loop = asyncio.get_running_loop()
-        t0 = time.monotonic()
+        t0 = time.monotonic_ns()
         run_id = next(self._ids)
         driver = self.runtime.cgroups.driver
         has = driver.controllers if driver else frozenset()
@@ -392,7 +392,6 @@ class Container:
         readers: list[_Reader] = []
         killed_for: list[Status] = []
         timers: list[asyncio.TimerHandle] = []
-        started = self._expect("started", run_id)
         exited = self._expect("exited", run_id)
         self._active += 1
         try:
@@ -422,19 +421,8 @@ class Container:
             for fd in own:
                 os.close(fd)
             own.clear()
-            first = await started
-            setup_ms = (time.monotonic() - t0) * 1000
-            if self.cgroup is not None and not self._making_spare:
-                # Made while this run runs (its child has joined its cgroups by now, so the
-                # two do not queue on the kernel's cgroup lock), ready when the next starts.
-                self._making_spare = True
-                self._chore(self._make_spare)
-            if first.get("ev") == "failed":
-                self._waiters.pop(("exited", run_id), None)
-                for r in readers:
-                    r.finish()
-                return self._result(run_id, {"status": None, "error": first.get("error")},
-                                    None, limits, killed_for, readers, setup_ms, warnings)
+            # The limits' clocks start now, the child's setup in init included (init tells
+            # only when the run ends, which saves a message and a wake-up per run).
             if limits.wall_ms:
                 timers.append(loop.call_later(limits.wall_ms / 1000, kill, Status.WALL_LIMIT))
             if limits.cpu_ms and run_cg is not None:
@@ -442,7 +430,16 @@ class Container:
             done_msg = await exited
             for t in timers:
                 t.cancel()
-            stats = await self._end_run(run_cg, readers, warnings)
+            setup_ms = max(0.0, (int(done_msg.get("start_ns") or 0) - t0) / 1e6)
+            if self.cgroup is not None and not self._making_spares:
+                self._making_spares = True
+                self._chore(self._make_spares)
+            if done_msg.get("status") is None:  # init could not start the child
+                for r in readers:
+                    r.finish()
+                stats = None
+            else:
+                stats = await self._end_run(run_cg, readers, warnings)
         except BaseException:
             # Cancelled (a caller gave up) or failed: the run must not outlive its exec.
             with contextlib.suppress(SandboxError, OSError):
@@ -453,7 +450,6 @@ class Container:
                 os.close(fd)
             for reader in readers:
                 reader.finish()
-            self._waiters.pop(("started", run_id), None)
             self._waiters.pop(("exited", run_id), None)
             raise
         finally:
@@ -532,32 +528,25 @@ class Container:
     def _take_run_cgroup(self, run_id: int, limits: CgroupLimits) -> tuple[Cgroup, list[int]]:
         """The run's cgroup, with limits applied, and the cgroup.procs fds its child joins by."""
         assert self.cgroup is not None
-        spare, self._spare = self._spare, None
-        if spare is None:
+        if not self._spares:
             cg = self.cgroup.child(f"r-{run_id}")
             cg.apply(limits)
             return cg, cg.open_procs_fds()
-        cg, applied, fds = spare
+        cg, applied, fds = self._spares.pop()
         if applied != limits:
             cg.apply(limits)
         return cg, fds
 
-    def _make_spare(self) -> None:
-        assert self.cgroup is not None
+    def _make_spares(self) -> None:
+        assert self.cgroup is not None and self.runtime.cgroups.driver is not None
+        limits = _cgroup_limits(self.profile.defaults, self.runtime.cgroups.driver.controllers)
         try:
-            if not self.alive:
-                return
-            assert self.runtime.cgroups.driver is not None
-            limits = _cgroup_limits(self.profile.defaults,
-                                    self.runtime.cgroups.driver.controllers)
-            cg = self.cgroup.child(f"s-{secrets.token_hex(4)}")
-            cg.apply(limits)
-            if self._spare is None and self.alive:
-                self._spare = (cg, limits, cg.open_procs_fds())
-            else:
-                cg.destroy()
+            while self.alive and len(self._spares) < _SPARES:
+                cg = self.cgroup.child(f"s-{secrets.token_hex(4)}")
+                cg.apply(limits)
+                self._spares.append((cg, limits, cg.open_procs_fds()))
         finally:
-            self._making_spare = False
+            self._making_spares = False
 
     def _bury(self, cg: Cgroup) -> None:
         self._dead.append(cg)
@@ -583,10 +572,10 @@ class Container:
 
         self._chore(remove)
 
-    def _drop_spare(self) -> None:
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            for fd in spare[2]:
+    def _drop_spares(self) -> None:
+        spares, self._spares = self._spares, []
+        for _cg, _limits, fds in spares:
+            for fd in fds:
                 os.close(fd)
 
     def _chore(self, work: Callable[[], None]) -> None:
@@ -684,6 +673,6 @@ class Container:
         self._dead.clear()  # removed with the container's cgroup below
         while self._chores:
             await asyncio.gather(*self._chores)
-        self._drop_spare()
+        self._drop_spares()
         if self.cgroup is not None:
             await asyncio.to_thread(self.cgroup.destroy)

@@ -127,7 +127,8 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
                     pid = start_child(msg, fds, cfg, err_w)
                 except (OSError, ValueError, TypeError, KeyError) as e:
                     os.close(err_r)
-                    protocol.send(ctl, {"ev": "failed", "id": msg.get("id"),
+                    protocol.send(ctl, {"ev": "exited", "id": msg.get("id"), "status": None,
+                                        "start_ns": start, "end_ns": time.monotonic_ns(),
                                         "error": f"125:spawn: {e}"})
                     continue
                 finally:
@@ -136,7 +137,6 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
                         os.close(f)
                 runs[pid] = _Run(msg["id"], pid, start, err_r,
                                  {"chdir": msg["cwd"], "exec": msg["argv"][0]})
-                protocol.send(ctl, {"ev": "started", "id": msg["id"], "pid": pid})
             elif op == "signal":
                 for run in runs.values():
                     if run.id == msg["id"]:

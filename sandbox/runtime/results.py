@@ -30,12 +30,12 @@ class RunResult:
     stderr: bytes
     stdout_truncated: bool
     stderr_truncated: bool
-    cpu_ms: float | None
+    cpu_ms: float | None               # user + sys of every process of the run
     user_ms: float | None
     sys_ms: float | None
-    wall_ms: float
+    wall_ms: float                     # init's clock: just before the child is made to reap
     memory_peak_bytes: int | None
-    setup_ms: float
+    setup_ms: float                    # the exec call until init starts making the child
     measured_by: dict[str, str | None]
     oom_killed: bool = False
     error: str | None = None            # why an exec failed before the program ran
