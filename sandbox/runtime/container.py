@@ -37,9 +37,7 @@ OutputCallback = Callable[[str, bytes], None]
 _CPU_POLL_MIN_S = 0.005
 _CPU_POLL_MAX_S = 0.1
 _DRAIN_TIMEOUT_S = 2.0
-_BURY_BATCH = 32
 _SPARES = 2
-_BURY_IDLE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -297,10 +295,6 @@ class Container:
         self._spares: list[tuple[Cgroup, CgroupLimits, list[int]]] = []
         self._chores: set[asyncio.Future[None]] = set()
         self._making_spares = False
-        # Finished runs' cgroups, removed in batches while no run is starting: an rmdir
-        # holds the kernel's cgroup lock, which a starting run needs to join its cgroups.
-        self._dead: list[Cgroup] = []
-        self._burial: asyncio.TimerHandle | None = None
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().add_reader(ctl, self._on_message)
 
@@ -455,7 +449,9 @@ class Container:
         finally:
             self._active -= 1
             if run_cg is not None:
-                self._bury(run_cg)
+                # Removed at once rather than in batches: a batch of rmdirs holds the
+                # kernel's cgroup lock long enough to stall the runs starting meanwhile.
+                self._chore(run_cg.destroy)
         return self._result(run_id, done_msg, stats, limits, killed_for, readers, setup_ms,
                             warnings)
 
@@ -547,30 +543,6 @@ class Container:
                 self._spares.append((cg, limits, cg.open_procs_fds()))
         finally:
             self._making_spares = False
-
-    def _bury(self, cg: Cgroup) -> None:
-        self._dead.append(cg)
-        if len(self._dead) >= _BURY_BATCH:
-            self._bury_now()
-        elif self._burial is None:
-            self._burial = asyncio.get_running_loop().call_later(_BURY_IDLE_S, self._bury_idle)
-
-    def _bury_idle(self) -> None:
-        self._burial = None
-        if self._active:  # still busy: look again later
-            self._burial = asyncio.get_running_loop().call_later(_BURY_IDLE_S, self._bury_idle)
-        else:
-            self._bury_now()
-
-    def _bury_now(self) -> None:
-        dead, self._dead = self._dead, []
-
-        def remove() -> None:
-            for cg in dead:
-                with contextlib.suppress(SandboxError, OSError):
-                    cg.destroy()
-
-        self._chore(remove)
 
     def _drop_spares(self) -> None:
         spares, self._spares = self._spares, []
@@ -667,10 +639,6 @@ class Container:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             os.close(self._pidfd)
             self._pidfd = -1
-        if self._burial is not None:
-            self._burial.cancel()
-            self._burial = None
-        self._dead.clear()  # removed with the container's cgroup below
         while self._chores:
             await asyncio.gather(*self._chores)
         self._drop_spares()
