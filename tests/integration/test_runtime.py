@@ -326,3 +326,15 @@ def test_cancelled_exec_takes_its_run_with_it(session: Session, container: Conta
     session.run(give_up())
     listing = sh(session, container, "for p in /proc/[0-9]*; do cat $p/comm; done")
     assert b"sleep" not in listing.stdout
+
+
+def test_cpuset_and_cpu_quota(session: Session, container: Container) -> None:
+    driver = session.runtime.cgroups.driver
+    if driver is None or not {"cpu", "cpuset"} <= driver.controllers:
+        pytest.skip("no cpu and cpuset cgroup controllers here")
+    r = sh(session, container, "grep Cpus_allowed_list /proc/self/status", cpuset="0")
+    assert r.stdout.split()[-1] == b"0"
+    # Half a core: over a busy second the run gets about half of the wall time as CPU.
+    r = sh(session, container, "while :; do :; done", cpu_quota_cores=0.5, wall_ms=1000)
+    assert r.status == Status.WALL_LIMIT
+    assert r.cpu_ms is not None and r.cpu_ms < 0.75 * r.wall_ms
