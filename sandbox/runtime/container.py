@@ -176,6 +176,10 @@ class Runtime:
         theirs.close()
         return cls(proc, ours, mapping, cgroups)
 
+    def register_profile(self, profile: Profile) -> None:
+        """Add (or replace) a profile beside the built-in ones, e.g. from the config."""
+        self._profiles[profile.name] = profile
+
     def profile(self, name: str) -> Profile:
         if name not in self._profiles:
             self._profiles[name] = load_profile(name)
@@ -219,8 +223,7 @@ class Runtime:
         rootfs = RootfsSpec(
             layers=tuple(str(Path(p).resolve()) for p in spec.layers),
             writable=shape.writable if spec.writable is None else spec.writable,
-            upper_size=shape.upper_size, tmp_size=shape.tmp_size, tmp_inodes=shape.tmp_inodes,
-            shm_size=shape.shm_size, sys=shape.sys)
+            upper_size=shape.upper_size, tmpfs=shape.tmpfs, sys=shape.sys)
         cid = secrets.token_hex(6)
         cgroup: Cgroup | None = None
         fds: list[int] = []

@@ -4,6 +4,7 @@ filesystem's shape, the network and the limits (defaults and maxima) of every ru
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from dataclasses import dataclass, fields, replace
 from importlib import resources
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.errors import PolicyError
+from sandbox.runtime.rootfs import DEFAULT_TMPFS, TmpfsMount
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,66 @@ class Limits:
 class RootfsShape:
     writable: bool = False
     upper_size: int = 256 << 20
-    tmp_size: int = 64 << 20
-    tmp_inodes: int = 4096
-    shm_size: int = 16 << 20
+    tmpfs: tuple[TmpfsMount, ...] = DEFAULT_TMPFS
     sys: str = "none"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> RootfsShape:
+        if not isinstance(data, dict):
+            raise PolicyError(f"{where}: expected an object")
+        unknown = set(data) - {"writable", "upper_size", "tmpfs", "sys"}
+        if unknown:
+            raise PolicyError(f"{where}.{sorted(unknown)[0]}: unknown key; known: writable, "
+                              "upper_size, tmpfs, sys")
+        writable = data.get("writable", False)
+        if not isinstance(writable, bool):
+            raise PolicyError(f"{where}.writable: expected true or false")
+        sys = data.get("sys", "none")
+        if sys not in ("none", "ro"):
+            raise PolicyError(f"{where}.sys: must be 'none' or 'ro'")
+        raw = data.get("tmpfs", None)
+        if raw is None:
+            mounts = DEFAULT_TMPFS
+        elif isinstance(raw, list):
+            mounts = tuple(_tmpfs(m, f"{where}.tmpfs[{i}]") for i, m in enumerate(raw))
+        else:
+            raise PolicyError(f"{where}.tmpfs: expected a list of mounts")
+        targets = [m.target for m in mounts]
+        if len(set(targets)) != len(targets):
+            raise PolicyError(f"{where}.tmpfs: a target appears twice")
+        return cls(writable=writable,
+                   upper_size=_positive(data.get("upper_size", 256 << 20),
+                                        f"{where}.upper_size"),
+                   tmpfs=mounts, sys=sys)
+
+
+def _positive(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise PolicyError(f"{where}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _tmpfs(raw: Any, where: str) -> TmpfsMount:
+    if not isinstance(raw, dict) or not isinstance(raw.get("target"), str):
+        raise PolicyError(f"{where}: expected {{\"target\": \"/path\", \"size\": bytes}}")
+    unknown = set(raw) - {"target", "size", "inodes", "noexec"}
+    if unknown:
+        raise PolicyError(f"{where}.{sorted(unknown)[0]}: unknown key")
+    target = raw["target"]
+    # One of the container's own directories: not the root, not through .., not over the
+    # kernel's views (proc, sys) and, in /dev, only one level down.
+    if (not target.startswith("/") or target != posixpath.normpath(target) or target == "/"
+            or target.startswith(("/proc", "/sys")) or "\0" in target
+            or (target.startswith("/dev/") and target.count("/") != 2)
+            or target == "/dev"):
+        raise PolicyError(f"{where}.target: {target!r} is not a place a tmpfs may go; use a "
+                          "normalised absolute path outside /proc and /sys")
+    inodes = raw.get("inodes")
+    noexec = raw.get("noexec", False)
+    if not isinstance(noexec, bool):
+        raise PolicyError(f"{where}.noexec: expected true or false")
+    return TmpfsMount(target, _positive(raw.get("size"), f"{where}.size"),
+                      None if inodes is None else _positive(inodes, f"{where}.inodes"), noexec)
 
 
 @dataclass(frozen=True)
@@ -115,13 +173,7 @@ def load_profile(name: str, path: Path | None = None) -> Profile:
     network = data.get("network", "none")
     if network != "none":
         raise PolicyError(f"profile {name!r}: network {network!r} is not supported yet; use 'none'")
-    shape = data.get("rootfs", {})
-    try:
-        rootfs = RootfsShape(**shape)
-    except TypeError as e:
-        raise PolicyError(f"profile {name!r}: rootfs: {e}") from e
-    if rootfs.sys not in ("none", "ro"):
-        raise PolicyError(f"profile {name!r}: rootfs.sys must be 'none' or 'ro'")
+    rootfs = RootfsShape.from_dict(data.get("rootfs", {}), f"{name}.rootfs")
     limits = data.get("limits", {})
     return Profile(
         name=name,

@@ -39,15 +39,27 @@ _SAFE = sc.MS_NOSUID | sc.MS_NODEV
 
 
 @dataclass(frozen=True)
+class TmpfsMount:
+    """A private, size-limited tmpfs, given back empty by every reset."""
+
+    target: str
+    size: int                        # bytes
+    inodes: int | None = None
+    noexec: bool = False
+
+
+DEFAULT_TMPFS = (TmpfsMount("/tmp", 64 << 20, 4096), TmpfsMount("/dev/shm", 16 << 20,
+                                                                 noexec=True))
+
+
+@dataclass(frozen=True)
 class RootfsSpec:
     """What a container's filesystem is made of; sizes in bytes."""
 
     layers: tuple[str, ...]          # host directories, lowest first; one = a plain directory root
     writable: bool = False           # an overlay upper on a size-limited tmpfs
     upper_size: int = 256 << 20
-    tmp_size: int = 64 << 20
-    tmp_inodes: int = 4096
-    shm_size: int = 16 << 20
+    tmpfs: tuple[TmpfsMount, ...] = DEFAULT_TMPFS
     sys: str = "none"                # "none" (absent) or "ro" (read-only sysfs)
 
 
@@ -170,12 +182,16 @@ def plan(spec: RootfsSpec, sources: list[str]) -> Plan:
         add(Bind(f"/dev/{dev}", f"/dev/{dev}", readonly=False, flags=sc.MS_NOSUID | sc.MS_NOEXEC))
     add(Mkdir("/dev/pts"))
     add(DevPts("/dev/pts"))
-    add(Mkdir("/dev/shm"))
-    add(Tmpfs("/dev/shm", spec.shm_size, flags=_SAFE | sc.MS_NOEXEC, resettable=True))
+    in_dev = [m for m in spec.tmpfs if m.target.startswith("/dev/")]
+    for m in in_dev:  # /dev is ours (a tmpfs) until it is sealed below
+        add(Mkdir(m.target))
+        add(_tmpfs_op(m))
     for name, to in DEV_LINKS:
         add(Symlink(to, f"/dev/{name}"))
     add(RemountReadOnly("/dev"))
-    add(Tmpfs("/tmp", spec.tmp_size, inodes=spec.tmp_inodes, resettable=True))
+    for m in spec.tmpfs:
+        if m not in in_dev:
+            add(_tmpfs_op(m))
     if spec.sys == "ro":
         add(Sysfs("/sys"))
     for path in MASKED_PATHS:
@@ -185,6 +201,11 @@ def plan(spec: RootfsSpec, sources: list[str]) -> Plan:
         add(ReadOnly(path))
     add(PivotRoot())
     return p
+
+
+def _tmpfs_op(m: TmpfsMount) -> Tmpfs:
+    return Tmpfs(m.target, m.size, inodes=m.inodes, resettable=True,
+                 flags=_SAFE | (sc.MS_NOEXEC if m.noexec else 0))
 
 
 def _join(root: str, target: str) -> str:

@@ -36,7 +36,8 @@ def _mapping(d: dict[str, Any]) -> idmap.IdMapping:
 
 
 def _spec(d: dict[str, Any]) -> rootfs.RootfsSpec:
-    return rootfs.RootfsSpec(**{**d, "layers": tuple(d["layers"])})
+    return rootfs.RootfsSpec(**{**d, "layers": tuple(d["layers"]),
+                                "tmpfs": tuple(rootfs.TmpfsMount(**m) for m in d["tmpfs"])})
 
 
 def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,

@@ -338,3 +338,20 @@ def test_cpuset_and_cpu_quota(session: Session, container: Container) -> None:
     r = sh(session, container, "while :; do :; done", cpu_quota_cores=0.5, wall_ms=1000)
     assert r.status == Status.WALL_LIMIT
     assert r.cpu_ms is not None and r.cpu_ms < 0.75 * r.wall_ms
+
+
+def test_profile_tmpfs_mounts(session: Session, busybox_root: Path) -> None:
+    from dataclasses import replace
+
+    from sandbox.runtime.profiles import RootfsShape, load_profile
+
+    judge = load_profile("judge")
+    shape = RootfsShape.from_dict({"tmpfs": [{"target": "/work", "size": 1 << 20}]}, "t")
+    session.runtime.register_profile(replace(judge, name="judge-work", rootfs=shape))
+    c = session.container(busybox_root, profile="judge-work")
+    r = sh(session, c, "echo kept > /work/a && cat /work/a; "
+                       "dd if=/dev/zero of=/work/big bs=64k count=64 2>&1")
+    assert r.stdout.startswith(b"kept\n") and b"No space left" in r.stdout
+    assert (busybox_root / "work").exists() and not (busybox_root / "work/a").exists()
+    session.run(c.reset())
+    assert sh(session, c, "ls -A /work").stdout == b""

@@ -164,3 +164,36 @@ def test_plan_read_only_sys_masks_its_sensitive_parts() -> None:
     assert any(isinstance(op, rootfs.Sysfs) for op in plan.ops)
     masked = {op.target for op in plan.ops if isinstance(op, rootfs.Mask)}
     assert {"/sys/firmware", "/sys/devices/virtual/powercap"} <= masked
+
+
+@pytest.mark.parametrize(("tmpfs", "match"), [
+    ([{"target": "/", "size": 1}], "not a place a tmpfs may go"),
+    ([{"target": "/proc/x", "size": 1}], "not a place a tmpfs may go"),
+    ([{"target": "/a/../etc", "size": 1}], "not a place a tmpfs may go"),
+    ([{"target": "/dev/a/b", "size": 1}], "not a place a tmpfs may go"),
+    ([{"target": "/work"}], r"tmpfs\[0\]\.size: expected a positive integer"),
+    ([{"target": "/work", "size": 1, "mode": 7}], r"tmpfs\[0\]\.mode: unknown key"),
+    ([{"target": "/w", "size": 1}, {"target": "/w", "size": 2}], "appears twice"),
+    ({"target": "/w"}, "expected a list"),
+])
+def test_profile_tmpfs_mounts_are_validated(tmpfs: object, match: str) -> None:
+    from sandbox.runtime.profiles import RootfsShape
+
+    with pytest.raises(PolicyError, match=match):
+        RootfsShape.from_dict({"tmpfs": tmpfs}, "p.rootfs")
+
+
+def test_profile_tmpfs_mounts_become_resettable_mounts() -> None:
+    from sandbox.runtime.profiles import RootfsShape
+
+    shape = RootfsShape.from_dict({"tmpfs": [
+        {"target": "/work", "size": 1 << 20, "inodes": 64},
+        {"target": "/dev/shm", "size": 1 << 20, "noexec": True}]}, "p.rootfs")
+    plan = rootfs.plan(rootfs.RootfsSpec(layers=("/r",), tmpfs=shape.tmpfs), ["R"])
+    kinds = [(type(op).__name__, getattr(op, "target", None)) for op in plan.ops]
+    # /dev/shm is mounted while /dev is still writable; /work after /dev is sealed.
+    assert kinds.index(("Tmpfs", "/dev/shm")) < kinds.index(("RemountReadOnly", "/dev"))
+    assert kinds.index(("Tmpfs", "/work")) > kinds.index(("RemountReadOnly", "/dev"))
+    assert {op.target for op in plan.resettable()} == {"/work", "/dev/shm"}
+    work = next(op for op in plan.resettable() if op.target == "/work")
+    assert (work.size, work.inodes) == (1 << 20, 64)
