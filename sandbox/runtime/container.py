@@ -200,7 +200,11 @@ class Runtime:
                                                                                list[int]]:
         loop = asyncio.get_running_loop()
         async with self._lock:
-            protocol.send(self._sock, req, fds)
+            try:
+                protocol.send(self._sock, req, fds)
+            except OSError as e:
+                raise RuntimeSetupError(f"the spawner process died ({e.strerror}); "
+                                        "restart the runtime") from e
             ready: asyncio.Future[None] = loop.create_future()
             loop.add_reader(self._sock, lambda: ready.done() or ready.set_result(None))
             try:
@@ -351,9 +355,13 @@ class Container:
         return fut
 
     def _send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
-        if not self.alive:
-            raise ContainerGoneError(f"container {self.id} is gone; create a new one")
-        protocol.send(self._ctl, msg, fds or [])
+        if self.alive:
+            try:
+                protocol.send(self._ctl, msg, fds or [])
+                return
+            except OSError as e:  # init died before its end of the socket was seen
+                self._gone(f"its init is gone ({e.strerror})")
+        raise ContainerGoneError(f"container {self.id} is gone; create a new one")
 
     def _rlimits(self, limits: Limits, has: frozenset[str]) -> list[tuple[int, int, int]]:
         r: list[tuple[int, int, int]] = [(resource.RLIMIT_CORE, 0, 0)]
@@ -448,6 +456,10 @@ class Container:
             for reader in readers:
                 reader.finish()
             self._waiters.pop(("exited", run_id), None)
+            if not exited.done():
+                exited.cancel()
+            elif not exited.cancelled():
+                exited.exception()  # seen: the exception being raised says it already
             raise
         finally:
             self._active -= 1
