@@ -3,6 +3,8 @@
 # runtime suite again as an unprivileged user with cgroups delegated by `sandboxd setup`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# It creates a test user and delegates cgroups to it: root's work.
+[ "$(id -u)" -eq 0 ] || exec sudo bash "$0" "$@"
 bash scripts/setup.sh
 
 test_user=sbx-test
