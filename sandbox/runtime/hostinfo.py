@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,6 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _kernel() -> tuple[int, int]:
-    parts = platform.release().split(".")
-    try:
-        return int(parts[0]), int(parts[1].split("-")[0])
-    except (IndexError, ValueError):
-        return 0, 0
-
-
 def _seccomp_binding() -> str | None:
     try:
         import seccomp  # noqa: F401
@@ -39,14 +32,28 @@ def _seccomp_binding() -> str | None:
     return "seccomp"
 
 
+# Tried for real, in a throwaway user and mount namespace made by util-linux's unshare (a
+# subprocess: the service process never forks); the tmpfs goes over /tmp of that private
+# namespace only.
+_OVERLAY_PROBE = ("mount -t tmpfs probe /tmp && mkdir /tmp/l /tmp/u /tmp/w /tmp/m && "
+                  "mount -t overlay probe -o lowerdir=/tmp/l,upperdir=/tmp/u,workdir=/tmp/w,"
+                  "userxattr /tmp/m")
+
+
+def _in_userns(script: str) -> bool:
+    try:
+        done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                               script], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
 def report(cgroups: Detection | None = None, mapping: idmap.IdMapping | None = None
            ) -> dict[str, Any]:
-    """Every check is cheap and side-effect free; warnings say what to do about a gap."""
+    """Every check is cheap and leaves nothing behind; warnings say what to do about a gap."""
     warnings: list[str] = []
-    kernel = _kernel()
-    max_userns = _read("/proc/sys/user/max_user_namespaces")
-    userns = max_userns not in (None, "0") and _read(
-        "/proc/sys/kernel/unprivileged_userns_clone") != "0"
+    userns = _in_userns("true")
     if not userns:
         warnings.append("user namespaces are disabled: set user.max_user_namespaces > 0 "
                         "(and kernel.unprivileged_userns_clone=1 where it exists)")
@@ -59,8 +66,7 @@ def report(cgroups: Detection | None = None, mapping: idmap.IdMapping | None = N
         warnings.append("only one id is mapped: untrusted code runs as container root (with "
                         "no capabilities); install uidmap and add /etc/subuid and /etc/subgid "
                         "ranges to run it as 65534")
-    filesystems = _read("/proc/filesystems") or ""
-    overlay = "overlay" in filesystems and kernel >= (5, 11)
+    overlay = userns and _in_userns(_OVERLAY_PROBE)
     if not overlay:
         warnings.append("overlayfs in a user namespace needs Linux >= 5.11 with overlay "
                         "loaded; writable roots are unavailable")
