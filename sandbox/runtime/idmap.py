@@ -125,13 +125,19 @@ def apply(mapping: IdMapping, pid: int) -> None:
     """Write the map of process `pid`, which has just unshared its user namespace."""
     proc = f"/proc/{pid}"
     if mapping.method == "newuidmap":
+        # Both helpers at once: each is a setuid exec of ~1.5 ms on a container's cold path.
+        helpers = []
         for tool, ranges in (("newuidmap", mapping.uids), ("newgidmap", mapping.gids)):
             args = [tool, str(pid)]
             for r in ranges:
                 args += [str(r.inside), str(r.outside), str(r.count)]
-            done = subprocess.run(args, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise RuntimeSetupError(f"{tool} failed: {done.stderr.strip()}; check the "
+            helpers.append((tool, subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                                   stdout=subprocess.DEVNULL,
+                                                   stderr=subprocess.PIPE, text=True)))
+        for tool, proc in helpers:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeSetupError(f"{tool} failed: {err.strip()}; check the "
                                         "ranges in /etc/subuid and /etc/subgid")
         return
     try:

@@ -159,6 +159,15 @@ class Spawner:
         host.close()
 
     def _finish(self, helper: int, mapping: idmap.IdMapping, rd: int, wr: int) -> int:
+        # Our SIGCHLD handler reaps any child; held back here so that it cannot take the
+        # newuidmap helpers from under subprocess (which would then read their exit as 0).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            return self._finish_blocked(helper, mapping, rd, wr)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+    def _finish_blocked(self, helper: int, mapping: idmap.IdMapping, rd: int, wr: int) -> int:
         try:
             first = os.read(rd, 4096)
             if first != b"u":
