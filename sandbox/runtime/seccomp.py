@@ -1,9 +1,9 @@
-"""Seccomp profiles as data: load and validate, compile once to BPF, install in a forked child.
+"""Seccomp profiles as data: load and validate, compile once to BPF.
 
 Profiles use the OCI/Docker JSON format (policies/seccomp/*.json, or Docker's own default.json).
 compile_profile() resolves Docker's conditional rules for this host and has libseccomp generate
-the BPF program once per policy; install() hands those bytes to the kernel in the child, right
-before execve, with nothing left to compute there.
+the BPF program once per policy. The runtime's exec child (_spawn.c) hands those bytes to the
+kernel right before execve; install() does the same for the calling process (tests, tools).
 """
 
 from __future__ import annotations
