@@ -359,7 +359,8 @@ class Container:
             try:
                 protocol.send(self._ctl, msg, fds or [])
                 return
-            except OSError as e:  # init died before its end of the socket was seen
+            except (BrokenPipeError, ConnectionResetError) as e:
+                # init died before its end of the socket was seen
                 self._gone(f"its init is gone ({e.strerror})")
         raise ContainerGoneError(f"container {self.id} is gone; create a new one")
 

@@ -2,7 +2,9 @@
 
 Each message is one SOCK_SEQPACKET datagram holding a JSON object, with file descriptors
 attached by SCM_RIGHTS. Datagrams keep message boundaries, so no framing is needed, and a
-peer that dies shows up as an empty read.
+peer that dies shows up as an empty read. A message too big for a datagram (a large argv,
+say: a socket's buffer, and so its largest datagram, is capped by net.core.wmem_max, 208
+KiB on a stock kernel) travels in a memfd sent along as the last descriptor.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from typing import Any
 
 import orjson
 
-MAX_MESSAGE = 1 << 20
+MAX_MESSAGE = 16 << 20
 MAX_FDS = 32
-SOCKET_BUFFER = 4 << 20
+INLINE_MAX = 64 << 10
+SOCKET_BUFFER = 1 << 20
+_IN_MEMFD = b'{"memfd":true}'
 
 
 class ProtocolError(Exception):
@@ -36,40 +40,68 @@ def send(sock: socket.socket, message: dict[str, Any],
     data = orjson.dumps(message)
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes is over the {MAX_MESSAGE} byte cap")
-    if fds:
-        socket.send_fds(sock, [data], list(fds))
-    else:
-        sock.send(data)
+    fds = list(fds)
+    if len(data) <= INLINE_MAX:
+        if fds:
+            socket.send_fds(sock, [data], fds)
+        else:
+            sock.send(data)
+        return
+    body = os.memfd_create("message", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(body, view):]
+        os.lseek(body, 0, os.SEEK_SET)
+        socket.send_fds(sock, [_IN_MEMFD], [*fds, body])
+    finally:
+        os.close(body)
 
 
 def decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], list[int]] | None:
     """Parse one datagram; None when the peer closed. Closes the fds of a malformed message."""
     if not data:
-        for fd in fds:
-            _close(fd)
+        _close_all(fds)
         return None
+    if data == _IN_MEMFD:
+        if not fds:
+            raise ProtocolError("a memfd message came without its memfd")
+        body = fds.pop()
+        try:
+            data = _read_body(body)
+        finally:
+            os.close(body)
     try:
         message = orjson.loads(data)
     except orjson.JSONDecodeError as e:
-        for fd in fds:
-            _close(fd)
+        _close_all(fds)
         raise ProtocolError(f"malformed message: {e}") from e
     if not isinstance(message, dict):
-        for fd in fds:
-            _close(fd)
+        _close_all(fds)
         raise ProtocolError("a message must be a JSON object")
     return message, fds
 
 
+def _read_body(fd: int) -> bytes:
+    chunks = []
+    total = 0
+    while chunk := os.read(fd, 1 << 20):
+        total += len(chunk)
+        if total > MAX_MESSAGE:
+            raise ProtocolError(f"message over the {MAX_MESSAGE} byte cap")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    data, fds, flags, _ = socket.recv_fds(sock, INLINE_MAX, MAX_FDS)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        for fd in fds:
-            _close(fd)
+        _close_all(fds)
         raise ProtocolError("message or its file descriptors were truncated")
     return decode(data, fds)
 
 
-def _close(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
