@@ -360,5 +360,5 @@ def test_profile_tmpfs_mounts(session: Session, busybox_root: Path) -> None:
 def test_large_argv_reaches_the_program(session: Session, container: Container) -> None:
     # ~900 KiB of arguments: more than a datagram may carry on a stock kernel.
     args = ["y" * 1000] * 900
-    r = session.exec(container, ["sh", "-c", 'echo $#; echo "$900" | wc -c', "sh", *args])
+    r = session.exec(container, ["sh", "-c", 'echo $#; echo "${900}" | wc -c', "sh", *args])
     assert r.stdout.split() == [b"900", b"1001"]
