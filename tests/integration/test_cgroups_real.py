@@ -19,9 +19,9 @@ import pytest
 
 from sandbox.runtime import syscalls as sc
 from sandbox.runtime.cgroups import CgroupLimits, V1Driver, V2Driver, detect
-from sandbox.runtime.cgroups.base import Cgroup, CgroupDriver
+from sandbox.runtime.cgroups.base import Cgroup
 from sandbox.runtime.cgroups.delegate import delegate_v1, undelegate_v1
-from sandbox.runtime.cgroups.detect import parse_mountinfo
+from tests.integration.conftest import cleanup_driver
 
 pytestmark = [
     pytest.mark.root_only,
@@ -31,43 +31,17 @@ pytestmark = [
 SETUP_WAIT_S = 30.0  # only bounds waiting for a test's own processes to get going
 
 
-def _cleanup(drv: CgroupDriver) -> None:
-    try:
-        for name in drv.list():
-            cg = drv.open(name)
-            if cg is not None:
-                cg.destroy()
-    finally:
-        drv.close()
-
-
 @pytest.fixture
 def v1() -> Iterator[V1Driver]:
     det = detect(base_name=f"sbx-test-{os.getpid()}")
     if not isinstance(det.driver, V1Driver):
         if det.driver is not None:
-            _cleanup(det.driver)
+            cleanup_driver(det.driver)
         pytest.skip(f"this host does not use the cgroup v1 driver: {det.warnings}")
     try:
         yield det.driver
     finally:
-        _cleanup(det.driver)
-
-
-@pytest.fixture
-def v2() -> Iterator[V2Driver]:
-    mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
-    unified = next((m for m in mounts if m.fstype == "cgroup2"), None)
-    if unified is None:
-        pytest.skip("no cgroup2 mount on this host")
-    drv, warnings = V2Driver.at(str(unified.path), f"sbx-test2-{os.getpid()}",
-                                move_self=False, setup_hint="")
-    if drv is None:
-        pytest.skip(f"cannot use {unified.path}: {warnings}")
-    try:
-        yield drv
-    finally:
-        _cleanup(drv)
+        cleanup_driver(det.driver)
 
 
 @pytest.fixture
@@ -268,7 +242,7 @@ def test_close_removes_the_base() -> None:
         cg.child("r-1")
         cg.destroy()
     finally:
-        _cleanup(drv)
+        cleanup_driver(drv)
     for b in bases:
         assert not os.path.exists(b), b
 
@@ -306,7 +280,7 @@ def nobody() -> Iterator[str]:
         # Whatever the user's run left behind, then the delegated bases themselves.
         det = detect(base_name="sandboxd-nobody")
         if isinstance(det.driver, V1Driver):
-            _cleanup(det.driver)
+            cleanup_driver(det.driver)
         undelegate_v1("nobody")
 
 

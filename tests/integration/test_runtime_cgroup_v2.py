@@ -4,37 +4,26 @@ hybrid layout it has no memory or pids controller: those fall back, and say so).
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sandbox.runtime.cgroups import Detection, V2Driver
-from sandbox.runtime.cgroups.detect import parse_mountinfo
 from sandbox.runtime.container import Runtime
 from sandbox.runtime.results import Status
 from tests.conftest import Session
 
 
 @pytest.fixture
-def v2_session() -> Iterator[Session]:
-    if os.geteuid() != 0:
-        pytest.skip("the cgroup2 mount here is writable by root only")
-    mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
-    unified = next((m for m in mounts if m.fstype == "cgroup2"), None)
-    if unified is None:
-        pytest.skip("no cgroup2 mount on this host")
-    driver, warnings = V2Driver.at(str(unified.path), f"sandboxd-v2test-{os.getpid()}",
-                                   move_self=False, setup_hint="(test)")
-    assert driver is not None, warnings
+def v2_session(v2: V2Driver) -> Iterator[Session]:
     s = Session.__new__(Session)
     s.loop = asyncio.new_event_loop()
-    s.runtime = s.run(Runtime.start(cgroups=Detection(driver, tuple(warnings))))
+    s.runtime = s.run(Runtime.start(cgroups=Detection(v2, ())))
     s.containers = []
     yield s
     s.close()
-    assert not Path(driver.base).exists(), "the v2 base was left behind"
+    assert not Path(v2.base).exists(), "the v2 base was left behind"
 
 
 def test_runs_are_measured_and_killed_through_cgroup_v2(v2_session: Session,
