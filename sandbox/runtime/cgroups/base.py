@@ -207,6 +207,14 @@ def rmdir(path: str) -> None:
 
 def remove_tree(top: str, timeout: float = RMDIR_TIMEOUT_S) -> None:
     """rmdir top's descendants bottom-up, then top; retry EBUSY briefly; gone is fine."""
+    try:  # the usual case (a finished run's cgroup): no children, nothing left in it
+        rmdir(top)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+            raise CgroupError(f"cannot remove cgroup {top}: {e.strerror}") from e
     deadline = time.monotonic() + timeout
     for d in list(subtree_dirs(top)):
         delay = 0.001

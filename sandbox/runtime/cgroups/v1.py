@@ -146,7 +146,10 @@ class V1Cgroup(Cgroup):
             raise CgroupError(f"cannot read {d}/cpuacct.usage: {e.strerror}") from e
 
     def kill(self) -> None:
-        if not self.pids(recursive=True):  # the usual case at the end of a run: nothing to do
+        # The usual case at the end of a run: nothing in it and no child cgroups (every
+        # process is in every hierarchy, so one of them tells).
+        if self.is_empty() and (not base.has_children(self._hier[0])
+                                or not self.pids(recursive=True)):
             return
         freezer = self._dirs.get("freezer")
         if freezer is not None and os.path.isdir(freezer):
