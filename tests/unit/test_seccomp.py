@@ -36,13 +36,14 @@ from sandbox.runtime.seccomp import (
     install,
     load_profile,
 )
+from tests.conftest import shared_dir
 
 try:
     import seccomp
 except ImportError:
     import pyseccomp as seccomp
 
-MOBY_PROFILE = Path(__file__).resolve().parents[3] / "shared/data/moby-seccomp-default.json"
+MOBY_PROFILE = shared_dir() / "data/moby-seccomp-default.json"
 x86_64_only = pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86_64 syscall ABI")
 
 _libc = ctypes.CDLL(None, use_errno=True)
