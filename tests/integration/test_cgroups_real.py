@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -292,10 +294,15 @@ def test_delegate_v1_lets_a_user_use_cgroups(v1: V1Driver, nobody: str) -> None:
     for d in dirs:
         assert d.stat().st_uid == pw.pw_uid
         assert (d / "cgroup.procs").stat().st_uid == pw.pw_uid
-    repo = str(Path(__file__).resolve().parents[2])
-    out = subprocess.run(["/usr/bin/python3", "-c", USER_SCRIPT, repo], user=pw.pw_uid,
-                         group=pw.pw_gid, extra_groups=[], cwd="/", capture_output=True,
-                         check=True, timeout=60)
+    # The checkout may sit where the user cannot read (a 0700 temp dir): give it a copy.
+    with tempfile.TemporaryDirectory(prefix="sandboxd-cgtest-") as tmp:
+        os.chmod(tmp, 0o755)
+        src = Path(__file__).resolve().parents[2] / "sandbox"
+        shutil.copytree(src, Path(tmp) / "sandbox",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        out = subprocess.run(["/usr/bin/python3", "-c", USER_SCRIPT, tmp], user=pw.pw_uid,
+                             group=pw.pw_gid, extra_groups=[], cwd="/", capture_output=True,
+                             check=True, timeout=60)
     result = json.loads(out.stdout)
     assert result["warnings"] == []
     assert result["base"]["memory"].endswith(f"/sandboxd-{nobody}")
