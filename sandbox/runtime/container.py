@@ -590,8 +590,10 @@ class Container:
         return fd
 
     def _kill_run(self, run_cg: Cgroup | None, run_id: int) -> None:
+        """Kill every process of a run without blocking the event loop: a v1 kill freezes
+        the cgroup and waits for it, which must not stall every other run meanwhile."""
         if run_cg is not None:
-            run_cg.kill()
+            self._chore(run_cg.kill)
         elif self.alive:
             self._send({"op": "signal", "id": run_id, "signal": 9})
 

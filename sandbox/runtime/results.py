@@ -41,10 +41,6 @@ class RunResult:
     error: str | None = None            # why an exec failed before the program ran
     warnings: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, object]:
-        return {k: (v.decode(errors="replace") if isinstance(v, bytes) else v)
-                for k, v in self.__dict__.items()}
-
 
 @dataclass(frozen=True)
 class Observed:
