@@ -19,3 +19,40 @@ class RuntimeSetupError(SandboxError):
 
 class ContainerGoneError(SandboxError):
     """The container's init died or its control socket closed."""
+
+
+class ImageError(SandboxError):
+    """An image operation failed: a reference, a registry, a manifest, a blob or a layer."""
+
+
+class InvalidReference(ImageError):
+    """An image reference (or a digest) does not parse."""
+
+
+class RegistryError(ImageError):
+    """A registry answered with an error or could not be reached."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class AuthError(RegistryError):
+    """The registry refused our credentials, or we have none where it wants some."""
+
+
+class NotFound(ImageError):
+    """An image, manifest, tag or blob does not exist (locally or in the registry)."""
+
+
+class ManifestError(ImageError):
+    """A manifest, index or image config is malformed, too large or of the wrong type."""
+
+
+class DigestMismatch(ImageError):
+    """Content does not hash to the digest (or size) it was asked for under."""
+
+
+class LayerError(ImageError):
+    """A layer tar is malformed, unsafe, or over a size or entry cap."""

@@ -19,6 +19,8 @@ from sandbox.runtime.container import Container, ContainerSpec, ExecRequest, Run
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.results import RunResult
 
+pytest_plugins = ["tests.support.fixtures"]
+
 T = TypeVar("T")
 
 

@@ -291,7 +291,12 @@ class Container:
         self.rootfs, self.cgroup = rootfs, cgroup
         self.setup_ms = 0.0
         self.alive = True
-        self._pidfd = os.pidfd_open(pid)
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            # Init failed during setup and the spawner reaped it already: its reason is
+            # waiting on the control socket, and _wait_ready reports it.
+            self._pidfd = -1
         self._ctl = ctl
         self._ids = itertools.count(1)
         self._waiters: dict[tuple[str, int], asyncio.Future[dict[str, Any]]] = {}

@@ -1,0 +1,73 @@
+"""Host names as registries use them (`host[:port]`, IPv6 in brackets), and which of them are
+local: loopback ones may speak plain HTTP by default, and only a local registry may send us to
+a local address (SSRF)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+def split_host(hostport: str) -> tuple[str, int | None]:
+    """`host[:port]` -> (host without brackets, port or None). The port must be a number."""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            raise ValueError(f"{hostport!r}: an IPv6 address must be closed with ']'")
+        host, rest = hostport[1:end], hostport[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{hostport!r}: only ':port' may follow ']'")
+        port = rest[1:] if rest else None
+    elif hostport.count(":") == 1:
+        host, port = hostport.split(":")
+    else:
+        host, port = hostport, None
+    if not host:
+        raise ValueError(f"{hostport!r}: the host name is empty")
+    if port is None:
+        return host, None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{hostport!r}: the port must be a number from 1 to 65535")
+    return host, int(port)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def is_loopback(hostport: str) -> bool:
+    """127.0.0.0/8, ::1, `localhost` and `*.localhost` (RFC 6761: never leaves the machine)."""
+    try:
+        host, _ = split_host(hostport)
+    except ValueError:
+        return False
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    ip = _ip(host)
+    return ip is not None and ip.is_loopback
+
+
+def is_local_address(host: str) -> bool:
+    """A host (no port) that names this machine or a private network: loopback names, and IP
+    literals that are loopback, private, link-local, unspecified or reserved."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    ip = _ip(host)
+    if ip is None:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified
+            or ip.is_reserved or ip.is_multicast)
+
+
+def hub_key(hostport: str) -> str:
+    """Docker Hub's names all mean one registry; every other host stays as given (lowercase)."""
+    lowered = hostport.lower()
+    return "docker.io" if lowered in DOCKER_HUB_ALIASES else lowered

@@ -1,0 +1,1 @@
+"""The local image store: blobs, unpacked layers and image metadata."""

@@ -1,0 +1,231 @@
+"""What the store holds, in SQLite: images (one platform's manifest each), their layers,
+the names (tags and digests) that point at them, where blobs came from, layer sizes, last
+use, and leases held by live containers. Blob and layer bytes live in files, not here.
+
+Several processes may share a store: WAL mode and a busy timeout serialise writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    digest TEXT PRIMARY KEY,            -- the platform manifest's digest
+    media_type TEXT NOT NULL,
+    config TEXT NOT NULL,               -- config digest (Docker's image id)
+    platform TEXT NOT NULL,
+    size INTEGER NOT NULL,              -- config + layer blobs, as the manifest says
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS image_layers (
+    image TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    diff_id TEXT NOT NULL,
+    blob TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (image, position)
+);
+CREATE INDEX IF NOT EXISTS image_layers_diff ON image_layers(diff_id);
+CREATE TABLE IF NOT EXISTS names (
+    name TEXT PRIMARY KEY,              -- normalised reference: repo:tag or repo@digest
+    repository TEXT NOT NULL,
+    tag TEXT,                           -- NULL for a name by digest
+    target TEXT NOT NULL,               -- what the registry served (may be an index)
+    image TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS names_image ON names(image);
+CREATE TABLE IF NOT EXISTS layers (
+    diff_id TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL,             -- file bytes once unpacked
+    entries INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blob_sources (
+    blob TEXT NOT NULL,
+    repository TEXT NOT NULL,           -- domain/path it was pulled from or pushed to
+    PRIMARY KEY (blob, repository)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    holder TEXT PRIMARY KEY,
+    image TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    diff_id: str
+    blob: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    digest: str
+    media_type: str
+    config: str
+    platform: str
+    size: int
+    created: float
+    last_used: float
+    layers: tuple[LayerRecord, ...]
+
+
+@dataclass(frozen=True)
+class NameRecord:
+    name: str
+    repository: str
+    tag: str | None
+    target: str
+    image: str
+    updated: float
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Catalog:
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # images
+
+    def add_image(self, rec: ImageRecord) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO images VALUES (?,?,?,?,?,?,?)",
+                       (rec.digest, rec.media_type, rec.config, rec.platform, rec.size,
+                        rec.created, rec.last_used))
+            db.executemany("INSERT OR IGNORE INTO image_layers VALUES (?,?,?,?,?,?)",
+                           [(rec.digest, i, lr.diff_id, lr.blob, lr.media_type, lr.size)
+                            for i, lr in enumerate(rec.layers)])
+
+    def _layers(self, digest: str) -> tuple[LayerRecord, ...]:
+        rows = self.db.execute("SELECT diff_id, blob, media_type, size FROM image_layers "
+                               "WHERE image=? ORDER BY position", (digest,))
+        return tuple(LayerRecord(*r) for r in rows)
+
+    def _image(self, row: tuple[object, ...] | None) -> ImageRecord | None:
+        if row is None:
+            return None
+        digest = str(row[0])
+        return ImageRecord(digest, str(row[1]), str(row[2]), str(row[3]), int(row[4]),  # type: ignore[call-overload]
+                           float(row[5]), float(row[6]), self._layers(digest))  # type: ignore[arg-type]
+
+    def image(self, digest: str) -> ImageRecord | None:
+        return self._image(self.db.execute("SELECT * FROM images WHERE digest=?",
+                                           (digest,)).fetchone())
+
+    def image_by_config(self, config: str) -> ImageRecord | None:
+        return self._image(self.db.execute("SELECT * FROM images WHERE config=? "
+                                           "ORDER BY last_used DESC", (config,)).fetchone())
+
+    def images(self) -> list[ImageRecord]:
+        rows = self.db.execute("SELECT * FROM images ORDER BY last_used DESC").fetchall()
+        return [r for r in (self._image(row) for row in rows) if r is not None]
+
+    def touch(self, digest: str) -> None:
+        self.db.execute("UPDATE images SET last_used=? WHERE digest=?", (time.time(), digest))
+
+    def remove_image(self, digest: str) -> None:
+        self.db.execute("DELETE FROM images WHERE digest=?", (digest,))
+
+    # names
+
+    def set_name(self, name: str, repository: str, tag: str | None, target: str,
+                 image: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO names VALUES (?,?,?,?,?,?)",
+                        (name, repository, tag, target, image, time.time()))
+
+    def lookup(self, name: str) -> NameRecord | None:
+        row = self.db.execute("SELECT * FROM names WHERE name=?", (name,)).fetchone()
+        return NameRecord(*row) if row else None
+
+    def names(self, image: str | None = None) -> list[NameRecord]:
+        if image is None:
+            rows = self.db.execute("SELECT * FROM names ORDER BY name")
+        else:
+            rows = self.db.execute("SELECT * FROM names WHERE image=? ORDER BY name", (image,))
+        return [NameRecord(*r) for r in rows]
+
+    def remove_name(self, name: str) -> bool:
+        return self.db.execute("DELETE FROM names WHERE name=?", (name,)).rowcount > 0
+
+    # layers and blobs
+
+    def record_layer(self, diff_id: str, nbytes: int, entries: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO layers VALUES (?,?,?)",
+                        (diff_id, nbytes, entries))
+
+    def layer_bytes(self, diff_id: str) -> int:
+        row = self.db.execute("SELECT bytes FROM layers WHERE diff_id=?",
+                              (diff_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def forget_layer(self, diff_id: str) -> None:
+        self.db.execute("DELETE FROM layers WHERE diff_id=?", (diff_id,))
+
+    def add_source(self, blob: str, repository: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO blob_sources VALUES (?,?)", (blob, repository))
+
+    def sources(self, blob: str) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT repository FROM blob_sources WHERE blob=?", (blob,))]
+
+    def forget_blob(self, blob: str) -> None:
+        self.db.execute("DELETE FROM blob_sources WHERE blob=?", (blob,))
+
+    # leases: an image in use by a live container is never collected
+
+    def lease(self, holder: str, image: str, pid: int | None = None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?,?)",
+                        (holder, image, os.getpid() if pid is None else pid, time.time()))
+
+    def release(self, holder: str) -> None:
+        self.db.execute("DELETE FROM leases WHERE holder=?", (holder,))
+
+    def leased(self) -> set[str]:
+        """Images leased by a live process; leases of dead processes are dropped."""
+        live: set[str] = set()
+        for holder, image, pid in self.db.execute(
+                "SELECT holder, image, pid FROM leases").fetchall():
+            if _alive(pid):
+                live.add(image)
+            else:
+                self.release(holder)
+        return live

@@ -1,0 +1,358 @@
+"""Images end to end: pulls from Debian's docker-registry of images that umoci and skopeo
+made, run with the runtime; caching, single downloads, faults, a killed pull, import,
+push, tags and gc. Nothing here is faked."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox import digests
+from sandbox.errors import DigestMismatch, ImageError, NotFound, RegistryError
+from sandbox.images import Image, ImageService, PullProgress
+from sandbox.reference import parse
+from sandbox.registry.client import RegistryClient, RetryPolicy
+from sandbox.registry.config import RegistriesConfig
+from sandbox.runtime import idmap
+from sandbox.store.unpack import Ownership
+from tests.conftest import Session
+from tests.support.proxy import Corrupt, ResetAfter, Status, Truncate
+
+REPO = Path(__file__).resolve().parents[2]
+FAST_RETRY = RetryPolicy(attempts=4, first_delay=0.05, max_delay=2.0)
+
+
+def _digest_of(ref: str) -> str:
+    """The manifest digest as skopeo (not our client) sees it."""
+    raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                          f"docker://{ref}"], check=True, capture_output=True,
+                         env={**os.environ, "HOME": "/tmp"}).stdout
+    return digests.of_bytes(raw)
+
+
+def _ownership() -> Ownership:
+    return Ownership.for_mapping(idmap.plan())
+
+
+def make_service(state: Path, **kw: Any) -> ImageService:
+    return ImageService(state, ownership=_ownership(),
+                        client=RegistryClient(RegistriesConfig(), retry=FAST_RETRY), **kw)
+
+
+@pytest.fixture
+def svc(session: Session, tmp_path: Path) -> ImageService:
+    s = make_service(tmp_path / "state")
+    yield s
+    session.run(s.close())
+
+
+def run_echo(session: Session, image: Image, text: str = "hello") -> str:
+    c = session.container(list(image.layers))
+    try:
+        env = dict(image.defaults.env) or {"PATH": "/bin"}
+        res = session.exec(c, ["busybox", "echo", text], env=env)
+        assert res.exit_code == 0, res
+        return res.stdout.decode()
+    finally:
+        session.run(c.destroy())
+        session.containers.remove(c)
+
+
+@pytest.mark.parametrize("which", ["v2s2", "oci", "zstd", "multi"])
+def test_pull_images_made_by_skopeo_and_umoci_and_run_them(
+        session: Session, svc: ImageService, images: Any, which: str) -> None:
+    ref = getattr(images, which)
+    image = session.run(svc.pull(ref))
+    assert image.platform.startswith("linux/")
+    assert all(p.is_dir() for p in image.layers)
+    assert run_echo(session, image, which) == f"{which}\n"
+    assert session.run(svc.resolve(ref)).digest == image.digest
+
+
+def test_a_cached_repull_downloads_no_blob(session: Session, svc: ImageService, images: Any,
+                                           registry: Any) -> None:
+    first = session.run(svc.pull(images.oci))
+    before = registry.requests()
+    events: list[PullProgress] = []
+    again = session.run(svc.pull(images.oci, on_progress=events.append))
+    after = registry.requests()[len(before):]
+    assert again.digest == first.digest
+    assert [e.status for e in events] == ["up to date"]
+    assert not [r for r in after if "/blobs/" in r[1]], after
+    assert [r[0] for r in after if "/manifests/" in r[1]] == ["HEAD"]
+
+
+def test_concurrent_pulls_of_images_sharing_a_layer_fetch_it_once(
+        session: Session, tmp_path: Path, images: Any, registry: Any) -> None:
+    before = registry.blob_gets(images.shared_layer)
+    svc = make_service(tmp_path / "fresh")
+    try:
+        refs = [images.shared_a, images.shared_b] * 4
+
+        async def all_pulls() -> list[Image]:
+            return await asyncio.gather(*(svc.pull(r) for r in refs))
+
+        pulled = session.run(all_pulls())
+    finally:
+        session.run(svc.close())
+    assert registry.blob_gets(images.shared_layer) - before == 1
+    assert pulled[0].layers[0] == pulled[1].layers[0]  # one unpacked copy, shared
+
+
+def test_processes_pulling_the_same_image_download_each_blob_once(
+        tmp_path: Path, images: Any, registry: Any) -> None:
+    state = tmp_path / "shared-state"
+    script = _pull_script(state, images.v2s2)
+    before = {b: registry.blob_gets(b) for b in images.layers["v2s2"]}
+    procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    for b, n in before.items():
+        assert registry.blob_gets(b) - n == 1
+
+
+def _pull_script(state: Path, ref: str, kill_layer: str | None = None) -> str:
+    return textwrap.dedent(f"""
+        import asyncio, os, signal, sys
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO)!r})
+        from sandbox.images import ImageService
+        from sandbox.runtime import idmap
+        from sandbox.store.unpack import Ownership
+        kill_layer = {kill_layer!r}
+        def progress(p):
+            # Killed in the middle of a layer's download, as a crash or OOM kill would.
+            if p.layer == kill_layer and p.status == "downloading" and p.done < p.total:
+                os.kill(os.getpid(), signal.SIGKILL)
+        async def main():
+            svc = ImageService(Path({str(state)!r}),
+                               ownership=Ownership.for_mapping(idmap.plan()))
+            try:
+                await svc.pull({ref!r}, on_progress=progress)
+            finally:
+                await svc.close()
+        asyncio.run(main())
+    """)
+
+
+def test_a_pull_killed_midway_leaves_nothing_complete_and_the_next_completes(
+        session: Session, tmp_path: Path, images: Any) -> None:
+    state = tmp_path / "killed"
+    (layer,) = images.layers["v2s2"]
+    proc = subprocess.run([sys.executable, "-c", _pull_script(state, images.v2s2, layer)],
+                          timeout=120)
+    assert proc.returncode == -9
+    layers_dir = state / "images" / "layers" / "sha256"
+    blobs_dir = state / "images" / "blobs" / "sha256"
+    # Killed mid-download: no blob of that layer and no unpacked layer may exist, only
+    # the partial file in tmp/.
+    assert layer.split(":")[1] not in {p.name for p in blobs_dir.iterdir()}
+    assert list(layers_dir.iterdir()) == []
+    assert list((state / "images" / "blobs" / "tmp").iterdir())
+    svc = make_service(state)
+    try:
+        assert list((state / "images" / "blobs" / "tmp").iterdir()) == []  # cleaned at open
+        image = session.run(svc.pull(images.v2s2))
+    finally:
+        session.run(svc.close())
+    assert run_echo(session, image, "after") == "after\n"
+
+
+# faults between us and the registry
+
+
+def _via(proxy: Any, ref: str) -> str:
+    host = ref.split("/", 1)[0]
+    return ref.replace(host, proxy.host, 1)
+
+
+def test_a_pull_rides_out_500s_429s_and_resets(session: Session, svc: ImageService,
+                                               images: Any, registry: Any,
+                                               fault_proxy: Any) -> None:
+    proxy = fault_proxy(registry)
+    proxy.inject("GET", r"/manifests/", [Status(500), Status(429, {"Retry-After": "1"})])
+    proxy.inject("GET", r"/blobs/", [Status(503), ResetAfter(1000), Truncate(500)])
+    image = session.run(svc.pull(_via(proxy, images.oci)))
+    assert run_echo(session, image, "retried") == "retried\n"
+    assert proxy.pending() == 0
+
+
+def test_a_corrupt_blob_is_rejected_and_leaves_nothing(session: Session, svc: ImageService,
+                                                       images: Any, registry: Any,
+                                                       fault_proxy: Any) -> None:
+    proxy = fault_proxy(registry)
+    (layer,) = images.layers["zstd"]
+    proxy.inject("GET", r"/blobs/" + layer, [Corrupt()] * 10)
+    with pytest.raises(DigestMismatch):
+        session.run(svc.pull(_via(proxy, images.zstd)))
+    assert not svc.blobs.has(layer)
+    assert list(svc.blobs.tmp.iterdir()) == [] and list(svc.layers.tmp.iterdir()) == []
+    assert svc.list() == []
+
+
+def test_endless_5xx_fail_with_a_clear_error(session: Session, svc: ImageService,
+                                             images: Any, registry: Any,
+                                             fault_proxy: Any) -> None:
+    proxy = fault_proxy(registry)
+    proxy.inject("HEAD", r"/manifests/", [Status(502)] * 20)
+    proxy.inject("GET", r"/manifests/", [Status(502)] * 20)
+    with pytest.raises(RegistryError) as err:
+        session.run(svc.pull(_via(proxy, images.oci)))
+    assert "502" in str(err.value)
+
+
+def test_an_unknown_image_is_not_found(session: Session, svc: ImageService,
+                                       registry: Any) -> None:
+    with pytest.raises(NotFound) as err:
+        session.run(svc.pull(f"{registry.host}/nope/missing:1"))
+    assert "nope/missing" in str(err.value)
+
+
+# import, push, names, gc
+
+
+def _rootfs_tar(session: Session, tmp_path: Path, compress: str = "") -> Path:
+    from sandbox import busybox
+    root = busybox.build_rootfs(tmp_path / "rootfs")
+    out = tmp_path / f"rootfs.tar{'.' + compress if compress else ''}"
+    with tarfile.open(out, f"w:{compress}" if compress else "w") as tar:
+        tar.add(root, arcname=".")
+    return out
+
+
+@pytest.mark.parametrize("compress", ["", "gz"])
+def test_import_a_rootfs_tar_and_run_it(session: Session, svc: ImageService,
+                                        tmp_path: Path, compress: str) -> None:
+    tar = _rootfs_tar(session, tmp_path, compress)
+    image = session.run(svc.import_tar(tar, "local/imported:1", cmd=["busybox", "sh"],
+                                       env={"PATH": "/bin", "GREETING": "hi"}, working_dir="/tmp"))
+    assert image.defaults.argv == ("busybox", "sh")
+    assert image.defaults.env["GREETING"] == "hi" and image.defaults.cwd == "/tmp"
+    assert run_echo(session, image, "imported") == "imported\n"
+    assert "docker.io/local/imported:1" in image.names
+
+
+def test_import_an_oci_layout_written_by_skopeo(session: Session, svc: ImageService,
+                                                tmp_path: Path, images: Any) -> None:
+    layout = tmp_path / "layout"
+    subprocess.run(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+                    f"docker://{images.oci}", f"oci:{layout}:v1"], check=True,
+                   capture_output=True, env={**os.environ, "HOME": str(tmp_path)})
+    image = session.run(svc.import_layout(layout, "local/from-layout:v1", name="v1"))
+    assert image.digest == images.digests["oci"]
+    assert run_echo(session, image, "layout") == "layout\n"
+
+
+def test_a_layout_blob_that_is_a_symlink_is_refused(session: Session, svc: ImageService,
+                                                    tmp_path: Path, images: Any) -> None:
+    layout = tmp_path / "layout"
+    subprocess.run(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+                    f"docker://{images.oci}", f"oci:{layout}:v1"], check=True,
+                   capture_output=True, env={**os.environ, "HOME": str(tmp_path)})
+    layer = layout / "blobs" / "sha256" / images.layers["oci"][0].split(":")[1]
+    layer.unlink()
+    layer.symlink_to("/etc/passwd")
+    with pytest.raises(ImageError):
+        session.run(svc.import_layout(layout, "local/evil:v1"))
+    assert svc.list() == []
+
+
+def test_push_then_pull_back_from_a_fresh_store(session: Session, svc: ImageService,
+                                                tmp_path: Path, images: Any,
+                                                registry: Any) -> None:
+    pulled = session.run(svc.pull(images.v2s2))
+    target = f"{registry.host}/pushed/busybox:copy"
+    before = len(registry.requests())
+    digest = session.run(svc.push(images.v2s2, target))
+    assert digest == pulled.digest
+    sent = registry.requests()[before:]
+    # Same registry, other repository: blobs are mounted across (POST answered 201), not
+    # uploaded again (an upload is a POST answered 202, then a PUT).
+    mounts = [s for m, p, s in sent if m == "POST" and p.endswith("/blobs/uploads/")]
+    assert mounts and set(mounts) == {201}, sent
+    assert not any(m in ("PUT", "PATCH") and "/blobs/uploads/" in p for m, p, _ in sent), sent
+    fresh = make_service(tmp_path / "fresh")
+    try:
+        back = session.run(fresh.pull(target))
+    finally:
+        session.run(fresh.close())
+    assert back.digest == digest
+
+
+def test_push_an_imported_image_that_skopeo_can_read(session: Session, svc: ImageService,
+                                                     tmp_path: Path, registry: Any) -> None:
+    tar = _rootfs_tar(session, tmp_path, "gz")
+    image = session.run(svc.import_tar(tar, "local/up:1", cmd=["sh"]))
+    target = f"{registry.host}/imported/up:1"
+    session.run(svc.push("local/up:1", target))
+    assert _digest_of(target) == image.digest
+
+
+def test_tag_list_inspect_remove_and_gc(session: Session, svc: ImageService,
+                                        images: Any) -> None:
+    image = session.run(svc.pull(images.oci))
+    name = svc.tag(images.oci, "mine/alias:1")
+    assert name == "docker.io/mine/alias:1"
+    (summary,) = svc.list()
+    assert set(summary.names) >= {name} and summary.digest == image.digest
+    info = svc.inspect("mine/alias:1")
+    assert info["digest"] == image.digest and info["layers"]
+    assert svc.inspect(image.config_digest)["digest"] == image.digest
+    assert svc.remove("mine/alias:1") == [name]
+    assert svc.list()  # still named by its pull reference
+    svc.lease(image.digest, "container-x")
+    with pytest.raises(ImageError):
+        svc.remove(image.digest)
+    svc.release("container-x")
+    svc.remove(image.digest)
+    assert svc.list() == []
+    assert svc.blobs.digests() == [] and svc.layers.diff_ids() == []
+    with pytest.raises(NotFound):
+        session.run(svc.resolve(images.oci))
+
+
+def test_gc_frees_unnamed_images_down_to_a_budget(session: Session, svc: ImageService,
+                                                  images: Any) -> None:
+    a = session.run(svc.pull(images.shared_a))
+    session.run(svc.pull(images.shared_b))
+    svc.catalog.remove_name(str(parse(images.shared_b)))
+    report = svc.gc(budget_bytes=0)
+    assert len(report.images) == 1 and report.freed_bytes > 0
+    assert session.run(svc.resolve(images.shared_a)).digest == a.digest
+    assert all(p.is_dir() for p in a.layers)
+
+
+def test_without_overlay_layers_are_flattened_into_one_root(session: Session, tmp_path: Path,
+                                                            images: Any) -> None:
+    svc = make_service(tmp_path / "flat", overlay=False)
+    try:
+        image = session.run(svc.pull(images.shared_a))
+    finally:
+        session.run(svc.close())
+    assert len(image.layers) == 1
+    assert run_echo(session, image, "flat") == "flat\n"
+
+
+def test_hostile_import_tar_is_rejected_and_leaves_no_image(session: Session,
+                                                            svc: ImageService) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("../../escape")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+        link = tarfile.TarInfo("hard")
+        link.type = tarfile.LNKTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    buf.seek(0)
+    with pytest.raises(ImageError):
+        session.run(svc.import_tar(buf, "local/evil:1"))
+    assert svc.list() == [] and svc.layers.diff_ids() == []
