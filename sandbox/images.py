@@ -25,11 +25,13 @@ import orjson
 from sandbox import digests
 from sandbox.errors import ImageError, InvalidReference, ManifestError, NotFound
 from sandbox.imageconfig import (
+    MAX_ACCOUNT_FILE_BYTES,
     ImageConfig,
     RunDefaults,
     build_config,
     chain_ids,
     parse_config,
+    resolve_user,
     run_defaults,
 )
 from sandbox.manifest import (
@@ -55,6 +57,7 @@ from sandbox.store import gc
 from sandbox.store.blobs import BlobStore
 from sandbox.store.catalog import Catalog, ImageRecord, LayerRecord
 from sandbox.store.layers import LayerStore
+from sandbox.store.peek import read_from_layers
 from sandbox.store.unpack import Ownership, UnpackLimits, detect_compression
 
 MANIFEST_MAX = 4 << 20
@@ -294,6 +297,14 @@ class ImageService:
                 top, [self.blobs.path(lr.blob) for lr in rec.layers]),)
         return Image(digest, rec.config, config, rec.platform, rec.size, layers,
                      run_defaults(config), tuple(n.name for n in self.catalog.names(digest)))
+
+    def user_ids(self, image: Image, user: str | None = None) -> tuple[int | None, int | None]:
+        """The (uid, gid) a run of `image` uses: `user` if given, else the config's User,
+        names looked up in the image's own /etc/passwd and /etc/group; (None, None) means
+        the runtime's default."""
+        def read(path: str) -> bytes | None:
+            return read_from_layers(image.layers, path, MAX_ACCOUNT_FILE_BYTES + 1)
+        return resolve_user(image.defaults.user if user is None else user, read)
 
     def list(self) -> list[ImageSummary]:
         return [ImageSummary(rec.digest, rec.config,

@@ -9,16 +9,9 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(busybox-static gcc libc6-dev python3-dev uidmap libseccomp2 python3 python3-venv procps)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+source scripts/apt.sh
+apt_install_missing busybox-static gcc libc6-dev python3-dev uidmap libseccomp2 python3 \
+    python3-venv procps
 
 # Container root must never be host root: root's containers map into a subordinate range.
 for f in /etc/subuid /etc/subgid; do

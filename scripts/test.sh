@@ -8,16 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
 # The image tests meet a real registry and images made by independent tools.
-test_packages=(docker-registry skopeo umoci apache2-utils openssl zstd)
-missing=()
-for p in "${test_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+source scripts/apt.sh
+apt_install_missing docker-registry skopeo umoci apache2-utils openssl
 
 test_user=sbx-test
 if ! id "$test_user" >/dev/null 2>&1; then

@@ -2,8 +2,8 @@
 a registry's bytes and the host filesystem, so every entry is treated as hostile.
 
 - `tarfile` parses the headers only, reading sequentially from a forward-only stream that
-  decompresses and hashes (for the diff_id) in a thread of its own; file data is copied from
-  that stream by this module, and nothing is extracted by tarfile.
+  decompresses and hashes (for the diff_id) in a thread of its own (`layerstream.py`); file
+  data is copied from that stream by this module, and nothing is extracted by tarfile.
 - Every path is opened inside `dest` with openat2 RESOLVE_IN_ROOT (`resolve.py`): symlinks,
   the layer's own included, are followed but can never lead out of `dest`; the last
   component is acted on with *at calls that do not follow it. A `..` component, a NUL, an
@@ -27,22 +27,27 @@ a registry's bytes and the host filesystem, so every entry is treated as hostile
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import queue
 import stat
 import tarfile
-import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
-import zstandard
-
 from sandbox.errors import LayerError
+from sandbox.store.layerstream import (
+    CHUNK,
+    HEADER_ALLOWANCE,
+    LayerStream,
+    Prefetch,
+    Prefixed,
+    decoder,
+    detect_compression,
+    read_head,
+    write_all,
+)
 from sandbox.store.resolve import open_in_root
 
 if TYPE_CHECKING:
@@ -50,12 +55,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-_CHUNK = 1 << 20
-# Bytes of headers (PAX records, long names, sparse maps) allowed between two members:
-# tarfile reads a header body into memory whole, so a hostile size must be refused first.
-_HEADER_ALLOWANCE = 1 << 20
-# Bytes allowed after the end-of-archive blocks (still hashed: they are part of the diff_id).
-_TRAILING_CAP = 16 << 20
 _PATH_MAX = 4096
 _NOOP_ID = 0xFFFFFFFF
 _SKIPPED_CAP = 100
@@ -113,23 +112,6 @@ class UnpackReport:
     skipped: list[str] = field(default_factory=list)
 
 
-def detect_compression(head: bytes) -> str:
-    """The compression of a layer blob from its first bytes (at least 6 for a sure answer)."""
-    if head[:3] == b"\x1f\x8b\x08":
-        return "gzip"
-    # A zstd frame, or a skippable frame (0x184D2A50-5F) such as zstd:chunked metadata.
-    if head[:4] == b"\x28\xb5\x2f\xfd" or (head[1:4] == b"\x2a\x4d\x18"
-                                            and head[0] & 0xF0 == 0x50):
-        return "zstd"
-    if head[:3] == b"BZh" and head[3:4].isdigit() and head[3:4] != b"0":
-        raise LayerError("the layer is bzip2-compressed, which sandboxd does not support; "
-                         "push the image with gzip or zstd layers")
-    if head[:6] == b"\xfd7zXZ\x00":
-        raise LayerError("the layer is xz-compressed, which sandboxd does not support; "
-                         "push the image with gzip or zstd layers")
-    return "none"
-
-
 def unpack_layer(src: Path | BinaryIO, dest: Path, *, ownership: Ownership,
                  limits: UnpackLimits = UnpackLimits(), flatten: bool = False) -> UnpackReport:
     """Unpack the layer blob `src` into the existing directory `dest` (empty unless
@@ -147,12 +129,12 @@ def unpack_layer(src: Path | BinaryIO, dest: Path, *, ownership: Ownership,
     own_file = isinstance(src, (str, Path))
     f: BinaryIO = open(src, "rb", buffering=0) if own_file else src  # noqa: SIM115
     try:
-        head = _read_head(f)
+        head = read_head(f)
         compression = detect_compression(head)
         unpacker = _Unpacker(root, ownership, flatten)
-        source = _Prefetch(_decoder(compression, _Prefixed(head, f)))
+        source = Prefetch(decoder(compression, Prefixed(head, f)))
         try:
-            entries, nbytes = unpacker.run(_LayerStream(source), limits)
+            entries, nbytes = unpacker.run(LayerStream(source), limits)
         finally:
             source.close()
             unpacker.close()
@@ -162,227 +144,6 @@ def unpack_layer(src: Path | BinaryIO, dest: Path, *, ownership: Ownership,
         os.close(root)
     return UnpackReport(diff_id="sha256:" + source.digest.hexdigest(), compression=compression,
                         entries=entries, bytes=nbytes, skipped=unpacker.notes.lines())
-
-
-# -- the uncompressed stream ----------------------------------------------------------------
-
-def _read_head(f: BinaryIO) -> bytes:
-    head = b""
-    while len(head) < 6:
-        more = f.read(6 - len(head))
-        if not more:
-            break
-        head += more
-    return head
-
-
-class _Prefixed:
-    """A reader that gives back the bytes already read for compression detection first."""
-
-    def __init__(self, head: bytes, f: BinaryIO) -> None:
-        self._head = head
-        self._f = f
-
-    def read(self, n: int = -1) -> bytes:
-        if self._head:
-            data, self._head = self._head, b""
-            return data
-        return self._f.read(n if n > 0 else _CHUNK)
-
-
-class _Gunzip:
-    """Multi-member gzip (pigz and eStargz write several), zero padding allowed after it."""
-
-    def __init__(self, src: _Prefixed) -> None:
-        self._src = src
-        self._d = zlib.decompressobj(31)
-        self._pending = b""
-
-    def read(self, n: int) -> bytes:
-        while True:
-            if self._d.eof and not self._next_member():
-                return b""
-            data = self._d.unconsumed_tail
-            if not data:
-                data, self._pending = self._pending or self._src.read(_CHUNK), b""
-                if not data:
-                    raise LayerError("the gzip stream ends in the middle: the layer blob is "
-                                     "truncated; delete it from the store and pull again")
-            out = self._d.decompress(data, n)
-            if out:
-                return out
-
-    def _next_member(self) -> bool:
-        rest = self._d.unused_data
-        while True:
-            rest = rest.lstrip(b"\0")
-            if len(rest) >= 3:
-                break
-            more = self._src.read(_CHUNK)
-            if not more:
-                if rest:
-                    break
-                return False
-            rest += more
-        if rest[:3] != b"\x1f\x8b\x08":
-            raise LayerError("the layer has bytes after its gzip stream that are not gzip: "
-                             "the blob is corrupt; rebuild or re-push the image")
-        self._d = zlib.decompressobj(31)
-        self._pending = rest
-        return True
-
-
-def _decoder(compression: str, src: _Prefixed) -> Callable[[int], bytes]:
-    if compression == "gzip":
-        return _Gunzip(src).read
-    if compression == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(
-            src, read_size=_CHUNK, read_across_frames=True).read
-    return src.read
-
-
-class _Prefetch:
-    """Decompresses and hashes in a thread of its own, ahead of the unpacker: zlib, zstd,
-    sha256 and file reads release the GIL, so this overlaps with the unpacker's writes."""
-
-    def __init__(self, decode: Callable[[int], bytes]) -> None:
-        self.digest = hashlib.sha256()
-        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=4)
-        self._stop = threading.Event()
-        self._done = False
-        self._thread = threading.Thread(target=self._run, args=(decode,), name="layer-decode",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, decode: Callable[[int], bytes]) -> None:
-        try:
-            while True:
-                data = decode(_CHUNK)
-                self.digest.update(data)
-                if not self._put(data) or not data:
-                    return
-        except Exception as e:
-            self._put(e)
-
-    def _put(self, item: bytes | BaseException) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read(self) -> bytes:
-        """The next decoded chunk; b"" at the end."""
-        if self._done:
-            return b""
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        self._done = not item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class _LayerStream:
-    """The uncompressed tar as a forward-only file for tarfile (which parses the headers)
-    and for the unpacker (which copies file data straight from the decoder's chunks).
-
-    A read may not go past `limit`:
-    tarfile reads a header body (PAX records, a long name) into memory whole, so a hostile
-    size must be refused before it is read.
-    """
-
-    def __init__(self, source: _Prefetch) -> None:
-        self._source = source
-        self._buf = b""  # the last decoded chunk; its unread part starts at _off
-        self._off = 0
-        self._pos = 0  # bytes handed out
-        self.limit = _HEADER_ALLOWANCE
-        self.over_limit = "a tar header is larger than 1 MiB: the layer is malformed or hostile"
-        self.last_block = (-1, b"")  # the last 512-byte read (a header) and its offset
-
-    def _fill(self) -> bool:
-        try:
-            data = self._source.read()
-        except (zlib.error, zstandard.ZstdError) as e:
-            raise LayerError(f"the layer does not decompress ({e}): the blob is corrupt; "
-                             "delete it from the store and pull again") from e
-        if not data:
-            return False
-        self._buf, self._off = data, 0
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def read(self, n: int) -> bytes:
-        if self._pos + n > self.limit:
-            raise LayerError(self.over_limit)
-        end = self._off + n
-        if end <= len(self._buf):
-            out = self._buf[self._off:end]
-            self._off = end
-        else:
-            parts = [self._buf[self._off:]]
-            got = len(parts[0])
-            self._off = len(self._buf)
-            while got < n and self._fill():
-                take = min(n - got, len(self._buf))
-                parts.append(self._buf[:take])
-                self._off = take
-                got += take
-            out = b"".join(parts)
-        if n == tarfile.BLOCKSIZE:
-            self.last_block = (self._pos, out)
-        self._pos += len(out)
-        return out
-
-    def seek(self, pos: int) -> None:
-        """Forward only: tarfile skips padding and the data of entries it is not asked for."""
-        if pos < self._pos:
-            raise LayerError(f"the tar headers lead back from byte {self._pos} to {pos}: the "
-                             "layer is malformed or hostile")
-        while pos > self._pos:
-            avail = len(self._buf) - self._off
-            if not avail and not self._fill():
-                return  # tarfile's next read finds the end and reports it
-            step = min(avail or len(self._buf), pos - self._pos)
-            self._off += step
-            self._pos += step
-
-    def copy_to(self, fd: int, size: int) -> None:
-        """Write the next `size` bytes to `fd`, whole decoded chunks without a copy."""
-        while size:
-            avail = len(self._buf) - self._off
-            if not avail:
-                if not self._fill():
-                    raise LayerError("the layer ends in the middle of a file: the blob is "
-                                     "truncated; delete it from the store and pull again")
-                continue
-            take = min(avail, size)
-            if take == len(self._buf):
-                _write_all(fd, self._buf)
-            else:
-                _write_all(fd, memoryview(self._buf)[self._off:self._off + take])
-            self._off += take
-            self._pos += take
-            size -= take
-
-    def drain(self) -> None:
-        """Decode (and hash) what follows the end of the archive, up to a cap."""
-        extra = len(self._buf) - self._off
-        while self._fill():
-            extra += len(self._buf)
-            if extra > _TRAILING_CAP:
-                raise LayerError(f"the layer has more than {_TRAILING_CAP >> 20} MiB of data "
-                                 "after the end of its tar archive: it is malformed or hostile")
-        self._off = len(self._buf)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -438,14 +199,6 @@ def _join(parent: bytes, name: bytes) -> bytes:
 
 def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    n = os.write(fd, data)
-    if n < len(data):
-        view = memoryview(data)
-        while n < len(data):
-            n += os.write(fd, view[n:])
 
 
 def _varint(value: int) -> bytes:
@@ -514,7 +267,7 @@ class _Unpacker:
 
     # The archive ------------------------------------------------------------------------
 
-    def run(self, stream: _LayerStream, limits: UnpackLimits) -> tuple[int, int]:
+    def run(self, stream: LayerStream, limits: UnpackLimits) -> tuple[int, int]:
         if not self.flatten or not _children(self.root):
             # The layer root is a directory like the others: 0755, container root's, unless
             # the layer has an entry for it. (Flattening onto layers keeps what they set.)
@@ -544,7 +297,7 @@ class _Unpacker:
                 if ti is None:
                     break
                 tf.members.clear()  # tarfile keeps every member otherwise
-                stream.limit = tf.offset + _HEADER_ALLOWANCE
+                stream.limit = tf.offset + HEADER_ALLOWANCE
                 entries += 1
                 if entries > limits.max_entries:
                     raise LayerError(f"the layer has more than {limits.max_entries} entries, "
@@ -586,7 +339,7 @@ class _Unpacker:
                            "user.rootlesscontainers")
         return entries, nbytes
 
-    def apply(self, ti: tarfile.TarInfo, tf: tarfile.TarFile, stream: _LayerStream) -> None:
+    def apply(self, ti: tarfile.TarInfo, tf: tarfile.TarFile, stream: LayerStream) -> None:
         path = _normalise(ti.name)
         if not path:
             self._root_entry(ti)
@@ -637,7 +390,7 @@ class _Unpacker:
         self.dir_attrs[b""] = (ti.mode & 0o7777, _mtime_ns(ti))
 
     def _file(self, pfd: int, name: bytes, ti: tarfile.TarInfo, tf: tarfile.TarFile,
-              stream: _LayerStream) -> None:
+              stream: LayerStream) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = self._replace(pfd, name, lambda: os.open(name, flags, 0o600, dir_fd=pfd))
         try:
@@ -647,8 +400,8 @@ class _Unpacker:
             elif ti.size:  # sparse: tarfile fills the holes
                 data = tf.extractfile(ti)
                 assert data is not None  # a regular file always has a reader
-                while chunk := data.read(_CHUNK):
-                    _write_all(fd, chunk)
+                while chunk := data.read(CHUNK):
+                    write_all(fd, chunk)
             self._attrs(fd, ti)
         finally:
             os.close(fd)

@@ -5,7 +5,9 @@ push, tags and gc. Nothing here is faked."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
+import json
 import os
 import subprocess
 import sys
@@ -17,12 +19,14 @@ from typing import Any
 import pytest
 
 from sandbox import digests
-from sandbox.errors import DigestMismatch, ImageError, NotFound, RegistryError
+from sandbox.errors import DigestMismatch, ImageError, ManifestError, NotFound, RegistryError
 from sandbox.images import Image, ImageService, PullProgress
+from sandbox.manifest import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, Platform
 from sandbox.reference import parse
 from sandbox.registry.client import RegistryClient, RetryPolicy
 from sandbox.registry.config import RegistriesConfig
 from sandbox.runtime import idmap
+from sandbox.runtime.container import ExecRequest
 from sandbox.store.unpack import Ownership
 from tests.conftest import Session
 from tests.support.proxy import Corrupt, ResetAfter, Status, Truncate
@@ -240,12 +244,18 @@ def test_import_a_rootfs_tar_and_run_it(session: Session, svc: ImageService,
     assert "docker.io/local/imported:1" in image.names
 
 
-def test_import_an_oci_layout_written_by_skopeo(session: Session, svc: ImageService,
-                                                tmp_path: Path, images: Any) -> None:
+def _skopeo_layout(tmp_path: Path, ref: str) -> Path:
+    """The image as an OCI layout tagged v1, written by skopeo."""
     layout = tmp_path / "layout"
     subprocess.run(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
-                    f"docker://{images.oci}", f"oci:{layout}:v1"], check=True,
+                    f"docker://{ref}", f"oci:{layout}:v1"], check=True,
                    capture_output=True, env={**os.environ, "HOME": str(tmp_path)})
+    return layout
+
+
+def test_import_an_oci_layout_written_by_skopeo(session: Session, svc: ImageService,
+                                                tmp_path: Path, images: Any) -> None:
+    layout = _skopeo_layout(tmp_path, images.oci)
     image = session.run(svc.import_layout(layout, "local/from-layout:v1", name="v1"))
     assert image.digest == images.digests["oci"]
     assert run_echo(session, image, "layout") == "layout\n"
@@ -253,10 +263,7 @@ def test_import_an_oci_layout_written_by_skopeo(session: Session, svc: ImageServ
 
 def test_a_layout_blob_that_is_a_symlink_is_refused(session: Session, svc: ImageService,
                                                     tmp_path: Path, images: Any) -> None:
-    layout = tmp_path / "layout"
-    subprocess.run(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
-                    f"docker://{images.oci}", f"oci:{layout}:v1"], check=True,
-                   capture_output=True, env={**os.environ, "HOME": str(tmp_path)})
+    layout = _skopeo_layout(tmp_path, images.oci)
     layer = layout / "blobs" / "sha256" / images.layers["oci"][0].split(":")[1]
     layer.unlink()
     layer.symlink_to("/etc/passwd")
@@ -356,3 +363,168 @@ def test_hostile_import_tar_is_rejected_and_leaves_no_image(session: Session,
     with pytest.raises(ImageError):
         session.run(svc.import_tar(buf, "local/evil:1"))
     assert svc.list() == [] and svc.layers.diff_ids() == []
+
+
+# the image config's User
+
+
+def test_a_named_user_is_looked_up_in_the_image(session: Session, svc: ImageService,
+                                                tmp_path: Path) -> None:
+    from sandbox import busybox
+    root = busybox.build_rootfs(tmp_path / "rootfs")
+    (root / "etc/passwd").write_text(busybox.PASSWD + "app:x:1234:2345::/:/bin/sh\n")
+    tar = tmp_path / "app.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(root, arcname=".")
+    image = session.run(svc.import_tar(tar, "local/app:1", user="app"))
+    assert svc.user_ids(image) == (1234, 2345)
+    assert svc.user_ids(image, "1000:1000") == (1000, 1000)
+    with pytest.raises(ImageError, match="does not exist in the image"):
+        svc.user_ids(image, "ghost")
+    uid, gid = svc.user_ids(image)
+    c = session.container(list(image.layers))
+    try:
+        res = session.run(c.exec(ExecRequest(argv=["id", "-u"], env={"PATH": "/bin"},
+                                             uid=uid, gid=gid)))
+    finally:
+        session.run(c.destroy())
+        session.containers.remove(c)
+    assert res.stdout == b"1234\n"
+
+
+# hostile manifests, served by the real registry
+
+
+async def _push_raw(registry: Any, repo: str, tag: str, blobs: list[bytes],
+                    manifest: dict[str, Any], media_type: str) -> str:
+    ref = parse(f"{registry.host}/{repo}:{tag}")
+    async with RegistryClient(RegistriesConfig(), retry=FAST_RETRY) as client:
+        for blob in blobs:
+            d = digests.of_bytes(blob)
+            if not await client.blob_exists(ref, d):
+                path = Path(f"/tmp/sandboxd-test-blob-{os.getpid()}")
+                path.write_bytes(blob)
+                try:
+                    await client.upload_blob(ref, d, len(blob), path)
+                finally:
+                    path.unlink()
+        body = json.dumps(manifest).encode()
+        await client.put_manifest(ref, media_type, body)
+    return str(ref)
+
+
+def _desc(media_type: str, data: bytes, **extra: Any) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": digests.of_bytes(data), "size": len(data),
+            **extra}
+
+
+def _layer_tgz(files: dict[str, bytes]) -> tuple[bytes, bytes]:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue()), raw.getvalue()
+
+
+def _config(diff_ids: list[str]) -> bytes:
+    return json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                       "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+
+
+def _assert_nothing_installed(svc: ImageService) -> None:
+    assert svc.list() == [] and svc.layers.diff_ids() == []
+    assert list(svc.blobs.tmp.iterdir()) == [] and list(svc.layers.tmp.iterdir()) == []
+
+
+def test_a_layer_that_unpacks_to_another_diff_id_is_rejected(session: Session,
+                                                             svc: ImageService,
+                                                             registry: Any) -> None:
+    blob, _ = _layer_tgz({"hello": b"hi"})
+    config = _config([digests.of_bytes(b"some other tar")])
+    ref = session.run(_push_raw(registry, "hostile/diffid", "1", [blob, config], {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": _desc(OCI_CONFIG, config), "layers": [_desc(OCI_LAYER_GZIP, blob)]},
+        OCI_MANIFEST))
+    with pytest.raises(DigestMismatch, match="image config lists"):
+        session.run(svc.pull(ref))
+    _assert_nothing_installed(svc)
+
+
+def test_descriptor_sizes_that_lie_are_refused(session: Session, svc: ImageService,
+                                               registry: Any, images: Any) -> None:
+    blob, tar = _layer_tgz({"hello": b"hi"})
+    config = _config([digests.of_bytes(tar)])
+    small = _desc(OCI_LAYER_GZIP, blob)
+    small["size"] -= 1
+    ref = session.run(_push_raw(registry, "hostile/size", "1", [blob, config], {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": _desc(OCI_CONFIG, config), "layers": [small]}, OCI_MANIFEST))
+    with pytest.raises(ImageError):
+        session.run(svc.pull(ref))
+    _assert_nothing_installed(svc)
+    # An index entry whose size lies about the manifest it names.
+    child = images.platforms[images.native_platform]
+    raw = next(m for m in _index(images)["manifests"] if m["digest"] == child)
+    ref = session.run(_push_raw(registry, "test/busybox", "lying-index", [], {
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{**raw, "size": raw["size"] + 7}]}, OCI_INDEX))
+    with pytest.raises(ManifestError, match="bytes"):
+        session.run(svc.pull(ref))
+    _assert_nothing_installed(svc)
+
+
+def _index_bytes(images: Any) -> bytes:
+    return subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{images.multi}"],
+        check=True, capture_output=True, env={**os.environ, "HOME": "/tmp"}).stdout
+
+
+def _index(images: Any) -> dict[str, Any]:
+    return json.loads(_index_bytes(images))
+
+
+def test_an_index_nested_too_deep_is_refused(session: Session, svc: ImageService,
+                                             registry: Any, images: Any) -> None:
+    body = _index_bytes(images)
+    for depth in range(6):
+        entry = {"mediaType": OCI_INDEX, "digest": digests.of_bytes(body), "size": len(body),
+                 "platform": {"os": "linux", "architecture": Platform.host().architecture}}
+        doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+        session.run(_push_raw(registry, "test/busybox", f"nest{depth}", [], doc, OCI_INDEX))
+        body = json.dumps(doc).encode()
+    with pytest.raises(ManifestError, match="nest"):
+        session.run(svc.pull(f"{registry.host}/test/busybox:nest5"))
+    _assert_nothing_installed(svc)
+    # Within the bound it resolves.
+    image = session.run(svc.pull(f"{registry.host}/test/busybox:nest1"))
+    assert image.digest == images.platforms[images.native_platform]
+
+
+# registries that want credentials
+
+
+def test_pulls_from_registries_with_basic_and_token_auth(session: Session, tmp_path: Path,
+                                                         auth_images: Any,
+                                                         basic_registry: Any,
+                                                         token_registry: Any) -> None:
+    from sandbox.registry.config import RegistryConfig
+    config = RegistriesConfig({
+        r.host: RegistryConfig(r.host, username=r.username, password=r.password)
+        for r in (basic_registry, token_registry)})
+    svc = ImageService(tmp_path / "auth", ownership=_ownership(),
+                       client=RegistryClient(config, retry=FAST_RETRY))
+    anonymous = make_service(tmp_path / "anon")
+    try:
+        for ref in (auth_images.basic, auth_images.token_private, auth_images.token_public):
+            image = session.run(svc.pull(ref))
+            assert image.digest == auth_images.digest
+        assert run_echo(session, image, "authed") == "authed\n"
+        assert session.run(anonymous.pull(auth_images.token_public)).digest == image.digest
+        for ref in (auth_images.basic, auth_images.token_private):
+            with pytest.raises(RegistryError):
+                session.run(anonymous.pull(ref))
+    finally:
+        session.run(svc.close())
+        session.run(anonymous.close())
