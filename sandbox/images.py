@@ -339,7 +339,8 @@ class ImageService:
 
     def remove(self, reference: str, *, force: bool = False) -> list[str]:
         """Untag a name, or remove an image by digest with all its names; the image's files
-        go once nothing names it. A container's image is kept unless `force`."""
+        go once nothing names it. An image a container uses is refused unless `force`, which
+        removes its names and leaves its files to gc once the container is gone."""
         text = reference.strip()
         if digests.is_digest(text):
             digest = self._lookup(text)
@@ -351,12 +352,14 @@ class ImageService:
                 raise NotFound(f"image {ref.familiar()} is not in the store")
             digest, names = found.image, [found.name]
         remaining = {n.name for n in self.catalog.names(digest)} - set(names)
-        if not remaining and digest in self.catalog.leased() and not force:
+        in_use = digest in self.catalog.leased()
+        if not remaining and in_use and not force:
             raise ImageError(f"image {digest} is used by a running container; stop the "
                              "container first or remove with force")
         for name in names:
             self.catalog.remove_name(name)
-        if not remaining:
+        # Forced while in use: the names go now, the files once no container uses them (gc).
+        if not remaining and not in_use:
             self.catalog.remove_image(digest)
             self._sweep()
         return names

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import math
 import os
@@ -324,9 +325,12 @@ class Container:
             self._gone("the container's init exited")
             return
         msg, fds = got
-        for fd in fds:  # init never sends descriptors; drop any
-            os.close(fd)
         ev = msg.get("ev")
+        if ev == "opened":
+            msg["fds"] = fds
+        else:
+            for fd in fds:  # only an "opened" reply carries a descriptor; drop any other
+                os.close(fd)
         if ev in ("ready", "error"):
             if not self._ready.done():
                 self._ready.set_result(msg)
@@ -335,6 +339,9 @@ class Container:
         waiter = self._waiters.pop(key, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(msg)
+        else:
+            for fd in msg.get("fds", ()):
+                os.close(fd)
 
     def _gone(self, why: str) -> None:
         if not self.alive:
@@ -638,6 +645,31 @@ class Container:
             warnings.append("output pipes stayed open after the run ended; output cut there")
             for r in readers:
                 r.finish()
+
+    async def open_path(self, path: str, flags: int, *, owner: tuple[int, int] | None = None,
+                        mode: int = 0o644) -> int:
+        """A descriptor of `path` as this container's processes see it, opened by its init as
+        container root (see init.open_for_host): /proc/<pid>/root of a non-dumpable init is
+        closed to a service that is not host root. Raises OSError with init's errno."""
+        op_id = next(self._ids)
+        fut = self._expect("opened", op_id)
+        self._send({"op": "open", "id": op_id, "path": path, "flags": flags,
+                    "owner": list(owner) if owner is not None else None, "mode": mode})
+        try:
+            msg = await fut
+        except BaseException:
+            self._waiters.pop(("opened", op_id), None)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                for fd in fut.result().get("fds", ()):
+                    os.close(fd)
+            raise
+        fds: list[int] = msg.get("fds", [])
+        if msg.get("errno") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            code = int(msg.get("errno") or errno.EIO)
+            raise OSError(code, str(msg.get("error") or os.strerror(code)), path)
+        return fds[0]
 
     async def reset(self, *, remount: bool = True) -> None:
         """Kill every process but init and give /tmp and /dev/shm back empty."""

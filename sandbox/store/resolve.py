@@ -18,8 +18,8 @@ RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_IN_ROOT = 0x10
 
-# /proc magic links are never followed and a path never crosses into another mount.
-_BASE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+# /proc magic links are never followed.
+_BASE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 
 
 class _OpenHow(ctypes.Structure):
@@ -35,14 +35,18 @@ _syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p,
 _HOW_SIZE = ctypes.sizeof(_OpenHow)
 
 
-def open_in_root(root_fd: int, path: bytes, flags: int, *, no_symlinks: bool = False) -> int:
+def open_in_root(root_fd: int, path: bytes, flags: int, *, no_symlinks: bool = False,
+                 cross_mounts: bool = False, mode: int = 0) -> int:
     """Open `path` (relative, `b"."` for the root itself) below the directory `root_fd`.
 
-    `flags` are open(2) flags; O_CLOEXEC is always added. With `no_symlinks` any symlink on
-    the way fails with ELOOP. Raises OSError (ENOSYS before Linux 5.6).
+    `flags` are open(2) flags; O_CLOEXEC is always added; `mode` is for O_CREAT. With
+    `no_symlinks` any symlink on the way fails with ELOOP. A path never crosses into another
+    mount (EXDEV) unless `cross_mounts`: a container's root has its /tmp as a mount of its
+    own. Raises OSError (ENOSYS before Linux 5.6).
     """
-    how = _OpenHow(flags | os.O_CLOEXEC, 0,
-                   _BASE | (RESOLVE_NO_SYMLINKS if no_symlinks else 0))
+    resolve = _BASE | (RESOLVE_NO_SYMLINKS if no_symlinks else 0)
+    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,
+                   resolve | (0 if cross_mounts else RESOLVE_NO_XDEV))
     for _ in range(16):
         fd = _syscall(_SYS_OPENAT2, root_fd, path, ctypes.byref(how), _HOW_SIZE)
         if fd >= 0:

@@ -1,0 +1,237 @@
+"""The one facade the service talks to: images, warm pools, sessions and runs.
+
+`Engine.run` is a one-shot run: resolve the image (pulling it the first time), take a warm
+container for (image digest, policy) or start one, copy the request's files in, exec, and
+give the container back (reset and reused when its root is read-only, destroyed and
+replaced when it is writable). Sessions are containers a caller keeps: exec many times,
+copy files in and out, delete; idle ones expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandbox.errors import NotFound, PolicyError, SandboxError
+from sandbox.imageconfig import apply_run
+from sandbox.images import Image, ImageService, ProgressCallback
+from sandbox.pool import PoolConfig, Pools
+from sandbox.registry.config import RegistriesConfig
+from sandbox.runtime import files
+from sandbox.runtime.container import Container, ExecRequest, OutputCallback, Runtime
+from sandbox.runtime.hostinfo import report as host_report
+from sandbox.runtime.profiles import Limits
+from sandbox.runtime.results import RunResult
+from sandbox.store.unpack import Ownership
+
+NETWORKS = ("none",)
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """A file to put into the container before the run (absolute path inside it)."""
+
+    path: str
+    content: bytes
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    cmd: list[str] | None = None         # None or empty: the image's Entrypoint + Cmd
+    env: dict[str, str] | None = None    # merged over the image's Env
+    cwd: str | None = None               # default: the image's WorkingDir or /
+    stdin: bytes | int | None = None     # bytes, a readable fd (interactive), or nothing
+    files: tuple[FileSpec, ...] = ()
+    limits: Limits | None = None         # checked against the policy's maxima
+    user: str | None = None              # default: the image's User
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    state_dir: Path
+    registries: RegistriesConfig = field(default_factory=RegistriesConfig)
+    pools: PoolConfig = field(default_factory=PoolConfig)
+    session_idle_s: float = 600.0        # sessions unused this long are deleted
+    default_policy: str = "default"
+
+
+@dataclass
+class Session:
+    id: str
+    image: Image
+    policy: str
+    container: Container
+    created: float
+    last_used: float
+    limits: Limits | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "image": self.image.digest,
+                "names": list(self.image.names), "policy": self.policy,
+                "created": self.created, "last_used": self.last_used,
+                "alive": self.container.alive}
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    result: RunResult
+    pool_hit: bool
+    image: str                           # the image digest the run used
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, runtime: Runtime, images: ImageService,
+                 host: dict[str, Any]) -> None:
+        self.config = config
+        self.host = host                 # what this host can enforce, probed at start
+        self.runtime = runtime
+        self.images = images
+        self.pools = Pools(runtime, config.pools, images)
+        self.sessions: dict[str, Session] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, config: EngineConfig) -> Engine:
+        runtime = await Runtime.start()
+        host = await asyncio.to_thread(host_report, runtime.cgroups, runtime.mapping)
+        images = ImageService(config.state_dir, registries=config.registries,
+                              ownership=Ownership.for_mapping(runtime.mapping),
+                              overlay=bool(host["overlay_in_userns"]))
+        engine = cls(config, runtime, images, host)
+        engine._reaper = asyncio.create_task(engine._expire_sessions())
+        return engine
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for sid in list(self.sessions):
+            await self.delete_session(sid)
+        await self.pools.close()
+        await self.runtime.close()
+        await self.images.close()
+
+    # images
+
+    async def image(self, reference: str, *,
+                    on_progress: ProgressCallback | None = None) -> Image:
+        """A local image, pulled the first time it is asked for."""
+        try:
+            return await self.images.resolve(reference)
+        except NotFound:
+            return await self.images.pull(reference, on_progress=on_progress)
+
+    def _policy(self, policy: str | None, network: str | None) -> str:
+        name = policy or self.config.default_policy
+        self.runtime.profile(name)  # raises PolicyError naming the known ones
+        if network not in (None, *NETWORKS):
+            raise PolicyError(f"network: {network!r} is not supported; use one of "
+                              f"{', '.join(NETWORKS)}")
+        return name
+
+    def _request(self, image: Image, spec: RunSpec, profile: str) -> ExecRequest:
+        argv, env, cwd = apply_run(image.defaults, cmd=spec.cmd, env=spec.env, cwd=spec.cwd)
+        uid, gid = self.images.user_ids(image, spec.user)
+        if spec.limits is not None:
+            spec.limits.check_within(self.runtime.profile(profile).maxima)
+        return ExecRequest(argv=argv, env=env, cwd=cwd, stdin=spec.stdin, limits=spec.limits,
+                           uid=uid, gid=gid)
+
+    # one-shot runs
+
+    async def run(self, image_ref: str, spec: RunSpec, *, policy: str | None = None,
+                  network: str | None = None,
+                  on_output: OutputCallback | None = None) -> RunOutcome:
+        profile = self._policy(policy, network)
+        image = await self.image(image_ref)
+        req = self._request(image, spec, profile)
+        container, hit = await self.pools.take(image, profile)
+        try:
+            for f in spec.files:
+                await files.put_file(container, f.path, f.content, f.mode, uid=req.uid,
+                                     gid=req.gid)
+            result = await container.exec(req, on_output=on_output)
+        except BaseException:
+            self.pools.discard(container, image, profile)
+            raise
+        self.pools.give_back(image, profile, container)
+        return RunOutcome(result, hit, image.digest)
+
+    # sessions
+
+    async def create_session(self, image_ref: str, *, policy: str | None = None,
+                             network: str | None = None,
+                             limits: Limits | None = None) -> Session:
+        profile = self._policy(policy, network)
+        if limits is not None:
+            limits.check_within(self.runtime.profile(profile).maxima)
+        image = await self.image(image_ref)
+        container = await self.pools.fresh(image, profile)
+        now = time.time()
+        sid = secrets.token_hex(8)
+        session = Session(sid, image, profile, container, now, now, limits)
+        self.images.lease(image.digest, f"session-{sid}")
+        self.sessions[sid] = session
+        return session
+
+    def session(self, sid: str) -> Session:
+        s = self.sessions.get(sid)
+        if s is None:
+            raise NotFound(f"no container {sid!r}: it was deleted, expired, or never existed")
+        return s
+
+    async def exec(self, sid: str, spec: RunSpec, *,
+                   on_output: OutputCallback | None = None) -> RunResult:
+        s = self.session(sid)
+        s.last_used = time.time()
+        if spec.limits is None and s.limits is not None:
+            spec = RunSpec(**{**spec.__dict__, "limits": s.limits})
+        req = self._request(s.image, spec, s.policy)
+        for f in spec.files:
+            await files.put_file(s.container, f.path, f.content, f.mode, uid=req.uid,
+                                 gid=req.gid)
+        try:
+            return await s.container.exec(req, on_output=on_output)
+        finally:
+            s.last_used = time.time()
+
+    async def put_file(self, sid: str, path: str, content: bytes, mode: int = 0o644) -> None:
+        s = self.session(sid)
+        s.last_used = time.time()
+        uid, gid = self.images.user_ids(s.image)
+        await files.put_file(s.container, path, content, mode, uid=uid, gid=gid)
+
+    async def get_path(self, sid: str, path: str) -> files.Fetched:
+        s = self.session(sid)
+        s.last_used = time.time()
+        return await files.get_path(s.container, path)
+
+    async def delete_session(self, sid: str) -> None:
+        s = self.sessions.pop(sid, None)
+        if s is None:
+            raise NotFound(f"no container {sid!r}")
+        try:
+            await s.container.destroy()
+        finally:
+            self.images.release(f"session-{sid}")
+
+    async def _expire_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, max(1.0, self.config.session_idle_s / 4)))
+            cutoff = time.time() - self.config.session_idle_s
+            for sid, s in list(self.sessions.items()):
+                if s.last_used < cutoff or not s.container.alive:
+                    with contextlib.suppress(SandboxError):
+                        await self.delete_session(sid)
+
+    def info(self) -> dict[str, Any]:
+        return {"host": self.host, "pools": self.pools.stats(), "sessions": len(self.sessions)}
+
+

@@ -1,0 +1,147 @@
+"""The engine: runs from images pulled on first use, warm pools, sessions. Real registry,
+real containers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox.engine import Engine, EngineConfig, FileSpec, RunSpec
+from sandbox.errors import NotFound, PolicyError
+from sandbox.pool import PoolConfig
+from sandbox.runtime.profiles import Limits
+from sandbox.runtime.results import Status
+
+
+class Running:
+    """An engine on its own event loop, driven from synchronous tests."""
+
+    def __init__(self, state: Path, **kw: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.engine: Engine = self.run(Engine.start(EngineConfig(state_dir=state, **kw)))
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def settle(self) -> None:
+        """Let background resets and refills finish."""
+        async def wait() -> None:
+            while self.engine.pools._tasks:
+                await asyncio.gather(*self.engine.pools._tasks, return_exceptions=True)
+        self.run(wait())
+
+    def close(self) -> None:
+        self.run(self.engine.close())
+        self.loop.close()
+
+
+@pytest.fixture
+def eng(tmp_path: Path) -> Iterator[Running]:
+    r = Running(tmp_path / "state", pools=PoolConfig(min_idle=1, max_idle=2))
+    yield r
+    r.close()
+
+
+def sh(script: str, **kw: Any) -> RunSpec:
+    return RunSpec(cmd=["sh", "-c", script], env={"PATH": "/bin"}, **kw)
+
+
+def test_the_first_run_pulls_then_runs_hit_the_pool(eng: Running, images: Any) -> None:
+    first = eng.run(eng.engine.run(images.oci, sh("echo one"), policy="judge"))
+    assert first.result.stdout == b"one\n" and first.result.status == Status.OK
+    assert not first.pool_hit
+    eng.settle()
+    hits = []
+    for i in range(5):
+        out = eng.run(eng.engine.run(images.oci, sh(f"echo {i}"), policy="judge"))
+        assert out.result.stdout == f"{i}\n".encode()
+        hits.append(out.pool_hit)
+        eng.settle()
+    assert all(hits)
+    (stats,) = eng.engine.pools.stats()
+    assert stats["hits"] == 5 and stats["misses"] == 1 and stats["policy"] == "judge"
+
+
+def test_a_reused_container_carries_nothing_over(eng: Running, images: Any) -> None:
+    eng.run(eng.engine.run(images.oci, sh("echo secret > /tmp/left; (sleep 1000 &) ; "
+                                           "export LEAK=1"), policy="judge"))
+    eng.settle()
+    out = eng.run(eng.engine.run(images.oci, sh(
+        "ls -A /tmp; ps -o pid= | wc -l; echo LEAK=$LEAK"), policy="judge"))
+    assert out.pool_hit
+    lines = out.result.stdout.decode().split()
+    assert "left" not in lines
+    # Only init, the shell, ps and wc: no sleep left from the previous run.
+    assert int(lines[-2]) <= 4, out.result.stdout
+    assert lines[-1] == "LEAK="
+
+
+def test_a_writable_root_container_is_never_reused(eng: Running, images: Any) -> None:
+    a = eng.run(eng.engine.run(images.oci, sh("echo x > /mark; cat /proc/1/stat | "
+                                              "cut -d' ' -f22"), policy="default"))
+    eng.settle()
+    b = eng.run(eng.engine.run(images.oci, sh("cat /mark 2>&1; cat /proc/1/stat | "
+                                              "cut -d' ' -f22"), policy="default"))
+    assert b.result.stdout != a.result.stdout  # another init, started at another time
+    assert b"No such file" in b.result.stdout
+
+
+def test_files_and_image_defaults(eng: Running, images: Any) -> None:
+    out = eng.run(eng.engine.run(images.oci, RunSpec(
+        cmd=["cat", "/tmp/in.txt"], files=(FileSpec("/tmp/in.txt", b"given\n"),)),
+        policy="judge"))
+    assert out.result.stdout == b"given\n", out.result
+
+
+def test_limits_above_the_policy_maxima_are_refused(eng: Running, images: Any) -> None:
+    with pytest.raises(PolicyError, match="cpu_ms"):
+        eng.run(eng.engine.run(images.oci, sh("true", limits=Limits(cpu_ms=10**9)),
+                               policy="judge"))
+    with pytest.raises(PolicyError, match="network"):
+        eng.run(eng.engine.run(images.oci, sh("true"), network="host"))
+    with pytest.raises(PolicyError):
+        eng.run(eng.engine.run(images.oci, sh("true"), policy="no-such-policy"))
+
+
+def test_sessions_exec_many_times_and_expire(tmp_path: Path, images: Any) -> None:
+    r = Running(tmp_path / "s", session_idle_s=1.0)
+    try:
+        s = r.run(r.engine.create_session(images.oci, policy="default"))
+        r.run(r.engine.exec(s.id, sh("echo kept > /tmp/f")))
+        out = r.run(r.engine.exec(s.id, sh("cat /tmp/f")))
+        assert out.stdout == b"kept\n"
+        assert [x.describe()["id"] for x in r.engine.sessions.values()] == [s.id]
+        r.run(asyncio.sleep(3.5))
+        with pytest.raises(NotFound):
+            r.engine.session(s.id)
+        assert not s.container.alive
+    finally:
+        r.close()
+
+
+def test_a_session_keeps_its_image_from_gc(eng: Running, images: Any) -> None:
+    s = eng.run(eng.engine.create_session(images.shared_a, policy="judge"))
+    eng.engine.images.remove(images.shared_a, force=True)
+    eng.engine.images.gc(budget_bytes=0)
+    out = eng.run(eng.engine.exec(s.id, sh("echo alive")))
+    assert out.stdout == b"alive\n"
+    eng.run(eng.engine.delete_session(s.id))
+
+
+def test_session_files_in_and_out(eng: Running, images: Any) -> None:
+    s = eng.run(eng.engine.create_session(images.oci, policy="judge"))
+    eng.run(eng.engine.put_file(s.id, "/tmp/job/input.txt", b"3 4\n"))
+    out = eng.run(eng.engine.exec(s.id, sh("read a b < /tmp/job/input.txt; "
+                                           "echo $((a*b)) > /tmp/job/out.txt")))
+    assert out.status == Status.OK, out
+    got = eng.run(eng.engine.get_path(s.id, "/tmp/job/out.txt"))
+    assert (got.kind, got.data) == ("file", b"12\n")
+    tree = eng.run(eng.engine.get_path(s.id, "/tmp/job"))
+    assert tree.kind == "dir"
+    eng.run(eng.engine.delete_session(s.id))
+    with pytest.raises(NotFound):
+        eng.run(eng.engine.get_path(s.id, "/tmp/job/out.txt"))
