@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from sandbox.errors import NotFound, PolicyError, SandboxError
 from sandbox.imageconfig import apply_run
 from sandbox.images import Image, ImageService, ProgressCallback
 from sandbox.pool import PoolConfig, Pools
+from sandbox.records import ContainerRecords
 from sandbox.registry.config import RegistriesConfig
 from sandbox.runtime import files
 from sandbox.runtime.container import Container, ExecRequest, OutputCallback, Runtime
@@ -30,6 +32,7 @@ from sandbox.runtime.results import RunResult
 from sandbox.store.unpack import Ownership
 
 NETWORKS = ("none",)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,8 @@ class Engine:
         self.host = host                 # what this host can enforce, probed at start
         self.runtime = runtime
         self.images = images
-        self.pools = Pools(runtime, config.pools, images)
+        self.records = ContainerRecords(config.state_dir)
+        self.pools = Pools(runtime, config.pools, images, self.records)
         self.sessions: dict[str, Session] = {}
         self._reaper: asyncio.Task[None] | None = None
 
@@ -104,6 +108,10 @@ class Engine:
                               ownership=Ownership.for_mapping(runtime.mapping),
                               overlay=bool(host["overlay_in_userns"]))
         engine = cls(config, runtime, images, host)
+        swept = await asyncio.to_thread(engine.records.sweep, runtime.cgroups.driver)
+        if swept:
+            log.warning("removed what %d containers of a previous instance left: %s",
+                        len(swept), ", ".join(swept))
         engine._reaper = asyncio.create_task(engine._expire_sessions())
         return engine
 
@@ -218,7 +226,7 @@ class Engine:
         if s is None:
             raise NotFound(f"no container {sid!r}")
         try:
-            await s.container.destroy()
+            await self.pools.destroy(s.container)
         finally:
             self.images.release(f"session-{sid}")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from sandbox.errors import PolicyError, SandboxError
 from sandbox.images import Image, ImageService
+from sandbox.records import ContainerRecords
 from sandbox.runtime.container import Container, ContainerSpec, Runtime
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,12 @@ class _Pool:
 
 class Pools:
     def __init__(self, runtime: Runtime, config: PoolConfig,
-                 images: ImageService | None = None) -> None:
+                 images: ImageService | None = None,
+                 records: ContainerRecords | None = None) -> None:
         self.runtime = runtime
         self.config = config
         self.images = images
+        self.records = records
         self._pools: dict[tuple[str, str], _Pool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._live = 0
@@ -92,15 +95,20 @@ class Pools:
             raise
         if self.images is not None:
             self.images.lease(image.digest, f"container-{container.id}")
+        if self.records is not None:
+            self.records.add(container.id)
         return container
 
-    async def _destroy(self, container: Container) -> None:
+    async def destroy(self, container: Container) -> None:
+        """Destroy a container this pool made (a session's too) and forget it."""
         try:
             await container.destroy()
         finally:
             self._live -= 1
             if self.images is not None:
                 self.images.release(f"container-{container.id}")
+            if self.records is not None:
+                self.records.remove(container.id)
 
     async def take(self, image: Image, profile: str) -> tuple[Container, bool]:
         """A container for one run: (container, whether it was warm)."""
@@ -113,7 +121,7 @@ class Pools:
                 pool.hits += 1
                 self._refill(pool)
                 return container, True
-            self._spawn(self._destroy(container))
+            self._spawn(self.destroy(container))
         pool.misses += 1
         try:
             container = await self._create(image, profile)
@@ -136,19 +144,19 @@ class Pools:
         if container.reusable and container.alive and len(pool.idle) < self.config.max_idle:
             self._spawn(self._reset_and_keep(pool, container))
         else:
-            self._spawn(self._destroy(container))
+            self._spawn(self.destroy(container))
 
     def discard(self, container: Container, image: Image, profile: str) -> None:
         """A run failed in a way that leaves the container suspect: never reuse it."""
         self._pool(image, profile).busy -= 1
-        self._spawn(self._destroy(container))
+        self._spawn(self.destroy(container))
 
     async def _reset_and_keep(self, pool: _Pool, container: Container) -> None:
         try:
             await container.reset()
         except SandboxError as e:
             log.warning("container %s failed its reset and is replaced: %s", container.id, e)
-            await self._destroy(container)
+            await self.destroy(container)
             return
         pool.idle.append(container)
 
@@ -189,4 +197,4 @@ class Pools:
         for pool in self._pools.values():
             while pool.idle:
                 with contextlib.suppress(SandboxError):
-                    await self._destroy(pool.idle.popleft())
+                    await self.destroy(pool.idle.popleft())

@@ -4,6 +4,10 @@ real containers."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,8 @@ from sandbox.errors import NotFound, PolicyError
 from sandbox.pool import PoolConfig
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.results import Status
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Running:
@@ -145,3 +151,41 @@ def test_session_files_in_and_out(eng: Running, images: Any) -> None:
     eng.run(eng.engine.delete_session(s.id))
     with pytest.raises(NotFound):
         eng.run(eng.engine.get_path(s.id, "/tmp/job/out.txt"))
+
+
+def _cgroup_dirs(cid: str) -> list[Path]:
+    return list(Path("/sys/fs/cgroup").glob(f"*/sandboxd*/c-{cid}"))
+
+
+def test_an_instance_killed_with_sigkill_is_cleaned_up_by_the_next(tmp_path: Path,
+                                                                    images: Any) -> None:
+    state = tmp_path / "crashy"
+    script = textwrap.dedent(f"""
+        import asyncio, os, signal, sys
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO)!r})
+        from sandbox.engine import Engine, EngineConfig
+        async def main():
+            e = await Engine.start(EngineConfig(state_dir=Path({str(state)!r})))
+            s = await e.create_session({images.oci!r}, policy="judge")
+            print(s.container.id, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        asyncio.run(main())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    cid = proc.stdout.split()[0]
+    assert (state / "containers" / cid).exists()
+    left = _cgroup_dirs(cid)
+    if os.geteuid() == 0:  # as root the memory hierarchy is known: it must be there now
+        assert left, "the killed instance's cgroup should outlive it"
+    r = Running(state)
+    try:
+        assert not (state / "containers" / cid).exists()
+        driver = r.engine.runtime.cgroups.driver
+        if driver is not None:
+            assert f"c-{cid}" not in driver.list()
+        assert not any(p.exists() for p in left)
+    finally:
+        r.close()
