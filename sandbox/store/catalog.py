@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -104,25 +106,40 @@ def _alive(pid: int) -> bool:
 
 
 class Catalog:
+    """Safe to share between the event loop and worker threads (gc, imports): one lock
+    serialises every statement and transaction on the connection."""
+
     def __init__(self, path: Path) -> None:
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(_SCHEMA)
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
-        self.db.close()
+        with self._lock:
+            self._db.close()
+
+    def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _write(self, sql: str, args: tuple[object, ...] = ()) -> int:
+        with self._lock:
+            return self._db.execute(sql, args).rowcount
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # images
 
@@ -136,8 +153,8 @@ class Catalog:
                             for i, lr in enumerate(rec.layers)])
 
     def _layers(self, digest: str) -> tuple[LayerRecord, ...]:
-        rows = self.db.execute("SELECT diff_id, blob, media_type, size FROM image_layers "
-                               "WHERE image=? ORDER BY position", (digest,))
+        rows = self._rows("SELECT diff_id, blob, media_type, size FROM image_layers "
+                          "WHERE image=? ORDER BY position", (digest,))
         return tuple(LayerRecord(*r) for r in rows)
 
     def _image(self, row: tuple[object, ...] | None) -> ImageRecord | None:
@@ -148,82 +165,79 @@ class Catalog:
                            float(row[5]), float(row[6]), self._layers(digest))  # type: ignore[arg-type]
 
     def image(self, digest: str) -> ImageRecord | None:
-        return self._image(self.db.execute("SELECT * FROM images WHERE digest=?",
-                                           (digest,)).fetchone())
+        return self._image(next(iter(self._rows("SELECT * FROM images WHERE digest=?",
+                                                (digest,))), None))
 
     def image_by_config(self, config: str) -> ImageRecord | None:
-        return self._image(self.db.execute("SELECT * FROM images WHERE config=? "
-                                           "ORDER BY last_used DESC", (config,)).fetchone())
+        return self._image(next(iter(self._rows("SELECT * FROM images WHERE config=? "
+                                                "ORDER BY last_used DESC", (config,))), None))
 
     def images(self) -> list[ImageRecord]:
-        rows = self.db.execute("SELECT * FROM images ORDER BY last_used DESC").fetchall()
+        rows = self._rows("SELECT * FROM images ORDER BY last_used DESC")
         return [r for r in (self._image(row) for row in rows) if r is not None]
 
     def touch(self, digest: str) -> None:
-        self.db.execute("UPDATE images SET last_used=? WHERE digest=?", (time.time(), digest))
+        self._write("UPDATE images SET last_used=? WHERE digest=?", (time.time(), digest))
 
     def remove_image(self, digest: str) -> None:
-        self.db.execute("DELETE FROM images WHERE digest=?", (digest,))
+        self._write("DELETE FROM images WHERE digest=?", (digest,))
 
     # names
 
     def set_name(self, name: str, repository: str, tag: str | None, target: str,
                  image: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO names VALUES (?,?,?,?,?,?)",
-                        (name, repository, tag, target, image, time.time()))
+        self._write("INSERT OR REPLACE INTO names VALUES (?,?,?,?,?,?)",
+                    (name, repository, tag, target, image, time.time()))
 
     def lookup(self, name: str) -> NameRecord | None:
-        row = self.db.execute("SELECT * FROM names WHERE name=?", (name,)).fetchone()
-        return NameRecord(*row) if row else None
+        rows = self._rows("SELECT * FROM names WHERE name=?", (name,))
+        return NameRecord(*rows[0]) if rows else None
 
     def names(self, image: str | None = None) -> list[NameRecord]:
         if image is None:
-            rows = self.db.execute("SELECT * FROM names ORDER BY name")
+            rows = self._rows("SELECT * FROM names ORDER BY name")
         else:
-            rows = self.db.execute("SELECT * FROM names WHERE image=? ORDER BY name", (image,))
+            rows = self._rows("SELECT * FROM names WHERE image=? ORDER BY name", (image,))
         return [NameRecord(*r) for r in rows]
 
     def remove_name(self, name: str) -> bool:
-        return self.db.execute("DELETE FROM names WHERE name=?", (name,)).rowcount > 0
+        return self._write("DELETE FROM names WHERE name=?", (name,)) > 0
 
     # layers and blobs
 
     def record_layer(self, diff_id: str, nbytes: int, entries: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO layers VALUES (?,?,?)",
-                        (diff_id, nbytes, entries))
+        self._write("INSERT OR REPLACE INTO layers VALUES (?,?,?)", (diff_id, nbytes, entries))
 
     def layer_bytes(self, diff_id: str) -> int:
-        row = self.db.execute("SELECT bytes FROM layers WHERE diff_id=?",
-                              (diff_id,)).fetchone()
-        return int(row[0]) if row else 0
+        rows = self._rows("SELECT bytes FROM layers WHERE diff_id=?", (diff_id,))
+        return int(rows[0][0]) if rows else 0
 
     def forget_layer(self, diff_id: str) -> None:
-        self.db.execute("DELETE FROM layers WHERE diff_id=?", (diff_id,))
+        self._write("DELETE FROM layers WHERE diff_id=?", (diff_id,))
 
     def add_source(self, blob: str, repository: str) -> None:
-        self.db.execute("INSERT OR IGNORE INTO blob_sources VALUES (?,?)", (blob, repository))
+        self._write("INSERT OR IGNORE INTO blob_sources VALUES (?,?)", (blob, repository))
 
     def sources(self, blob: str) -> list[str]:
-        return [r[0] for r in self.db.execute(
-            "SELECT repository FROM blob_sources WHERE blob=?", (blob,))]
+        return [r[0] for r in self._rows("SELECT repository FROM blob_sources WHERE blob=?",
+                                         (blob,))]
 
     def forget_blob(self, blob: str) -> None:
-        self.db.execute("DELETE FROM blob_sources WHERE blob=?", (blob,))
+        self._write("DELETE FROM blob_sources WHERE blob=?", (blob,))
 
     # leases: an image in use by a live container is never collected
 
     def lease(self, holder: str, image: str, pid: int | None = None) -> None:
-        self.db.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?,?)",
-                        (holder, image, os.getpid() if pid is None else pid, time.time()))
+        self._write("INSERT OR REPLACE INTO leases VALUES (?,?,?,?)",
+                    (holder, image, os.getpid() if pid is None else pid, time.time()))
 
     def release(self, holder: str) -> None:
-        self.db.execute("DELETE FROM leases WHERE holder=?", (holder,))
+        self._write("DELETE FROM leases WHERE holder=?", (holder,))
 
     def leased(self) -> set[str]:
         """Images leased by a live process; leases of dead processes are dropped."""
         live: set[str] = set()
-        for holder, image, pid in self.db.execute(
-                "SELECT holder, image, pid FROM leases").fetchall():
+        for holder, image, pid in self._rows("SELECT holder, image, pid FROM leases"):
             if _alive(pid):
                 live.add(image)
             else:

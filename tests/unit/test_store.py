@@ -219,3 +219,15 @@ def test_a_shared_layer_goes_only_with_its_last_image(
     gc.collect(cat, store, layers)
     assert not store.has(base.blob) and not layers.has(base.diff_id)
     assert store.digests() == [] and layers.diff_ids() == []
+
+
+def test_the_catalog_is_usable_from_a_worker_thread(
+        parts: tuple[Catalog, BlobStore, LayerStore]) -> None:
+    """The service runs gc and imports in threads beside its event loop."""
+    cat, store, layers = parts
+    img = _image(cat, store, layers, None, [b"t"], 1)
+
+    async def main() -> gc.GcReport:
+        return await asyncio.to_thread(gc.collect, cat, store, layers)
+
+    assert asyncio.run(main()).images == [img.digest]
