@@ -9,7 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-source scripts/apt.sh
+source scripts/lib.sh
 apt_install_missing busybox-static gcc libc6-dev python3-dev uidmap libseccomp2 python3 \
     python3-venv procps
 

@@ -2,7 +2,9 @@
 
     sandboxd setup [--user NAME [--remove]] as root, once: cgroup tuning, delegation to NAME
     sandboxd info                           what this host can enforce, as JSON
-    sandboxd demo                           run untrusted code in a busybox container
+    sandboxd demo                           images to a local registry, sandboxd serve,
+                                            untrusted code through the API
+    sandboxd serve --state-dir D [--host H] [--port P] [--config FILE]   the REST API
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from sandbox.errors import SandboxError
@@ -53,53 +54,28 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_PROGRAMS = (
-    ("hello", ["sh", "-c", "echo hello from $(hostname); id"], {}),
-    ("escape attempt: read the host's files", ["sh", "-c", "ls /home /root; cat /etc/shadow"],
-     {}),
-    ("fork bomb", ["sh", "-c", "bomb() { bomb | bomb & }; bomb; sleep 2"],
-     {"pids": 16, "wall_ms": 3000}),
-    ("CPU spin", ["sh", "-c", "while :; do :; done"], {"cpu_ms": 300}),
-    ("memory bomb", ["sh", "-c", "x=a; while :; do x=$x$x; done"], {"memory_bytes": 32 << 20}),
-    ("output flood", ["yes"], {"output_bytes": 4096}),
-)
-
-
-async def _demo_run() -> None:
-    from sandbox import busybox
-    from sandbox.runtime.container import ContainerSpec, ExecRequest, Runtime
-    from sandbox.runtime.profiles import Limits
-
-    runtime = await Runtime.start()
-    try:
-        for w in runtime.warnings:
-            print(f"warning: {w}")
-        with tempfile.TemporaryDirectory(prefix="sandboxd-demo-") as tmp:
-            m = runtime.mapping
-            root = busybox.build_rootfs(Path(tmp) / "rootfs", owner=(m.root_uid, m.root_gid))
-            container = await runtime.create_container(
-                ContainerSpec(layers=(str(root),), profile="judge"))
-            print(f"container {container.id} ready in {container.setup_ms:.1f} ms "
-                  f"(id map: {m.method}, untrusted uid {m.run_uid})\n")
-            for title, argv, limits in DEMO_PROGRAMS:
-                r = await container.exec(ExecRequest(argv=argv, env={"PATH": "/bin"},
-                                                     limits=Limits(**limits)))
-                await container.reset()
-                out = (r.stdout + r.stderr).decode(errors="replace").strip()
-                print(f"== {title}: {' '.join(argv)}")
-                if out:
-                    print("   " + "\n   ".join(out.splitlines()[:4]))
-                print(f"   -> {r.status} exit={r.exit_code} signal={r.signal} "
-                      f"cpu={r.cpu_ms:.1f}ms wall={r.wall_ms:.1f}ms "
-                      f"peak={(r.memory_peak_bytes or 0) / 2**20:.1f}MiB\n")
-            await container.destroy()
-    finally:
-        await runtime.close()
-
-
 def _demo(_: argparse.Namespace) -> int:
-    asyncio.run(_demo_run())
-    return 0
+    from service.demo import run_demo
+
+    return run_demo()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from service.app import serve
+    from service.config import load
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    config = load(Path(args.config) if args.config else None,
+                  overrides={"host": args.host, "port": args.port, "state_dir": args.state_dir})
+    config.check_bind()
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     setup.add_argument("--remove", action="store_true", help="undo the delegation")
     setup.set_defaults(func=_setup)
     sub.add_parser("info", help="print what this host can enforce").set_defaults(func=_info)
-    sub.add_parser("demo", help="run untrusted code in a busybox container").set_defaults(
-        func=_demo)
+    sub.add_parser("demo", help="push demo images to a local registry, start sandboxd "
+                   "serve, run untrusted code through the API").set_defaults(func=_demo)
+    serve = sub.add_parser("serve", help="serve the REST API")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8643; 0 picks a free one)")
+    serve.add_argument("--state-dir", help="images, records and temporary files")
+    serve.add_argument("--config", help="a TOML file (see service/config.py)")
+    serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

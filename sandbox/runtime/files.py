@@ -173,9 +173,11 @@ def _kind(mode: int) -> str:
 async def get_path(container: Container, path: str, *,
                    max_bytes: int = MAX_GET_BYTES) -> Fetched:
     """A regular file's bytes, or a directory as a tar (symlinks kept as symlinks; FIFOs,
-    sockets and devices left out), at most `max_bytes`. A symlink as `path` is followed
-    inside the container's root."""
+    sockets and devices left out), at most `max_bytes`. Symlinks on the way to `path`
+    resolve inside the container's root; `path` itself being a symlink is refused, as raw
+    bytes cannot carry a link (docker cp copies the link, not its target)."""
     norm = _normalise(path, allow_root=True)
+    await _refuse_symlink(container, norm)
     try:
         fd = await container.open_path(norm, _READ)
     except OSError as e:
@@ -190,6 +192,21 @@ async def get_path(container: Container, path: str, *,
                               "directories can be copied out")
         data = await _Tar(container, max_bytes).build(norm, fd)
         return Fetched("dir", data, stat.S_IMODE(st.st_mode))
+    finally:
+        os.close(fd)
+
+
+async def _refuse_symlink(container: Container, path: str) -> None:
+    try:
+        fd = await container.open_path(path, os.O_PATH | os.O_NOFOLLOW)
+    except OSError as e:
+        raise _open_error(e, container, path, writing=False) from e
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            target = os.readlink("", dir_fd=fd)
+            raise PolicyError(f"{path} is a symbolic link to {target!r}; copy the path it "
+                              "points to (resolved inside the container), or its directory "
+                              "to get the link itself")
     finally:
         os.close(fd)
 

@@ -60,10 +60,13 @@ def test_symlinks_out_of_the_root_resolve_inside_it(session: Session,
     sh(session, container, "ln -s /etc/passwd /tmp/pw && mkdir -p /tmp/a/b/c/d && "
        "ln -s ../../../../../../../../etc/shadow /tmp/a/b/c/d/sh && "
        "ln -s /tmp/a/b/c/d/sh /tmp/chain")
-    got = session.run(get_path(container, "/tmp/pw"))
-    assert got.data == mine != host_passwd
-    assert session.run(get_path(container, "/tmp/a/b/c/d/sh")).data == b"container-shadow\n"
-    assert session.run(get_path(container, "/tmp/chain")).data == b"container-shadow\n"
+    # The link itself is refused (bytes cannot carry it); its parent's links resolve inside.
+    for link in ("/tmp/pw", "/tmp/a/b/c/d/sh", "/tmp/chain"):
+        with pytest.raises(PolicyError, match="symbolic link"):
+            session.run(get_path(container, link))
+    sh(session, container, "ln -s /etc /tmp/etc && ln -s ../../../../../../../etc /tmp/a/up")
+    assert session.run(get_path(container, "/tmp/etc/passwd")).data == mine != host_passwd
+    assert session.run(get_path(container, "/tmp/a/up/shadow")).data == b"container-shadow\n"
 
 
 def test_a_parent_symlinked_to_root_stays_in_the_container(
@@ -91,16 +94,22 @@ def test_kernel_interfaces_are_refused_both_ways(session: Session,
     for path in ("/tmp/mem", "/tmp/env"):
         with pytest.raises(PolicyError, match=r"procfs|Permission denied"):
             session.run(put_file(container, path, b"\xcc" * 64))
-        with pytest.raises(PolicyError, match=r"procfs|Permission denied"):
+        with pytest.raises(PolicyError, match=r"procfs|Permission denied|symbolic link"):
             session.run(get_path(container, path))
+    # Reached through a symlinked parent instead, they meet the same refusals.
+    sh(session, container, "ln -s /proc/self /tmp/self")
+    with pytest.raises(PolicyError, match=r"procfs|Permission denied"):
+        session.run(get_path(container, "/tmp/self/mem"))
     for path in ("/proc/self/status", "/proc/version"):
         with pytest.raises(PolicyError, match="is on procfs"):
             session.run(get_path(container, path))
     with pytest.raises(PolicyError, match="read-only mount"):
         session.run(put_file(container, "/proc/sys/kernel/hostname", b"x"))
     # A magic link (a descriptor of init's) is never followed.
+    with pytest.raises(PolicyError, match=r"magic link|is on procfs"):
+        session.run(get_path(container, "/proc/self/fd/1"))
     with pytest.raises(PolicyError, match="magic link"):
-        session.run(get_path(container, "/tmp/fd"))
+        session.run(put_file(container, "/tmp/fd", b"x"))
     # Init is unharmed and the container still works.
     assert sh(session, container, "echo alive") == "alive\n"
 
@@ -166,6 +175,8 @@ def test_bad_paths_are_refused(session: Session, container: Container, path: str
 def test_missing_paths_are_not_found(session: Session, container: Container) -> None:
     with pytest.raises(NotFound, match="/tmp/nothing"):
         session.run(get_path(container, "/tmp/nothing"))
-    sh(session, container, "ln -s /nowhere /tmp/dangling")
-    with pytest.raises(NotFound):
+    sh(session, container, "ln -s /nowhere /tmp/dangling && ln -s /nowhere /tmp/dir")
+    with pytest.raises(PolicyError, match="symbolic link"):
         session.run(get_path(container, "/tmp/dangling"))
+    with pytest.raises(NotFound):
+        session.run(get_path(container, "/tmp/dir/file"))

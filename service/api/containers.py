@@ -1,0 +1,158 @@
+"""/v1/containers: sessions a caller keeps, exec in them, copy files in and out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from sandbox.engine import RunSpec
+from sandbox.runtime.container import OutputCallback
+from sandbox.runtime.profiles import Limits
+from sandbox.runtime.results import RunResult
+from service.api import engine, json_response, read_json, state
+from service.api.runs import RUN_REPLIES, WS_REPLY, Job, exec_spec, execute, websocket
+from service.auth import principal
+from service.errors import bad_request, blame, too_large
+from service.schemas import (
+    CONTAINER_BODY,
+    ERROR,
+    EXEC_BODY,
+    SESSION,
+    SESSION_LIST,
+    Param,
+    Reply,
+    Route,
+    Str,
+    check_path,
+    query_params,
+)
+
+ID = Param("id", "path", Str(max_len=64, description="the container's id"))
+PATH = Param("path", "query", Str(max_len=4096, min_len=1, absolute_path=True), required=True)
+MODE = Param("mode", "query", Str(max_len=6, description="octal permission bits, e.g. 0644"))
+NOT_FOUND = Reply(404, "no such container (deleted or expired) or path", ERROR)
+
+
+async def create(request: web.Request) -> web.Response:
+    eng = engine(request)
+    body = await read_json(request, CONTAINER_BODY)
+    principal(request).allow_image(body["image"], "image")
+    if "policy" in body:
+        with blame("policy"):
+            eng.runtime.profile(body["policy"])
+    limits = None
+    if "limits" in body:
+        with blame("limits"):
+            limits = Limits.from_dict(body["limits"], "limits")
+    with blame("image"):
+        await eng.image(body["image"])
+    session = await eng.create_session(body["image"], policy=body.get("policy"),
+                                       network=body.get("network"), limits=limits)
+    return json_response(session.describe(), status=201)
+
+
+async def list_(request: web.Request) -> web.Response:
+    eng = engine(request)
+    return json_response({"containers": [s.describe() for s in eng.sessions.values()]})
+
+
+async def get(request: web.Request) -> web.Response:
+    return json_response(engine(request).session(request.match_info["id"]).describe())
+
+
+async def delete(request: web.Request) -> web.Response:
+    await engine(request).delete_session(request.match_info["id"])
+    return web.Response(status=204)
+
+
+def _exec_job(request: web.Request, body: dict[str, Any]) -> Job:
+    eng = engine(request)
+    sid = request.match_info["id"]
+    session = eng.session(sid)  # 404 before anything starts
+    spec, encoding = exec_spec(body, state(request).config.limits)
+
+    async def start(job: Job, spec: RunSpec, on_output: OutputCallback | None) -> RunResult:
+        return await eng.exec(sid, spec, on_output=on_output)
+
+    return Job(start, spec, encoding, image=session.image.digest)
+
+
+async def exec_(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request, EXEC_BODY)
+    return await execute(request, _exec_job(request, body))
+
+
+async def exec_ws(request: web.Request) -> web.StreamResponse:
+    engine(request).session(request.match_info["id"])
+    return await websocket(request, _exec_job, EXEC_BODY)
+
+
+def _mode(text: str | None) -> int:
+    if text is None:
+        return 0o644
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise bad_request(f"mode: {text!r} is not an octal mode such as 0644", "mode") from None
+    if not 0 <= mode <= 0o7777:
+        raise bad_request(f"mode: {text!r} is out of range 0000-7777", "mode")
+    return mode
+
+
+async def put_file(request: web.Request) -> web.Response:
+    eng = engine(request)
+    query = query_params(request, (PATH, MODE))
+    path = check_path(query["path"], "path")
+    mode = _mode(query.get("mode"))
+    eng.session(request.match_info["id"])
+    cap = state(request).config.limits.file_body_bytes
+    if request.content_length is not None and request.content_length > cap:
+        raise too_large("the file", cap, "limits.file_body_bytes", request.content_length)
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > cap:
+            raise too_large("the file", cap, "limits.file_body_bytes")
+        chunks.append(chunk)
+    with blame("path"):
+        await eng.put_file(request.match_info["id"], path, b"".join(chunks), mode)
+    return web.Response(status=204)
+
+
+async def get_file(request: web.Request) -> web.Response:
+    eng = engine(request)
+    query = query_params(request, (PATH,))
+    path = check_path(query["path"], "path")
+    with blame("path"):
+        fetched = await eng.get_path(request.match_info["id"], path)
+    ctype = "application/x-tar" if fetched.kind == "dir" else "application/octet-stream"
+    return web.Response(body=fetched.data, content_type=ctype)
+
+
+_TAGS = ("containers",)
+_BAD = Reply(400, "bad input; `field` names the culprit", ERROR)
+ROUTES = [
+    Route("POST", "/v1/containers", create, "Create a container to keep (a session)",
+          body=CONTAINER_BODY, replies=(Reply(201, "created", SESSION), _BAD,
+                                        Reply(404, "unknown image", ERROR)), tags=_TAGS),
+    Route("GET", "/v1/containers", list_, "List sessions",
+          replies=(Reply(200, "the sessions", SESSION_LIST),), tags=_TAGS),
+    Route("GET", "/v1/containers/{id}", get, "One session", params=(ID,),
+          replies=(Reply(200, "the session", SESSION), NOT_FOUND), tags=_TAGS),
+    Route("DELETE", "/v1/containers/{id}", delete, "Delete a session and its container",
+          params=(ID,), replies=(Reply(204, "deleted"), NOT_FOUND), tags=_TAGS),
+    Route("POST", "/v1/containers/{id}/exec", exec_, "Run a command in a session",
+          body=EXEC_BODY, params=(ID,), replies=(*RUN_REPLIES, NOT_FOUND), tags=_TAGS),
+    Route("GET", "/v1/containers/{id}/exec/ws", exec_ws, "An interactive run in a session",
+          params=(ID,), replies=WS_REPLY, tags=_TAGS),
+    Route("PUT", "/v1/containers/{id}/files", put_file, "Write a file into a session",
+          body=Str(max_len=1 << 40, allow_nul=True, description="the file's bytes"),
+          body_type="application/octet-stream", params=(ID, PATH, MODE),
+          replies=(Reply(204, "written"), _BAD, NOT_FOUND), tags=_TAGS),
+    Route("GET", "/v1/containers/{id}/files", get_file,
+          "Read a file (raw bytes) or a directory (a tar) from a session",
+          params=(ID, PATH), replies=(
+              Reply(200, "the file's bytes, or a tar of the directory",
+                    content_type="application/octet-stream"), _BAD, NOT_FOUND), tags=_TAGS),
+]

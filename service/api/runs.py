@@ -1,0 +1,366 @@
+"""POST /v1/runs (JSON, NDJSON or SSE) and GET /v1/runs/ws (interactive), and the run
+machinery /v1/containers/{id}/exec shares."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from sandbox.engine import FileSpec, RunSpec
+from sandbox.runtime.container import OutputCallback
+from sandbox.runtime.profiles import Limits
+from sandbox.runtime.results import RunResult
+from service.api import State, engine, json_response, parse_json, read_json, state
+from service.auth import principal
+from service.config import ServiceLimits
+from service.errors import ApiError, bad_request, blame, to_api_error
+from service.metrics import PullWatcher
+from service.schemas import (
+    ERROR,
+    RUN_BODY,
+    RUN_RESULT,
+    WS_MESSAGE,
+    Reply,
+    Route,
+)
+from service.streaming import NDJSON, SSE, EventStream, OutputEncoder, Pump, stream_kind
+
+
+def _b64(text: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{field}: not valid base64", field) from None
+
+
+def exec_spec(body: dict[str, Any], caps: ServiceLimits) -> tuple[RunSpec, str]:
+    """A validated run body as the engine's RunSpec, and the output encoding asked for."""
+    files = []
+    total = 0
+    if len(body.get("files", ())) > caps.files_count:
+        raise bad_request(f"files: more than {caps.files_count} files (limits.files_count)",
+                          "files")
+    for i, f in enumerate(body.get("files", ())):
+        content = (f["content"].encode() if "content" in f
+                   else _b64(f["content_base64"], f"files[{i}].content_base64"))
+        total += len(content)
+        if total > caps.files_bytes:
+            raise bad_request(f"files: over {caps.files_bytes} bytes in all "
+                              "(limits.files_bytes); copy large files in with PUT "
+                              "/v1/containers/{id}/files", f"files[{i}]")
+        files.append(FileSpec(f["path"], content, f.get("mode", 0o644)))
+    if "stdin" in body:
+        stdin: bytes | None = body["stdin"].encode()
+    elif "stdin_base64" in body:
+        stdin = _b64(body["stdin_base64"], "stdin_base64")
+    else:
+        stdin = None
+    limits = None
+    if "limits" in body:
+        with blame("limits"):
+            limits = Limits.from_dict(body["limits"], "limits")
+    spec = RunSpec(cmd=body.get("cmd"), env=body.get("env"), cwd=body.get("cwd"), stdin=stdin,
+                   files=tuple(files), limits=limits, user=body.get("user"))
+    return spec, body.get("output_encoding", "utf-8")
+
+
+def result_json(result: RunResult, image: str, pool_hit: bool,
+                enc: OutputEncoder | None) -> dict[str, Any]:
+    """The API's result; without stdout and stderr when `enc` is None (the exit event)."""
+    out: dict[str, Any] = {
+        "id": result.id, "status": str(result.status), "exit_code": result.exit_code,
+        "signal": result.signal, "stdout_truncated": result.stdout_truncated,
+        "stderr_truncated": result.stderr_truncated, "cpu_ms": result.cpu_ms,
+        "user_ms": result.user_ms, "sys_ms": result.sys_ms, "wall_ms": result.wall_ms,
+        "memory_peak_bytes": result.memory_peak_bytes, "setup_ms": result.setup_ms,
+        "measured_by": result.measured_by, "image": image, "pool_hit": pool_hit,
+        "warnings": list(result.warnings), "error": result.error}
+    if enc is not None:
+        out["stdout"] = enc.whole(result.stdout)
+        out["stderr"] = enc.whole(result.stderr)
+    return out
+
+
+def killed_json(image: str, why: str) -> dict[str, Any]:
+    """The exit event of a run the client killed: the engine returns no result for it."""
+    return {"id": None, "status": "signaled", "exit_code": None, "signal": 9,
+            "stdout_truncated": False, "stderr_truncated": False, "cpu_ms": None,
+            "user_ms": None, "sys_ms": None, "wall_ms": None, "memory_peak_bytes": None,
+            "setup_ms": None, "measured_by": {}, "image": image, "pool_hit": False,
+            "warnings": [why], "error": None}
+
+
+@dataclass
+class Job:
+    """One run to make: `start` runs it to its end. `image` and `pool_hit` are filled in
+    as they become known (a killed run has no result to carry them)."""
+
+    start: Callable[[Job, RunSpec, OutputCallback | None], Awaitable[RunResult]]
+    spec: RunSpec
+    encoding: str
+    image: str = ""
+    pool_hit: bool = False
+
+
+def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
+    st = state(request)
+    eng = engine(request)
+    principal(request).allow_image(body["image"], "image")
+    if "policy" in body:
+        with blame("policy"):
+            eng.runtime.profile(body["policy"])
+    spec, encoding = exec_spec(body, st.config.limits)
+
+    async def start(job: Job, spec: RunSpec, on_output: OutputCallback | None) -> RunResult:
+        watcher = PullWatcher(st.metrics)
+        with blame("image"):
+            image = await eng.image(body["image"], on_progress=watcher)
+        watcher.finish()
+        job.image = image.digest
+        outcome = await eng.run(image.digest, spec, policy=body.get("policy"),
+                                network=body.get("network"), on_output=on_output)
+        job.pool_hit = outcome.pool_hit
+        return outcome.result
+
+    return Job(start, spec, encoding)
+
+
+def _observe(st: State, result: RunResult) -> None:
+    st.metrics.observe_run(str(result.status), result.setup_ms, result.wall_ms)
+
+
+async def execute(request: web.Request, job: Job) -> web.StreamResponse:
+    """Run `job` and answer with its result as JSON, or stream it as NDJSON or SSE. The
+    run's admission slot is given back before the answer ends, so a client may start its
+    next run as soon as it has read this one's result."""
+    st = state(request)
+    kind = stream_kind(request)
+    if kind is None:
+        async with st.admission.slot(principal(request)):
+            result = await job.start(job, job.spec, None)
+        _observe(st, result)
+        return json_response(result_json(result, job.image, job.pool_hit,
+                                         OutputEncoder(job.encoding)))
+    stream = EventStream(request, kind)
+    enc = OutputEncoder(job.encoding)
+    async with st.admission.slot(principal(request)):
+        task: asyncio.Task[RunResult] = asyncio.ensure_future(
+            job.start(job, job.spec, lambda name, data: pump.put(name, {
+                "data": enc.chunk(name, data)})))
+        pump = Pump(stream.send, task.cancel)
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            await pump.cancel()
+            if pump.broken:  # the client went away; the run was killed with its task
+                return stream.response
+            raise
+        except Exception as e:
+            await pump.drain()
+            if not stream.started:
+                raise  # nothing sent yet: an ordinary JSON error response
+            await _send_quietly(stream, "error", to_api_error(e).body())
+            return await stream.close()
+    _observe(st, result)
+    for name in ("stdout", "stderr"):
+        if tail := enc.tail(name):
+            pump.put(name, {"data": tail})
+    pump.put("exit", result_json(result, job.image, job.pool_hit, None))
+    await pump.drain()
+    return await stream.close()
+
+
+async def _send_quietly(stream: EventStream, event: str, payload: dict[str, Any]) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await stream.send(event, payload)
+
+
+async def post_run(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request, RUN_BODY)
+    return await execute(request, one_shot(request, body))
+
+
+# WebSocket ------------------------------------------------------------------------------
+
+class _Stdin:
+    """The write end of a run's stdin pipe, fed from the event loop."""
+
+    def __init__(self) -> None:
+        self.read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        self._file = os.fdopen(write_fd, "wb", buffering=0)
+        self._transport: asyncio.WriteTransport | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.connect_write_pipe(asyncio.Protocol, self._file)
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing() and data:
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        else:
+            self._file.close()
+
+    def release(self) -> None:
+        self.close()
+        with contextlib.suppress(OSError):
+            os.close(self.read_fd)
+
+
+async def websocket(request: web.Request,
+                    make_job: Callable[[web.Request, dict[str, Any]], Job],
+                    schema: Any) -> web.StreamResponse:
+    """An interactive run: the first message is the run body, then stdin and signals."""
+    st = state(request)
+    engine(request)  # 503 before the upgrade when not ready
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=st.config.limits.json_body_bytes)
+    await ws.prepare(request)
+    st.websockets.add(ws)
+    try:
+        await _interactive(request, ws, make_job, schema)
+    except Exception as e:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_str(orjson.dumps({"event": "error", **to_api_error(e).body()}).decode())
+    finally:
+        st.websockets.discard(ws)
+        await ws.close()
+    return ws
+
+
+async def _interactive(request: web.Request, ws: web.WebSocketResponse,
+                       make_job: Callable[[web.Request, dict[str, Any]], Job],
+                       schema: Any) -> None:
+    st = state(request)
+    try:
+        first = await ws.receive(timeout=60)
+    except TimeoutError:
+        raise bad_request("send the run body as the first message within 60 s") from None
+    if first.type != WSMsgType.TEXT:
+        raise bad_request("the first message must be the run body, as JSON text")
+    job = make_job(request, parse_json(first.data, schema))
+    enc = OutputEncoder(job.encoding)
+    stdin = _Stdin()
+    try:
+        await stdin.open()
+        if job.spec.stdin is not None:
+            stdin.write(bytes(job.spec.stdin))  # type: ignore[arg-type]
+        spec = RunSpec(**{**job.spec.__dict__, "stdin": stdin.read_fd})
+
+        async def send(event: str, payload: dict[str, Any]) -> None:
+            await ws.send_str(orjson.dumps({"event": event, **payload}).decode())
+
+        async with st.admission.slot(principal(request)):
+            task: asyncio.Task[RunResult] = asyncio.ensure_future(job.start(
+                job, spec, lambda name, data: pump.put(name, {"data": enc.chunk(name, data)})))
+            pump = Pump(send, task.cancel)
+            killed = await _feed(ws, task, stdin)
+            try:
+                result: RunResult | None = await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the service is shutting down, not the run being killed
+                result = None
+            except Exception:
+                await pump.drain()
+                raise
+        if result is None:
+            await pump.drain()
+            if killed is None:
+                return  # the client left
+            st.metrics.observe_run("signaled", None, None)
+            why = (f"killed at the client's request ({killed}); figures of a killed run "
+                   "are not available")
+            await _quiet(send("exit", killed_json(job.image, why)))
+            return
+        _observe(st, result)
+        for name in ("stdout", "stderr"):
+            if tail := enc.tail(name):
+                pump.put(name, {"data": tail})
+        pump.put("exit", result_json(result, job.image, job.pool_hit, None))
+        await pump.drain()
+    finally:
+        stdin.release()
+
+
+async def _quiet(coro: Awaitable[None]) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await coro
+
+
+async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunResult],
+                stdin: _Stdin) -> str | None:
+    """Relay the client's messages until the run ends; the signal that killed it, if any."""
+    receive: asyncio.Task[Any] | None = None
+    try:
+        while not task.done():
+            receive = asyncio.ensure_future(ws.receive())
+            await asyncio.wait({task, receive}, return_when=asyncio.FIRST_COMPLETED)
+            if not receive.done():
+                break
+            msg = receive.result()
+            receive = None
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
+                            WSMsgType.ERROR):
+                task.cancel()  # the client left: the run must not outlive it
+                return None
+            if msg.type != WSMsgType.TEXT:
+                task.cancel()
+                raise bad_request("messages must be JSON text")
+            try:
+                m = parse_json(msg.data, WS_MESSAGE)
+            except ApiError:
+                task.cancel()
+                raise
+            if m["type"] == "stdin":
+                stdin.write(m["data"].encode() if "data" in m
+                            else _b64(m.get("data_base64", ""), "data_base64"))
+            elif m["type"] == "close_stdin":
+                stdin.close()
+            elif m["type"] == "signal":
+                if "signal" not in m:
+                    task.cancel()
+                    raise bad_request("signal: name the signal (SIGKILL, SIGTERM, SIGINT)",
+                                      "signal")
+                task.cancel()
+                return str(m["signal"])
+    finally:
+        if receive is not None:
+            receive.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await receive
+    return None
+
+
+async def ws_run(request: web.Request) -> web.StreamResponse:
+    return await websocket(request, one_shot, RUN_BODY)
+
+
+_ERRORS = (Reply(400, "bad input; `field` names the culprit", ERROR),
+           Reply(401, "no or wrong token", ERROR), Reply(403, "registry not allowed", ERROR),
+           Reply(404, "unknown image", ERROR), Reply(429, "over capacity", ERROR),
+           Reply(502, "registry failed", ERROR))
+RUN_REPLIES = (Reply(200, "the result, or its events with Accept: application/x-ndjson or "
+                     "text/event-stream", RUN_RESULT, streams=(NDJSON, SSE)), *_ERRORS)
+WS_REPLY = (Reply(101, "switching to WebSocket: first client message is the run body; then "
+                  "{type: stdin|close_stdin|signal}; server sends stdout/stderr/exit/error "
+                  "events"),)
+
+ROUTES = [
+    Route("POST", "/v1/runs", post_run, "Run a command in a fresh or warm container",
+          body=RUN_BODY, replies=RUN_REPLIES, tags=("runs",)),
+    Route("GET", "/v1/runs/ws", ws_run, "An interactive run over WebSocket", replies=WS_REPLY,
+          tags=("runs",)),
+]

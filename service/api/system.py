@@ -1,0 +1,56 @@
+"""/v1/info, /healthz, /readyz, /metrics, /openapi.json."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service.api import VERSION, engine, json_response, state
+from service.schemas import ERROR, HEALTH, INFO, Any_, Reply, Route
+
+
+async def info(request: web.Request) -> web.Response:
+    return json_response({"version": VERSION, **engine(request).info()})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    st = state(request)
+    if st.stopping:
+        return json_response({"status": "stopping"}, status=503)
+    if st.engine is None:
+        return json_response({"status": "failed" if st.start_error else "starting",
+                              **({"error": st.start_error} if st.start_error else {})},
+                             status=503)
+    return json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=state(request).metrics.render(),
+                        content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(request.app[OPENAPI])
+
+
+OPENAPI = web.AppKey("openapi", dict)
+_TAGS = ("system",)
+ROUTES = [
+    Route("GET", "/v1/info", info, "Version, host capabilities and warnings, pools, sessions",
+          replies=(Reply(200, "about this service", INFO),
+                   Reply(503, "not ready", ERROR)), tags=_TAGS),
+    Route("GET", "/healthz", healthz, "The process answers", auth=False,
+          replies=(Reply(200, "alive", HEALTH),), tags=_TAGS),
+    Route("GET", "/readyz", readyz, "The engine has started and the service accepts runs",
+          auth=False, replies=(Reply(200, "ready", HEALTH), Reply(503, "not ready", HEALTH)),
+          tags=_TAGS),
+    Route("GET", "/metrics", metrics, "Prometheus metrics",
+          replies=(Reply(200, "Prometheus text format", content_type="text/plain"),),
+          tags=_TAGS),
+    Route("GET", "/openapi.json", openapi, "This API as OpenAPI 3",
+          replies=(Reply(200, "the document", Any_()),), tags=_TAGS),
+]

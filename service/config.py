@@ -1,0 +1,212 @@
+"""The service's configuration: a TOML file, then environment overrides.
+
+    [server]   host, port, state_dir, session_idle_s, default_policy, shutdown_deadline_s
+    [[tokens]] token, name, max_concurrent_runs, registries (allowed registry hosts)
+    [registries."host"] ... (sandbox.registry.config.RegistriesConfig.from_dict)
+    [pools]    min_idle, max_idle, max_live (sandbox.pool.PoolConfig.from_dict)
+    [limits]   json_body_bytes, import_body_bytes, file_body_bytes, files_count,
+               files_bytes, max_running, max_queued
+
+Environment: SANDBOXD_TOKENS (comma-separated), SANDBOXD_STATE_DIR, SANDBOXD_HOST,
+SANDBOXD_PORT override the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sandbox.engine import EngineConfig
+from sandbox.errors import SandboxError
+from sandbox.pool import PoolConfig
+from sandbox.registry.config import RegistriesConfig
+
+MiB = 1 << 20
+
+
+class ConfigError(SandboxError):
+    """The service's configuration is invalid; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    token: str
+    name: str
+    max_concurrent_runs: int | None = None      # runs at once (running or queued)
+    registries: tuple[str, ...] | None = None   # registry hosts it may use; None: any
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    json_body_bytes: int = 16 * MiB
+    import_body_bytes: int = 256 * MiB
+    file_body_bytes: int = 64 * MiB             # PUT /v1/containers/{id}/files
+    files_count: int = 256                      # files in one run request
+    files_bytes: int = 16 * MiB                 # their decoded contents together
+    max_running: int = 64                       # runs executing at once, service-wide
+    max_queued: int = 256                       # runs waiting for a slot; then 429
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8643
+    tokens: tuple[TokenConfig, ...] = ()
+    registries: Mapping[str, Any] = field(default_factory=dict)
+    pools: Mapping[str, Any] = field(default_factory=dict)
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    session_idle_s: float = 600.0
+    default_policy: str = "default"
+    shutdown_deadline_s: float = 10.0
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(state_dir=self.state_dir,
+                            registries=RegistriesConfig.from_dict(self.registries),
+                            pools=PoolConfig.from_dict(dict(self.pools)),
+                            session_idle_s=self.session_idle_s,
+                            default_policy=self.default_policy)
+
+    def check_bind(self) -> None:
+        """Without tokens anyone who can reach the port runs code: loopback only."""
+        if not self.tokens and not is_loopback(self.host):
+            raise ConfigError(f"no API tokens are configured, so sandboxd binds only to "
+                              f"loopback, not {self.host!r}: configure [[tokens]] or "
+                              "SANDBOXD_TOKENS, or use --host 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _int(value: Any, where: str, minimum: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{where}: expected an integer of at least {minimum}")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(f"{where}: expected a non-empty string")
+    return value
+
+
+def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a table")
+    return value
+
+
+def _token(raw: Any, where: str) -> TokenConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a table with token, name, max_concurrent_runs, "
+                          "registries")
+    unknown = set(raw) - {"token", "name", "max_concurrent_runs", "registries"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting; known: token, name, "
+                          "max_concurrent_runs, registries")
+    token = _str(raw.get("token"), f"{where}.token")
+    if len(token) < 16:
+        raise ConfigError(f"{where}.token: at least 16 characters, e.g. from "
+                          "`python -c 'import secrets; print(secrets.token_urlsafe())'`")
+    cap = raw.get("max_concurrent_runs")
+    regs = raw.get("registries")
+    if regs is not None and (not isinstance(regs, list)
+                             or not all(isinstance(r, str) and r for r in regs)):
+        raise ConfigError(f"{where}.registries: expected a list of registry hosts")
+    return TokenConfig(token=token, name=_str(raw.get("name", where), f"{where}.name"),
+                       max_concurrent_runs=None if cap is None else _int(
+                           cap, f"{where}.max_concurrent_runs", 1),
+                       registries=None if regs is None else tuple(regs))
+
+
+def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
+    unknown = set(data) - {"server", "tokens", "registries", "pools", "limits"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: server, tokens, "
+                          "registries, pools, limits")
+    server = _table(data, "server")
+    known_server = {"host", "port", "state_dir", "session_idle_s", "default_policy",
+                    "shutdown_deadline_s"}
+    if set(server) - known_server:
+        raise ConfigError(f"server.{sorted(set(server) - known_server)[0]}: unknown setting; "
+                          f"known: {', '.join(sorted(known_server))}")
+    raw_tokens = data.get("tokens", [])
+    if not isinstance(raw_tokens, list):
+        raise ConfigError("tokens: expected an array of tables ([[tokens]])")
+    tokens = [_token(t, f"tokens[{i}]") for i, t in enumerate(raw_tokens)]
+    for i, t in enumerate(env.get("SANDBOXD_TOKENS", "").split(",")):
+        if t.strip():
+            tokens.append(_token({"token": t.strip(), "name": f"env-{i}"},
+                                 f"SANDBOXD_TOKENS[{i}]"))
+    limits_raw = _table(data, "limits")
+    names = {f.name for f in fields(ServiceLimits)}
+    if set(limits_raw) - names:
+        raise ConfigError(f"limits.{sorted(set(limits_raw) - names)[0]}: unknown setting; "
+                          f"known: {', '.join(sorted(names))}")
+    limits = ServiceLimits(**{k: _int(v, f"limits.{k}", 1) for k, v in limits_raw.items()})
+    state = env.get("SANDBOXD_STATE_DIR") or server.get("state_dir")
+    if state is None:
+        raise ConfigError("server.state_dir: required (or --state-dir / SANDBOXD_STATE_DIR)")
+    port = env.get("SANDBOXD_PORT") or server.get("port", 8643)
+    try:
+        port = int(port)
+    except (TypeError, ValueError):
+        raise ConfigError(f"port: {port!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port: {port} is out of range 0-65535")
+
+    def seconds(key: str, default: float) -> float:
+        v = server.get(key, default)
+        if not isinstance(v, int | float) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"server.{key}: expected a positive number of seconds")
+        return float(v)
+
+    config = ServiceConfig(
+        state_dir=Path(_str(state, "server.state_dir")).expanduser(),
+        host=_str(env.get("SANDBOXD_HOST") or server.get("host", "127.0.0.1"), "server.host"),
+        port=port, tokens=tuple(tokens),
+        registries=_table(data, "registries"), pools=_table(data, "pools"), limits=limits,
+        session_idle_s=seconds("session_idle_s", 600.0),
+        default_policy=_str(server.get("default_policy", "default"), "server.default_policy"),
+        shutdown_deadline_s=seconds("shutdown_deadline_s", 10.0))
+    if len({t.token for t in config.tokens}) != len(config.tokens):
+        raise ConfigError("tokens: the same token appears twice")
+    # Fail at start, not at the first request: the engine reads these two tables.
+    config.engine_config()
+    return config
+
+
+def load(path: Path | None, *, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> ServiceConfig:
+    """The file (if any), then the environment, then command-line `overrides` (host, port,
+    state_dir) win."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read the config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    env = dict(os.environ if env is None else env)
+    for key, var in (("host", "SANDBOXD_HOST"), ("port", "SANDBOXD_PORT"),
+                     ("state_dir", "SANDBOXD_STATE_DIR")):
+        if overrides and overrides.get(key) is not None:
+            env[var] = str(overrides[key])
+    try:
+        return from_dict(data, env)
+    except ValueError as e:  # the registries' and pools' own checks
+        raise ConfigError(str(e)) from None
