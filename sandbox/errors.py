@@ -56,3 +56,11 @@ class DigestMismatch(ImageError):
 
 class LayerError(ImageError):
     """A layer tar is malformed, unsafe, or over a size or entry cap."""
+
+
+class ImageInUse(ImageError):
+    """An image a live container uses cannot be removed (without force)."""
+
+
+class CapacityError(SandboxError):
+    """The engine is at its configured container cap; retry shortly."""

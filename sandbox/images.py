@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from sandbox import digests
-from sandbox.errors import ImageError, InvalidReference, ManifestError, NotFound
+from sandbox.errors import ImageInUse, InvalidReference, ManifestError, NotFound
 from sandbox.imageconfig import (
     MAX_ACCOUNT_FILE_BYTES,
     ImageConfig,
@@ -354,7 +354,7 @@ class ImageService:
         remaining = {n.name for n in self.catalog.names(digest)} - set(names)
         in_use = digest in self.catalog.leased()
         if not remaining and in_use and not force:
-            raise ImageError(f"image {digest} is used by a running container; stop the "
+            raise ImageInUse(f"image {digest} is used by a running container; stop the "
                              "container first or remove with force")
         for name in names:
             self.catalog.remove_name(name)

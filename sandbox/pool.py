@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandbox.errors import PolicyError, SandboxError
+from sandbox.errors import CapacityError, PolicyError, SandboxError
 from sandbox.images import Image, ImageService
 from sandbox.records import ContainerRecords
 from sandbox.runtime.container import Container, ContainerSpec, Runtime
@@ -84,8 +84,8 @@ class Pools:
 
     async def _create(self, image: Image, profile: str) -> Container:
         if self._live >= self.config.max_live:
-            raise SandboxError(f"{self._live} containers are live, the configured maximum "
-                               "(pools.max_live); wait for runs to finish or raise it")
+            raise CapacityError(f"{self._live} containers are live, the configured maximum "
+                                "(pools.max_live); wait for runs to finish or raise it")
         self._live += 1
         try:
             container = await self.runtime.create_container(ContainerSpec(

@@ -14,10 +14,12 @@ from aiohttp import web
 
 from sandbox.errors import (
     AuthError,
+    CapacityError,
     CgroupError,
     ContainerGoneError,
     DigestMismatch,
     ImageError,
+    ImageInUse,
     InvalidReference,
     LayerError,
     ManifestError,
@@ -91,15 +93,15 @@ def from_sandbox(exc: SandboxError, field: str | None = None) -> ApiError:
     if isinstance(exc, ManifestError | DigestMismatch | LayerError):
         return ApiError(502, "bad_upstream_content",
                         f"the registry served unusable content: {msg}", field)
+    if isinstance(exc, ImageInUse):
+        return ApiError(409, "conflict", msg, field)
     if isinstance(exc, ImageError):
-        if "in use" in msg or "used by" in msg:
-            return ApiError(409, "conflict", msg, field)
         return ApiError(400, "image_error", msg, _field_of(msg, field))
     if isinstance(exc, RuntimeSetupError | ContainerGoneError | CgroupError):
         return ApiError(500, "runtime_error", f"the sandbox runtime failed: {msg}")
     if isinstance(exc, ValueError):  # configuration errors (e.g. registries) from a request
         return ApiError(400, "invalid_request", msg, _field_of(msg, field))
-    if "pools.max_live" in msg:  # the engine's container cap (no error class of its own yet)
+    if isinstance(exc, CapacityError):
         return ApiError(429, "over_capacity", msg, headers={"Retry-After": "1"})
     return ApiError(500, "sandbox_error", msg)
 

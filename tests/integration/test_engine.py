@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from sandbox.engine import Engine, EngineConfig, FileSpec, RunSpec
-from sandbox.errors import NotFound, PolicyError
+from sandbox.errors import CapacityError, NotFound, PolicyError
 from sandbox.pool import PoolConfig
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.results import Status
@@ -187,5 +187,18 @@ def test_an_instance_killed_with_sigkill_is_cleaned_up_by_the_next(tmp_path: Pat
         if driver is not None:
             assert f"c-{cid}" not in driver.list()
         assert not any(p.exists() for p in left)
+    finally:
+        r.close()
+
+
+def test_the_container_cap_refuses_with_a_capacity_error(tmp_path: Path, images: Any) -> None:
+    r = Running(tmp_path / "cap", pools=PoolConfig(min_idle=0, max_idle=0, max_live=1))
+    try:
+        s = r.run(r.engine.create_session(images.oci, policy="judge"))
+        with pytest.raises(CapacityError, match="max_live"):
+            r.run(r.engine.run(images.oci, sh("true"), policy="judge"))
+        r.run(r.engine.delete_session(s.id))
+        assert r.run(r.engine.run(images.oci, sh("echo ok"), policy="judge")).result.stdout \
+            == b"ok\n"
     finally:
         r.close()
