@@ -13,18 +13,9 @@ import contextlib
 import os
 from pathlib import Path
 
+from sandbox import pids
 from sandbox.errors import CgroupError
 from sandbox.runtime.cgroups.base import CgroupDriver
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ContainerRecords:
@@ -46,7 +37,7 @@ class ContainerRecords:
                 owner = int(record.read_text() or "0")
             except (OSError, ValueError):
                 owner = 0
-            if owner and _alive(owner):
+            if owner and pids.alive(owner):
                 continue
             if driver is not None:
                 cgroup = driver.open(f"c-{record.name}")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sandbox import pids
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     digest TEXT PRIMARY KEY,            -- the platform manifest's digest
@@ -94,15 +96,6 @@ class NameRecord:
     image: str
     updated: float
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Catalog:
@@ -238,7 +231,7 @@ class Catalog:
         """Images leased by a live process; leases of dead processes are dropped."""
         live: set[str] = set()
         for holder, image, pid in self._rows("SELECT holder, image, pid FROM leases"):
-            if _alive(pid):
+            if pids.alive(pid):
                 live.add(image)
             else:
                 self.release(holder)

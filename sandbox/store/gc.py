@@ -28,6 +28,16 @@ def _layers_of(rec: ImageRecord) -> set[str]:
     return {lr.diff_id for lr in rec.layers}
 
 
+def _release(refs: Counter[str], keys: set[str], sizes: dict[str, int]) -> int:
+    """Drop one reference to each key; the bytes of those no longer referenced."""
+    freed = 0
+    for key in keys:
+        refs[key] -= 1
+        if refs[key] == 0:
+            freed += sizes.get(key, 0)
+    return freed
+
+
 def collect(catalog: Catalog, blobs: BlobStore, layers: LayerStore,
             budget_bytes: int = 0) -> GcReport:
     report = GcReport()
@@ -50,14 +60,8 @@ def collect(catalog: Catalog, blobs: BlobStore, layers: LayerStore,
             continue
         catalog.remove_image(rec.digest)
         report.images.append(rec.digest)
-        for d in _blobs_of(rec):
-            blob_refs[d] -= 1
-            if blob_refs[d] == 0:
-                total -= blob_size.get(d, 0)
-        for d in _layers_of(rec):
-            layer_refs[d] -= 1
-            if layer_refs[d] == 0:
-                total -= layer_size.get(d, 0)
+        total -= _release(blob_refs, _blobs_of(rec), blob_size)
+        total -= _release(layer_refs, _layers_of(rec), layer_size)
 
     keep_blobs = {d for d, n in blob_refs.items() if n > 0}
     keep_blobs |= {n.target for n in catalog.names()}  # an index a tag points at

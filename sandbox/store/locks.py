@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from sandbox import pids
+
 T = TypeVar("T")
 
 
@@ -65,15 +67,7 @@ def temp_name(key: str) -> str:
 
 def _owner_alive(name: str) -> bool:
     parts = name.split(".")
-    if len(parts) < 3 or not parts[-2].isdigit():
-        return False
-    try:
-        os.kill(int(parts[-2]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return len(parts) >= 3 and parts[-2].isdigit() and pids.alive(int(parts[-2]))
 
 
 def remove_stale(tmp: Path, remove: Callable[[Path], object]) -> int:
