@@ -14,7 +14,9 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,15 @@ from sandbox.pool import PoolConfig, Pools
 from sandbox.records import ContainerRecords
 from sandbox.registry.config import RegistriesConfig
 from sandbox.runtime import files
-from sandbox.runtime.container import Container, ExecRequest, OutputCallback, Runtime
+from sandbox.runtime.container import (
+    Container,
+    ExecRequest,
+    OutputCallback,
+    RunControl,
+    Runtime,
+)
 from sandbox.runtime.hostinfo import report as host_report
-from sandbox.runtime.profiles import Limits
+from sandbox.runtime.profiles import Limits, Profile
 from sandbox.runtime.results import RunResult
 from sandbox.store.unpack import Ownership
 
@@ -56,12 +64,41 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class PolicyLimits:
+    """Limit defaults and maxima set for one profile (by the service's config); each one set
+    replaces the profile's own, the others stay as its file says."""
+
+    defaults: Limits = field(default_factory=Limits)
+    maxima: Limits = field(default_factory=Limits)
+
+    def applied_to(self, profile: Profile) -> Profile:
+        """`profile` with these limits over its own; PolicyError (naming the key) when a
+        default ends up above its maximum, which every run without limits would fail."""
+        merged = replace(profile, defaults=self.defaults.over(profile.defaults),
+                         maxima=self.maxima.over(profile.maxima))
+        merged.defaults.check_within(merged.maxima, where=f"policies.{profile.name}.defaults")
+        return merged
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     state_dir: Path
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
     pools: PoolConfig = field(default_factory=PoolConfig)
     session_idle_s: float = 600.0        # sessions unused this long are deleted
     default_policy: str = "default"
+    policy_limits: Mapping[str, PolicyLimits] = field(default_factory=dict)  # by profile name
+
+
+def known_policies() -> list[str]:
+    """The profiles shipped in policies/profiles/."""
+    return sorted(p.name.removesuffix(".json")
+                  for p in (resources.files("policies") / "profiles").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def _set_limits(limits: Limits) -> dict[str, Any]:
+    return {k: v for k, v in asdict(limits).items() if v is not None}
 
 
 @dataclass
@@ -73,6 +110,7 @@ class Session:
     created: float
     last_used: float
     limits: Limits | None = None
+    owner: str | None = None             # who may see it; None: every caller
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "image": self.image.digest,
@@ -107,6 +145,8 @@ class Engine:
         images = ImageService(config.state_dir, registries=config.registries,
                               ownership=Ownership.for_mapping(runtime.mapping),
                               overlay=bool(host["overlay_in_userns"]))
+        for name, limits in config.policy_limits.items():
+            runtime.register_profile(limits.applied_to(runtime.profile(name)))
         engine = cls(config, runtime, images, host)
         swept = await asyncio.to_thread(engine.records.sweep, runtime.cgroups.driver)
         if swept:
@@ -155,8 +195,8 @@ class Engine:
     # one-shot runs
 
     async def run(self, image_ref: str, spec: RunSpec, *, policy: str | None = None,
-                  network: str | None = None,
-                  on_output: OutputCallback | None = None) -> RunOutcome:
+                  network: str | None = None, on_output: OutputCallback | None = None,
+                  control: RunControl | None = None) -> RunOutcome:
         profile = self._policy(policy, network)
         image = await self.image(image_ref)
         req = self._request(image, spec, profile)
@@ -165,7 +205,7 @@ class Engine:
             for f in spec.files:
                 await files.put_file(container, f.path, f.content, f.mode, uid=req.uid,
                                      gid=req.gid)
-            result = await container.exec(req, on_output=on_output)
+            result = await container.exec(req, on_output=on_output, control=control)
         except BaseException:
             self.pools.discard(container, image, profile)
             raise
@@ -175,8 +215,10 @@ class Engine:
     # sessions
 
     async def create_session(self, image_ref: str, *, policy: str | None = None,
-                             network: str | None = None,
-                             limits: Limits | None = None) -> Session:
+                             network: str | None = None, limits: Limits | None = None,
+                             owner: str | None = None) -> Session:
+        """A container the caller keeps; with `owner`, only calls naming the same owner
+        find it (see `session`)."""
         profile = self._policy(policy, network)
         if limits is not None:
             limits.check_within(self.runtime.profile(profile).maxima)
@@ -184,20 +226,26 @@ class Engine:
         container = await self.pools.fresh(image, profile)
         now = time.time()
         sid = secrets.token_hex(8)
-        session = Session(sid, image, profile, container, now, now, limits)
+        session = Session(sid, image, profile, container, now, now, limits, owner)
         self.images.lease(image.digest, f"session-{sid}")
         self.sessions[sid] = session
         return session
 
-    def session(self, sid: str) -> Session:
+    def session(self, sid: str, owner: str | None = None) -> Session:
+        """Session `sid`; with `owner`, only if that owner made it (or nobody did). Someone
+        else's is NotFound like a missing one: its existence is not theirs to learn."""
         s = self.sessions.get(sid)
-        if s is None:
+        if s is None or (owner is not None and s.owner not in (None, owner)):
             raise NotFound(f"no container {sid!r}: it was deleted, expired, or never existed")
         return s
 
-    async def exec(self, sid: str, spec: RunSpec, *,
-                   on_output: OutputCallback | None = None) -> RunResult:
-        s = self.session(sid)
+    def list_sessions(self, owner: str | None = None) -> list[Session]:
+        return [s for s in self.sessions.values()
+                if owner is None or s.owner in (None, owner)]
+
+    async def exec(self, sid: str, spec: RunSpec, *, on_output: OutputCallback | None = None,
+                   control: RunControl | None = None, owner: str | None = None) -> RunResult:
+        s = self.session(sid, owner)
         s.last_used = time.time()
         if spec.limits is None and s.limits is not None:
             spec = RunSpec(**{**spec.__dict__, "limits": s.limits})
@@ -206,25 +254,26 @@ class Engine:
             await files.put_file(s.container, f.path, f.content, f.mode, uid=req.uid,
                                  gid=req.gid)
         try:
-            return await s.container.exec(req, on_output=on_output)
+            return await s.container.exec(req, on_output=on_output, control=control)
         finally:
             s.last_used = time.time()
 
-    async def put_file(self, sid: str, path: str, content: bytes, mode: int = 0o644) -> None:
-        s = self.session(sid)
+    async def put_file(self, sid: str, path: str, content: bytes, mode: int = 0o644, *,
+                       owner: str | None = None) -> None:
+        s = self.session(sid, owner)
         s.last_used = time.time()
         uid, gid = self.images.user_ids(s.image)
         await files.put_file(s.container, path, content, mode, uid=uid, gid=gid)
 
-    async def get_path(self, sid: str, path: str) -> files.Fetched:
-        s = self.session(sid)
+    async def get_path(self, sid: str, path: str, *,
+                       owner: str | None = None) -> files.Fetched:
+        s = self.session(sid, owner)
         s.last_used = time.time()
         return await files.get_path(s.container, path)
 
-    async def delete_session(self, sid: str) -> None:
-        s = self.sessions.pop(sid, None)
-        if s is None:
-            raise NotFound(f"no container {sid!r}")
+    async def delete_session(self, sid: str, *, owner: str | None = None) -> None:
+        self.session(sid, owner)
+        s = self.sessions.pop(sid)
         try:
             await self.pools.destroy(s.container)
         finally:
@@ -239,7 +288,17 @@ class Engine:
                     with contextlib.suppress(SandboxError):
                         await self.delete_session(sid)
 
+    def policies(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every profile's effective limit defaults and maxima (the config's applied)."""
+        out = {}
+        for name in sorted({*known_policies(), *self.config.policy_limits}):
+            profile = self.runtime.profile(name)
+            out[name] = {"defaults": _set_limits(profile.defaults),
+                         "maxima": _set_limits(profile.maxima)}
+        return out
+
     def info(self) -> dict[str, Any]:
-        return {"host": self.host, "pools": self.pools.stats(), "sessions": len(self.sessions)}
+        return {"host": self.host, "pools": self.pools.stats(), "sessions": len(self.sessions),
+                "policies": self.policies()}
 
 

@@ -28,6 +28,9 @@ class Principal:
     max_concurrent_runs: int | None = None
     registries: tuple[str, ...] | None = None
     active: int = 0
+    # What this token's sessions are kept under, unique per token (names may repeat); None
+    # without tokens, where every caller sees every session.
+    owner: str | None = None
 
     def allow_image(self, reference: str, field: str) -> None:
         """403 unless this token may use the registry `reference` lives in."""
@@ -49,9 +52,11 @@ class Tokens:
     def __init__(self, tokens: tuple[TokenConfig, ...]) -> None:
         # Compared as SHA-256 digests: equal lengths, so compare_digest leaks nothing about
         # a token's length either.
-        self._tokens = [(hashlib.sha256(t.token.encode()).digest(),
-                         Principal(t.name, t.max_concurrent_runs, t.registries))
-                        for t in tokens]
+        self._tokens = []
+        for i, t in enumerate(tokens):
+            digest = hashlib.sha256(t.token.encode()).digest()
+            self._tokens.append((digest, Principal(t.name, t.max_concurrent_runs, t.registries,
+                                                   owner=f"token-{i}")))
 
     @property
     def enabled(self) -> bool:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from pathlib import Path
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 from sandbox.errors import SandboxError
 
@@ -61,8 +64,6 @@ def _demo(_: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     from service.app import serve
     from service.config import load
 
@@ -71,11 +72,25 @@ def _serve(args: argparse.Namespace) -> int:
     config = load(Path(args.config) if args.config else None,
                   overrides={"host": args.host, "port": args.port, "state_dir": args.state_dir})
     config.check_bind()
+    # aiohttp logs a request its parser refuses (a request line over 8 KiB, say) with a
+    # traceback, before any handler or middleware can answer: one line says it all.
+    logging.getLogger("aiohttp.server").addFilter(_one_line_parser_errors)
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
+        uvloop = None  # outside the except block: errors logged later must not chain to it
+    if uvloop is None:
         return asyncio.run(serve(config))
-    return uvloop.run(serve(config))
+    return int(uvloop.run(serve(config)))
+
+
+def _one_line_parser_errors(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.msg, record.args = "refused a malformed request: %s", (exc,)
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

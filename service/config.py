@@ -6,6 +6,8 @@
     [pools]    min_idle, max_idle, max_live (sandbox.pool.PoolConfig.from_dict)
     [limits]   json_body_bytes, import_body_bytes, file_body_bytes, files_count,
                files_bytes, max_running, max_queued
+    [policies.<profile>.defaults] / [policies.<profile>.maxima]  a run's limits (the keys of
+               sandbox.runtime.profiles.Limits), each replacing the profile file's own
 
 Environment: SANDBOXD_TOKENS (comma-separated), SANDBOXD_STATE_DIR, SANDBOXD_HOST,
 SANDBOXD_PORT override the file.
@@ -21,10 +23,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sandbox.engine import EngineConfig
-from sandbox.errors import SandboxError
+from sandbox.engine import EngineConfig, PolicyLimits
+from sandbox.errors import PolicyError, SandboxError
 from sandbox.pool import PoolConfig
 from sandbox.registry.config import RegistriesConfig
+from sandbox.runtime.profiles import Limits, load_profile
 
 MiB = 1 << 20
 
@@ -64,13 +67,15 @@ class ServiceConfig:
     session_idle_s: float = 600.0
     default_policy: str = "default"
     shutdown_deadline_s: float = 10.0
+    policy_limits: Mapping[str, PolicyLimits] = field(default_factory=dict)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(state_dir=self.state_dir,
                             registries=RegistriesConfig.from_dict(self.registries),
                             pools=PoolConfig.from_dict(dict(self.pools)),
                             session_idle_s=self.session_idle_s,
-                            default_policy=self.default_policy)
+                            default_policy=self.default_policy,
+                            policy_limits=self.policy_limits)
 
     def check_bind(self) -> None:
         """Without tokens anyone who can reach the port runs code: loopback only."""
@@ -131,11 +136,44 @@ def _token(raw: Any, where: str) -> TokenConfig:
                        registries=None if regs is None else tuple(regs))
 
 
+def _policy_limits(raw: Mapping[str, Any]) -> dict[str, PolicyLimits]:
+    """[policies.<profile>] tables, checked against the profiles they change: an unknown
+    profile or limit, or a default left above its maximum, fails here rather than at runs."""
+    out = {}
+    for name, table in raw.items():
+        where = f"policies.{name}"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: expected a table with defaults and maxima")
+        unknown = set(table) - {"defaults", "maxima"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting; known: "
+                              "defaults, maxima")
+        try:
+            profile = load_profile(name)
+        except PolicyError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        parts = []
+        for part in ("defaults", "maxima"):
+            given = table.get(part, {})
+            if not isinstance(given, Mapping):
+                raise ConfigError(f"{where}.{part}: expected a table of limits, e.g. "
+                                  "wall_ms = 5000")
+            parts.append(dict(given))
+        try:
+            limits = PolicyLimits(Limits.from_dict(parts[0], f"{where}.defaults"),
+                                  Limits.from_dict(parts[1], f"{where}.maxima"))
+            limits.applied_to(profile)
+        except PolicyError as e:
+            raise ConfigError(str(e)) from None
+        out[name] = limits
+    return out
+
+
 def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
-    unknown = set(data) - {"server", "tokens", "registries", "pools", "limits"}
+    unknown = set(data) - {"server", "tokens", "registries", "pools", "limits", "policies"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: server, tokens, "
-                          "registries, pools, limits")
+                          "registries, pools, limits, policies")
     server = _table(data, "server")
     known_server = {"host", "port", "state_dir", "session_idle_s", "default_policy",
                     "shutdown_deadline_s"}
@@ -180,7 +218,8 @@ def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
         registries=_table(data, "registries"), pools=_table(data, "pools"), limits=limits,
         session_idle_s=seconds("session_idle_s", 600.0),
         default_policy=_str(server.get("default_policy", "default"), "server.default_policy"),
-        shutdown_deadline_s=seconds("shutdown_deadline_s", 10.0))
+        shutdown_deadline_s=seconds("shutdown_deadline_s", 10.0),
+        policy_limits=_policy_limits(_table(data, "policies")))
     if len({t.token for t in config.tokens}) != len(config.tokens):
         raise ConfigError("tokens: the same token appears twice")
     # Fail at start, not at the first request: the engine reads these two tables.

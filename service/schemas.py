@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sandbox.runtime.container import ALLOWED_SIGNALS
 from service.errors import bad_request
 
 MiB = 1 << 20
@@ -320,11 +321,12 @@ TAG_BODY = Obj("TagRequest", (Prop("source", REFERENCE, required=True),
 PUSH_BODY = Obj("PushRequest", (Prop("source", REFERENCE, required=True),
                                 Prop("target", REFERENCE)))
 GC_BODY = Obj("GcRequest", (Prop("budget_bytes", Int(minimum=0)),))
+SIGNALS = tuple(s.name for s in ALLOWED_SIGNALS)   # what a client may send a running exec
 WS_MESSAGE = Obj("WebSocketMessage", (
     Prop("type", Str(max_len=16, enum=("stdin", "close_stdin", "signal")), required=True),
     Prop("data", Str(max_len=16 * MiB, allow_nul=True)),
     Prop("data_base64", Str(max_len=24 * MiB)),
-    Prop("signal", Str(max_len=16, enum=("SIGKILL", "SIGTERM", "SIGINT"))),
+    Prop("signal", Str(max_len=16, enum=SIGNALS)),
 ), not_both=(("data", "data_base64"),))
 
 # Responses ------------------------------------------------------------------------------
@@ -391,7 +393,13 @@ GC_REPORT = Obj("GcReport", (
     Prop("freed_bytes", Int(), required=True), Prop("kept_bytes", Int(), required=True)))
 INFO = Obj("Info", (Prop("version", Str(), required=True), Prop("host", Any_(), required=True),
                     Prop("pools", Arr(Any_(), max_items=1 << 20), required=True),
-                    Prop("sessions", Int(), required=True)))
+                    Prop("sessions", Int(), required=True),
+                    Prop("policies", Map(Obj("PolicyLimits", (
+                        Prop("defaults", Any_(description="a run's limits when it asks for "
+                                              "none"), required=True),
+                        Prop("maxima", Any_(description="the most a run may ask for"),
+                             required=True))), key_pattern=r"[a-z0-9][a-z0-9_-]*",
+                        key_hint="a profile name"), required=True)))
 HEALTH = Obj("Health", (Prop("status", Str(), required=True), Prop("error", Str(max_len=1 << 16))))
 
 

@@ -87,6 +87,67 @@ MAX_ARG_BYTES = 128 << 10
 MAX_ARGV_ENV_BYTES = 1 << 20
 
 
+# Signals a caller may send a running exec: the ones a terminal or a supervisor sends. Others
+# (SIGSTOP, SIGSEGV, real-time ones...) would stop a run with no way to resume it, or fake a
+# crash the verdict would misread.
+ALLOWED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL, signal.SIGHUP, signal.SIGQUIT,
+                   signal.SIGUSR1, signal.SIGUSR2)
+
+
+def allowed_signal(sig: int | str) -> signal.Signals:
+    """`sig` (a number or a name such as "SIGTERM") if a caller may send it to a run."""
+    found: signal.Signals | None = None
+    if isinstance(sig, str):
+        found = signal.Signals.__members__.get(sig)
+    elif isinstance(sig, int) and not isinstance(sig, bool):
+        with contextlib.suppress(ValueError):
+            found = signal.Signals(sig)
+    if found is None or found not in ALLOWED_SIGNALS:
+        names = ", ".join(s.name for s in ALLOWED_SIGNALS)
+        raise PolicyError(f"signal: {sig!r} may not be sent to a run; use one of {names}")
+    return found
+
+
+class RunControl:
+    """Signals one run while its exec is awaited; the exec still returns the run's result.
+
+    Made by the caller and passed to Container.exec, which attaches the run to it. A signal
+    given before the run has started is sent as soon as it starts; one given after it ended
+    goes nowhere. Only the run's processes are signalled (its process group, through init).
+    """
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None     # the RunResult's id, once the run has started
+        self._send: Callable[[int], None] | None = None
+        self._pending: list[int] = []
+        self._used = False
+        self._ended = False
+
+    def signal(self, sig: int | str) -> None:
+        """Send `sig` (one of ALLOWED_SIGNALS, by number or name) to the run's processes."""
+        signum = int(allowed_signal(sig))
+        if self._ended:
+            return
+        if self._send is None:
+            self._pending.append(signum)
+        else:
+            self._send(signum)
+
+    def _claim(self) -> None:
+        if self._used:
+            raise SandboxError("this RunControl already served a run; make one per exec")
+        self._used = True
+
+    def _attach(self, run_id: str, send: Callable[[int], None]) -> None:
+        self.run_id, self._send = run_id, send
+        pending, self._pending = self._pending, []
+        for signum in pending:
+            send(signum)
+
+    def _detach(self) -> None:
+        self._send, self._ended = None, True
+
+
 def _validate(req: ExecRequest, mapping: idmap.IdMapping) -> None:
     if not req.argv or not all(isinstance(a, str) for a in req.argv):
         raise PolicyError("argv: give at least the program, as a list of strings")
@@ -162,6 +223,7 @@ class Runtime:
         self._programs: dict[str, seccomp.SeccompProgram] = {}
         self._profiles: dict[str, Profile] = {}
         self.containers: dict[str, Container] = {}
+        self._undoing: set[asyncio.Task[None]] = set()  # creations cancelled by callers
 
     @classmethod
     async def start(cls, *, mapping: idmap.IdMapping | None = None,
@@ -218,6 +280,24 @@ class Runtime:
         return got
 
     async def create_container(self, spec: ContainerSpec) -> Container:
+        """A new container, ready for execs. Cancelling the caller does not cut the
+        exchange with the spawner short (its reply would be read by the next request):
+        the creation completes in the background and the container is destroyed."""
+        task = asyncio.ensure_future(self._create(spec))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._undo_create)
+            raise
+
+    def _undo_create(self, task: asyncio.Task[Container]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        undo = asyncio.ensure_future(task.result().destroy())
+        self._undoing.add(undo)
+        undo.add_done_callback(self._undoing.discard)
+
+    async def _create(self, spec: ContainerSpec) -> Container:
         started = time.monotonic()
         profile = self.profile(spec.profile)
         program = self.program(profile.seccomp)
@@ -271,6 +351,8 @@ class Runtime:
         return container
 
     async def close(self) -> None:
+        while self._undoing:
+            await asyncio.gather(*self._undoing, return_exceptions=True)
         for c in list(self.containers.values()):
             await c.destroy()
         self._sock.close()
@@ -395,8 +477,12 @@ class Container:
             r.append((resource.RLIMIT_NPROC, limits.pids, limits.pids))
         return r
 
-    async def exec(self, req: ExecRequest, *, on_output: OutputCallback | None = None) -> RunResult:
-        """Run one command to its end and return its result; many may run at once."""
+    async def exec(self, req: ExecRequest, *, on_output: OutputCallback | None = None,
+                   control: RunControl | None = None) -> RunResult:
+        """Run one command to its end and return its result; many may run at once. With
+        `control`, the caller may signal the run meanwhile (see RunControl)."""
+        if control is not None:
+            control._claim()
         _validate(req, self.runtime.mapping)
         limits = self.profile.resolve(req.limits)
         loop = asyncio.get_running_loop()
@@ -439,6 +525,11 @@ class Container:
             for fd in own:
                 os.close(fd)
             own.clear()
+            if control is not None:
+                # After the exec message on the same socket: init has started the child
+                # (or reported why not) before it reads any signal for it.
+                control._attach(f"{self.id}-{run_id}",
+                                lambda signum: self._signal_run(run_id, signum))
             # The limits' clocks start now, the child's setup in init included (init tells
             # only when the run ends, which saves a message and a wake-up per run).
             if limits.wall_ms:
@@ -475,6 +566,8 @@ class Container:
                 exited.exception()  # seen: the exception being raised says it already
             raise
         finally:
+            if control is not None:
+                control._detach()
             self._active -= 1
             if run_cg is not None:
                 # Removed at once rather than in batches: a batch of rmdirs holds the
@@ -608,6 +701,12 @@ class Container:
             self._chore(run_cg.kill)
         elif self.alive:
             self._send({"op": "signal", "id": run_id, "signal": 9})
+
+    def _signal_run(self, run_id: int, signum: int) -> None:
+        """A caller's signal: init sends it to the run's process group (never to itself).
+        A container that is gone has no run left to signal; its exec reports why."""
+        with contextlib.suppress(ContainerGoneError):
+            self._send({"op": "signal", "id": run_id, "signal": signum})
 
     async def _sweep(self) -> None:
         """Without a cgroup, the processes a finished run left are found by killing all but

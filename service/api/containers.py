@@ -1,4 +1,5 @@
-"""/v1/containers: sessions a caller keeps, exec in them, copy files in and out."""
+"""/v1/containers: sessions a caller keeps, exec in them, copy files in and out. With
+tokens, a session belongs to the token that made it: to any other it does not exist (404)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from sandbox.engine import RunSpec
-from sandbox.runtime.container import OutputCallback
+from sandbox.runtime.container import OutputCallback, RunControl
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.results import RunResult
 from service.api import engine, json_response, read_json, state
@@ -48,32 +49,40 @@ async def create(request: web.Request) -> web.Response:
     with blame("image"):
         await eng.image(body["image"])
     session = await eng.create_session(body["image"], policy=body.get("policy"),
-                                       network=body.get("network"), limits=limits)
+                                       network=body.get("network"), limits=limits,
+                                       owner=_owner(request))
     return json_response(session.describe(), status=201)
 
 
+def _owner(request: web.Request) -> str | None:
+    return principal(request).owner
+
+
 async def list_(request: web.Request) -> web.Response:
-    eng = engine(request)
-    return json_response({"containers": [s.describe() for s in eng.sessions.values()]})
+    sessions = engine(request).list_sessions(_owner(request))
+    return json_response({"containers": [s.describe() for s in sessions]})
 
 
 async def get(request: web.Request) -> web.Response:
-    return json_response(engine(request).session(request.match_info["id"]).describe())
+    session = engine(request).session(request.match_info["id"], _owner(request))
+    return json_response(session.describe())
 
 
 async def delete(request: web.Request) -> web.Response:
-    await engine(request).delete_session(request.match_info["id"])
+    await engine(request).delete_session(request.match_info["id"], owner=_owner(request))
     return web.Response(status=204)
 
 
 def _exec_job(request: web.Request, body: dict[str, Any]) -> Job:
     eng = engine(request)
     sid = request.match_info["id"]
-    session = eng.session(sid)  # 404 before anything starts
+    owner = _owner(request)
+    session = eng.session(sid, owner)  # 404 before anything starts
     spec, encoding = exec_spec(body, state(request).config.limits)
 
-    async def start(job: Job, spec: RunSpec, on_output: OutputCallback | None) -> RunResult:
-        return await eng.exec(sid, spec, on_output=on_output)
+    async def start(job: Job, spec: RunSpec, on_output: OutputCallback | None,
+                    control: RunControl | None) -> RunResult:
+        return await eng.exec(sid, spec, on_output=on_output, control=control, owner=owner)
 
     return Job(start, spec, encoding, image=session.image.digest)
 
@@ -84,7 +93,7 @@ async def exec_(request: web.Request) -> web.StreamResponse:
 
 
 async def exec_ws(request: web.Request) -> web.StreamResponse:
-    engine(request).session(request.match_info["id"])
+    engine(request).session(request.match_info["id"], _owner(request))
     return await websocket(request, _exec_job, EXEC_BODY)
 
 
@@ -105,7 +114,7 @@ async def put_file(request: web.Request) -> web.Response:
     query = query_params(request, (PATH, MODE))
     path = check_path(query["path"], "path")
     mode = _mode(query.get("mode"))
-    eng.session(request.match_info["id"])
+    eng.session(request.match_info["id"], _owner(request))
     cap = state(request).config.limits.file_body_bytes
     if request.content_length is not None and request.content_length > cap:
         raise too_large("the file", cap, "limits.file_body_bytes", request.content_length)
@@ -116,7 +125,8 @@ async def put_file(request: web.Request) -> web.Response:
             raise too_large("the file", cap, "limits.file_body_bytes")
         chunks.append(chunk)
     with blame("path"):
-        await eng.put_file(request.match_info["id"], path, b"".join(chunks), mode)
+        await eng.put_file(request.match_info["id"], path, b"".join(chunks), mode,
+                           owner=_owner(request))
     return web.Response(status=204)
 
 
@@ -124,8 +134,9 @@ async def get_file(request: web.Request) -> web.Response:
     eng = engine(request)
     query = query_params(request, (PATH,))
     path = check_path(query["path"], "path")
+    eng.session(request.match_info["id"], _owner(request))
     with blame("path"):
-        fetched = await eng.get_path(request.match_info["id"], path)
+        fetched = await eng.get_path(request.match_info["id"], path, owner=_owner(request))
     ctype = "application/x-tar" if fetched.kind == "dir" else "application/octet-stream"
     return web.Response(body=fetched.data, content_type=ctype)
 

@@ -16,7 +16,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from sandbox.engine import FileSpec, RunSpec
-from sandbox.runtime.container import OutputCallback
+from sandbox.runtime.container import OutputCallback, RunControl
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.results import RunResult
 from service.api import State, engine, json_response, parse_json, read_json, state
@@ -28,6 +28,7 @@ from service.schemas import (
     ERROR,
     RUN_BODY,
     RUN_RESULT,
+    SIGNALS,
     WS_MESSAGE,
     Reply,
     Route,
@@ -90,21 +91,13 @@ def result_json(result: RunResult, image: str, pool_hit: bool,
     return out
 
 
-def killed_json(image: str, why: str) -> dict[str, Any]:
-    """The exit event of a run the client killed: the engine returns no result for it."""
-    return {"id": None, "status": "signaled", "exit_code": None, "signal": 9,
-            "stdout_truncated": False, "stderr_truncated": False, "cpu_ms": None,
-            "user_ms": None, "sys_ms": None, "wall_ms": None, "memory_peak_bytes": None,
-            "setup_ms": None, "measured_by": {}, "image": image, "pool_hit": False,
-            "warnings": [why], "error": None}
-
-
 @dataclass
 class Job:
-    """One run to make: `start` runs it to its end. `image` and `pool_hit` are filled in
-    as they become known (a killed run has no result to carry them)."""
+    """One run to make: `start` runs it to its end (signalled through the RunControl, when
+    one is given). `image` and `pool_hit` are filled in as they become known."""
 
-    start: Callable[[Job, RunSpec, OutputCallback | None], Awaitable[RunResult]]
+    start: Callable[[Job, RunSpec, OutputCallback | None, RunControl | None],
+                    Awaitable[RunResult]]
     spec: RunSpec
     encoding: str
     image: str = ""
@@ -120,14 +113,16 @@ def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
             eng.runtime.profile(body["policy"])
     spec, encoding = exec_spec(body, st.config.limits)
 
-    async def start(job: Job, spec: RunSpec, on_output: OutputCallback | None) -> RunResult:
+    async def start(job: Job, spec: RunSpec, on_output: OutputCallback | None,
+                    control: RunControl | None) -> RunResult:
         watcher = PullWatcher(st.metrics)
         with blame("image"):
             image = await eng.image(body["image"], on_progress=watcher)
         watcher.finish()
         job.image = image.digest
         outcome = await eng.run(image.digest, spec, policy=body.get("policy"),
-                                network=body.get("network"), on_output=on_output)
+                                network=body.get("network"), on_output=on_output,
+                                control=control)
         job.pool_hit = outcome.pool_hit
         return outcome.result
 
@@ -146,7 +141,7 @@ async def execute(request: web.Request, job: Job) -> web.StreamResponse:
     kind = stream_kind(request)
     if kind is None:
         async with st.admission.slot(principal(request)):
-            result = await job.start(job, job.spec, None)
+            result = await job.start(job, job.spec, None, None)
         _observe(st, result)
         return json_response(result_json(result, job.image, job.pool_hit,
                                          OutputEncoder(job.encoding)))
@@ -155,7 +150,7 @@ async def execute(request: web.Request, job: Job) -> web.StreamResponse:
     async with st.admission.slot(principal(request)):
         task: asyncio.Task[RunResult] = asyncio.ensure_future(
             job.start(job, job.spec, lambda name, data: pump.put(name, {
-                "data": enc.chunk(name, data)})))
+                "data": enc.chunk(name, data)}), None))
         pump = Pump(stream.send, task.cancel)
         try:
             result = await task
@@ -261,30 +256,24 @@ async def _interactive(request: web.Request, ws: web.WebSocketResponse,
         async def send(event: str, payload: dict[str, Any]) -> None:
             await ws.send_str(orjson.dumps({"event": event, **payload}).decode())
 
+        control = RunControl()
         async with st.admission.slot(principal(request)):
             task: asyncio.Task[RunResult] = asyncio.ensure_future(job.start(
-                job, spec, lambda name, data: pump.put(name, {"data": enc.chunk(name, data)})))
+                job, spec, lambda name, data: pump.put(name, {"data": enc.chunk(name, data)}),
+                control))
             pump = Pump(send, task.cancel)
-            killed = await _feed(ws, task, stdin)
+            await _feed(ws, task, stdin, control)
             try:
-                result: RunResult | None = await task
+                result = await task
             except asyncio.CancelledError:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
-                    raise  # the service is shutting down, not the run being killed
-                result = None
+                    raise  # the service is shutting down
+                await pump.drain()
+                return  # the client left, and the run went with it
             except Exception:
                 await pump.drain()
                 raise
-        if result is None:
-            await pump.drain()
-            if killed is None:
-                return  # the client left
-            st.metrics.observe_run("signaled", None, None)
-            why = (f"killed at the client's request ({killed}); figures of a killed run "
-                   "are not available")
-            await _quiet(send("exit", killed_json(job.image, why)))
-            return
         _observe(st, result)
         for name in ("stdout", "stderr"):
             if tail := enc.tail(name):
@@ -295,14 +284,9 @@ async def _interactive(request: web.Request, ws: web.WebSocketResponse,
         stdin.release()
 
 
-async def _quiet(coro: Awaitable[None]) -> None:
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        await coro
-
-
-async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunResult],
-                stdin: _Stdin) -> str | None:
-    """Relay the client's messages until the run ends; the signal that killed it, if any."""
+async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunResult], stdin: _Stdin,
+                control: RunControl) -> None:
+    """Relay the client's messages (stdin, signals) until the run ends."""
     receive: asyncio.Task[Any] | None = None
     try:
         while not task.done():
@@ -315,7 +299,7 @@ async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunResult],
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
                             WSMsgType.ERROR):
                 task.cancel()  # the client left: the run must not outlive it
-                return None
+                return
             if msg.type != WSMsgType.TEXT:
                 task.cancel()
                 raise bad_request("messages must be JSON text")
@@ -332,16 +316,16 @@ async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunResult],
             elif m["type"] == "signal":
                 if "signal" not in m:
                     task.cancel()
-                    raise bad_request("signal: name the signal (SIGKILL, SIGTERM, SIGINT)",
+                    raise bad_request(f"signal: name the signal ({', '.join(SIGNALS)})",
                                       "signal")
-                task.cancel()
-                return str(m["signal"])
+                # The run goes on until the signal ends it (or not: it may be handled); the
+                # exit event then carries its status and figures as for any other run.
+                control.signal(m["signal"])
     finally:
         if receive is not None:
             receive.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await receive
-    return None
 
 
 async def ws_run(request: web.Request) -> web.StreamResponse:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from service.api import VERSION, engine, json_response, state
+from service.auth import principal
 from service.schemas import ERROR, HEALTH, INFO, Any_, Reply, Route
 
 
 async def info(request: web.Request) -> web.Response:
-    return json_response({"version": VERSION, **engine(request).info()})
+    eng = engine(request)
+    # The caller's sessions only: with tokens, others' are not theirs to learn of.
+    return json_response({"version": VERSION, **eng.info(),
+                          "sessions": len(eng.list_sessions(principal(request).owner))})
 
 
 async def healthz(request: web.Request) -> web.Response:

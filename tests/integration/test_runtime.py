@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.errors import PolicyError, RuntimeSetupError
-from sandbox.runtime.container import Container
+from sandbox.runtime.container import Container, ContainerSpec
 from sandbox.runtime.results import Status
 from tests.conftest import Session
 
@@ -64,7 +65,6 @@ def test_runs_as_unprivileged_id_when_mapped(session: Session, container: Contai
 
 
 def test_concurrent_execs_in_one_container(session: Session, container: Container) -> None:
-    import asyncio
 
     from sandbox.runtime.container import ExecRequest
 
@@ -256,7 +256,6 @@ def test_init_survives_signals_from_inside(session: Session, container: Containe
 
 
 def test_many_runs_across_containers_at_once(session: Session, busybox_root: Path) -> None:
-    import asyncio
 
     from sandbox.runtime.container import ExecRequest
 
@@ -313,7 +312,6 @@ def test_host_mounts_below_a_directory_root_are_read_only(session: Session,
 
 
 def test_cancelled_exec_takes_its_run_with_it(session: Session, container: Container) -> None:
-    import asyncio
 
     from sandbox.runtime.container import ExecRequest
 
@@ -362,3 +360,27 @@ def test_large_argv_reaches_the_program(session: Session, container: Container) 
     args = ["y" * 1000] * 900
     r = session.exec(container, ["sh", "-c", 'echo $#; echo "${900}" | wc -c', "sh", *args])
     assert r.stdout.split() == [b"900", b"1001"]
+
+
+def test_a_cancelled_creation_leaves_the_runtime_usable_and_nothing_behind(
+        session: Session, busybox_root: Path) -> None:
+    """A client that goes away while its container is being made must not leave the
+    spawner's reply in the socket for the next creation to read."""
+    runtime = session.runtime
+
+    async def cancel_midway() -> None:
+        task = asyncio.ensure_future(runtime.create_container(
+            ContainerSpec(layers=(str(busybox_root),), profile="judge")))
+        await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        while runtime._undoing:
+            await asyncio.gather(*runtime._undoing, return_exceptions=True)
+
+    before = set(runtime.containers)
+    for _ in range(3):
+        session.run(cancel_midway())
+    assert set(runtime.containers) == before
+    c = session.container(busybox_root)
+    assert session.exec(c, ["echo", "fine"]).stdout == b"fine\n"

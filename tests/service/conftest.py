@@ -25,6 +25,8 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 MAIN_TOKEN = "main-token-0123456789abcdef"
 LIMITED_TOKEN = "limited-token-0123456789abcdef"
+JUDGE_WALL_DEFAULT = 4000
+JUDGE_WALL_MAX = 60000
 START_TIMEOUT_S = 60
 JSON_CAP = 1 << 20
 
@@ -118,6 +120,13 @@ registries = ["{registry.host}"]
 [pools]
 min_idle = 1
 max_idle = 2
+
+# Below the judge profile's own (5000 and 120000): test_api_policies checks they apply.
+[policies.judge.defaults]
+wall_ms = {JUDGE_WALL_DEFAULT}
+
+[policies.judge.maxima]
+wall_ms = {JUDGE_WALL_MAX}
 
 [limits]
 json_body_bytes = {JSON_CAP}

@@ -12,8 +12,9 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
-from tests.service.conftest import Service
+from tests.service.conftest import LIMITED_TOKEN, Service
 
 
 async def _exec(s: aiohttp.ClientSession, sid: str, script: str,
@@ -143,4 +144,57 @@ def test_an_image_a_session_uses_cannot_be_removed(service: Service, images: Any
         finally:
             async with s.delete(f"/v1/containers/{session['id']}") as r:
                 assert r.status == 204
+    service.call(go)
+
+
+def test_a_session_is_invisible_to_other_tokens(service: Service, images: Any) -> None:
+    """Another token gets 404 exactly as for a session that does not exist (not 403, which
+    would tell that it does); the list shows each token only its own."""
+    limited = service.headers(LIMITED_TOKEN)
+
+    async def answer(s: aiohttp.ClientSession, method: str, path: str,
+                     **kw: Any) -> tuple[int, Any]:
+        async with s.request(method, path, headers=limited, **kw) as r:
+            return r.status, None if r.status == 204 else await r.json()
+
+    async def go(s: aiohttp.ClientSession) -> None:
+        async with s.post("/v1/containers", json={"image": images.oci}) as r:
+            mine = (await r.json())["id"]
+        async with s.post("/v1/containers", json={"image": images.oci},
+                          headers=limited) as r:
+            assert r.status == 201, await r.text()
+            theirs = (await r.json())["id"]
+        try:
+            missing = await answer(s, "GET", "/v1/containers/0123456789abcdef")
+            assert missing[0] == 404
+            files = f"/v1/containers/{mine}/files"
+            for method, path, kw in (
+                    ("GET", f"/v1/containers/{mine}", {}),
+                    ("POST", f"/v1/containers/{mine}/exec", {"json": {"cmd": ["true"]}}),
+                    ("PUT", files, {"params": {"path": "/tmp/x"}, "data": b"x"}),
+                    ("GET", files, {"params": {"path": "/etc/passwd"}}),
+                    ("DELETE", f"/v1/containers/{mine}", {})):
+                status, body = await answer(s, method, path, **kw)
+                assert status == 404, (method, path, body)
+                assert body["error"]["message"] == missing[1]["error"]["message"].replace(
+                    "0123456789abcdef", mine), body
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                async with s.ws_connect(f"/v1/containers/{mine}/exec/ws", headers=limited):
+                    pass
+            assert refused.value.status == 404
+            _, listed = await answer(s, "GET", "/v1/containers")
+            assert [c["id"] for c in listed["containers"]] == [theirs]
+            assert (await answer(s, "GET", "/v1/info"))[1]["sessions"] == 1
+            async with s.get("/v1/containers") as r:
+                ids = [c["id"] for c in (await r.json())["containers"]]
+            assert mine in ids and theirs not in ids
+            async with s.get(f"/v1/containers/{theirs}") as r:
+                assert r.status == 404
+            # the owner still has it, untouched
+            assert (await _exec(s, mine, "echo alive"))["stdout"] == "alive\n"
+            assert (await answer(s, "GET", f"/v1/containers/{theirs}"))[0] == 200
+        finally:
+            async with s.delete(f"/v1/containers/{mine}") as r:
+                assert r.status == 204
+            assert (await answer(s, "DELETE", f"/v1/containers/{theirs}"))[0] == 204
     service.call(go)

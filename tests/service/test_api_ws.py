@@ -40,7 +40,7 @@ def test_interactive_stdin_and_close(service: Service, images: Any) -> None:
     service.call(go)
 
 
-def test_a_signal_kills_the_run(service: Service, images: Any) -> None:
+def test_a_signal_ends_the_run_with_its_figures(service: Service, images: Any) -> None:
     async def go(s: aiohttp.ClientSession) -> None:
         async with s.ws_connect("/v1/runs/ws") as ws:
             await ws.send_json({"image": images.oci, "cmd": ["sh", "-c", "echo up; sleep 60"],
@@ -48,7 +48,44 @@ def test_a_signal_kills_the_run(service: Service, images: Any) -> None:
             await _until(ws, "stdout")
             await ws.send_json({"type": "signal", "signal": "SIGTERM"})
             exit_ = (await _until(ws, "exit"))[-1]
-            assert exit_["status"] == "signaled" and exit_["signal"] == 9
+            assert exit_["event"] == "exit", exit_
+            assert (exit_["status"], exit_["signal"], exit_["exit_code"]) == ("signaled", 15,
+                                                                             None)
+            assert exit_["id"] and exit_["cpu_ms"] is not None and exit_["wall_ms"] > 0
+            assert exit_["memory_peak_bytes"] is not None
+    service.call(go)
+
+
+def test_a_handled_signal_lets_the_program_finish(service: Service, images: Any) -> None:
+    async def go(s: aiohttp.ClientSession) -> None:
+        async with s.post("/v1/containers", json={"image": images.oci}) as r:
+            sid = (await r.json())["id"]
+        try:
+            async with s.ws_connect(f"/v1/containers/{sid}/exec/ws") as ws:
+                await ws.send_json({"cmd": ["sh", "-c", 'trap "echo bye; exit 7" INT; '
+                                            "echo ready; while :; do sleep 1; done"],
+                                    "env": {"PATH": "/bin"}})
+                await _until(ws, "stdout")
+                await ws.send_json({"type": "signal", "signal": "SIGINT"})
+                events = await _until(ws, "exit")
+            assert {"event": "stdout", "data": "bye\n"} in events
+            assert (events[-1]["status"], events[-1]["exit_code"]) == ("nonzero_exit", 7)
+        finally:
+            async with s.delete(f"/v1/containers/{sid}"):
+                pass
+    service.call(go)
+
+
+def test_a_signal_not_allowed_is_refused(service: Service, images: Any) -> None:
+    async def go(s: aiohttp.ClientSession) -> None:
+        async with s.ws_connect("/v1/runs/ws") as ws:
+            await ws.send_json({"image": images.oci, "cmd": ["sh", "-c", "echo up; sleep 60"],
+                                "env": {"PATH": "/bin"}})
+            await _until(ws, "stdout")
+            await ws.send_json({"type": "signal", "signal": "SIGSTOP"})
+            err = (await _until(ws, "error"))[-1]
+            assert err["event"] == "error" and err["error"]["field"] == "signal"
+            assert "SIGUSR2" in err["error"]["message"]
     service.call(go)
 
 
@@ -59,9 +96,13 @@ def test_bad_messages_end_with_an_error_event(service: Service, images: Any) -> 
             err = await ws.receive_json(timeout=30)
             assert err["event"] == "error" and err["error"]["field"] == "cmd"
         async with s.ws_connect("/v1/runs/ws") as ws:
-            await ws.send_json({"image": images.oci, "cmd": ["sleep", "60"]})
+            await ws.send_json({"image": images.oci, "cmd": ["sh", "-c", "echo up; sleep 60"],
+                                "env": {"PATH": "/bin"}})
+            # Once it runs: a run cancelled while its container is being made leaves the
+            # runtime's spawner channel out of step (a known bug, reported).
+            await _until(ws, "stdout")
             await ws.send_json({"type": "dance"})
-            err = await ws.receive_json(timeout=30)
+            err = (await _until(ws, "error"))[-1]
             assert err["event"] == "error" and err["error"]["field"] == "type"
     service.call(go)
 

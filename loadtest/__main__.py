@@ -1,0 +1,129 @@
+"""The HTTP load test: `python -m loadtest [--spawn | --url URL] [options]`.
+
+Drives sandboxd's POST /v1/runs with busybox workloads (true, cpu, syscalls, fork, io,
+memory, judge), closed loop at --concurrency N or open loop at --rate R requests/s
+(latency from each request's scheduled send time: no coordinated omission), each bounded
+by --requests or --duration. Beside every workload, in the same run and loop, the same
+script runs as a bare local process; overhead = sandboxed / bare.
+
+--spawn starts its own service: a throwaway loopback registry with a busybox image and
+`sandboxd serve` on a free loopback port, both removed at the end. Otherwise --url (loopback
+only) and --image name a running service and a busybox image it can pull.
+
+Figures and ratios only: a table on the terminal, the last line one JSON object (also
+--json-out FILE), and --html FILE, a self-contained page with its plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import orjson
+
+from loadtest.http import report
+from loadtest.http.run import Plan, run
+from loadtest.http.service import LoadTestError, check_loopback, spawned
+from loadtest.http.workloads import select
+
+DEFAULT_REQUESTS = 200
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--spawn", action="store_true",
+                       help="start a registry and sandboxd serve of its own")
+    where.add_argument("--url", help="a running sandboxd on loopback, e.g. http://127.0.0.1:8643")
+    ap.add_argument("--token", default=os.environ.get("SANDBOXD_TOKEN"),
+                    help="API token (default $SANDBOXD_TOKEN)")
+    ap.add_argument("--image", help="with --url: a busybox image reference the service can "
+                    "pull (its /bin has the busybox applets)")
+    ap.add_argument("--workload", default="true",
+                    help="comma-separated: true,cpu,syscalls,fork,io,memory,judge, or all")
+    ap.add_argument("--concurrency", type=int, default=4, help="closed loop: requests at once")
+    ap.add_argument("--rate", type=float, help="open loop: requests per second")
+    ap.add_argument("--max-inflight", type=int, default=256,
+                    help="open loop: most requests in flight (later ones wait, and their "
+                    "wait counts)")
+    bound = ap.add_mutually_exclusive_group()
+    bound.add_argument("--requests", type=int,
+                       help=f"per workload and side (default {DEFAULT_REQUESTS})")
+    bound.add_argument("--duration", type=float, help="seconds per workload and side")
+    ap.add_argument("--warmup", type=int, default=8, help="untimed runs before each phase")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    ap.add_argument("--no-bare", action="store_true", help="skip the bare baseline")
+    ap.add_argument("--json-out", type=Path, help="write the JSON report here too")
+    ap.add_argument("--html", type=Path, help="write the HTML report here")
+    ap.add_argument("--json-only", action="store_true",
+                    help="print only the JSON line (no progress, no table)")
+    return ap
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so the spawned service and registry are stopped.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    try:
+        workloads = select(args.workload)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.concurrency < 1 or args.warmup < 0 or args.max_inflight < 1 or args.timeout <= 0:
+        ap.error("--concurrency and --max-inflight need at least 1, --warmup at least 0, "
+                 "--timeout above 0")
+    if (args.rate is not None and args.rate <= 0) or (args.requests is not None
+                                                      and args.requests < 1) \
+            or (args.duration is not None and args.duration <= 0):
+        ap.error("--rate, --requests and --duration must be positive")
+    if args.url and not args.image:
+        ap.error("--url needs --image: a busybox image reference the service can pull")
+    requests = args.requests if args.requests or args.duration else DEFAULT_REQUESTS
+    signal.signal(signal.SIGTERM, _terminate)
+
+    def plan(url: str, image: str) -> Plan:
+        return Plan(url=url, token=args.token, image=image, workloads=tuple(workloads),
+                    concurrency=args.concurrency, rate=args.rate, requests=requests,
+                    duration_s=args.duration, warmup=args.warmup,
+                    max_inflight=args.max_inflight, timeout_s=args.timeout,
+                    bare=not args.no_bare, progress=not args.json_only)
+
+    try:
+        if args.spawn:
+            if not args.json_only:
+                print("... starting a registry and sandboxd serve", file=sys.stderr)
+            idle = args.max_inflight if args.rate else args.concurrency
+            with spawned(pool_idle=max(4, min(idle, 64))) as svc:
+                result = asyncio.run(run(plan(svc.url, svc.image)))
+        else:
+            result = asyncio.run(run(plan(check_loopback(args.url), args.image)))
+    except LoadTestError as e:
+        print(f"load test failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("load test interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    command = "python -m loadtest " + shlex.join(sys.argv[1:] if argv is None else argv)
+    result["command"] = command
+    line = orjson.dumps(result)
+    if args.json_out:
+        args.json_out.write_bytes(line + b"\n")
+    if args.html:
+        args.html.write_text(report.html(result, command))
+    if not args.json_only:
+        print(report.table(result))
+    sys.stdout.buffer.write(line + b"\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The HTTP load test of sandboxd: `python -m loadtest` (see loadtest/__main__.py)."""

@@ -1,0 +1,162 @@
+"""The report: a terminal table, and a self-contained HTML page (inline SVG, no script)."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from loadtest.http.svg import bar_chart, line_chart
+
+SIDES = ("sandboxed", "bare")
+NOT_MEASURED = (
+    "peers (bwrap, crun, runc, podman) side by side",
+    "the isolation sweep (seccomp, network namespace, cgroup, warm vs cold, read-only vs "
+    "writable root)",
+    "the compiler scenario of the code judge (needs an image with a compiler)",
+    "a profile of the warm path under load (py-spy)",
+)
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, w in report["workloads"].items():
+        for side in SIDES:
+            if side not in w:
+                continue
+            s = w[side]
+            lat = s["latency_ms"]
+            ratio = w.get("overhead", {}) if side == "sandboxed" else {}
+            rows.append([name, side, str(s["requests"]), str(s["errors"]),
+                         _f(s["throughput_per_s"], 1), _f(lat.get("p50")), _f(lat.get("p90")),
+                         _f(lat.get("p99")), _f(lat.get("p99_9")),
+                         _f(ratio.get("p50")), _f(ratio.get("p99")),
+                         _f(ratio.get("throughput"))])
+    return rows
+
+
+HEAD = ["workload", "side", "requests", "errors", "runs/s", "p50 ms", "p90 ms", "p99 ms",
+        "p99.9 ms", "x p50", "x p99", "x runs/s"]
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = [HEAD, *_rows(report)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEAD))]
+    lines = ["  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i])
+                       for i, c in enumerate(r)) for r in rows]
+    lines.append("x: sandboxed / bare (latency above 1 is slower; runs/s below 1 is fewer)")
+    for name, w in report["workloads"].items():
+        s = w["sandboxed"]
+        extra = f", pool {s['pool']}" if "pool" in s else ""
+        lines.append(f"{name}: statuses {s['statuses']}, http {s['http']}{extra}")
+        for e in s["error_samples"]:
+            lines.append(f"  error: {e}")
+    return "\n".join(lines)
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    h = "".join(f"<th>{escape(c)}</th>" for c in head)
+    b = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>"
+
+
+def _cdfs(report: dict[str, Any]) -> str:
+    charts = []
+    for name, w in report["workloads"].items():
+        series = [(side, [(x, y) for x, y in w[side]["cdf_ms"]]) for side in SIDES if side in w]
+        charts.append(line_chart(f"{name}: latency CDF", series, xlabel="latency (ms, log)",
+                                 ylabel="fraction of requests", log_x=True, step=True))
+    return "".join(charts)
+
+
+def _timelines(report: dict[str, Any]) -> str:
+    charts = []
+    for name, w in report["workloads"].items():
+        series = []
+        for side in SIDES:
+            if side in w:
+                t = w[side]["timeline"]
+                series.append((side, [(i * t["bucket_s"], v) for i, v in enumerate(t["per_s"])]))
+        charts.append(line_chart(f"{name}: throughput over time", series, xlabel="time (s)",
+                                 ylabel="runs per second", step=True))
+    return "".join(charts)
+
+
+def _overhead(report: dict[str, Any]) -> str:
+    names = [n for n, w in report["workloads"].items() if "overhead" in w]
+    if not names:
+        return "<p>No bare baseline in this run (--no-bare).</p>"
+    ws = report["workloads"]
+    ratios = bar_chart("sandboxed / bare", names,
+                       [(k, [ws[n]["overhead"][k] or 0.0 for n in names])
+                        for k in ("p50", "p99", "throughput")],
+                       ylabel="ratio (1 = bare)", reference=1.0)
+    medians = bar_chart("median latency (ms)", names,
+                        [(side, [ws[n][side]["latency_ms"].get("p50", 0.0) for n in names])
+                         for side in SIDES], ylabel="ms")
+    return ratios + medians
+
+
+def _metrics(report: dict[str, Any]) -> str:
+    before, after = report["metrics_before"], report["metrics_after"]
+    rows = [[k, _f(before.get(k)), _f(after.get(k)), _f(report["metrics_delta"].get(k, 0.0))]
+            for k in sorted(set(before) | set(after))]
+    return _html_table(["series", "before", "after", "change"], rows)
+
+
+def _statuses(report: dict[str, Any]) -> str:
+    rows = []
+    for name, w in report["workloads"].items():
+        for side in SIDES:
+            if side in w:
+                s = w[side]
+                rows.append([name, side, str(s["statuses"]), str(s["http"]),
+                             str(s.get("pool", "-")), "; ".join(s["error_samples"]) or "-"])
+    return _html_table(["workload", "side", "run statuses", "http", "warm pool", "errors"],
+                       rows)
+
+
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}svg{margin:4px;border:1px solid #eee}
+code{background:#f4f4f4;padding:1px 3px}"""
+
+
+def html(report: dict[str, Any], command: str) -> str:
+    mode = (f"open loop at {report['rate_per_s']:g} requests/s (latency from each "
+            f"request's scheduled send time)" if report["mode"] == "open"
+            else f"closed loop, {report['concurrency']} at once")
+    bound = (f"{report['requests']} requests" if report["requests"]
+             else f"{report['duration_s']:g} s")
+    workloads = "".join(f"<li><b>{escape(n)}</b> ({escape(w['policy'])} policy): "
+                        f"{escape(w['measures'])}<br><code>{escape(w['script'])}</code></li>"
+                        for n, w in report["workloads"].items())
+    host = report["host"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>sandboxd load test</title>
+<style>{STYLE}</style></head><body>
+<h1>sandboxd load test</h1>
+<p><code>{escape(command)}</code></p>
+<p>{escape(mode)}; {escape(bound)} per workload and side, after {report['warmup']} warm-up
+runs. Service {escape(report['url'])}, image <code>{escape(report['image'])}</code>.
+Kernel {escape(host['kernel'])}, Python {escape(host['python'])}, {host['cpus']} CPUs.
+The bare baseline runs the same busybox and script as a local process (posix_spawn from a
+thread, same concurrency), without isolation.</p>
+<section id="summary"><h2>Summary</h2>{_html_table(HEAD, _rows(report))}
+<p>x: sandboxed / bare.</p><ul>{workloads}</ul></section>
+<section id="cdf"><h2>Latency CDF</h2>{_cdfs(report)}</section>
+<section id="throughput"><h2>Throughput over time</h2>{_timelines(report)}</section>
+<section id="overhead"><h2>Sandboxed vs bare</h2>{_overhead(report)}</section>
+<section id="statuses"><h2>Statuses and errors</h2>{_statuses(report)}</section>
+<section id="metrics"><h2>Service metrics (/metrics) before and after</h2>{_metrics(report)}
+</section>
+<section id="not-measured"><h2>Not measured by this version</h2><ul>
+{"".join(f"<li>{escape(x)}</li>" for x in NOT_MEASURED)}</ul></section>
+</body></html>
+"""

@@ -1,0 +1,163 @@
+"""The service side: loopback checks, /metrics snapshots, and `--spawn`'s own sandboxd.
+
+`spawned` starts a throwaway loopback registry holding a busybox image (pushed with the
+image API, as `sandboxd demo` does) and `sandboxd serve` on a free loopback port with an
+empty state directory; both are stopped and the directory removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from sandbox import busybox
+from sandbox.demoimages import write_tar
+from sandbox.images import ImageService
+from sandbox.localregistry import start_registry
+from sandbox.runtime import idmap
+from sandbox.store.unpack import Ownership
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+PR_SET_PDEATHSIG = 1
+# Counters whose change over a phase is reported; the rest are shown as read.
+KEPT = ("sandboxd_runs_total", "sandboxd_pool_hits_total", "sandboxd_pool_misses_total",
+        "sandboxd_pool_idle", "sandboxd_live_containers", "sandboxd_http_requests_total",
+        "sandboxd_run_setup_seconds_sum", "sandboxd_run_setup_seconds_count",
+        "sandboxd_run_seconds_sum", "sandboxd_run_seconds_count", "sandboxd_pulls_total")
+
+
+class LoadTestError(RuntimeError):
+    """The load test cannot run as asked; the message says what to change."""
+
+
+def check_loopback(url: str) -> str:
+    """The URL, if it is http(s) to a loopback host; a load test targets this machine only."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or not host:
+        raise LoadTestError(f"--url {url!r}: expected http://127.0.0.1:PORT")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise LoadTestError(f"--url {url!r}: the load test targets loopback only (127.0.0.1, "
+                            "::1 or localhost); run it on the service's machine")
+    return url.rstrip("/")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The KEPT series of a Prometheus text exposition, as 'name{labels}' -> value."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key.split("{", 1)[0] in KEPT:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after.get(k, 0.0) - before.get(k, 0.0), 6)
+            for k in sorted(set(before) | set(after))
+            if after.get(k, 0.0) != before.get(k, 0.0)}
+
+
+def _pdeathsig() -> None:
+    """In the child: SIGTERM when the load test dies, even by SIGKILL."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _push_busybox(work: Path, registry_host: str) -> str:
+    ref = f"{registry_host}/loadtest/busybox:1"
+    tar = write_tar(busybox.build_rootfs(work / "rootfs"), work / "busybox.tar.gz")
+    shutil.rmtree(work / "rootfs")
+
+    async def push() -> None:
+        async with ImageService(work / "builder",
+                                ownership=Ownership.for_mapping(idmap.plan())) as svc:
+            await svc.import_tar(tar, ref, cmd=["sh"], env={"PATH": "/bin"})
+            await svc.push(ref)
+
+    asyncio.run(push())
+    return ref
+
+
+@dataclass(frozen=True)
+class Spawned:
+    url: str
+    image: str
+    log: Path
+    pid: int
+
+
+@contextlib.contextmanager
+def spawned(pool_idle: int, *, min_idle: int = 0) -> Iterator[Spawned]:
+    """A registry with a busybox image and a `sandboxd serve` using it, then nothing left."""
+    work = Path(tempfile.mkdtemp(prefix="sandboxd-loadtest-"))
+    try:
+        with start_registry(work / "registry") as registry:
+            image = _push_busybox(work, registry.host)
+            port = _free_port()
+            config = work / "sandboxd.toml"
+            # Enough warm containers for every concurrent request of one workload.
+            config.write_text(f"[pools]\nmax_idle = {pool_idle}\nmin_idle = {min_idle}\n")
+            log = work / "sandboxd.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+                     "--port", str(port), "--state-dir", str(work / "state"),
+                     "--config", str(config)],
+                    stdout=out, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                deadline = time.monotonic() + START_TIMEOUT_S
+                while not _ready(url):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise LoadTestError("sandboxd serve did not start; its log:\n"
+                                            + log.read_text(errors="replace")[-3000:])
+                    time.sleep(0.1)
+                yield Spawned(url, image, log, proc.pid)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,62 @@
+"""The service config's [policies.<profile>] tables: parsed, checked against the profiles
+they change, and handed to the engine."""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+import pytest
+
+from sandbox.engine import PolicyLimits
+from sandbox.runtime.profiles import Limits, load_profile
+from service.config import ConfigError, from_dict
+
+STATE = '[server]\nstate_dir = "/srv/sandboxd"\n'
+
+
+def _load(toml: str) -> Any:
+    # STATE after: a top-level key (policies = 3) must come before any table
+    return from_dict(tomllib.loads(toml + STATE), env={})
+
+
+def test_defaults_and_maxima_reach_the_engine_config() -> None:
+    c = _load("[policies.judge.defaults]\nwall_ms = 1000\ncpu_ms = 500\n"
+              "[policies.judge.maxima]\nwall_ms = 2000\n"
+              "[policies.default.maxima]\nmemory_bytes = 1073741824\n")
+    limits = c.engine_config().policy_limits
+    assert limits["judge"] == PolicyLimits(defaults=Limits(wall_ms=1000, cpu_ms=500),
+                                           maxima=Limits(wall_ms=2000))
+    assert limits["default"] == PolicyLimits(maxima=Limits(memory_bytes=1 << 30))
+    assert _load("").engine_config().policy_limits == {}
+
+
+def test_applied_over_the_profile_key_by_key() -> None:
+    judge = load_profile("judge")
+    merged = PolicyLimits(defaults=Limits(wall_ms=1000),
+                          maxima=Limits(wall_ms=2000)).applied_to(judge)
+    assert (merged.defaults.wall_ms, merged.maxima.wall_ms) == (1000, 2000)
+    assert merged.defaults.cpu_ms == judge.defaults.cpu_ms
+    assert merged.maxima.memory_bytes == judge.maxima.memory_bytes
+    assert merged.rootfs == judge.rootfs and merged.seccomp == judge.seccomp
+
+
+@pytest.mark.parametrize(("toml", "words"), [
+    ("[policies.nosuch.maxima]\nwall_ms = 1\n", ["policies.nosuch", "known profiles"]),
+    ("[policies.judge.maxima]\ngpus = 1\n", ["policies.judge.maxima.gpus", "unknown limit"]),
+    ("[policies.judge.defaults]\nwall_ms = -5\n", ["policies.judge.defaults.wall_ms",
+                                                   "positive"]),
+    ("[policies.judge.defaults]\nwall_ms = 3000\n[policies.judge.maxima]\nwall_ms = 2000\n",
+     ["policies.judge.defaults.wall_ms", "3000", "2000"]),
+    # the profile file's default (5000) would be left above a maximum lowered alone
+    ("[policies.judge.maxima]\nwall_ms = 2000\n", ["policies.judge.defaults.wall_ms", "5000"]),
+    ("[policies.judge.limits]\nwall_ms = 1\n", ["policies.judge.limits", "defaults, maxima"]),
+    ("[policies]\njudge = 3\n", ["policies.judge", "table"]),
+    ("[policies.judge]\nmaxima = 3\n", ["policies.judge.maxima", "table"]),
+    ("policies = 3\n", ["policies", "table"]),
+])
+def test_bad_policy_tables_name_the_setting(toml: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        _load(toml)
+    for w in words:
+        assert w in str(err.value), str(err.value)
