@@ -55,8 +55,22 @@ class _Pool:
     busy: int = 0
     hits: int = 0
     misses: int = 0
+    created: int = 0             # containers started for this key, misses and refills
     peak: int = 0                # the most runs at once lately: how many to keep warm
     refilling: bool = False
+    resetting: int = 0           # on their way back to idle
+    reusable: bool = False       # the policy's root is read-only: busy ones come back
+
+    @property
+    def warm(self) -> int:
+        """Idle now or soon: a refill that ignored those being reset (or, for a read-only
+        root, those running) would start a container per run and destroy one when the
+        used one came back."""
+        return len(self.idle) + self.resetting
+
+    @property
+    def expected(self) -> int:
+        return self.warm + (self.busy if self.reusable else 0)
 
 
 class Pools:
@@ -128,6 +142,8 @@ class Pools:
         except BaseException:
             pool.busy -= 1
             raise
+        pool.created += 1
+        pool.reusable = container.reusable
         self._refill(pool)
         return container, False
 
@@ -141,7 +157,8 @@ class Pools:
         """After a run: reset and keep it when its root is read-only, else destroy it."""
         pool = self._pool(image, profile)
         pool.busy -= 1
-        if container.reusable and container.alive and len(pool.idle) < self.config.max_idle:
+        if container.reusable and container.alive and pool.warm < self.config.max_idle:
+            pool.resetting += 1
             self._spawn(self._reset_and_keep(pool, container))
         else:
             self._spawn(self.destroy(container))
@@ -158,21 +175,25 @@ class Pools:
             log.warning("container %s failed its reset and is replaced: %s", container.id, e)
             await self.destroy(container)
             return
+        finally:
+            pool.resetting -= 1
         pool.idle.append(container)
 
     def _target(self, pool: _Pool) -> int:
         return min(self.config.max_idle, max(self.config.min_idle, pool.peak))
 
     def _refill(self, pool: _Pool) -> None:
-        if not pool.refilling and len(pool.idle) < self._target(pool):
+        if not pool.refilling and pool.expected < self._target(pool):
             pool.refilling = True
             self._spawn(self._fill(pool))
 
     async def _fill(self, pool: _Pool) -> None:
         try:
-            while (len(pool.idle) < self._target(pool)
-                   and self._live < self.config.max_live):
-                pool.idle.append(await self._create(pool.image, pool.profile))
+            while pool.expected < self._target(pool) and self._live < self.config.max_live:
+                container = await self._create(pool.image, pool.profile)
+                pool.created += 1
+                pool.reusable = container.reusable
+                pool.idle.append(container)
         except SandboxError as e:
             log.warning("could not warm a container for %s (%s): %s", pool.image.digest,
                         pool.profile, e)
@@ -188,7 +209,8 @@ class Pools:
 
     def stats(self) -> list[dict[str, Any]]:
         return [{"image": p.image.digest, "names": list(p.image.names), "policy": p.profile,
-                 "idle": len(p.idle), "busy": p.busy, "hits": p.hits, "misses": p.misses}
+                 "idle": len(p.idle), "busy": p.busy, "hits": p.hits, "misses": p.misses,
+                 "created": p.created}
                 for p in self._pools.values()]
 
     async def close(self) -> None:

@@ -202,3 +202,21 @@ def test_the_container_cap_refuses_with_a_capacity_error(tmp_path: Path, images:
             == b"ok\n"
     finally:
         r.close()
+
+
+def test_sequential_runs_on_a_warm_pool_start_no_container(tmp_path: Path,
+                                                           images: Any) -> None:
+    """A reused container on its way back counts as warm: no start-and-destroy per run."""
+    r = Running(tmp_path / "churn", pools=PoolConfig(min_idle=3, max_idle=3))
+    try:
+        r.run(r.engine.run(images.oci, sh("true"), policy="judge"))
+        r.settle()
+        (before,) = r.engine.pools.stats()
+        for _ in range(10):
+            assert r.run(r.engine.run(images.oci, sh("true"), policy="judge")).pool_hit
+            r.settle()
+        (after,) = r.engine.pools.stats()
+        assert after["created"] == before["created"] == 3
+        assert after["idle"] == 3
+    finally:
+        r.close()
