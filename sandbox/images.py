@@ -120,6 +120,7 @@ class ImageService:
         self.platform = platform or Platform.host()
         self.overlay = overlay
         self._parallel = asyncio.Semaphore(parallel_layers)
+        self._resolved: dict[str, tuple[int, Image]] = {}
         self.blobs.clean_temps()
         self.layers.clean_temps()
 
@@ -280,8 +281,16 @@ class ImageService:
         return found.image
 
     async def resolve(self, reference: str) -> Image:
-        """A local image by name or digest, without asking any registry."""
-        return await self._image(self._lookup(reference))
+        """A local image by name or digest, without asking any registry.
+
+        Every warm run starts here, so an answer is kept until the catalog next changes
+        (a pull, tag, import, remove or gc of this process)."""
+        cached = self._resolved.get(reference)
+        if cached is not None and cached[0] == self.catalog.generation:
+            return cached[1]
+        image = await self._image(self._lookup(reference))
+        self._resolved[reference] = (self.catalog.generation, image)
+        return image
 
     async def _image(self, digest: str) -> Image:
         rec = self.catalog.image(digest)

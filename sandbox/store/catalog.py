@@ -106,6 +106,7 @@ class Catalog:
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
         self._lock = threading.RLock()
+        self.generation = 0  # bumped by every change to images or names made here
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -137,6 +138,7 @@ class Catalog:
     # images
 
     def add_image(self, rec: ImageRecord) -> None:
+        self.generation += 1
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO images VALUES (?,?,?,?,?,?,?)",
                        (rec.digest, rec.media_type, rec.config, rec.platform, rec.size,
@@ -173,12 +175,14 @@ class Catalog:
         self._write("UPDATE images SET last_used=? WHERE digest=?", (time.time(), digest))
 
     def remove_image(self, digest: str) -> None:
+        self.generation += 1
         self._write("DELETE FROM images WHERE digest=?", (digest,))
 
     # names
 
     def set_name(self, name: str, repository: str, tag: str | None, target: str,
                  image: str) -> None:
+        self.generation += 1
         self._write("INSERT OR REPLACE INTO names VALUES (?,?,?,?,?,?)",
                     (name, repository, tag, target, image, time.time()))
 
@@ -194,6 +198,7 @@ class Catalog:
         return [NameRecord(*r) for r in rows]
 
     def remove_name(self, name: str) -> bool:
+        self.generation += 1
         return self._write("DELETE FROM names WHERE name=?", (name,)) > 0
 
     # layers and blobs

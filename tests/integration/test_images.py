@@ -528,3 +528,18 @@ def test_pulls_from_registries_with_basic_and_token_auth(session: Session, tmp_p
     finally:
         session.run(svc.close())
         session.run(anonymous.close())
+
+
+def test_resolve_answers_from_memory_until_the_catalog_changes(session: Session,
+                                                               svc: ImageService,
+                                                               images: Any) -> None:
+    session.run(svc.pull(images.oci))
+    first = session.run(svc.resolve(images.oci))
+    assert session.run(svc.resolve(images.oci)) is first
+    svc.tag(images.oci, "mine/again:1")
+    again = session.run(svc.resolve(images.oci))
+    assert again is not first and "docker.io/mine/again:1" in again.names
+    svc.remove(images.oci)
+    svc.remove("mine/again:1")
+    with pytest.raises(NotFound):
+        session.run(svc.resolve(images.oci))
