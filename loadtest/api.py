@@ -33,6 +33,7 @@ from loadtest.http.service import spawned
 from loadtest.http.stats import summary
 from loadtest.http.targets import BareEnv, BareTarget, HttpTarget
 from loadtest.http.workloads import WORKLOADS
+from loadtest.output import emit
 from sandbox import busybox
 
 TRUE = WORKLOADS["true"]
@@ -137,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 2 or args.seconds <= 0 or args.idle < 1:
         ap.error("--requests >= 2, --seconds > 0 and --idle >= 1")
     fig = run(args.requests, args.seconds, args.idle)
-    if not args.json_only:
-        for k, v in fig.items():
-            print(f"{k:>24}  {v}")
-    print(json.dumps(fig, separators=(",", ":")))
+    emit(fig, args.json_only)
     return 0
 
 

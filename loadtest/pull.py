@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loadtest.output import emit
 from sandbox.images import ImageService
 from sandbox.localregistry import LocalRegistry, start_registry
 from sandbox.runtime import idmap
@@ -244,10 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.mb, args.layers, args.repeat, args.cached) < 1:
         ap.error("every count must be at least 1")
     fig = run(args.mb, args.layers, args.repeat, args.cached, args.json_only)
-    if not args.json_only:
-        for k, v in fig.items():
-            print(f"{k:>24}  {v}")
-    print(json.dumps(fig, separators=(",", ":")))
+    emit(fig, args.json_only)
     return 0
 
 

@@ -129,6 +129,17 @@ def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
     return Job(start, spec, encoding)
 
 
+async def _finish(st: State, pump: Pump, enc: OutputEncoder, job: Job,
+                  result: RunResult) -> None:
+    """The end of a streamed run: output still held back by the decoder, then the exit."""
+    _observe(st, result)
+    for name in ("stdout", "stderr"):
+        if tail := enc.tail(name):
+            pump.put(name, {"data": tail})
+    pump.put("exit", result_json(result, job.image, job.pool_hit, None))
+    await pump.drain()
+
+
 def _observe(st: State, result: RunResult) -> None:
     st.metrics.observe_run(str(result.status), result.setup_ms, result.wall_ms)
 
@@ -165,12 +176,7 @@ async def execute(request: web.Request, job: Job) -> web.StreamResponse:
                 raise  # nothing sent yet: an ordinary JSON error response
             await _send_quietly(stream, "error", to_api_error(e).body())
             return await stream.close()
-    _observe(st, result)
-    for name in ("stdout", "stderr"):
-        if tail := enc.tail(name):
-            pump.put(name, {"data": tail})
-    pump.put("exit", result_json(result, job.image, job.pool_hit, None))
-    await pump.drain()
+    await _finish(st, pump, enc, job, result)
     return await stream.close()
 
 
@@ -274,12 +280,7 @@ async def _interactive(request: web.Request, ws: web.WebSocketResponse,
             except Exception:
                 await pump.drain()
                 raise
-        _observe(st, result)
-        for name in ("stdout", "stderr"):
-            if tail := enc.tail(name):
-                pump.put(name, {"data": tail})
-        pump.put("exit", result_json(result, job.image, job.pool_hit, None))
-        await pump.drain()
+        await _finish(st, pump, enc, job, result)
     finally:
         stdin.release()
 
