@@ -3,9 +3,9 @@
 It starts its own loopback registry and `sandboxd serve` (as `python -m loadtest --spawn`
 does) and measures, in one run, with the bare baseline beside each figure:
 
-- a warm run over HTTP: POST /v1/runs of busybox `true` on the judge policy (a warm, reset
-  container), one at a time: median and p99 from the client's side; bare: the same
-  `busybox sh -c true` posix_spawned locally;
+- a warm run over HTTP: POST /v1/runs of busybox `true` (executed directly, no shell) on
+  the judge policy (a warm, reset container), one at a time: median and p99 from the
+  client's side; bare: the same busybox `true` posix_spawned locally;
 - throughput: the same at concurrency 8 for `--seconds`, sandboxed and bare;
 - memory: the service, its spawner and `--idle` idle warm containers (the pool filled to
   that size), as the sum of their proportional set sizes (PSS: shared pages counted once).
@@ -36,7 +36,7 @@ from loadtest.http.workloads import WORKLOADS
 from loadtest.output import emit
 from sandbox import busybox
 
-TRUE = WORKLOADS["true"]
+TRUE = WORKLOADS["exec"]  # busybox true, one exec, no shell
 FILL_TIMEOUT_S = 120.0
 
 

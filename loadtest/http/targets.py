@@ -92,8 +92,9 @@ def _read_all(fd: int) -> bytes:
 
 
 class BareTarget:
-    """`busybox sh -c SCRIPT` posix_spawned from a thread, at most `workers` at once: the
-    same busybox binary and script as the container runs, without any isolation."""
+    """The workload's busybox command (`sh -c SCRIPT`, or an applet) posix_spawned from a
+    thread, at most `workers` at once: the same binary and command as the container runs,
+    without any isolation."""
 
     def __init__(self, env: BareEnv, workload: Workload, workers: int) -> None:
         self.workload = workload
@@ -125,7 +126,7 @@ class BareTarget:
         actions = [stdin_action, (os.POSIX_SPAWN_DUP2, out_w, 1),
                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]
         try:
-            pid = os.posix_spawn(self.busybox, ["sh", "-c", self.workload.script], self.env,
+            pid = os.posix_spawn(self.busybox, self.workload.command, self.env,
                                  file_actions=actions)
         except OSError:
             for fd in (in_w, out_r):

@@ -46,11 +46,17 @@ class Workload:
     files: tuple[tuple[str, str, int], ...] = ()       # (path, content, mode), copied in
     stdin: Callable[[int], str] | None = None          # request number -> its stdin
     expect: Callable[[int], str] | None = None         # request number -> exact stdout
+    argv: tuple[str, ...] | None = None                # a busybox applet run directly
+
+    @property
+    def command(self) -> list[str]:
+        """What runs: the applet itself (one exec), or `sh -c` with the script."""
+        return list(self.argv) if self.argv else ["sh", "-c", self.script]
 
     def run_body(self, image: str, seq: int) -> dict[str, Any]:
         """The POST /v1/runs body of request number `seq`."""
         body: dict[str, Any] = {
-            "image": image, "cmd": ["sh", "-c", self.script], "policy": self.policy,
+            "image": image, "cmd": self.command, "policy": self.policy,
             "env": {"PATH": "/bin", "BIN": "/bin", "TMPDIR": "/tmp"},
             "limits": self.limits,
         }
@@ -70,6 +76,8 @@ def _judge_script() -> str:
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
+    Workload("exec", "busybox true executed directly, no shell: the fixed cost of one "
+             "sandboxed exec", "", argv=("true",)),
     Workload("true", "a run that does nothing: the fixed cost of a sandboxed run",
              '"$BIN/true"'),
     Workload("cpu", "CPU-bound: 100,000 iterations of shell arithmetic (no syscalls)",

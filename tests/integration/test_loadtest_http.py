@@ -55,7 +55,7 @@ def test_every_workload_through_spawn_reports_figures_statuses_and_plots(
         assert delta['sandboxd_runs_total{status="ok"}'] == REQUESTS
         assert (delta.get("sandboxd_pool_hits_total", 0)
                 + delta.get("sandboxd_pool_misses_total", 0)) == REQUESTS
-    # Warm-up and measured runs of seven workloads, all ok, as the service counted them.
+    # Warm-up and measured runs of every workload, all ok, as the service counted them.
     assert report["metrics_delta"]['sandboxd_runs_total{status="ok"}'] == \
         len(WORKLOADS) * (REQUESTS + 1)
     page = html.read_text()
