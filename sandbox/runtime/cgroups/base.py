@@ -68,6 +68,10 @@ class Cgroup(ABC):
     def add_pid(self, pid: int) -> None: ...
 
     @abstractmethod
+    def changed(self) -> float:
+        """When its directory last changed (st_mtime): how long an orphan has been one."""
+
+    @abstractmethod
     def pids(self, *, recursive: bool = False) -> list[int]:
         """Processes in this cgroup (and its descendants if recursive), over all hierarchies."""
 

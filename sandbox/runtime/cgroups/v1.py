@@ -95,6 +95,9 @@ class V1Cgroup(Cgroup):
                 found.update(base.read_pids(f"{sub}/cgroup.procs"))
         return sorted(found)
 
+    def changed(self) -> float:
+        return os.stat(self._hier[0]).st_mtime
+
     def is_empty(self) -> bool:
         # Every process of a run joins every hierarchy, so one hierarchy tells.
         return not base.read_pids(f"{self._hier[0]}/cgroup.procs")

@@ -76,6 +76,9 @@ class V2Cgroup(Cgroup):
     def add_pid(self, pid: int) -> None:
         base.write(f"{self._dir}/cgroup.procs", str(pid))
 
+    def changed(self) -> float:
+        return os.stat(self._dir).st_mtime
+
     def pids(self, *, recursive: bool = False) -> list[int]:
         dirs = base.subtree_dirs(self._dir) if recursive else (self._dir,)
         found: set[int] = set()
