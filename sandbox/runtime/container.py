@@ -287,15 +287,18 @@ class Runtime:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            task.add_done_callback(self._undo_create)
+            undo = asyncio.ensure_future(self._undo_create(task))
+            self._undoing.add(undo)
+            undo.add_done_callback(self._undoing.discard)
             raise
 
-    def _undo_create(self, task: asyncio.Task[Container]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        undo = asyncio.ensure_future(task.result().destroy())
-        self._undoing.add(undo)
-        undo.add_done_callback(self._undoing.discard)
+    @staticmethod
+    async def _undo_create(task: asyncio.Task[Container]) -> None:
+        try:
+            container = await task
+        except Exception:
+            return  # it failed on its own; nobody is left to tell
+        await container.destroy()
 
     async def _create(self, spec: ContainerSpec) -> Container:
         started = time.monotonic()
