@@ -1,7 +1,7 @@
 """Root filesystems for the demo, tests and benchmarks, made from what Debian installed on
 this host: busybox-static alone, or busybox plus the python3.11 interpreter and standard
 library (the files of Debian's python3.11 packages and the shared libraries they load).
-They become images with `ImageService.import_tar` and reach a registry with `push`."""
+`push_images` makes them images (`ImageService.import_tar`) and pushes them to a registry."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ import re
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox import busybox
 from sandbox.errors import SandboxError
+from sandbox.images import ImageService
+from sandbox.runtime import idmap
+from sandbox.store.unpack import Ownership
 
 PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
                    "python3-minimal")
@@ -78,3 +82,27 @@ def write_tar(root: Path, dest: Path) -> Path:
     with tarfile.open(dest, "w:gz", compresslevel=6) as tar:
         tar.add(root, arcname=".", filter=owned_by_root)
     return dest
+
+
+@dataclass(frozen=True)
+class TarImage:
+    """A root-filesystem tar and what its image should be called and run by default."""
+
+    tar: Path
+    ref: str                      # where it is pushed, e.g. "127.0.0.1:5000/demo/busybox:1"
+    cmd: Sequence[str]
+    env: Mapping[str, str]
+
+
+def push_images(store: Path, images: Sequence[TarImage]) -> None:
+    """Import each tar into an image store at `store` and push it to its registry, with
+    the image API's own registry client."""
+    import asyncio
+
+    async def push() -> None:
+        async with ImageService(store, ownership=Ownership.for_mapping(idmap.plan())) as svc:
+            for image in images:
+                await svc.import_tar(image.tar, image.ref, cmd=image.cmd, env=image.env)
+                await svc.push(image.ref)
+
+    asyncio.run(push())

@@ -248,7 +248,7 @@ class Engine:
         s = self.session(sid, owner)
         s.last_used = time.time()
         if spec.limits is None and s.limits is not None:
-            spec = RunSpec(**{**spec.__dict__, "limits": s.limits})
+            spec = replace(spec, limits=s.limits)
         req = self._request(s.image, spec, s.policy)
         for f in spec.files:
             await files.put_file(s.container, f.path, f.content, f.mode, uid=req.uid,

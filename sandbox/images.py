@@ -229,9 +229,8 @@ class ImageService:
         if manifest.config.size > CONFIG_MAX:
             raise ManifestError(f"image config {manifest.config.digest} claims "
                                 f"{manifest.config.size} bytes, over the {CONFIG_MAX} cap")
-        config_path = await fetch(manifest.config)
+        await fetch(manifest.config)
         config = parse_config(self.blobs.read(manifest.config.digest, CONFIG_MAX))
-        del config_path
         if len(config.diff_ids) != len(manifest.layers):
             raise ManifestError(f"image {digest}: the manifest lists {len(manifest.layers)} "
                                 f"layers, its config {len(config.diff_ids)} diff_ids")

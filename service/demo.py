@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sandbox.demoimages import python_rootfs, write_tar
+from sandbox.demoimages import TarImage, push_images, python_rootfs, write_tar
 from service.client import ApiError, RunResult, SyncClient
 
 HELLO = """
@@ -101,30 +101,20 @@ def _service(state: Path, port: int, log: Path) -> Iterator[str]:
 
 def _push_images(work: Path, registry_host: str) -> tuple[str, str]:
     """The demo images, built here and pushed with the image API (the registry client)."""
-    import asyncio
-
     from sandbox import busybox
-    from sandbox.images import ImageService
-    from sandbox.runtime import idmap
-    from sandbox.store.unpack import Ownership
 
-    bb = write_tar(busybox.build_rootfs(work / "busybox"), work / "busybox.tar.gz")
-    py = write_tar(python_rootfs(work / "python"), work / "python.tar.gz")
-    refs = (f"{registry_host}/demo/busybox:1", f"{registry_host}/demo/python:3.11")
-
-    async def push() -> None:
-        async with ImageService(work / "builder",
-                                ownership=Ownership.for_mapping(idmap.plan())) as svc:
-            await svc.import_tar(bb, refs[0], cmd=["sh"], env={"PATH": "/bin"})
-            await svc.import_tar(py, refs[1], cmd=["python3"],
-                                 env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"})
-            for ref in refs:
-                await svc.push(ref)
-
-    asyncio.run(push())
+    busybox_ref, python_ref = (f"{registry_host}/demo/busybox:1",
+                               f"{registry_host}/demo/python:3.11")
+    push_images(work / "builder", [
+        TarImage(write_tar(busybox.build_rootfs(work / "busybox"), work / "busybox.tar.gz"),
+                 busybox_ref, ["sh"], {"PATH": "/bin"}),
+        TarImage(write_tar(python_rootfs(work / "python"), work / "python.tar.gz"),
+                 python_ref, ["python3"],
+                 {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}),
+    ])
     for name in ("busybox", "python"):
         shutil.rmtree(work / name)
-    return refs
+    return busybox_ref, python_ref
 
 
 def run_demo() -> int:

@@ -7,7 +7,6 @@ empty state directory; both are stopped and the directory removed whatever happe
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import ipaddress
@@ -26,11 +25,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from sandbox import busybox
-from sandbox.demoimages import write_tar
-from sandbox.images import ImageService
+from sandbox.demoimages import TarImage, push_images, write_tar
 from sandbox.localregistry import start_registry
-from sandbox.runtime import idmap
-from sandbox.store.unpack import Ownership
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -106,14 +102,7 @@ def _push_busybox(work: Path, registry_host: str) -> str:
     ref = f"{registry_host}/loadtest/busybox:1"
     tar = write_tar(busybox.build_rootfs(work / "rootfs"), work / "busybox.tar.gz")
     shutil.rmtree(work / "rootfs")
-
-    async def push() -> None:
-        async with ImageService(work / "builder",
-                                ownership=Ownership.for_mapping(idmap.plan())) as svc:
-            await svc.import_tar(tar, ref, cmd=["sh"], env={"PATH": "/bin"})
-            await svc.push(ref)
-
-    asyncio.run(push())
+    push_images(work / "builder", [TarImage(tar, ref, ["sh"], {"PATH": "/bin"})])
     return ref
 
 
