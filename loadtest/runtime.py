@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,9 +399,13 @@ def build_workloads(dest: Path, owner: tuple[int, int]) -> None:
 
 
 def host_info(runtime: Runtime, n: Counts) -> dict[str, Any]:
+    return {"runs": n.runs, "cold_runs": n.cold, "warmup_runs": n.warmup,
+            **machine_info(runtime)}
+
+
+def machine_info(runtime: Runtime) -> dict[str, Any]:
     driver = runtime.cgroups.driver
     return {
-        "runs": n.runs, "cold_runs": n.cold, "warmup_runs": n.warmup,
         "id_mapping": runtime.mapping.method,
         "cgroup_driver": f"v{driver.version}" if driver is not None else "none",
         "kernel": platform.release(), "python": platform.python_version(),
@@ -413,7 +418,10 @@ def progress(quiet: bool, what: str) -> None:
         print(f"... {what}", file=sys.stderr, flush=True)
 
 
-async def run(n: Counts, quiet: bool) -> tuple[list[Row], dict[str, Any]]:
+@contextlib.asynccontextmanager
+async def prepared() -> AsyncIterator[tuple[Runtime, Path]]:
+    """A Runtime and a busybox root with the workloads in its /bin, in a temporary
+    directory; the runtime is closed and the directory removed whatever happens."""
     tmp = Path(tempfile.mkdtemp(prefix="sandboxd-loadtest-"))
     runtime: Runtime | None = None
     try:
@@ -421,6 +429,15 @@ async def run(n: Counts, quiet: bool) -> tuple[list[Row], dict[str, Any]]:
         m = runtime.mapping
         root = busybox.build_rootfs(tmp / "rootfs", owner=(m.root_uid, m.root_gid))
         build_workloads(root, (m.root_uid, m.root_gid))
+        yield runtime, root
+    finally:
+        if runtime is not None:
+            await runtime.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def run(n: Counts, quiet: bool) -> tuple[list[Row], dict[str, Any]]:
+    async with prepared() as (runtime, root):
         rows: list[Row] = []
         fig = host_info(runtime, n)
         for what, step in (("exec", bench_exec), ("cold start", bench_cold),
@@ -430,10 +447,6 @@ async def run(n: Counts, quiet: bool) -> tuple[list[Row], dict[str, Any]]:
             rows += more_rows
             fig |= more
         return rows, fig
-    finally:
-        if runtime is not None:
-            await runtime.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

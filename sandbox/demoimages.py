@@ -1,6 +1,7 @@
 """Root filesystems for the demo, tests and benchmarks, made from what Debian installed on
-this host: busybox-static alone, or busybox plus the python3.11 interpreter and standard
-library (the files of Debian's python3.11 packages and the shared libraries they load).
+this host: busybox-static alone, or busybox plus the files of some of Debian's packages and
+the shared libraries they load: the python3.11 interpreter and standard library, or the C
+compiler (gcc 12, binutils, the libc headers and crt files).
 `push_images` makes them images (`ImageService.import_tar`) and pushes them to a registry."""
 
 from __future__ import annotations
@@ -22,15 +23,26 @@ from sandbox.store.unpack import Ownership
 
 PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
                    "python3-minimal")
+GCC_PACKAGES = ("gcc", "gcc-12", "cpp-12", "libgcc-12-dev", "libgcc-s1", "libc6-dev",
+                "linux-libc-dev", "binutils", "binutils-x86-64-linux-gnu")
+# Left out of the compiler image: what `gcc -O2 [-static] x.c` never runs or links, and
+# whose size would dominate it: documentation, link-time optimisation (lto1 and lto-dump,
+# 31 MB each), coverage and profiling tools, the gold linker, the sanitizers' libraries
+# (their .so links would pull in 20 MB of runtimes) and gcc's plugins.
+GCC_LEFT_OUT = re.compile(
+    r"^/usr/share/|/lto1$|lto-dump|gcov|gprof|gp-|gold|dwp$"
+    r"|/lib(asan|hwasan|lsan|tsan|ubsan)[^/]*$|/gcc/x86_64-linux-gnu/12/plugin/")
 _LDD_PATH = re.compile(r"(/\S+) \(0x")
+_ELF_MAGIC = b"\x7fELF"
+_ELF_LOADABLE = (2, 3)  # e_type ET_EXEC, ET_DYN: what ldd can follow (not .o files)
 
 
-def _package_files(packages: Iterable[str]) -> list[Path]:
+def _package_files(packages: Iterable[str], image: str) -> list[Path]:
     try:
         out = subprocess.run(["dpkg-query", "-L", *packages], check=True,
                              capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
-        raise SandboxError(f"the python demo image needs Debian's {', '.join(packages)}: "
+        raise SandboxError(f"the {image} image needs Debian's {', '.join(packages)}: "
                            f"install them with apt-get ({e})") from None
     return [Path(line) for line in out.splitlines() if line.startswith("/")]
 
@@ -52,25 +64,48 @@ def _copy(src: Path, root: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def _shared_libraries(binaries: Iterable[Path]) -> set[Path]:
-    libs: set[Path] = set()
-    for binary in binaries:
-        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
-        libs.update(Path(m) for m in _LDD_PATH.findall(out))
-    return libs
+def _loadable_elf(path: Path) -> bool:
+    """An executable or shared library (not a symlink, an object file or a script)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(18)
+    return (len(head) == 18 and head[:4] == _ELF_MAGIC
+            and int.from_bytes(head[16:18], "little") in _ELF_LOADABLE)
+
+
+def _shared_libraries(binaries: Sequence[Path]) -> set[Path]:
+    if not binaries:
+        return set()
+    out = subprocess.run(["ldd", *map(str, binaries)], capture_output=True, text=True).stdout
+    return {Path(m) for m in _LDD_PATH.findall(out)}
+
+
+def _packages_rootfs(dest: Path, packages: Sequence[str], image: str,
+                     left_out: re.Pattern[str] | None = None) -> Path:
+    """busybox plus the files of Debian's `packages` (but those `left_out` matches) and
+    every shared library their executables and libraries load."""
+    busybox.build_rootfs(dest)
+    files = [p for p in _package_files(packages, image)
+             if (p.is_file() or p.is_symlink())
+             and (left_out is None or not left_out.search(str(p)))]
+    for path in files:
+        _copy(path, dest)
+    for lib in _shared_libraries([p for p in files if _loadable_elf(p)]):
+        _copy(lib, dest)
+    return dest
 
 
 def python_rootfs(dest: Path) -> Path:
     """busybox plus Debian's python3.11 (about 30 MB): `python3 -c ...` runs in it."""
-    busybox.build_rootfs(dest)
-    files = [p for p in _package_files(PYTHON_PACKAGES) if p.is_file() or p.is_symlink()]
-    for path in files:
-        _copy(path, dest)
-    elf = [p for p in files if p.is_file() and not p.is_symlink()
-           and (p.suffix == ".so" or p.name.startswith("python3"))]
-    for lib in _shared_libraries(elf):
-        _copy(lib, dest)
-    return dest
+    return _packages_rootfs(dest, PYTHON_PACKAGES, "python demo")
+
+
+def gcc_rootfs(dest: Path) -> Path:
+    """busybox plus Debian's gcc 12, binutils and the libc headers, static and shared libc:
+    `gcc -O2 [-static] -o /tmp/a /tmp/a.c` works in it with a read-only root (gcc writes
+    only to $TMPDIR, default /tmp, and its output)."""
+    return _packages_rootfs(dest, GCC_PACKAGES, "compiler", GCC_LEFT_OUT)
 
 
 def write_tar(root: Path, dest: Path) -> Path:

@@ -178,10 +178,15 @@ class Engine:
 
     def _policy(self, policy: str | None, network: str | None) -> str:
         name = policy or self.config.default_policy
-        self.runtime.profile(name)  # raises PolicyError naming the known ones
+        profile = self.runtime.profile(name)  # raises PolicyError naming the known ones
         if network not in (None, *NETWORKS):
             raise PolicyError(f"network: {network!r} is not supported; use one of "
                               f"{', '.join(NETWORKS)}")
+        if network is not None and network != profile.network:
+            # The operator's policy decides; a request must not believe it got otherwise.
+            raise PolicyError(f"network: policy {name!r} runs with network "
+                              f"{profile.network!r}, not {network!r}; choose a policy whose "
+                              "network is what you need, or leave network out")
         return name
 
     def _request(self, image: Image, spec: RunSpec, profile: str) -> ExecRequest:

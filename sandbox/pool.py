@@ -59,6 +59,7 @@ class _Pool:
     peak: int = 0                # the most runs at once lately: how many to keep warm
     refilling: bool = False
     resetting: int = 0           # on their way back to idle
+    waiting: deque[asyncio.Future[Container | None]] = field(default_factory=deque)
     reusable: bool = False       # the policy's root is read-only: busy ones come back
 
     @property
@@ -129,13 +130,23 @@ class Pools:
         pool = self._pool(image, profile)
         pool.busy += 1
         pool.peak = max(pool.peak, pool.busy)
-        while pool.idle:
-            container = pool.idle.popleft()
-            if container.alive:
+        while True:
+            while pool.idle:
+                container = pool.idle.popleft()
+                if container.alive:
+                    pool.hits += 1
+                    self._refill(pool)
+                    return container, True
+                self._spawn(self.destroy(container))
+            if pool.resetting <= len(pool.waiting):
+                break
+            # One on its way back is a reset (a fraction of a millisecond) away; a new one
+            # takes several, and would be destroyed again when the pool is full.
+            handed = await self._wait_for_reset(pool)
+            if handed is not None:
                 pool.hits += 1
                 self._refill(pool)
-                return container, True
-            self._spawn(self.destroy(container))
+                return handed, True
         pool.misses += 1
         try:
             container = await self._create(image, profile)
@@ -168,16 +179,40 @@ class Pools:
         self._pool(image, profile).busy -= 1
         self._spawn(self.destroy(container))
 
+    async def _wait_for_reset(self, pool: _Pool) -> Container | None:
+        """The next container whose reset ends, or None when a reset failed (look again)."""
+        fut: asyncio.Future[Container | None] = asyncio.get_running_loop().create_future()
+        pool.waiting.append(fut)
+        try:
+            return await fut
+        except BaseException:
+            pool.busy -= 1
+            with contextlib.suppress(ValueError):
+                pool.waiting.remove(fut)
+            if fut.done() and not fut.cancelled() and (handed := fut.result()) is not None:
+                pool.idle.append(handed)  # handed over as the caller gave up: keep it
+            raise
+
     async def _reset_and_keep(self, pool: _Pool, container: Container) -> None:
         try:
             await container.reset()
+            kept: Container | None = container
         except SandboxError as e:
             log.warning("container %s failed its reset and is replaced: %s", container.id, e)
-            await self.destroy(container)
-            return
+            kept = None
         finally:
             pool.resetting -= 1
-        pool.idle.append(container)
+        # A waiting run gets it first; after a failed reset, one is told to look again.
+        while pool.waiting:
+            fut = pool.waiting.popleft()
+            if not fut.done():
+                fut.set_result(kept)
+                break
+        else:
+            if kept is not None:
+                pool.idle.append(kept)
+        if kept is None:
+            await self.destroy(container)
 
     def _target(self, pool: _Pool) -> int:
         return min(self.config.max_idle, max(self.config.min_idle, pool.peak))

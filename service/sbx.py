@@ -213,11 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tar", type=Path, metavar="TAR")
     p.add_argument("reference", metavar="NAME:TAG")
     command("info", "Show the service's host capabilities, pools and sessions.")
+    command("loadtest", "Load-test the service: `python -m loadtest`'s options (`sbx "
+                        "loadtest --help` lists them), with --url and --token from sbx's.",
+            add_help=False)
     return parser
 
 
+def _loadtest(args: argparse.Namespace, options: list[str]) -> int:
+    """The load test drives its own client loop, so it runs outside `_main`'s Client."""
+    from loadtest.__main__ import main as loadtest_main  # only this command needs it
+
+    options = [o for o in options if o != "--"]
+    if not {"--spawn", "-h", "--help"} & set(options):
+        url = getattr(args, "url", None) or os.environ.get("SANDBOXD_URL") or DEFAULT_URL
+        options += ["--url", url]
+    if token := getattr(args, "token", None):
+        options += ["--token", token]
+    return loadtest_main(options)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "loadtest":
+        return _loadtest(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return asyncio.run(_main(args))
     except (ApiError, CliError) as e:

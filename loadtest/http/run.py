@@ -15,10 +15,12 @@ from typing import Any
 
 import aiohttp
 
+from loadtest.http import peers as peer_mod
 from loadtest.http.driver import Phase, Send, closed_loop, open_loop
-from loadtest.http.service import metrics_delta, parse_metrics
+from loadtest.http.judge import JudgeBareTarget, JudgeHttpTarget, times_from_now
+from loadtest.http.service import LoadTestError, metrics_delta, parse_metrics
 from loadtest.http.stats import Recorder, summary
-from loadtest.http.targets import BareEnv, BareTarget, HttpTarget
+from loadtest.http.targets import BareEnv, BareTarget, HttpTarget, SpawnTarget
 from loadtest.http.workloads import Workload
 from sandbox import busybox
 
@@ -38,6 +40,9 @@ class Plan:
     timeout_s: float = 120.0
     bare: bool = True
     progress: bool = True
+    compiler_image: str | None = None    # for workloads that compile (judge-c)
+    peers: tuple[str, ...] = ()          # peer phases after the bare one: bwrap, crun, ...
+    peer_path: str | None = None         # where the peers' binaries are (default $PATH)
 
     @property
     def open_loop(self) -> bool:
@@ -107,22 +112,63 @@ def overhead(sandboxed: dict[str, Any], bare: dict[str, Any]) -> dict[str, float
             "throughput": _ratio(sandboxed["throughput_per_s"], bare["throughput_per_s"])}
 
 
-async def run_workload(plan: Plan, w: Workload, bare_env: BareEnv | None) -> dict[str, Any]:
+def _http_target(plan: Plan, w: Workload) -> HttpTarget:
+    if w.compiler:
+        if plan.compiler_image is None:
+            raise LoadTestError(f"workload {w.name} needs a compiler image: pass "
+                                "--compiler-image REF with --url, or use --spawn")
+        return JudgeHttpTarget(plan.url, plan.token, plan.image, plan.compiler_image, w,
+                               plan.connections, plan.timeout_s)
+    return HttpTarget(plan.url, plan.token, plan.image, w, plan.connections, plan.timeout_s)
+
+
+def _bare_target(plan: Plan, w: Workload, env: BareEnv) -> SpawnTarget:
+    return (JudgeBareTarget if w.compiler else BareTarget)(env, w, plan.connections)
+
+
+async def _peer_phases(plan: Plan, w: Workload, ready: dict[str, peer_mod.Peer | str],
+                       bare: dict[str, Any] | None) -> dict[str, Any]:
+    """Each peer's phase of the workload, in the same loop and bounds as the bare one."""
+    out: dict[str, Any] = {}
+    for name, peer in ready.items():
+        if isinstance(peer, str):
+            out[name] = {"skipped": peer}
+        elif w.compiler:
+            out[name] = {"skipped": f"{w.name} needs a compiler image; peers run busybox"}
+        else:
+            async with peer.target(w, plan.connections, plan.timeout_s) as t:
+                await _warm(plan, t.send)
+                phase = await _phase(plan, t.send, f"{w.name} {name}")
+            out[name] = summary(phase.recorder, phase.elapsed_s, plan.open_loop)
+            if bare is not None:
+                out[name]["overhead"] = overhead(out[name], bare)
+    return out
+
+
+async def run_workload(plan: Plan, w: Workload, bare_env: BareEnv | None,
+                       peers: dict[str, peer_mod.Peer | str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"measures": w.measures, "policy": w.policy, "script": w.script}
-    async with HttpTarget(plan.url, plan.token, plan.image, w, plan.connections,
-                          plan.timeout_s) as http:
+    async with _http_target(plan, w) as http:
         await _warm(plan, http.send)
+        times = times_from_now(http)
         before = await _metrics(plan.url, plan.token)
         phase = await _phase(plan, http.send, f"{w.name} sandboxed")
         after = await _metrics(plan.url, plan.token)
     out["sandboxed"] = summary(phase.recorder, phase.elapsed_s, plan.open_loop)
     out["sandboxed"]["service_metrics_delta"] = metrics_delta(before, after)
+    if times is not None:
+        out["sandboxed"]["submission"] = times.summary()
     if bare_env is not None:
-        async with BareTarget(bare_env, w, plan.connections) as bare:
+        async with _bare_target(plan, w, bare_env) as bare:
             await _warm(plan, bare.send)
+            times = times_from_now(bare)
             phase = await _phase(plan, bare.send, f"{w.name} bare")
         out["bare"] = summary(phase.recorder, phase.elapsed_s, plan.open_loop)
+        if times is not None:
+            out["bare"]["submission"] = times.summary()
         out["overhead"] = overhead(out["sandboxed"], out["bare"])
+    if peers:
+        out["peers"] = await _peer_phases(plan, w, peers, out.get("bare"))
     return out
 
 
@@ -150,11 +196,19 @@ async def run(plan: Plan) -> dict[str, Any]:
     scratch = _scratch(base)
     try:
         bare_env = None
-        if plan.bare:
+        root = busybox.build_rootfs(base / "rootfs") if plan.bare or plan.peers else None
+        if plan.bare and root is not None:
             scratch.mkdir(exist_ok=True)
-            bare_env = BareEnv(busybox.build_rootfs(base / "rootfs"), scratch)
+            bare_env = BareEnv(root, scratch)
+        ready: dict[str, peer_mod.Peer | str] = {}
+        if root is not None and plan.peers:
+            (base / "peers").mkdir()
+            env = peer_mod.PeerEnv(root, base / "peers", plan.peer_path)
+            ready = {name: await peer_mod.ready(name, env) for name in plan.peers}
+            report["peers"] = {n: {"skipped": p} if isinstance(p, str) else {"command": p.how}
+                               for n, p in ready.items()}
         for w in plan.workloads:
-            report["workloads"][w.name] = await run_workload(plan, w, bare_env)
+            report["workloads"][w.name] = await run_workload(plan, w, bare_env, ready)
     finally:
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,8 +1,9 @@
 """The service side: loopback checks, /metrics snapshots, and `--spawn`'s own sandboxd.
 
-`spawned` starts a throwaway loopback registry holding a busybox image (pushed with the
-image API, as `sandboxd demo` does) and `sandboxd serve` on a free loopback port with an
-empty state directory; both are stopped and the directory removed whatever happens.
+`spawned` starts a throwaway loopback registry holding a busybox image, and a gcc image when
+asked (pushed with the image API, as `sandboxd demo` does), and `sandboxd serve` on a free
+loopback port with an empty state directory; both are stopped and the directory removed
+whatever happens.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from sandbox import busybox
-from sandbox.demoimages import TarImage, push_images, write_tar
+from sandbox.demoimages import TarImage, gcc_rootfs, push_images, write_tar
 from sandbox.localregistry import start_registry
 
 START_TIMEOUT_S = 60.0
@@ -98,12 +99,24 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _push_busybox(work: Path, registry_host: str) -> str:
-    ref = f"{registry_host}/loadtest/busybox:1"
-    tar = write_tar(busybox.build_rootfs(work / "rootfs"), work / "busybox.tar.gz")
-    shutil.rmtree(work / "rootfs")
-    push_images(work / "builder", [TarImage(tar, ref, ["sh"], {"PATH": "/bin"})])
-    return ref
+def _tar(build: Callable[[Path], Path], work: Path, name: str) -> Path:
+    tar = write_tar(build(work / name), work / f"{name}.tar.gz")
+    shutil.rmtree(work / name)
+    return tar
+
+
+def _push(work: Path, registry_host: str, compiler: bool) -> tuple[str, str | None]:
+    """The busybox image's reference, and the compiler image's when asked (its 28 MB tar
+    takes seconds to build and push, so only runs that compile pay for it)."""
+    busybox_ref = f"{registry_host}/loadtest/busybox:1"
+    images = [TarImage(_tar(busybox.build_rootfs, work, "busybox"), busybox_ref, ["sh"],
+                       {"PATH": "/bin"})]
+    gcc_ref = f"{registry_host}/loadtest/gcc:12" if compiler else None
+    if gcc_ref is not None:
+        images.append(TarImage(_tar(gcc_rootfs, work, "gcc"), gcc_ref, ["gcc", "--version"],
+                               {"PATH": "/usr/bin:/bin"}))
+    push_images(work / "builder", images)
+    return busybox_ref, gcc_ref
 
 
 @dataclass(frozen=True)
@@ -112,15 +125,17 @@ class Spawned:
     image: str
     log: Path
     pid: int
+    compiler_image: str | None = None    # with compiler=True: gcc 12 (sandbox.demoimages)
 
 
 @contextlib.contextmanager
-def spawned(pool_idle: int, *, min_idle: int = 0) -> Iterator[Spawned]:
-    """A registry with a busybox image and a `sandboxd serve` using it, then nothing left."""
+def spawned(pool_idle: int, *, min_idle: int = 0, compiler: bool = False) -> Iterator[Spawned]:
+    """A registry with a busybox image (and a gcc image with `compiler`) and a `sandboxd
+    serve` using it, then nothing left."""
     work = Path(tempfile.mkdtemp(prefix="sandboxd-loadtest-"))
     try:
         with start_registry(work / "registry") as registry:
-            image = _push_busybox(work, registry.host)
+            image, compiler_image = _push(work, registry.host, compiler)
             port = _free_port()
             config = work / "sandboxd.toml"
             # Enough warm containers for every concurrent request of one workload.
@@ -140,7 +155,7 @@ def spawned(pool_idle: int, *, min_idle: int = 0) -> Iterator[Spawned]:
                         raise LoadTestError("sandboxd serve did not start; its log:\n"
                                             + log.read_text(errors="replace")[-3000:])
                     time.sleep(0.1)
-                yield Spawned(url, image, log, proc.pid)
+                yield Spawned(url, image, log, proc.pid, compiler_image)
             finally:
                 proc.terminate()
                 try:

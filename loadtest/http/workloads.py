@@ -1,4 +1,6 @@
-"""The workloads: one busybox shell script each, run the same way sandboxed and bare.
+"""The workloads: one busybox shell script each, run the same way sandboxed and bare; and
+judge-c, whose requests are whole submissions to a code judge with a compiler (the C
+solution, its compile command and its cases are here, how they run in loadtest/http/judge.py).
 
 A script is identical in both modes; only its environment differs: `PATH` and `BIN` name
 the busybox applets (/bin in the container, a copy of the same busybox rootfs bare) and
@@ -9,6 +11,7 @@ when named bare, and the fork workload must really fork and exec.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +29,24 @@ for n in $line; do s=$((s + n)); done
 echo "$s"
 """
 JUDGE_PATH = "/tmp/solution.sh"
+# The same problem solved in C, as a contestant would.
+JUDGE_C_SOLUTION = """#include <stdio.h>
+
+int main(void) {
+    long long sum = 0, n;
+    while (scanf("%lld", &n) == 1)
+        sum += n;
+    printf("%lld\\n", sum);
+    return 0;
+}
+"""
+JUDGE_C_PATH = "/tmp/solution.c"
+JUDGE_BINARY = "/tmp/solution"
+
+
+def judge_compile(source: str, binary: str) -> list[str]:
+    """The compile command: static, so the binary runs in an image without a libc."""
+    return ["gcc", "-O2", "-static", "-std=gnu11", "-o", binary, source, "-lm"]
 
 
 def judge_input(case: int) -> str:
@@ -47,6 +68,9 @@ class Workload:
     stdin: Callable[[int], str] | None = None          # request number -> its stdin
     expect: Callable[[int], str] | None = None         # request number -> exact stdout
     argv: tuple[str, ...] | None = None                # a busybox applet run directly
+    # Needs the compiler image: a request is a submission (compile, then every case), and
+    # stdin and expect take the case number (loadtest/http/judge.py).
+    compiler: bool = False
 
     @property
     def command(self) -> list[str]:
@@ -101,15 +125,34 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              _judge_script(), files=((JUDGE_PATH, JUDGE_SOLUTION, 0o755),),
              stdin=lambda seq: judge_input(seq % JUDGE_CASES),
              expect=lambda seq: judge_answer(seq % JUDGE_CASES)),
+    Workload("judge-c", f"code judge with a compiler: one submission, a C solution compiled "
+             f"once in a session of the gcc image (source copied in, binary copied out), "
+             f"then run on each of {JUDGE_CASES} inputs in the busybox image, every output "
+             f"checked", shlex.join(judge_compile(JUDGE_C_PATH, JUDGE_BINARY)),
+             files=((JUDGE_C_PATH, JUDGE_C_SOLUTION, 0o644),), stdin=judge_input,
+             expect=judge_answer, compiler=True),
 )}
 
 
-def select(names: str) -> list[Workload]:
-    """'all' or comma-separated names, in the order given."""
-    wanted = list(WORKLOADS) if names.strip() == "all" else [
-        n.strip() for n in names.split(",") if n.strip()]
+def select(names: str, *, compiler: bool = True) -> list[Workload]:
+    """'all' or comma-separated names, in the order given. Without a compiler image
+    (`compiler` False), 'all' leaves out the workloads that need one, and naming one is
+    an error."""
+    everything = names.strip() == "all"
+    wanted = [n for n, w in WORKLOADS.items() if compiler or not w.compiler] if everything \
+        else [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in WORKLOADS]
     if unknown or not wanted:
         raise ValueError(f"unknown workload {', '.join(unknown) or '(none)'}: choose from "
                          f"{', '.join(WORKLOADS)} or all")
+    blind = [n for n in wanted if WORKLOADS[n].compiler and not compiler]
+    if blind:
+        raise ValueError(f"workload {', '.join(blind)} needs an image with a compiler: with "
+                         f"--url, pass --compiler-image REF (a gcc image the service can "
+                         f"pull), or use --spawn")
     return [WORKLOADS[n] for n in wanted]
+
+
+def needing_compiler(names: str) -> bool:
+    """Whether the selection `names` holds a workload that needs the compiler image."""
+    return any(w.compiler for w in select(names))

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from typing import Any
 from sandbox.errors import ContainerGoneError, PolicyError, RuntimeSetupError, SandboxError
 from sandbox.runtime import idmap, protocol, seccomp
 from sandbox.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, Detection, detect
-from sandbox.runtime.profiles import Limits, Profile, load_profile
+from sandbox.runtime.profiles import HOST_NETWORK, UNCONFINED, Limits, Profile, load_profile
 from sandbox.runtime.results import Observed, RunResult, Status, verdict
 from sandbox.runtime.rootfs import RootfsSpec
 
@@ -249,10 +250,12 @@ class Runtime:
         return self._profiles[name]
 
     def program(self, name: str) -> seccomp.SeccompProgram:
-        """Each policy is compiled once; children load the ready BPF."""
+        """Each policy is compiled once; children load the ready BPF (none: unconfined)."""
         if name not in self._programs:
-            self._programs[name] = seccomp.compile_profile(
-                seccomp.load_profile(seccomp.builtin_profile_path(name), name=name))
+            self._programs[name] = (
+                seccomp.SeccompProgram(name, b"", ()) if name == UNCONFINED else
+                seccomp.compile_profile(
+                    seccomp.load_profile(seccomp.builtin_profile_path(name), name=name)))
         return self._programs[name]
 
     @property
@@ -328,6 +331,7 @@ class Runtime:
             reply, got = await self._ask_spawner(
                 {"op": "create", "id": cid, "rootfs": asdict(rootfs),
                  "mapping": self.mapping.describe(), "seccomp_bpf": program.bpf.hex(),
+                 "host_network": profile.network == HOST_NETWORK,
                  "hostname": spec.hostname, "container_cgroup_fds": n_container}, fds)
         except BaseException:
             if cgroup is not None:
@@ -387,12 +391,13 @@ class Container:
         self._ids = itertools.count(1)
         self._waiters: dict[tuple[str, int], asyncio.Future[dict[str, Any]]] = {}
         self._active = 0
-        # The next runs' cgroups are made (with the profile's default limits applied) while
-        # nobody waits, two ahead so that back-to-back runs always find one; a finished
-        # run's is removed the same way.
+        # The next runs' cgroups are ready (the profile's default limits applied) before
+        # anyone waits, two ahead so that back-to-back runs always find one: a finished
+        # run's is reset and kept when it can be, else removed and a new one made, in a
+        # worker thread after the run.
         self._spares: list[tuple[Cgroup, CgroupLimits, list[int]]] = []
         self._chores: set[asyncio.Future[None]] = set()
-        self._making_spares = False
+        self._spares_lock = threading.Lock()  # one chore at a time makes new ones
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().add_reader(ctl, self._on_message)
 
@@ -495,6 +500,8 @@ class Container:
         has = driver.controllers if driver else frozenset()
         warnings = list(self.runtime.warnings)
         run_cg: Cgroup | None = None
+        cg_limits = _cgroup_limits(limits, has)
+        finished = False          # the run ended and was measured: its cgroup may be reused
         own: list[int] = []       # descriptors to close once init has its copies
         readers: list[_Reader] = []
         killed_for: list[Status] = []
@@ -503,7 +510,7 @@ class Container:
         self._active += 1
         try:
             if self.cgroup is not None:
-                run_cg, cg_fds = self._take_run_cgroup(run_id, _cgroup_limits(limits, has))
+                run_cg, cg_fds = self._take_run_cgroup(run_id, cg_limits)
                 own += cg_fds
             else:
                 cg_fds = []
@@ -543,15 +550,13 @@ class Container:
             for t in timers:
                 t.cancel()
             setup_ms = max(0.0, (int(done_msg.get("start_ns") or 0) - t0) / 1e6)
-            if self.cgroup is not None and not self._making_spares:
-                self._making_spares = True
-                self._chore(self._make_spares)
             if done_msg.get("status") is None:  # init could not start the child
                 for r in readers:
                     r.finish()
                 stats = None
             else:
                 stats = await self._end_run(run_cg, readers, warnings)
+            finished = True
         except BaseException:
             # Cancelled (a caller gave up) or failed: the run must not outlive its exec.
             with contextlib.suppress(SandboxError, OSError):
@@ -573,9 +578,10 @@ class Container:
                 control._detach()
             self._active -= 1
             if run_cg is not None:
-                # Removed at once rather than in batches: a batch of rmdirs holds the
+                # Handled at once rather than in batches: a batch of rmdirs holds the
                 # kernel's cgroup lock long enough to stall the runs starting meanwhile.
-                self._chore(run_cg.destroy)
+                cg, reusable = run_cg, finished
+                self._chore(lambda: self._retire(cg, cg_limits, reusable))
         return self._result(run_id, done_msg, stats, limits, killed_for, readers, setup_ms,
                             warnings)
 
@@ -659,6 +665,8 @@ class Container:
 
     def _make_spares(self) -> None:
         assert self.cgroup is not None and self.runtime.cgroups.driver is not None
+        if not self._spares_lock.acquire(blocking=False):
+            return  # another chore is at it
         limits = _cgroup_limits(self.profile.defaults, self.runtime.cgroups.driver.controllers)
         try:
             while self.alive and len(self._spares) < _SPARES:
@@ -666,7 +674,22 @@ class Container:
                 cg.apply(limits)
                 self._spares.append((cg, limits, cg.open_procs_fds()))
         finally:
-            self._making_spares = False
+            self._spares_lock.release()
+
+    def _retire(self, cg: Cgroup, applied: CgroupLimits, reusable: bool) -> None:
+        """A run's cgroup once the run is over: a spare again when the run ended cleanly and
+        the cgroup can be reset exactly, else removed; then the spares are topped up."""
+        kept = False
+        try:
+            if reusable and self.alive and len(self._spares) < _SPARES and cg.recycle():
+                cg.apply(applied)
+                self._spares.append((cg, applied, cg.open_procs_fds()))
+                kept = True
+        except (SandboxError, OSError):
+            pass  # removed below, as one that cannot be recycled
+        if not kept:
+            cg.destroy()
+        self._make_spares()
 
     def _drop_spares(self) -> None:
         spares, self._spares = self._spares, []

@@ -155,6 +155,7 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
     runs: dict[int, _Run] = {}
+    scratch = rootfs.Scratch(cfg.resettable)
     poller = select.poll()
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -192,6 +193,7 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
             msg, fds = got
             op = msg.get("op")
             if op == "exec":
+                scratch.touching()
                 err_r, err_w = os.pipe2(os.O_CLOEXEC)
                 start = time.monotonic_ns()
                 try:
@@ -220,11 +222,12 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
                 error = None
                 try:
                     if msg.get("remount", True):
-                        rootfs.reset(list(cfg.resettable))
+                        scratch.reset()
                 except OSError as e:
                     error = str(e)
                 protocol.send(ctl, {"ev": "reset", "error": error})
             elif op == "open":
+                scratch.touching()
                 try:
                     fd = open_for_host(msg)
                 except (OSError, ValueError, TypeError, KeyError) as e:

@@ -13,6 +13,13 @@ from typing import Any
 
 from sandbox.errors import PolicyError
 from sandbox.runtime.rootfs import DEFAULT_TMPFS, TmpfsMount
+from sandbox.runtime.seccomp import builtin_profile_path
+
+# Operator choices that take a layer away, by Docker's names (--security-opt
+# seccomp=unconfined, --network host); see "Policies" in docs/architecture.md for the risk.
+UNCONFINED = "unconfined"    # seccomp: no filter at all
+HOST_NETWORK = "host"        # network: no network namespace, the host's interfaces
+NETWORKS = ("none", HOST_NETWORK)
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,19 @@ class Profile:
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
+def _seccomp_policy(value: Any, profile: str) -> str:
+    """A built-in seccomp policy's name, or "unconfined"."""
+    if not isinstance(value, str):
+        raise PolicyError(f"profile {profile!r}: seccomp must be the name of a policy in "
+                          f"policies/seccomp or {UNCONFINED!r}, got {value!r}")
+    if value != UNCONFINED:
+        try:
+            builtin_profile_path(value)
+        except PolicyError as e:
+            raise PolicyError(f"profile {profile!r}: {e}, or {UNCONFINED!r}") from None
+    return value
+
+
 def profile_path(name: str) -> Path:
     if not _NAME.fullmatch(name):
         raise PolicyError(f"profile {name!r}: a profile name is lowercase letters, digits, - and _")
@@ -171,14 +191,19 @@ def load_profile(name: str, path: Path | None = None) -> Profile:
     if not isinstance(data, dict):
         raise PolicyError(f"profile {name!r}: expected a JSON object")
     network = data.get("network", "none")
-    if network != "none":
-        raise PolicyError(f"profile {name!r}: network {network!r} is not supported yet; use 'none'")
+    if network not in NETWORKS:
+        raise PolicyError(f"profile {name!r}: network {network!r} is not one of 'none' (a "
+                          "network namespace of its own, only lo) or 'host' (no namespace)")
     rootfs = RootfsShape.from_dict(data.get("rootfs", {}), f"{name}.rootfs")
+    if network == HOST_NETWORK and rootfs.sys != "none":
+        # The kernel mounts sysfs only for the owner of the network namespace.
+        raise PolicyError(f"profile {name!r}: rootfs.sys 'ro' needs a network namespace of "
+                          "the container's own; use network 'none' or rootfs.sys 'none'")
     limits = data.get("limits", {})
     return Profile(
         name=name,
         description=str(data.get("description", "")),
-        seccomp=str(data.get("seccomp", "default")),
+        seccomp=_seccomp_policy(data.get("seccomp", "default"), name),
         network=network,
         rootfs=rootfs,
         defaults=Limits.from_dict(limits.get("defaults", {}), f"{name}.limits.defaults"),

@@ -3,9 +3,10 @@
 Forking a threaded (asyncio) process is unsafe, so the service starts this process once,
 with every module already imported, and asks it over a SOCK_SEQPACKET socket for
 containers. For each one it forks a helper that joins the container's cgroup and unshares
-user, mount, pid, ipc, uts, net and cgroup namespaces; the spawner writes the id map; the
-helper forks the container's init (pid 1 of the new pid namespace) and exits, so init is
-re-parented here (this process is a child subreaper) and dies with it (PDEATHSIG).
+user, mount, pid, ipc, uts, net (unless the profile's network is "host") and cgroup
+namespaces; the spawner writes the id map; the helper forks the container's init (pid 1 of
+the new pid namespace) and exits, so init is re-parented here (this process is a child
+subreaper) and dies with it (PDEATHSIG).
 
 Run as `python -m sandbox.runtime.spawner FD`.
 """
@@ -48,7 +49,8 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
         for fd in fds[:n_container]:
             os.write(fd, b"0")  # before CLONE_NEWCGROUP, so the namespace is rooted there
         spec = _spec(req["rootfs"])
-        sc.unshare(NAMESPACES)
+        # A profile with network "host" keeps the host's network: no namespace of its own.
+        sc.unshare(NAMESPACES & ~sc.CLONE_NEWNET if req["host_network"] else NAMESPACES)
         # Opened in the new mount namespace (a bind source must be a mount of the caller's
         # namespace) but before the id map is used: the service's own host uid still owns
         # the lookup, where container root may be an id that cannot traverse its directories.
@@ -84,7 +86,8 @@ def _init_main(req: dict[str, Any], init_cgroup_fds: list[int], ctl: socket.sock
         plan = rootfs.plan(spec, sources)
         rootfs.execute(plan, writable=spec.writable)
         sc.sethostname(req.get("hostname") or "sandbox")
-        sc.loopback_up()
+        if not req["host_network"]:
+            sc.loopback_up()
         sc.set_process_name("sbx-init")
         # Nothing of the host stays open: only the control socket, and /dev/null (the
         # container's) on 0-2 so that received descriptors never land there.

@@ -4,6 +4,7 @@ real containers."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -220,3 +221,45 @@ def test_sequential_runs_on_a_warm_pool_start_no_container(tmp_path: Path,
         assert after["idle"] == 3
     finally:
         r.close()
+
+
+def test_a_run_waits_for_a_container_being_reset_rather_than_starting_one(
+        tmp_path: Path, images: Any) -> None:
+    """Under load every warm container may be on its way back at once: the next run takes
+    the first whose reset ends instead of starting one (and destroying one later)."""
+    r = Running(tmp_path / "handover", pools=PoolConfig(min_idle=1, max_idle=1))
+    try:
+        r.run(r.engine.run(images.oci, sh("true"), policy="judge"))
+        r.settle()
+        pools = r.engine.pools
+        image = r.run(r.engine.images.resolve(images.oci))
+        (before,) = pools.stats()
+
+        async def back_and_again() -> tuple[Any, Any, bool]:
+            first, _ = await pools.take(image, "judge")
+            pools.give_back(image, "judge", first)  # its reset has only begun
+            second, hit = await pools.take(image, "judge")
+            pools.give_back(image, "judge", second)
+            return first, second, hit
+
+        first, second, hit = r.run(back_and_again())
+        r.settle()
+        (after,) = pools.stats()
+        assert hit and second is first
+        assert after["created"] == before["created"] and after["misses"] == before["misses"]
+        assert r.run(r.engine.run(images.oci, sh("echo ok"), policy="judge")).result.stdout \
+            == b"ok\n"
+    finally:
+        r.close()
+
+
+def test_a_request_cannot_believe_it_got_another_network_than_its_policy(
+        eng: Running, images: Any) -> None:
+    judge = eng.engine.runtime.profile("judge")
+    eng.engine.runtime.register_profile(dataclasses.replace(judge, name="hostnet",
+                                                            network="host"))
+    with pytest.raises(PolicyError, match="runs with network 'host', not 'none'"):
+        eng.run(eng.engine.run(images.oci, sh("true"), policy="hostnet",
+                               network="none"))
+    assert eng.run(eng.engine.run(images.oci, sh("echo ok"), policy="judge",
+                                  network="none")).result.stdout == b"ok\n"

@@ -16,7 +16,7 @@ from aiohttp import web
 from loadtest.http.driver import Phase, closed_loop, open_loop
 from loadtest.http.service import LoadTestError, check_loopback
 from loadtest.http.targets import HttpTarget
-from loadtest.http.workloads import WORKLOADS
+from loadtest.http.workloads import JUDGE_CASES, WORKLOADS
 
 REPO = Path(__file__).resolve().parents[2]
 PERCENTILES = ("p50", "p90", "p99", "p99_9")
@@ -28,7 +28,8 @@ def test_every_workload_through_spawn_reports_figures_statuses_and_plots(
     html, out = tmp_path / "report.html", tmp_path / "report.json"
     done = subprocess.run(
         [sys.executable, "-m", "loadtest", "--spawn", "--workload", "all", "--requests",
-         str(REQUESTS), "--concurrency", "2", "--warmup", "1", "--json-only",
+         str(REQUESTS), "--concurrency", "2", "--warmup", "1", "--json-only", "--peers",
+         "none", "--sweep", "2",
          "--html", str(html), "--json-out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -36,6 +37,8 @@ def test_every_workload_through_spawn_reports_figures_statuses_and_plots(
     assert json.loads(out.read_text()) == report
     assert report["mode"] == "closed" and report["concurrency"] == 2
     assert list(report["workloads"]) == list(WORKLOADS)
+    # A judge-c request is a submission: one compile exec, then every case.
+    runs = {n: JUDGE_CASES + 1 if WORKLOADS[n].compiler else 1 for n in WORKLOADS}
     for name, w in report["workloads"].items():
         for side in ("sandboxed", "bare"):
             s = w[side]
@@ -48,19 +51,25 @@ def test_every_workload_through_spawn_reports_figures_statuses_and_plots(
             assert s["throughput_per_s"] > 0
             assert s["cdf_ms"][-1][1] == 1.0 and s["timeline"]["per_s"]
         assert w["sandboxed"]["http"] == {"200": REQUESTS}
-        assert sum(w["sandboxed"]["pool"].values()) == REQUESTS
+        if not WORKLOADS[name].compiler:  # a submission is many runs: no one pool figure
+            assert sum(w["sandboxed"]["pool"].values()) == REQUESTS
         assert set(w["overhead"]) == {"p50", "p99", "throughput"}
         assert all(v > 0 for v in w["overhead"].values()), (name, w["overhead"])
         delta = w["sandboxed"]["service_metrics_delta"]
-        assert delta['sandboxd_runs_total{status="ok"}'] == REQUESTS
+        assert delta['sandboxd_runs_total{status="ok"}'] == REQUESTS * runs[name]
         assert (delta.get("sandboxd_pool_hits_total", 0)
-                + delta.get("sandboxd_pool_misses_total", 0)) == REQUESTS
+                + delta.get("sandboxd_pool_misses_total", 0)) == REQUESTS * runs[name]
     # Warm-up and measured runs of every workload, all ok, as the service counted them.
     assert report["metrics_delta"]['sandboxd_runs_total{status="ok"}'] == \
-        len(WORKLOADS) * (REQUESTS + 1)
+        sum(runs.values()) * (REQUESTS + 1)
     page = html.read_text()
-    for section in ("summary", "cdf", "throughput", "overhead", "statuses", "metrics"):
+    for section in ("summary", "cdf", "throughput", "overhead", "statuses", "metrics",
+                    "isolation-sweep"):
         assert f'<section id="{section}">' in page
+    # The sweep ran after the HTTP phases: every variant of both programs measured.
+    for variant in report["sweep"]["variants"].values():
+        assert variant["true"]["median_ms"] > 0 and variant["syscalls"]["median_ms"] > 0
+    assert "overhead per isolation layer" in page
     assert page.count("<svg") >= 2 * len(WORKLOADS) + 2
     assert "<script" not in page and "src=" not in page  # self-contained
 

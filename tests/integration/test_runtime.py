@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,41 @@ def test_read_only_root_and_reset(session: Session, judge_container: Container) 
     lines = r.stdout.split()
     assert b"left" not in lines
     assert int(lines[-1]) <= 4
+
+
+def _tmp_mount_id(session: Session, c: Container) -> bytes:
+    r = sh(session, c, "grep ' /tmp ' /proc/self/mountinfo")
+    assert r.status == Status.OK, r.stderr
+    return r.stdout.split()[0]
+
+
+def test_reset_remounts_only_a_tmpfs_a_run_changed(session: Session,
+                                                   judge_container: Container) -> None:
+    c = judge_container
+    session.run(c.reset())
+    time.sleep(0.03)  # past the clock tick of the mount: a change would show in its ctime
+    before = _tmp_mount_id(session, c)
+    session.run(c.reset())
+    assert _tmp_mount_id(session, c) == before, "a run that changed nothing got a new /tmp"
+    time.sleep(0.03)
+    sh(session, c, "echo x > /tmp/f; rm /tmp/f")  # leaves nothing but a moved ctime
+    session.run(c.reset())
+    assert _tmp_mount_id(session, c) != before
+
+
+def test_reset_right_after_a_remount_gives_a_new_tmpfs(session: Session,
+                                                       judge_container: Container) -> None:
+    """Made and removed within the clock tick of the mount, files leave the ctime as it was;
+    the inode numbers they used would still tell the next run about them."""
+    c = judge_container
+    probe = "touch /tmp/p && stat -c %i /tmp/p && rm /tmp/p"
+    session.run(c.reset())
+    fresh = sh(session, c, probe).stdout
+    for _ in range(5):
+        session.run(c.reset())
+        sh(session, c, "for i in 1 2 3 4 5 6 7 8; do touch /tmp/$i; rm /tmp/$i; done")
+        session.run(c.reset())
+        assert sh(session, c, probe).stdout == fresh
 
 
 def test_writable_root_is_private(session: Session, busybox_root: Path) -> None:

@@ -659,3 +659,46 @@ def test_v1_create_remakes_a_base_another_runtime_removed(tmp_path: Path,
     for h in ("memory", "pids", "cpu", "cpuacct", "cpuset", "freezer"):
         assert (cg / h / "sandboxd/c-1").is_dir()
     assert c.path == "c-1"
+
+
+def test_v1_recycle_resets_cpu_time_and_renews_the_memory_cgroup(
+        tmp_path: Path, writes: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    drv, cg = v1_driver(tmp_path)
+    c = drv.create("c-1").child("r-1")
+    new_v1_cgroup(drv, cg, "c-1/r-1")
+    mem = cg / "memory/sandboxd/c-1/r-1"
+    (mem / "memory.usage_in_bytes").write_text("262144\n")  # charges a new one would not have
+    monkeypatch.setattr(base, "rmdir", shutil.rmtree)
+    writes.clear()
+    assert c.recycle()
+    rel = [(str(Path(p).relative_to(cg)), d) for p, d in writes]
+    assert rel == [("cpuacct/sandboxd/c-1/r-1/cpuacct.usage", "0")]
+    assert mem.is_dir() and not any(mem.iterdir())  # made anew: nothing carried over
+    assert (cg / "pids/sandboxd/c-1/r-1/pids.max").exists()  # the other hierarchies kept
+
+
+@pytest.mark.parametrize("left", ["process", "child"])
+def test_v1_recycle_refuses_a_cgroup_that_still_holds_something(
+        tmp_path: Path, writes: list[tuple[str, str]], left: str) -> None:
+    drv, cg = v1_driver(tmp_path)
+    c = drv.create("c-1").child("r-1")
+    new_v1_cgroup(drv, cg, "c-1/r-1")
+    mem = cg / "memory/sandboxd/c-1/r-1"
+    if left == "process":
+        (mem / "cgroup.procs").write_text("4242\n")
+    else:
+        populate(mem / "x", "memory")
+    writes.clear()
+    assert not c.recycle()
+    assert writes == []
+    assert (mem / "memory.max_usage_in_bytes").exists()
+
+
+def test_v2_does_not_recycle(tmp_path: Path) -> None:
+    # cpu.stat and memory.events cannot be reset: a v2 run cgroup is always made anew.
+    write_proc(tmp_path, V2_PURE, "0::/\n")
+    populate(tmp_path / "sys/fs/cgroup", cgroup__controllers="cpu memory pids\n",
+             cgroup__subtree_control="cpu memory pids\n")
+    drv = detect(root=tmp_path, uid=0).driver
+    assert isinstance(drv, V2Driver)
+    assert not drv.create("c-1").recycle()

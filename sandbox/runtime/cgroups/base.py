@@ -94,6 +94,13 @@ class Cgroup(ABC):
     def destroy(self) -> None:
         """kill(), then remove this cgroup and its children everywhere. Idempotent."""
 
+    def recycle(self) -> bool:
+        """Make a finished run's emptied cgroup fit for the next run, its figures starting
+        from zero as a new one's would, and its limits to be applied again; False when it
+        cannot be (destroy it then). Making and removing a cgroup in every hierarchy costs
+        more than resetting a few counters, and runs follow each other in a container."""
+        return False
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path}>"
 

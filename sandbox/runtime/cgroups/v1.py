@@ -181,6 +181,23 @@ class V1Cgroup(Cgroup):
         for d in self._hier:
             base.remove_tree(d)
 
+    def recycle(self) -> bool:
+        if not self.is_empty() or base.has_children(self._hier[0]):
+            return False
+        if (acct := self._dirs.get("cpuacct")) is not None:
+            base.write(f"{acct}/cpuacct.usage", "0")  # resets usage_user and usage_sys too
+        if (mem := self._dirs.get("memory")) is not None:
+            # A memory cgroup cannot be reset exactly: what a run left charged to it (slab,
+            # page cache it read first, a file in a session's /tmp) would count against the
+            # next run's limit and peak, and the OOM kill count cannot be reset. It alone
+            # is made anew (the caller applies the limits again); the name is free again
+            # as soon as rmdir returns.
+            try:
+                base.rmdir(mem)
+                os.mkdir(mem)
+            except OSError as e:
+                raise CgroupError(f"cannot renew memory cgroup {mem}: {e.strerror}") from e
+        return True
 
 class V1Driver(CgroupDriver):
     version = 1
