@@ -210,7 +210,8 @@ class Engine:
             for f in spec.files:
                 await files.put_file(container, f.path, f.content, f.mode, uid=req.uid,
                                      gid=req.gid)
-            result = await container.exec(req, on_output=on_output, control=control)
+            result = await container.exec(req, on_output=on_output, control=control,
+                                          reset_after=container.reusable)
         except BaseException:
             self.pools.discard(container, image, profile)
             raise

@@ -1,6 +1,7 @@
 """Warm containers per (image digest, policy): a run takes one (a hit) or starts one (a
-miss); afterwards a read-only-root container is reset and goes back, a writable one is
-destroyed (what a run wrote must never reach the next). Refills and resets happen off the
+miss); afterwards a read-only-root container goes back at once (its init resets it as the
+run ends, before it reads the next request: see Container.exec's reset_after), a writable
+one is destroyed (what a run wrote must never reach the next). Refills happen off the
 request's path, in background tasks; each key keeps at least `min_idle` idle containers
 once used, and grows with demand up to `max_idle`.
 """
@@ -58,20 +59,13 @@ class _Pool:
     created: int = 0             # containers started for this key, misses and refills
     peak: int = 0                # the most runs at once lately: how many to keep warm
     refilling: bool = False
-    resetting: int = 0           # on their way back to idle
-    waiting: deque[asyncio.Future[Container | None]] = field(default_factory=deque)
     reusable: bool = False       # the policy's root is read-only: busy ones come back
 
     @property
-    def warm(self) -> int:
-        """Idle now or soon: a refill that ignored those being reset (or, for a read-only
-        root, those running) would start a container per run and destroy one when the
-        used one came back."""
-        return len(self.idle) + self.resetting
-
-    @property
     def expected(self) -> int:
-        return self.warm + (self.busy if self.reusable else 0)
+        """Idle now or soon: a refill that ignored, for a read-only root, those running
+        would start a container per run and destroy one when the used one came back."""
+        return len(self.idle) + (self.busy if self.reusable else 0)
 
 
 class Pools:
@@ -130,23 +124,13 @@ class Pools:
         pool = self._pool(image, profile)
         pool.busy += 1
         pool.peak = max(pool.peak, pool.busy)
-        while True:
-            while pool.idle:
-                container = pool.idle.popleft()
-                if container.alive:
-                    pool.hits += 1
-                    self._refill(pool)
-                    return container, True
-                self._spawn(self.destroy(container))
-            if pool.resetting <= len(pool.waiting):
-                break
-            # One on its way back is a reset (a fraction of a millisecond) away; a new one
-            # takes several, and would be destroyed again when the pool is full.
-            handed = await self._wait_for_reset(pool)
-            if handed is not None:
+        while pool.idle:
+            container = pool.idle.popleft()
+            if container.alive:  # false too when the reset after its last run failed
                 pool.hits += 1
                 self._refill(pool)
-                return handed, True
+                return container, True
+            self._spawn(self.destroy(container))
         pool.misses += 1
         try:
             container = await self._create(image, profile)
@@ -165,12 +149,12 @@ class Pools:
         return container
 
     def give_back(self, image: Image, profile: str, container: Container) -> None:
-        """After a run: reset and keep it when its root is read-only, else destroy it."""
+        """After a run (exec'd with reset_after=container.reusable): keep it when its root
+        is read-only, else destroy it."""
         pool = self._pool(image, profile)
         pool.busy -= 1
-        if container.reusable and container.alive and pool.warm < self.config.max_idle:
-            pool.resetting += 1
-            self._spawn(self._reset_and_keep(pool, container))
+        if container.reusable and container.alive and len(pool.idle) < self.config.max_idle:
+            pool.idle.append(container)
         else:
             self._spawn(self.destroy(container))
 
@@ -178,41 +162,6 @@ class Pools:
         """A run failed in a way that leaves the container suspect: never reuse it."""
         self._pool(image, profile).busy -= 1
         self._spawn(self.destroy(container))
-
-    async def _wait_for_reset(self, pool: _Pool) -> Container | None:
-        """The next container whose reset ends, or None when a reset failed (look again)."""
-        fut: asyncio.Future[Container | None] = asyncio.get_running_loop().create_future()
-        pool.waiting.append(fut)
-        try:
-            return await fut
-        except BaseException:
-            pool.busy -= 1
-            with contextlib.suppress(ValueError):
-                pool.waiting.remove(fut)
-            if fut.done() and not fut.cancelled() and (handed := fut.result()) is not None:
-                pool.idle.append(handed)  # handed over as the caller gave up: keep it
-            raise
-
-    async def _reset_and_keep(self, pool: _Pool, container: Container) -> None:
-        try:
-            await container.reset()
-            kept: Container | None = container
-        except SandboxError as e:
-            log.warning("container %s failed its reset and is replaced: %s", container.id, e)
-            kept = None
-        finally:
-            pool.resetting -= 1
-        # A waiting run gets it first; after a failed reset, one is told to look again.
-        while pool.waiting:
-            fut = pool.waiting.popleft()
-            if not fut.done():
-                fut.set_result(kept)
-                break
-        else:
-            if kept is not None:
-                pool.idle.append(kept)
-        if kept is None:
-            await self.destroy(container)
 
     def _target(self, pool: _Pool) -> int:
         return min(self.config.max_idle, max(self.config.min_idle, pool.peak))

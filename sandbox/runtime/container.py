@@ -429,6 +429,9 @@ class Container:
         waiter = self._waiters.pop(key, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(msg)
+        elif ev == "reset" and msg.get("error"):
+            # The reset init does by itself after a run (exec's reset_after) failed.
+            self._gone(f"its reset after a run failed ({msg['error']})")
         else:
             for fd in msg.get("fds", ()):
                 os.close(fd)
@@ -486,9 +489,12 @@ class Container:
         return r
 
     async def exec(self, req: ExecRequest, *, on_output: OutputCallback | None = None,
-                   control: RunControl | None = None) -> RunResult:
+                   control: RunControl | None = None, reset_after: bool = False) -> RunResult:
         """Run one command to its end and return its result; many may run at once. With
-        `control`, the caller may signal the run meanwhile (see RunControl)."""
+        `control`, the caller may signal the run meanwhile (see RunControl). With
+        `reset_after` (the only run at the time), init resets the container as the run
+        ends, before it reads another request: the container can be given its next run at
+        once. If that reset fails, the container is gone (`alive` false)."""
         if control is not None:
             control._claim()
         _validate(req, self.runtime.mapping)
@@ -530,7 +536,7 @@ class Container:
             gid = self.runtime.mapping.run_gid if req.gid is None else req.gid
             self._send({"op": "exec", "id": run_id, "argv": req.argv, "env": req.env,
                         "cwd": req.cwd, "uid": uid, "gid": gid,
-                        "rlimits": self._rlimits(limits, has)},
+                        "rlimits": self._rlimits(limits, has), "reset_after": reset_after},
                        [stdin_fd, *pipes, *cg_fds])
             for fd in own:
                 os.close(fd)
@@ -681,8 +687,8 @@ class Container:
         the cgroup can be reset exactly, else removed; then the spares are topped up."""
         kept = False
         try:
-            if reusable and self.alive and len(self._spares) < _SPARES and cg.recycle():
-                cg.apply(applied)
+            if reusable and self.alive and len(self._spares) < _SPARES \
+                    and cg.recycle(applied):
                 self._spares.append((cg, applied, cg.open_procs_fds()))
                 kept = True
         except (SandboxError, OSError):

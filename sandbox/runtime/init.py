@@ -42,6 +42,7 @@ class _Run:
     start_ns: int
     err_r: int
     what: dict[str, str]             # stage -> what it acted on, for error messages
+    msg: dict[str, Any]              # the exec request
 
 
 def _candidates(argv0: str, env: dict[str, str]) -> list[bytes]:
@@ -160,6 +161,25 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
 
+    def reset(remount: bool) -> str | None:
+        """Kill every process but init and give the scratch mounts back empty."""
+        for run in runs.values():
+            os.close(run.err_r)
+        runs.clear()
+        _kill_all_and_reap()
+        try:
+            if remount:
+                scratch.reset()
+        except OSError as e:
+            return str(e)
+        return None
+
+    def reset_after(msg: dict[str, Any]) -> None:
+        # Before init reads the host's next request, so that request finds the container
+        # reset without waiting for a reply; only a failure is told (then it is not reused).
+        if msg.get("reset_after") and (error := reset(True)) is not None:
+            protocol.send(ctl, {"ev": "reset", "error": error})
+
     def reap() -> None:
         while True:
             try:
@@ -175,6 +195,7 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
                                     "start_ns": run.start_ns, "end_ns": end,
                                     "rusage": _rusage(ru),
                                     "error": _read_error(run.err_r, run.what)})
+                reset_after(run.msg)
 
     while True:
         for fd, _ in poller.poll():
@@ -203,29 +224,20 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
                     protocol.send(ctl, {"ev": "exited", "id": msg.get("id"), "status": None,
                                         "start_ns": start, "end_ns": time.monotonic_ns(),
                                         "error": f"125:spawn: {e}"})
+                    reset_after(msg)  # files copied in for the run may be there
                     continue
                 finally:
                     os.close(err_w)
                     for f in fds:
                         os.close(f)
                 runs[pid] = _Run(msg["id"], pid, start, err_r,
-                                 {"chdir": msg["cwd"], "exec": msg["argv"][0]})
+                                 {"chdir": msg["cwd"], "exec": msg["argv"][0]}, msg)
             elif op == "signal":
                 for run in runs.values():
                     if run.id == msg["id"]:
                         _signal_run(run.pid, int(msg["signal"]))
             elif op == "reset":
-                for run in runs.values():
-                    os.close(run.err_r)
-                runs.clear()
-                _kill_all_and_reap()
-                error = None
-                try:
-                    if msg.get("remount", True):
-                        scratch.reset()
-                except OSError as e:
-                    error = str(e)
-                protocol.send(ctl, {"ev": "reset", "error": error})
+                protocol.send(ctl, {"ev": "reset", "error": reset(msg.get("remount", True))})
             elif op == "open":
                 scratch.touching()
                 try:

@@ -103,6 +103,29 @@ def test_memory_limit(session: Session, container: Container) -> None:
         assert r.oom_killed
 
 
+def test_runs_after_one_another_are_measured_and_limited_each_on_its_own(
+        session: Session, judge_container: Container) -> None:
+    """A finished run's cgroup is reused by the next run of the container: its CPU time,
+    peak memory, OOM kill and limits must not reach that run."""
+    c = judge_container
+    if session.runtime.cgroups.driver is None:
+        pytest.skip("no cgroups: nothing is reused")
+    big = "dd if=/dev/zero of=/dev/null bs=150M count=1; i=0; " \
+          "while [ $i -lt 100000 ]; do i=$((i + 1)); done"
+    # Spares are taken last in, first out: of three runs after one, one gets its cgroup.
+    heavy = sh(session, c, big, memory_bytes=512 << 20, cpu_ms=30_000)
+    small = [sh(session, c, "true") for _ in range(3)]
+    killed = sh(session, c, big, memory_bytes=64 << 20, cpu_ms=30_000)
+    after = [sh(session, c, "true", memory_bytes=512 << 20) for _ in range(3)]
+    assert heavy.status == Status.OK and heavy.memory_peak_bytes > 150 << 20
+    assert killed.status == Status.MEMORY_LIMIT and killed.oom_killed
+    for r in small + after:
+        assert r.status == Status.OK and not r.oom_killed
+        assert r.memory_peak_bytes < heavy.memory_peak_bytes // 8
+        assert r.cpu_ms is not None and heavy.cpu_ms is not None
+        assert r.cpu_ms < heavy.cpu_ms / 8
+
+
 def test_fork_bomb_held_by_pids(session: Session, container: Container) -> None:
     r = sh(session, container, "b() { b | b & }; b; sleep 1; echo survived", pids=20,
            wall_ms=5000)

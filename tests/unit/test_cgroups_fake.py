@@ -669,11 +669,23 @@ def test_v1_recycle_resets_cpu_time_and_renews_the_memory_cgroup(
     mem = cg / "memory/sandboxd/c-1/r-1"
     (mem / "memory.usage_in_bytes").write_text("262144\n")  # charges a new one would not have
     monkeypatch.setattr(base, "rmdir", shutil.rmtree)
+    real_mkdir = os.mkdir
+
+    def mkdir(path: str, mode: int = 0o777) -> None:  # as cgroupfs does: with control files
+        real_mkdir(path, mode)
+        if path == str(mem):
+            populate(mem, "memory", memory__max_usage_in_bytes="0\n")
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
     writes.clear()
-    assert c.recycle()
+    assert c.recycle(CgroupLimits(memory_bytes=64 << 20, pids=16))
     rel = [(str(Path(p).relative_to(cg)), d) for p, d in writes]
-    assert rel == [("cpuacct/sandboxd/c-1/r-1/cpuacct.usage", "0")]
-    assert mem.is_dir() and not any(mem.iterdir())  # made anew: nothing carried over
+    # The other hierarchies keep their limits (pids.max); the memory cgroup is new.
+    assert rel == [("cpuacct/sandboxd/c-1/r-1/cpuacct.usage", "0"),
+                   ("memory/sandboxd/c-1/r-1/memory.limit_in_bytes", "67108864"),
+                   ("memory/sandboxd/c-1/r-1/memory.memsw.limit_in_bytes", "67108864"),
+                   ("memory/sandboxd/c-1/r-1/memory.swappiness", "0")]
+    assert (mem / "memory.max_usage_in_bytes").read_text() == "0\n"  # nothing carried over
     assert (cg / "pids/sandboxd/c-1/r-1/pids.max").exists()  # the other hierarchies kept
 
 
@@ -689,7 +701,7 @@ def test_v1_recycle_refuses_a_cgroup_that_still_holds_something(
     else:
         populate(mem / "x", "memory")
     writes.clear()
-    assert not c.recycle()
+    assert not c.recycle(CgroupLimits(memory_bytes=64 << 20))
     assert writes == []
     assert (mem / "memory.max_usage_in_bytes").exists()
 
@@ -701,4 +713,4 @@ def test_v2_does_not_recycle(tmp_path: Path) -> None:
              cgroup__subtree_control="cpu memory pids\n")
     drv = detect(root=tmp_path, uid=0).driver
     assert isinstance(drv, V2Driver)
-    assert not drv.create("c-1").recycle()
+    assert not drv.create("c-1").recycle(CgroupLimits())

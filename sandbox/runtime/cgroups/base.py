@@ -94,11 +94,12 @@ class Cgroup(ABC):
     def destroy(self) -> None:
         """kill(), then remove this cgroup and its children everywhere. Idempotent."""
 
-    def recycle(self) -> bool:
-        """Make a finished run's emptied cgroup fit for the next run, its figures starting
-        from zero as a new one's would, and its limits to be applied again; False when it
-        cannot be (destroy it then). Making and removing a cgroup in every hierarchy costs
-        more than resetting a few counters, and runs follow each other in a container."""
+    def recycle(self, limits: CgroupLimits) -> bool:
+        """Make a finished run's emptied cgroup (with `limits` applied) fit for the next
+        run, its figures starting from zero as a new one's would and `limits` in force;
+        False when it cannot be (destroy it then). Making and removing a cgroup in every
+        hierarchy costs more than resetting a few counters, and runs follow each other in
+        a container."""
         return False
 
     def __repr__(self) -> str:
@@ -204,7 +205,13 @@ def subtree_dirs(top: str) -> Iterator[str]:
 
 
 def has_children(top: str) -> bool:
+    """cgroupfs (kernfs) keeps a directory's link count at 2 + its subdirectories: one stat,
+    where listing a cgroup reads dozens of control files' entries on every run's end. A
+    file system that does not count them (link count 1, btrfs) is listed instead."""
     try:
+        links = os.stat(top).st_nlink
+        if links != 1:
+            return links > 2
         with os.scandir(top) as it:
             return any(e.is_dir(follow_symlinks=False) for e in it)
     except FileNotFoundError:

@@ -181,7 +181,7 @@ class V1Cgroup(Cgroup):
         for d in self._hier:
             base.remove_tree(d)
 
-    def recycle(self) -> bool:
+    def recycle(self, limits: CgroupLimits) -> bool:
         if not self.is_empty() or base.has_children(self._hier[0]):
             return False
         if (acct := self._dirs.get("cpuacct")) is not None:
@@ -190,13 +190,15 @@ class V1Cgroup(Cgroup):
             # A memory cgroup cannot be reset exactly: what a run left charged to it (slab,
             # page cache it read first, a file in a session's /tmp) would count against the
             # next run's limit and peak, and the OOM kill count cannot be reset. It alone
-            # is made anew (the caller applies the limits again); the name is free again
-            # as soon as rmdir returns.
+            # is made anew, its limit written again; the name is free again as soon as
+            # rmdir returns.
             try:
                 base.rmdir(mem)
                 os.mkdir(mem)
             except OSError as e:
                 raise CgroupError(f"cannot renew memory cgroup {mem}: {e.strerror}") from e
+            if limits.memory_bytes is not None:
+                self._apply_memory(mem, limits.memory_bytes)
         return True
 
 class V1Driver(CgroupDriver):
