@@ -225,6 +225,8 @@ class Runtime:
         self._profiles: dict[str, Profile] = {}
         self.containers: dict[str, Container] = {}
         self._undoing: set[asyncio.Task[None]] = set()  # creations cancelled by callers
+        # The stdin of every run without one: init receives its own copy with each run.
+        self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     @classmethod
     async def start(cls, *, mapping: idmap.IdMapping | None = None,
@@ -370,6 +372,7 @@ class Runtime:
             await asyncio.to_thread(self._spawner.wait)
         if self.cgroups.driver is not None:
             self.cgroups.driver.close()
+        os.close(self.devnull)
 
 
 class Container:
@@ -521,7 +524,7 @@ class Container:
             else:
                 cg_fds = []
             stdin_fd = self._stdin_fd(req.stdin)
-            if stdin_fd != req.stdin:
+            if stdin_fd not in (req.stdin, self.runtime.devnull):
                 own.append(stdin_fd)
 
             def kill(reason: Status) -> None:
@@ -717,7 +720,7 @@ class Container:
         if isinstance(stdin, int):
             return stdin
         if stdin is None:
-            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            return self.runtime.devnull
         # A memfd rather than a pipe: any size, no writer to keep alive, and seekable.
         fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
         view = memoryview(stdin)

@@ -198,7 +198,9 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
                 reset_after(run.msg)
 
     while True:
-        for fd, _ in poller.poll():
+        # Children first: the processes of a killed run are reaped before a request that
+        # came in the same wake-up starts the next run, which would see them in /proc.
+        for fd, _ in sorted(poller.poll(), key=lambda event: event[0] != wake_r):
             if fd == wake_r:
                 try:
                     while os.read(wake_r, 512):
