@@ -125,7 +125,9 @@ class Pools:
         pool.busy += 1
         pool.peak = max(pool.peak, pool.busy)
         while pool.idle:
-            container = pool.idle.popleft()
+            # The one used last: its init's pages and the kernel's caches are still warm
+            # (round robin over 100 idle containers made a sequential run ~0.5 ms slower).
+            container = pool.idle.pop()
             if container.alive:  # false too when the reset after its last run failed
                 pool.hits += 1
                 self._refill(pool)

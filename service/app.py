@@ -46,6 +46,11 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
         app.router.add_route(r.method, r.path, r.handler)
     _gauges(st)
 
+    async def count(request: web.Request, response: web.StreamResponse) -> None:
+        st.metrics.requests.inc(status=str(response.status))
+
+    app.on_response_prepare.append(count)
+
     async def start(app: web.Application) -> None:
         if isinstance(engine, Engine):
             st.engine = engine

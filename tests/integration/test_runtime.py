@@ -8,10 +8,11 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from sandbox.errors import PolicyError, RuntimeSetupError
-from sandbox.runtime.container import Container, ContainerSpec
+from sandbox.errors import ContainerGoneError, PolicyError, RuntimeSetupError
+from sandbox.runtime.container import Container, ContainerSpec, ExecRequest
 from sandbox.runtime.results import Status
 from tests.conftest import Session
 
@@ -207,6 +208,30 @@ def test_reset_right_after_a_remount_gives_a_new_tmpfs(session: Session,
         sh(session, c, "for i in 1 2 3 4 5 6 7 8; do touch /tmp/$i; rm /tmp/$i; done")
         session.run(c.reset())
         assert sh(session, c, probe).stdout == fresh
+
+
+def test_destroy_during_a_run_leaves_no_process_and_no_cgroup(session: Session,
+                                                             busybox_root: Path) -> None:
+    driver = session.runtime.cgroups.driver
+    if driver is None:
+        pytest.skip("no cgroups to look in")
+    c = session.container(busybox_root, profile="judge")
+    assert c.cgroup is not None
+    run = session.loop.create_task(c.exec(ExecRequest(
+        ["sh", "-c", "sleep 1000 & sleep 1000"], env={"PATH": "/bin"})))
+    deadline = time.monotonic() + 10
+    pids: list[int] = []
+    while len(pids) < 3 and time.monotonic() < deadline:  # init, and both sleeps
+        session.run(asyncio.sleep(0.01))
+        pids = c.cgroup.pids(recursive=True)
+    assert len(pids) >= 3, pids
+    session.run(c.destroy())
+    with pytest.raises(ContainerGoneError):
+        session.run(run)
+    assert driver.open(c.cgroup.path) is None
+    left = [p for p in pids if psutil.pid_exists(p)
+            and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert left == []
 
 
 def test_writable_root_is_private(session: Session, busybox_root: Path) -> None:

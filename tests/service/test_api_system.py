@@ -72,6 +72,9 @@ def test_metrics_after_a_run(service: Service, images: Any) -> None:
     for name in METRICS:
         assert any(line.startswith(name) for line in text.splitlines()), name
     assert 'sandboxd_runs_total{status="ok"}' in text
+    answered = [line for line in text.splitlines()
+                if line.startswith('sandboxd_http_requests_total{status="200"} ')]
+    assert answered and float(answered[0].split()[1]) >= 1  # the run's, at least
     pulls = [line for line in text.splitlines() if line.startswith("sandboxd_pulls_total ")]
     assert float(pulls[0].split()[1]) >= 1
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]

@@ -714,3 +714,40 @@ def test_v2_does_not_recycle(tmp_path: Path) -> None:
     drv = detect(root=tmp_path, uid=0).driver
     assert isinstance(drv, V2Driver)
     assert not drv.create("c-1").recycle(CgroupLimits())
+
+
+def test_v1_destroy_of_an_emptied_cgroup_only_removes_it(
+        tmp_path: Path, writes: list[tuple[str, str]], plain_rmdir: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    drv, cg = v1_driver(tmp_path)
+    c = drv.create("c-1")
+    new_v1_cgroup(drv, cg, "c-1")
+    # cgroup.procs still lists a process: a kill would freeze and signal it.
+    (cg / "memory/sandboxd/c-1/cgroup.procs").write_text("4242\n")
+    (cg / "freezer/sandboxd/c-1/cgroup.procs").write_text("4242\n")
+    writes.clear()
+    c.destroy(empty=True)  # the caller saw its pid namespace end
+    assert writes == []
+    assert drv.list() == []
+
+
+def test_v1_destroy_kills_after_all_when_an_emptied_cgroup_will_not_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drv, cg = v1_driver(tmp_path)
+    c = drv.create("c-1")
+    new_v1_cgroup(drv, cg, "c-1")
+    calls: list[str] = []
+    real_remove = base.remove_tree
+
+    def remove_tree(top: str, timeout: float = base.RMDIR_TIMEOUT_S) -> None:
+        calls.append("remove")
+        if calls.count("remove") == 1:
+            raise CgroupError(f"cannot remove cgroup {top}: Device or resource busy")
+        real_remove(top, timeout)
+
+    monkeypatch.setattr(base, "remove_tree", remove_tree)
+    monkeypatch.setattr(base, "rmdir", shutil.rmtree)
+    monkeypatch.setattr(type(c), "kill", lambda self: calls.append("kill"))
+    c.destroy(empty=True)
+    assert calls[:3] == ["remove", "kill", "remove"]
+    assert drv.list() == []

@@ -91,8 +91,10 @@ class Cgroup(ABC):
         """SIGKILL everything in this cgroup and its children; return once it is empty."""
 
     @abstractmethod
-    def destroy(self) -> None:
-        """kill(), then remove this cgroup and its children everywhere. Idempotent."""
+    def destroy(self, *, empty: bool = False) -> None:
+        """kill(), then remove this cgroup and its children everywhere. Idempotent. With
+        `empty`, the caller knows no process is left (their pid namespace ended): no kill,
+        unless removing finds one after all."""
 
     def recycle(self, limits: CgroupLimits) -> bool:
         """Make a finished run's emptied cgroup (with `limits` applied) fit for the next

@@ -176,10 +176,16 @@ class V1Cgroup(Cgroup):
             # A frozen task does not act on SIGKILL until thawed.
             base.write(state, "THAWED")
 
-    def destroy(self) -> None:
-        self.kill()
-        for d in self._hier:
-            base.remove_tree(d)
+    def destroy(self, *, empty: bool = False) -> None:
+        if not empty:
+            self.kill()
+        try:
+            for d in self._hier:
+                base.remove_tree(d)
+        except CgroupError:
+            if not empty:
+                raise
+            self.destroy()
 
     def recycle(self, limits: CgroupLimits) -> bool:
         if not self.is_empty() or base.has_children(self._hier[0]):

@@ -155,9 +155,15 @@ class V2Cgroup(Cgroup):
         finally:
             base.write(freeze, "0")
 
-    def destroy(self) -> None:
-        self.kill()
-        base.remove_tree(self._dir)
+    def destroy(self, *, empty: bool = False) -> None:
+        if not empty:
+            self.kill()
+        try:
+            base.remove_tree(self._dir)
+        except CgroupError:
+            if not empty:
+                raise
+            self.destroy()
 
 
 class V2Driver(CgroupDriver):
