@@ -10,9 +10,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+import psutil
 
 from loadtest.http import oci
 from loadtest.http.targets import Invocation, SpawnTarget, write_files
@@ -199,7 +202,27 @@ class Podman(PeerTarget):
         # Rootless podman keeps a pause process holding its user namespace: it goes too.
         with contextlib.suppress(OSError, ValueError):
             os.kill(int((self.tmp / "pause.pid").read_text()), signal.SIGKILL)
+        _end_stragglers(str(self.store))
         shutil.rmtree(self.store, ignore_errors=True)
+
+
+def _end_stragglers(mark: str, grace_s: float = 5.0) -> None:
+    """conmon outlives `podman run --rm` to run its cleanup: give the processes that name
+    this store a moment to finish, then kill what is left."""
+    def ours() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline", "status"]):
+            if p.info["status"] != psutil.STATUS_ZOMBIE and mark in " ".join(
+                    p.info["cmdline"] or ()):
+                found.append(p)
+        return found
+
+    deadline = time.monotonic() + grace_s
+    while (left := ours()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 def _quiet(argv: list[str]) -> None:

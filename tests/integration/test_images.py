@@ -35,11 +35,17 @@ REPO = Path(__file__).resolve().parents[2]
 FAST_RETRY = RetryPolicy(attempts=4, first_delay=0.05, max_delay=2.0)
 
 
+def _skopeo_env(home: Path | str = "/tmp") -> dict[str, str]:
+    # Its own runtime dir: without one skopeo reads /run/containers/<uid>/auth.json, which a
+    # root podman's private /run/containers makes a permission error for an ordinary user.
+    return {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(home)}
+
+
 def _digest_of(ref: str) -> str:
     """The manifest digest as skopeo (not our client) sees it."""
     raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
                           f"docker://{ref}"], check=True, capture_output=True,
-                         env={**os.environ, "HOME": "/tmp"}).stdout
+                         env=_skopeo_env()).stdout
     return digests.of_bytes(raw)
 
 
@@ -249,7 +255,7 @@ def _skopeo_layout(tmp_path: Path, ref: str) -> Path:
     layout = tmp_path / "layout"
     subprocess.run(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
                     f"docker://{ref}", f"oci:{layout}:v1"], check=True,
-                   capture_output=True, env={**os.environ, "HOME": str(tmp_path)})
+                   capture_output=True, env=_skopeo_env(tmp_path))
     return layout
 
 
@@ -478,7 +484,7 @@ def test_descriptor_sizes_that_lie_are_refused(session: Session, svc: ImageServi
 def _index_bytes(images: Any) -> bytes:
     return subprocess.run(
         ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{images.multi}"],
-        check=True, capture_output=True, env={**os.environ, "HOME": "/tmp"}).stdout
+        check=True, capture_output=True, env=_skopeo_env()).stdout
 
 
 def _index(images: Any) -> dict[str, Any]:
