@@ -683,7 +683,10 @@ class Container:
             return  # another chore is at it
         limits = _cgroup_limits(self.profile.defaults, self.runtime.cgroups.driver.controllers)
         try:
-            while self.alive and len(self._spares) < target:
+            # The cgroups of runs under way come back when they end: counted, so that a
+            # run starting before the last one's cgroup is back makes no new one (to be
+            # removed again when both are back).
+            while self.alive and len(self._spares) + self._active < target:
                 cg = self.cgroup.child(f"s-{secrets.token_hex(4)}")
                 cg.apply(limits)
                 self._spares.append((cg, limits, cg.open_procs_fds()))

@@ -698,6 +698,7 @@ def test_v1_recycle_refuses_a_cgroup_that_still_holds_something(
     mem = cg / "memory/sandboxd/c-1/r-1"
     if left == "process":
         (mem / "cgroup.procs").write_text("4242\n")
+        (cg / "pids/sandboxd/c-1/r-1/pids.current").write_text("1\n")
     else:
         populate(mem / "x", "memory")
     writes.clear()
@@ -751,3 +752,19 @@ def test_v1_destroy_kills_after_all_when_an_emptied_cgroup_will_not_go(
     c.destroy(empty=True)
     assert calls[:3] == ["remove", "kill", "remove"]
     assert drv.list() == []
+
+
+def test_v1_is_empty_reads_the_pids_counter(tmp_path: Path) -> None:
+    drv, cg = v1_driver(tmp_path)
+    c = drv.create("c-1")
+    new_v1_cgroup(drv, cg, "c-1")
+    assert c.is_empty()
+    # A zombie not yet reaped still counts: the counter is what the kernel charges.
+    (cg / "pids/sandboxd/c-1/pids.current").write_text("1\n")
+    assert not c.is_empty()
+    # Without a pids hierarchy, the memory hierarchy's list of processes tells.
+    del drv.bases["pids"]
+    c = drv.open("c-1")
+    assert c is not None and c.is_empty()
+    (cg / "memory/sandboxd/c-1/cgroup.procs").write_text("4242\n")
+    assert not c.is_empty()

@@ -99,7 +99,14 @@ class V1Cgroup(Cgroup):
         return os.stat(self._hier[0]).st_mtime
 
     def is_empty(self) -> bool:
-        # Every process of a run joins every hierarchy, so one hierarchy tells.
+        # Every process of a run joins every hierarchy, so one hierarchy tells. pids.current
+        # is a counter (of this cgroup and its children); reading cgroup.procs makes v1
+        # build a sorted pid list, freed later by a kernel worker, at every run's end.
+        if (p := self._dirs.get("pids")) is not None:
+            try:
+                return base.read_int(f"{p}/pids.current") == 0
+            except FileNotFoundError:
+                return True
         return not base.read_pids(f"{self._hier[0]}/cgroup.procs")
 
     def stats(self) -> CgroupStats:
