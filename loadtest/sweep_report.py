@@ -6,7 +6,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from loadtest.http.svg import bar_chart
+from loadtest.http.svg import bar_chart, html_table
 
 HEAD = ["variant", "median ms", "p99 ms", "cpu ms", "x bare", "vs full ms"]
 LAYER_CAPTION = ("what each layer costs: the difference of two variants' medians, of the "
@@ -72,15 +72,9 @@ def table(result: dict[str, Any]) -> str:
     return "\n\n".join(blocks)
 
 
-def _html_table(head: list[str], rows: list[list[str]]) -> str:
-    h = "".join(f"<th>{escape(c)}</th>" for c in head)
-    b = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>"
-
-
 def section_html(result: dict[str, Any]) -> str:
     """An HTML fragment for the load-test report: tables and bar charts."""
-    tables = "".join(f"<p>{escape(_caption(result, p))}</p>{_html_table(HEAD, _rows(result, p))}"
+    tables = "".join(f"<p>{escape(_caption(result, p))}</p>{html_table(HEAD, _rows(result, p))}"
                      for p in result["programs"])
     costs = result["layer_cost_ms"]
     warm_layers = [la["name"] for la in result["layers"] if la["warm"]]
@@ -97,7 +91,7 @@ def section_html(result: dict[str, Any]) -> str:
                        [(p, [result["variants"][k][p]["ratio_vs_bare"] for k in keys])
                         for p in result["programs"]],
                        ylabel="ratio (1 = bare)", reference=1.0)
-    layers = _html_table(_layer_head(result), _layer_rows(result))
+    layers = html_table(_layer_head(result), _layer_rows(result))
     return (f'<section id="isolation-sweep"><h2>Isolation sweep: what each layer costs</h2>'
             f"<p>In-process through the runtime (no HTTP); {escape(_machine(result))}. "
             f"vs full: the variant's median minus full's.</p>{tables}"

@@ -6,7 +6,7 @@ from html import escape
 from typing import Any
 
 from loadtest import sweep_report
-from loadtest.http.svg import bar_chart, line_chart
+from loadtest.http.svg import bar_chart, html_table, line_chart
 
 SIDES = ("sandboxed", "bare")
 
@@ -78,12 +78,6 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _html_table(head: list[str], rows: list[list[str]]) -> str:
-    h = "".join(f"<th>{escape(c)}</th>" for c in head)
-    b = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>"
-
-
 def _cdfs(report: dict[str, Any]) -> str:
     charts = []
     for name, w in report["workloads"].items():
@@ -139,14 +133,14 @@ def _peers(report: dict[str, Any]) -> str:
             "(read-only), with /proc, /dev, a tmpfs /tmp, every namespace including the "
             "network, no capabilities and no new privileges; one process per request, "
             "spawned like the bare baseline. Its probe's command line:</p>"
-            + _html_table(["peer", "command, or why it was skipped"], rows))
+            + html_table(["peer", "command, or why it was skipped"], rows))
 
 
 def _metrics(report: dict[str, Any]) -> str:
     before, after = report["metrics_before"], report["metrics_after"]
     rows = [[k, _f(before.get(k)), _f(after.get(k)), _f(report["metrics_delta"].get(k, 0.0))]
             for k in sorted(set(before) | set(after))]
-    return _html_table(["series", "before", "after", "change"], rows)
+    return html_table(["series", "before", "after", "change"], rows)
 
 
 def _statuses(report: dict[str, Any]) -> str:
@@ -155,7 +149,7 @@ def _statuses(report: dict[str, Any]) -> str:
         for side, s, _ in _sides(w):
             rows.append([name, side, str(s["statuses"]), str(s["http"]),
                          str(s.get("pool", "-")), "; ".join(s["error_samples"]) or "-"])
-    return _html_table(["workload", "side", "run statuses", "http", "warm pool", "errors"],
+    return html_table(["workload", "side", "run statuses", "http", "warm pool", "errors"],
                        rows)
 
 
@@ -196,7 +190,7 @@ runs. Service {escape(report['url'])}, image <code>{escape(report['image'])}</co
 Kernel {escape(host['kernel'])}, Python {escape(host['python'])}, {host['cpus']} CPUs.
 The bare baseline runs the same busybox and script as a local process (posix_spawn from a
 thread, same concurrency), without isolation.</p>
-<section id="summary"><h2>Summary</h2>{_html_table(HEAD, _rows(report))}
+<section id="summary"><h2>Summary</h2>{html_table(HEAD, _rows(report))}
 <p>x: sandboxed / bare, or peer / bare.</p><ul>{workloads}</ul></section>
 <section id="cdf"><h2>Latency CDF</h2>{_cdfs(report)}</section>
 <section id="throughput"><h2>Throughput over time</h2>{_timelines(report)}</section>

@@ -1,4 +1,5 @@
-"""Small inline SVG charts drawn by hand: lines (optionally log x) and grouped bars."""
+"""The HTML reports' pieces, drawn by hand: inline SVG charts (lines, optionally log x, and
+grouped bars) and tables."""
 
 from __future__ import annotations
 
@@ -131,3 +132,9 @@ def bar_chart(title: str, groups: Sequence[str], series: Sequence[tuple[str, Seq
     out += _legend([name for name, _ in series])
     out.append("</svg>")
     return "".join(out)
+
+
+def html_table(head: list[str], rows: list[list[str]]) -> str:
+    h = "".join(f"<th>{escape(c)}</th>" for c in head)
+    b = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>"
