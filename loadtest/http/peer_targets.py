@@ -20,6 +20,7 @@ import psutil
 from loadtest.http import oci
 from loadtest.http.targets import Invocation, SpawnTarget, write_files
 from loadtest.http.workloads import Workload
+from sandbox.runtime import syscalls
 
 UNIFIED = "/sys/fs/cgroup/unified"
 _ids = itertools.count()
@@ -203,7 +204,19 @@ class Podman(PeerTarget):
         with contextlib.suppress(OSError, ValueError):
             os.kill(int((self.tmp / "pause.pid").read_text()), signal.SIGKILL)
         _end_stragglers(str(self.store))
+        _unmount_under(self.store)
         shutil.rmtree(self.store, ignore_errors=True)
+
+
+def _unmount_under(top: Path) -> None:
+    """A root podman's overlay driver mounts its store's overlay directory on itself, and
+    leaves it: unmounted, deepest first, before the store is removed."""
+    prefix = f"{top}/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].replace("\\040", " ") for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            syscalls.umount2(point, syscalls.MNT_DETACH)
 
 
 def _end_stragglers(mark: str, grace_s: float = 5.0) -> None:

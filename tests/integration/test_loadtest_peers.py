@@ -41,6 +41,11 @@ def _leftovers(base: Path) -> list[str]:
     return found
 
 
+def _mount_points() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4] for line in f}
+
+
 def _runtime_states() -> set[str]:
     """Container states in the runtimes' default state directories (ours use private ones)."""
     dirs = [Path("/run/runc"), Path("/run/crun")]
@@ -59,6 +64,7 @@ def test_an_installed_peer_runs_the_workloads_and_leaves_nothing(name: str,
     env = peers.PeerEnv(busybox.build_rootfs(tmp_path / "rootfs"), tmp_path / "peers")
     env.work.mkdir()
     before = set(psutil.Process().children(recursive=True))  # the suite's own servers
+    mounts_before = _mount_points()
 
     async def phases() -> tuple[dict[str, tuple[int, int, list[str]]], Outcome]:
         peer = await peers.ready(name, env)
@@ -81,6 +87,7 @@ def test_an_installed_peer_runs_the_workloads_and_leaves_nothing(name: str,
     assert list(env.work.iterdir()) == []  # bundles, state dirs and files removed
     assert set(psutil.Process().children(recursive=True)) - before == set()
     assert _leftovers(tmp_path) == []
+    assert _mount_points() - mounts_before == set()  # root podman mounts its store
     assert _runtime_states() == set()
 
 
