@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
+
 from sandbox import pids
 
 _SCHEMA = """
@@ -98,6 +100,18 @@ class NameRecord:
 
 
 
+def _busy(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and "locked" in str(e)
+
+
+# Switching a new database to WAL needs it to itself: a process doing so while another is
+# makes SQLite answer "database is locked" at once, without waiting out the busy timeout.
+@retry(retry=retry_if_exception(_busy), wait=wait_exponential(multiplier=0.005, max=0.2),
+       stop=stop_after_delay(30), reraise=True)
+def _use_wal(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA journal_mode=WAL")
+
+
 class Catalog:
     """Safe to share between the event loop and worker threads (gc, imports): one lock
     serialises every statement and transaction on the connection."""
@@ -107,7 +121,7 @@ class Catalog:
                                    check_same_thread=False)
         self._lock = threading.RLock()
         self.generation = 0  # bumped by every change to images or names made here
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)

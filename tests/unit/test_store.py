@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -231,3 +232,28 @@ def test_the_catalog_is_usable_from_a_worker_thread(
         return await asyncio.to_thread(gc.collect, cat, store, layers)
 
     assert asyncio.run(main()).images == [img.digest]
+
+
+
+def test_many_opening_a_new_catalog_at_once_all_get_it(tmp_path: Path) -> None:
+    """Each turns the new database to WAL; SQLite refuses at once ("database is locked"),
+    busy timeout or not, whoever comes while another is doing it. Threads race like the
+    processes of several services sharing a state directory (~1 in 150 failed before)."""
+    errors: list[BaseException] = []
+    for round_ in range(100):
+        db = tmp_path / f"catalog-{round_}.db"
+        start = threading.Barrier(8)
+
+        def open_it(db: Path = db, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                Catalog(db).close()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
