@@ -569,7 +569,7 @@ class Container:
                     r.finish()
                 stats = None
             else:
-                stats = await self._end_run(run_cg, readers, warnings)
+                stats = await self._end_run(run_cg, readers, warnings, reset_after)
             finished = True
         except BaseException:
             # Cancelled (a caller gave up) or failed: the run must not outlive its exec.
@@ -616,13 +616,14 @@ class Container:
         return ends
 
     async def _end_run(self, run_cg: Cgroup | None, readers: list[_Reader],
-                       warnings: list[str]) -> CgroupStats | None:
-        """The run is over when its first process is: whatever it left behind goes too;
-        then its output is drained and its figures read."""
+                       warnings: list[str], init_resets: bool) -> CgroupStats | None:
+        """The run is over when its first process is: whatever it left behind goes too
+        (init's own reset after the run already ends it, when asked for one); then its
+        output is drained and its figures read."""
         if run_cg is not None:
             if not run_cg.is_empty():
                 await asyncio.to_thread(run_cg.kill)
-        elif self._active == 1:
+        elif self._active == 1 and not init_resets:
             await self._sweep()
         await self._drain(readers, warnings)
         return run_cg.stats() if run_cg is not None else None
