@@ -794,7 +794,7 @@ class Container:
     async def open_path(self, path: str, flags: int, *, owner: tuple[int, int] | None = None,
                         mode: int = 0o644) -> int:
         """A descriptor of `path` as this container's processes see it, opened by its init as
-        container root (see init.open_for_host): /proc/<pid>/root of a non-dumpable init is
+        container root (see hostopen.open_for_host): /proc/<pid>/root of a non-dumpable init is
         closed to a service that is not host root. Raises OSError with init's errno."""
         op_id = next(self._ids)
         fut = self._expect("opened", op_id)
