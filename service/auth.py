@@ -22,15 +22,18 @@ PRINCIPAL = web.RequestKey("principal", object)
 RETRY_AFTER_S = 1
 
 
+LOCAL_TENANT = "local"   # the one tenant of a service without tokens
+
+
 @dataclass
 class Principal:
     name: str
     max_concurrent_runs: int | None = None
     registries: tuple[str, ...] | None = None
     active: int = 0
-    # What this token's sessions are kept under, unique per token (names may repeat); None
-    # without tokens, where every caller sees every session.
-    owner: str | None = None
+    # Whose things (image names, sessions, warm containers, quotas) this caller's requests
+    # see and make: every token is a tenant; without tokens there is one, LOCAL_TENANT.
+    tenant: str = LOCAL_TENANT
 
     def allow_image(self, reference: str, field: str) -> None:
         """403 unless this token may use the registry `reference` lives in."""
@@ -56,7 +59,7 @@ class Tokens:
         for i, t in enumerate(tokens):
             digest = hashlib.sha256(t.token.encode()).digest()
             self._tokens.append((digest, Principal(t.name, t.max_concurrent_runs, t.registries,
-                                                   owner=f"token-{i}")))
+                                                   tenant=f"token-{i}")))
 
     @property
     def enabled(self) -> bool:

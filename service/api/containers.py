@@ -54,8 +54,8 @@ async def create(request: web.Request) -> web.Response:
     return json_response(session.describe(), status=201)
 
 
-def _owner(request: web.Request) -> str | None:
-    return principal(request).owner
+def _owner(request: web.Request) -> str:
+    return principal(request).tenant
 
 
 async def list_(request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ async def info(request: web.Request) -> web.Response:
     eng = engine(request)
     # The caller's sessions only: with tokens, others' are not theirs to learn of.
     return json_response({"version": VERSION, **eng.info(),
-                          "sessions": len(eng.list_sessions(principal(request).owner))})
+                          "sessions": len(eng.list_sessions(principal(request).tenant))})
 
 
 async def healthz(request: web.Request) -> web.Response:
