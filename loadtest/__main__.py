@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -33,7 +31,13 @@ import orjson
 from loadtest.http import report
 from loadtest.http.peers import select as select_peers
 from loadtest.http.run import Plan, run
-from loadtest.http.service import LoadTestError, check_loopback, spawned
+from loadtest.http.service import (
+    LoadTestError,
+    add_target_args,
+    check_loopback,
+    spawned,
+    stop_on_sigterm,
+)
 from loadtest.http.workloads import select
 from loadtest.runtime import BenchError
 from loadtest.sweep import counts as sweep_counts
@@ -46,14 +50,7 @@ DEFAULT_REQUESTS = 200
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = ap.add_mutually_exclusive_group(required=True)
-    where.add_argument("--spawn", action="store_true",
-                       help="start a registry and sandboxd serve of its own")
-    where.add_argument("--url", help="a running sandboxd on loopback, e.g. http://127.0.0.1:8643")
-    ap.add_argument("--token", default=os.environ.get("SANDBOXD_TOKEN"),
-                    help="API token (default $SANDBOXD_TOKEN)")
-    ap.add_argument("--image", help="with --url: a busybox image reference the service can "
-                    "pull (its /bin has the busybox applets)")
+    add_target_args(ap)
     ap.add_argument("--compiler-image", help="with --url: a gcc image reference the service "
                     "can pull (gcc on PATH, static libc), for judge-c; --spawn makes its own")
     ap.add_argument("--workload", default="true",
@@ -84,11 +81,6 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    # SIGTERM unwinds like Ctrl-C, so the spawned service and registry are stopped.
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
@@ -117,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url and not args.image:
         ap.error("--url needs --image: a busybox image reference the service can pull")
     requests = args.requests if args.requests or args.duration else DEFAULT_REQUESTS
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
 
     def plan(url: str, image: str, compiler_image: str | None) -> Plan:
         return Plan(url=url, token=args.token, image=image, workloads=tuple(workloads),

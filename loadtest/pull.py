@@ -39,6 +39,7 @@ from sandbox.images import ImageService
 from sandbox.localregistry import LocalRegistry, start_registry
 from sandbox.runtime import idmap
 from sandbox.store.unpack import Ownership
+from sandbox.tenants import LOCAL
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -146,7 +147,7 @@ def _timed(fn: object) -> float:
 async def _ours_cold(state: Path, ref: str, ownership: Ownership) -> float:
     async with ImageService(state, ownership=ownership) as svc:
         t0 = time.perf_counter()
-        await svc.pull(ref)
+        await svc.pull(ref, tenant=LOCAL)
         return time.perf_counter() - t0
 
 
@@ -155,7 +156,7 @@ async def _ours_cached(state: Path, ref: str, ownership: Ownership, n: int) -> l
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
-            await svc.pull(ref)
+            await svc.pull(ref, tenant=LOCAL)
             times.append(time.perf_counter() - t0)
         return times
 

@@ -20,6 +20,7 @@ from sandbox.errors import SandboxError
 from sandbox.images import ImageService
 from sandbox.runtime import idmap
 from sandbox.store.unpack import Ownership
+from sandbox.tenants import LOCAL
 
 PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
                    "python3-minimal")
@@ -137,7 +138,8 @@ def push_images(store: Path, images: Sequence[TarImage]) -> None:
     async def push() -> None:
         async with ImageService(store, ownership=Ownership.for_mapping(idmap.plan())) as svc:
             for image in images:
-                await svc.import_tar(image.tar, image.ref, cmd=image.cmd, env=image.env)
-                await svc.push(image.ref)
+                await svc.import_tar(image.tar, image.ref, tenant=LOCAL, cmd=image.cmd,
+                                     env=image.env)
+                await svc.push(image.ref, tenant=LOCAL)
 
     asyncio.run(push())

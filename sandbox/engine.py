@@ -14,13 +14,15 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sandbox.errors import NotFound, PolicyError, SandboxError
+from sandbox import digests, statedir
+from sandbox.errors import CapacityError, NotFound, PolicyError, SandboxError
 from sandbox.imageconfig import apply_run
 from sandbox.images import Image, ImageService, ProgressCallback
 from sandbox.pool import PoolConfig, Pools
@@ -38,6 +40,7 @@ from sandbox.runtime.hostinfo import report as host_report
 from sandbox.runtime.profiles import Limits, Profile
 from sandbox.runtime.results import RunResult
 from sandbox.store.unpack import Ownership
+from sandbox.tenants import PublicNames, Tenant
 
 NETWORKS = ("none",)
 log = logging.getLogger(__name__)
@@ -88,6 +91,7 @@ class EngineConfig:
     session_idle_s: float = 600.0        # sessions unused this long are deleted
     default_policy: str = "default"
     policy_limits: Mapping[str, PolicyLimits] = field(default_factory=dict)  # by profile name
+    public_images: PublicNames = field(default_factory=PublicNames)  # shared by every tenant
 
 
 def known_policies() -> list[str]:
@@ -109,8 +113,8 @@ class Session:
     container: Container
     created: float
     last_used: float
+    owner: str                           # the tenant whose session it is
     limits: Limits | None = None
-    owner: str | None = None             # who may see it; None: every caller
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "image": self.image.digest,
@@ -136,17 +140,24 @@ class Engine:
         self.records = ContainerRecords(config.state_dir)
         self.pools = Pools(runtime, config.pools, images, self.records)
         self.sessions: dict[str, Session] = {}
+        self._opening: Counter[str] = Counter()   # sessions being created, per tenant
         self._reaper: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, config: EngineConfig) -> Engine:
+        statedir.prepare(config.state_dir)
         runtime = await Runtime.start()
-        host = await asyncio.to_thread(host_report, runtime.cgroups, runtime.mapping)
-        images = ImageService(config.state_dir, registries=config.registries,
-                              ownership=Ownership.for_mapping(runtime.mapping),
-                              overlay=bool(host["overlay_in_userns"]))
-        for name, limits in config.policy_limits.items():
-            runtime.register_profile(limits.applied_to(runtime.profile(name)))
+        try:
+            host = await asyncio.to_thread(host_report, runtime.cgroups, runtime.mapping)
+            images = ImageService(config.state_dir, registries=config.registries,
+                                  ownership=Ownership.for_mapping(runtime.mapping),
+                                  overlay=bool(host["overlay_in_userns"]),
+                                  public=config.public_images)
+            for name, limits in config.policy_limits.items():
+                runtime.register_profile(limits.applied_to(runtime.profile(name)))
+        except BaseException:
+            await runtime.close()  # its spawner must not outlive a start that failed
+            raise
         engine = cls(config, runtime, images, host)
         swept = await asyncio.to_thread(engine.records.sweep, runtime.cgroups.driver)
         if swept:
@@ -168,13 +179,24 @@ class Engine:
 
     # images
 
-    async def image(self, reference: str, *,
+    async def image(self, reference: str, *, tenant: Tenant,
                     on_progress: ProgressCallback | None = None) -> Image:
-        """A local image, pulled the first time it is asked for."""
+        """An image as `tenant` names it, pulled the first time it asks for it (a bare
+        digest names no registry: it must be one of the tenant's images)."""
         try:
-            return await self.images.resolve(reference)
+            return await self.images.resolve(reference, tenant=tenant)
         except NotFound:
-            return await self.images.pull(reference, on_progress=on_progress)
+            if digests.is_digest(reference.strip()):
+                raise
+            return await self.images.pull(reference, tenant=tenant, on_progress=on_progress)
+
+    async def remove_image(self, reference: str, *, tenant: Tenant,
+                           force: bool = False) -> list[str]:
+        """Remove `tenant`'s name(s) of an image (ImageService.remove). Its idle warm
+        containers go first: they are a cache, not a use; a run or a session is."""
+        image = await self.images.resolve(reference, tenant=tenant)
+        await self.pools.drop_idle(image, tenant)
+        return self.images.remove(reference, tenant=tenant, force=force)
 
     def _policy(self, policy: str | None, network: str | None) -> str:
         name = policy or self.config.default_policy
@@ -199,13 +221,14 @@ class Engine:
 
     # one-shot runs
 
-    async def run(self, image_ref: str, spec: RunSpec, *, policy: str | None = None,
-                  network: str | None = None, on_output: OutputCallback | None = None,
+    async def run(self, image_ref: str, spec: RunSpec, *, tenant: Tenant,
+                  policy: str | None = None, network: str | None = None,
+                  on_output: OutputCallback | None = None,
                   control: RunControl | None = None) -> RunOutcome:
         profile = self._policy(policy, network)
-        image = await self.image(image_ref)
+        image = await self.image(image_ref, tenant=tenant)
         req = self._request(image, spec, profile)
-        container, hit = await self.pools.take(image, profile)
+        container, hit = await self.pools.take(image, profile, tenant)
         try:
             for f in spec.files:
                 await files.put_file(container, f.path, f.content, f.mode, uid=req.uid,
@@ -213,41 +236,50 @@ class Engine:
             result = await container.exec(req, on_output=on_output, control=control,
                                           reset_after=container.reusable)
         except BaseException:
-            self.pools.discard(container, image, profile)
+            self.pools.discard(container, image, profile, tenant)
             raise
-        self.pools.give_back(image, profile, container)
+        self.pools.give_back(image, profile, tenant, container)
         return RunOutcome(result, hit, image.digest)
 
     # sessions
 
-    async def create_session(self, image_ref: str, *, policy: str | None = None,
-                             network: str | None = None, limits: Limits | None = None,
-                             owner: str | None = None) -> Session:
-        """A container the caller keeps; with `owner`, only calls naming the same owner
-        find it (see `session`)."""
+    async def create_session(self, image_ref: str, *, tenant: Tenant,
+                             policy: str | None = None, network: str | None = None,
+                             limits: Limits | None = None) -> Session:
+        """A container `tenant` keeps; only calls naming the same tenant find it (see
+        `session`). At most `tenant.max_sessions` at once."""
         profile = self._policy(policy, network)
         if limits is not None:
             limits.check_within(self.runtime.profile(profile).maxima)
-        image = await self.image(image_ref)
-        container = await self.pools.fresh(image, profile)
+        cap = tenant.max_sessions
+        held = len(self.list_sessions(tenant.id)) + self._opening[tenant.id]
+        if cap is not None and held >= cap:
+            raise CapacityError(f"you have {held} sessions, your maximum (max_sessions): "
+                                "delete one (DELETE /v1/containers/{id}) or let idle ones "
+                                "expire, then retry")
+        self._opening[tenant.id] += 1
+        try:
+            image = await self.image(image_ref, tenant=tenant)
+            container = await self.pools.fresh(image, profile, tenant)
+        finally:
+            self._opening[tenant.id] -= 1
         now = time.time()
         sid = secrets.token_hex(8)
-        session = Session(sid, image, profile, container, now, now, limits, owner)
+        session = Session(sid, image, profile, container, now, now, tenant.id, limits)
         self.images.lease(image.digest, f"session-{sid}")
         self.sessions[sid] = session
         return session
 
     def session(self, sid: str, owner: str | None = None) -> Session:
-        """Session `sid`; with `owner`, only if that owner made it (or nobody did). Someone
-        else's is NotFound like a missing one: its existence is not theirs to learn."""
+        """Session `sid`; with `owner` (a tenant id), only if it is that tenant's. Another
+        tenant's is NotFound like a missing one: its existence is not theirs to learn."""
         s = self.sessions.get(sid)
-        if s is None or (owner is not None and s.owner not in (None, owner)):
+        if s is None or (owner is not None and s.owner != owner):
             raise NotFound(f"no container {sid!r}: it was deleted, expired, or never existed")
         return s
 
     def list_sessions(self, owner: str | None = None) -> list[Session]:
-        return [s for s in self.sessions.values()
-                if owner is None or s.owner in (None, owner)]
+        return [s for s in self.sessions.values() if owner is None or s.owner == owner]
 
     async def exec(self, sid: str, spec: RunSpec, *, on_output: OutputCallback | None = None,
                    control: RunControl | None = None, owner: str | None = None) -> RunResult:
@@ -271,11 +303,13 @@ class Engine:
         uid, gid = self.images.user_ids(s.image)
         await files.put_file(s.container, path, content, mode, uid=uid, gid=gid)
 
-    async def get_path(self, sid: str, path: str, *,
-                       owner: str | None = None) -> files.Fetched:
+    def get_path(self, sid: str, path: str, *, owner: str | None = None
+                 ) -> contextlib.AbstractAsyncContextManager[files.Fetched]:
+        """A file or a directory's tar from session `sid`, streamed (`files.get_path`):
+        `async with engine.get_path(...) as got`, then iterate `got.chunks`."""
         s = self.session(sid, owner)
         s.last_used = time.time()
-        return await files.get_path(s.container, path)
+        return files.get_path(s.container, path)
 
     async def delete_session(self, sid: str, *, owner: str | None = None) -> None:
         self.session(sid, owner)
@@ -303,8 +337,9 @@ class Engine:
                          "maxima": _set_limits(profile.maxima)}
         return out
 
-    def info(self) -> dict[str, Any]:
-        return {"host": self.host, "pools": self.pools.stats(), "sessions": len(self.sessions),
-                "policies": self.policies()}
+    def info(self, tenant: Tenant) -> dict[str, Any]:
+        """What `tenant` may know: the host, its own pools and sessions, the policies."""
+        return {"host": self.host, "pools": self.pools.stats(tenant),
+                "sessions": len(self.list_sessions(tenant.id)), "policies": self.policies()}
 
 

@@ -64,3 +64,11 @@ class ImageInUse(ImageError):
 
 class CapacityError(SandboxError):
     """The engine is at its configured container cap; retry shortly."""
+
+
+class Forbidden(SandboxError):
+    """The caller may not do this (e.g. change a name the operator shares with everyone)."""
+
+
+class QuotaExceeded(SandboxError):
+    """The tenant's quota would be exceeded (e.g. the bytes its images use)."""

@@ -12,10 +12,13 @@ run defaults of its config (argv, env, cwd, user).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
-import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,7 +26,15 @@ from typing import Any, BinaryIO
 import orjson
 
 from sandbox import digests
-from sandbox.errors import ImageInUse, InvalidReference, ManifestError, NotFound
+from sandbox.errors import (
+    DigestMismatch,
+    Forbidden,
+    ImageInUse,
+    InvalidReference,
+    ManifestError,
+    NotFound,
+    QuotaExceeded,
+)
 from sandbox.imageconfig import (
     MAX_ACCOUNT_FILE_BYTES,
     ImageConfig,
@@ -57,8 +68,11 @@ from sandbox.store import gc
 from sandbox.store.blobs import BlobStore
 from sandbox.store.catalog import Catalog, ImageRecord, LayerRecord
 from sandbox.store.layers import LayerStore
+from sandbox.store.layerstream import diff_id_of
+from sandbox.store.locks import temp_name
 from sandbox.store.peek import read_from_layers
 from sandbox.store.unpack import Ownership, UnpackLimits, detect_compression
+from sandbox.tenants import PUBLIC, PublicNames, Tenant
 
 MANIFEST_MAX = 4 << 20
 CONFIG_MAX = 4 << 20
@@ -106,10 +120,14 @@ def _no_progress(_: PullProgress) -> None:
 
 
 class ImageService:
+    """Images per tenant over one shared store (see sandbox/tenants.py): every method that
+    reads or makes a name takes the tenant it acts for."""
+
     def __init__(self, state_dir: Path, *, registries: RegistriesConfig | None = None,
                  ownership: Ownership | None = None, platform: Platform | None = None,
                  overlay: bool = True, unpack_limits: UnpackLimits | None = None,
-                 client: RegistryClient | None = None, parallel_layers: int = 4) -> None:
+                 client: RegistryClient | None = None, parallel_layers: int = 4,
+                 public: PublicNames | None = None) -> None:
         root = state_dir / "images"
         root.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(root / "blobs")
@@ -119,8 +137,13 @@ class ImageService:
         self.client = client or RegistryClient(registries)
         self.platform = platform or Platform.host()
         self.overlay = overlay
+        self.public = public or PublicNames()
         self._parallel = asyncio.Semaphore(parallel_layers)
-        self._resolved: dict[str, tuple[int, Image]] = {}
+        self._resolved: dict[tuple[str, str], tuple[int, Image]] = {}
+        # Content of imports and pulls under way, which no image record names yet: gc (in a
+        # worker thread, or after a remove) must not take it from under them.
+        self._pinned: Counter[str] = Counter()
+        self._pin_lock = threading.Lock()
         self.blobs.clean_temps()
         self.layers.clean_temps()
 
@@ -134,67 +157,107 @@ class ImageService:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @contextlib.contextmanager
+    def _pin(self, *content: str) -> Iterator[None]:
+        with self._pin_lock:
+            self._pinned.update(content)
+        try:
+            yield
+        finally:
+            with self._pin_lock:
+                self._pinned.subtract(content)
+                self._pinned = +self._pinned
+
+    def _collect(self) -> gc.GcReport:
+        with self._pin_lock:
+            pinned = set(self._pinned)
+        return gc.collect(self.catalog, self.blobs, self.layers, keep=pinned)
+
+    def _namespace(self, tenant: Tenant, ref: Reference) -> str:
+        """Where the name `ref` lives for `tenant`: the operator's shared names, or its own."""
+        return PUBLIC if self.public.covers(ref) else tenant.id
+
+    def _writable(self, tenant: Tenant, ref: Reference, field: str) -> str:
+        if self.public.covers(ref):
+            raise Forbidden(f"{field}: {ref.familiar()} is a public name (images.public in the "
+                            "service's config): only pulls update it; use another name")
+        return tenant.id
+
     # pull
 
-    async def pull(self, reference: str, *, platform: Platform | None = None,
+    async def pull(self, reference: str, *, tenant: Tenant, platform: Platform | None = None,
                    on_progress: ProgressCallback | None = None) -> Image:
-        """Fetch an image (or find it up to date) and record its name."""
+        """Fetch an image for `tenant` (or find its name up to date) and record the name.
+
+        A name the tenant already has is checked with one HEAD (a tag) or not at all (a
+        digest). Otherwise the manifest is always fetched and verified, even when its
+        image is in the store: a HEAD's digest proves nothing, and content another tenant
+        brought is used only once this tenant's registry has served it too."""
         ref = parse(reference)
+        ns = self._namespace(tenant, ref)
         want = platform or self.platform
         report = on_progress or _no_progress
         name = str(ref)
-        if ref.digest is not None:
-            known = self._known_target(ref.digest, want)
-            if known is not None:  # content-addressed: nothing to ask the registry
-                self.catalog.set_name(name, ref.repository, None, ref.digest, known)
-                report(PullProgress("", "up to date"))
-                return await self._image(known)
-        else:
+        known = self.catalog.lookup(ns, name)
+        if known is not None and not (self._complete(known.image)
+                                      and self._fits(known.image, want)):
+            known = None
+        if ref.digest is None:
             head = await self.client.head_manifest(ref)
-            if head is not None and head.digest is not None:
-                known = self._known_target(head.digest, want)
-                if known is not None:
-                    self.catalog.set_name(name, ref.repository, ref.tag, head.digest, known)
-                    report(PullProgress("", "up to date"))
-                    return await self._image(known)
-            elif head is None:
+            if head is None:
                 raise NotFound(f"{ref.familiar()} was not found in {ref.domain}: check the "
                                "name and tag, and that you may pull it")
+            if known is not None and head.digest is not None and head.digest == known.target:
+                self.catalog.set_name(ns, name, ref.repository, ref.tag, known.target,
+                                      known.image)
+                report(PullProgress("", "up to date"))
+                return await self._image(known.image, tenant)
+        elif known is not None:  # content-addressed, and verified when the name was made
+            report(PullProgress("", "up to date"))
+            return await self._image(known.image, tenant)
         report(PullProgress("", "resolving"))
         fetched = await self.client.get_manifest(ref)
         target = fetched.digest
-        self.blobs.put_bytes(fetched.body, expected=target)
-        digest, manifest, media_type = await self._platform_manifest(
-            ref, fetched.body, fetched.media_type, target, want)
+        with self._pin(target):
+            digest, manifest, media_type = await self._platform_manifest(
+                ref, fetched.body, fetched.media_type, target, want)
+            return await self._pull_content(ref, ns, tenant, target, digest, media_type,
+                                            manifest, report)
+
+    async def _pull_content(self, ref: Reference, ns: str, tenant: Tenant, target: str,
+                            digest: str, media_type: str, manifest: ImageManifest,
+                            report: ProgressCallback) -> Image:
 
         async def fetch(desc: Descriptor) -> Path:
+            """`desc`'s blob, downloaded from this registry now: if it is in the store
+            already (another tenant's pull), downloaded again to a temporary file and
+            dropped once verified, which proves this registry serves it."""
             async def download(dest: Path) -> None:
                 def progress(done: int) -> None:
                     report(PullProgress(desc.digest, "downloading", done, desc.size))
                 await self.client.fetch_blob(ref, desc.digest, desc.size, dest,
                                              on_progress=progress, urls=desc.urls)
+                # Before the blob is renamed into place: a pull of the same namespace that
+                # waited for this one (in another process too) finds it held.
+                self.catalog.hold(ns, desc.digest)
+
             path, _ = await self.blobs.ensure(desc.digest, download)
-            self.catalog.add_source(desc.digest, ref.repository)
+            if not self.catalog.holds(ns, desc.digest):  # someone else's download
+                proof = self.blobs.tmp / temp_name("proof-" + digests.hex_part(desc.digest))
+                try:
+                    await download(proof)
+                finally:
+                    proof.unlink(missing_ok=True)
+            self.catalog.add_source(ns, desc.digest, ref.repository)
             return path
 
-        image = await self._install(digest, media_type, manifest, fetch, report)
-        self.catalog.set_name(name, ref.repository, None if ref.digest else ref.tag, target,
-                              image)
-        return await self._image(image)
+        image = await self._install(ns, tenant, digest, media_type, manifest, fetch, report,
+                                    name=(str(ref), None if ref.digest else ref.tag, target))
+        return await self._image(image, tenant)
 
-    def _known_target(self, target: str, want: Platform | None = None) -> str | None:
-        """The complete local image a registry digest stands for: the image itself, or the
-        image an index of that digest was resolved to for this platform."""
-        if self._complete(target):
-            return target
-        for rec in self.catalog.names():
-            if rec.target != target or not self._complete(rec.image):
-                continue
-            image = self.catalog.image(rec.image)
-            if image is not None and (want is None or image.platform.split("/")[:2]
-                                      == [want.os, want.architecture]):
-                return rec.image
-        return None
+    def _fits(self, digest: str, want: Platform) -> bool:
+        rec = self.catalog.image(digest)
+        return rec is not None and rec.platform.split("/")[:2] == [want.os, want.architecture]
 
     def _complete(self, digest: str) -> bool:
         rec = self.catalog.image(digest)
@@ -203,95 +266,172 @@ class ImageService:
     async def _platform_manifest(self, ref: Reference, body: bytes, media_type: str,
                                  digest: str, want: Platform
                                  ) -> tuple[str, ImageManifest, str]:
-        """Walk an index (nested at most MAX_INDEX_DEPTH deep) down to one image manifest."""
+        """Walk an index (nested at most MAX_INDEX_DEPTH deep) down to one image manifest.
+        Each document is stored once it parses (one that is refused leaves nothing); a
+        child is read no further than its index entry's size."""
         for _ in range(MAX_INDEX_DEPTH + 1):
-            doc = parse_manifest(body, media_type)
+            doc = parse_manifest(body, media_type,
+                                 max_blob_bytes=self.client.config.max_blob_bytes)
+            self.blobs.put_bytes(body, expected=digest)
             if isinstance(doc, ImageManifest):
                 return digest, doc, media_type
             desc = select_platform(doc, want)
-            if desc.size > MANIFEST_MAX:
-                raise ManifestError(f"{ref.familiar()}: the manifest for {want} claims "
-                                    f"{desc.size} bytes, over the {MANIFEST_MAX} byte cap")
-            child = await self.client.get_manifest(ref.with_digest(desc.digest))
-            if len(child.body) != desc.size:
-                raise ManifestError(f"{ref.familiar()}: the index says {desc.digest} is "
-                                    f"{desc.size} bytes, the registry served "
-                                    f"{len(child.body)}")
+            child = await self.client.get_manifest(ref.with_digest(desc.digest),
+                                                   size=desc.size)
             body, media_type, digest = child.body, child.media_type, child.digest
-            self.blobs.put_bytes(body, expected=digest)
         raise ManifestError(f"{ref.familiar()}: indexes nest more than {MAX_INDEX_DEPTH} "
                             "deep; refusing to follow further")
 
-    async def _install(self, digest: str, media_type: str, manifest: ImageManifest,
+    async def _install(self, ns: str, tenant: Tenant, digest: str, media_type: str,
+                       manifest: ImageManifest,
                        fetch: Callable[[Descriptor], Awaitable[Path]],
-                       report: ProgressCallback) -> str:
-        """Config and layers of a verified manifest into the store; returns its digest."""
+                       report: ProgressCallback, *, name: tuple[str, str | None, str]) -> str:
+        """Config and layers of a verified manifest into the store; returns its digest.
+
+        `fetch(desc)` brings `desc`'s blob from the image's source (verified), records
+        that `ns` holds it, and returns its path. Content `ns` holds already is not fetched
+        again; a layer already in the store but not held is taken only once this source's
+        blob is checked to decompress to it. Within the tenant's byte quota, checked before
+        any layer is fetched (from the manifest's sizes) and again once the layers' sizes
+        are known.
+        Last, `name` ((reference, tag, what the registry served)) is given to the image in
+        `ns`."""
+        content = (digest, manifest.config.digest,
+                   *(d.digest for d in manifest.layers))
+        with self._pin(*content):
+            return await self._install_pinned(ns, tenant, digest, media_type, manifest, fetch,
+                                              report, name)
+
+    async def _install_pinned(self, ns: str, tenant: Tenant, digest: str, media_type: str,
+                              manifest: ImageManifest,
+                              fetch: Callable[[Descriptor], Awaitable[Path]],
+                              report: ProgressCallback, name: tuple[str, str | None, str]
+                              ) -> str:
         if manifest.config.size > CONFIG_MAX:
             raise ManifestError(f"image config {manifest.config.digest} claims "
                                 f"{manifest.config.size} bytes, over the {CONFIG_MAX} cap")
-        await fetch(manifest.config)
+        async def blob(desc: Descriptor) -> Path:
+            known = ns == PUBLIC or self.catalog.holds(ns, desc.digest)
+            if known and self.blobs.has(desc.digest):
+                return self.blobs.path(desc.digest)
+            return await fetch(desc)
+
+        await blob(manifest.config)
         config = parse_config(self.blobs.read(manifest.config.digest, CONFIG_MAX))
         if len(config.diff_ids) != len(manifest.layers):
             raise ManifestError(f"image {digest}: the manifest lists {len(manifest.layers)} "
                                 f"layers, its config {len(config.diff_ids)} diff_ids")
+        pairs = list(zip(manifest.layers, config.diff_ids, strict=True))
+        with self._pin(*config.diff_ids):
+            if ns != PUBLIC:
+                self._check_quota(tenant, [(i, d.size) for d, i in pairs])
 
-        async def one(desc: Descriptor, diff_id: str) -> None:
-            if self.layers.has(diff_id):
-                report(PullProgress(desc.digest, "cached", desc.size, desc.size))
-                return
-            async with self._parallel:
-                async def blob() -> Path:
-                    return await fetch(desc)
-                _, rep = await self.layers.ensure(diff_id, blob)
-                if rep is not None:
-                    self.catalog.record_layer(diff_id, rep.bytes, rep.entries)
-                report(PullProgress(desc.digest, "done", desc.size, desc.size))
+            async def one(desc: Descriptor, diff_id: str) -> None:
+                proven = ns == PUBLIC or self.catalog.holds(ns, diff_id)
+                if proven and self.layers.has(diff_id):
+                    report(PullProgress(desc.digest, "cached", desc.size, desc.size))
+                    return
+                async with self._parallel:
+                    unpacked_ours = False
 
-        await asyncio.gather(*(one(d, i) for d, i in zip(manifest.layers, config.diff_ids,
-                                                          strict=True)))
-        now = time.time()
-        self.catalog.add_image(ImageRecord(
-            digest, media_type, manifest.config.digest, _platform_of(config),
-            manifest.config.size + sum(d.size for d in manifest.layers), now, now,
-            tuple(LayerRecord(i, d.digest, d.media_type, d.size)
-                  for d, i in zip(manifest.layers, config.diff_ids, strict=True))))
-        return digest
+                    async def source() -> Path:
+                        nonlocal unpacked_ours
+                        unpacked_ours = True
+                        return await blob(desc)
+
+                    _, rep = await self.layers.ensure(diff_id, source)
+                    if rep is not None:
+                        self.catalog.record_layer(diff_id, rep.bytes, rep.entries)
+                    if not (proven or unpacked_ours):
+                        # The layer was in the store (or another pull was unpacking it): this
+                        # source's own blob must decompress to it, or a config naming another
+                        # tenant's diff_id would hand its files over.
+                        path = await blob(desc)
+                        found = await asyncio.to_thread(diff_id_of, path,
+                                                        self.layers.limits.max_bytes + (1 << 30))
+                        if found != diff_id:
+                            raise DigestMismatch(
+                                f"layer {desc.digest} decompresses to {found}, but the image "
+                                f"config lists {diff_id}: the image is corrupt or was tampered "
+                                "with")
+                    report(PullProgress(desc.digest, "done", desc.size, desc.size))
+
+            await asyncio.gather(*(one(d, i) for d, i in pairs))
+            now = time.time()
+            self.catalog.add_image(ImageRecord(
+                digest, media_type, manifest.config.digest, _platform_of(config),
+                manifest.config.size + sum(d.size for d in manifest.layers), now, now,
+                tuple(LayerRecord(i, d.digest, d.media_type, d.size) for d, i in pairs)))
+            if ns != PUBLIC:
+                self.catalog.hold(ns, *config.diff_ids)
+                self._check_quota(tenant, [], image=digest)
+            reference, tag, target = name
+            self.catalog.set_name(ns, reference, parse(reference).repository, tag, target, digest)
+            return digest
+
+    def _check_quota(self, tenant: Tenant, adding: list[tuple[str, int]],
+                     image: str | None = None) -> None:
+        """QuotaExceeded if the tenant's names would use more than its byte quota with
+        `adding` ((diff_id, blob size) of new layers) or with `image` named too."""
+        cap = tenant.max_image_bytes
+        if cap is None:
+            return
+        used = self.catalog.usage(tenant.id, plus=image)
+        mine = self.catalog.diff_ids_of(tenant.id)
+        more = sum(size + self.catalog.layer_bytes(diff_id)
+                   for diff_id, size in dict(adding).items() if diff_id not in mine)
+        if used + more > cap:
+            raise QuotaExceeded(f"this image would bring your images to {used + more} bytes, "
+                                f"over your quota of {cap} bytes (max_image_bytes): remove "
+                                "images you no longer need (DELETE /v1/images/{ref}, then "
+                                "POST /v1/images/gc) and try again")
 
     # local lookups
 
-    def _lookup(self, reference: str) -> str:
-        """The image digest a name, a digest or a config digest stands for, locally."""
+    def _lookup(self, reference: str, tenant: Tenant) -> str:
+        """The image digest a name, a digest or a config digest stands for, among the names
+        `tenant` may see (its own and the public ones)."""
         text = reference.strip()
         if digests.is_digest(text):
-            if self.catalog.image(text) is not None:
-                return text
-            rec = self.catalog.image_by_config(text)
-            if rec is not None:
-                return rec.digest
-            raise NotFound(f"no image {text} in the store")
+            visible = self.catalog.names((tenant.id, PUBLIC))
+            for n in visible:
+                if text in (n.image, n.target):
+                    return n.image
+            for n in visible:
+                rec = self.catalog.image(n.image)
+                if rec is not None and rec.config == text:
+                    return rec.digest
+            raise NotFound(f"no image {text} among your images: pull it by name first")
         ref = parse(text)
-        found = self.catalog.lookup(str(ref))
-        if found is None and ref.digest is not None:
-            known = self._known_target(ref.digest)
-            if known is not None:
-                return known
-        if found is None:
-            raise NotFound(f"image {ref.familiar()} is not in the store: pull it first")
-        return found.image
+        ns = self._namespace(tenant, ref)
+        found = self.catalog.lookup(ns, str(ref))
+        if found is not None:
+            return found.image
+        if ref.digest is not None:
+            # repo@digest of an image this namespace has under another name of the repo
+            for n in self.catalog.names((ns,)):
+                if n.repository == ref.repository and ref.digest in (n.image, n.target):
+                    return n.image
+        raise NotFound(f"image {ref.familiar()} is not in the store: pull it first")
 
-    async def resolve(self, reference: str) -> Image:
-        """A local image by name or digest, without asking any registry.
+    async def resolve(self, reference: str, *, tenant: Tenant) -> Image:
+        """A local image by name or digest, as `tenant` names it, without asking any
+        registry.
 
         Every warm run starts here, so an answer is kept until the catalog next changes
         (a pull, tag, import, remove or gc of this process)."""
-        cached = self._resolved.get(reference)
+        key = (tenant.id, reference)
+        cached = self._resolved.get(key)
         if cached is not None and cached[0] == self.catalog.generation:
             return cached[1]
-        image = await self._image(self._lookup(reference))
-        self._resolved[reference] = (self.catalog.generation, image)
+        image = await self._image(self._lookup(reference, tenant), tenant)
+        self._resolved[key] = (self.catalog.generation, image)
         return image
 
-    async def _image(self, digest: str) -> Image:
+    def _names(self, digest: str, tenant: Tenant) -> tuple[str, ...]:
+        return tuple(n.name for n in self.catalog.names((tenant.id, PUBLIC), image=digest))
+
+    async def _image(self, digest: str, tenant: Tenant) -> Image:
         rec = self.catalog.image(digest)
         if rec is None or not self._complete(digest):
             raise NotFound(f"image {digest} is not complete in the store: pull it again")
@@ -304,7 +444,7 @@ class ImageService:
             layers = (await self.layers.ensure_flat(
                 top, [self.blobs.path(lr.blob) for lr in rec.layers]),)
         return Image(digest, rec.config, config, rec.platform, rec.size, layers,
-                     run_defaults(config), tuple(n.name for n in self.catalog.names(digest)))
+                     run_defaults(config), self._names(digest, tenant))
 
     def user_ids(self, image: Image, user: str | None = None) -> tuple[int | None, int | None]:
         """The (uid, gid) a run of `image` uses: `user` if given, else the config's User,
@@ -314,58 +454,68 @@ class ImageService:
             return read_from_layers(image.layers, path, MAX_ACCOUNT_FILE_BYTES + 1)
         return resolve_user(image.defaults.user if user is None else user, read)
 
-    def list(self) -> list[ImageSummary]:
-        return [ImageSummary(rec.digest, rec.config,
-                             tuple(n.name for n in self.catalog.names(rec.digest)),
-                             rec.platform, rec.size, rec.created, rec.last_used)
-                for rec in self.catalog.images()]
+    def list(self, *, tenant: Tenant) -> list[ImageSummary]:
+        """The images `tenant` names, and the public ones, with the names it sees."""
+        names: dict[str, list[str]] = {}
+        for n in self.catalog.names((tenant.id, PUBLIC)):
+            names.setdefault(n.image, []).append(n.name)
+        return [ImageSummary(rec.digest, rec.config, tuple(names[rec.digest]), rec.platform,
+                             rec.size, rec.created, rec.last_used)
+                for rec in self.catalog.images() if rec.digest in names]
 
-    def inspect(self, reference: str) -> dict[str, Any]:
-        digest = self._lookup(reference)
+    def inspect(self, reference: str, *, tenant: Tenant) -> dict[str, Any]:
+        digest = self._lookup(reference, tenant)
         rec = self.catalog.image(digest)
         assert rec is not None
         config = orjson.loads(self.blobs.read(rec.config, CONFIG_MAX))
         return {
             "digest": rec.digest, "media_type": rec.media_type, "config_digest": rec.config,
             "platform": rec.platform, "size": rec.size, "created": rec.created,
-            "last_used": rec.last_used,
-            "names": [n.name for n in self.catalog.names(digest)],
+            "last_used": rec.last_used, "names": list(self._names(digest, tenant)),
             "layers": [{"digest": lr.blob, "diff_id": lr.diff_id, "media_type": lr.media_type,
                         "size": lr.size, "unpacked_bytes": self.catalog.layer_bytes(lr.diff_id)}
                        for lr in rec.layers],
             "config": config,
         }
 
-    def tag(self, source: str, target: str) -> str:
-        digest = self._lookup(source)
+    def tag(self, source: str, target: str, *, tenant: Tenant) -> str:
+        digest = self._lookup(source, tenant)
         ref = parse(target)
         if ref.digest is not None:
             raise InvalidReference(f"target {target!r}: a tag cannot carry a digest; "
                                    "write it as name:tag")
-        self.catalog.set_name(str(ref), ref.repository, ref.tag, digest, digest)
+        ns = self._writable(tenant, ref, "target")
+        self._check_quota(tenant, [], image=digest)
+        self.catalog.set_name(ns, str(ref), ref.repository, ref.tag, digest, digest)
         return str(ref)
 
-    def remove(self, reference: str, *, force: bool = False) -> list[str]:
-        """Untag a name, or remove an image by digest with all its names; the image's files
-        go once nothing names it. An image a container uses is refused unless `force`, which
-        removes its names and leaves its files to gc once the container is gone."""
+    def remove(self, reference: str, *, tenant: Tenant, force: bool = False) -> list[str]:
+        """Remove one of the tenant's names, or by digest all its names of that image. The
+        image's files go once no tenant names it and no container uses it. Removing the last
+        name of an image a container uses is refused unless `force`, which removes the names
+        and leaves the files to gc once the container is gone."""
         text = reference.strip()
         if digests.is_digest(text):
-            digest = self._lookup(text)
-            names = [n.name for n in self.catalog.names(digest)]
+            digest = self._lookup(text, tenant)
+            names = [n.name for n in self.catalog.names((tenant.id,), image=digest)]
+            if not names:
+                raise Forbidden(f"{text} is named only by public names (images.public in the "
+                                "service's config), which only the operator removes")
         else:
             ref = parse(text)
-            found = self.catalog.lookup(str(ref))
+            ns = self._writable(tenant, ref, "ref")
+            found = self.catalog.lookup(ns, str(ref))
             if found is None:
                 raise NotFound(f"image {ref.familiar()} is not in the store")
             digest, names = found.image, [found.name]
-        remaining = {n.name for n in self.catalog.names(digest)} - set(names)
+        remaining = [n for n in self.catalog.names(image=digest)
+                     if n.tenant != tenant.id or n.name not in names]
         in_use = digest in self.catalog.leased()
         if not remaining and in_use and not force:
             raise ImageInUse(f"image {digest} is used by a running container; stop the "
                              "container first or remove with force")
         for name in names:
-            self.catalog.remove_name(name)
+            self.catalog.remove_name(tenant.id, name)
         # Forced while in use: the names go now, the files once no container uses them (gc).
         if not remaining and not in_use:
             self.catalog.remove_image(digest)
@@ -373,16 +523,32 @@ class ImageService:
         return names
 
     def _sweep(self) -> None:
-        gc.collect(self.catalog, self.blobs, self.layers, budget_bytes=sys.maxsize)
+        self._collect()
 
-    def gc(self, budget_bytes: int = 0) -> gc.GcReport:
-        report = gc.collect(self.catalog, self.blobs, self.layers, budget_bytes)
+    def gc(self, budget_bytes: int = 0, *, tenant: Tenant) -> gc.GcReport:
+        """Drop the tenant's least recently used images (those no container uses) until its
+        images fit `budget_bytes`, then every image nobody names or uses and every blob and
+        layer no image needs. Other tenants' names are never touched."""
+        evicted = []
+        leased = self.catalog.leased()
+        for rec in sorted(self.catalog.images(), key=lambda r: r.last_used):
+            if self.catalog.usage(tenant.id) <= budget_bytes:
+                break
+            mine = self.catalog.names((tenant.id,), image=rec.digest)
+            if not mine or rec.digest in leased:
+                continue
+            for n in mine:
+                self.catalog.remove_name(tenant.id, n.name)
+            evicted.append(rec.digest)
+        report = self._collect()
         keep = {chain_ids([lr.diff_id for lr in rec.layers])[-1]
                 for rec in self.catalog.images() if rec.layers}
         for entry in self.layers.flat.iterdir():
             if "sha256:" + entry.name not in keep:
                 self.layers.remove_flat("sha256:" + entry.name)
-        return report
+        # What the caller may learn: its own evictions and its own usage, not the store's.
+        return dataclasses.replace(report, images=evicted,
+                                   kept_bytes=self.catalog.usage(tenant.id))
 
     def lease(self, image: str, holder: str) -> None:
         """Keep `image` from gc while `holder` (a container id) lives in this process."""
@@ -393,44 +559,60 @@ class ImageService:
 
     # import
 
-    async def import_tar(self, src: Path | BinaryIO, reference: str, *,
+    async def import_tar(self, src: Path | BinaryIO, reference: str, *, tenant: Tenant,
                          cmd: Sequence[str] | None = None,
                          entrypoint: Sequence[str] | None = None,
                          env: Mapping[str, str] | None = None, working_dir: str | None = None,
                          user: str | None = None) -> Image:
-        """A root-filesystem tar (plain, gzip or zstd) as a one-layer image, as
+        """A root-filesystem tar (plain, gzip or zstd) as a one-layer image of `tenant`, as
         `docker import` makes."""
         ref = _tag_reference(reference)
+        ns = self._writable(tenant, ref, "reference")
         if isinstance(src, Path):
             with open(src, "rb") as f:
                 layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, f)
         else:
             layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, src)
+        with self._pin(layer_digest):
+            digest = await self._import_layer(
+                ns, tenant, ref, layer_digest, size,
+                lambda diff_id: build_config(diff_ids=[diff_id], cmd=cmd, entrypoint=entrypoint,
+                                             env=env, working_dir=working_dir, user=user,
+                                             history_comment="imported"))
+        return await self._image(digest, tenant)
+
+    async def _import_layer(self, ns: str, tenant: Tenant, ref: Reference, layer_digest: str,
+                            size: int, make_config: Callable[[str], bytes]) -> str:
         path = self.blobs.path(layer_digest)
         with open(path, "rb") as f:
             kind = detect_compression(f.read(8))
         media_type = {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}.get(kind, OCI_LAYER)
+        self._check_quota(tenant, [(layer_digest, size)])
         diff_id, _, rep = await self.layers.add(path)
-        self.catalog.record_layer(diff_id, rep.bytes, rep.entries)
-        config = build_config(diff_ids=[diff_id], cmd=cmd, entrypoint=entrypoint, env=env,
-                              working_dir=working_dir, user=user, history_comment="imported")
-        config_digest = self.blobs.put_bytes(config)
-        manifest = build_oci_manifest(Descriptor(OCI_CONFIG, config_digest, len(config)),
-                                      [Descriptor(media_type, layer_digest, size)])
-        digest = self.blobs.put_bytes(manifest)
-        now = time.time()
-        self.catalog.add_image(ImageRecord(
-            digest, OCI_MANIFEST, config_digest, str(self.platform), len(config) + size, now,
-            now, (LayerRecord(diff_id, layer_digest, media_type, size),)))
-        self.catalog.set_name(str(ref), ref.repository, ref.tag, digest, digest)
-        return await self._image(digest)
+        with self._pin(diff_id):
+            self.catalog.record_layer(diff_id, rep.bytes, rep.entries)
+            config = make_config(diff_id)
+            config_digest = self.blobs.put_bytes(config)
+            manifest = build_oci_manifest(Descriptor(OCI_CONFIG, config_digest, len(config)),
+                                          [Descriptor(media_type, layer_digest, size)])
+            digest = self.blobs.put_bytes(manifest)
+            now = time.time()
+            self.catalog.add_image(ImageRecord(
+                digest, OCI_MANIFEST, config_digest, str(self.platform), len(config) + size,
+                now, now, (LayerRecord(diff_id, layer_digest, media_type, size),)))
+            # The tenant sent these bytes: it holds them.
+            self.catalog.hold(ns, layer_digest, diff_id, config_digest)
+            self._check_quota(tenant, [], image=digest)
+            self.catalog.set_name(ns, str(ref), ref.repository, ref.tag, digest, digest)
+        return digest
 
-    async def import_layout(self, layout: Path, reference: str, *, name: str | None = None,
-                            platform: Platform | None = None,
+    async def import_layout(self, layout: Path, reference: str, *, tenant: Tenant,
+                            name: str | None = None, platform: Platform | None = None,
                             on_progress: ProgressCallback | None = None) -> Image:
         """An OCI image layout directory (as umoci and `skopeo copy … oci:DIR` write) as a
-        tagged image. `name` picks the index entry by its ref.name annotation."""
+        tagged image of `tenant`. `name` picks the index entry by its ref.name annotation."""
         ref = _tag_reference(reference)
+        ns = self._writable(tenant, ref, "reference")
         report = on_progress or _no_progress
         index_body = _read_layout_file(layout / "index.json", INDEX_JSON_MAX)
         doc = parse_manifest(index_body, OCI_INDEX)
@@ -445,8 +627,11 @@ class ImageService:
             ImageIndex(doc.media_type, tuple(entries), {}), platform or self.platform)
 
         def copy_in(d: Descriptor) -> Path:
+            # Always read from the layout, even for a blob the store has: that is what
+            # proves the caller holds it.
             with _open_layout_blob(layout, d.digest) as f:
                 self.blobs.put_stream(f, expected=d.digest, expected_size=d.size)
+            self.catalog.hold(ns, d.digest)
             return self.blobs.path(d.digest)
 
         body = _read_layout_file(_layout_blob(layout, desc.digest), MANIFEST_MAX)
@@ -467,21 +652,21 @@ class ImageService:
             raise ManifestError(f"{layout}: indexes nest more than {MAX_INDEX_DEPTH} deep")
 
         async def fetch(d: Descriptor) -> Path:
-            if self.blobs.has(d.digest):
-                return self.blobs.path(d.digest)
             return await asyncio.to_thread(copy_in, d)
 
-        image = await self._install(digest, media_type, manifest, fetch, report)
-        self.catalog.set_name(str(ref), ref.repository, ref.tag, digest, image)
-        return await self._image(image)
+        image = await self._install(ns, tenant, digest, media_type, manifest, fetch, report,
+                                    name=(str(ref), ref.tag, digest))
+        return await self._image(image, tenant)
 
     # push
 
-    async def push(self, source: str, target: str | None = None, *,
+    async def push(self, source: str, target: str | None = None, *, tenant: Tenant,
                    on_progress: ProgressCallback | None = None) -> str:
-        """Push a local image to a registry; returns the manifest digest the registry has."""
+        """Push an image `tenant` names (or a public one) to a registry; returns the manifest
+        digest the registry has. Cross-repository mounts are tried only from repositories
+        this tenant pulled the blob from or pushed it to."""
         report = on_progress or _no_progress
-        digest = self._lookup(source)
+        digest = self._lookup(source, tenant)
         rec = self.catalog.image(digest)
         assert rec is not None
         dest = parse(target if target is not None else source)
@@ -501,7 +686,7 @@ class ImageService:
                     report(PullProgress(blob, "exists", size, size))
                 else:
                     mounted = False
-                    for repo in self.catalog.sources(blob):
+                    for repo in self.catalog.sources(tenant.id, blob):
                         domain, _, path = repo.partition("/")
                         if domain == dest.domain and path != dest.path:
                             mounted = await self.client.mount_blob(dest, blob, path)
@@ -511,15 +696,16 @@ class ImageService:
                     if not mounted:
                         await self.client.upload_blob(dest, blob, size, self.blobs.path(blob))
                         report(PullProgress(blob, "pushed", size, size))
-            self.catalog.add_source(blob, dest.repository)
+            self.catalog.add_source(tenant.id, blob, dest.repository)
 
         await asyncio.gather(*(push_blob(b, s) for b, s in blobs))
         body = self.blobs.read(digest, MANIFEST_MAX)
         pushed = await self.client.put_manifest(dest, rec.media_type, body)
         if pushed != digest:
             raise ManifestError(f"the registry stored the manifest as {pushed}, not {digest}")
-        if dest.digest is None:
-            self.catalog.set_name(str(dest), dest.repository, dest.tag, digest, digest)
+        if dest.digest is None and not self.public.covers(dest):
+            self.catalog.set_name(tenant.id, str(dest), dest.repository, dest.tag, digest,
+                                  digest)
         return digest
 
 

@@ -17,6 +17,7 @@ import orjson
 
 from sandbox import digests
 from sandbox.errors import ImageError, InvalidReference, ManifestError, NotFound
+from sandbox.store.unpack import UnpackLimits
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -58,7 +59,10 @@ _GENERIC_TYPES = frozenset({"", "application/json", "application/octet-stream", 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # containers/image's limit; registries accept >= 4 MB
 MAX_LAYERS = 1000
 MAX_INDEX_ENTRIES = 10000
-MAX_BLOB_SIZE = 1 << 40
+# The largest blob a descriptor may claim, unless configured otherwise: the most a layer may
+# unpack to. A compressed layer is smaller than its files, so a larger one could only fail at
+# unpack, after its whole download; it is refused before anything is fetched instead.
+MAX_BLOB_BYTES = UnpackLimits().max_bytes
 MAX_INDEX_DEPTH = 4  # nested indexes the caller follows before giving up
 
 _ATTESTATION_KEY = "vnd.docker.reference.type"
@@ -157,8 +161,10 @@ class ImageIndex:
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
-def parse_manifest(body: bytes, media_type: str) -> ImageManifest | ImageIndex:
-    """Parse and validate a manifest or index; `media_type` is the response's Content-Type."""
+def parse_manifest(body: bytes, media_type: str, *,
+                   max_blob_bytes: int = MAX_BLOB_BYTES) -> ImageManifest | ImageIndex:
+    """Parse and validate a manifest or index; `media_type` is the response's Content-Type.
+    A descriptor whose size is over `max_blob_bytes` is refused."""
     if len(body) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest is {len(body)} bytes, over the {MAX_MANIFEST_BYTES} "
                             "byte limit; this is not an image manifest sandboxd can use")
@@ -186,8 +192,8 @@ def parse_manifest(body: bytes, media_type: str) -> ImageManifest | ImageIndex:
     kind = _resolve_type(given, declared, doc)
 
     if kind in INDEX_TYPES:
-        return _parse_index(doc, kind)
-    return _parse_image_manifest(doc, kind)
+        return _parse_index(doc, kind, max_blob_bytes)
+    return _parse_image_manifest(doc, kind, max_blob_bytes)
 
 
 def _schema1() -> ManifestError:
@@ -228,8 +234,8 @@ def _resolve_type(given: str, declared: str | None, doc: dict[str, Any]) -> str:
     return kind
 
 
-def _parse_image_manifest(doc: dict[str, Any], kind: str) -> ImageManifest:
-    config = _descriptor(doc["config"], "config")
+def _parse_image_manifest(doc: dict[str, Any], kind: str, max_size: int) -> ImageManifest:
+    config = _descriptor(doc["config"], "config", max_size)
     if config.media_type not in CONFIG_TYPES:
         raise ManifestError(f"config media type is {config.media_type!r}: this is not a "
                             "container image (an artifact, a signature or a Helm chart?); "
@@ -241,7 +247,8 @@ def _parse_image_manifest(doc: dict[str, Any], kind: str) -> ImageManifest:
     if len(raw_layers) > MAX_LAYERS:
         raise ManifestError(f"manifest has {len(raw_layers)} layers, over the limit of "
                             f"{MAX_LAYERS}")
-    layers = tuple(_descriptor(item, f"layer {i}") for i, item in enumerate(raw_layers))
+    layers = tuple(_descriptor(item, f"layer {i}", max_size)
+                   for i, item in enumerate(raw_layers))
     for i, layer in enumerate(layers):
         if layer.media_type not in LAYER_TYPES:
             raise ManifestError(f"layer {i} has media type {layer.media_type!r}, which is not "
@@ -249,18 +256,19 @@ def _parse_image_manifest(doc: dict[str, Any], kind: str) -> ImageManifest:
     return ImageManifest(kind, config, layers, _annotations(doc.get("annotations"), "manifest"))
 
 
-def _parse_index(doc: dict[str, Any], kind: str) -> ImageIndex:
+def _parse_index(doc: dict[str, Any], kind: str, max_size: int) -> ImageIndex:
     raw = doc["manifests"]
     if not isinstance(raw, list):
         raise ManifestError(f"index 'manifests' is {_show(raw)}, not a list")
     if len(raw) > MAX_INDEX_ENTRIES:
         raise ManifestError(f"index has {len(raw)} entries, over the limit of "
                             f"{MAX_INDEX_ENTRIES}")
-    entries = tuple(_descriptor(item, f"index entry {i}") for i, item in enumerate(raw))
+    entries = tuple(_descriptor(item, f"index entry {i}", max_size)
+                    for i, item in enumerate(raw))
     return ImageIndex(kind, entries, _annotations(doc.get("annotations"), "index"))
 
 
-def _descriptor(obj: object, where: str) -> Descriptor:
+def _descriptor(obj: object, where: str, max_size: int) -> Descriptor:
     if not isinstance(obj, dict):
         raise ManifestError(f"{where} is {_show(obj)}, not a descriptor object")
     media_type = obj.get("mediaType")
@@ -271,9 +279,13 @@ def _descriptor(obj: object, where: str) -> Descriptor:
     except InvalidReference as exc:
         raise ManifestError(str(exc)) from None
     size = obj.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_BLOB_SIZE:
-        raise ManifestError(f"{where}: size is {_show(size)}; expected a whole number of bytes "
-                            f"from 0 to {MAX_BLOB_SIZE}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ManifestError(f"{where}: size is {_show(size)}; expected a whole number of "
+                            "bytes")
+    if size > max_size:
+        raise ManifestError(f"{where}: {digest} claims {size} bytes, over the {max_size} byte "
+                            "limit for one blob, and is refused before it is fetched; if the "
+                            "image is genuine, raise registries.max_blob_bytes")
     urls = obj.get("urls", [])
     if not isinstance(urls, list) or not all(isinstance(u, str) and _URL.fullmatch(u)
                                              for u in urls):
@@ -380,7 +392,7 @@ def build_oci_manifest(config: Descriptor, layers: Sequence[Descriptor],
             raise ManifestError(f"layer media type {layer.media_type!r} is not a tar layer")
     for desc in (config, *layers):
         # Round-trip through the parser's own checks: we never emit what we would refuse.
-        _descriptor(desc.to_json(), f"descriptor {desc.digest[:80]!r}")
+        _descriptor(desc.to_json(), f"descriptor {desc.digest[:80]!r}", MAX_BLOB_BYTES)
     doc: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,

@@ -1,9 +1,10 @@
-"""Warm containers per (image digest, policy): a run takes one (a hit) or starts one (a
+"""Warm containers per (tenant, image digest, policy): a run takes one (a hit) or starts one (a
 miss); afterwards a read-only-root container goes back at once (its init resets it as the
 run ends, before it reads the next request: see Container.exec's reset_after), a writable
 one is destroyed (what a run wrote must never reach the next). Refills happen off the
 request's path, in background tasks; each key keeps at least `min_idle` idle containers
-once used, and grows with demand up to `max_idle`.
+once used, and grows with demand up to `max_idle`. A warm container serves one tenant only:
+nothing a run leaves can reach another tenant even if a reset missed it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,7 @@ from sandbox.errors import CapacityError, PolicyError, SandboxError
 from sandbox.images import Image, ImageService
 from sandbox.records import ContainerRecords
 from sandbox.runtime.container import Container, ContainerSpec, Runtime
+from sandbox.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class PoolConfig:
 
 @dataclass
 class _Pool:
+    tenant: str
     image: Image
     profile: str
     idle: deque[Container] = field(default_factory=deque)
@@ -59,6 +63,7 @@ class _Pool:
     created: int = 0             # containers started for this key, misses and refills
     peak: int = 0                # the most runs at once lately: how many to keep warm
     refilling: bool = False
+    draining: bool = False       # its image is being removed: no refills
     reusable: bool = False       # the policy's root is read-only: busy ones come back
 
     @property
@@ -76,22 +81,30 @@ class Pools:
         self.config = config
         self.images = images
         self.records = records
-        self._pools: dict[tuple[str, str], _Pool] = {}
+        self._pools: dict[tuple[str, str, str], _Pool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle_since: dict[str, float] = {}   # container id -> when it was parked
         self._live = 0
 
     @property
     def live(self) -> int:
         return self._live
 
-    def _pool(self, image: Image, profile: str) -> _Pool:
-        key = (image.digest, profile)
+    def _pool(self, tenant: Tenant, image: Image, profile: str) -> _Pool:
+        key = (tenant.id, image.digest, profile)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = _Pool(image, profile)
+            pool = self._pools[key] = _Pool(tenant.id, image, profile)
         return pool
 
-    async def _create(self, image: Image, profile: str) -> Container:
+    async def _create(self, image: Image, profile: str, *, evict: bool = False) -> Container:
+        if self._live >= self.config.max_live and evict:
+            # A run that finds no warm container of its own takes the place of an idle one of
+            # another key (another tenant's, say), the longest idle first: idle containers
+            # never keep a run from starting.
+            victim = self._idlest()
+            if victim is not None:
+                await self.destroy(victim)
         if self._live >= self.config.max_live:
             raise CapacityError(f"{self._live} containers are live, the configured maximum "
                                 "(pools.max_live); wait for runs to finish or raise it")
@@ -110,6 +123,7 @@ class Pools:
 
     async def destroy(self, container: Container) -> None:
         """Destroy a container this pool made (a session's too) and forget it."""
+        self._idle_since.pop(container.id, None)
         try:
             await container.destroy()
         finally:
@@ -119,15 +133,17 @@ class Pools:
             if self.records is not None:
                 self.records.remove(container.id)
 
-    async def take(self, image: Image, profile: str) -> tuple[Container, bool]:
-        """A container for one run: (container, whether it was warm)."""
-        pool = self._pool(image, profile)
+    async def take(self, image: Image, profile: str, tenant: Tenant
+                   ) -> tuple[Container, bool]:
+        """A container for one run of `tenant`: (container, whether it was warm)."""
+        pool = self._pool(tenant, image, profile)
         pool.busy += 1
         pool.peak = max(pool.peak, pool.busy)
         while pool.idle:
             # The one used last: its init's pages and the kernel's caches are still warm
             # (round robin over 100 idle containers made a sequential run ~0.6 ms slower).
             container = pool.idle.pop()
+            self._idle_since.pop(container.id, None)
             if container.alive:  # false too when the reset after its last run failed
                 pool.hits += 1
                 self._refill(pool)
@@ -135,7 +151,7 @@ class Pools:
             self._spawn(self.destroy(container))
         pool.misses += 1
         try:
-            container = await self._create(image, profile)
+            container = await self._create(image, profile, evict=True)
         except BaseException:
             pool.busy -= 1
             raise
@@ -144,32 +160,65 @@ class Pools:
         self._refill(pool)
         return container, False
 
-    async def fresh(self, image: Image, profile: str) -> Container:
-        """A container the caller keeps (a session); a warm one if there is one."""
-        container, _ = await self.take(image, profile)
-        self._pool(image, profile).busy -= 1
+    async def fresh(self, image: Image, profile: str, tenant: Tenant) -> Container:
+        """A container `tenant` keeps (a session); a warm one of its own if there is one."""
+        container, _ = await self.take(image, profile, tenant)
+        self._pool(tenant, image, profile).busy -= 1
         return container
 
-    def give_back(self, image: Image, profile: str, container: Container) -> None:
+    def give_back(self, image: Image, profile: str, tenant: Tenant,
+                  container: Container) -> None:
         """After a run (exec'd with reset_after=container.reusable): keep it when its root
         is read-only, else destroy it."""
-        pool = self._pool(image, profile)
+        pool = self._pool(tenant, image, profile)
         pool.busy -= 1
         if container.reusable and container.alive and len(pool.idle) < self.config.max_idle:
-            pool.idle.append(container)
+            self._park(pool, container)
         else:
             self._spawn(self.destroy(container))
 
-    def discard(self, container: Container, image: Image, profile: str) -> None:
+    def discard(self, container: Container, image: Image, profile: str,
+                tenant: Tenant) -> None:
         """A run failed in a way that leaves the container suspect: never reuse it."""
-        self._pool(image, profile).busy -= 1
+        self._pool(tenant, image, profile).busy -= 1
         self._spawn(self.destroy(container))
+
+    async def drop_idle(self, image: Image, tenant: Tenant) -> None:
+        """Destroy the idle containers of `tenant` for `image` (every policy), and those
+        being replaced or refilled meanwhile, so that none of them holds it any more."""
+        pools = [p for p in self._pools.values()
+                 if p.tenant == tenant.id and p.image.digest == image.digest]
+        for pool in pools:
+            pool.draining = True
+        try:
+            while self._tasks:  # refills under way, used containers being destroyed
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            for pool in pools:
+                while pool.idle:
+                    await self.destroy(pool.idle.pop())
+        finally:
+            for pool in pools:
+                pool.draining = False
+
+    def _idlest(self) -> Container | None:
+        """Take the idle container that has waited longest, of any key."""
+        pools = [p for p in self._pools.values() if p.idle]
+        if not pools:
+            return None
+        oldest = min(pools, key=lambda p: self._idle_since.get(p.idle[0].id, 0.0))
+        container = oldest.idle.popleft()
+        self._idle_since.pop(container.id, None)
+        return container
+
+    def _park(self, pool: _Pool, container: Container) -> None:
+        pool.idle.append(container)
+        self._idle_since[container.id] = time.monotonic()
 
     def _target(self, pool: _Pool) -> int:
         return min(self.config.max_idle, max(self.config.min_idle, pool.peak))
 
     def _refill(self, pool: _Pool) -> None:
-        if not pool.refilling and pool.expected < self._target(pool):
+        if not (pool.refilling or pool.draining) and pool.expected < self._target(pool):
             pool.refilling = True
             self._spawn(self._fill(pool))
 
@@ -179,7 +228,7 @@ class Pools:
                 container = await self._create(pool.image, pool.profile)
                 pool.created += 1
                 pool.reusable = container.reusable
-                pool.idle.append(container)
+                self._park(pool, container)
         except SandboxError as e:
             log.warning("could not warm a container for %s (%s): %s", pool.image.digest,
                         pool.profile, e)
@@ -193,11 +242,12 @@ class Pools:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def stats(self) -> list[dict[str, Any]]:
+    def stats(self, tenant: Tenant | None = None) -> list[dict[str, Any]]:
+        """Per pool: of `tenant` only, or every tenant's (for the operator's metrics)."""
         return [{"image": p.image.digest, "names": list(p.image.names), "policy": p.profile,
                  "idle": len(p.idle), "busy": p.busy, "hits": p.hits, "misses": p.misses,
                  "created": p.created}
-                for p in self._pools.values()]
+                for p in self._pools.values() if tenant is None or p.tenant == tenant.id]
 
     async def close(self) -> None:
         while self._tasks:

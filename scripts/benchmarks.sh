@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every figure of docs/benchmarks.md, measured in one go on this machine (Debian 12, as
 # root): the runtime, pulls, the API, and the HTTP load test with its peers (bwrap, crun,
-# runc, podman) and the isolation sweep. Each benchmark measures its own
+# runc, podman), the isolation sweep and the verdict soak. Each benchmark measures its own
 # baseline in the same run; the outputs (tables, JSON lines, the HTML report) go to
 # OUT (default bench-results/<time>). Takes 15-25 minutes on 2 cores.
 set -euo pipefail
@@ -29,4 +29,6 @@ run http $py -m loadtest --spawn --workload all --concurrency 4 --requests 200 \
     --peers auto --sweep 300 --html "$out/report.html" --json-out "$out/http.json"
 run open-loop $py -m loadtest --spawn --workload exec,judge --rate 250 --duration 20 \
     --peers none --html "$out/open-loop.html" --json-out "$out/open-loop.json"
+# 20,000 runs whose verdicts are known in advance: any wrong one is a failure.
+run soak $py -m loadtest.soak --spawn --runs 20000 --concurrency 16
 echo "== done: $out"

@@ -1,27 +1,33 @@
-"""The aiohttp application: routes from the api modules, middlewares (errors, auth,
-readiness), the engine's lifecycle, and metrics read from the engine at scrape time."""
+"""The aiohttp application: routes from the api modules, middlewares (errors, what only a
+browser sends, auth), the engine's lifecycle, and metrics read from the engine at scrape
+time."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
+from sandbox import statedir
 from sandbox.engine import Engine
+from service.admission import Admission
 from service.api import STATE, VERSION, State, containers, images, runs, system
-from service.auth import Admission, Tokens, auth_middleware
+from service.auth import Tokens, auth_middleware
 from service.config import ServiceConfig
-from service.errors import error_middleware
+from service.errors import ApiError, Handler, error_middleware
 from service.metrics import Gauge, Labels
 from service.schemas import Route, openapi
 
 log = logging.getLogger("sandboxd.service")
 
 EngineFactory = Callable[[], Awaitable[Engine]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 START_TASK = web.AppKey("start_task", asyncio.Task)
 
 
@@ -33,11 +39,12 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
     """The service over `engine`, or over the engine `engine()` starts in the background
     (the service answers /healthz and /readyz meanwhile)."""
     table = routes()
-    tokens = Tokens(config.tokens)
+    tokens = Tokens(config)
     open_paths = frozenset(r.path for r in table if not r.auth)
     app = web.Application(
         client_max_size=config.limits.json_body_bytes,
-        middlewares=[error_middleware, auth_middleware(tokens, open_paths)])
+        middlewares=[error_middleware, browser_middleware(config),
+                     auth_middleware(tokens, open_paths)])
     st = State(config=config, tokens=tokens,
                admission=Admission(config.limits.max_running, config.limits.max_queued))
     app[STATE] = st
@@ -87,13 +94,74 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
     return app
 
 
+def browser_middleware(config: ServiceConfig) -> Middleware:
+    """Refuses what only a web page would send: a Host this service is not reached by (a
+    DNS name rebound to it) and a cross-origin Origin (a page's fetch, form or WebSocket).
+    Without tokens a page's requests would otherwise run code as any local caller."""
+    names = {"localhost", *config.allowed_hosts, config.host.lower().strip("[]").rstrip(".")}
+
+    @functools.lru_cache(maxsize=64)  # a service is called by a handful of names
+    def allowed(hostport: str) -> bool:
+        name = _hostname(hostport)
+        # An IP address cannot be rebound: only a name resolves to another host later.
+        return name is not None and (name in names or _is_ip(name))
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is not None and not allowed(host):
+            raise ApiError(403, "forbidden", f"Host {host[:200]!r} is not a name of this service; "
+                           "use its address or localhost, or add the name to "
+                           "server.allowed_hosts")
+        origin = request.headers.get("Origin")
+        if origin is not None and (host is None or _origin_hostport(origin) != host.lower()):
+            raise ApiError(403, "forbidden", f"cross-origin requests from {origin[:200]!r} are "
+                           "refused (web pages may not use this API); call it from a program, "
+                           "which sends no Origin header")
+        return await handler(request)
+    return middleware
+
+
+def _hostname(hostport: str) -> str | None:
+    """The host of a Host header value (name, IPv4, [IPv6], each with an optional port)."""
+    hostport = hostport.strip().lower()
+    if hostport.startswith("["):
+        name, bracket, port = hostport[1:].partition("]")
+        if not bracket or port[:1] not in ("", ":"):
+            return None
+        port = port[1:]
+    else:
+        name, _, port = hostport.partition(":")
+    if port and not port.isdigit():
+        return None
+    return name.rstrip(".") or None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _origin_hostport(origin: str) -> str | None:
+    scheme, sep, hostport = origin.strip().lower().partition("://")
+    return hostport if sep and scheme in ("http", "https") and "/" not in hostport else None
+
+
 def _gauges(st: State) -> None:
     def pools() -> list[dict[str, object]]:
         return st.engine.pools.stats() if st.engine is not None else []
 
     def idle() -> list[tuple[Labels, float]]:
-        return [((("image", str(p["image"])), ("policy", str(p["policy"]))),
-                 float(p["idle"])) for p in pools()]  # type: ignore[arg-type]
+        # Per policy, never per image: any token may scrape, and image digests would tell
+        # it what other tenants run.
+        by_policy: dict[str, float] = {}
+        for p in pools():
+            by_policy[str(p["policy"])] = by_policy.get(str(p["policy"]), 0.0) + float(
+                p["idle"])  # type: ignore[arg-type]
+        return [((("policy", policy),), n) for policy, n in sorted(by_policy.items())]
 
     def total(key: str) -> Callable[[], list[tuple[Labels, float]]]:
         return lambda: [((), float(sum(p[key] for p in pools())))]  # type: ignore[misc]
@@ -102,7 +170,7 @@ def _gauges(st: State) -> None:
         return [((), float(st.engine.pools.live if st.engine is not None else 0))]
 
     st.metrics.gauges += [
-        Gauge("sandboxd_pool_idle", "Warm containers waiting, per image and policy.", idle),
+        Gauge("sandboxd_pool_idle", "Warm containers waiting, per policy.", idle),
         Gauge("sandboxd_pool_hits_total", "Runs that took a warm container.", total("hits"),
               "counter"),
         Gauge("sandboxd_pool_misses_total", "Runs that had to start a container.",
@@ -120,7 +188,7 @@ def _gauges(st: State) -> None:
 async def serve(config: ServiceConfig) -> int:
     """Serve until SIGTERM or SIGINT, then shut down gracefully: stop accepting, let runs
     finish within the deadline (then kill them), close the engine. 1 if the engine failed."""
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    statedir.prepare(config.state_dir)
 
     async def factory() -> Engine:
         return await Engine.start(config.engine_config())

@@ -1,65 +1,75 @@
-"""Who may call, and how much at once: bearer tokens (compared in constant time), each
-token's allowed registries and cap on concurrent runs, and the service-wide admission of
-runs (a bounded number running, a bounded queue waiting, then 429)."""
+"""Who may call: bearer tokens (compared in constant time), each token's allowed registries
+and cap on concurrent runs (enforced by service/admission.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from sandbox import digests
 from sandbox.errors import InvalidReference
 from sandbox.reference import parse
-from service.config import TokenConfig
+from sandbox.registry.hosts import is_local_address, split_host
+from sandbox.tenants import Tenant
+from service.config import ServiceConfig
 from service.errors import ApiError, from_sandbox
 
 PRINCIPAL = web.RequestKey("principal", object)
-RETRY_AFTER_S = 1
-
-
-LOCAL_TENANT = "local"   # the one tenant of a service without tokens
 
 
 @dataclass
 class Principal:
     name: str
+    # Whose things (image names, sessions, warm containers, quotas) this caller's requests
+    # see and make: every token is a tenant; without tokens there is one, LOCAL.
+    tenant: Tenant
     max_concurrent_runs: int | None = None
     registries: tuple[str, ...] | None = None
     active: int = 0
-    # Whose things (image names, sessions, warm containers, quotas) this caller's requests
-    # see and make: every token is a tenant; without tokens there is one, LOCAL_TENANT.
-    tenant: str = LOCAL_TENANT
+    # Which registries on a local address (loopback, private, link-local) a token may name:
+    # those the operator configured ([registries]) or listed in its `registries`; None for
+    # the one local user of a service without tokens, who may name any. Else a tenant could
+    # make the service probe its own machine and network (SSRF).
+    configured: Callable[[str], bool] | None = None
 
     def allow_image(self, reference: str, field: str) -> None:
-        """403 unless this token may use the registry `reference` lives in."""
-        if self.registries is None:
-            return
+        """403 unless this caller may use the registry `reference` lives in."""
+        if digests.is_digest(reference.strip()):
+            return  # a bare digest names one of the tenant's own images, not a registry
         try:
             domain = parse(reference).domain
         except InvalidReference as e:
             raise from_sandbox(e, field) from e
-        if domain not in self.registries:
+        if self.registries is not None and domain not in self.registries:
             raise ApiError(403, "forbidden", f"{field}: this token may not use registry "
                            f"{domain}; allowed: {', '.join(self.registries) or 'none'}", field)
-
-
-ANONYMOUS = Principal("anonymous")
+        if (self.configured is not None and self.registries is None
+                and is_local_address(split_host(domain)[0]) and not self.configured(domain)):
+            raise ApiError(403, "forbidden", f"{field}: registry {domain} is on a local "
+                           "address, which tokens may use only when the operator lists it "
+                           f'([registries."{domain}"] or the token\'s registries)', field)
 
 
 class Tokens:
-    def __init__(self, tokens: tuple[TokenConfig, ...]) -> None:
+    def __init__(self, config: ServiceConfig) -> None:
         # Compared as SHA-256 digests: equal lengths, so compare_digest leaks nothing about
         # a token's length either.
         self._tokens = []
-        for i, t in enumerate(tokens):
+        registries = config.engine_config().registries.registries
+
+        def configured(domain: str) -> bool:  # exactly, port included
+            return domain in registries
+        for t in config.tokens:
             digest = hashlib.sha256(t.token.encode()).digest()
-            self._tokens.append((digest, Principal(t.name, t.max_concurrent_runs, t.registries,
-                                                   tenant=f"token-{i}")))
+            self._tokens.append((digest, Principal(t.name, config.tenant(t),
+                                                   t.max_concurrent_runs, t.registries,
+                                                   configured=configured)))
+        # Every caller without tokens; with tokens, only the open paths (no tenant's things).
+        self.anonymous = Principal("anonymous", config.tenant(None))
 
     @property
     def enabled(self) -> bool:
@@ -67,7 +77,7 @@ class Tokens:
 
     def authenticate(self, header: str | None) -> Principal:
         if not self._tokens:
-            return ANONYMOUS
+            return self.anonymous
         scheme, _, token = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthorized("send Authorization: Bearer <token>")
@@ -92,7 +102,7 @@ def auth_middleware(tokens: Tokens, open_paths: frozenset[str]) -> Callable[...,
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[
             web.StreamResponse]]) -> web.StreamResponse:
         if request.path in open_paths:
-            request[PRINCIPAL] = ANONYMOUS
+            request[PRINCIPAL] = tokens.anonymous
         else:
             request[PRINCIPAL] = tokens.authenticate(request.headers.get("Authorization"))
         return await handler(request)
@@ -100,49 +110,7 @@ def auth_middleware(tokens: Tokens, open_paths: frozenset[str]) -> Callable[...,
 
 
 def principal(request: web.Request) -> Principal:
-    p = request.get(PRINCIPAL)
-    return p if isinstance(p, Principal) else ANONYMOUS
-
-
-def over_capacity(message: str) -> ApiError:
-    return ApiError(429, "over_capacity", message,
-                    headers={"Retry-After": str(RETRY_AFTER_S)})
-
-
-class Admission:
-    """At most `running` runs execute at once; up to `queued` more wait; the rest get 429."""
-
-    def __init__(self, running: int, queued: int) -> None:
-        self._slots = asyncio.Semaphore(running)
-        self.limit_running = running
-        self.limit_queued = queued
-        self.running = 0
-        self.waiting = 0
-        self.closed = False
-
-    @contextlib.asynccontextmanager
-    async def slot(self, who: Principal) -> AsyncIterator[None]:
-        if self.closed:
-            raise ApiError(503, "unavailable", "sandboxd is shutting down; retry on another "
-                           "instance or after it restarts", headers={"Retry-After": "5"})
-        if who.max_concurrent_runs is not None and who.active >= who.max_concurrent_runs:
-            raise over_capacity(f"this token may have {who.max_concurrent_runs} run(s) at "
-                                "once; wait for one to finish")
-        if self._slots.locked() and self.waiting >= self.limit_queued:
-            raise over_capacity(f"{self.running} runs are executing and {self.waiting} "
-                                "waiting, the configured maximum; retry shortly")
-        who.active += 1
-        self.waiting += 1
-        try:
-            try:
-                await self._slots.acquire()
-            finally:
-                self.waiting -= 1
-            self.running += 1
-            try:
-                yield
-            finally:
-                self.running -= 1
-                self._slots.release()
-        finally:
-            who.active -= 1
+    """Who is calling: set for every request by auth_middleware."""
+    p = request[PRINCIPAL]
+    assert isinstance(p, Principal)
+    return p

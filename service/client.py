@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import os
 import signal as signals
 import threading
@@ -44,6 +45,7 @@ DEFAULT_URL = "http://127.0.0.1:8643"
 # means a broken or hostile peer rather than a big run.
 MAX_EVENT_BYTES = 64 << 20
 MAX_ERROR_BODY = 1 << 20
+COPY_CHUNK = 256 << 10
 
 
 class ApiError(SandboxError):
@@ -528,9 +530,28 @@ class Client:
             pass
 
     async def get_file(self, container_id: str, path: str) -> FileData:
+        """A file's bytes or a directory's tar, in memory (copy_out streams it instead)."""
+        buf = io.BytesIO()
+        is_tar = await self.copy_out(container_id, path, buf.write)
+        return FileData(buf.getvalue(), is_tar)
+
+    async def copy_out(self, container_id: str, path: str,
+                       sink: Callable[[bytes], object]) -> bool:
+        """Stream a file's bytes, or a directory's tar, into `sink` as they arrive; True
+        when it is a tar. A copy the service cut short (the path changed while it was read,
+        or went over a copy-out cap) raises ApiError "incomplete", whatever `sink` got."""
         async with self._open("GET", f"/v1/containers/{_seg(container_id)}/files",
-                              params={"path": path}) as resp:
-            return FileData(await resp.read(), resp.content_type == "application/x-tar")
+                              params={"path": path}, stream=True) as resp:
+            try:
+                async for chunk in resp.content.iter_chunked(COPY_CHUNK):
+                    sink(chunk)
+            except aiohttp.ClientPayloadError:
+                raise ApiError(0, "incomplete", f"the copy of {path} out of container "
+                               f"{container_id} stopped partway: the service cut it short "
+                               "(the path changed while it was read, or it went over a "
+                               "copy-out cap; the service's log says which). Copy it again, "
+                               "or a smaller part of it") from None
+            return resp.content_type == "application/x-tar"
 
     # Interactive (WebSocket)
 
@@ -806,6 +827,9 @@ class SyncClient:
 
     def get_file(self, container_id: str, path: str) -> FileData:
         return self._call(self._client.get_file(container_id, path))
+
+    def copy_out(self, container_id: str, path: str, sink: Callable[[bytes], object]) -> bool:
+        return self._call(self._client.copy_out(container_id, path, sink))
 
     def pull(self, reference: str, *, platform: str | None = None) -> Json:
         return self._call(self._client.pull(reference, platform=platform))

@@ -1,11 +1,15 @@
 """The service's configuration: a TOML file, then environment overrides.
 
-    [server]   host, port, state_dir, session_idle_s, default_policy, shutdown_deadline_s
-    [[tokens]] token, name, max_concurrent_runs, registries (allowed registry hosts)
+    [server]   host, port, state_dir, session_idle_s, default_policy, shutdown_deadline_s,
+               allowed_hosts (names besides loopback ones clients reach the service by)
+    [[tokens]] token, name (the tenant: unique), max_concurrent_runs, registries (allowed
+               registry hosts), max_sessions, max_image_bytes (the tenant's quotas)
     [registries."host"] ... (sandbox.registry.config.RegistriesConfig.from_dict)
     [pools]    min_idle, max_idle, max_live (sandbox.pool.PoolConfig.from_dict)
     [limits]   json_body_bytes, import_body_bytes, file_body_bytes, files_count,
-               files_bytes, max_running, max_queued
+               files_bytes, max_running, max_queued, sessions_per_tenant,
+               image_bytes_per_tenant (a tenant's quotas unless its token sets its own)
+    [images]   public: image names shared with every tenant (sandbox.tenants.PublicNames)
     [policies.<profile>.defaults] / [policies.<profile>.maxima]  a run's limits (the keys of
                sandbox.runtime.profiles.Limits), each replacing the profile file's own
 
@@ -15,6 +19,7 @@ SANDBOXD_PORT override the file.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import tomllib
@@ -28,6 +33,7 @@ from sandbox.errors import PolicyError, SandboxError
 from sandbox.pool import PoolConfig
 from sandbox.registry.config import RegistriesConfig
 from sandbox.runtime.profiles import Limits, load_profile
+from sandbox.tenants import LOCAL, PublicNames, Tenant
 
 MiB = 1 << 20
 
@@ -39,9 +45,11 @@ class ConfigError(SandboxError):
 @dataclass(frozen=True)
 class TokenConfig:
     token: str
-    name: str
+    name: str                                   # the tenant's id: unique, stable
     max_concurrent_runs: int | None = None      # runs at once (running or queued)
     registries: tuple[str, ...] | None = None   # registry hosts it may use; None: any
+    max_sessions: int | None = None             # None: limits.sessions_per_tenant
+    max_image_bytes: int | None = None          # None: limits.image_bytes_per_tenant
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class ServiceLimits:
     files_bytes: int = 16 * MiB                 # their decoded contents together
     max_running: int = 64                       # runs executing at once, service-wide
     max_queued: int = 256                       # runs waiting for a slot; then 429
+    sessions_per_tenant: int = 32               # sessions a tenant keeps at once; then 429
+    image_bytes_per_tenant: int = 32 << 30      # what its images use (blobs + layers); 413
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,10 @@ class ServiceConfig:
     default_policy: str = "default"
     shutdown_deadline_s: float = 10.0
     policy_limits: Mapping[str, PolicyLimits] = field(default_factory=dict)
+    public_images: PublicNames = field(default_factory=PublicNames)
+    # Host names (besides localhost, IP addresses and `host`) that requests may name in their
+    # Host header; any other is refused, which defeats DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(state_dir=self.state_dir,
@@ -75,7 +89,20 @@ class ServiceConfig:
                             pools=PoolConfig.from_dict(dict(self.pools)),
                             session_idle_s=self.session_idle_s,
                             default_policy=self.default_policy,
-                            policy_limits=self.policy_limits)
+                            policy_limits=self.policy_limits,
+                            public_images=self.public_images)
+
+    def tenant(self, token: TokenConfig | None) -> Tenant:
+        """The tenant a token (None: the one of a service without tokens) acts as, with its
+        quotas: its own where it sets them, else the [limits] defaults."""
+        if token is None:
+            return Tenant(LOCAL.id, self.limits.sessions_per_tenant,
+                          self.limits.image_bytes_per_tenant)
+        return Tenant(token.name,
+                      token.max_sessions if token.max_sessions is not None
+                      else self.limits.sessions_per_tenant,
+                      token.max_image_bytes if token.max_image_bytes is not None
+                      else self.limits.image_bytes_per_tenant)
 
     def check_bind(self) -> None:
         """Without tokens anyone who can reach the port runs code: loopback only."""
@@ -106,6 +133,13 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
+def _hosts(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(h, str) and h for h in value):
+        raise ConfigError('server.allowed_hosts: expected a list of host names, e.g. '
+                          '["sandbox.internal"]')
+    return tuple(h.lower().rstrip(".") for h in value)
+
+
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     value = data.get(key, {})
     if not isinstance(value, Mapping):
@@ -117,23 +151,46 @@ def _token(raw: Any, where: str) -> TokenConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a table with token, name, max_concurrent_runs, "
                           "registries")
-    unknown = set(raw) - {"token", "name", "max_concurrent_runs", "registries"}
+    known = ("token", "name", "max_concurrent_runs", "registries", "max_sessions",
+             "max_image_bytes")
+    unknown = set(raw) - set(known)
     if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting; known: token, name, "
-                          "max_concurrent_runs, registries")
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting; known: "
+                          f"{', '.join(known)}")
     token = _str(raw.get("token"), f"{where}.token")
     if len(token) < 16:
         raise ConfigError(f"{where}.token: at least 16 characters, e.g. from "
                           "`python -c 'import secrets; print(secrets.token_urlsafe())'`")
-    cap = raw.get("max_concurrent_runs")
     regs = raw.get("registries")
     if regs is not None and (not isinstance(regs, list)
                              or not all(isinstance(r, str) and r for r in regs)):
         raise ConfigError(f"{where}.registries: expected a list of registry hosts")
-    return TokenConfig(token=token, name=_str(raw.get("name", where), f"{where}.name"),
-                       max_concurrent_runs=None if cap is None else _int(
-                           cap, f"{where}.max_concurrent_runs", 1),
-                       registries=None if regs is None else tuple(regs))
+    def optional(key: str, minimum: int) -> int | None:
+        value = raw.get(key)
+        return None if value is None else _int(value, f"{where}.{key}", minimum)
+
+    # Unnamed, a token's tenant is named after the token's hash: stable when the list is
+    # reordered (its images and sessions stay its own), and no secret in logs or listings.
+    default_name = "token-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+    return TokenConfig(token=token, name=_str(raw.get("name", default_name), f"{where}.name"),
+                       max_concurrent_runs=optional("max_concurrent_runs", 1),
+                       registries=None if regs is None else tuple(regs),
+                       max_sessions=optional("max_sessions", 0),
+                       max_image_bytes=optional("max_image_bytes", 0))
+
+
+def _public_images(raw: Mapping[str, Any]) -> PublicNames:
+    if set(raw) - {"public"}:
+        raise ConfigError(f"images.{sorted(set(raw) - {'public'})[0]}: unknown setting; "
+                          "known: public")
+    entries = raw.get("public", [])
+    if not isinstance(entries, list):
+        raise ConfigError('images.public: expected a list of image names or patterns, e.g. '
+                          '["docker.io/library/python:*"]')
+    try:
+        return PublicNames.parse(entries)
+    except PolicyError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _policy_limits(raw: Mapping[str, Any]) -> dict[str, PolicyLimits]:
@@ -170,13 +227,14 @@ def _policy_limits(raw: Mapping[str, Any]) -> dict[str, PolicyLimits]:
 
 
 def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
-    unknown = set(data) - {"server", "tokens", "registries", "pools", "limits", "policies"}
+    unknown = set(data) - {"server", "tokens", "registries", "pools", "limits", "policies",
+                           "images"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: server, tokens, "
-                          "registries, pools, limits, policies")
+                          "registries, pools, limits, policies, images")
     server = _table(data, "server")
     known_server = {"host", "port", "state_dir", "session_idle_s", "default_policy",
-                    "shutdown_deadline_s"}
+                    "shutdown_deadline_s", "allowed_hosts"}
     if set(server) - known_server:
         raise ConfigError(f"server.{sorted(set(server) - known_server)[0]}: unknown setting; "
                           f"known: {', '.join(sorted(known_server))}")
@@ -186,8 +244,7 @@ def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
     tokens = [_token(t, f"tokens[{i}]") for i, t in enumerate(raw_tokens)]
     for i, t in enumerate(env.get("SANDBOXD_TOKENS", "").split(",")):
         if t.strip():
-            tokens.append(_token({"token": t.strip(), "name": f"env-{i}"},
-                                 f"SANDBOXD_TOKENS[{i}]"))
+            tokens.append(_token({"token": t.strip()}, f"SANDBOXD_TOKENS[{i}]"))
     limits_raw = _table(data, "limits")
     names = {f.name for f in fields(ServiceLimits)}
     if set(limits_raw) - names:
@@ -219,9 +276,17 @@ def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
         session_idle_s=seconds("session_idle_s", 600.0),
         default_policy=_str(server.get("default_policy", "default"), "server.default_policy"),
         shutdown_deadline_s=seconds("shutdown_deadline_s", 10.0),
-        policy_limits=_policy_limits(_table(data, "policies")))
+        policy_limits=_policy_limits(_table(data, "policies")),
+        public_images=_public_images(_table(data, "images")),
+        allowed_hosts=_hosts(server.get("allowed_hosts", [])))
     if len({t.token for t in config.tokens}) != len(config.tokens):
         raise ConfigError("tokens: the same token appears twice")
+    seen: dict[str, int] = {}
+    for i, t in enumerate(config.tokens):
+        if t.name in seen:
+            raise ConfigError(f"tokens[{i}].name: {t.name!r} is also tokens[{seen[t.name]}]'s; "
+                              "every token is a tenant of its own: give each a unique name")
+        seen[t.name] = i
     # Fail at start, not at the first request: the engine reads these two tables.
     config.engine_config()
     return config

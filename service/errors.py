@@ -18,6 +18,7 @@ from sandbox.errors import (
     CgroupError,
     ContainerGoneError,
     DigestMismatch,
+    Forbidden,
     ImageError,
     ImageInUse,
     InvalidReference,
@@ -25,6 +26,7 @@ from sandbox.errors import (
     ManifestError,
     NotFound,
     PolicyError,
+    QuotaExceeded,
     RegistryError,
     RuntimeSetupError,
     SandboxError,
@@ -85,6 +87,10 @@ def from_sandbox(exc: SandboxError, field: str | None = None) -> ApiError:
         return ApiError(400, "invalid_reference", msg, field)
     if isinstance(exc, NotFound):
         return ApiError(404, "not_found", msg, field)
+    if isinstance(exc, Forbidden):
+        return ApiError(403, "forbidden", msg, _field_of(msg, field))
+    if isinstance(exc, QuotaExceeded):
+        return ApiError(413, "quota_exceeded", msg, field)
     if isinstance(exc, AuthError):
         return ApiError(502, "registry_auth_failed", f"the registry refused access: {msg}",
                         field)

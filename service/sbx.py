@@ -19,15 +19,18 @@ import io
 import os
 import posixpath
 import re
+import shutil
 import signal
 import stat
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import orjson
 
@@ -486,71 +489,184 @@ async def _cp(client: Client, args: argparse.Namespace) -> int:
             raise CliError(f"cannot read {local}: {e.strerror}") from None
         return 0
     assert src is not None
-    got = await client.get_file(src[1], src[2])
     if args.destination == "-":
-        _write(sys.stdout, got.data)
+        await client.copy_out(src[1], src[2], lambda chunk: _write(sys.stdout, chunk))
         return 0
     dest = Path(args.destination)
-    try:
-        if got.is_tar and not args.tar:
-            try:
-                count = extract_tar(got.data, dest)
-            except CliError as e:
-                raise CliError(f"{e}; sbx cp --tar keeps the archive as it came") from None
-            print(f"sbx: {count} entries unpacked into {dest}", file=sys.stderr)
-            return 0
-        if dest.is_dir():
-            dest = dest / (posixpath.basename(src[2].rstrip("/")) or "root")
-        dest.write_bytes(got.data)
-    except OSError as e:
-        raise CliError(f"cannot write {dest}: {e.strerror}") from None
+    # Spooled to disk as it arrives: a directory's tar is checked whole before anything
+    # is unpacked, and a file is put in place only once it came complete.
+    with tempfile.TemporaryFile(prefix="sbx-cp-") as spool:
+        is_tar = await client.copy_out(src[1], src[2], spool.write)
+        spool.seek(0)
+        try:
+            if is_tar and not args.tar:
+                try:
+                    count = extract_tar(spool, dest)
+                except CliError as e:
+                    raise CliError(f"{e}; sbx cp --tar keeps the archive as it came") from None
+                print(f"sbx: {count} entries unpacked into {dest}", file=sys.stderr)
+                return 0
+            if dest.is_dir():
+                dest = dest / (posixpath.basename(src[2].rstrip("/")) or "root")
+            with dest.open("wb") as out:
+                shutil.copyfileobj(spool, out, 1 << 20)
+        except OSError as e:
+            raise CliError(f"cannot write {dest}: {e.strerror}") from None
     return 0
 
 
-def _parts(name: str, what: str) -> list[str]:
+def _parts(name: str, what: str) -> tuple[str, ...]:
     """A member name's components; refuses what could leave the destination."""
     if name.startswith("/") or "\0" in name:
         raise CliError(f"refusing the archive: {what} {name!r} is an absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
         raise CliError(f"refusing the archive: {what} {name!r} climbs out with '..'")
     return parts
 
 
-def _check_members(members: list[tarfile.TarInfo]) -> None:
-    """The rules of tarfile's "data" filter (not in this Python, 3.11.2), checked for every
-    member before anything is written, so a hostile archive leaves nothing behind."""
-    regular: set[tuple[str, ...]] = set()
-    for m in members:
-        parts = tuple(_parts(m.name, "entry"))
-        if m.issym():
+@dataclass(frozen=True)
+class _Node:
+    kind: str          # "dir" | "file" | "link"
+    target: str = ""   # a link's
+
+
+_DIR = _Node("dir")
+_MAX_HOPS = 40  # links followed in one resolution, as the kernel allows
+
+
+class _Tree:
+    """What the destination will hold once the archive is unpacked: its members over what
+    the destination holds already (looked at on disk, never through a link). Every rule is
+    checked on this before anything is written, so a hostile archive leaves nothing
+    behind and no member can use another (whatever their order) to reach outside."""
+
+    def __init__(self, root: int | None) -> None:
+        self.root = root                                     # dest, when it exists
+        self.members: dict[tuple[str, ...], _Node] = {(): _DIR}
+        self._disk: dict[tuple[str, ...], _Node | None] = {}
+
+    def get(self, path: tuple[str, ...]) -> _Node | None:
+        if path in self.members:
+            return self.members[path]
+        if path not in self._disk:
+            self._disk[path] = self._look(path)
+        return self._disk[path]
+
+    def _look(self, path: tuple[str, ...]) -> _Node | None:
+        if self.root is None:
+            return None
+        try:
+            parent = _open_dir(self.root, list(path[:-1]), create=False)
+        except (CliError, FileNotFoundError):
+            return None
+        try:
+            st = os.stat(path[-1], dir_fd=parent, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                return _Node("link", os.readlink(path[-1], dir_fd=parent))
+            return _DIR if stat.S_ISDIR(st.st_mode) else _Node("file")
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(parent)
+
+    def add(self, m: tarfile.TarInfo) -> None:
+        parts = _parts(m.name, "entry")
+        for i in range(len(parts) - 1):
+            self._parent(parts[:i + 1], m.name)
+        old = self.get(parts)
+        if m.isdir():
+            node = _DIR
+        elif m.issym():
             if m.linkname.startswith("/"):
                 raise CliError(f"refusing the archive: the link {m.name!r} points to the "
                                f"absolute path {m.linkname!r}")
-            target = posixpath.normpath(posixpath.join(posixpath.dirname("/".join(parts)),
-                                                       m.linkname))
-            if target == ".." or target.startswith("../"):
-                raise CliError(f"refusing the archive: the link {m.name!r} points outside "
-                               f"the destination ({m.linkname!r})")
+            node = _Node("link", m.linkname)
         elif m.islnk():
-            if tuple(_parts(m.linkname, "hard link target")) not in regular:
+            target = _parts(m.linkname, "hard link target")
+            through_dirs = all(self.members.get(target[:i]) == _DIR
+                               for i in range(1, len(target)))
+            if (target == parts or not through_dirs
+                    or self.members.get(target) != _Node("file")):
                 raise CliError(f"refusing the archive: the hard link {m.name!r} points to "
                                f"{m.linkname!r}, not to a file earlier in the archive")
-        elif not (m.isreg() or m.isdir()):
+            node = _Node("file")
+        elif m.isreg():
+            node = _Node("file")
+        else:
             raise CliError(f"refusing the archive: {m.name!r} is a device or FIFO")
-        if m.isreg():
-            regular.add(parts)
+        if not parts and node != _DIR:
+            raise CliError("refusing the archive: a non-directory entry names the "
+                           "destination itself")
+        if old is not None and old != node and _DIR in (old, node):
+            raise CliError(f"refusing the archive: {m.name!r} would replace a "
+                           f"{old.kind} with a {node.kind}")
+        if old is not None and old.kind == "link" and old != node:
+            # Links never change once there: what resolves through them now is what
+            # resolves through them at the end, so checking the end is enough.
+            raise CliError(f"refusing the archive: {m.name!r} would replace the link "
+                           f"{'/'.join(parts)!r} (-> {old.target!r})")
+        self.members[parts] = node
+
+    def _parent(self, path: tuple[str, ...], name: str) -> None:
+        node = self.get(path)
+        if node is None:
+            self.members[path] = _DIR
+        elif node.kind == "link":
+            raise CliError(f"refusing the archive: {name!r} goes through the link "
+                           f"{'/'.join(path)!r} (-> {node.target!r})")
+        elif node.kind != "dir":
+            raise CliError(f"refusing the archive: {name!r} goes through the file "
+                           f"{'/'.join(path)!r}")
+
+    def check_links(self) -> None:
+        """Every link of the archive, resolved as the kernel will once all is unpacked
+        (through the other links, `..` after them), must stay inside the destination."""
+        for path, node in self.members.items():
+            if node.kind == "link":
+                self._resolve(path, node.target)
+
+    def _resolve(self, link: tuple[str, ...], target: str) -> None:
+        where = list(link[:-1])
+        pending = target.split("/")
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not where:
+                    raise CliError(f"refusing the archive: the link {'/'.join(link)!r} "
+                                   f"(-> {target!r}) leads outside the destination")
+                where.pop()
+                continue
+            node = self.get((*where, part))
+            if node is None or node.kind == "file":
+                return  # the kernel stops there (ENOENT, ENOTDIR) or ends on a file inside
+            if node.kind == "link":
+                hops += 1
+                if hops > _MAX_HOPS or node.target.startswith("/"):
+                    raise CliError(f"refusing the archive: the link {'/'.join(link)!r} "
+                                   f"(-> {target!r}) goes through "
+                                   f"{'/'.join((*where, part))!r} (-> {node.target!r}), "
+                                   "which leads outside the destination or loops")
+                pending = node.target.split("/") + pending
+                continue
+            where.append(part)
 
 
-def _open_dir(root: int, parts: list[str]) -> int:
+def _open_dir(root: int, parts: list[str], *, create: bool = True) -> int:
     """A descriptor of root/parts, creating directories, never through a symlink."""
     fd = os.dup(root)
     try:
         for part in parts:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, 0o755, dir_fd=fd)
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
             try:
                 child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                raise
             except OSError:
                 raise CliError(f"refusing the archive: {'/'.join(parts)!r} goes through a "
                                "link or a file") from None
@@ -575,27 +691,39 @@ def _replace(parent: int, name: str) -> None:
         raise
 
 
-def extract_tar(data: bytes, dest: Path) -> int:
-    """Unpacks a tar into dest (created if missing) as tarfile's "data" filter would: no
-    absolute or '..' names, no links out of dest, no devices, no writes through links,
-    no setuid/setgid bits or write bits for others, owned by whoever runs sbx. Returns
-    the number of entries."""
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+def extract_tar(data: bytes | BinaryIO, dest: Path) -> int:
+    """Unpacks a tar into dest (created if missing) as tarfile's "data" filter would, and
+    stricter: no absolute or '..' names, no entry through a link, no link that leads out
+    of dest once everything is unpacked (through earlier or later links: `d -> .` then
+    `l -> d/../x` is refused), no hard link but to an earlier file, no devices, no setuid,
+    setgid or write bits for others; files are owned by whoever runs sbx and written
+    through directory descriptors opened without following links. Everything is checked
+    before anything is written. Returns the number of entries."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    with tarfile.open(fileobj=source) as tar:
         members = tar.getmembers()
-        _check_members(members)
+        try:
+            known: int | None = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            known = None
+        try:
+            tree = _Tree(known)
+            for m in members:
+                tree.add(m)
+            tree.check_links()
+        finally:
+            if known is not None:
+                os.close(known)
         dest.mkdir(parents=True, exist_ok=True)
         root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
         dirs: list[tuple[list[str], int]] = []
         try:
             for m in members:
-                parts = _parts(m.name, "entry")
+                parts = list(_parts(m.name, "entry"))
                 if m.isdir():
                     os.close(_open_dir(root, parts))
                     dirs.append((parts, (m.mode & 0o755) | 0o700))
                     continue
-                if not parts:
-                    raise CliError("refusing the archive: a non-directory entry names the "
-                                   "destination itself")
                 parent = _open_dir(root, parts[:-1])
                 try:
                     _extract_one(tar, m, parent, parts[-1], root)
@@ -619,7 +747,7 @@ def _extract_one(tar: tarfile.TarFile, m: tarfile.TarInfo, parent: int, name: st
         os.symlink(m.linkname, name, dir_fd=parent)
         return
     if m.islnk():
-        target = _parts(m.linkname, "hard link target")
+        target = list(_parts(m.linkname, "hard link target"))
         source = _open_dir(root, target[:-1])
         try:
             os.link(target[-1], name, src_dir_fd=source, dst_dir_fd=parent,

@@ -1,8 +1,9 @@
 """Events as they happen: NDJSON lines, Server-Sent Events, or WebSocket messages.
 
 Output arrives through synchronous callbacks on the event loop; events are queued and a
-pump writes them. A stream's HTTP response is prepared with its first event, so an error
-before anything was sent is still an ordinary JSON error response."""
+pump writes them at the client's pace: while too much waits, the run's pipes are not read
+(backpressure down to the run). A stream's HTTP response is prepared with its first event,
+so an error before anything was sent is still an ordinary JSON error response."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from sandbox.runtime.container import Streamed
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
@@ -82,32 +85,73 @@ class EventStream:
 
 Send = Callable[[str, dict[str, Any]], Awaitable[None]]
 
+# Output queued for a client, in characters as sent: over HIGH_WATER the run's pipes are no
+# longer read (the run blocks writing to them) until the client has taken all but LOW_WATER.
+# A client that stops reading then holds about this much of the service's memory, and its
+# run waits (its wall limit keeps running).
+HIGH_WATER = 1 << 20
+LOW_WATER = 256 << 10
+
 
 class Pump:
     """Queues events from synchronous callbacks and sends them in order from one task. If
-    sending fails (the client went away), `on_broken` is called once and the rest dropped."""
+    sending fails (the client went away), `on_broken` is called once and the rest dropped.
 
-    def __init__(self, send: Send, on_broken: Callable[[], None]) -> None:
+    `put` answers a future while more than `high_water` characters of output wait, resolved
+    once they are down to `low_water`: the output callback hands it to the run's pipe
+    readers, which stop reading until then."""
+
+    def __init__(self, send: Send, on_broken: Callable[[], None], *,
+                 high_water: int = HIGH_WATER, low_water: int = LOW_WATER) -> None:
         self._send = send
         self._on_broken = on_broken
-        self._queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+        self._high, self._low = high_water, low_water
+        self._queue: asyncio.Queue[tuple[str, dict[str, Any], int] | None] = asyncio.Queue()
+        self._queued = 0
+        self._below: asyncio.Future[None] | None = None
         self.broken = False
         self._task = asyncio.ensure_future(self._run())
 
-    def put(self, event: str, payload: dict[str, Any]) -> None:
-        if not self.broken:
-            self._queue.put_nowait((event, payload))
+    def put(self, event: str, payload: dict[str, Any],
+            size: int = 0) -> asyncio.Future[None] | None:
+        """Queue an event of `size` characters of output; while the queue is over its
+        high-water mark, a future resolved when it is down to the low one."""
+        if self.broken:
+            return None
+        self._queue.put_nowait((event, payload, size))
+        self._queued += size
+        if self._queued <= self._high:
+            return None
+        if self._below is None:
+            self._below = asyncio.get_running_loop().create_future()
+        return self._below
+
+    def output(self, enc: OutputEncoder) -> Streamed:
+        """The output callback of a run whose events this pump sends: the output goes to
+        the client only (the run's result keeps none of it)."""
+        def on_output(name: str, data: bytes) -> asyncio.Future[None] | None:
+            text = enc.chunk(name, data)
+            return self.put(name, {"data": text}, len(text))
+        return Streamed(on_output)
+
+    def _sent(self, size: int) -> None:
+        self._queued -= size
+        if self._below is not None and (self._queued <= self._low or self.broken):
+            self._below.set_result(None)
+            self._below = None
 
     async def _run(self) -> None:
         while (item := await self._queue.get()) is not None:
-            if self.broken:
-                continue
-            try:
-                await self._send(*item)
-            except (ConnectionError, RuntimeError):
-                # RuntimeError: aiohttp refuses writes to a closing transport or WebSocket.
-                self.broken = True
-                self._on_broken()
+            event, payload, size = item
+            if not self.broken:
+                try:
+                    await self._send(event, payload)
+                except (ConnectionError, RuntimeError):
+                    # RuntimeError: aiohttp refuses writes to a closing transport or
+                    # WebSocket.
+                    self.broken = True
+                    self._on_broken()
+            self._sent(size)
 
     async def drain(self) -> None:
         """Send everything queued so far, then stop."""
@@ -118,3 +162,6 @@ class Pump:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        if self._below is not None:
+            self._below.set_result(None)
+            self._below = None

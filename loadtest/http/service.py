@@ -8,9 +8,11 @@ whatever happens.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import ipaddress
+import os
 import shutil
 import signal
 import socket
@@ -41,6 +43,25 @@ KEPT = ("sandboxd_runs_total", "sandboxd_pool_hits_total", "sandboxd_pool_misses
 
 class LoadTestError(RuntimeError):
     """The load test cannot run as asked; the message says what to change."""
+
+
+def add_target_args(ap: argparse.ArgumentParser) -> None:
+    """--spawn | --url, --token and --image: where the load goes (every load tool)."""
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--spawn", action="store_true",
+                       help="start a registry and sandboxd serve of its own")
+    where.add_argument("--url", help="a running sandboxd on loopback, e.g. http://127.0.0.1:8643")
+    ap.add_argument("--token", default=os.environ.get("SANDBOXD_TOKEN"),
+                    help="API token (default $SANDBOXD_TOKEN)")
+    ap.add_argument("--image", help="with --url: a busybox image reference the service can "
+                    "pull (its /bin has the busybox applets)")
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so a spawned service and registry are stopped."""
+    def terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def check_loopback(url: str) -> str:

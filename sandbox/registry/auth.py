@@ -17,7 +17,6 @@ from yarl import URL
 
 from sandbox.errors import AuthError, RegistryError
 from sandbox.registry.credentials import Credential, CredentialStore
-from sandbox.registry.hosts import is_local_address, split_host
 from sandbox.registry.transport import Reply, check_url, describe_error
 
 log = logging.getLogger(__name__)
@@ -117,9 +116,13 @@ class AuthTarget(Protocol):
     @property
     def ssl(self) -> object: ...
 
+    def may_be_local(self, host: str) -> bool:
+        """May `host` (a realm's, a redirect's) be a local or private address?"""
+        ...
 
-# (method, url, headers, form data or None, ssl) -> the realm's reply (read whole)
-TokenSender = Callable[[str, URL, dict[str, str], dict[str, str] | None, object],
+
+# (target, method, url, headers, form data or None) -> the realm's reply (read whole)
+TokenSender = Callable[[AuthTarget, str, URL, dict[str, str], dict[str, str] | None],
                        Awaitable[Reply]]
 
 
@@ -187,7 +190,7 @@ class Authenticator:
                             "URL") from None
         try:
             check_url(realm, allow_http=target.allow_http,
-                      local_ok=is_local_address(split_host(target.name)[0]),
+                      local_ok=target.may_be_local(realm.host or ""),
                       what=f"{target.name} sends us for a token to")
         except RegistryError as e:
             raise AuthError(str(e)) from None
@@ -198,7 +201,7 @@ class Authenticator:
                     "client_id": CLIENT_ID, "scope": " ".join(scopes)}
             if service:
                 form["service"] = service
-            reply = await self._send("POST", realm, {}, form, target.ssl)
+            reply = await self._send(target, "POST", realm, {}, form)
             if reply.status == 404:  # not every token server speaks OAuth2
                 reply = None
         if reply is None:
@@ -207,8 +210,7 @@ class Authenticator:
             headers = {}
             if cred is not None and cred.basic:
                 headers["Authorization"] = _basic(cred.basic)
-            reply = await self._send("GET", realm.extend_query(query), headers, None,
-                                     target.ssl)
+            reply = await self._send(target, "GET", realm.extend_query(query), headers, None)
         return self._token_from(target, realm, reply, cred, scopes)
 
     def _token_from(self, target: AuthTarget, realm: URL, reply: Reply,
@@ -220,8 +222,7 @@ class Authenticator:
                             f"({reply.status}); check the username and password (or run "
                             "docker login again)", status=reply.status)
         if reply.status != 200 or reply.too_big:
-            message, code = describe_error(reply.status, None,
-                                           reply.headers.get("Content-Type", ""), reply.body)
+            message, code = describe_error(reply.status, reply.body)
             raise AuthError(f"the token server {realm.host} for {target.name} failed: "
                             f"{message if not reply.too_big else 'an oversized answer'}",
                             status=reply.status, code=code)

@@ -30,7 +30,7 @@ from sandbox.errors import (
     RegistryError,
 )
 from sandbox.reference import Reference
-from sandbox.registry.auth import Authenticator, Challenge, parse_challenges
+from sandbox.registry.auth import Authenticator, AuthTarget, Challenge, parse_challenges
 from sandbox.registry.config import ConfigError, RegistriesConfig, RegistryConfig
 from sandbox.registry.credentials import CredentialStore
 from sandbox.registry.download import download
@@ -44,6 +44,7 @@ from sandbox.registry.transport import (
     Transient,
     Transport,
     check_url,
+    clean,
     describe_error,
     read_reply,
     same_origin,
@@ -96,6 +97,8 @@ class _Host:
 
     name: str  # host[:port]
     config: RegistryConfig
+    home: str | None  # its host name when it may be local (spelled so, or configured)
+    trusts: Callable[[str], bool]  # RegistriesConfig.trusts
     cred_host: str  # whose credentials apply ("docker.io" for registry-1.docker.io)
     schemes: tuple[str, ...]  # tried in order by the ping
     ssl: ssl.SSLContext | bool
@@ -110,9 +113,11 @@ class _Host:
     def allow_http(self) -> bool:
         return self.config.allows_plain_http
 
-    @property
-    def local(self) -> bool:
-        return is_local_address(split_host(self.name)[0])
+    def may_be_local(self, host: str) -> bool:
+        """Its own host name, and hosts the configuration names, may be local or private;
+        anything else it leads us to (a redirect, a token realm) may not."""
+        name = host.lower().rstrip(".")
+        return name == self.home or self.trusts(name)
 
 
 def _pull_scopes(ref: Reference) -> tuple[str, ...]:
@@ -144,14 +149,14 @@ def check_manifest(content_type: str | None, body: bytes, accept: Sequence[str],
         raise ManifestError(f"the manifest {where} has no media type (no Content-Type and no "
                             "mediaType field)")
     if declared is not None and declared != media_type:
-        raise ManifestError(f"the manifest {where} is served as {media_type} but says it is "
-                            f"{declared[:100]}; refusing an ambiguous manifest")
+        raise ManifestError(f"the manifest {where} is served as {clean(media_type, 100)} but "
+                            f"says it is {clean(declared, 100)}; refusing an ambiguous manifest")
     if media_type not in {a.lower() for a in accept}:
         hint = (" (Docker schema 1, which sandboxd does not support; push the image again "
                 "with a current tool)" if "v1+" in media_type or "prettyjws" in media_type
                 else "")
-        raise ManifestError(f"the manifest {where} has media type {media_type[:100]}{hint}, "
-                            f"not one of those asked for: {', '.join(accept)}")
+        raise ManifestError(f"the manifest {where} has media type {clean(media_type, 100)}"
+                            f"{hint}, not one of those asked for: {', '.join(accept)}")
     return media_type
 
 
@@ -162,7 +167,7 @@ class RegistryClient:
     def __init__(self, config: RegistriesConfig | None = None, *,
                  retry: RetryPolicy = DEFAULT_RETRY, user_agent: str = "sandboxd/0.1") -> None:
         self.config = config if config is not None else RegistriesConfig()
-        self._transport = Transport(retry, user_agent)
+        self._transport = Transport(retry, user_agent, trusts=self.config.trusts)
         self._credentials = CredentialStore(self.config)
         self._auth = Authenticator(self._token_request, self._credentials)
         self._hosts: dict[tuple[str, bool], _Host] = {}
@@ -179,10 +184,16 @@ class RegistryClient:
 
     # -- pull --------------------------------------------------------------------------------
 
-    async def get_manifest(self, ref: Reference, *,
-                           accept: Sequence[str] = MANIFEST_ACCEPT) -> FetchedManifest:
+    async def get_manifest(self, ref: Reference, *, accept: Sequence[str] = MANIFEST_ACCEPT,
+                           size: int | None = None) -> FetchedManifest:
+        """The manifest `ref` names. With `size` (a descriptor's), at most that many bytes are
+        read and any other length is refused before the digest is even checked."""
+        if size is not None and not 0 < size <= MANIFEST_MAX:
+            raise ManifestError(f"the manifest {ref} claims {size} bytes; a manifest has 1 "
+                                f"byte to {MANIFEST_MAX >> 20} MiB")
+
         async def attempt(host: _Host) -> FetchedManifest:
-            return await self._manifest_from(host, ref, accept)
+            return await self._manifest_from(host, ref, accept, size)
         return await self._from_sources(ref, attempt)
 
     async def head_manifest(self, ref: Reference) -> ManifestHead | None:
@@ -198,14 +209,18 @@ class RegistryClient:
         except NotFound:
             return None
 
-    async def fetch_blob(self, ref: Reference, digest: str, size: int | None, dest: Path, *,
+    async def fetch_blob(self, ref: Reference, digest: str, size: int, dest: Path, *,
                          on_progress: Callable[[int], None] | None = None,
                          urls: Sequence[str] = ()) -> None:
-        """Stream the blob into `dest`, verified; `dest` does not exist after a failure.
-        Foreign `urls` (non-distributable layers) are tried first, without credentials."""
+        """Stream the blob of `size` bytes (its descriptor's) into `dest`, verified: at most
+        `size` bytes are read, and any other length fails. `dest` does not exist after a
+        failure. Foreign `urls` (non-distributable layers) are tried first, without
+        credentials."""
         digests.validate(digest, f"blob digest for {ref.repository}")
-        if size is not None and size < 0:
-            raise ManifestError(f"blob {digest} of {ref.repository}: negative size {size}")
+        if not 0 <= size <= self.config.max_blob_bytes:
+            raise ManifestError(f"blob {digest} of {ref.repository} claims {size} bytes; a "
+                                f"blob may have 0 to {self.config.max_blob_bytes} "
+                                "(registries.max_blob_bytes), so it is not fetched")
         for url in urls:
             try:
                 await self._download_foreign(url, digest, size, dest, on_progress)
@@ -246,7 +261,7 @@ class RegistryClient:
             url = reply.url.join(URL(m[1], encoded=True))
             if not same_origin(url, reply.url):
                 raise RegistryError(f"{host.name}: the tag list of {ref.repository} continues "
-                                    f"on another host ({url.host}); refused")
+                                    f"on another host ({clean(url.host or '', 100)}); refused")
         raise RegistryError(f"{host.name}: the tag list of {ref.repository} has more than "
                             f"{TAGS_PAGES_MAX} pages")
 
@@ -314,8 +329,8 @@ class RegistryClient:
             raise self._failure(host, reply, what, f"repository {ref.repository}")
         said = reply.headers.get("Docker-Content-Digest")
         if said is not None and said != digest:
-            raise DigestMismatch(f"{host.name} stored blob {digest} as {said[:80]}; the upload "
-                                 "was corrupted on the way")
+            raise DigestMismatch(f"{host.name} stored blob {digest} as {clean(said, 80)}; the "
+                                 "upload was corrupted on the way")
 
     async def put_manifest(self, ref: Reference, media_type: str, body: bytes) -> str:
         """Store `body` under the reference's tag (or digest); returns its digest."""
@@ -336,8 +351,8 @@ class RegistryClient:
             raise self._failure(host, reply, what, f"repository {ref.repository}")
         said = reply.headers.get("Docker-Content-Digest")
         if said is not None and said != digest:
-            raise DigestMismatch(f"{host.name} stored the manifest for {ref} as {said[:80]}, "
-                                 f"not {digest}")
+            raise DigestMismatch(f"{host.name} stored the manifest for {ref} as "
+                                 f"{clean(said, 80)}, not {digest}")
         return digest
 
     # -- sources: mirrors, then the origin -------------------------------------------------
@@ -352,7 +367,10 @@ class RegistryClient:
             schemes = ((scheme,) if scheme else
                        ("https", "http") if config.allows_plain_http else ("https",))
             verify = config.ca_file is not None or not config.allows_plain_http
-            host = _Host(name=name, config=config, cred_host=cred_host, schemes=schemes,
+            bare = split_host(name)[0].lower().rstrip(".")
+            home = bare if is_local_address(bare) or self.config.trusts(bare) else None
+            host = _Host(name=name, config=config, home=home, trusts=self.config.trusts,
+                         cred_host=cred_host, schemes=schemes,
                          ssl=self._transport.ssl_context(config.ca_file, verify),
                          sem=asyncio.Semaphore(config.max_concurrency), mirror=mirror)
             self._hosts[(name, mirror)] = host
@@ -417,9 +435,7 @@ class RegistryClient:
             if reply.status == 401:
                 host.challenges = parse_challenges(reply.headers.getall("WWW-Authenticate", []))
             elif reply.status != 200:
-                message, code = describe_error(reply.status, None,
-                                               reply.headers.get("Content-Type", ""),
-                                               reply.body)
+                message, code = describe_error(reply.status, reply.body)
                 raise RegistryError(f"{host.name}: GET /v2/ answered {message}; this is not a "
                                     "registry API endpoint; check the host and port",
                                     status=reply.status, code=code)
@@ -434,7 +450,8 @@ class RegistryClient:
         try:
             resp = await self._transport.send(
                 method, url, headers=headers, body=body, ssl_ctx=host.ssl,
-                authorization=authorization, allow_http=host.allow_http, local_ok=host.local)
+                authorization=authorization, allow_http=host.allow_http,
+                may_be_local=host.may_be_local)
             if resp.status in RETRY_STATUSES:
                 raise await transient_from(resp)
         except BaseException:
@@ -502,23 +519,24 @@ class RegistryClient:
             got.release()
             host.sem.release()
 
-    async def _token_request(self, method: str, url: URL, headers: dict[str, str],
-                             form: dict[str, str] | None, ssl_ctx: object) -> Reply:
-        """A request to a token server (no concurrency bound: it is not the registry)."""
+    async def _token_request(self, target: AuthTarget, method: str, url: URL,
+                             headers: dict[str, str], form: dict[str, str] | None) -> Reply:
+        """A request to `target`'s token server (no concurrency bound: it is not the
+        registry), whose realm URL the authenticator has checked."""
         hdrs = dict(headers)
         authorization = hdrs.pop("Authorization", None)
         body = None
         if form is not None:
             body = urlencode(form).encode()
             hdrs["Content-Type"] = "application/x-www-form-urlencoded"
+        ssl_ctx = target.ssl
         assert isinstance(ssl_ctx, ssl.SSLContext | bool)
-        local_ok = is_local_address(url.host or "")
 
         async def attempt() -> Reply:
             resp = await self._transport.send(method, url, headers=hdrs, body=body,
                                               ssl_ctx=ssl_ctx, authorization=authorization,
                                               allow_http=url.scheme == "http",
-                                              local_ok=local_ok)
+                                              may_be_local=target.may_be_local)
             if resp.status in RETRY_STATUSES:
                 raise await transient_from(resp)
             return await read_reply(resp, 1 << 20)
@@ -529,8 +547,7 @@ class RegistryClient:
     # -- answers -----------------------------------------------------------------------------
 
     def _failure(self, host: _Host, reply: Reply, what: str, subject: str) -> ImageError:
-        message, code = describe_error(reply.status, None, reply.headers.get("Content-Type", ""),
-                                       reply.body)
+        message, code = describe_error(reply.status, reply.body)
         if reply.status == 404 or code in _NOT_FOUND_CODES:
             return NotFound(f"{subject} not found at {host.name} ({message}); check the name, "
                             "tag or digest")
@@ -538,8 +555,7 @@ class RegistryClient:
                              code=code)
 
     async def _denied(self, host: _Host, reply: Reply, what: str) -> AuthError:
-        message, code = describe_error(reply.status, None, reply.headers.get("Content-Type", ""),
-                                       reply.body)
+        message, code = describe_error(reply.status, reply.body)
         cred = await self._credentials.get(host.cred_host)
         if cred is not None:
             hint = (f"the registry refused the credentials from {cred.source}; check that "
@@ -551,15 +567,20 @@ class RegistryClient:
         return AuthError(f"{host.name}: {what}: {message}; {hint}", status=reply.status,
                          code=code)
 
-    async def _manifest_from(self, host: _Host, ref: Reference,
-                             accept: Sequence[str]) -> FetchedManifest:
+    async def _manifest_from(self, host: _Host, ref: Reference, accept: Sequence[str],
+                             size: int | None) -> FetchedManifest:
         url = await self._url(host, f"/v2/{ref.path}/manifests/{ref.identifier}")
         what = f"GET manifest {ref}"
         reply = await self._request(host, "GET", url, scopes=_pull_scopes(ref), what=what,
-                                    headers={"Accept": ", ".join(accept)}, limit=MANIFEST_MAX)
+                                    headers={"Accept": ", ".join(accept)},
+                                    limit=MANIFEST_MAX if size is None else size)
         if reply.status != 200:
             raise self._failure(host, reply, what, f"manifest {ref}")
         where = f"of {ref} from {host.name}"
+        if size is not None and (reply.too_big or len(reply.body) != size):
+            said = "more" if reply.too_big else len(reply.body)
+            raise DigestMismatch(f"the manifest {where} has {said} bytes, its descriptor says "
+                                 f"{size}; refusing it")
         if reply.too_big:
             raise ManifestError(f"the manifest {where} is larger than {MANIFEST_MAX >> 20} "
                                 "MiB; refusing it")
@@ -611,7 +632,8 @@ class RegistryClient:
         try:
             url = URL(text)
         except ValueError:
-            raise RegistryError(f"foreign layer URL {text[:100]!r} is not a URL") from None
+            raise RegistryError(f"foreign layer URL {clean(text, 100)!r} is not a URL"
+                                ) from None
         check_url(url, allow_http=False, local_ok=False, what="a foreign layer points to")
 
         @asynccontextmanager
@@ -621,12 +643,12 @@ class RegistryClient:
                 url.host or text, f"GET {url}",
                 lambda: self._transport.send("GET", url, headers=headers, body=None,
                                              ssl_ctx=True, authorization=None,
-                                             allow_http=False, local_ok=False),
+                                             allow_http=False, may_be_local=_nowhere),
                 attempts=1)
             try:
                 if resp.status not in (200, 206):
                     reply = await _error_reply(resp)
-                    message, _ = describe_error(reply.status, None, "", reply.body)
+                    message, _ = describe_error(reply.status, reply.body)
                     raise RegistryError(f"foreign layer URL {url.host}: {message}",
                                         status=reply.status)
                 yield resp
@@ -642,12 +664,12 @@ class RegistryClient:
         try:
             target = reply.url.join(URL(location, encoded=True))
         except ValueError:
-            raise RegistryError(f"{host.name}: upload Location {location[:100]!r} is not a "
-                                "URL") from None
+            raise RegistryError(f"{host.name}: upload Location {clean(location, 100)!r} is "
+                                "not a URL") from None
         assert host.base is not None
         if target.host != host.base.host or target.port != host.base.port:
             raise RegistryError(f"{host.name}: the upload session is on another host "
-                                f"({target.host}:{target.port}); refused")
+                                f"({clean(str(target.host), 100)}:{target.port}); refused")
         if target.scheme != host.base.scheme and not host.allow_http:
             raise RegistryError(f"{host.name}: the upload session URL is plain HTTP; refused "
                                 "because the registry is not marked insecure")
@@ -656,6 +678,10 @@ class RegistryClient:
     async def _pause(self, n: int) -> None:
         policy = self._transport.retry
         await self._transport.sleep(min(policy.first_delay * 2 ** (n - 1), policy.max_delay))
+
+
+def _nowhere(host: str) -> bool:
+    return False
 
 
 async def _error_reply(resp: aiohttp.ClientResponse) -> Reply:

@@ -4,6 +4,7 @@
 
     [registries]
     docker_config = "/home/me/.docker/config.json"   # optional
+    max_blob_bytes = 17179869184   # optional: the largest blob a manifest may name (16 GiB)
     [registries."docker.io"]
     mirrors = ["mirror.gcr.io", "https://hub-cache.internal:5000"]
     [registries."registry.internal:5000"]
@@ -12,6 +13,11 @@
     password = "..."
     ca_file = "/etc/ssl/internal-ca.pem"
     max_concurrency = 4
+    [registries."auth.internal"]   # a token server or storage host: trusted, nothing to set
+
+Naming a host here declares it one of yours: it (and only it) may live on a local or private
+network. Any other name that resolves to such an address is refused when it is connected to,
+whether it is a registry, a redirect target or a token realm (SSRF).
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from sandbox.errors import SandboxError
-from sandbox.registry.hosts import hub_key, is_loopback, split_host
+from sandbox.manifest import MAX_BLOB_BYTES
+from sandbox.registry.hosts import DOCKER_HUB_ALIASES, hub_key, is_loopback, split_host
 
 MAX_CONCURRENCY_LIMIT = 64
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9a-fA-F:.]+")
@@ -68,6 +76,20 @@ class RegistriesConfig:
     registries: Mapping[str, RegistryConfig] = field(
         default_factory=lambda: MappingProxyType({}))
     docker_config: Path | None = None  # None: $DOCKER_CONFIG/config.json or ~/.docker/...
+    max_blob_bytes: int = MAX_BLOB_BYTES  # a larger descriptor is refused before fetching
+
+    @cached_property
+    def _trusted_names(self) -> frozenset[str]:
+        names = {_name_of(h) for cfg in self.registries.values()
+                 for h in (cfg.host, *(m.host for m in cfg.mirror_list()))}
+        if any(hub_key(n) == "docker.io" for n in names):
+            names.update(DOCKER_HUB_ALIASES)
+        return frozenset(names)
+
+    def trusts(self, host: str) -> bool:
+        """Is `host` (a name, no port) a configured registry or mirror, and so allowed to
+        be on a local or private network? Docker Hub's names count as one."""
+        return _name_of(host) in self._trusted_names
 
     def for_host(self, host: str) -> RegistryConfig:
         """The settings for `host`; Docker Hub's aliases share one entry."""
@@ -85,15 +107,29 @@ class RegistriesConfig:
         if not isinstance(data, Mapping):
             raise ConfigError("registries must be a table of registry hosts")
         docker_config = None
+        max_blob_bytes = MAX_BLOB_BYTES
         registries: dict[str, RegistryConfig] = {}
         for host, table in data.items():
             if host == "docker_config":
                 if not isinstance(table, str) or not table:
                     raise ConfigError("registries.docker_config must be a path (a string)")
                 docker_config = Path(table).expanduser()
-                continue
-            registries[host] = _registry_from_dict(host, table)
-        return cls(registries=MappingProxyType(registries), docker_config=docker_config)
+            elif host == "max_blob_bytes":
+                if isinstance(table, bool) or not isinstance(table, int) or table < 1:
+                    raise ConfigError("registries.max_blob_bytes must be a whole number of "
+                                      f"bytes, at least 1 (default {MAX_BLOB_BYTES})")
+                max_blob_bytes = table
+            else:
+                registries[host] = _registry_from_dict(host, table)
+        return cls(registries=MappingProxyType(registries), docker_config=docker_config,
+                   max_blob_bytes=max_blob_bytes)
+
+
+def _name_of(hostport: str) -> str:
+    try:
+        return split_host(hostport)[0].lower().rstrip(".")
+    except ValueError:
+        return ""
 
 
 def parse_mirror(text: str, where: str) -> Mirror:

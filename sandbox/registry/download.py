@@ -1,5 +1,6 @@
-"""Streaming a blob to a file: sha256 and size checked as bytes arrive, resumed with Range
-after a break, and nothing left behind on failure."""
+"""Streaming a blob to a file: sha256 and size checked as bytes arrive (never more read than
+the descriptor's size), resumed with Range after a break, and nothing left behind on
+failure."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import BinaryIO
 import aiohttp
 
 from sandbox.errors import DigestMismatch, RegistryError
+from sandbox.registry.transport import failure_text
 
 # offset -> an open response to GET the blob (with `Range: bytes=offset-` when offset > 0),
 # status 200 or 206; anything else the opener raises as an error.
@@ -27,7 +29,7 @@ class _Broken(Exception):
     """The body ended or broke before all its bytes came."""
 
 
-def range_matches(header: str | None, offset: int, size: int | None) -> bool:
+def range_matches(header: str | None, offset: int, size: int) -> bool:
     """Is `Content-Range` exactly the rest of the blob from `offset`?"""
     m = _CONTENT_RANGE.fullmatch((header or "").strip())
     if m is None:
@@ -35,12 +37,10 @@ def range_matches(header: str | None, offset: int, size: int | None) -> bool:
     start, end, total = int(m[1]), int(m[2]), m[3]
     if start != offset or end < start:
         return False
-    if size is None:
-        return total == "*" or end == int(total) - 1
     return end == size - 1 and total in ("*", str(size))
 
 
-async def download(open_at: Opener, digest: str, size: int | None, dest: Path, *,
+async def download(open_at: Opener, digest: str, size: int, dest: Path, *,
                    attempts: int, pause: Callable[[int], Awaitable[None]], where: str,
                    on_progress: Callable[[int], None] | None = None) -> None:
     """Write the blob to `dest` (created or truncated), verified, flushed and fsynced. On any
@@ -61,7 +61,7 @@ async def download(open_at: Opener, digest: str, size: int | None, dest: Path, *
         raise
 
 
-async def _fill(f: BinaryIO, open_at: Opener, digest: str, size: int | None, attempts: int,
+async def _fill(f: BinaryIO, open_at: Opener, digest: str, size: int, attempts: int,
                 pause: Callable[[int], Awaitable[None]], where: str,
                 on_progress: Callable[[int], None] | None) -> str:
     """Stream into `f`; the digest of what it now holds."""
@@ -81,12 +81,12 @@ async def _fill(f: BinaryIO, open_at: Opener, digest: str, size: int | None, att
                         raise _Broken(f"the resumed request got {resp.status} with "
                                       f"Content-Range {resp.headers.get('Content-Range')!r}")
                 length = resp.content_length
-                if size is not None and length is not None and length != size - written:
+                if length is not None and length != size - written:
                     raise DigestMismatch(
                         f"blob {digest} from {where}: the registry says {length + written} "
                         f"bytes, the manifest says {size}; refusing it")
                 async for chunk in resp.content.iter_any():
-                    if size is not None and written + len(chunk) > size:
+                    if written + len(chunk) > size:
                         raise DigestMismatch(f"blob {digest} from {where} is longer than the "
                                              f"{size} bytes its descriptor gives; refusing it")
                     f.write(chunk)
@@ -94,15 +94,15 @@ async def _fill(f: BinaryIO, open_at: Opener, digest: str, size: int | None, att
                     written += len(chunk)
                     if on_progress is not None:
                         on_progress(written)
-            if size is not None and written < size:
+            if written < size:
                 raise _Broken(f"the body ended after {written} of {size} bytes")
             return "sha256:" + hasher.hexdigest()
         except (_Broken, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
                 TimeoutError) as e:
             breaks += 1
             if breaks >= attempts:
+                last = str(e) if isinstance(e, _Broken) else failure_text(e)
                 raise RegistryError(f"download of blob {digest} from {where} broke off "
-                                    f"{breaks} times (last: {type(e).__name__}: {e}); the "
-                                    "connection or the registry is unreliable; try again "
-                                    "later") from None
+                                    f"{breaks} times (last: {last}); the connection or the "
+                                    "registry is unreliable; try again later") from None
             await pause(breaks)

@@ -1,6 +1,6 @@
 """Host names as registries use them (`host[:port]`, IPv6 in brackets), and which of them are
-local: loopback ones may speak plain HTTP by default, and only a local registry may send us to
-a local address (SSRF)."""
+local: loopback ones may speak plain HTTP by default, and only a local or configured registry
+may lead us to a local address (SSRF)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def is_loopback(hostport: str) -> bool:
     """127.0.0.0/8, ::1, `localhost` and `*.localhost` (RFC 6761: never leaves the machine)."""
     try:
@@ -52,19 +55,32 @@ def is_loopback(hostport: str) -> bool:
     return ip is not None and ip.is_loopback
 
 
+def is_local_ip(address: str) -> bool:
+    """An IP address (as a resolver gives it) that is not a public unicast one: loopback,
+    private, link-local, shared (100.64/10), unspecified, reserved, documentation, multicast;
+    IPv4 inside IPv6 (mapped, NAT64) is judged as IPv4. What does not parse counts as local:
+    the check fails closed."""
+    ip = _ip(address)
+    if ip is None:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip.is_site_local:
+            return True
+    return not ip.is_global or ip.is_multicast
+
+
 def is_local_address(host: str) -> bool:
-    """A host (no port) that names this machine or a private network: loopback names, and IP
-    literals that are loopback, private, link-local, unspecified or reserved."""
+    """A host as written (no port) that names this machine or a private network by its
+    spelling alone: `localhost` names, and IP literals that `is_local_ip` calls local. A
+    name that only resolves to such an address is caught when it is resolved (transport)."""
     host = host.lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
         return True
-    ip = _ip(host)
-    if ip is None:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified
-            or ip.is_reserved or ip.is_multicast)
+    return _ip(host) is not None and is_local_ip(host)
 
 
 def hub_key(hostport: str) -> str:

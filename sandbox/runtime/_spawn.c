@@ -5,16 +5,23 @@
  * interpreter touches, and that alone cost over a millisecond per run. Here init
  * stays in Python; only the part between fork and execve is C. It uses vfork(), so
  * the parent's memory is shared rather than copied, and the child makes system calls
- * only: everything it needs (argv, envp, the BPF program, candidate paths) is built
- * before vfork. The parent is suspended until the child has exec'd or exited.
+ * only: everything it needs (argv, envp, the BPF program, candidate paths, every
+ * rlimit) is built before vfork. The parent is suspended until the child has exec'd
+ * or exited.
  *
- * The child, in this order: default signal dispositions, setsid, the run's cgroups
- * (write "0" to each cgroup.procs descriptor), rlimits, stdio on 0-2, chdir, umask,
- * drop the bounding and ambient capability sets, setgroups/setresgid/setresuid,
- * clear the remaining capability sets, no_new_privs, close every other descriptor,
- * load the seccomp BPF, execve each candidate path. A failure is written to the
- * close-on-exec error descriptor as "<exit code>:<stage>:<errno>" and the child
- * exits with that code (125 runtime failure, 126 cannot execute, 127 not found).
+ * The child, in this order: default signal dispositions and an empty mask, setsid,
+ * the run's cgroups (write "0" to each cgroup.procs descriptor), an IPC namespace of
+ * its own, every rlimit, nice, scheduling policy, CPU affinity, I/O priority and
+ * personality as init had them before any run, stdio on 0-2, chdir, umask, drop the
+ * bounding and ambient capability sets, setgroups/setresgid/setresuid, clear the
+ * remaining capability sets, non-dumpable again (for the mm it still shares with
+ * init), no_new_privs, close every other descriptor, load the seccomp BPF, execve
+ * each candidate path. A failure is written to the close-on-exec error descriptor as
+ * "<exit code>:<stage>:<errno>" and the child exits with that code (125 runtime
+ * failure, 126 cannot execute, 127 not found).
+ *
+ * Why every piece of inheritable state is set again rather than inherited from init:
+ * a run must start as the first run did, whatever an earlier run managed to change.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,17 +32,32 @@
 #include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/personality.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define MAX_RLIMITS 16
 #define MAX_CGROUP_FDS 16
+#define AFFINITY_WORDS 128 /* 8192 CPUs */
+#define IOPRIO_WHO_PROCESS 1
+
+/* What init's children start from where a run asks nothing else: init's own state,
+ * captured once before its first run (snapshot()), handed to every spawn(). */
+struct baseline {
+    struct rlimit rl[RLIMIT_NLIMITS];
+    int nice;
+    int policy;
+    struct sched_param param;
+    int ioprio;
+    unsigned int affinity_len;
+    unsigned long affinity[AFFINITY_WORDS];
+};
 
 struct plan {
     char *const *argv;
@@ -46,15 +68,24 @@ struct plan {
     uid_t uid;
     gid_t gid;
     int set_groups;
-    int nrlimits;
-    int rl_resource[MAX_RLIMITS];
-    struct rlimit rl_value[MAX_RLIMITS];
+    int rl_set[RLIMIT_NLIMITS];
+    struct rlimit rl[RLIMIT_NLIMITS];
+    const struct baseline *base; /* NULL: only the rlimits given, nothing else reset */
+    int new_ipc;
     int stdio[3];
     int ncgroup;
     int cgroup_fd[MAX_CGROUP_FDS];
     struct sock_fprog prog;
     int last_cap;
     int err_fd;
+};
+
+/* The kernel's struct sigaction: rt_sigaction reaches the signals glibc keeps for itself. */
+struct kernel_sigaction {
+    void (*handler)(int);
+    unsigned long flags;
+    void (*restorer)(void);
+    unsigned long mask;
 };
 
 static void write_all(int fd, const char *buf, size_t len)
@@ -97,28 +128,76 @@ static __attribute__((noreturn)) void fail(const struct plan *p, int code, const
     _exit(code);
 }
 
-static __attribute__((noreturn)) void child(const struct plan *p)
+static void reset_signals(void)
 {
-    struct sigaction dfl;
-    sigset_t all;
-    int i, saved = ENOENT;
+    struct kernel_sigaction dfl;
+    sigset_t none;
+    int i;
 
     memset(&dfl, 0, sizeof(dfl));
-    dfl.sa_handler = SIG_DFL;
-    for (i = 1; i < NSIG; i++)
+    dfl.handler = SIG_DFL;
+    for (i = 1; i < _NSIG; i++)
         if (i != SIGKILL && i != SIGSTOP)
-            sigaction(i, &dfl, NULL); /* fails harmlessly for the libc-reserved ones */
-    sigemptyset(&all);
-    sigprocmask(SIG_SETMASK, &all, NULL);
+            syscall(SYS_rt_sigaction, i, &dfl, NULL, sizeof(dfl.mask));
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+}
 
+/* Scheduling and personality as init had them before any run (or Linux's own). */
+static void reset_scheduling(const struct plan *p)
+{
+    const struct baseline *b = p->base;
+    struct sched_param param;
+    unsigned long mask[AFFINITY_WORDS];
+    long len;
+
+    if (setpriority(PRIO_PROCESS, 0, b->nice) < 0)
+        fail(p, 125, "nice", errno);
+    /* Looked at first: setting them costs several times as much (~5 us here). */
+    if (sched_getscheduler(0) != b->policy || sched_getparam(0, &param) < 0 ||
+        param.sched_priority != b->param.sched_priority)
+        if (sched_setscheduler(0, b->policy, &b->param) < 0)
+            fail(p, 125, "scheduler", errno);
+    /* After the cgroup join, which set the mask to the run's cpuset; the kernel narrows
+     * the baseline's to it. */
+    len = syscall(SYS_sched_getaffinity, 0, sizeof(mask), mask);
+    if (b->affinity_len > 0 &&
+        (len != (long)b->affinity_len || memcmp(mask, b->affinity, b->affinity_len) != 0) &&
+        syscall(SYS_sched_setaffinity, 0, b->affinity_len, b->affinity) < 0)
+        fail(p, 125, "affinity", errno);
+    if (syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, b->ioprio) < 0)
+        fail(p, 125, "ioprio", errno);
+    /* PER_LINUX, not init's: a service started under `setarch -R` must not take address
+     * space randomisation away from untrusted code. */
+    if (personality(PER_LINUX) < 0)
+        fail(p, 125, "personality", errno);
+}
+
+static __attribute__((noreturn)) void child(const struct plan *p)
+{
+    int i, saved = ENOENT;
+
+    reset_signals();
     if (setsid() < 0)
         fail(p, 125, "setsid", errno);
+    /* cgroup v1 lets the opener of cgroup.procs (the service) move a task only when the
+     * task's uid or saved uid is the opener's own, which is container root's: init runs
+     * under an id of its own, so the child takes container root as its saved id for the
+     * join (it is replaced by the run's below). */
+    if (p->ncgroup > 0 && getuid() != 0 && setresuid(-1, -1, 0) < 0)
+        fail(p, 125, "cgroup", errno);
     for (i = 0; i < p->ncgroup; i++)
         if (write(p->cgroup_fd[i], "0", 1) != 1)
             fail(p, 125, "cgroup", errno);
-    for (i = 0; i < p->nrlimits; i++)
-        if (setrlimit(p->rl_resource[i], &p->rl_value[i]) < 0)
+    /* After the join, so that the namespace and every IPC object of the run are charged
+     * to the run's memory cgroup; they all go when the run's last process does. */
+    if (p->new_ipc && unshare(CLONE_NEWIPC) < 0)
+        fail(p, 125, "ipc", errno);
+    for (i = 0; i < RLIMIT_NLIMITS; i++)
+        if (p->rl_set[i] && setrlimit(i, &p->rl[i]) < 0)
             fail(p, 125, "rlimits", errno);
+    if (p->base)
+        reset_scheduling(p);
     for (i = 0; i < 3; i++)
         if (dup2(p->stdio[i], i) < 0)
             fail(p, 125, "stdio", errno);
@@ -142,13 +221,20 @@ static __attribute__((noreturn)) void child(const struct plan *p)
         if (syscall(SYS_capset, &hdr, data) < 0)
             fail(p, 125, "capabilities", errno);
     }
+    /* Each identity change above set the dumpable flag of the mm this child still shares
+     * with init to fs.suid_dumpable (1 on some hosts): put it back before the run's
+     * program can run beside init. execve gives the program its own flag. */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+        fail(p, 125, "dumpable", errno);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         fail(p, 125, "no_new_privs", errno);
 
-    /* Everything but stdio and the close-on-exec error descriptor. */
-    if (p->err_fd > 3)
-        syscall(SYS_close_range, 3, p->err_fd - 1, 0);
-    syscall(SYS_close_range, p->err_fd + 1, ~0U, 0);
+    /* Everything but stdio and the close-on-exec error descriptor; a kernel without
+     * close_range must not run the program with init's descriptors open. */
+    if (p->err_fd > 3 && syscall(SYS_close_range, 3, p->err_fd - 1, 0) < 0)
+        fail(p, 125, "close_range", errno);
+    if (syscall(SYS_close_range, p->err_fd + 1, ~0U, 0) < 0)
+        fail(p, 125, "close_range", errno);
 
     if (p->prog.len > 0 &&
         syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &p->prog) < 0)
@@ -193,16 +279,47 @@ static char **bytes_list(PyObject *seq, const char *what, Py_ssize_t *count)
     return out;
 }
 
+/* The run's rlimits over the baseline's (all of them), or only the run's without one. */
+static int plan_rlimits(struct plan *p, PyObject *rlimits)
+{
+    Py_ssize_t i, n;
+    if (p->base) {
+        for (i = 0; i < RLIMIT_NLIMITS; i++) {
+            p->rl_set[i] = 1;
+            p->rl[i] = p->base->rl[i];
+        }
+    }
+    if (!PyList_Check(rlimits)) {
+        PyErr_SetString(PyExc_ValueError, "rlimits must be a list of (res, soft, hard)");
+        return -1;
+    }
+    n = PyList_GET_SIZE(rlimits);
+    for (i = 0; i < n; i++) {
+        int res;
+        unsigned long long soft, hard;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(rlimits, i), "iKK", &res, &soft, &hard))
+            return -1;
+        if (res < 0 || res >= RLIMIT_NLIMITS) {
+            PyErr_Format(PyExc_ValueError, "rlimit resource %d is not one of Linux's", res);
+            return -1;
+        }
+        p->rl_set[res] = 1;
+        p->rl[res].rlim_cur = (rlim_t)soft;
+        p->rl[res].rlim_max = (rlim_t)hard;
+    }
+    return 0;
+}
+
 static PyObject *spawn(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"paths",  "argv",   "envp",  "cwd",      "uid",
                              "gid",    "set_groups", "rlimits", "stdio", "cgroup_fds",
-                             "bpf",    "last_cap", "err_fd", NULL};
-    PyObject *paths, *argv, *envp, *rlimits, *stdio, *cgroup_fds;
+                             "bpf",    "last_cap", "err_fd", "baseline", "new_ipc", NULL};
+    PyObject *paths, *argv, *envp, *rlimits, *stdio, *cgroup_fds, *baseline = Py_None;
     const char *cwd;
     Py_buffer bpf;
     unsigned int uid, gid;
-    int set_groups, last_cap, err_fd;
+    int set_groups, last_cap, err_fd, new_ipc = 0, was_dumpable;
     struct plan p;
     char **argv_c = NULL, **envp_c = NULL;
     sigset_t all, old;
@@ -210,9 +327,10 @@ static PyObject *spawn(PyObject *self, PyObject *args, PyObject *kwargs)
     int saved_errno;
     Py_ssize_t i;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOyIIpOOOy*ii", kwlist, &paths, &argv,
-                                     &envp, &cwd, &uid, &gid, &set_groups, &rlimits, &stdio,
-                                     &cgroup_fds, &bpf, &last_cap, &err_fd))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOyIIpOOOy*ii|$Op", kwlist, &paths,
+                                     &argv, &envp, &cwd, &uid, &gid, &set_groups, &rlimits,
+                                     &stdio, &cgroup_fds, &bpf, &last_cap, &err_fd,
+                                     &baseline, &new_ipc))
         return NULL;
     memset(&p, 0, sizeof(p));
     p.cwd = cwd;
@@ -221,6 +339,15 @@ static PyObject *spawn(PyObject *self, PyObject *args, PyObject *kwargs)
     p.set_groups = set_groups;
     p.last_cap = last_cap;
     p.err_fd = err_fd;
+    p.new_ipc = new_ipc;
+    if (baseline != Py_None) {
+        if (!PyBytes_Check(baseline) ||
+            PyBytes_GET_SIZE(baseline) != (Py_ssize_t)sizeof(struct baseline)) {
+            PyErr_SetString(PyExc_ValueError, "baseline must be what snapshot() returned");
+            goto error;
+        }
+        p.base = (const struct baseline *)PyBytes_AS_STRING(baseline);
+    }
     if (bpf.len % sizeof(struct sock_filter) != 0 ||
         bpf.len / sizeof(struct sock_filter) > BPF_MAXINSNS) {
         PyErr_SetString(PyExc_ValueError, "bpf is not a classic BPF program");
@@ -228,21 +355,8 @@ static PyObject *spawn(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     p.prog.len = (unsigned short)(bpf.len / sizeof(struct sock_filter));
     p.prog.filter = (struct sock_filter *)bpf.buf;
-
-    if (!PyList_Check(rlimits) || PyList_GET_SIZE(rlimits) > MAX_RLIMITS) {
-        PyErr_SetString(PyExc_ValueError, "rlimits must be a short list of (res, soft, hard)");
+    if (plan_rlimits(&p, rlimits) < 0)
         goto error;
-    }
-    p.nrlimits = (int)PyList_GET_SIZE(rlimits);
-    for (i = 0; i < p.nrlimits; i++) {
-        int res;
-        unsigned long long soft, hard;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(rlimits, i), "iKK", &res, &soft, &hard))
-            goto error;
-        p.rl_resource[i] = res;
-        p.rl_value[i].rlim_cur = (rlim_t)soft;
-        p.rl_value[i].rlim_max = (rlim_t)hard;
-    }
     if (!PyArg_ParseTuple(stdio, "iii", &p.stdio[0], &p.stdio[1], &p.stdio[2]))
         goto error;
     if (!PyList_Check(cgroup_fds) || PyList_GET_SIZE(cgroup_fds) > MAX_CGROUP_FDS) {
@@ -262,6 +376,7 @@ static PyObject *spawn(PyObject *self, PyObject *args, PyObject *kwargs)
     p.argv = argv_c;
     p.envp = envp_c;
 
+    was_dumpable = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
     /* No Python signal handler may run in the child while it shares our memory. */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
@@ -269,6 +384,10 @@ static PyObject *spawn(PyObject *self, PyObject *args, PyObject *kwargs)
     if (pid == 0)
         child(&p);
     saved_errno = errno;
+    /* The child's identity change set our shared mm's dumpable flag (see child()); a
+     * child that failed before putting it back leaves it so. */
+    if (was_dumpable == 0 || was_dumpable == 1)
+        prctl(PR_SET_DUMPABLE, was_dumpable, 0, 0, 0);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 
     PyBuffer_Release(&bpf);
@@ -289,11 +408,69 @@ error:
     return NULL;
 }
 
+static PyObject *snapshot(PyObject *self, PyObject *noargs)
+{
+    struct baseline b;
+    long n;
+    int i;
+
+    memset(&b, 0, sizeof(b));
+    for (i = 0; i < RLIMIT_NLIMITS; i++)
+        if (getrlimit(i, &b.rl[i]) < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+    errno = 0;
+    b.nice = getpriority(PRIO_PROCESS, 0);
+    if (errno != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if ((b.policy = sched_getscheduler(0)) < 0 || sched_getparam(0, &b.param) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if ((b.ioprio = (int)syscall(SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0)) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if ((n = syscall(SYS_sched_getaffinity, 0, sizeof(b.affinity), b.affinity)) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    b.affinity_len = (unsigned int)n;
+    return PyBytes_FromStringAndSize((const char *)&b, sizeof(b));
+}
+
+static PyObject *become(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"uid", "gid", "set_groups", NULL};
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    unsigned int uid, gid;
+    int set_groups;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$IIp", kwlist, &uid, &gid, &set_groups))
+        return NULL;
+    /* Leaving uid 0 would clear every capability; keep the permitted set across the
+     * change, then raise the effective set from it again. */
+    if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0 ||
+        (set_groups && setgroups(0, NULL) < 0) ||
+        setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0 ||
+        syscall(SYS_capget, &hdr, data) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    data[0].effective = data[0].permitted;
+    data[1].effective = data[1].permitted;
+    if (syscall(SYS_capset, &hdr, data) < 0 || prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) < 0 ||
+        prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"spawn", (PyCFunction)(void (*)(void))spawn, METH_VARARGS | METH_KEYWORDS,
      "spawn(*, paths, argv, envp, cwd, uid, gid, set_groups, rlimits, stdio, cgroup_fds, bpf,"
-     " last_cap, err_fd) -> pid\n\nvfork a run's child: cgroups, rlimits, stdio, cwd, identity,"
-     " no capabilities, no_new_privs, seccomp, then execve of the first path that exists."},
+     " last_cap, err_fd, baseline=None, new_ipc=False) -> pid\n\nvfork a run's child: "
+     "cgroups, an IPC namespace of its own (new_ipc), rlimits over the baseline's and the "
+     "baseline's scheduling (baseline: from snapshot()), stdio, cwd, identity, no "
+     "capabilities, no_new_privs, seccomp, then execve of the first path that exists."},
+    {"snapshot", snapshot, METH_NOARGS,
+     "snapshot() -> bytes\n\nThe calling process's rlimits, nice, scheduling policy, CPU "
+     "affinity and I/O priority, for spawn(baseline=...)."},
+    {"become", (PyCFunction)(void (*)(void))become, METH_VARARGS | METH_KEYWORDS,
+     "become(*, uid, gid, set_groups) -> None\n\nMove the calling process to uid/gid "
+     "(and no supplementary groups with set_groups) keeping its capabilities, and make it "
+     "non-dumpable again."},
     {NULL, NULL, 0, NULL},
 };
 

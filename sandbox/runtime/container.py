@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import itertools
 import math
 import os
@@ -23,19 +24,38 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sandbox.errors import ContainerGoneError, PolicyError, RuntimeSetupError, SandboxError
 from sandbox.runtime import idmap, protocol, seccomp
-from sandbox.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, Detection, detect
+from sandbox.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, Detection, Lease, detect
 from sandbox.runtime.profiles import HOST_NETWORK, UNCONFINED, Limits, Profile, load_profile
 from sandbox.runtime.results import Observed, RunResult, Status, verdict
-from sandbox.runtime.rootfs import RootfsSpec
+from sandbox.runtime.rootfs import RootfsSpec, Tmpfs
+from sandbox.runtime.rootfs import plan as mount_plan
 
-OutputCallback = Callable[[str, bytes], None]
+# Called with each chunk of a run's output as it is read. An awaitable answered means "no
+# more for now": that pipe is not read again until it completes, so the run blocks writing
+# to its full pipe (its wall limit keeps running): a slow consumer slows its own run.
+OutputCallback = Callable[[str, bytes], Awaitable[object] | None]
+
+
+class Streamed:
+    """An output callback that takes the output for good (e.g. to a client's stream): the
+    run's result then holds none of it (stdout and stderr empty; the truncation flags still
+    tell), so a streamed run's output is not also kept in memory until it ends."""
+
+    def __init__(self, callback: OutputCallback) -> None:
+        self.callback = callback
+
+    def __call__(self, name: str, data: bytes) -> Awaitable[object] | None:
+        return self.callback(name, data)
+
+
 _CPU_POLL_MIN_S = 0.005
 _CPU_POLL_MAX_S = 0.1
 _DRAIN_TIMEOUT_S = 2.0
@@ -81,6 +101,30 @@ def _cgroup_limits(limits: Limits, has: frozenset[str]) -> CgroupLimits:
                         pids=limits.pids if "pids" in has else None,
                         cpu_quota_us=quota if "cpu" in has else None,
                         cpuset_cpus=limits.cpuset if "cpuset" in has else None)
+
+
+# What a container's cgroup holds besides its runs: init (~2 MiB charged, measured), the
+# kernel's objects for its namespaces and mounts, and headroom; the vfork child of each exec
+# counts in init's cgroup until it joins its run's.
+CONTAINER_OVERHEAD_BYTES = 32 << 20
+CONTAINER_OVERHEAD_PIDS = 8
+
+
+def container_limits(profile: Profile, spec: RootfsSpec, has: frozenset[str]) -> CgroupLimits:
+    """The container's own cgroup limits, so that what is charged to it outside its runs'
+    cgroups is bounded too: what a run wrote to a tmpfs, and the inodes of its files (even
+    empty ones, which no size limit counts), stay charged to the container once the run's
+    memory cgroup is renewed or removed, and a session's /tmp keeps them from run to run.
+    Room for one run at the profile's maximum, every tmpfs of the container full, and
+    init: a session's runs at once share it. Where the profile sets no maximum for runs,
+    the container has none either."""
+    run_memory, run_pids = profile.maxima.memory_bytes, profile.maxima.pids
+    mounts = sum(op.size for op in mount_plan(spec, list(spec.layers)).ops
+                 if isinstance(op, Tmpfs))
+    return CgroupLimits(
+        memory_bytes=(run_memory + mounts + CONTAINER_OVERHEAD_BYTES
+                      if run_memory and "memory" in has else None),
+        pids=run_pids + CONTAINER_OVERHEAD_PIDS if run_pids and "pids" in has else None)
 
 
 # The kernel's own bounds (MAX_ARG_STRLEN; ARG_MAX on a default 8 MiB stack is 2 MiB): a
@@ -169,22 +213,25 @@ def _validate(req: ExecRequest, mapping: idmap.IdMapping) -> None:
                           "data through stdin or a file")
     if not req.cwd.startswith("/") or "\0" in req.cwd:
         raise PolicyError("cwd: must be an absolute path inside the container")
-    for name, value, ranges in (("uid", req.uid, mapping.uids), ("gid", req.gid, mapping.gids)):
-        top = max(r.inside + r.count for r in ranges)
-        if value is not None and not 0 <= value < top:
-            raise PolicyError(f"{name}: {value} is not mapped in this container; "
-                              f"use 0 to {top - 1}")
+    for name, value in (("uid", req.uid), ("gid", req.gid)):
+        if value is not None:
+            mapping.check_run_id(name, value)
 
 
 class _Reader:
-    """Collects one output pipe, up to a cap, as the event loop sees data."""
+    """Collects one output pipe, up to a cap, as the event loop sees data, and pauses while
+    the consumer asks it to (see OutputCallback)."""
 
     def __init__(self, name: str, fd: int, cap: int | None, on_data: OutputCallback | None,
                  on_overflow: Callable[[], None], done: asyncio.Future[None]) -> None:
         self.name, self.fd, self.cap = name, fd, cap
         self.buf = bytearray()
+        self.size = 0    # bytes read (the cap counts these; `buf` may keep none)
         self.truncated = False
         self.on_data, self.on_overflow, self.done = on_data, on_overflow, done
+        self._keep = not isinstance(on_data, Streamed)
+        self._paused = False
+        self._free = 0   # bytes that may be read whatever the consumer says
 
     def readable(self) -> None:
         try:
@@ -196,16 +243,43 @@ class _Reader:
         if not chunk:
             self.finish()
             return
-        if self.cap is not None and len(self.buf) + len(chunk) > self.cap:
-            chunk = chunk[: self.cap - len(self.buf)]
+        if self.cap is not None and self.size + len(chunk) > self.cap:
+            chunk = chunk[: self.cap - self.size]
             self.truncated = True
         if chunk:
-            self.buf += chunk
+            self.size += len(chunk)
+            if self._keep:
+                self.buf += chunk
             if self.on_data:
-                self.on_data(self.name, chunk)
+                wait = self.on_data(self.name, chunk)
+                if wait is not None:
+                    self._hold(wait, len(chunk))
         if self.truncated:
             self.on_overflow()
             self.finish()
+
+    def _hold(self, wait: Awaitable[object], size: int) -> None:
+        later = asyncio.ensure_future(wait)
+        if later.done() or self.done.done():
+            return
+        if self._free >= size:
+            self._free -= size
+            return
+        self._paused = True
+        asyncio.get_running_loop().remove_reader(self.fd)
+        later.add_done_callback(lambda _: self._resume())
+
+    def _resume(self) -> None:
+        if self._paused and not self.done.done():
+            self._paused = False
+            asyncio.get_running_loop().add_reader(self.fd, self.readable)
+
+    def writers_gone(self) -> None:
+        """The run is over: what its pipe still holds (at most the pipe's size) is read to
+        EOF whatever the consumer says, so a slow one still gets the end of the output."""
+        if not self.done.done():
+            self._free = fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ)
+            self._resume()
 
     def finish(self) -> None:
         if not self.done.done():
@@ -229,6 +303,8 @@ class Runtime:
         # The stdin of every run without one: init receives its own copy with each run.
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
+    _end_spawner: weakref.finalize  # set by start(): see _end_spawner()
+
     @classmethod
     async def start(cls, *, mapping: idmap.IdMapping | None = None,
                     cgroups: Detection | None = None) -> Runtime:
@@ -241,7 +317,12 @@ class Runtime:
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
             cwd=str(Path(__file__).resolve().parents[2]))
         theirs.close()
-        return cls(proc, ours, mapping, cgroups)
+        runtime = cls(proc, ours, mapping, cgroups)
+        # close() ends and reaps the spawner; so does this if the owner never calls it (an
+        # engine that failed to start), when the runtime is collected or at exit. A spawner
+        # outliving this process dies of PDEATHSIG, a zombie for pid 1 with its inits.
+        runtime._end_spawner = weakref.finalize(runtime, _end_spawner, proc, ours)
+        return runtime
 
     def register_profile(self, profile: Profile) -> None:
         """Add (or replace) a profile beside the built-in ones, e.g. from the config."""
@@ -255,10 +336,13 @@ class Runtime:
     def program(self, name: str) -> seccomp.SeccompProgram:
         """Each policy is compiled once; children load the ready BPF (none: unconfined)."""
         if name not in self._programs:
+            # Runs that share init's id (a single-id map) must not reach init's limits and
+            # scheduling through the calls that name another process.
             self._programs[name] = (
                 seccomp.SeccompProgram(name, b"", ()) if name == UNCONFINED else
                 seccomp.compile_profile(
-                    seccomp.load_profile(seccomp.builtin_profile_path(name), name=name)))
+                    seccomp.load_profile(seccomp.builtin_profile_path(name), name=name),
+                    own_process_only=self.mapping.shares_init_id))
         return self._programs[name]
 
     @property
@@ -325,6 +409,7 @@ class Runtime:
         try:
             if self.cgroups.driver is not None:
                 cgroup = self.cgroups.driver.create(f"c-{cid}")
+                cgroup.apply(container_limits(profile, rootfs, self.cgroups.driver.controllers))
                 fds = cgroup.open_procs_fds()
                 n_container = len(fds)
                 # The helper joins the container's cgroup (rooting the cgroup namespace
@@ -363,19 +448,31 @@ class Runtime:
         return container
 
     async def close(self) -> None:
-        while self._undoing:
-            await asyncio.gather(*self._undoing, return_exceptions=True)
-        for c in list(self.containers.values()):
-            await c.destroy()
-        self._sock.close()
         try:
-            await asyncio.to_thread(self._spawner.wait, 10)
-        except subprocess.TimeoutExpired:
-            self._spawner.kill()
-            await asyncio.to_thread(self._spawner.wait)
+            while self._undoing:
+                await asyncio.gather(*self._undoing, return_exceptions=True)
+            for c in list(self.containers.values()):
+                await c.destroy()
+        finally:
+            # Whatever failed above: the spawner kills what is left and exits, reaped here.
+            await asyncio.to_thread(self._end_spawner)
         if self.cgroups.driver is not None:
             self.cgroups.driver.close()
         os.close(self.devnull)
+
+
+_SPAWNER_EXIT_S = 10.0
+
+
+def _end_spawner(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    """Close the spawner's socket (it then kills its containers' inits, reaps them and
+    exits) and reap it; killed if it takes longer than _SPAWNER_EXIT_S."""
+    sock.close()
+    try:
+        proc.wait(_SPAWNER_EXIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class Container:
@@ -512,7 +609,7 @@ class Container:
         driver = self.runtime.cgroups.driver
         has = driver.controllers if driver else frozenset()
         warnings = list(self.runtime.warnings)
-        run_cg: Cgroup | None = None
+        run_cg: Lease | None = None   # this run's use of its cgroup: its kills name it
         cg_limits = _cgroup_limits(limits, has)
         finished = False          # the run ended and was measured: its cgroup may be reused
         own: list[int] = []       # descriptors to close once init has its copies
@@ -559,7 +656,8 @@ class Container:
             if limits.wall_ms:
                 timers.append(loop.call_later(limits.wall_ms / 1000, kill, Status.WALL_LIMIT))
             if limits.cpu_ms and run_cg is not None:
-                self._watch_cpu(run_cg, limits.cpu_ms, lambda: kill(Status.TIME_LIMIT), timers)
+                self._watch_cpu(run_cg.cgroup, limits.cpu_ms, lambda: kill(Status.TIME_LIMIT),
+                                timers)
             done_msg = await exited
             for t in timers:
                 t.cancel()
@@ -594,7 +692,7 @@ class Container:
             if run_cg is not None:
                 # Handled at once rather than in batches: a batch of rmdirs holds the
                 # kernel's cgroup lock long enough to stall the runs starting meanwhile.
-                cg, reusable = run_cg, finished
+                cg, reusable = run_cg.cgroup, finished
                 self._chore(lambda: self._retire(cg, cg_limits, reusable))
         return self._result(run_id, done_msg, stats, limits, killed_for, readers, setup_ms,
                             warnings)
@@ -615,18 +713,18 @@ class Container:
             loop.add_reader(r, reader.readable)
         return ends
 
-    async def _end_run(self, run_cg: Cgroup | None, readers: list[_Reader],
+    async def _end_run(self, run_cg: Lease | None, readers: list[_Reader],
                        warnings: list[str], init_resets: bool) -> CgroupStats | None:
         """The run is over when its first process is: whatever it left behind goes too
         (init's own reset after the run already ends it, when asked for one); then its
         output is drained and its figures read."""
         if run_cg is not None:
-            if not run_cg.is_empty():
+            if not run_cg.cgroup.is_empty():
                 await asyncio.to_thread(run_cg.kill)
         elif self._active == 1 and not init_resets:
             await self._sweep()
         await self._drain(readers, warnings)
-        return run_cg.stats() if run_cg is not None else None
+        return run_cg.cgroup.stats() if run_cg is not None else None
 
     def _result(self, run_id: int, msg: dict[str, Any], stats: CgroupStats | None,
                 limits: Limits,
@@ -666,17 +764,18 @@ class Container:
             oom_killed=oom > 0, error=error.split(":", 1)[1] if error else None,
             warnings=warnings)
 
-    def _take_run_cgroup(self, run_id: int, limits: CgroupLimits) -> tuple[Cgroup, list[int]]:
-        """The run's cgroup, with limits applied, and the cgroup.procs fds its child joins by."""
+    def _take_run_cgroup(self, run_id: int, limits: CgroupLimits) -> tuple[Lease, list[int]]:
+        """The run's use of a cgroup, limits applied, and the cgroup.procs fds its child
+        joins by. A spare is past its recycling, so the lease names this run's use only."""
         assert self.cgroup is not None
         if not self._spares:
             cg = self.cgroup.child(f"r-{run_id}")
             cg.apply(limits)
-            return cg, cg.open_procs_fds()
+            return cg.lease(), cg.open_procs_fds()
         cg, applied, fds = self._spares.pop()
         if applied != limits:
             cg.apply(limits)
-        return cg, fds
+        return cg.lease(), fds
 
     def _make_spares(self, target: int = _SPARES) -> None:
         assert self.cgroup is not None and self.runtime.cgroups.driver is not None
@@ -740,13 +839,18 @@ class Container:
         os.lseek(fd, 0, os.SEEK_SET)
         return fd
 
-    def _kill_run(self, run_cg: Cgroup | None, run_id: int) -> None:
-        """Kill every process of a run without blocking the event loop: a v1 kill freezes
-        the cgroup and waits for it, which must not stall every other run meanwhile."""
+    def _kill_run(self, run_cg: Lease | None, run_id: int) -> None:
+        """Kill every process of a run without blocking the event loop (a v1 kill freezes
+        the cgroup and waits for it, which must not stall every other run meanwhile). Both
+        ways name the run, so however late they act they reach its processes or none: its
+        lease kills what is in its cgroup while the run still uses it, and init signals
+        the run's process group by the run's id. Init reads this after the exec, so the
+        latter also reaches a run that a loaded init starts only after the former found
+        its cgroup still empty; once the first process is dead, the run's end kills the
+        rest of the cgroup."""
+        self._signal_run(run_id, signal.SIGKILL)
         if run_cg is not None:
             self._chore(run_cg.kill)
-        elif self.alive:
-            self._send({"op": "signal", "id": run_id, "signal": 9})
 
     def _signal_run(self, run_id: int, signum: int) -> None:
         """A caller's signal: init sends it to the run's process group (never to itself).
@@ -785,6 +889,8 @@ class Container:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
             # that arrives as the pipes close.
             async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+                for r in readers:
+                    r.writers_gone()
                 await asyncio.gather(*(r.done for r in readers))
         except TimeoutError:
             warnings.append("output pipes stayed open after the run ended; output cut there")

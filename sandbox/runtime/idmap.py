@@ -4,8 +4,13 @@ Three ways, chosen by who runs the service and what the host offers:
 - `single`: an ordinary user without subordinate ids; container root is that user and
   untrusted code runs as container root with no capabilities.
 - `newuidmap`: an ordinary user with /etc/subuid and /etc/subgid ranges and the setuid
-  helpers from the `uidmap` package; untrusted code runs as 65534, distinct from init.
+  helpers from the `uidmap` package; untrusted code runs as 65534.
 - `direct`: host root writes a subordinate range itself; container root is never host root.
+
+Where the map holds more than one id, the container's init moves to the highest one
+(`init_uid`, `init_gid`), which no run may use: a process can change another's rlimits
+(prlimit) or signal it when their ids match, and init's children inherit its state. With a
+single id, init and runs share it and the seccomp policy refuses those calls instead.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox.errors import RuntimeSetupError
+from sandbox.errors import PolicyError, RuntimeSetupError
 
 NOBODY = 65534
 
@@ -46,6 +51,35 @@ class IdMapping:
     def root_gid(self) -> int:
         return self.gids[0].outside
 
+    @property
+    def init_uid(self) -> int:
+        """The container init's own uid: the highest mapped, or 0 (shared) for a single id."""
+        return _highest(self.uids)
+
+    @property
+    def init_gid(self) -> int:
+        return _highest(self.gids)
+
+    @property
+    def shares_init_id(self) -> bool:
+        """Whether runs and init have the same id (the map holds one id only)."""
+        return self.init_uid == 0
+
+    def check_run_id(self, field: str, value: int) -> None:
+        """PolicyError (naming `field`, "uid" or "gid") unless a run may take this id: a
+        mapped one, never init's own unless the map holds no other."""
+        init_id, default = ((self.init_uid, self.run_uid) if field == "uid"
+                            else (self.init_gid, self.run_gid))
+        usable = max(init_id - 1, 0)
+        if 0 <= value <= usable:
+            return
+        if value == init_id:
+            raise PolicyError(f"{field}: {value} is the container init's own id, which no run "
+                              "may share (a run under it could change what later runs "
+                              f"inherit from init); run as another user, e.g. {default}")
+        raise PolicyError(f"{field}: {value} is not mapped in this container; "
+                          f"use 0 to {usable}")
+
     def host_uid(self, inside: int) -> int | None:
         for r in self.uids:
             if r.inside <= inside < r.inside + r.count:
@@ -59,7 +93,18 @@ class IdMapping:
             "gid_map": [[r.inside, r.outside, r.count] for r in self.gids],
             "run_uid": self.run_uid,
             "run_gid": self.run_gid,
+            "init_uid": self.init_uid,
+            "init_gid": self.init_gid,
         }
+
+
+def _highest(ranges: tuple[IdRange, ...]) -> int:
+    return max(r.inside + r.count for r in ranges) - 1
+
+
+def _run_id(highest: int) -> int:
+    """nobody where the map reaches past it, else the id below init's (the highest)."""
+    return NOBODY if highest > NOBODY else max(highest - 1, 0)
 
 
 def read_subordinate(path: Path, user: str, uid: int) -> tuple[int, int] | None:
@@ -99,14 +144,14 @@ def plan(*, uid: int | None = None, gid: int | None = None, etc: Path = Path("/e
                 "host root: add a line such as 'root:100000:65536' to /etc/subuid and "
                 "/etc/subgid (or run the service as an ordinary user)")
         count = min(sub_u[1], sub_g[1], 65536)
-        run = NOBODY if count > NOBODY else count - 1
+        run = _run_id(count - 1)
         return IdMapping("direct", (IdRange(0, sub_u[0], count),),
                          (IdRange(0, sub_g[0], count),), run, run)
 
     helpers = shutil.which("newuidmap") and shutil.which("newgidmap")
     if sub_u and sub_g and helpers:
         count = min(sub_u[1], sub_g[1], 65535)
-        run = NOBODY if count >= NOBODY else count
+        run = _run_id(count)
         return IdMapping("newuidmap",
                          (IdRange(0, uid, 1), IdRange(1, sub_u[0], count)),
                          (IdRange(0, gid, 1), IdRange(1, sub_g[0], count)), run, run)

@@ -1,11 +1,14 @@
 """A container's init: pid 1 of its namespaces, starting one child per exec.
 
-Init is hostile ground: it is non-dumpable, holds no host file, and only talks over its
-control socket. Untrusted code never runs in it; each exec vforks a child (in C, _spawn.c)
-that takes the run's cgroup, rlimits, stdio, identity, drops every capability, sets
-no_new_privs, loads the policy's ready BPF and execs. Init reaps everything (orphans are
-re-parented to it) and reports each run's wait status and rusage. For copies in and out it
-opens paths of the container for the host and sends the descriptors (hostopen.py).
+Init is hostile ground: it is non-dumpable, holds no host file, only talks over its
+control socket and, where the id map has more than one id, runs under an id of its own that
+no run may take (so no run can change what init's later children inherit). Untrusted code
+never runs in it; each exec vforks a child (in C, _spawn.c) that takes the run's cgroup, an
+IPC namespace of its own, every rlimit and scheduling setting afresh, stdio, identity,
+drops every capability, sets no_new_privs, loads the policy's ready BPF and execs. Init
+reaps everything (orphans are re-parented to it) and reports each run's wait status and
+rusage. For copies in and out it opens paths of the container for the host and sends the
+descriptors (hostopen.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class InitConfig:
     last_cap: int
     set_groups: bool                 # false under a "single" id map (setgroups is denied there)
     resettable: tuple[rootfs.Tmpfs, ...]
+    baseline: bytes                  # _spawn.snapshot() before any run: what children start from
 
 
 @dataclass
@@ -60,7 +64,8 @@ def start_child(msg: dict[str, Any], fds: list[int], cfg: InitConfig, err_w: int
         envp=[f"{k}={v}".encode() for k, v in env.items()],
         cwd=msg["cwd"].encode(), uid=msg["uid"], gid=msg["gid"], set_groups=cfg.set_groups,
         rlimits=[tuple(r) for r in msg["rlimits"]], stdio=tuple(fds[:3]),
-        cgroup_fds=fds[3:], bpf=cfg.seccomp_bpf, last_cap=cfg.last_cap, err_fd=err_w)
+        cgroup_fds=fds[3:], bpf=cfg.seccomp_bpf, last_cap=cfg.last_cap, err_fd=err_w,
+        baseline=cfg.baseline, new_ipc=True)
 
 
 def _rusage(ru: resource.struct_rusage) -> dict[str, int]:
@@ -85,6 +90,7 @@ def _read_error(fd: int, what: dict[str, str]) -> str | None:
 def serve(ctl: socket.socket, cfg: InitConfig) -> None:
     """The init loop: exec, signal, reset; returns when the host closes the control socket."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    _only_sigchld_handled()
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
     runs: dict[int, _Run] = {}
@@ -147,6 +153,9 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
                 return
             msg, fds = got
             op = msg.get("op")
+            if op != "exec":  # only an exec carries descriptors; any other would stay open
+                for f in fds:
+                    os.close(f)
             if op == "exec":
                 scratch.touching()
                 err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -184,9 +193,17 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
                 else:
                     protocol.send(ctl, {"ev": "opened", "id": msg.get("id")}, [fd])
                     os.close(fd)
-            else:
-                for f in fds:
-                    os.close(f)
+
+
+def _only_sigchld_handled() -> None:
+    """As pid 1 of its namespace, init gets from inside only the signals it handles: any
+    handler it inherited (Python's SIGINT one raises KeyboardInterrupt) would let a run
+    sharing its id stop it. Ignored ones stay ignored (Python wants SIGPIPE, SIGXFSZ so)."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+            continue
+        if signal.getsignal(sig) not in (signal.SIG_IGN, signal.SIG_DFL):
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _signal_run(pid: int, sig: int) -> None:

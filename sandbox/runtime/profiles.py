@@ -1,9 +1,15 @@
 """Run profiles as data: policies/profiles/<name>.json names a seccomp policy, the root
-filesystem's shape, the network and the limits (defaults and maxima) of every run."""
+filesystem's shape, the network and the limits (defaults and maxima) of every run.
+
+CPUs: a file cannot know the host's, so a profile without `maxima.cpuset` gets the CPUs
+this service may run on (its affinity), and one without `maxima.cpu_quota_cores` as many
+cores; whatever the maxima, a run's cpuset must name CPUs that exist here.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass, fields, replace
@@ -50,11 +56,12 @@ class Limits:
             if value is None:
                 continue
             if key == "cpuset":
-                if not isinstance(value, str) or not re.fullmatch(r"[0-9,\-]+", value):
-                    raise PolicyError(f"{where}.cpuset: expected a cpu list such as '0-1'")
+                value = format_cpuset(parse_cpuset(value, f"{where}.cpuset"))
             elif key == "cpu_quota_cores":
-                if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                    raise PolicyError(f"{where}.{key}: expected a positive number")
+                if not isinstance(value, int | float) or isinstance(value, bool) \
+                        or not MIN_QUOTA_CORES <= value <= MAX_QUOTA_CORES:
+                    raise PolicyError(f"{where}.{key}: expected a number of cores from "
+                                      f"{MIN_QUOTA_CORES} to {MAX_QUOTA_CORES}, such as 0.5")
             elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise PolicyError(f"{where}.{key}: expected a positive integer, got {value!r}")
             values[key] = value
@@ -68,9 +75,61 @@ class Limits:
     def check_within(self, maxima: Limits, where: str = "limits") -> None:
         for f in fields(self):
             value, top = getattr(self, f.name), getattr(maxima, f.name)
-            if value is not None and top is not None and not isinstance(value, str) and value > top:
+            if f.name == "cpuset":
+                if value is not None:
+                    _check_cpuset(value, top, f"{where}.cpuset")
+            elif value is not None and top is not None and value > top:
                 raise PolicyError(f"{where}.{f.name}: {value} is above this profile's maximum "
                                   f"of {top}; ask for at most {top}")
+
+
+# A cgroup's CPU bandwidth period is 100 ms and its quota at least 1 ms: 0.01 of a core.
+MIN_QUOTA_CORES = 0.01
+MAX_QUOTA_CORES = 4096
+_MAX_CPU = 1 << 16
+_CPU_RANGE = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
+
+
+def parse_cpuset(text: Any, where: str) -> frozenset[int]:
+    """The CPUs of a list such as "0-3,6" (the kernel's cpuset.cpus syntax)."""
+    cpus: set[int] = set()
+    parts = text.split(",") if isinstance(text, str) else [""]
+    for part in parts:
+        m = _CPU_RANGE.fullmatch(part)
+        first, last = (int(m[1]), int(m[2] or m[1])) if m else (1, 0)
+        if not m or first > last or last >= _MAX_CPU:
+            raise PolicyError(f"{where}: expected a list of CPUs such as '0', '0-1' or '0,2', "
+                              f"got {text!r}")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def format_cpuset(cpus: frozenset[int]) -> str:
+    """The shortest list for `cpus`: "0-3,6"."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def host_cpus() -> frozenset[int]:
+    """The CPUs this process may run on: those a run's cpuset may name."""
+    return frozenset(os.sched_getaffinity(0))
+
+
+def _check_cpuset(value: str, top: str | None, where: str) -> None:
+    asked = parse_cpuset(value, where)
+    allowed = host_cpus()
+    if top is not None:
+        allowed &= parse_cpuset(top, where)
+    if not asked <= allowed:
+        why = (f"CPUs this host does not have ({format_cpuset(asked - host_cpus())})"
+               if not asked <= host_cpus() else f"CPUs outside this profile's maximum {top}")
+        raise PolicyError(f"{where}: {value} names {why}; ask for a subset of "
+                          f"{format_cpuset(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -200,12 +259,18 @@ def load_profile(name: str, path: Path | None = None) -> Profile:
         raise PolicyError(f"profile {name!r}: rootfs.sys 'ro' needs a network namespace of "
                           "the container's own; use network 'none' or rootfs.sys 'none'")
     limits = data.get("limits", {})
+    maxima = Limits.from_dict(limits.get("maxima", {}), f"{name}.limits.maxima")
+    cpus = host_cpus()
+    maxima = replace(maxima, cpuset=maxima.cpuset or format_cpuset(cpus),
+                     cpu_quota_cores=maxima.cpu_quota_cores or float(len(cpus)))
+    defaults = Limits.from_dict(limits.get("defaults", {}), f"{name}.limits.defaults")
+    defaults.check_within(maxima, f"{name}.limits.defaults")
     return Profile(
         name=name,
         description=str(data.get("description", "")),
         seccomp=_seccomp_policy(data.get("seccomp", "default"), name),
         network=network,
         rootfs=rootfs,
-        defaults=Limits.from_dict(limits.get("defaults", {}), f"{name}.limits.defaults"),
-        maxima=Limits.from_dict(limits.get("maxima", {}), f"{name}.limits.maxima"),
+        defaults=defaults,
+        maxima=maxima,
     )

@@ -224,7 +224,9 @@ def _mkdir_mountpoint(path: str, writable: bool) -> None:
 
 
 def _tmpfs(op: Tmpfs, path: str) -> None:
-    data = f"size={op.size},mode={op.mode:o}"
+    # Owned by container root whoever mounts it: a reset remounts as init, which by then
+    # runs under an id of its own (see idmap.IdMapping.init_uid).
+    data = f"size={op.size},mode={op.mode:o},uid=0,gid=0"
     if op.inodes:
         data += f",nr_inodes={op.inodes}"
     sc.mount("tmpfs", path, "tmpfs", op.flags, data)

@@ -16,7 +16,7 @@ import os
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -368,9 +368,16 @@ def compile_profile(
     *,
     capabilities: frozenset[str] = frozenset(),
     kernel: tuple[int, int] | None = None,
+    own_process_only: bool = False,
 ) -> SeccompProgram:
-    """Resolve the profile for this host (or `kernel`) and `capabilities`; return its BPF."""
+    """Resolve the profile for this host (or `kernel`) and `capabilities`; return its BPF.
+
+    With `own_process_only`, whatever the profile says, the calls that change another
+    process's limits or scheduling fail with EPERM unless they name the caller itself (see
+    OWN_PROCESS_ONLY): for runs that share their id with the container's init."""
     try:
+        if own_process_only:
+            profile = _own_process_only(profile)
         return _compile(profile, capabilities, kernel or _running_kernel())
     except PolicyError as exc:
         raise PolicyError(f"seccomp profile {profile.name!r}: {exc}") from None
@@ -461,6 +468,78 @@ def _enosys_stub(native: int, newest: int) -> bytes:
         insn(_BPF_JGT_K, 0, 1, newest),
         insn(_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS),
     ))
+
+
+# Calls that act on another process's limits or scheduling: the forms of each that act on
+# the caller only (its own process or process group, never its user), and the forms that
+# do not, as alternatives of (argument index, operator, value) conditions. A process that
+# shares its uid and gid with init could otherwise lower init's rlimits, and every later run
+# would inherit them (the scheduling calls also need init's capabilities, which no run
+# holds, but are refused the same way). Whole 64-bit arguments are compared (a pid with any
+# high bit set is refused, although the kernel reads only the low 32), so that the two sets
+# never overlap: libseccomp's rules may not.
+_Forms = tuple[tuple[tuple[int, str, int], ...], ...]
+_PID_SELF: _Forms = (((0, "SCMP_CMP_EQ", 0),),)
+_PID_OTHER: _Forms = (((0, "SCMP_CMP_NE", 0),),)
+OWN_PROCESS_ONLY: dict[str, tuple[_Forms, _Forms]] = {
+    # pid 0, or only reading (new limit NULL)
+    "prlimit64": ((((0, "SCMP_CMP_EQ", 0),), ((2, "SCMP_CMP_EQ", 0),)),
+                  (((0, "SCMP_CMP_NE", 0), (2, "SCMP_CMP_NE", 0)),)),
+    # PRIO_PROCESS or PRIO_PGRP, who 0
+    "setpriority": ((((0, "SCMP_CMP_EQ", 0), (1, "SCMP_CMP_EQ", 0)),
+                     ((0, "SCMP_CMP_EQ", 1), (1, "SCMP_CMP_EQ", 0))),
+                    (((0, "SCMP_CMP_GT", 1),), ((1, "SCMP_CMP_NE", 0),))),
+    # IOPRIO_WHO_PROCESS or IOPRIO_WHO_PGRP, who 0
+    "ioprio_set": ((((0, "SCMP_CMP_EQ", 1), (1, "SCMP_CMP_EQ", 0)),
+                    ((0, "SCMP_CMP_EQ", 2), (1, "SCMP_CMP_EQ", 0))),
+                   (((0, "SCMP_CMP_LT", 1),), ((0, "SCMP_CMP_GT", 2),),
+                    ((1, "SCMP_CMP_NE", 0),))),
+    "sched_setscheduler": (_PID_SELF, _PID_OTHER),
+    "sched_setparam": (_PID_SELF, _PID_OTHER),
+    "sched_setattr": (_PID_SELF, _PID_OTHER),
+    "sched_setaffinity": (_PID_SELF, _PID_OTHER),
+    "migrate_pages": (_PID_SELF, _PID_OTHER),
+    "move_pages": (_PID_SELF, _PID_OTHER),
+}
+_ALLOWING = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
+
+
+def _forms(name: str, forms: _Forms, action: str, errno_ret: int | None,
+           like: SyscallRule | None = None) -> list[SyscallRule]:
+    return [SyscallRule(names=(name,), action=action, errno_ret=errno_ret,
+                        args=tuple(ArgCondition(i, v, 0, op) for i, op, v in form),
+                        includes=like.includes if like else RuleFilter(),
+                        excludes=like.excludes if like else RuleFilter(),
+                        comment="own process only")
+            for form in forms]
+
+
+def _own_process_only(profile: SeccompProfile) -> SeccompProfile:
+    """The profile with each call of OWN_PROCESS_ONLY it allows allowed in its own-process
+    forms only; the others fail with EPERM. Rewritten as rules for libseccomp, which keeps
+    them in its decision tree (a stub in front of the program cost every syscall number a
+    longer walk when the kernel builds its cache at load: ~25 us per exec here)."""
+    rules: list[SyscallRule] = []
+    named: set[str] = set()
+    for i, rule in enumerate(profile.syscalls):
+        mine = [n for n in rule.names if n in OWN_PROCESS_ONLY]
+        named.update(mine)
+        if not mine or rule.action not in _ALLOWING:
+            rules.append(rule)
+            continue
+        if rule.args:
+            raise PolicyError(f"syscalls[{i}] allows {mine[0]} under conditions of its own; "
+                              "runs that share init's id allow it only on their own process, "
+                              "so give it without args (or deny it)")
+        rest = tuple(n for n in rule.names if n not in OWN_PROCESS_ONLY)
+        if rest:
+            rules.append(replace(rule, names=rest))
+        for name in mine:
+            rules += _forms(name, OWN_PROCESS_ONLY[name][0], rule.action, rule.errno_ret, rule)
+    if profile.default_action in _ALLOWING:  # what no rule names is allowed: refuse the rest
+        for name in sorted(set(OWN_PROCESS_ONLY) - named):
+            rules += _forms(name, OWN_PROCESS_ONLY[name][1], "SCMP_ACT_ERRNO", errno.EPERM)
+    return replace(profile, syscalls=tuple(rules))
 
 
 def _cap_name(cap: str) -> str:

@@ -6,7 +6,8 @@ containers. For each one it forks a helper that joins the container's cgroup and
 user, mount, pid, ipc, uts, net (unless the profile's network is "host") and cgroup
 namespaces; the spawner writes the id map; the helper forks the container's init (pid 1 of
 the new pid namespace) and exits, so init is re-parented here (this process is a child
-subreaper) and dies with it (PDEATHSIG).
+subreaper) and dies with it (PDEATHSIG). Once its mounts are made, init moves to an id of
+its own where the map has more than one (idmap.IdMapping.init_uid).
 
 Run as `python -m sandbox.runtime.spawner FD`.
 """
@@ -23,7 +24,7 @@ import time
 from typing import Any
 
 from sandbox.errors import RuntimeSetupError
-from sandbox.runtime import idmap, init, protocol, rootfs
+from sandbox.runtime import _spawn, idmap, init, protocol, rootfs
 from sandbox.runtime import syscalls as sc
 
 NAMESPACES = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC
@@ -89,6 +90,14 @@ def _init_main(req: dict[str, Any], init_cgroup_fds: list[int], ctl: socket.sock
         if not req["host_network"]:
             sc.loopback_up()
         sc.set_process_name("sbx-init")
+        mapping = _mapping(req["mapping"])
+        if not mapping.shares_init_id:
+            # After the mounts, so that what setup made is container root's as before.
+            _spawn.become(uid=mapping.init_uid, gid=mapping.init_gid, set_groups=True)
+            # An identity change clears the parent-death signal: set again. Should the
+            # spawner die in between, with the host, the host's end of the control socket
+            # is closed and init exits on it; alone, the host still destroys this container.
+            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         # Nothing of the host stays open: only the control socket, and /dev/null (the
         # container's) on 0-2 so that received descriptors never land there.
         ctl_fd = ctl.fileno()
@@ -100,8 +109,8 @@ def _init_main(req: dict[str, Any], init_cgroup_fds: list[int], ctl: socket.sock
         sc.prctl(sc.PR_SET_DUMPABLE, 0)
         cfg = init.InitConfig(
             seccomp_bpf=bytes.fromhex(req["seccomp_bpf"]), last_cap=sc.cap_last_cap(),
-            set_groups=req["mapping"]["method"] != "single",
-            resettable=tuple(plan.resettable()))
+            set_groups=mapping.method != "single", resettable=tuple(plan.resettable()),
+            baseline=_spawn.snapshot())
         gc.disable()
         protocol.send(ctl, {"ev": "ready", "setup_ns": time.monotonic_ns() - started})
     except BaseException as e:
@@ -222,7 +231,11 @@ def main() -> None:
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
     spawner = Spawner(sock)
     signal.signal(signal.SIGCHLD, spawner.reap)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A signal meant for the service (Ctrl-C, or a service manager's SIGTERM to the whole
+    # group) must not end this process first: its containers would die with it, mid-run,
+    # and be left for pid 1 to reap. It ends when the host closes its socket, or dies.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
     spawner.serve()
 
 

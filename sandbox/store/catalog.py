@@ -21,8 +21,8 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponenti
 
 from sandbox import pids
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS images (
     digest TEXT PRIMARY KEY,            -- the platform manifest's digest
     media_type TEXT NOT NULL,
     config TEXT NOT NULL,               -- config digest (Docker's image id)
@@ -30,8 +30,8 @@ CREATE TABLE IF NOT EXISTS images (
     size INTEGER NOT NULL,              -- config + layer blobs, as the manifest says
     created REAL NOT NULL,
     last_used REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS image_layers (
+)""",
+    """CREATE TABLE IF NOT EXISTS image_layers (
     image TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE,
     position INTEGER NOT NULL,
     diff_id TEXT NOT NULL,
@@ -39,34 +39,45 @@ CREATE TABLE IF NOT EXISTS image_layers (
     media_type TEXT NOT NULL,
     size INTEGER NOT NULL,
     PRIMARY KEY (image, position)
-);
-CREATE INDEX IF NOT EXISTS image_layers_diff ON image_layers(diff_id);
-CREATE TABLE IF NOT EXISTS names (
-    name TEXT PRIMARY KEY,              -- normalised reference: repo:tag or repo@digest
+)""",
+    """CREATE INDEX IF NOT EXISTS image_layers_diff ON image_layers(diff_id)""",
+    """CREATE TABLE IF NOT EXISTS names (
+    tenant TEXT NOT NULL,               -- whose name it is ('' for the operator's public ones)
+    name TEXT NOT NULL,                 -- normalised reference: repo:tag or repo@digest
     repository TEXT NOT NULL,
     tag TEXT,                           -- NULL for a name by digest
     target TEXT NOT NULL,               -- what the registry served (may be an index)
     image TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE,
-    updated REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS names_image ON names(image);
-CREATE TABLE IF NOT EXISTS layers (
+    updated REAL NOT NULL,
+    PRIMARY KEY (tenant, name)
+)""",
+    """CREATE INDEX IF NOT EXISTS names_image ON names(image)""",
+    """CREATE TABLE IF NOT EXISTS layers (
     diff_id TEXT PRIMARY KEY,
     bytes INTEGER NOT NULL,             -- file bytes once unpacked
     entries INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS blob_sources (
+)""",
+    """CREATE TABLE IF NOT EXISTS blob_sources (
+    tenant TEXT NOT NULL,
     blob TEXT NOT NULL,
     repository TEXT NOT NULL,           -- domain/path it was pulled from or pushed to
-    PRIMARY KEY (blob, repository)
-);
-CREATE TABLE IF NOT EXISTS leases (
+    PRIMARY KEY (tenant, blob, repository)
+)""",
+    """-- Content a tenant has shown it holds: a blob it fetched (verified) or uploaded, a diff_id
+-- one of its blobs was verified to decompress to. Only these it may use from the store.
+CREATE TABLE IF NOT EXISTS holdings (
+    tenant TEXT NOT NULL,
+    digest TEXT NOT NULL,               -- a blob digest or a layer's diff_id
+    PRIMARY KEY (tenant, digest)
+)""",
+    """CREATE TABLE IF NOT EXISTS leases (
     holder TEXT PRIMARY KEY,
     image TEXT NOT NULL,
     pid INTEGER NOT NULL,
     created REAL NOT NULL
-);
-"""
+)""",
+)
+
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,7 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class NameRecord:
+    tenant: str
     name: str
     repository: str
     tag: str | None
@@ -112,6 +124,35 @@ def _use_wal(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA journal_mode=WAL")
 
 
+_VERSION = 1
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Version 0 had one namespace of names: they become the local tenant's (a service
+    with tokens never serves that tenant, so its old names are left to gc)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version >= _VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(names)")}
+        if columns and "tenant" not in columns:
+            db.execute("ALTER TABLE names RENAME TO names_v0")
+            db.execute("ALTER TABLE blob_sources RENAME TO blob_sources_v0")
+            db.execute("DROP INDEX IF EXISTS names_image")
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.execute("INSERT INTO names SELECT 'local', * FROM names_v0")
+            db.execute("INSERT INTO blob_sources SELECT 'local', * FROM blob_sources_v0")
+            db.execute("DROP TABLE names_v0")
+            db.execute("DROP TABLE blob_sources_v0")
+        db.execute(f"PRAGMA user_version={_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 class Catalog:
     """Safe to share between the event loop and worker threads (gc, imports): one lock
     serialises every statement and transaction on the connection."""
@@ -124,7 +165,9 @@ class Catalog:
         _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        _migrate(self._db)
+        for statement in _SCHEMA:
+            self._db.execute(statement)
 
     def close(self) -> None:
         with self._lock:
@@ -192,28 +235,61 @@ class Catalog:
         self.generation += 1
         self._write("DELETE FROM images WHERE digest=?", (digest,))
 
-    # names
+    # names: each tenant's own; PUBLIC ('') holds the operator's shared ones
 
-    def set_name(self, name: str, repository: str, tag: str | None, target: str,
+    def set_name(self, tenant: str, name: str, repository: str, tag: str | None, target: str,
                  image: str) -> None:
         self.generation += 1
-        self._write("INSERT OR REPLACE INTO names VALUES (?,?,?,?,?,?)",
-                    (name, repository, tag, target, image, time.time()))
+        self._write("INSERT OR REPLACE INTO names VALUES (?,?,?,?,?,?,?)",
+                    (tenant, name, repository, tag, target, image, time.time()))
 
-    def lookup(self, name: str) -> NameRecord | None:
-        rows = self._rows("SELECT * FROM names WHERE name=?", (name,))
+    def lookup(self, tenant: str, name: str) -> NameRecord | None:
+        rows = self._rows("SELECT * FROM names WHERE tenant=? AND name=?", (tenant, name))
         return NameRecord(*rows[0]) if rows else None
 
-    def names(self, image: str | None = None) -> list[NameRecord]:
-        if image is None:
-            rows = self._rows("SELECT * FROM names ORDER BY name")
-        else:
-            rows = self._rows("SELECT * FROM names WHERE image=? ORDER BY name", (image,))
-        return [NameRecord(*r) for r in rows]
+    def names(self, tenants: tuple[str, ...] | None = None,
+              image: str | None = None) -> list[NameRecord]:
+        """Names of `tenants` (None: every tenant's), of one image or of all."""
+        where, args = [], []
+        if tenants is not None:
+            where.append(f"tenant IN ({','.join('?' * len(tenants))})")
+            args += tenants
+        if image is not None:
+            where.append("image=?")
+            args.append(image)
+        sql = "SELECT * FROM names" + (" WHERE " + " AND ".join(where) if where else "")
+        return [NameRecord(*r) for r in self._rows(sql + " ORDER BY name", tuple(args))]
 
-    def remove_name(self, name: str) -> bool:
+    def remove_name(self, tenant: str, name: str) -> bool:
         self.generation += 1
-        return self._write("DELETE FROM names WHERE name=?", (name,)) > 0
+        return self._write("DELETE FROM names WHERE tenant=? AND name=?", (tenant, name)) > 0
+
+    def usage(self, tenant: str, plus: str | None = None) -> int:
+        """Bytes of content the tenant's names use (and image `plus`, if given): each
+        layer's blob and unpacked files, counted once however many images share it."""
+        rows = self._rows(
+            "SELECT COALESCE(SUM(x.size + COALESCE(l.bytes, 0)), 0) FROM (SELECT il.diff_id, "
+            "il.size FROM names n JOIN image_layers il ON il.image = n.image WHERE "
+            "n.tenant=? UNION SELECT diff_id, size FROM image_layers WHERE image=?) x "
+            "LEFT JOIN layers l ON l.diff_id = x.diff_id", (tenant, plus or ""))
+        return int(rows[0][0])
+
+    def diff_ids_of(self, tenant: str) -> set[str]:
+        """The layers the tenant's names use."""
+        return {r[0] for r in self._rows(
+            "SELECT DISTINCT il.diff_id FROM names n JOIN image_layers il ON il.image = "
+            "n.image WHERE n.tenant=?", (tenant,))}
+
+    # holdings: content a tenant has shown it holds (see sandbox/tenants.py)
+
+    def hold(self, tenant: str, *digests: str) -> None:
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO holdings VALUES (?,?)",
+                                 [(tenant, d) for d in digests])
+
+    def holds(self, tenant: str, digest: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM holdings WHERE tenant=? AND digest=?",
+                               (tenant, digest)))
 
     # layers and blobs
 
@@ -225,17 +301,23 @@ class Catalog:
         return int(rows[0][0]) if rows else 0
 
     def forget_layer(self, diff_id: str) -> None:
-        self._write("DELETE FROM layers WHERE diff_id=?", (diff_id,))
+        with self._tx() as db:
+            db.execute("DELETE FROM layers WHERE diff_id=?", (diff_id,))
+            db.execute("DELETE FROM holdings WHERE digest=?", (diff_id,))
 
-    def add_source(self, blob: str, repository: str) -> None:
-        self._write("INSERT OR IGNORE INTO blob_sources VALUES (?,?)", (blob, repository))
+    def add_source(self, tenant: str, blob: str, repository: str) -> None:
+        self._write("INSERT OR IGNORE INTO blob_sources VALUES (?,?,?)",
+                    (tenant, blob, repository))
 
-    def sources(self, blob: str) -> list[str]:
-        return [r[0] for r in self._rows("SELECT repository FROM blob_sources WHERE blob=?",
-                                         (blob,))]
+    def sources(self, tenant: str, blob: str) -> list[str]:
+        """Repositories the tenant pulled `blob` from or pushed it to (mount sources)."""
+        return [r[0] for r in self._rows("SELECT repository FROM blob_sources WHERE tenant=? "
+                                         "AND blob=?", (tenant, blob))]
 
     def forget_blob(self, blob: str) -> None:
-        self._write("DELETE FROM blob_sources WHERE blob=?", (blob,))
+        with self._tx() as db:
+            db.execute("DELETE FROM blob_sources WHERE blob=?", (blob,))
+            db.execute("DELETE FROM holdings WHERE digest=?", (blob,))
 
     # leases: an image in use by a live container is never collected
 

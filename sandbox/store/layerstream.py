@@ -273,3 +273,24 @@ def write_all(fd: int, data: bytes) -> None:
         view = memoryview(data)
         while n < len(data):
             n += os.write(fd, view[n:])
+
+
+def diff_id_of(path: str | os.PathLike[str], limit: int) -> str:
+    """The diff_id of a layer blob (sha256 of its decompressed bytes), without unpacking it:
+    how a blob is checked against a layer already in the store. Stops with a LayerError
+    past `limit` decompressed bytes."""
+    h = hashlib.sha256()
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        head = read_head(f)
+        decode = decoder(detect_compression(head), Prefixed(head, f))
+        try:
+            while data := decode(CHUNK):
+                total += len(data)
+                if total > limit:
+                    raise LayerError(f"the layer decompresses to more than {limit} bytes, "
+                                     "the unpack limit")
+                h.update(data)
+        except (zlib.error, zstandard.ZstdError) as e:
+            raise LayerError(f"the layer does not decompress ({e}): the blob is corrupt") from e
+    return "sha256:" + h.hexdigest()

@@ -17,8 +17,13 @@ a registry's bytes and the host filesystem, so every entry is treated as hostile
   mounts ignore them) and dangerous on the host. They, sockets and unknown entry types are
   listed in `UnpackReport.skipped`.
 - Ownership is mapped into the container's id range, or squashed to the unpacking user with
-  the original owner kept in the `user.rootlesscontainers` xattr (as umoci does). Setuid and
-  setgid bits are kept: containers run nosuid and with no_new_privs.
+  the original owner kept in the `user.rootlesscontainers` xattr (as umoci does).
+- Setuid and setgid bits of files and `security.capability` (file capabilities) are dropped,
+  once per layer in the report: on the host, a layer file is a file of the service's user
+  (or of its subordinate ids), and a setuid one would be a way into that user for anyone
+  who reaches it; in a container they grant nothing, as every run has no_new_privs (and
+  roots are mounted nosuid). A directory keeps its setgid bit (new files take its group:
+  no privilege) and its sticky bit.
 - Caps on entries, declared file bytes, path length and header sizes are checked before
   anything is written. On any error a LayerError is raised and `dest` is left partly filled:
   the caller removes it (directories in it may lack write permission for their owner).
@@ -64,6 +69,7 @@ _OPAQUE_XATTR = b"user.overlay.opaque"
 _WHITEOUT = b".wh."
 _OPAQUE_MARKER = b".wh..wh..opq"
 
+_SETID = stat.S_ISUID | stat.S_ISGID
 _O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _O_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -412,13 +418,15 @@ class _Unpacker:
                        dir_fd=pfd)
 
     def _attrs(self, fd: int, ti: tarfile.TarInfo) -> None:
-        # Owner, then xattrs (chown drops security.capability), then mode (chown and writes
-        # drop setuid bits), then mtime.
+        # Owner, then xattrs, then mode, then mtime.
         uid, gid, payload = self._ids(ti)
         if uid >= 0:
             os.fchown(fd, uid, gid)
         self._set_xattrs(fd, ti, self._xattrs(ti), payload)
-        os.fchmod(fd, ti.mode & 0o7777)
+        if ti.mode & _SETID:
+            self.notes.once("setid", f"{ti.name}: setuid/setgid bits dropped (useless under "
+                            "no_new_privs, a risk on the host; also on any later entry)")
+        os.fchmod(fd, ti.mode & 0o7777 & ~_SETID)
         self._utime(ti, fd)
 
     def _dir(self, pfd: int, pcanon: bytes, name: bytes, ti: tarfile.TarInfo) -> None:
@@ -809,7 +817,8 @@ class _Unpacker:
 
     def _xattrs(self, ti: tarfile.TarInfo) -> list[tuple[bytes, bytes]]:
         """The layer's xattrs that may be applied: user.* (but overlay metadata and, when
-        squashing, our ownership record) and security.capability; the rest is noted."""
+        squashing, our ownership record); the rest (security.capability among them) is
+        noted."""
         if not ti.pax_headers:
             return []
         out = []
@@ -817,10 +826,8 @@ class _Unpacker:
             if not key.startswith("SCHILY.xattr."):
                 continue
             name = key[len("SCHILY.xattr."):]
-            allowed = (name == "security.capability"
-                       or (name.startswith("user.") and not name.startswith("user.overlay.")
-                           and not (name == "user.rootlesscontainers"
-                                    and self.own.mode == "squash")))
+            allowed = (name.startswith("user.") and not name.startswith("user.overlay.")
+                       and not (name == "user.rootlesscontainers" and self.own.mode == "squash"))
             if allowed:
                 out.append((name.encode("utf-8", "surrogateescape"),
                             value.encode("utf-8", "surrogateescape")))

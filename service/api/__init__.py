@@ -10,7 +10,8 @@ import orjson
 from aiohttp import web
 
 from sandbox.engine import Engine
-from service.auth import Admission, Tokens
+from service.admission import Admission
+from service.auth import Tokens
 from service.config import ServiceConfig
 from service.errors import ApiError, bad_request, too_large
 from service.metrics import Metrics
@@ -44,8 +45,10 @@ def engine(request: web.Request) -> Engine:
         raise ApiError(503, "unavailable", "sandboxd is shutting down; retry after it restarts",
                        headers={"Retry-After": "5"})
     if st.engine is None:
-        why = f": {st.start_error}" if st.start_error else "; retry in a moment"
-        raise ApiError(503, "not_ready", f"sandboxd is still starting{why}",
+        if st.start_error:  # the cause is in the log, not for callers
+            raise ApiError(503, "not_ready", "sandboxd failed to start; its operator will "
+                           "find why in its log")
+        raise ApiError(503, "not_ready", "sandboxd is still starting; retry in a moment",
                        headers={"Retry-After": "1"})
     return st.engine
 
@@ -64,14 +67,24 @@ def parse_json(raw: bytes | str, schema: Obj) -> dict[str, Any]:
     return validate_json(value, schema)
 
 
+def is_json(request: web.Request) -> bool:
+    """application/json or a +json type, e.g. application/merge-patch+json."""
+    if "Content-Type" not in request.headers:  # aiohttp would say application/octet-stream
+        return False
+    kind, _, sub = request.content_type.partition("/")
+    return kind == "application" and (sub == "json" or sub.endswith("+json"))
+
+
 async def read_json(request: web.Request, schema: Obj) -> dict[str, Any]:
     """The body as JSON, checked against `schema` (size, type, fields)."""
-    ctype = request.content_type
-    # aiohttp reports a missing Content-Type as application/octet-stream.
-    if ctype not in ("application/json", "application/octet-stream") or (
-            ctype == "application/octet-stream" and "Content-Type" in request.headers):
-        raise ApiError(415, "unsupported_media_type",
-                       f"send the body as application/json, not {ctype}")
+    # A JSON body must say so: a browser sends a cross-site form or a text/plain body, or
+    # one without a Content-Type, with no preflight, so reading those as JSON would let
+    # any web page drive the service.
+    if not is_json(request):
+        given = (f"not {request.content_type}" if "Content-Type" in request.headers
+                 else "none was sent")
+        raise ApiError(415, "unsupported_media_type", "send the body as JSON with the "
+                       f"header Content-Type: application/json ({given})")
     cap = state(request).config.limits.json_body_bytes
     if request.content_length is not None and request.content_length > cap:
         raise too_large("the body", cap, "limits.json_body_bytes", request.content_length)

@@ -3,11 +3,14 @@ tokens, a session belongs to the token that made it: to any other it does not ex
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any
 
 from aiohttp import web
 
 from sandbox.engine import RunSpec
+from sandbox.errors import SandboxError
 from sandbox.runtime.container import OutputCallback, RunControl
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.results import RunResult
@@ -29,6 +32,7 @@ from service.schemas import (
     query_params,
 )
 
+log = logging.getLogger("sandboxd.service")
 ID = Param("id", "path", Str(max_len=64, description="the container's id"))
 PATH = Param("path", "query", Str(max_len=4096, min_len=1, absolute_path=True), required=True)
 MODE = Param("mode", "query", Str(max_len=6, description="octal permission bits, e.g. 0644"))
@@ -46,16 +50,17 @@ async def create(request: web.Request) -> web.Response:
     if "limits" in body:
         with blame("limits"):
             limits = Limits.from_dict(body["limits"], "limits")
+    tenant = principal(request).tenant
     with blame("image"):
-        await eng.image(body["image"])
-    session = await eng.create_session(body["image"], policy=body.get("policy"),
-                                       network=body.get("network"), limits=limits,
-                                       owner=_owner(request))
+        await eng.image(body["image"], tenant=tenant)
+    session = await eng.create_session(body["image"], tenant=tenant, policy=body.get("policy"),
+                                       network=body.get("network"), limits=limits)
     return json_response(session.describe(), status=201)
 
 
 def _owner(request: web.Request) -> str:
-    return principal(request).tenant
+    """The tenant id sessions are kept under."""
+    return principal(request).tenant.id
 
 
 async def list_(request: web.Request) -> web.Response:
@@ -130,15 +135,42 @@ async def put_file(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def get_file(request: web.Request) -> web.Response:
+async def get_file(request: web.Request) -> web.StreamResponse:
+    """Streams the file or tar as init's descriptors are read, at the pace the client takes
+    it. Once the body has begun an error cannot become a status: the connection is closed
+    before the end of the body (short of its length, or of the last chunk), so no client
+    mistakes a cut-short copy for a whole one, and the cause is logged."""
     eng = engine(request)
     query = query_params(request, (PATH,))
     path = check_path(query["path"], "path")
-    eng.session(request.match_info["id"], _owner(request))
-    with blame("path"):
-        fetched = await eng.get_path(request.match_info["id"], path, owner=_owner(request))
-    ctype = "application/x-tar" if fetched.kind == "dir" else "application/octet-stream"
-    return web.Response(body=fetched.data, content_type=ctype)
+    sid = request.match_info["id"]
+    opened = eng.get_path(sid, path, owner=_owner(request))  # 404 for the container
+    async with contextlib.AsyncExitStack() as stack:
+        with blame("path"):
+            got = await stack.enter_async_context(opened)
+        ctype = "application/x-tar" if got.kind == "dir" else "application/octet-stream"
+        resp = web.StreamResponse(headers={"Content-Type": ctype})
+        resp.content_length = got.size
+        await resp.prepare(request)
+        try:
+            async for chunk in got.chunks:
+                await resp.write(chunk)
+        except ConnectionError:
+            return resp  # the client went away
+        except (SandboxError, OSError) as e:  # a cap, a changed file, an I/O error
+            log.warning("copy out of %s from container %s cut short: %s", path, sid, e)
+            _cut(request)
+            return resp
+        except BaseException:
+            _cut(request)
+            raise
+        await resp.write_eof()
+    return resp
+
+
+def _cut(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()
 
 
 _TAGS = ("containers",)

@@ -57,7 +57,9 @@ def _progress(p: PullProgress) -> dict[str, Any]:
 async def pull(request: web.Request) -> web.StreamResponse:
     eng = engine(request)
     body = await read_json(request, PULL_BODY)
-    principal(request).allow_image(body["reference"], "reference")
+    who = principal(request)
+    who.allow_image(body["reference"], "reference")
+    tenant = who.tenant
     platform = None
     if "platform" in body:
         with blame("platform"):
@@ -66,14 +68,14 @@ async def pull(request: web.Request) -> web.StreamResponse:
     if stream_kind(request) != NDJSON:
         watcher = PullWatcher(metrics)
         with blame("reference"):
-            image = await eng.images.pull(body["reference"], platform=platform,
+            image = await eng.images.pull(body["reference"], tenant=tenant, platform=platform,
                                           on_progress=watcher)
         watcher.finish()
         return json_response(image_json(image))
     stream = EventStream(request, NDJSON)
     watcher = PullWatcher(metrics, lambda p: pump.put("progress", _progress(p)))
     task: asyncio.Task[Image] = asyncio.ensure_future(eng.images.pull(
-        body["reference"], platform=platform, on_progress=watcher))
+        body["reference"], tenant=tenant, platform=platform, on_progress=watcher))
     pump = Pump(stream.send, task.cancel)
     try:
         with blame("reference"):
@@ -97,22 +99,24 @@ async def pull(request: web.Request) -> web.StreamResponse:
 
 
 async def list_(request: web.Request) -> web.Response:
-    images = engine(request).images.list()
+    images = engine(request).images.list(tenant=principal(request).tenant)
     return json_response({"images": [dataclasses.asdict(i) for i in images]})
 
 
 async def inspect(request: web.Request) -> web.Response:
     eng = engine(request)
     with blame("ref"):
-        return json_response(eng.images.inspect(request.match_info["ref"]))
+        return json_response(eng.images.inspect(request.match_info["ref"],
+                                                tenant=principal(request).tenant))
 
 
 async def remove(request: web.Request) -> web.Response:
     eng = engine(request)
     query = query_params(request, (FORCE,))
     with blame("ref"):
-        removed = eng.images.remove(request.match_info["ref"],
-                                    force=query.get("force") == "true")
+        removed = await eng.remove_image(request.match_info["ref"],
+                                         tenant=principal(request).tenant,
+                                         force=query.get("force") == "true")
     return json_response({"removed": removed})
 
 
@@ -120,7 +124,7 @@ async def tag(request: web.Request) -> web.Response:
     eng = engine(request)
     body = await read_json(request, TAG_BODY)
     try:
-        name = eng.images.tag(body["source"], body["target"])
+        name = eng.images.tag(body["source"], body["target"], tenant=principal(request).tenant)
     except SandboxError as e:
         field = "target" if "target" in str(e) else "source"
         raise from_sandbox(e, field) from e
@@ -131,9 +135,10 @@ async def push(request: web.Request) -> web.Response:
     eng = engine(request)
     body = await read_json(request, PUSH_BODY)
     target = body.get("target", body["source"])
-    principal(request).allow_image(target, "target" if "target" in body else "source")
+    who = principal(request)
+    who.allow_image(target, "target" if "target" in body else "source")
     with blame("target" if "target" in body else "source"):
-        digest = await eng.images.push(body["source"], body.get("target"))
+        digest = await eng.images.push(body["source"], body.get("target"), tenant=who.tenant)
     return json_response({"digest": digest})
 
 
@@ -156,7 +161,8 @@ async def import_(request: web.Request) -> web.Response:
                               "or zstd)")
         f.seek(0)
         try:
-            image = await eng.images.import_tar(f, query["reference"])
+            image = await eng.images.import_tar(f, query["reference"],
+                                                tenant=principal(request).tenant)
         except LayerError as e:  # the caller's own tar, not a registry's
             raise ApiError(400, "invalid_tar", f"the tar cannot be imported: {e}") from e
         except SandboxError as e:
@@ -167,7 +173,8 @@ async def import_(request: web.Request) -> web.Response:
 async def gc(request: web.Request) -> web.Response:
     eng = engine(request)
     body = await read_json(request, GC_BODY)
-    report = await asyncio.to_thread(eng.images.gc, body.get("budget_bytes", 0))
+    report = await asyncio.to_thread(eng.images.gc, body.get("budget_bytes", 0),
+                                     tenant=principal(request).tenant)
     return json_response(dataclasses.asdict(report))
 
 

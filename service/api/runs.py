@@ -107,7 +107,8 @@ class Job:
 def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
     st = state(request)
     eng = engine(request)
-    principal(request).allow_image(body["image"], "image")
+    who = principal(request)
+    who.allow_image(body["image"], "image")
     if "policy" in body:
         with blame("policy"):
             eng.runtime.profile(body["policy"])
@@ -117,10 +118,10 @@ def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
                     control: RunControl | None) -> RunResult:
         watcher = PullWatcher(st.metrics)
         with blame("image"):
-            image = await eng.image(body["image"], on_progress=watcher)
+            image = await eng.image(body["image"], tenant=who.tenant, on_progress=watcher)
         watcher.finish()
         job.image = image.digest
-        outcome = await eng.run(image.digest, spec, policy=body.get("policy"),
+        outcome = await eng.run(image.digest, spec, tenant=who.tenant, policy=body.get("policy"),
                                 network=body.get("network"), on_output=on_output,
                                 control=control)
         job.pool_hit = outcome.pool_hit
@@ -159,10 +160,9 @@ async def execute(request: web.Request, job: Job) -> web.StreamResponse:
     stream = EventStream(request, kind)
     enc = OutputEncoder(job.encoding)
     async with st.admission.slot(principal(request)):
+        pump = Pump(stream.send, lambda: task.cancel())
         task: asyncio.Task[RunResult] = asyncio.ensure_future(
-            job.start(job, job.spec, lambda name, data: pump.put(name, {
-                "data": enc.chunk(name, data)}), None))
-        pump = Pump(stream.send, task.cancel)
+            job.start(job, job.spec, pump.output(enc), None))
         try:
             result = await task
         except asyncio.CancelledError:
@@ -192,6 +192,26 @@ async def post_run(request: web.Request) -> web.StreamResponse:
 
 # WebSocket ------------------------------------------------------------------------------
 
+class _Flow(asyncio.Protocol):
+    """asyncio's write flow control of the stdin pipe: `full` is a future while the
+    transport holds more than its high-water mark, resolved when it is below the low one
+    (or the pipe is gone)."""
+
+    def __init__(self) -> None:
+        self.full: asyncio.Future[None] | None = None
+
+    def pause_writing(self) -> None:
+        self.full = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.full is not None:
+            self.full.set_result(None)
+            self.full = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.resume_writing()
+
+
 class _Stdin:
     """The write end of a run's stdin pipe, fed from the event loop."""
 
@@ -199,10 +219,17 @@ class _Stdin:
         self.read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         self._file = os.fdopen(write_fd, "wb", buffering=0)
         self._transport: asyncio.WriteTransport | None = None
+        self._flow = _Flow()
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.connect_write_pipe(asyncio.Protocol, self._file)
+        self._transport, _ = await loop.connect_write_pipe(lambda: self._flow, self._file)
+
+    @property
+    def full(self) -> asyncio.Future[None] | None:
+        """While set, the run is not taking its stdin: the WebSocket is not read, so a
+        client cannot pile stdin up in the service (TCP holds it back on its side)."""
+        return self._flow.full
 
     def write(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing() and data:
@@ -264,10 +291,9 @@ async def _interactive(request: web.Request, ws: web.WebSocketResponse,
 
         control = RunControl()
         async with st.admission.slot(principal(request)):
-            task: asyncio.Task[RunResult] = asyncio.ensure_future(job.start(
-                job, spec, lambda name, data: pump.put(name, {"data": enc.chunk(name, data)}),
-                control))
-            pump = Pump(send, task.cancel)
+            pump = Pump(send, lambda: task.cancel())
+            task: asyncio.Task[RunResult] = asyncio.ensure_future(
+                job.start(job, spec, pump.output(enc), control))
             await _feed(ws, task, stdin, control)
             try:
                 result = await task
@@ -291,6 +317,9 @@ async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunResult], stdin:
     receive: asyncio.Task[Any] | None = None
     try:
         while not task.done():
+            if (full := stdin.full) is not None:
+                await asyncio.wait({task, full}, return_when=asyncio.FIRST_COMPLETED)
+                continue
             receive = asyncio.ensure_future(ws.receive())
             await asyncio.wait({task, receive}, return_when=asyncio.FIRST_COMPLETED)
             if not receive.done():

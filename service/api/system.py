@@ -10,10 +10,9 @@ from service.schemas import ERROR, HEALTH, INFO, Any_, Reply, Route
 
 
 async def info(request: web.Request) -> web.Response:
-    eng = engine(request)
-    # The caller's sessions only: with tokens, others' are not theirs to learn of.
-    return json_response({"version": VERSION, **eng.info(),
-                          "sessions": len(eng.list_sessions(principal(request).tenant))})
+    # The caller's own pools and sessions: other tenants' are not theirs to learn of.
+    return json_response({"version": VERSION,
+                          **engine(request).info(principal(request).tenant)})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -25,8 +24,9 @@ async def readyz(request: web.Request) -> web.Response:
     if st.stopping:
         return json_response({"status": "stopping"}, status=503)
     if st.engine is None:
-        return json_response({"status": "failed" if st.start_error else "starting",
-                              **({"error": st.start_error} if st.start_error else {})},
+        # The state only: why the engine failed is in the log, for the operator; to anyone
+        # else it would tell internal paths and host details.
+        return json_response({"status": "failed" if st.start_error else "starting"},
                              status=503)
     return json_response({"status": "ready"})
 

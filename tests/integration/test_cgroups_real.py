@@ -329,3 +329,28 @@ def test_v2_as_far_as_it_goes(v2: V2Driver, start: Callable[..., subprocess.Pope
     assert not os.path.exists(f"{v2.base}/c-v2")
     v2.close()
     assert not os.path.exists(v2.base)
+
+
+def test_a_late_kill_does_not_reach_the_next_use(v1: V1Driver,
+                                                 start: Callable[..., subprocess.Popen[bytes]]
+                                                 ) -> None:
+    cg = v1.create("c-lease")
+    run = cg.child("r-1")
+    first = run.lease()
+    p1 = start("import time; time.sleep(120)")
+    run.add_pid(p1.pid)
+    go(p1)
+    assert first.kill()
+    assert p1.wait() == -signal.SIGKILL
+    # Recycled for the next run, which is in it now: the first run's kill, come late,
+    # leaves it alone; the next run's own lease reaches it.
+    assert run.recycle(CgroupLimits(memory_bytes=64 << 20, pids=16))
+    second = run.lease()
+    p2 = start("import time; time.sleep(120)")
+    run.add_pid(p2.pid)
+    go(p2)
+    assert not first.kill()
+    assert run.pids() == [p2.pid] and p2.poll() is None
+    assert second.kill()
+    assert p2.wait() == -signal.SIGKILL
+    cg.destroy()

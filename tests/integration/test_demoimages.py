@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sandbox.demoimages import python_rootfs, write_tar
 from sandbox.images import ImageService
+from sandbox.tenants import LOCAL
 from tests.conftest import Session
 from tests.integration.test_images import make_service
 
@@ -17,7 +18,7 @@ def test_python_image_from_debian_packages_runs_python(session: Session,
     tar = write_tar(root, tmp_path / "python.tar.gz")
     svc: ImageService = make_service(tmp_path / "state")
     try:
-        image = session.run(svc.import_tar(tar, "demo/python:3.11",
+        image = session.run(svc.import_tar(tar, "demo/python:3.11", tenant=LOCAL,
                                            cmd=["python3"], env={"PATH": "/usr/bin:/bin"}))
     finally:
         session.run(svc.close())

@@ -20,8 +20,10 @@ from sandbox.errors import CapacityError, NotFound, PolicyError
 from sandbox.pool import PoolConfig
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.results import Status
+from sandbox.tenants import Tenant
 
 REPO = Path(__file__).resolve().parents[2]
+T = Tenant("test")
 
 
 class Running:
@@ -58,13 +60,13 @@ def sh(script: str, **kw: Any) -> RunSpec:
 
 
 def test_the_first_run_pulls_then_runs_hit_the_pool(eng: Running, images: Any) -> None:
-    first = eng.run(eng.engine.run(images.oci, sh("echo one"), policy="judge"))
+    first = eng.run(eng.engine.run(images.oci, sh("echo one"), policy="judge", tenant=T))
     assert first.result.stdout == b"one\n" and first.result.status == Status.OK
     assert not first.pool_hit
     eng.settle()
     hits = []
     for i in range(5):
-        out = eng.run(eng.engine.run(images.oci, sh(f"echo {i}"), policy="judge"))
+        out = eng.run(eng.engine.run(images.oci, sh(f"echo {i}"), policy="judge", tenant=T))
         assert out.result.stdout == f"{i}\n".encode()
         hits.append(out.pool_hit)
         eng.settle()
@@ -75,10 +77,10 @@ def test_the_first_run_pulls_then_runs_hit_the_pool(eng: Running, images: Any) -
 
 def test_a_reused_container_carries_nothing_over(eng: Running, images: Any) -> None:
     eng.run(eng.engine.run(images.oci, sh("echo secret > /tmp/left; (sleep 1000 &) ; "
-                                           "export LEAK=1"), policy="judge"))
+                                           "export LEAK=1"), policy="judge", tenant=T))
     eng.settle()
     out = eng.run(eng.engine.run(images.oci, sh(
-        "ls -A /tmp; ps -o pid= | wc -l; echo LEAK=$LEAK"), policy="judge"))
+        "ls -A /tmp; ps -o pid= | wc -l; echo LEAK=$LEAK"), policy="judge", tenant=T))
     assert out.pool_hit
     lines = out.result.stdout.decode().split()
     assert "left" not in lines
@@ -89,10 +91,10 @@ def test_a_reused_container_carries_nothing_over(eng: Running, images: Any) -> N
 
 def test_a_writable_root_container_is_never_reused(eng: Running, images: Any) -> None:
     a = eng.run(eng.engine.run(images.oci, sh("echo x > /mark; cat /proc/1/stat | "
-                                              "cut -d' ' -f22"), policy="default"))
+                                              "cut -d' ' -f22"), policy="default", tenant=T))
     eng.settle()
     b = eng.run(eng.engine.run(images.oci, sh("cat /mark 2>&1; cat /proc/1/stat | "
-                                              "cut -d' ' -f22"), policy="default"))
+                                              "cut -d' ' -f22"), policy="default", tenant=T))
     assert b.result.stdout != a.result.stdout  # another init, started at another time
     assert b"No such file" in b.result.stdout
 
@@ -100,24 +102,24 @@ def test_a_writable_root_container_is_never_reused(eng: Running, images: Any) ->
 def test_files_and_image_defaults(eng: Running, images: Any) -> None:
     out = eng.run(eng.engine.run(images.oci, RunSpec(
         cmd=["cat", "/tmp/in.txt"], files=(FileSpec("/tmp/in.txt", b"given\n"),)),
-        policy="judge"))
+        policy="judge", tenant=T))
     assert out.result.stdout == b"given\n", out.result
 
 
 def test_limits_above_the_policy_maxima_are_refused(eng: Running, images: Any) -> None:
     with pytest.raises(PolicyError, match="cpu_ms"):
         eng.run(eng.engine.run(images.oci, sh("true", limits=Limits(cpu_ms=10**9)),
-                               policy="judge"))
+                               policy="judge", tenant=T))
     with pytest.raises(PolicyError, match="network"):
-        eng.run(eng.engine.run(images.oci, sh("true"), network="host"))
+        eng.run(eng.engine.run(images.oci, sh("true"), network="host", tenant=T))
     with pytest.raises(PolicyError):
-        eng.run(eng.engine.run(images.oci, sh("true"), policy="no-such-policy"))
+        eng.run(eng.engine.run(images.oci, sh("true"), policy="no-such-policy", tenant=T))
 
 
 def test_sessions_exec_many_times_and_expire(tmp_path: Path, images: Any) -> None:
     r = Running(tmp_path / "s", session_idle_s=1.0)
     try:
-        s = r.run(r.engine.create_session(images.oci, policy="default"))
+        s = r.run(r.engine.create_session(images.oci, policy="default", tenant=T))
         r.run(r.engine.exec(s.id, sh("echo kept > /tmp/f")))
         out = r.run(r.engine.exec(s.id, sh("cat /tmp/f")))
         assert out.stdout == b"kept\n"
@@ -131,27 +133,29 @@ def test_sessions_exec_many_times_and_expire(tmp_path: Path, images: Any) -> Non
 
 
 def test_a_session_keeps_its_image_from_gc(eng: Running, images: Any) -> None:
-    s = eng.run(eng.engine.create_session(images.shared_a, policy="judge"))
-    eng.engine.images.remove(images.shared_a, force=True)
-    eng.engine.images.gc(budget_bytes=0)
+    s = eng.run(eng.engine.create_session(images.shared_a, policy="judge", tenant=T))
+    eng.engine.images.remove(images.shared_a, force=True, tenant=T)
+    eng.engine.images.gc(budget_bytes=0, tenant=T)
     out = eng.run(eng.engine.exec(s.id, sh("echo alive")))
     assert out.stdout == b"alive\n"
     eng.run(eng.engine.delete_session(s.id))
 
 
 def test_session_files_in_and_out(eng: Running, images: Any) -> None:
-    s = eng.run(eng.engine.create_session(images.oci, policy="judge"))
+    s = eng.run(eng.engine.create_session(images.oci, policy="judge", tenant=T))
     eng.run(eng.engine.put_file(s.id, "/tmp/job/input.txt", b"3 4\n"))
     out = eng.run(eng.engine.exec(s.id, sh("read a b < /tmp/job/input.txt; "
                                            "echo $((a*b)) > /tmp/job/out.txt")))
     assert out.status == Status.OK, out
-    got = eng.run(eng.engine.get_path(s.id, "/tmp/job/out.txt"))
-    assert (got.kind, got.data) == ("file", b"12\n")
-    tree = eng.run(eng.engine.get_path(s.id, "/tmp/job"))
-    assert tree.kind == "dir"
+
+    async def read(path: str) -> tuple[str, bytes]:
+        async with eng.engine.get_path(s.id, path) as got:
+            return got.kind, await got.read()
+    assert eng.run(read("/tmp/job/out.txt")) == ("file", b"12\n")
+    assert eng.run(read("/tmp/job"))[0] == "dir"
     eng.run(eng.engine.delete_session(s.id))
     with pytest.raises(NotFound):
-        eng.run(eng.engine.get_path(s.id, "/tmp/job/out.txt"))
+        eng.engine.get_path(s.id, "/tmp/job/out.txt")
 
 
 def _cgroup_dirs(cid: str) -> list[Path]:
@@ -166,9 +170,10 @@ def test_an_instance_killed_with_sigkill_is_cleaned_up_by_the_next(tmp_path: Pat
         from pathlib import Path
         sys.path.insert(0, {str(REPO)!r})
         from sandbox.engine import Engine, EngineConfig
+        from sandbox.tenants import LOCAL
         async def main():
             e = await Engine.start(EngineConfig(state_dir=Path({str(state)!r})))
-            s = await e.create_session({images.oci!r}, policy="judge")
+            s = await e.create_session({images.oci!r}, policy="judge", tenant=LOCAL)
             print(s.container.id, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         asyncio.run(main())
@@ -195,12 +200,12 @@ def test_an_instance_killed_with_sigkill_is_cleaned_up_by_the_next(tmp_path: Pat
 def test_the_container_cap_refuses_with_a_capacity_error(tmp_path: Path, images: Any) -> None:
     r = Running(tmp_path / "cap", pools=PoolConfig(min_idle=0, max_idle=0, max_live=1))
     try:
-        s = r.run(r.engine.create_session(images.oci, policy="judge"))
+        s = r.run(r.engine.create_session(images.oci, policy="judge", tenant=T))
         with pytest.raises(CapacityError, match="max_live"):
-            r.run(r.engine.run(images.oci, sh("true"), policy="judge"))
+            r.run(r.engine.run(images.oci, sh("true"), policy="judge", tenant=T))
         r.run(r.engine.delete_session(s.id))
-        assert r.run(r.engine.run(images.oci, sh("echo ok"), policy="judge")).result.stdout \
-            == b"ok\n"
+        out = r.run(r.engine.run(images.oci, sh("echo ok"), policy="judge", tenant=T))
+        assert out.result.stdout == b"ok\n"
     finally:
         r.close()
 
@@ -210,11 +215,11 @@ def test_sequential_runs_on_a_warm_pool_start_no_container(tmp_path: Path,
     """A reused container on its way back counts as warm: no start-and-destroy per run."""
     r = Running(tmp_path / "churn", pools=PoolConfig(min_idle=3, max_idle=3))
     try:
-        r.run(r.engine.run(images.oci, sh("true"), policy="judge"))
+        r.run(r.engine.run(images.oci, sh("true"), policy="judge", tenant=T))
         r.settle()
         (before,) = r.engine.pools.stats()
         for _ in range(10):
-            assert r.run(r.engine.run(images.oci, sh("true"), policy="judge")).pool_hit
+            assert r.run(r.engine.run(images.oci, sh("true"), policy="judge", tenant=T)).pool_hit
             r.settle()
         (after,) = r.engine.pools.stats()
         assert after["created"] == before["created"] == 3
@@ -229,13 +234,14 @@ def test_a_container_is_warm_again_as_its_run_ends(tmp_path: Path, images: Any) 
     none sees what the one before it left."""
     r = Running(tmp_path / "again", pools=PoolConfig(min_idle=1, max_idle=1))
     try:
-        r.run(r.engine.run(images.oci, sh("true"), policy="judge"))
+        r.run(r.engine.run(images.oci, sh("true"), policy="judge", tenant=T))
         r.settle()
         (before,) = r.engine.pools.stats()
 
         async def back_to_back() -> list[Any]:
             return [await r.engine.run(images.oci, sh(
-                f"ls /tmp; echo {i} > /tmp/left-{i}; sleep 100 & echo ok"), policy="judge")
+                f"ls /tmp; echo {i} > /tmp/left-{i}; sleep 100 & echo ok"), policy="judge",
+                tenant=T)
                 for i in range(4)]
 
         outs = r.run(back_to_back())
@@ -254,6 +260,6 @@ def test_a_request_cannot_believe_it_got_another_network_than_its_policy(
                                                             network="host"))
     with pytest.raises(PolicyError, match="runs with network 'host', not 'none'"):
         eng.run(eng.engine.run(images.oci, sh("true"), policy="hostnet",
-                               network="none"))
+                               network="none", tenant=T))
     assert eng.run(eng.engine.run(images.oci, sh("echo ok"), policy="judge",
-                                  network="none")).result.stdout == b"ok\n"
+                                  network="none", tenant=T)).result.stdout == b"ok\n"

@@ -1,27 +1,38 @@
 """Copying files into and out of real containers, with hostile symlinks and special files
-planted by code running inside them."""
+planted by code running inside them, and directories swapped while they are copied out."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import tarfile
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sandbox.errors import NotFound, PolicyError
 from sandbox.runtime import files
-from sandbox.runtime.container import Container
+from sandbox.runtime.container import Container, ExecRequest
 from sandbox.runtime.files import get_path, put_file
+from sandbox.runtime.profiles import Limits
 from tests.conftest import Session
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
 
 
 def sh(session: Session, c: Container, script: str, **kw: object) -> str:
     r = session.exec(c, ["/bin/sh", "-c", script], **kw)  # type: ignore[arg-type]
     assert r.exit_code == 0, (script, r.stderr)
     return r.stdout.decode()
+
+
+def fetch(session: Session, container: Container, path: str,
+          **kw: Any) -> tuple[str, bytes, int]:
+    """(kind, bytes, mode) of a copy out, its stream read whole."""
+    async def go() -> tuple[str, bytes, int]:
+        async with get_path(container, path, **kw) as got:
+            return got.kind, await got.read(), got.mode
+    return session.run(go())
 
 
 def test_put_is_read_back_inside_owned_by_the_run_user(session: Session,
@@ -37,8 +48,7 @@ def test_put_is_read_back_inside_owned_by_the_run_user(session: Session,
     session.run(put_file(container, "/tmp/new/sub/hello.txt", b"x", 0o600))
     assert sh(session, container, "cat /tmp/new/sub/hello.txt; stat -c %a "
               "/tmp/new/sub/hello.txt") == "x600\n"
-    got = session.run(get_path(container, "/tmp/new/sub/hello.txt"))
-    assert (got.kind, got.data, got.mode) == ("file", b"x", 0o600)
+    assert fetch(session, container, "/tmp/new/sub/hello.txt") == ("file", b"x", 0o600)
 
 
 def test_read_only_root_takes_files_only_in_its_tmpfs(session: Session,
@@ -51,65 +61,72 @@ def test_read_only_root_takes_files_only_in_its_tmpfs(session: Session,
         session.run(put_file(judge_container, "/newdir/x", b"no"))
 
 
-def test_symlinks_out_of_the_root_resolve_inside_it(session: Session,
-                                                    container: Container) -> None:
-    host_passwd = Path("/etc/passwd").read_bytes()
-    mine = b"root:x:0:0:container-only-marker:/root:/bin/sh\n"
-    session.run(put_file(container, "/etc/passwd", mine, uid=0, gid=0))
-    session.run(put_file(container, "/etc/shadow", b"container-shadow\n", uid=0, gid=0))
-    sh(session, container, "ln -s /etc/passwd /tmp/pw && mkdir -p /tmp/a/b/c/d && "
-       "ln -s ../../../../../../../../etc/shadow /tmp/a/b/c/d/sh && "
-       "ln -s /tmp/a/b/c/d/sh /tmp/chain")
-    # The link itself is refused (bytes cannot carry it); its parent's links resolve inside.
-    for link in ("/tmp/pw", "/tmp/a/b/c/d/sh", "/tmp/chain"):
-        with pytest.raises(PolicyError, match="symbolic link"):
-            session.run(get_path(container, link))
-    sh(session, container, "ln -s /etc /tmp/etc && ln -s ../../../../../../../etc /tmp/a/up")
-    assert session.run(get_path(container, "/tmp/etc/passwd")).data == mine != host_passwd
-    assert session.run(get_path(container, "/tmp/a/up/shadow")).data == b"container-shadow\n"
+def _busybox(session: Session, c: Container) -> str:
+    return sh(session, c, "stat -c '%u %g %a %s' /bin/busybox; md5sum /bin/busybox")
 
 
-def test_a_parent_symlinked_to_root_stays_in_the_container(
-        session: Session, container: Container, tmp_path: Path) -> None:
-    sh(session, container, f"ln -s / /tmp/up && ln -s {tmp_path}/victim /tmp/hostlink")
-    session.run(put_file(container, "/tmp/up/etc/planted", b"inside"))
-    assert sh(session, container, "cat /etc/planted") == "inside"
-    assert not Path("/etc/planted").exists()
-    # A symlink to a host path: written at that path inside the container (docker cp
-    # follows a final symlink within the container's root), the host's file untouched.
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"host")
-    session.run(put_file(container, f"{tmp_path}/keep", b""))  # the parents, inside
-    session.run(put_file(container, "/tmp/hostlink", b"written"))
-    assert sh(session, container, f"cat {tmp_path}/victim") == "written"
-    assert victim.read_bytes() == b"host"
+def test_a_planted_file_symlink_is_refused_not_written_through(session: Session,
+                                                               container: Container) -> None:
+    # Issue #10: the copy overwrote /bin/busybox and gave it to the run user.
+    before = _busybox(session, container)
+    sh(session, container, "ln -s /bin/busybox /tmp/in.txt")
+    with pytest.raises(PolicyError, match=r"^/tmp/in.txt is a symbolic link \(-> "
+                       r"'/bin/busybox'\).*give the real path"):
+        session.run(put_file(container, "/tmp/in.txt", b"\xcc" * 64))
+    assert _busybox(session, container) == before
+    # A dangling one is not created through either.
+    sh(session, container, "ln -s /etc/created /tmp/dangling")
+    with pytest.raises(PolicyError, match="is a symbolic link"):
+        session.run(put_file(container, "/tmp/dangling", b"x"))
+    assert sh(session, container, "ls /etc/created 2>&1 || true").endswith(
+        "No such file or directory\n")
+
+
+def test_a_planted_directory_symlink_is_refused_for_parents(session: Session,
+                                                            container: Container) -> None:
+    sh(session, container, "ln -s /etc /tmp/d && ln -s / /tmp/up && mkdir /tmp/real")
+    # A missing parent below a link: nothing is made through it.
+    with pytest.raises(PolicyError, match=r"^/tmp/d/new/x.txt passes through the symbolic "
+                       r"link /tmp/d \(-> '/etc'\).*give the real path"):
+        session.run(put_file(container, "/tmp/d/new/x.txt", b"x"))
+    with pytest.raises(PolicyError, match="passes through the symbolic link /tmp/up"):
+        session.run(put_file(container, "/tmp/up/etc/planted", b"x"))
+    assert sh(session, container, "[ ! -e /etc/new ] && [ ! -e /etc/planted ] && echo no"
+              ) == "no\n"
+    # Swapped in for a parent made a moment ago: the next put refuses it.
+    session.run(put_file(container, "/tmp/real/a/b.txt", b"b"))
+    sh(session, container, "rm -r /tmp/real/a && ln -s /etc /tmp/real/a")
+    with pytest.raises(PolicyError, match="passes through the symbolic link /tmp/real/a"):
+        session.run(put_file(container, "/tmp/real/a/passwd", b"x"))
+    # Copies out refuse links on the way just the same.
+    with pytest.raises(PolicyError, match="passes through the symbolic link /tmp/d"):
+        fetch(session, container, "/tmp/d/passwd")
+    assert fetch(session, container, "/etc/passwd")[1].startswith(b"root:")
+
+
+def test_a_file_with_other_hard_links_is_not_written(session: Session,
+                                                     container: Container) -> None:
+    sh(session, container, "echo mine > /tmp/orig && ln /tmp/orig /tmp/alias")
+    with pytest.raises(PolicyError, match="/tmp/alias has 2 hard links"):
+        session.run(put_file(container, "/tmp/alias", b"x"))
+    assert sh(session, container, "cat /tmp/orig") == "mine\n"
 
 
 def test_kernel_interfaces_are_refused_both_ways(session: Session,
                                                  container: Container) -> None:
-    sh(session, container, "ln -s /proc/self/mem /tmp/mem && "
-       "ln -s /proc/1/environ /tmp/env && ln -s /proc/self/fd/1 /tmp/fd")
-    # Init's own /proc files belong to host root (it is non-dumpable), so the kernel already
-    # refuses them at open; what it lets through, the pseudo-filesystem check refuses.
-    for path in ("/tmp/mem", "/tmp/env"):
+    for path in ("/proc/1/environ", "/proc/version", "/proc/1/mem"):
         with pytest.raises(PolicyError, match=r"procfs|Permission denied"):
             session.run(put_file(container, path, b"\xcc" * 64))
-        with pytest.raises(PolicyError, match=r"procfs|Permission denied|symbolic link"):
-            session.run(get_path(container, path))
-    # Reached through a symlinked parent instead, they meet the same refusals.
-    sh(session, container, "ln -s /proc/self /tmp/self")
-    with pytest.raises(PolicyError, match=r"procfs|Permission denied"):
-        session.run(get_path(container, "/tmp/self/mem"))
-    for path in ("/proc/self/status", "/proc/version"):
+    for path in ("/proc/1/status", "/proc/version"):
         with pytest.raises(PolicyError, match="is on procfs"):
-            session.run(get_path(container, path))
-    with pytest.raises(PolicyError, match="read-only mount"):
+            fetch(session, container, path)
+    with pytest.raises(PolicyError, match=r"read-only mount|Permission denied"):
         session.run(put_file(container, "/proc/sys/kernel/hostname", b"x"))
-    # A magic link (a descriptor of init's) is never followed.
-    with pytest.raises(PolicyError, match=r"magic link|is on procfs"):
-        session.run(get_path(container, "/proc/self/fd/1"))
-    with pytest.raises(PolicyError, match="magic link"):
-        session.run(put_file(container, "/tmp/fd", b"x"))
+    # /proc/self and the magic links of /proc/<pid>/fd are links: never followed.
+    with pytest.raises(PolicyError, match=r"passes through the symbolic link /proc/self"):
+        fetch(session, container, "/proc/self/status")
+    with pytest.raises(PolicyError, match=r"^/proc/1/fd/0 is a symbolic link"):
+        fetch(session, container, "/proc/1/fd/0")
     # Init is unharmed and the container still works.
     assert sh(session, container, "echo alive") == "alive\n"
 
@@ -118,42 +135,97 @@ def test_fifos_and_devices_are_refused_without_blocking(session: Session,
                                                         container: Container) -> None:
     sh(session, container, "mkfifo /tmp/fifo")
     with pytest.raises(PolicyError, match="FIFO"):
-        session.run(get_path(container, "/tmp/fifo"))
+        fetch(session, container, "/tmp/fifo")
     with pytest.raises(PolicyError, match="FIFO"):
         session.run(put_file(container, "/tmp/fifo", b"x"))
     with pytest.raises(PolicyError, match="character device"):
-        session.run(get_path(container, "/dev/null"))
+        fetch(session, container, "/dev/null")
     with pytest.raises(PolicyError, match="not a regular file"):
         session.run(put_file(container, "/dev/null", b"x"))
+
+
+def _members(data: bytes) -> dict[str, tuple[tarfile.TarInfo, bytes | None]]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        out = {}
+        for m in tar.getmembers():
+            f = tar.extractfile(m) if m.isreg() else None
+            out[m.name] = (m, f.read() if f is not None else None)
+        return out
 
 
 def test_a_directory_comes_back_as_a_tar_with_symlinks_kept(session: Session,
                                                             container: Container) -> None:
     sh(session, container, "mkdir -p /tmp/d/sub && echo one > /tmp/d/f && "
        "echo two > /tmp/d/sub/g && ln -s /etc/passwd /tmp/d/pw && "
-       "ln -s / /tmp/d/root && mkfifo /tmp/d/fifo && chmod 600 /tmp/d/f")
-    got = session.run(get_path(container, "/tmp/d"))
-    assert got.kind == "dir"
-    with tarfile.open(fileobj=io.BytesIO(got.data)) as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        assert sorted(members) == ["d", "d/f", "d/pw", "d/root", "d/sub", "d/sub/g"]
-        assert members["d/pw"].issym() and members["d/pw"].linkname == "/etc/passwd"
-        assert members["d/root"].issym() and members["d/root"].linkname == "/"
-        assert members["d/sub"].isdir()
-        f = tar.extractfile("d/f")
-        assert f is not None and f.read() == b"one\n"
-        assert members["d/f"].mode == 0o600
-        assert members["d/f"].uid == session.runtime.mapping.run_uid
+       "ln -s / /tmp/d/root && mkfifo /tmp/d/fifo && chmod 600 /tmp/d/f && "
+       "printf x > \"$(printf '/tmp/d/\\377')\"")
+    kind, data, _ = fetch(session, container, "/tmp/d")
+    assert kind == "dir"
+    members = _members(data)
+    assert sorted(members) == ["d", "d/f", "d/pw", "d/root", "d/sub", "d/sub/g", "d/\udcff"]
+    assert members["d/pw"][0].issym() and members["d/pw"][0].linkname == "/etc/passwd"
+    assert members["d/root"][0].issym() and members["d/root"][0].linkname == "/"
+    assert members["d/sub"][0].isdir()
+    assert members["d/f"][1] == b"one\n" and members["d/sub/g"][1] == b"two\n"
+    assert members["d/\udcff"][1] == b"x"  # a name that is not UTF-8 comes through as is
+    assert members["d/f"][0].mode == 0o600
+    assert members["d/f"][0].uid == session.runtime.mapping.run_uid
+
+
+def test_a_directory_swapped_during_a_copy_out_is_never_followed(
+        session: Session, container: Container) -> None:
+    """The container's code swaps a subdirectory for links (to another directory and to
+    the root) and back, as fast as it can, while the host copies the directory out again
+    and again: nothing from outside the directory may ever appear in a tar."""
+    sh(session, container, "mkdir -p /tmp/d/sub /tmp/other && for i in $(seq 10 40); do "
+       "echo inside > /tmp/d/sub/f$i; echo OUTSIDE > /tmp/other/f$i; done && "
+       "cp /etc/passwd /tmp/other/passwd")
+    race = ("cd /tmp/d; while [ ! -e /tmp/stop ]; do mv sub hold; ln -s /tmp/other sub; "
+            "rm sub; ln -s / sub; rm sub; mv hold sub; done")
+
+    async def go() -> tuple[int, set[str]]:
+        run = asyncio.ensure_future(container.exec(ExecRequest(
+            argv=["/bin/sh", "-c", race], env={"PATH": "/bin"},
+            limits=Limits(wall_ms=100_000))))
+        seen: set[str] = set()
+        copies = 0
+        try:
+            while copies < 150 or not {"full", "link"} <= seen:
+                async with get_path(container, "/tmp/d") as got:
+                    data = await got.read()
+                copies += 1
+                for name, (m, content) in _members(data).items():
+                    seen.add("link" if m.issym() else "full" if name.startswith("d/sub/")
+                             else "other")
+                    assert content in (None, b"inside\n"), (name, content)
+                    assert not name.startswith(("d/sub/passwd", "d/sub/etc", "d/sub/tmp")), name
+                if copies > 3000:
+                    break
+        finally:
+            await put_file(container, "/tmp/stop", b"")
+            result = await run
+        assert result.exit_code == 0, result
+        return copies, seen
+    copies, seen = session.run(go())
+    # The race really ran: the copies saw the directory whole and as a link.
+    assert {"full", "link"} <= seen, (copies, seen)
 
 
 def test_sizes_over_the_caps_are_refused(session: Session, container: Container,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     sh(session, container, "head -c 4096 /dev/zero > /tmp/big && mkdir /tmp/bd && "
-       "cp /tmp/big /tmp/bd/1 && cp /tmp/big /tmp/bd/2")
+       "cp /tmp/big /tmp/bd/1 && cp /tmp/big /tmp/bd/2 && mkdir -p /tmp/deep/a/b/c/d")
     with pytest.raises(PolicyError, match="4096 bytes"):
-        session.run(get_path(container, "/tmp/big", max_bytes=4000))
+        fetch(session, container, "/tmp/big", max_bytes=4000)
     with pytest.raises(PolicyError, match="over the 6000 byte limit"):
-        session.run(get_path(container, "/tmp/bd", max_bytes=6000))
+        fetch(session, container, "/tmp/bd", max_bytes=6000)
+    monkeypatch.setattr(files, "MAX_GET_ENTRIES", 4)
+    with pytest.raises(PolicyError, match="over 4 entries"):
+        fetch(session, container, "/tmp/deep")
+    monkeypatch.setattr(files, "MAX_GET_ENTRIES", 100)
+    monkeypatch.setattr(files, "MAX_GET_DEPTH", 3)
+    with pytest.raises(PolicyError, match="deeper than 3 levels"):
+        fetch(session, container, "/tmp/deep")
     monkeypatch.setattr(files, "MAX_PUT_BYTES", 1000)
     with pytest.raises(PolicyError, match="over the 1000 byte limit"):
         session.run(put_file(container, "/tmp/toolarge", b"x" * 1001))
@@ -174,9 +246,9 @@ def test_bad_paths_are_refused(session: Session, container: Container, path: str
 
 def test_missing_paths_are_not_found(session: Session, container: Container) -> None:
     with pytest.raises(NotFound, match="/tmp/nothing"):
-        session.run(get_path(container, "/tmp/nothing"))
-    sh(session, container, "ln -s /nowhere /tmp/dangling && ln -s /nowhere /tmp/dir")
+        fetch(session, container, "/tmp/nothing")
+    with pytest.raises(NotFound, match="/tmp/nothing/file"):
+        fetch(session, container, "/tmp/nothing/file")
+    sh(session, container, "ln -s /nowhere /tmp/dangling")
     with pytest.raises(PolicyError, match="symbolic link"):
-        session.run(get_path(container, "/tmp/dangling"))
-    with pytest.raises(NotFound):
-        session.run(get_path(container, "/tmp/dir/file"))
+        fetch(session, container, "/tmp/dangling")

@@ -28,11 +28,13 @@ from sandbox.registry.config import RegistriesConfig
 from sandbox.runtime import idmap
 from sandbox.runtime.container import ExecRequest
 from sandbox.store.unpack import Ownership
+from sandbox.tenants import Tenant
 from tests.conftest import Session
 from tests.support.proxy import Corrupt, ResetAfter, Status, Truncate
 
 REPO = Path(__file__).resolve().parents[2]
 FAST_RETRY = RetryPolicy(attempts=4, first_delay=0.05, max_delay=2.0)
+T = Tenant("test")
 
 
 def _skopeo_env(home: Path | str = "/tmp") -> dict[str, str]:
@@ -81,19 +83,19 @@ def run_echo(session: Session, image: Image, text: str = "hello") -> str:
 def test_pull_images_made_by_skopeo_and_umoci_and_run_them(
         session: Session, svc: ImageService, images: Any, which: str) -> None:
     ref = getattr(images, which)
-    image = session.run(svc.pull(ref))
+    image = session.run(svc.pull(ref, tenant=T))
     assert image.platform.startswith("linux/")
     assert all(p.is_dir() for p in image.layers)
     assert run_echo(session, image, which) == f"{which}\n"
-    assert session.run(svc.resolve(ref)).digest == image.digest
+    assert session.run(svc.resolve(ref, tenant=T)).digest == image.digest
 
 
 def test_a_cached_repull_downloads_no_blob(session: Session, svc: ImageService, images: Any,
                                            registry: Any) -> None:
-    first = session.run(svc.pull(images.oci))
+    first = session.run(svc.pull(images.oci, tenant=T))
     before = registry.requests()
     events: list[PullProgress] = []
-    again = session.run(svc.pull(images.oci, on_progress=events.append))
+    again = session.run(svc.pull(images.oci, on_progress=events.append, tenant=T))
     after = registry.requests()[len(before):]
     assert again.digest == first.digest
     assert [e.status for e in events] == ["up to date"]
@@ -109,7 +111,7 @@ def test_concurrent_pulls_of_images_sharing_a_layer_fetch_it_once(
         refs = [images.shared_a, images.shared_b] * 4
 
         async def all_pulls() -> list[Image]:
-            return await asyncio.gather(*(svc.pull(r) for r in refs))
+            return await asyncio.gather(*(svc.pull(r, tenant=T) for r in refs))
 
         pulled = session.run(all_pulls())
     finally:
@@ -137,6 +139,8 @@ def _pull_script(state: Path, ref: str, kill_layer: str | None = None) -> str:
         from sandbox.images import ImageService
         from sandbox.runtime import idmap
         from sandbox.store.unpack import Ownership
+        from sandbox.tenants import Tenant
+        T = Tenant("test")
         kill_layer = {kill_layer!r}
         def progress(p):
             # Killed in the middle of a layer's download, as a crash or OOM kill would.
@@ -146,7 +150,7 @@ def _pull_script(state: Path, ref: str, kill_layer: str | None = None) -> str:
             svc = ImageService(Path({str(state)!r}),
                                ownership=Ownership.for_mapping(idmap.plan()))
             try:
-                await svc.pull({ref!r}, on_progress=progress)
+                await svc.pull({ref!r}, on_progress=progress, tenant=T)
             finally:
                 await svc.close()
         asyncio.run(main())
@@ -170,7 +174,7 @@ def test_a_pull_killed_midway_leaves_nothing_complete_and_the_next_completes(
     svc = make_service(state)
     try:
         assert list((state / "images" / "blobs" / "tmp").iterdir()) == []  # cleaned at open
-        image = session.run(svc.pull(images.v2s2))
+        image = session.run(svc.pull(images.v2s2, tenant=T))
     finally:
         session.run(svc.close())
     assert run_echo(session, image, "after") == "after\n"
@@ -190,7 +194,7 @@ def test_a_pull_rides_out_500s_429s_and_resets(session: Session, svc: ImageServi
     proxy = fault_proxy(registry)
     proxy.inject("GET", r"/manifests/", [Status(500), Status(429, {"Retry-After": "1"})])
     proxy.inject("GET", r"/blobs/", [Status(503), ResetAfter(1000), Truncate(500)])
-    image = session.run(svc.pull(_via(proxy, images.oci)))
+    image = session.run(svc.pull(_via(proxy, images.oci), tenant=T))
     assert run_echo(session, image, "retried") == "retried\n"
     assert proxy.pending() == 0
 
@@ -202,10 +206,10 @@ def test_a_corrupt_blob_is_rejected_and_leaves_nothing(session: Session, svc: Im
     (layer,) = images.layers["zstd"]
     proxy.inject("GET", r"/blobs/" + layer, [Corrupt()] * 10)
     with pytest.raises(DigestMismatch):
-        session.run(svc.pull(_via(proxy, images.zstd)))
+        session.run(svc.pull(_via(proxy, images.zstd), tenant=T))
     assert not svc.blobs.has(layer)
     assert list(svc.blobs.tmp.iterdir()) == [] and list(svc.layers.tmp.iterdir()) == []
-    assert svc.list() == []
+    assert svc.list(tenant=T) == []
 
 
 def test_endless_5xx_fail_with_a_clear_error(session: Session, svc: ImageService,
@@ -215,14 +219,14 @@ def test_endless_5xx_fail_with_a_clear_error(session: Session, svc: ImageService
     proxy.inject("HEAD", r"/manifests/", [Status(502)] * 20)
     proxy.inject("GET", r"/manifests/", [Status(502)] * 20)
     with pytest.raises(RegistryError) as err:
-        session.run(svc.pull(_via(proxy, images.oci)))
+        session.run(svc.pull(_via(proxy, images.oci), tenant=T))
     assert "502" in str(err.value)
 
 
 def test_an_unknown_image_is_not_found(session: Session, svc: ImageService,
                                        registry: Any) -> None:
     with pytest.raises(NotFound) as err:
-        session.run(svc.pull(f"{registry.host}/nope/missing:1"))
+        session.run(svc.pull(f"{registry.host}/nope/missing:1", tenant=T))
     assert "nope/missing" in str(err.value)
 
 
@@ -243,7 +247,8 @@ def test_import_a_rootfs_tar_and_run_it(session: Session, svc: ImageService,
                                         tmp_path: Path, compress: str) -> None:
     tar = _rootfs_tar(session, tmp_path, compress)
     image = session.run(svc.import_tar(tar, "local/imported:1", cmd=["busybox", "sh"],
-                                       env={"PATH": "/bin", "GREETING": "hi"}, working_dir="/tmp"))
+                                       env={"PATH": "/bin", "GREETING": "hi"},
+                                       working_dir="/tmp", tenant=T))
     assert image.defaults.argv == ("busybox", "sh")
     assert image.defaults.env["GREETING"] == "hi" and image.defaults.cwd == "/tmp"
     assert run_echo(session, image, "imported") == "imported\n"
@@ -262,7 +267,7 @@ def _skopeo_layout(tmp_path: Path, ref: str) -> Path:
 def test_import_an_oci_layout_written_by_skopeo(session: Session, svc: ImageService,
                                                 tmp_path: Path, images: Any) -> None:
     layout = _skopeo_layout(tmp_path, images.oci)
-    image = session.run(svc.import_layout(layout, "local/from-layout:v1", name="v1"))
+    image = session.run(svc.import_layout(layout, "local/from-layout:v1", name="v1", tenant=T))
     assert image.digest == images.digests["oci"]
     assert run_echo(session, image, "layout") == "layout\n"
 
@@ -274,17 +279,17 @@ def test_a_layout_blob_that_is_a_symlink_is_refused(session: Session, svc: Image
     layer.unlink()
     layer.symlink_to("/etc/passwd")
     with pytest.raises(ImageError):
-        session.run(svc.import_layout(layout, "local/evil:v1"))
-    assert svc.list() == []
+        session.run(svc.import_layout(layout, "local/evil:v1", tenant=T))
+    assert svc.list(tenant=T) == []
 
 
 def test_push_then_pull_back_from_a_fresh_store(session: Session, svc: ImageService,
                                                 tmp_path: Path, images: Any,
                                                 registry: Any) -> None:
-    pulled = session.run(svc.pull(images.v2s2))
+    pulled = session.run(svc.pull(images.v2s2, tenant=T))
     target = f"{registry.host}/pushed/busybox:copy"
     before = len(registry.requests())
-    digest = session.run(svc.push(images.v2s2, target))
+    digest = session.run(svc.push(images.v2s2, target, tenant=T))
     assert digest == pulled.digest
     sent = registry.requests()[before:]
     # Same registry, other repository: blobs are mounted across (POST answered 201), not
@@ -294,7 +299,7 @@ def test_push_then_pull_back_from_a_fresh_store(session: Session, svc: ImageServ
     assert not any(m in ("PUT", "PATCH") and "/blobs/uploads/" in p for m, p, _ in sent), sent
     fresh = make_service(tmp_path / "fresh")
     try:
-        back = session.run(fresh.pull(target))
+        back = session.run(fresh.pull(target, tenant=T))
     finally:
         session.run(fresh.close())
     assert back.digest == digest
@@ -303,43 +308,44 @@ def test_push_then_pull_back_from_a_fresh_store(session: Session, svc: ImageServ
 def test_push_an_imported_image_that_skopeo_can_read(session: Session, svc: ImageService,
                                                      tmp_path: Path, registry: Any) -> None:
     tar = _rootfs_tar(session, tmp_path, "gz")
-    image = session.run(svc.import_tar(tar, "local/up:1", cmd=["sh"]))
+    image = session.run(svc.import_tar(tar, "local/up:1", cmd=["sh"], tenant=T))
     target = f"{registry.host}/imported/up:1"
-    session.run(svc.push("local/up:1", target))
+    session.run(svc.push("local/up:1", target, tenant=T))
     assert _digest_of(target) == image.digest
 
 
 def test_tag_list_inspect_remove_and_gc(session: Session, svc: ImageService,
                                         images: Any) -> None:
-    image = session.run(svc.pull(images.oci))
-    name = svc.tag(images.oci, "mine/alias:1")
+    image = session.run(svc.pull(images.oci, tenant=T))
+    name = svc.tag(images.oci, "mine/alias:1", tenant=T)
     assert name == "docker.io/mine/alias:1"
-    (summary,) = svc.list()
+    (summary,) = svc.list(tenant=T)
     assert set(summary.names) >= {name} and summary.digest == image.digest
-    info = svc.inspect("mine/alias:1")
+    info = svc.inspect("mine/alias:1", tenant=T)
     assert info["digest"] == image.digest and info["layers"]
-    assert svc.inspect(image.config_digest)["digest"] == image.digest
-    assert svc.remove("mine/alias:1") == [name]
-    assert svc.list()  # still named by its pull reference
+    assert svc.inspect(image.config_digest, tenant=T)["digest"] == image.digest
+    assert svc.remove("mine/alias:1", tenant=T) == [name]
+    assert svc.list(tenant=T)  # still named by its pull reference
     svc.lease(image.digest, "container-x")
     with pytest.raises(ImageError):
-        svc.remove(image.digest)
+        svc.remove(image.digest, tenant=T)
     svc.release("container-x")
-    svc.remove(image.digest)
-    assert svc.list() == []
+    svc.remove(image.digest, tenant=T)
+    assert svc.list(tenant=T) == []
     assert svc.blobs.digests() == [] and svc.layers.diff_ids() == []
     with pytest.raises(NotFound):
-        session.run(svc.resolve(images.oci))
+        session.run(svc.resolve(images.oci, tenant=T))
 
 
-def test_gc_frees_unnamed_images_down_to_a_budget(session: Session, svc: ImageService,
-                                                  images: Any) -> None:
-    a = session.run(svc.pull(images.shared_a))
-    session.run(svc.pull(images.shared_b))
-    svc.catalog.remove_name(str(parse(images.shared_b)))
-    report = svc.gc(budget_bytes=0)
-    assert len(report.images) == 1 and report.freed_bytes > 0
-    assert session.run(svc.resolve(images.shared_a)).digest == a.digest
+def test_gc_frees_images_nobody_names(session: Session, svc: ImageService,
+                                      images: Any) -> None:
+    a = session.run(svc.pull(images.shared_a, tenant=T))
+    b = session.run(svc.pull(images.shared_b, tenant=T))
+    svc.catalog.remove_name(T.id, str(parse(images.shared_b)))
+    report = svc.gc(budget_bytes=1 << 40, tenant=T)
+    assert report.images == [] and report.freed_bytes > 0  # nothing of T's had to go
+    assert svc.catalog.image(b.digest) is None
+    assert session.run(svc.resolve(images.shared_a, tenant=T)).digest == a.digest
     assert all(p.is_dir() for p in a.layers)
 
 
@@ -347,7 +353,7 @@ def test_without_overlay_layers_are_flattened_into_one_root(session: Session, tm
                                                             images: Any) -> None:
     svc = make_service(tmp_path / "flat", overlay=False)
     try:
-        image = session.run(svc.pull(images.shared_a))
+        image = session.run(svc.pull(images.shared_a, tenant=T))
     finally:
         session.run(svc.close())
     assert len(image.layers) == 1
@@ -367,8 +373,8 @@ def test_hostile_import_tar_is_rejected_and_leaves_no_image(session: Session,
         tar.addfile(link)
     buf.seek(0)
     with pytest.raises(ImageError):
-        session.run(svc.import_tar(buf, "local/evil:1"))
-    assert svc.list() == [] and svc.layers.diff_ids() == []
+        session.run(svc.import_tar(buf, "local/evil:1", tenant=T))
+    assert svc.list(tenant=T) == [] and svc.layers.diff_ids() == []
 
 
 # the image config's User
@@ -382,7 +388,7 @@ def test_a_named_user_is_looked_up_in_the_image(session: Session, svc: ImageServ
     tar = tmp_path / "app.tar"
     with tarfile.open(tar, "w") as t:
         t.add(root, arcname=".")
-    image = session.run(svc.import_tar(tar, "local/app:1", user="app"))
+    image = session.run(svc.import_tar(tar, "local/app:1", user="app", tenant=T))
     assert svc.user_ids(image) == (1234, 2345)
     assert svc.user_ids(image, "1000:1000") == (1000, 1000)
     with pytest.raises(ImageError, match="does not exist in the image"):
@@ -440,7 +446,7 @@ def _config(diff_ids: list[str]) -> bytes:
 
 
 def _assert_nothing_installed(svc: ImageService) -> None:
-    assert svc.list() == [] and svc.layers.diff_ids() == []
+    assert svc.list(tenant=T) == [] and svc.layers.diff_ids() == []
     assert list(svc.blobs.tmp.iterdir()) == [] and list(svc.layers.tmp.iterdir()) == []
 
 
@@ -454,7 +460,7 @@ def test_a_layer_that_unpacks_to_another_diff_id_is_rejected(session: Session,
         "config": _desc(OCI_CONFIG, config), "layers": [_desc(OCI_LAYER_GZIP, blob)]},
         OCI_MANIFEST))
     with pytest.raises(DigestMismatch, match="image config lists"):
-        session.run(svc.pull(ref))
+        session.run(svc.pull(ref, tenant=T))
     _assert_nothing_installed(svc)
 
 
@@ -468,7 +474,7 @@ def test_descriptor_sizes_that_lie_are_refused(session: Session, svc: ImageServi
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": _desc(OCI_CONFIG, config), "layers": [small]}, OCI_MANIFEST))
     with pytest.raises(ImageError):
-        session.run(svc.pull(ref))
+        session.run(svc.pull(ref, tenant=T))
     _assert_nothing_installed(svc)
     # An index entry whose size lies about the manifest it names.
     child = images.platforms[images.native_platform]
@@ -476,8 +482,8 @@ def test_descriptor_sizes_that_lie_are_refused(session: Session, svc: ImageServi
     ref = session.run(_push_raw(registry, "test/busybox", "lying-index", [], {
         "schemaVersion": 2, "mediaType": OCI_INDEX,
         "manifests": [{**raw, "size": raw["size"] + 7}]}, OCI_INDEX))
-    with pytest.raises(ManifestError, match="bytes"):
-        session.run(svc.pull(ref))
+    with pytest.raises(DigestMismatch, match="descriptor says"):
+        session.run(svc.pull(ref, tenant=T))
     _assert_nothing_installed(svc)
 
 
@@ -501,10 +507,10 @@ def test_an_index_nested_too_deep_is_refused(session: Session, svc: ImageService
         session.run(_push_raw(registry, "test/busybox", f"nest{depth}", [], doc, OCI_INDEX))
         body = json.dumps(doc).encode()
     with pytest.raises(ManifestError, match="nest"):
-        session.run(svc.pull(f"{registry.host}/test/busybox:nest5"))
+        session.run(svc.pull(f"{registry.host}/test/busybox:nest5", tenant=T))
     _assert_nothing_installed(svc)
     # Within the bound it resolves.
-    image = session.run(svc.pull(f"{registry.host}/test/busybox:nest1"))
+    image = session.run(svc.pull(f"{registry.host}/test/busybox:nest1", tenant=T))
     assert image.digest == images.platforms[images.native_platform]
 
 
@@ -524,13 +530,14 @@ def test_pulls_from_registries_with_basic_and_token_auth(session: Session, tmp_p
     anonymous = make_service(tmp_path / "anon")
     try:
         for ref in (auth_images.basic, auth_images.token_private, auth_images.token_public):
-            image = session.run(svc.pull(ref))
+            image = session.run(svc.pull(ref, tenant=T))
             assert image.digest == auth_images.digest
         assert run_echo(session, image, "authed") == "authed\n"
-        assert session.run(anonymous.pull(auth_images.token_public)).digest == image.digest
+        public = session.run(anonymous.pull(auth_images.token_public, tenant=T))
+        assert public.digest == image.digest
         for ref in (auth_images.basic, auth_images.token_private):
             with pytest.raises(RegistryError):
-                session.run(anonymous.pull(ref))
+                session.run(anonymous.pull(ref, tenant=T))
     finally:
         session.run(svc.close())
         session.run(anonymous.close())
@@ -539,13 +546,13 @@ def test_pulls_from_registries_with_basic_and_token_auth(session: Session, tmp_p
 def test_resolve_answers_from_memory_until_the_catalog_changes(session: Session,
                                                                svc: ImageService,
                                                                images: Any) -> None:
-    session.run(svc.pull(images.oci))
-    first = session.run(svc.resolve(images.oci))
-    assert session.run(svc.resolve(images.oci)) is first
-    svc.tag(images.oci, "mine/again:1")
-    again = session.run(svc.resolve(images.oci))
+    session.run(svc.pull(images.oci, tenant=T))
+    first = session.run(svc.resolve(images.oci, tenant=T))
+    assert session.run(svc.resolve(images.oci, tenant=T)) is first
+    svc.tag(images.oci, "mine/again:1", tenant=T)
+    again = session.run(svc.resolve(images.oci, tenant=T))
     assert again is not first and "docker.io/mine/again:1" in again.names
-    svc.remove(images.oci)
-    svc.remove("mine/again:1")
+    svc.remove(images.oci, tenant=T)
+    svc.remove("mine/again:1", tenant=T)
     with pytest.raises(NotFound):
-        session.run(svc.resolve(images.oci))
+        session.run(svc.resolve(images.oci, tenant=T))

@@ -4,6 +4,7 @@ with sandboxd's own registry client."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import io
@@ -31,7 +32,17 @@ from tests.support.images import (
     PushedImages,
     Tools,
 )
-from tests.support.proxy import Corrupt, FaultProxy, NoRange, ResetAfter, Status, Truncate
+from tests.support.proxy import (
+    Corrupt,
+    FaultProxy,
+    NoRange,
+    Pad,
+    Redirect,
+    ResetAfter,
+    Shorten,
+    Status,
+    Truncate,
+)
 from tests.support.token_server import TokenServer
 
 pytestmark = pytest.mark.timeout(300)
@@ -433,6 +444,71 @@ def test_proxy_no_range_answers_the_whole_body(registry: LocalRegistry, fault_pr
     assert (whole.status, whole.body) == (200, data)
     part = request(proxy.url, path, headers={"Range": "bytes=100-"})
     assert (part.status, part.body) == (206, data[100:])
+
+
+def test_proxy_pad_adds_bytes_declared_or_not(
+        registry: LocalRegistry, fault_proxy: ProxyFactory, blob: tuple[str, bytes]) -> None:
+    proxy = fault_proxy(registry)
+    path, data = blob
+    proxy.inject("GET", path, [Pad(10), Pad(70_000, declared=False)])
+    declared = request(proxy.url, path)
+    assert declared.headers["Content-Length"] == str(len(data) + 10)
+    assert declared.body == data + b" " * 10
+    head, body, error = raw_exchange(proxy, path)
+    assert error is None and b"content-length" not in head.lower()
+    assert body == data + b" " * 70_000
+
+
+def test_proxy_shorten_answers_a_complete_shorter_body(
+        registry: LocalRegistry, fault_proxy: ProxyFactory, blob: tuple[str, bytes]) -> None:
+    proxy = fault_proxy(registry)
+    path, data = blob
+    proxy.inject("GET", path, [Shorten(1000)])
+    reply = request(proxy.url, path)
+    assert (reply.status, reply.headers["Content-Length"], reply.body) == (200, "1000",
+                                                                           data[:1000])
+
+
+def test_proxy_redirects_keep_the_path_and_status_can_say_anything(
+        registry: LocalRegistry, fault_proxy: ProxyFactory) -> None:
+    proxy = fault_proxy(registry)
+    proxy.inject("PUT", r"/uploads/", [Redirect(308, "http://elsewhere.test:9/")])
+    proxy.inject("GET", r"^/v2/$", [Status(502, reason="db01 is down")])
+    moved = request(proxy.url, "/v2/x/blobs/uploads/u?_state=a&digest=d", method="PUT")
+    assert moved.status == 308
+    assert moved.headers["Location"] == "http://elsewhere.test:9/v2/x/blobs/uploads/u?_state=a&digest=d"
+    head, _, _ = raw_exchange(proxy, "/v2/")
+    assert head.startswith(b"HTTP/1.1 502 db01 is down\r\n")
+
+
+def test_proxy_listens_where_told_and_counts_connections_and_bytes(
+        registry: LocalRegistry, blob: tuple[str, bytes]) -> None:
+    path, data = blob
+    with FaultProxy(registry, bind="127.0.0.2") as proxy:
+        assert proxy.host == f"127.0.0.2:{proxy.port}"
+        assert proxy.connections == 0
+        assert request(proxy.url, path).body == data
+        with socket.create_connection(("127.0.0.2", proxy.port), timeout=30) as sock:
+            sock.sendall(b"\x16\x03\x01")  # a TLS hello, which the proxy hangs up on
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b""
+        proxy.settle()
+        assert proxy.connections == 2
+        assert proxy.sent == [("GET", path, len(data))]
+
+
+def test_token_server_canned_answers_and_every_request_seen(tmp_path: Path) -> None:
+    with TokenServer(tmp_path, {"u": "p"}, bind="127.0.0.2") as server:
+        assert server.host.startswith("127.0.0.2:")
+        server.answer_next(307, {"Location": "http://elsewhere.test/token"}, b"moved")
+        moved = request(server.url, "/token?service=x", headers=basic("u", "p"))
+        assert (moved.status, moved.headers["Location"], moved.body) == (
+            307, "http://elsewhere.test/token", b"moved")
+        ok = request(server.url, f"/token?service={server.service}&scope=repository:a:pull")
+        assert ok.status == 200 and "token" in orjson.loads(ok.body)
+        assert server.seen == [
+            ("GET", "/token?service=x", basic("u", "p")["Authorization"]),
+            ("GET", f"/token?service={server.service}&scope=repository:a:pull", None)]
 
 
 def test_skopeo_pushes_and_pulls_through_the_proxy(

@@ -117,6 +117,9 @@ name = "limited"
 max_concurrent_runs = 1
 registries = ["{registry.host}"]
 
+# Tokens may use a registry on a local address only when it is listed.
+[registries."{registry.host}"]
+
 [pools]
 min_idle = 1
 max_idle = 2
@@ -142,18 +145,29 @@ import_body_bytes = {64 << 20}
         raise
     svc = Service(url, proc, log, workdir / "state", registry.host)
     yield svc
-    children = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGTERM)
+    stop_service(svc, workdir)
+
+
+def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
+    """SIGTERM, then check that it stopped, with status 0 and no traceback in its log."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
     try:
         code = proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        raise AssertionError(f"sandboxd did not stop on SIGTERM:\n{svc.log_text()}") from None
-    _, alive = psutil.wait_procs(children, timeout=5)
-    text = svc.log_text()
+        raise AssertionError(f"sandboxd did not stop on SIGTERM:\n{log.read_text()}") from None
+    text = log.read_text(errors="replace")
     assert code == 0, f"sandboxd exited with {code}:\n{text}"
-    assert not alive, f"processes of sandboxd left behind: {alive}"
     assert "Traceback" not in text, text
+
+
+def stop_service(svc: Service, workdir: Path) -> None:
+    """`stop`, and check it left no process and no temporary file behind."""
+    children = psutil.Process(svc.proc.pid).children(recursive=True)
+    stop(svc.proc, svc.log)
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"processes of sandboxd left behind: {alive}"
     left = sorted(p.name for p in (workdir / "tmp").iterdir())
     assert left == [], f"temporary files left behind: {left}"

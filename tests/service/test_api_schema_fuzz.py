@@ -70,6 +70,8 @@ shutdown_deadline_s = 2
 token = "{MAIN_TOKEN}"
 name = "main"
 
+[registries."{registry.host}"]
+
 [pools]
 min_idle = 0
 max_idle = 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from sandbox.tenants import LOCAL
+from service.admission import Admission
 from service.app import create_app, routes
-from service.auth import Admission, Principal
+from service.auth import Principal
 from service.config import ConfigError, load
 from service.errors import ApiError
 from service.schemas import doc_path
@@ -116,7 +119,10 @@ def test_the_config_file_and_environment(tmp_path: Path) -> None:
     c = load(cfg, env={"SANDBOXD_TOKENS": "env-token-0123456789a, env-token-0123456789b",
                        "SANDBOXD_PORT": "9100", "SANDBOXD_STATE_DIR": str(tmp_path)})
     assert c.port == 9100 and c.state_dir == tmp_path and c.limits.max_queued == 5
-    assert [t.name for t in c.tokens] == ["ci", "env-0", "env-1"]
+    # Each token is a tenant; an unnamed one is named after its hash (stable, no secret).
+    assert [t.name for t in c.tokens] == ["ci", *(
+        "token-" + hashlib.sha256(t.encode()).hexdigest()[:12]
+        for t in ("env-token-0123456789a", "env-token-0123456789b"))]
     assert c.tokens[0].registries == ("ghcr.io",) and c.tokens[0].max_concurrent_runs == 2
     assert c.engine_config().pools.max_idle == 3
     for text, words in (('[server]\nhost = 5\nstate_dir = "/x"', "server.host"),
@@ -146,7 +152,7 @@ def test_without_tokens_only_loopback_is_served(tmp_path: Path) -> None:
 def test_admission_queues_then_refuses() -> None:
     async def go() -> None:
         adm = Admission(running=1, queued=1)
-        who = Principal("t")
+        who = Principal("t", LOCAL)
         release = asyncio.Event()
 
         async def hold() -> None:

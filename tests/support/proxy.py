@@ -6,6 +6,12 @@ unambiguous). `inject(method, path_regex, faults)` queues faults: each request t
 takes the next fault of the earliest rule with faults left; requests pass through untouched
 once the queue is empty. The proxy runs on its own event loop in a background thread, so
 sync and async tests can both use it.
+
+Besides the faults of a flaky network it has a hostile registry's: bodies longer or shorter
+than the descriptor says (`Pad`, `Shorten`), redirects anywhere (`Redirect`), any status,
+reason phrase and body (`Status`). `connections` counts the connections it accepted and `sent`
+the body bytes it wrote per answer, so a test can tell that a client never came, or stopped
+reading early.
 """
 
 from __future__ import annotations
@@ -39,11 +45,22 @@ HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-
 
 @dataclass(frozen=True)
 class Status:
-    """Answer with this status, headers and body instead of asking the upstream."""
+    """Answer with this status, headers and body instead of asking the upstream; `reason`
+    replaces the status line's standard phrase."""
 
     code: int
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """Answer `code` with a Location of `base` (scheme://host:port) followed by the request's
+    own path and query: the same request, sent to another server."""
+
+    code: int
+    base: str
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,23 @@ class Truncate:
 
 
 @dataclass(frozen=True)
+class Pad:
+    """Pass the upstream's answer with `nbytes` spaces after its body. `declared`: the
+    Content-Length counts them; else the answer has none and ends when the connection does."""
+
+    nbytes: int
+    declared: bool = True
+
+
+@dataclass(frozen=True)
+class Shorten:
+    """Pass only the first `nbytes` of the upstream's body, with a Content-Length that says
+    so: a complete answer, shorter than the resource."""
+
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class Corrupt:
     """Pass the upstream's answer with one byte of its body flipped (the middle one)."""
 
@@ -71,7 +105,7 @@ class NoRange:
     """Drop the request's Range header: the upstream answers 200 with the whole body."""
 
 
-Fault = Status | ResetAfter | Truncate | Corrupt | NoRange
+Fault = Status | Redirect | ResetAfter | Truncate | Pad | Shorten | Corrupt | NoRange
 
 
 @dataclass
@@ -99,14 +133,23 @@ class ProxyError(Exception):
 
 class FaultProxy:
     """See the module docstring. `requests` lists (method, path, status) of every request
-    answered, path without its query string; faulted ones included."""
+    answered, path without its query string; faulted ones included. `sent` lists (method,
+    path, body bytes written) of the same answers, `connections` how many were accepted.
+    `bind` is the address to listen on (any of 127.0.0.0/8, or one of this machine's);
+    `send_buffer` caps each connection's kernel send buffer (SO_SNDBUF), which otherwise
+    grows to megabytes and hides how early a client stopped reading."""
 
-    def __init__(self, upstream: LocalRegistry | str, *, ca_file: str | None = None) -> None:
+    def __init__(self, upstream: LocalRegistry | str, *, ca_file: str | None = None,
+                 bind: str = "127.0.0.1", send_buffer: int | None = None) -> None:
         if isinstance(upstream, LocalRegistry):
             ca_file = str(upstream.ca_file) if upstream.ca_file else ca_file
             upstream = upstream.url
         self.upstream = upstream.rstrip("/")
         self.requests: list[tuple[str, str, int]] = []
+        self.sent: list[tuple[str, str, int]] = []
+        self.connections = 0
+        self._bind = bind
+        self._send_buffer = send_buffer
         self._rules: list[_Rule] = []
         self._lock = threading.Lock()
         self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
@@ -121,7 +164,8 @@ class FaultProxy:
         except BaseException:
             self._stop_loop()
             raise
-        self.host = f"127.0.0.1:{port}"
+        self.port = port
+        self.host = f"{bind}:{port}" if ":" not in bind else f"[{bind}]:{port}"
         self.url = f"http://{self.host}"
 
     def inject(self, method: str, path_regex: str, faults: list[Fault]) -> None:
@@ -134,6 +178,13 @@ class FaultProxy:
         """How many injected faults have not been used yet."""
         with self._lock:
             return sum(len(r.faults) for r in self._rules)
+
+    def settle(self) -> None:
+        """Wait until every connection accepted so far is done with (answered, or its client
+        gone), so that `requests` and `sent` are complete."""
+        async def idle() -> None:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(idle(), self._loop).result(timeout=IO_TIMEOUT_S)
 
     def close(self) -> None:
         if self._loop.is_closed():
@@ -167,13 +218,17 @@ class FaultProxy:
         with self._lock:
             self.requests.append((method, path, status))
 
+    def _record_sent(self, request: _Request, nbytes: int) -> None:
+        with self._lock:
+            self.sent.append((request.method, request.path, nbytes))
+
     async def _start(self) -> int:
         self._session = aiohttp.ClientSession(
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=IO_TIMEOUT_S,
                                           sock_read=IO_TIMEOUT_S),
             connector=aiohttp.TCPConnector(force_close=True))
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0,
+        self._server = await asyncio.start_server(self._serve, self._bind, 0,
                                                   limit=HEAD_LIMIT)
         return int(self._server.sockets[0].getsockname()[1])
 
@@ -188,6 +243,11 @@ class FaultProxy:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        with self._lock:
+            self.connections += 1
+        sock = writer.get_extra_info("socket")
+        if self._send_buffer is not None and sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._send_buffer)
         try:
             try:
                 request = await asyncio.wait_for(_read_request(reader, writer), IO_TIMEOUT_S)
@@ -211,13 +271,16 @@ class FaultProxy:
 
     async def _answer(self, request: _Request, writer: asyncio.StreamWriter) -> None:
         fault = self._take_fault(request.method, request.path)
+        if isinstance(fault, Redirect):
+            fault = Status(fault.code, {"Location": fault.base.rstrip("/") + request.target})
         if isinstance(fault, Status):
             self._record(request.method, request.path, fault.code)
             headers = [(k, v) for k, v in fault.headers.items()
                        if k.lower() not in HOP_HEADERS]
-            await _send_head(writer, fault.code, headers, len(fault.body))
+            await _send_head(writer, fault.code, headers, len(fault.body), fault.reason)
             if request.method != "HEAD":
                 writer.write(fault.body)
+                self._record_sent(request, len(fault.body))
             return
         headers = [(k, v) for k, v in request.headers
                    if k.lower() not in HOP_HEADERS and not k.lower().startswith("x-forwarded-")]
@@ -239,38 +302,63 @@ class FaultProxy:
                 body = await resp.content.read(BODY_LIMIT)
                 length = len(body)
             self._record(request.method, request.path, resp.status)
-            await _send_head(writer, resp.status, out_headers,
-                             length if length is not None else 0)
+            length = length or 0
+            declared: int | None = length
+            if isinstance(fault, Pad):
+                declared = length + fault.nbytes if fault.declared else None
+            elif isinstance(fault, Shorten):
+                declared = min(length, fault.nbytes)
+            await _send_head(writer, resp.status, out_headers, declared)
             if request.method == "HEAD":
                 return
-            await self._relay(resp, body, length or 0, fault, writer)
+            counted = _Counted(writer)
+            try:
+                await self._relay(resp, body, length, fault, counted)
+            finally:
+                self._record_sent(request, counted.sent)
 
     async def _relay(self, resp: aiohttp.ClientResponse, body: bytes | None, length: int,
-                     fault: Fault | None, writer: asyncio.StreamWriter) -> None:
-        limit = fault.nbytes if isinstance(fault, ResetAfter | Truncate) else length
+                     fault: Fault | None, counted: _Counted) -> None:
+        limit = fault.nbytes if isinstance(fault, ResetAfter | Truncate | Shorten) else length
         flip_at = length // 2 if isinstance(fault, Corrupt) else -1
-        sent = 0
         chunks = [body] if body is not None else None
-        while sent < limit:
+        while counted.sent < limit:
             if chunks is not None:
                 chunk = chunks.pop() if chunks else b""
             else:
                 chunk = await resp.content.read(CHUNK)
             if not chunk:
                 break
-            chunk = chunk[:limit - sent]
-            if sent <= flip_at < sent + len(chunk):
-                i = flip_at - sent
+            chunk = chunk[:limit - counted.sent]
+            if counted.sent <= flip_at < counted.sent + len(chunk):
+                i = flip_at - counted.sent
                 chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1:]
-            writer.write(chunk)
-            await writer.drain()
-            sent += len(chunk)
+            await counted.write(chunk)
+        if isinstance(fault, Pad):
+            left = fault.nbytes
+            while left > 0:
+                await counted.write(b" " * min(CHUNK, left))
+                left -= CHUNK
         if isinstance(fault, ResetAfter):
             # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
-            sock = writer.get_extra_info("socket")
+            sock = counted.writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            counted.writer.transport.abort()
+
+
+class _Counted:
+    """Writes to a stream, counting the bytes the connection took (written and drained): what
+    the client read plus at most the socket buffers' worth."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.sent = 0
+
+    async def write(self, chunk: bytes) -> None:
+        self.writer.write(chunk)
+        await self.writer.drain()
+        self.sent += len(chunk)
 
 
 class TLSHello(Exception):
@@ -329,12 +417,17 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
 
 
 async def _send_head(writer: asyncio.StreamWriter, status: int,
-                     headers: list[tuple[str, str]], length: int) -> None:
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Status"
+                     headers: list[tuple[str, str]], length: int | None,
+                     reason: str | None = None) -> None:
+    """The status line and headers; no Content-Length when `length` is None (the body then
+    ends with the connection)."""
+    if reason is None:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Status"
+    framing = [f"Content-Length: {length}"] if length is not None else []
     lines = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in headers),
-             f"Content-Length: {length}", "Connection: close", "", ""]
+             *framing, "Connection: close", "", ""]
     writer.write("\r\n".join(lines).encode("latin-1"))
     await writer.drain()

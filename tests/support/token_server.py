@@ -6,6 +6,10 @@ with optional Basic credentials answers `{"token", "access_token", "expires_in",
 distribution 2.8 accepts a token when that chain verifies against its `rootcertbundle`, and
 the certificate here is self-signed and is that bundle. Anonymous callers get `pull` on
 repositories under the public prefix; known users get every action they ask for.
+
+A hostile token server too: `answer_next(status, headers, body)` queues answers given instead
+of the next tokens (a redirect to an internal name, an internal error page), and `seen` lists
+every request's (method, path, Authorization) so a test can tell it was never asked.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import secrets
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -34,18 +39,27 @@ ISSUER = "sandboxd-test-token-server"
 USER_ACTIONS = frozenset({"pull", "push", "delete", "*"})
 
 
+@dataclass(frozen=True)
+class Canned:
+    """An answer given instead of the token flow's."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 class TokenServer:
-    """Issues registry tokens on 127.0.0.1; `issued` lists (account, granted scopes), with
-    account "" for anonymous requests. Stop it with `close()` or use it as a context
-    manager."""
+    """Issues registry tokens on `bind` (127.0.0.1); `issued` lists (account, granted
+    scopes), with account "" for anonymous requests. Stop it with `close()` or use it as a
+    context manager."""
 
     def __init__(self, workdir: Path, users: dict[str, str], *, expires_in: int = 300,
                  public_prefix: str = "public/", service: str = SERVICE,
-                 issuer: str = ISSUER) -> None:
+                 issuer: str = ISSUER, bind: str = "127.0.0.1") -> None:
         self.users = dict(users)
         self.expires_in = expires_in
         self.public_prefix = public_prefix
@@ -53,6 +67,8 @@ class TokenServer:
         self.issuer = issuer
         self.issued: list[tuple[str, tuple[str, ...]]] = []
         self.refused = 0  # requests with credentials that did not match
+        self.seen: list[tuple[str, str, str | None]] = []  # method, path, Authorization
+        self._canned: list[Canned] = []
         self._lock = threading.Lock()
         self._key = ec.generate_private_key(ec.SECP256R1())
         cert = self._self_signed_certificate()
@@ -63,9 +79,10 @@ class TokenServer:
             "typ": "JWT", "alg": "ES256",
             "x5c": [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()],
         }))
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server = ThreadingHTTPServer((bind, 0), _handler_for(self))
         self._server.daemon_threads = True
-        self.host = f"127.0.0.1:{self._server.server_address[1]}"
+        self.port = int(self._server.server_address[1])
+        self.host = f"{bind}:{self.port}"
         self.url = f"http://{self.host}"
         self.realm = f"{self.url}/token"
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -90,6 +107,18 @@ class TokenServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+    def answer_next(self, status: int, headers: dict[str, str] | None = None,
+                    body: bytes = b"") -> None:
+        """Answer the next request (any method, any path) so, instead of the token flow."""
+        with self._lock:
+            self._canned.append(Canned(status, dict(headers or {}), body))
+
+    def take(self, method: str, path: str, authorization: str | None) -> Canned | None:
+        """Record a request; the canned answer it gets, if one is queued."""
+        with self._lock:
+            self.seen.append((method, path, authorization))
+            return self._canned.pop(0) if self._canned else None
 
     def grant(self, account: str, scopes: list[str]) -> list[tuple[str, str, list[str]]]:
         """(type, name, actions) granted to `account` ("" = anonymous) for `scopes`."""
@@ -162,6 +191,8 @@ def _handler_for(server: TokenServer) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
+            if self._canned():
+                return
             url = urllib.parse.urlsplit(self.path)
             if url.path != "/token":
                 self._reply(404, {"errors": [{"code": "NOT_FOUND", "message": url.path}]})
@@ -194,8 +225,22 @@ def _handler_for(server: TokenServer) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(min(length, 1 << 20))
             self.close_connection = True
+            if self._canned():
+                return
             self._reply(404, {"errors": [{"code": "UNSUPPORTED",
                                           "message": "use GET for tokens"}]})
+
+        def _canned(self) -> bool:
+            canned = server.take(self.command, self.path, self.headers.get("Authorization"))
+            if canned is None:
+                return False
+            self.send_response(canned.status)
+            for k, v in canned.headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(canned.body)))
+            self.end_headers()
+            self.wfile.write(canned.body)
+            return True
 
         def _reply(self, status: int, body: object, headers: dict[str, str] | None = None
                    ) -> None:

@@ -10,14 +10,24 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from sandbox.errors import CgroupError
 from sandbox.runtime.cgroups import CgroupLimits, V1Driver, V2Driver, base, detect
+from sandbox.runtime.cgroups.base import Cgroup
 from sandbox.runtime.cgroups.delegate import delegate_v1, systemd_recipe_v2, undelegate_v1
 from sandbox.runtime.cgroups.detect import parse_mountinfo, parse_proc_cgroup
+from sandbox.runtime.container import (
+    CONTAINER_OVERHEAD_BYTES,
+    CONTAINER_OVERHEAD_PIDS,
+    container_limits,
+)
+from sandbox.runtime.profiles import Limits, load_profile
+from sandbox.runtime.rootfs import RootfsSpec
 
 V1_SEPARATE = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -768,3 +778,122 @@ def test_v1_is_empty_reads_the_pids_counter(tmp_path: Path) -> None:
     assert c is not None and c.is_empty()
     (cg / "memory/sandboxd/c-1/cgroup.procs").write_text("4242\n")
     assert not c.is_empty()
+
+
+# --- leases: a kill names the use of the cgroup it is for -----------------------------
+
+
+def recorded_kills(c: Cgroup, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace the driver's raw kill by one that records which cgroup it hit."""
+    kills: list[str] = []
+    monkeypatch.setattr(type(c), "kill", lambda self: kills.append(self.path))
+    return kills
+
+
+def renewable_v1_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Cgroup, Path]:
+    """A v1 run cgroup in a fake tree that recycle can renew (cgroupfs's mkdir, emulated)."""
+    drv, cg = v1_driver(tmp_path)
+    c = drv.create("c-1").child("r-1")
+    new_v1_cgroup(drv, cg, "c-1/r-1")
+    mem = cg / "memory/sandboxd/c-1/r-1"
+    monkeypatch.setattr(base, "rmdir", shutil.rmtree)
+    real_mkdir = os.mkdir
+
+    def mkdir(path: str, mode: int = 0o777) -> None:
+        real_mkdir(path, mode)
+        if path == str(mem):
+            populate(mem, "memory")
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    return c, cg
+
+
+def test_a_lease_kills_only_while_its_use_is_current(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    c, _ = renewable_v1_run(tmp_path, monkeypatch)
+    kills = recorded_kills(c, monkeypatch)
+    first = c.lease()
+    assert first.current and first.kill()
+    assert kills == ["c-1/r-1"]
+    # The run ended, its cgroup was recycled and handed to the next run: the first run's
+    # late kill (a timer, an output reader, a worker thread that started late) does nothing.
+    assert c.recycle(CgroupLimits(memory_bytes=64 << 20))
+    second = c.lease()
+    assert not first.current and second.current
+    assert not first.kill()
+    assert kills == ["c-1/r-1"]
+    assert second.kill() and second.kill()  # a use may be killed more than once
+    assert kills == ["c-1/r-1"] * 3
+    c.destroy(empty=True)
+    assert not second.kill()
+    assert kills == ["c-1/r-1"] * 3
+
+
+def test_a_recycle_that_fails_still_ends_the_use(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    drv, cg = v1_driver(tmp_path)
+    c = drv.create("c-1").child("r-1")
+    new_v1_cgroup(drv, cg, "c-1/r-1")
+    (cg / "pids/sandboxd/c-1/r-1/pids.current").write_text("1\n")  # still holds a process
+    kills = recorded_kills(c, monkeypatch)
+    lease = c.lease()
+    assert not c.recycle(CgroupLimits())  # the caller destroys it then, which kills
+    assert not lease.kill()
+    assert kills == []
+
+
+@pytest.mark.parametrize("ending", ["_renew", "_destroy"])
+def test_recycle_and_destroy_wait_for_a_kill_under_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str) -> None:
+    c, _ = renewable_v1_run(tmp_path, monkeypatch)
+    killing = threading.Event()
+    release = threading.Event()
+    seen: list[str] = []
+
+    def slow_kill(self: Cgroup) -> None:
+        # A v1 kill freezes, signals, thaws and waits for the cgroup to empty: it takes a
+        # while, in a worker thread, while the run's end goes on in the event loop.
+        seen.append("kill begins")
+        killing.set()
+        assert release.wait(30)
+        seen.append("kill ends")
+
+    monkeypatch.setattr(type(c), "kill", slow_kill)
+    monkeypatch.setattr(type(c), ending, lambda self, *a, **kw: seen.append(ending))
+    end_use = {"_renew": lambda: c.recycle(CgroupLimits()),
+               "_destroy": lambda: c.destroy(empty=True)}[ending]
+    lease = c.lease()
+    killer = threading.Thread(target=lease.kill)
+    killer.start()
+    assert killing.wait(30)
+    ender = threading.Thread(target=end_use)
+    ender.start()
+    ender.join(0.2)  # time for an ending that does not wait to get ahead of the kill
+    release.set()
+    killer.join(30)
+    ender.join(30)
+    assert seen == ["kill begins", "kill ends", ending]
+    assert not lease.kill()
+    assert seen == ["kill begins", "kill ends", ending]
+
+
+def test_container_limits_cover_one_maximal_run_every_tmpfs_and_init() -> None:
+    judge = load_profile("judge")
+    shape = judge.rootfs
+    ro = RootfsSpec(layers=("/l",), tmpfs=shape.tmpfs)
+    all_on = frozenset({"memory", "pids", "cpu", "cpuacct"})
+    assert judge.maxima.memory_bytes is not None and judge.maxima.pids is not None
+    # The staging tmpfs (1 MiB) and /dev (64 KiB) are the container's own mounts.
+    mounts = sum(m.size for m in shape.tmpfs) + (1 << 20) + (64 << 10)
+    limits = container_limits(judge, ro, all_on)
+    assert limits.memory_bytes == judge.maxima.memory_bytes + mounts + CONTAINER_OVERHEAD_BYTES
+    assert limits.pids == judge.maxima.pids + CONTAINER_OVERHEAD_PIDS
+    assert (limits.cpu_quota_us, limits.cpuset_cpus) == (None, None)
+    # A writable root's upper layer is a tmpfs of the container too.
+    rw = RootfsSpec(layers=("/l",), writable=True, upper_size=256 << 20, tmpfs=shape.tmpfs)
+    assert container_limits(judge, rw, all_on).memory_bytes == (
+        limits.memory_bytes + (256 << 20))
+    # Only what the host's cgroups can hold; no maximum for runs, none for the container.
+    assert container_limits(judge, ro, frozenset({"cpu"})) == CgroupLimits()
+    unbounded = replace(judge, maxima=Limits(cpu_ms=1000))
+    assert container_limits(unbounded, ro, all_on) == CgroupLimits()

@@ -91,6 +91,7 @@ class Fake:
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
         self.files: dict[tuple[str, str], bytes] = {}
         self.tars: dict[str, bytes] = {}
+        self.cut: set[str] = set()     # paths whose body the "service" cuts short
         self.containers: dict[str, dict[str, Any]] = {}
         self.token: str | None = None
         self.loop = asyncio.new_event_loop()
@@ -232,8 +233,15 @@ class Fake:
         self.requests.append(("PUT", request.path, dict(request.query)))
         return web.Response(status=204)
 
-    async def get_file(self, request: web.Request) -> web.Response:
+    async def get_file(self, request: web.Request) -> web.StreamResponse:
         path = request.query["path"]
+        if path in self.cut:  # as sandboxd does when a copy out fails once begun
+            resp = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+            await resp.prepare(request)
+            await resp.write(self.tars[path][:1024])
+            assert request.transport is not None
+            request.transport.close()
+            return resp
         if path in self.tars:
             return web.Response(body=self.tars[path], content_type="application/x-tar")
         data = self.files.get((request.match_info["id"], path))
@@ -683,7 +691,28 @@ def test_sbx_cp_unpacks_a_directory_or_keeps_the_tar(
     ([(_info("a/../../escape.txt"), b"x")], "climbs out"),
     ([(_info("/etc/escape.txt"), b"x")], "absolute path"),
     ([(_info("l", tarfile.SYMTYPE, link="/etc"), None)], "absolute path '/etc'"),
-    ([(_info("d/l", tarfile.SYMTYPE, link="../../etc"), None)], "points outside"),
+    ([(_info("d/l", tarfile.SYMTYPE, link="../../etc"), None)], "leads outside"),
+    # Through an earlier link (issue #10): d -> . makes d/../x the parent of dest.
+    ([(_info("d", tarfile.SYMTYPE, link="."), None), (_info("d/../x"), b"x")], "climbs out"),
+    ([(_info("d", tarfile.SYMTYPE, link="."), None),
+      (_info("l", tarfile.SYMTYPE, link="d/../escape.txt"), None)], "leads outside"),
+    # ... or through a later one: what counts is the tree once everything is unpacked.
+    ([(_info("l", tarfile.SYMTYPE, link="d/../escape.txt"), None),
+      (_info("d", tarfile.SYMTYPE, link="."), None)], "leads outside"),
+    ([(_info("a", tarfile.SYMTYPE, link="b/c"), None),
+      (_info("b", tarfile.SYMTYPE, link="sub/.."), None),
+      (_info("sub", tarfile.DIRTYPE), None), (_info("c", tarfile.SYMTYPE, link=".."), None)],
+     "leads outside"),
+    ([(_info("x", tarfile.SYMTYPE, link="y"), None),
+      (_info("y", tarfile.SYMTYPE, link="x/.."), None)], "loops"),
+    ([(_info("d", tarfile.SYMTYPE, link="."), None), (_info("d/x"), b"x")],
+     "goes through the link 'd'"),
+    ([(_info("d", tarfile.SYMTYPE, link="sub"), None),
+      (_info("d", tarfile.SYMTYPE, link=".."), None)], "would replace the link 'd'"),
+    ([(_info("f"), b"f"), (_info("f/x"), b"x")], "goes through the file 'f'"),
+    ([(_info("h", tarfile.LNKTYPE, link="d/passwd"), None)], "not to a file earlier"),
+    ([(_info("f"), b"f"), (_info("d", tarfile.SYMTYPE, link="."), None),
+      (_info("h", tarfile.LNKTYPE, link="d/f"), None)], "not to a file earlier"),
     ([(_info("h", tarfile.LNKTYPE, link="/etc/passwd"), None)], "absolute path"),
     ([(_info("h", tarfile.LNKTYPE, link="later"), None), (_info("later"), b"")],
      "not to a file earlier"),
@@ -704,11 +733,46 @@ def test_extract_never_writes_through_a_link(tmp_path: Path) -> None:
     outside.mkdir()
     (tmp_path / "dest").mkdir()
     (tmp_path / "dest" / "up").symlink_to(outside)  # already there, or from the archive
-    data = _tar((_info("in", tarfile.SYMTYPE, link="."), None), (_info("in/x"), b"x"),
-                (_info("up/y"), b"y"))
-    with pytest.raises(CliError, match="goes through a link"):
-        extract_tar(data, tmp_path / "dest")
+    for members, reason in (([(_info("up/y"), b"y")], "goes through the link 'up'"),
+                            ([(_info("l", tarfile.SYMTYPE, link="up/y"), None)],
+                             "goes through 'up'"),
+                            ([(_info("up", tarfile.SYMTYPE, link="."), None)],
+                             "would replace the link 'up'")):
+        with pytest.raises(CliError, match=reason):
+            extract_tar(_tar(*members), tmp_path / "dest")
     assert list(outside.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["up"]
+
+
+def test_extract_keeps_links_that_stay_inside(tmp_path: Path) -> None:
+    """Links through links and '..' are fine while they resolve inside (a merged /usr)."""
+    data = _tar((_info("r", tarfile.DIRTYPE, 0o755), None),
+                (_info("r/usr/bin", tarfile.DIRTYPE, 0o755), None),
+                (_info("r/bin", tarfile.SYMTYPE, link="usr/bin"), None),
+                (_info("r/usr/bin/busybox", mode=0o755), b"elf"),
+                (_info("r/usr/bin/sh", tarfile.SYMTYPE, link="busybox"), None),
+                (_info("r/usr/bin/up", tarfile.SYMTYPE, link="../../bin/sh"), None),
+                (_info("r/root", tarfile.SYMTYPE, link=".."), None),
+                (_info("r/dangling", tarfile.SYMTYPE, link="nowhere/../../.."), None))
+    assert extract_tar(io.BytesIO(data), tmp_path / "out") == 8
+    out = tmp_path / "out" / "r"
+    assert (out / "usr/bin/up").read_bytes() == b"elf"
+    assert os.readlink(out / "root") == ".." and (out / "bin").resolve() == out / "usr/bin"
+    # The same archive again over what it unpacked: the same links are no change.
+    assert extract_tar(data, tmp_path / "out") == 8
+
+
+def test_sbx_cp_of_a_copy_cut_short_writes_nothing(
+        fake: Fake, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fake.containers["c1"] = {}
+    fake.tars["/big"] = _tar((_info("big"), os.urandom(64 << 10)))
+    fake.cut.add("/big")
+    code, _, err = sbx(capsys, "cp", "c1:/big", str(tmp_path / "out"))
+    assert code == 125 and "stopped partway" in err
+    assert not (tmp_path / "out").exists()
+    with SyncClient(fake.url) as c, pytest.raises(ApiError, match="stopped partway") as e:
+        c.get_file("c1", "/big")
+    assert e.value.code == "incomplete"
 
 
 def test_sbx_cp_refuses_a_tar_with_dotdot_entries(

@@ -12,6 +12,7 @@ from sandbox import digests
 from sandbox import manifest as m
 from sandbox.errors import ImageError, ManifestError, NotFound
 from sandbox.manifest import Descriptor, ImageIndex, ImageManifest, Platform
+from sandbox.store.unpack import UnpackLimits
 
 
 def dg(n: int) -> str:
@@ -246,8 +247,8 @@ HOSTILE: dict[str, tuple[bytes, str, str]] = {
                                      m.OCI_MANIFEST, "mediaType is None"),
     "negative size": (body(mutate(OCI_ZSTD, ("layers", 0, "size"), -1)), m.OCI_MANIFEST,
                       "size is -1"),
-    "huge size": (body(mutate(OCI_ZSTD, ("layers", 0, "size"), 1 << 41)), m.OCI_MANIFEST,
-                  "whole number of bytes"),
+    "huge size": (body(mutate(OCI_ZSTD, ("layers", 0, "size"), 1 << 62)), m.OCI_MANIFEST,
+                  "over the 17179869184 byte limit"),
     "float size": (body(mutate(OCI_ZSTD, ("layers", 0, "size"), 1.5)), m.OCI_MANIFEST,
                    "size is 1.5"),
     "bool size": (body(mutate(OCI_ZSTD, ("layers", 0, "size"), True)), m.OCI_MANIFEST,
@@ -290,12 +291,25 @@ def test_hostile_documents_are_refused_clearly(data: bytes, content_type: str,
     assert fragment in str(info.value)
 
 
+def test_the_blob_cap_is_the_unpack_limit_and_can_be_set() -> None:
+    assert m.MAX_BLOB_BYTES == UnpackLimits().max_bytes == 16 << 30
+    doc = body(mutate(OCI_ZSTD, ("layers", 1, "size"), 1021035))
+    with pytest.raises(ManifestError, match=r"layer 1: sha256:\w+ claims 1021035 bytes, over "
+                                             "the 1021034 byte limit"):
+        m.parse_manifest(doc, m.OCI_MANIFEST, max_blob_bytes=1021034)
+    assert m.parse_manifest(doc, m.OCI_MANIFEST, max_blob_bytes=1021035)
+    index = body({"schemaVersion": 2, "mediaType": m.OCI_INDEX, "manifests": [
+        {"mediaType": m.OCI_MANIFEST, "digest": "sha256:" + "a" * 64, "size": 1 << 40}]})
+    with pytest.raises(ManifestError, match="index entry 0"):
+        m.parse_manifest(index, m.OCI_INDEX)
+
+
 def test_descriptor_limits_are_inclusive() -> None:
-    doc = mutate(OCI_ZSTD, ("layers", 0, "size"), 1 << 40)
+    doc = mutate(OCI_ZSTD, ("layers", 0, "size"), m.MAX_BLOB_BYTES)
     doc = mutate(doc, ("config", "size"), 0)
     man = m.parse_manifest(body(doc), m.OCI_MANIFEST)
     assert isinstance(man, ImageManifest)
-    assert (man.layers[0].size, man.config.size) == (1 << 40, 0)
+    assert (man.layers[0].size, man.config.size) == (m.MAX_BLOB_BYTES, 0)
     many = mutate(OCI_ZSTD, ("layers",), [OCI_ZSTD["layers"][1]] * 1000)
     assert len(m.parse_manifest(body(many), m.OCI_MANIFEST).layers) == 1000  # type: ignore[union-attr]
 

@@ -1,5 +1,6 @@
 """Run profiles from files: the operator's knobs (seccomp "unconfined", network "host") are
-accepted, anything else is refused with a message naming what is allowed."""
+accepted, anything else is refused with a message naming what is allowed; CPU maxima (a
+cpuset within the profile's and the host's CPUs, a quota within the maximum)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 import pytest
 
 from sandbox.errors import PolicyError
-from sandbox.runtime.profiles import HOST_NETWORK, UNCONFINED, Profile, load_profile
+from sandbox.runtime import profiles
+from sandbox.runtime.profiles import HOST_NETWORK, UNCONFINED, Limits, Profile, load_profile
 
 
 def _load(tmp_path: Path, **data: Any) -> Profile:
@@ -42,3 +44,86 @@ def test_bad_values_are_refused_clearly(tmp_path: Path, data: dict[str, Any],
     with pytest.raises(PolicyError, match=message) as e:
         _load(tmp_path, **data)
     assert str(e.value).startswith("profile 'p': ")
+
+
+# ------------------------------------------------------------------------- CPU maxima
+
+def _host() -> str:
+    return profiles.format_cpuset(profiles.host_cpus())
+
+
+@pytest.mark.parametrize("asked", [Limits(cpuset="0-4095"), Limits(cpuset="4095"),
+                                   Limits(cpu_quota_cores=100_000.0)])
+def test_shipped_profiles_refuse_cpus_beyond_the_host(asked: Limits) -> None:
+    for name in ("default", "judge"):
+        field = "cpuset" if asked.cpuset else "cpu_quota_cores"
+        with pytest.raises(PolicyError, match=rf"^limits\.{field}: .*; ask for "):
+            load_profile(name).resolve(asked)
+
+
+def test_shipped_profiles_have_cpu_maxima_of_this_host() -> None:
+    for name in ("default", "judge"):
+        p = load_profile(name)
+        assert p.maxima.cpuset == _host()
+        assert p.maxima.cpu_quota_cores == float(len(profiles.host_cpus()))
+
+
+@pytest.mark.parametrize(("text", "canonical"), [
+    ("0", "0"), ("1,0", "0-1"), ("0-3,6,7,8", "0-3,6-8"), ("2-2", "2"), ("5,1-3", "1-3,5"),
+])
+def test_cpu_lists_are_read_as_the_kernel_reads_them(text: str, canonical: str) -> None:
+    assert profiles.format_cpuset(profiles.parse_cpuset(text, "x")) == canonical
+    assert Limits.from_dict({"cpuset": text}).cpuset == canonical
+
+
+@pytest.mark.parametrize("bad", ["", "a", ",0", "0,", "0-", "-1", "3-1", "0--1", "1 ", "65536",
+                                 "0-99999", 0, None, ["0"]])
+def test_bad_cpu_lists_are_refused(bad: Any) -> None:
+    if bad is None:
+        assert Limits.from_dict({"cpuset": bad}).cpuset is None  # unset
+        return
+    with pytest.raises(PolicyError, match=r"^limits\.cpuset: expected a list of CPUs"):
+        Limits.from_dict({"cpuset": bad})
+
+
+def test_a_cpuset_must_be_within_the_maximum_and_the_host() -> None:
+    here = sorted(profiles.host_cpus())
+    maxima = Limits(cpuset=str(here[0]))
+    Limits(cpuset=str(here[0])).check_within(maxima)
+    Limits(cpuset=_host()).check_within(Limits())  # no maximum: the host's CPUs
+    missing = max(here) + 1
+    with pytest.raises(PolicyError, match=rf"^limits\.cpuset: {missing} names CPUs this host "
+                                          rf"does not have \({missing}\); ask for a subset "
+                                          rf"of {here[0]}$"):
+        Limits(cpuset=str(missing)).check_within(maxima)
+    if len(here) > 1:
+        with pytest.raises(PolicyError, match=rf"^limits\.cpuset: {_host()} names CPUs outside "
+                                              rf"this profile's maximum {here[0]}; ask for a "
+                                              rf"subset of {here[0]}$"):
+            Limits(cpuset=_host()).check_within(maxima)
+
+
+@pytest.mark.parametrize("bad", [0, 0.001, -1, 5000, True, "1"])
+def test_cpu_quota_is_a_sane_number_of_cores(bad: Any) -> None:
+    with pytest.raises(PolicyError, match=r"^limits\.cpu_quota_cores: expected a number of "
+                                          r"cores from 0\.01 to 4096"):
+        Limits.from_dict({"cpu_quota_cores": bad})
+
+
+def test_a_cpu_quota_must_be_within_the_maximum() -> None:
+    judge = load_profile("judge")
+    top = judge.maxima.cpu_quota_cores
+    assert judge.resolve(Limits(cpu_quota_cores=top)).cpu_quota_cores == top
+    with pytest.raises(PolicyError, match=rf"^limits\.cpu_quota_cores: {top * 2} is above "
+                                          rf"this profile's maximum of {top}; ask for at "
+                                          rf"most {top}$"):
+        judge.resolve(Limits(cpu_quota_cores=top * 2))
+
+
+def test_a_profile_file_may_narrow_the_cpu_maxima(tmp_path: Path) -> None:
+    first = min(profiles.host_cpus())
+    p = _load(tmp_path, limits={"maxima": {"cpuset": str(first), "cpu_quota_cores": 0.5}})
+    assert (p.maxima.cpuset, p.maxima.cpu_quota_cores) == (str(first), 0.5)
+    with pytest.raises(PolicyError, match=r"p\.limits\.defaults\.cpu_quota_cores: 1 is above"):
+        _load(tmp_path, limits={"defaults": {"cpu_quota_cores": 1},
+                                "maxima": {"cpu_quota_cores": 0.5}})

@@ -55,6 +55,11 @@ class Target:
     challenges: list[Challenge] = field(default_factory=list)
     allow_http: bool = False
     ssl: object = True
+    home: str | None = None  # as the client's _Host: its own name when it may be local
+    configured: tuple[str, ...] = ()
+
+    def may_be_local(self, host: str) -> bool:
+        return host == self.home or host in self.configured
 
 
 @dataclass
@@ -64,8 +69,8 @@ class FakeTokenServer:
     answers: list[tuple[int, dict]] = field(default_factory=list)
     seen: list[tuple[str, URL, dict, dict | None]] = field(default_factory=list)
 
-    async def __call__(self, method: str, url: URL, headers: dict, form: dict | None,
-                       ssl: object) -> Reply:
+    async def __call__(self, target: object, method: str, url: URL, headers: dict,
+                       form: dict | None) -> Reply:
         self.seen.append((method, url, headers, form))
         status, body = self.answers.pop(0) if self.answers else (200, {"token": "t"})
         return Reply(status, CIMultiDictProxy(CIMultiDict()), orjson.dumps(body), url)
@@ -174,10 +179,24 @@ def test_realm_checks(realm: str, target: Target, problem: str) -> None:
     assert server.seen == []
 
 
-def test_local_realm_allowed_for_a_local_registry() -> None:
+def test_local_realm_allowed_on_the_registrys_own_host_or_a_configured_one() -> None:
     target = Target(name="127.0.0.1:5000", cred_host="127.0.0.1:5000", allow_http=True,
+                    home="127.0.0.1", configured=("10.0.0.7",),
                     challenges=[bearer("http://127.0.0.1:5001/token")])
     assert asyncio.run(authenticator(FakeTokenServer()).header(target, ("s",))) == "Bearer t"
+    target.challenges = [bearer("http://10.0.0.7/token")]
+    assert asyncio.run(authenticator(FakeTokenServer()).header(target, ("t",))) == "Bearer t"
+
+
+@pytest.mark.parametrize("realm", ["http://localhost:5001/token", "http://127.0.0.2/token",
+                                   "http://[::1]:5001/token"])
+def test_a_local_registry_may_not_send_us_to_another_local_host(realm: str) -> None:
+    target = Target(name="127.0.0.1:5000", cred_host="127.0.0.1:5000", allow_http=True,
+                    home="127.0.0.1", challenges=[bearer(realm)])
+    server = FakeTokenServer()
+    with pytest.raises(AuthError, match="local or private"):
+        asyncio.run(authenticator(server).header(target, ("s",)))
+    assert server.seen == []
 
 
 @pytest.mark.parametrize(("status", "body", "problem"), [

@@ -1,4 +1,5 @@
-"""Registry settings: the TOML table, its errors, and which hosts may speak plain HTTP."""
+"""Registry settings: the TOML table, its errors, which hosts may speak plain HTTP, and which
+may be on a local or private network."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.registry.config import ConfigError, RegistriesConfig, RegistryConfig, parse_mirror
-from sandbox.registry.hosts import is_local_address, split_host
+from sandbox.registry.hosts import is_local_address, is_local_ip, split_host
 
 
 def test_from_dict_reads_every_field(tmp_path: Path) -> None:
@@ -100,8 +101,43 @@ def test_split_host_refuses(text: str) -> None:
 @pytest.mark.parametrize(("host", "local"), [
     ("10.1.2.3", True), ("192.168.0.1", True), ("169.254.169.254", True), ("::ffff:127.0.0.1",
                                                                           True),
-    ("0.0.0.0", True), ("fe80::1", True), ("a.localhost", True),
+    ("0.0.0.0", True), ("fe80::1", True), ("a.localhost", True), ("100.64.0.1", True),
     ("8.8.8.8", False), ("registry.example.com", False), ("2001:4860::8888", False),
+    ("intranet", False),  # a name: only resolving it can tell
 ])
 def test_local_addresses(host: str, local: bool) -> None:
     assert is_local_address(host) is local
+
+
+@pytest.mark.parametrize(("address", "local"), [
+    ("127.0.1.1", True), ("10.9.8.7", True), ("172.31.0.1", True), ("192.168.1.1", True),
+    ("169.254.169.254", True), ("100.100.100.200", True), ("0.0.0.0", True),
+    ("192.0.2.1", True), ("224.0.0.251", True), ("239.255.255.250", True),
+    ("255.255.255.255", True), ("::1", True), ("::", True), ("fe80::1%eth0", True),
+    ("fd12:3456::1", True), ("fec0::1", True), ("::ffff:127.0.0.1", True),
+    ("64:ff9b::a00:1", True), ("ff02::1", True), ("not an address", True),
+    ("93.184.216.34", False), ("::ffff:93.184.216.34", False), ("64:ff9b::5db8:d822", False),
+    ("2606:4700::1111", False),
+])
+def test_local_ips(address: str, local: bool) -> None:
+    assert is_local_ip(address) is local
+
+
+def test_configured_hosts_and_their_mirrors_are_trusted() -> None:
+    cfg = RegistriesConfig.from_dict({
+        "docker.io": {"mirrors": ["http://hub-cache.internal:5000"]},
+        "Registry.Internal:5000": {}, "auth.internal": {}})
+    for host in ("registry.internal", "REGISTRY.internal.", "auth.internal",
+                 "hub-cache.internal", "registry-1.docker.io", "index.docker.io"):
+        assert cfg.trusts(host), host
+    for host in ("registry.internal.evil", "internal", "quay.io", "", "[::1"):
+        assert not cfg.trusts(host), host
+    assert not RegistriesConfig().trusts("registry-1.docker.io")
+
+
+def test_max_blob_bytes() -> None:
+    assert RegistriesConfig().max_blob_bytes == 16 << 30
+    assert RegistriesConfig.from_dict({"max_blob_bytes": 1 << 40}).max_blob_bytes == 1 << 40
+    for bad in (0, -1, True, 1.5, "16G"):
+        with pytest.raises(ConfigError, match=r"registries\.max_blob_bytes"):
+            RegistriesConfig.from_dict({"max_blob_bytes": bad})

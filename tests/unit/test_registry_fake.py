@@ -393,12 +393,13 @@ def blob_server(behaviours: list[str]) -> Handler:
     return registry({f"/v2/test/app/blobs/{BLOB_DIGEST}": blob})
 
 
-def fetch(tmp_path: Path, behaviours: list[str], size: int | None = len(BLOB)
+def fetch(tmp_path: Path, behaviours: list[str], size: int = len(BLOB),
+          config: RegistriesConfig | None = None
           ) -> tuple[Path, list[int], list[str | None], BaseException | None]:
     async def go() -> tuple[Path, list[int], list[str | None], BaseException | None]:
         dest = tmp_path / "blob"
         progress: list[int] = []
-        async with serve(blob_server(behaviours)) as r, client(sleeps=[]) as c:
+        async with serve(blob_server(behaviours)) as r, client(config, sleeps=[]) as c:
             try:
                 await c.fetch_blob(r.ref(), BLOB_DIGEST, size, dest,
                                    on_progress=progress.append)
@@ -439,13 +440,22 @@ def test_resets_are_bounded(tmp_path: Path) -> None:
     ("corrupt", len(BLOB), "hashes to"),
     ("ok", len(BLOB) + 1, "manifest says"),
     ("long", len(BLOB), "longer than"),
-    ("corrupt", None, "hashes to"),
+    ("ok", len(BLOB) - 1, "manifest says"),
+    ("long", len(BLOB) + 1, "hashes to"),
 ])
-def test_bad_blobs_are_refused_and_removed(tmp_path: Path, behaviour: str, size: int | None,
+def test_bad_blobs_are_refused_and_removed(tmp_path: Path, behaviour: str, size: int,
                                            problem: str) -> None:
     dest, _, _, err = fetch(tmp_path, [behaviour], size)
     assert isinstance(err, DigestMismatch) and problem in str(err)
     assert BLOB_DIGEST in str(err) and not dest.exists()
+
+
+@pytest.mark.parametrize("size", [len(BLOB), -1])
+def test_a_blob_over_the_cap_is_not_fetched(tmp_path: Path, size: int) -> None:
+    config = RegistriesConfig(max_blob_bytes=len(BLOB) - 1)
+    dest, _, ranges, err = fetch(tmp_path, [], size, config)
+    assert isinstance(err, ManifestError) and "max_blob_bytes" in str(err)
+    assert ranges == [] and not dest.exists()
 
 
 def test_foreign_urls_must_be_https_and_not_local(tmp_path: Path) -> None:

@@ -1,16 +1,23 @@
-"""Pure pieces of the transport: Retry-After, error bodies, Content-Range, manifest typing."""
+"""Pieces of the transport: Retry-After, error bodies, Content-Range, manifest typing, and the
+resolver that keeps untrusted names off local addresses (with a fake DNS: DNS is outside the
+unit; the connections are real)."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 
-from sandbox.errors import ManifestError
+from sandbox.errors import ManifestError, RegistryError
 from sandbox.registry.client import MANIFEST_ACCEPT, OCI_INDEX, OCI_MANIFEST, check_manifest
 from sandbox.registry.download import range_matches
-from sandbox.registry.transport import describe_error, parse_retry_after
+from sandbox.registry.transport import GuardedResolver, describe_error, parse_retry_after
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -24,25 +31,34 @@ def test_retry_after(value: str | None, seconds: float | None) -> None:
     assert parse_retry_after(value, NOW) == seconds
 
 
-def test_error_bodies() -> None:
+def test_error_bodies_give_codes_and_short_printable_messages() -> None:
     body = orjson.dumps({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown",
                                      "detail": {"Tag": "x"}},
-                                    {"code": "DENIED", "message": "no\nnewlines"}]})
-    assert describe_error(404, "Not Found", "application/json", body) == (
-        "404 MANIFEST_UNKNOWN: manifest unknown; DENIED: no newlines", "MANIFEST_UNKNOWN")
-    message, code = describe_error(429, "Too Many Requests", "text/html",
-                                   b"<html><body>" + b"x" * 10000)
-    assert message == "429 Too Many Requests (an HTML page)" and code is None
-    message, _ = describe_error(500, None, "text/plain", b"\x00" + b"y" * 5000)
-    assert message.startswith("500: ") and len(message) < 300 and "\x00" not in message
-    assert describe_error(502, "Bad Gateway", "", b"") == ("502 Bad Gateway", None)
-    assert describe_error(400, None, "", b'{"errors": [1, {"code": 5}]}')[0].startswith("400")
+                                    {"code": "DENIED", "message": "no\nnewlines\x1b[31m"}]})
+    assert describe_error(404, body) == (
+        "404 MANIFEST_UNKNOWN: manifest unknown; DENIED: no newlines [31m", "MANIFEST_UNKNOWN")
+    long = orjson.dumps({"errors": [{"code": "UNKNOWN", "message": "m" * 5000}] * 50})
+    message, code = describe_error(500, long)
+    assert code == "UNKNOWN" and message.count("UNKNOWN") == 3 and len(message) < 420
+
+
+@pytest.mark.parametrize("body", [
+    b"<html><body>internal.corp admin page</body></html>",
+    b"upstream 10.1.2.3:5000 internal.corp refused",
+    b'{"errors": [{"code": "<b>internal.corp</b>", "message": "x"}]}',
+    b'{"errors": [{"message": "internal.corp"}]}',
+    b'{"detail": "internal.corp"}',
+    b"\x00internal.corp",
+])
+def test_anything_but_oci_error_codes_is_left_out(body: bytes) -> None:
+    message, code = describe_error(502, body)
+    assert (message, code) == ("502 Bad Gateway", None)
+    assert describe_error(599, body) == ("599 (no standard meaning)", None)
 
 
 @pytest.mark.parametrize(("header", "offset", "size", "ok"), [
     ("bytes 100-999/1000", 100, 1000, True),
     ("bytes 100-999/*", 100, 1000, True),
-    ("bytes 100-999/1000", 100, None, True),
     ("bytes 0-999/1000", 100, 1000, False),
     ("bytes 100-998/1000", 100, 1000, False),
     ("bytes 100-999/1001", 100, 1000, False),
@@ -50,7 +66,7 @@ def test_error_bodies() -> None:
     ("bytes */1000", 100, 1000, False),
     (None, 100, 1000, False),
 ])
-def test_content_range(header: str | None, offset: int, size: int | None, ok: bool) -> None:
+def test_content_range(header: str | None, offset: int, size: int, ok: bool) -> None:
     assert range_matches(header, offset, size) is ok
 
 
@@ -81,3 +97,76 @@ def test_manifest_media_type_rules() -> None:
         check_manifest(OCI_MANIFEST, b"\xff{", MANIFEST_ACCEPT, "m")
     with pytest.raises(ManifestError, match="not a JSON object"):
         check_manifest(OCI_MANIFEST, b"[1]", MANIFEST_ACCEPT, "m")
+
+
+class FakeDNS(AbstractResolver):
+    """Answers from a table; each name's answers are used in turn (a rebinding DNS)."""
+
+    def __init__(self, table: dict[str, list[list[str]]]) -> None:
+        self.table = table
+        self.asked: list[str] = []
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        self.asked.append(host)
+        answers = self.table[host]
+        addresses = answers.pop(0) if len(answers) > 1 else answers[0]
+        return [ResolveResult(hostname=host, host=a, port=port, family=socket.AF_INET,
+                              proto=0, flags=0) for a in addresses]
+
+    async def close(self) -> None:
+        pass
+
+
+def resolve(resolver: GuardedResolver, host: str) -> list[str]:
+    return [r["host"] for r in asyncio.run(resolver.resolve(host, 443))]
+
+
+def test_local_answers_are_dropped_for_untrusted_names() -> None:
+    dns = FakeDNS({"mixed.test": [["10.0.0.5", "93.184.216.34", "127.0.0.1"]],
+                   "inside.test": [["10.0.0.5", "::1"]],
+                   "trusted.test": [["10.0.0.5"]]})
+    guard = GuardedResolver(lambda host: host == "trusted.test", dns)
+    assert resolve(guard, "mixed.test") == ["93.184.216.34"]
+    assert resolve(guard, "trusted.test") == ["10.0.0.5"]
+    with pytest.raises(RegistryError, match=r"inside\.test resolves to a local") as info:
+        resolve(guard, "inside.test")
+    assert "10.0.0.5" not in str(info.value)  # the network's layout is the operator's
+
+
+def test_rebinding_gains_nothing() -> None:
+    dns = FakeDNS({"rebind.test": [["93.184.216.34"], ["127.0.0.1"]]})
+    guard = GuardedResolver(lambda host: False, dns)
+    assert resolve(guard, "rebind.test") == ["93.184.216.34"]
+    with pytest.raises(RegistryError, match=r"rebind\.test"):
+        resolve(guard, "rebind.test")
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[socket.socket, int]]:
+    """A socket listening on 127.0.0.1 that nobody accepts from: a connection to it shows in
+    its backlog."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        s.setblocking(False)
+        yield s, s.getsockname()[1]
+
+
+def test_aiohttp_connects_only_where_the_guard_allows(
+        listener: tuple[socket.socket, int]) -> None:
+    sock, port = listener
+
+    async def get(trusted: bool) -> None:
+        guard = GuardedResolver(lambda host: trusted,
+                                FakeDNS({"inside.test": [["127.0.0.1"]]}))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=guard),
+                                         timeout=aiohttp.ClientTimeout(total=0.5)) as session:
+            await session.get(f"http://inside.test:{port}/")
+
+    with pytest.raises(RegistryError, match=r"inside\.test resolves to a local"):
+        asyncio.run(get(trusted=False))
+    with pytest.raises(BlockingIOError):
+        sock.accept()  # nothing came
+    with pytest.raises(TimeoutError):
+        asyncio.run(get(trusted=True))  # connected; the listener never answers
+    conn, _ = sock.accept()
+    conn.close()

@@ -10,6 +10,7 @@ import pytest
 
 from sandbox.errors import PolicyError, RuntimeSetupError
 from sandbox.runtime import idmap, rootfs
+from sandbox.runtime.container import ExecRequest, _validate
 from sandbox.runtime.profiles import Limits, load_profile
 from sandbox.runtime.results import Observed, Status, verdict
 
@@ -26,7 +27,7 @@ def obs(status: int, **kw: object) -> Observed:
     base = {"wait_status": status, "killed_for": None, "cpu_ns": 0, "cpu_limit_ms": None,
             "oom_kills": 0, "exec_error": None}
     base.update(kw)
-    return Observed(**base)  # type: ignore[arg-type]
+    return Observed(**base)
 
 
 @pytest.mark.parametrize(("o", "expected"), [
@@ -44,7 +45,7 @@ def obs(status: int, **kw: object) -> Observed:
     (obs(killed(9), killed_for=Status.OUTPUT_LIMIT), (Status.OUTPUT_LIMIT, None, 9)),
     (obs(exited(125), exec_error="125:seccomp: bad"), (Status.INTERNAL_ERROR, 125, None)),
     (obs(exited(127), exec_error="127:exec x: No such file"), (Status.NONZERO_EXIT, 127, None)),
-    (obs(None), (Status.INTERNAL_ERROR, None, None)),  # type: ignore[arg-type]
+    (obs(None), (Status.INTERNAL_ERROR, None, None)),
 ])
 def test_verdicts(o: Observed, expected: tuple[Status, int | None, int | None]) -> None:
     assert verdict(o) == expected
@@ -76,7 +77,7 @@ def test_limits_resolve_and_refuse() -> None:
 ])
 def test_limits_validation(data: object, match: str) -> None:
     with pytest.raises(PolicyError, match=match):
-        Limits.from_dict(data)  # type: ignore[arg-type]
+        Limits.from_dict(data)
 
 
 def test_unknown_profile_names_known_ones() -> None:
@@ -159,6 +160,31 @@ def test_idmap_user_with_and_without_ranges(tmp_path: Path) -> None:
         idmap.plan(uid=uid, gid=uid, etc=tmp_path / "none", allow_single=False)
 
 
+@pytest.mark.parametrize(("count", "run", "init"), [
+    (65536, 65534, 65535), (70000, 65534, 65535), (65535, 65533, 65534), (3, 1, 2), (2, 0, 1),
+])
+def test_idmap_init_has_the_highest_id_and_runs_another(tmp_path: Path, count: int, run: int,
+                                                        init: int) -> None:
+    etc = _etc(tmp_path, f"root:100000:{count}\n", f"root:200000:{count}\n")
+    m = idmap.plan(uid=0, gid=0, etc=etc)
+    assert (m.run_uid, m.run_gid, m.init_uid, m.init_gid) == (run, run, init, init)
+    assert not m.shares_init_id
+    assert m.describe()["init_uid"] == init
+
+
+def test_idmap_one_id_is_shared_by_init_and_runs(tmp_path: Path) -> None:
+    m = idmap.plan(uid=0, gid=0, etc=_etc(tmp_path, "root:100000:1\n", "root:200000:1\n"))
+    assert (m.run_uid, m.init_uid) == (0, 0) and m.shares_init_id
+    uid = os.geteuid() or 1000
+    single = idmap.plan(uid=uid, gid=uid, etc=tmp_path / "none")
+    assert single.method == "single" and single.shares_init_id and single.init_uid == 0
+    newuid = idmap.plan(uid=uid, gid=uid, etc=_etc(tmp_path, f"{uid}:300000:65536\n",
+                                                     f"{uid}:300000:65536\n"))
+    if newuid.method == "newuidmap":  # 0 is the user, 1..65535 the range
+        assert (newuid.run_uid, newuid.init_uid, newuid.host_uid(65535)) == (65534, 65535,
+                                                                              365534)
+
+
 def test_plan_read_only_sys_masks_its_sensitive_parts() -> None:
     plan = rootfs.plan(rootfs.RootfsSpec(layers=("/r",), sys="ro"), ["R"])
     assert any(isinstance(op, rootfs.Sysfs) for op in plan.ops)
@@ -197,3 +223,31 @@ def test_profile_tmpfs_mounts_become_resettable_mounts() -> None:
     assert {op.target for op in plan.resettable()} == {"/work", "/dev/shm"}
     work = next(op for op in plan.resettable() if op.target == "/work")
     assert (work.size, work.inodes) == (1 << 20, 64)
+
+
+def _request(**ids: int) -> ExecRequest:
+    return ExecRequest(argv=["true"], **ids)
+
+
+@pytest.mark.parametrize(("ids", "message"), [
+    ({"uid": 65535}, r"^uid: 65535 is the container init's own id, which no run may share .*"
+                     r"run as another user, e\.g\. 65534$"),
+    ({"gid": 65535}, r"^gid: 65535 is the container init's own id"),
+    ({"uid": 65536}, r"^uid: 65536 is not mapped in this container; use 0 to 65534$"),
+    ({"gid": -1}, r"^gid: -1 is not mapped in this container; use 0 to 65534$"),
+])
+def test_runs_may_not_take_init_id(ids: dict[str, int], message: str) -> None:
+    m = idmap.IdMapping("direct", (idmap.IdRange(0, 100000, 65536),),
+                        (idmap.IdRange(0, 100000, 65536),), 65534, 65534)
+    _validate(_request(uid=0, gid=0), m)
+    _validate(_request(uid=65534, gid=65534), m)
+    with pytest.raises(PolicyError, match=message):
+        _validate(_request(**ids), m)
+
+
+def test_a_single_id_is_every_run_s() -> None:
+    single = idmap.IdMapping("single", (idmap.IdRange(0, 1000, 1),),
+                             (idmap.IdRange(0, 1000, 1),), 0, 0)
+    _validate(_request(uid=0, gid=0), single)
+    with pytest.raises(PolicyError, match=r"^uid: 1 is not mapped in this container; use 0 to 0"):
+        _validate(_request(uid=1), single)

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import mmap
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -115,9 +116,10 @@ def value_in_child(bpf: bytes | None, probe: Callable[[], int], **kw: Any) -> in
 _buffers: list[ctypes.Array[ctypes.c_char]] = []
 
 
-def _buffer(size: int) -> int:
-    """Address of a zeroed buffer that lives as long as the (short-lived) child."""
-    _buffers.append(ctypes.create_string_buffer(size))
+def _buffer(size: int, data: bytes = b"") -> int:
+    """Address of a buffer (zeroed, or starting with `data`) that lives as long as the
+    (short-lived) child."""
+    _buffers.append(ctypes.create_string_buffer(data, size))
     return ctypes.addressof(_buffers[-1])
 
 
@@ -395,11 +397,6 @@ DENIED: dict[str, Callable[[], int]] = {
     "reboot": lambda: syscall("reboot", 0, 0, 0, 0),
     "syslog": lambda: syscall("syslog", 10, 0, 0),
     "personality(ADDR_NO_RANDOMIZE)": lambda: syscall("personality", 0x0040000),
-    "socket(AF_ALG)": lambda: closing(syscall("socket", AF_ALG, socket.SOCK_SEQPACKET, 0)),
-    "socket(AF_VSOCK)": lambda: closing(syscall("socket", AF_VSOCK, socket.SOCK_STREAM, 0)),
-    "socket(1<<32 | AF_VSOCK)": lambda: closing(
-        syscall("socket", HIGH_BIT | AF_VSOCK, socket.SOCK_STREAM, 0)
-    ),
 }
 
 
@@ -419,6 +416,46 @@ def test_default_denies(default_bpf: bytes, probe: str) -> None:
     if control == -errno.EPERM:
         pytest.skip(f"{probe} fails with EPERM here even without a filter")
     assert value_in_child(default_bpf, DENIED[probe]) == -errno.EPERM
+
+
+# Families a program may not open: each fails as on a kernel without it (EAFNOSUPPORT), so
+# that programs fall back, whatever the high 32 bits of the argument say.
+REFUSED_FAMILIES = {
+    "AF_UNSPEC": 0, "AF_AX25": 3, "AF_IPX": 4, "AF_APPLETALK": 5, "AF_BRIDGE": 7,
+    "AF_X25": 9, "AF_ROSE": 11, "AF_DECnet": 12, "AF_KEY": 15, "AF_PACKET": 17,
+    "AF_RDS": 21, "AF_BLUETOOTH": 31, "AF_ALG": AF_ALG, "AF_VSOCK": AF_VSOCK, "AF_XDP": 44,
+    "1<<32 | AF_ALG": HIGH_BIT | AF_ALG, "1<<32 | AF_VSOCK": HIGH_BIT | AF_VSOCK,
+    "2**32 - 1": 2**32 - 1, "-1": 2**64 - 1,
+}  # fmt: skip
+
+
+@x86_64_only
+@pytest.mark.parametrize("call", ["socket", "socketpair"])
+@pytest.mark.parametrize("family", list(REFUSED_FAMILIES), ids=list(REFUSED_FAMILIES))
+def test_default_refuses_other_socket_families(default_bpf: bytes, call: str,
+                                               family: str) -> None:
+    value = REFUSED_FAMILIES[family]
+    if call == "socket":
+        probe = lambda: closing(syscall("socket", value, socket.SOCK_DGRAM, 0))  # noqa: E731
+    else:
+        probe = lambda: syscall("socketpair", value, socket.SOCK_DGRAM, 0, _buffer(8))  # noqa: E731
+    assert value_in_child(default_bpf, probe) == -errno.EAFNOSUPPORT
+
+
+@x86_64_only
+@pytest.mark.parametrize("family", [socket.AF_UNIX, socket.AF_INET, socket.AF_INET6,
+                                    socket.AF_NETLINK])  # fmt: skip
+def test_default_allows_the_four_socket_families(default_bpf: bytes, family: int) -> None:
+    kind = socket.SOCK_RAW if family == socket.AF_NETLINK else socket.SOCK_DGRAM
+    control = value_in_child(None, lambda: closing(syscall("socket", family, kind, 0)))
+    if control < 0:
+        pytest.skip(f"socket({family}) fails here even without a filter ({control})")
+    assert value_in_child(default_bpf, lambda: closing(syscall("socket", family, kind, 0))) >= 0
+    # socketpair reaches the kernel for each: only AF_UNIX makes pairs.
+    pair = value_in_child(default_bpf,
+                          lambda: syscall("socketpair", family, socket.SOCK_DGRAM, 0, _buffer(8)))
+    assert pair == 0 if family == socket.AF_UNIX else pair in (-errno.EOPNOTSUPP,
+                                                               -errno.EPROTONOSUPPORT)
 
 
 @pytest.fixture
@@ -623,6 +660,141 @@ def test_default_runs_real_programs(default_bpf: bytes, program: str, tmp_path: 
     code, output = run_program(default_bpf, argv, tmp_path)
     assert code == 0, output
     assert expected in output
+
+
+# --------------------------------------------------------------------------- own process only
+
+RLIMIT_DATA, PRIO_PROCESS, PRIO_PGRP, PRIO_USER = 2, 0, 1, 2
+IOPRIO_WHO_PROCESS, IOPRIO_WHO_PGRP, IOPRIO_WHO_USER = 1, 2, 3
+
+
+def _rlimit() -> int:
+    """This process's own RLIMIT_DATA: setting it on the parent (the test) changes nothing."""
+    return _buffer(16, struct.pack("=QQ", *(v & (2**64 - 1) for v in
+                                            resource.getrlimit(RLIMIT_DATA))))
+
+
+def _sched_param() -> int:
+    return _buffer(4)
+
+
+def _sched_attr() -> int:
+    # struct sched_attr (version 0, 48 bytes): SCHED_OTHER at this process's own nice.
+    return _buffer(56, struct.pack("=IIQiI", 48, 0, 0, os.getpriority(os.PRIO_PROCESS, 0), 0))
+
+
+def _cpu_mask() -> int:
+    return _buffer(128, sum(1 << c for c in os.sched_getaffinity(0)).to_bytes(128, "little"))
+
+
+def _ioprio() -> int:
+    return syscall("ioprio_get", IOPRIO_WHO_PROCESS, 0)
+
+
+# Run in a forked child of the test, whose ids it shares: each call on the parent (the
+# test) would succeed (see the control), and sets what the parent already has.
+OWN: dict[str, Callable[[], int]] = {
+    "prlimit64(0, set)": lambda: syscall("prlimit64", 0, RLIMIT_DATA, _rlimit(), 0),
+    "prlimit64(parent, read)": lambda: syscall("prlimit64", os.getppid(), RLIMIT_DATA, 0,
+                                               _buffer(16)),
+    "setpriority(PROCESS, 0)": lambda: syscall("setpriority", PRIO_PROCESS, 0, 1),
+    "setpriority(PGRP, 0)": lambda: syscall("setpriority", PRIO_PGRP, 0, 2),
+    "sched_setscheduler(0)": lambda: syscall("sched_setscheduler", 0, 0, _sched_param()),
+    "sched_setparam(0)": lambda: syscall("sched_setparam", 0, _sched_param()),
+    "sched_setattr(0)": lambda: syscall("sched_setattr", 0, _sched_attr(), 0),
+    "sched_setaffinity(0)": lambda: syscall("sched_setaffinity", 0, 128, _cpu_mask()),
+    "ioprio_set(PROCESS, 0)": lambda: syscall("ioprio_set", IOPRIO_WHO_PROCESS, 0, _ioprio()),
+    "ioprio_set(PGRP, 0)": lambda: syscall("ioprio_set", IOPRIO_WHO_PGRP, 0, _ioprio()),
+}
+OTHER: dict[str, Callable[[], int]] = {
+    "prlimit64(parent, set)": lambda: syscall("prlimit64", os.getppid(), RLIMIT_DATA,
+                                              _rlimit(), 0),
+    "prlimit64(1<<32 | parent)": lambda: syscall("prlimit64", HIGH_BIT | os.getppid(),
+                                                 RLIMIT_DATA, _rlimit(), 0),
+    "setpriority(PROCESS, parent)": lambda: syscall(
+        "setpriority", PRIO_PROCESS, os.getppid(), os.getpriority(os.PRIO_PROCESS, 0)),
+    "sched_setscheduler(parent)": lambda: syscall("sched_setscheduler", os.getppid(), 0,
+                                                  _sched_param()),
+    "sched_setparam(parent)": lambda: syscall("sched_setparam", os.getppid(), _sched_param()),
+    "sched_setattr(parent)": lambda: syscall("sched_setattr", os.getppid(), _sched_attr(), 0),
+    "sched_setaffinity(parent)": lambda: syscall("sched_setaffinity", os.getppid(), 128,
+                                                 _cpu_mask()),
+    "ioprio_set(PROCESS, parent)": lambda: syscall("ioprio_set", IOPRIO_WHO_PROCESS,
+                                                   os.getppid(), _ioprio()),
+    "move_pages(parent)": lambda: syscall("move_pages", os.getppid(), 0, 0, 0, 0, 0),
+}
+# Every process of the caller's user: no control run (it would touch them all).
+EVERY_PROCESS_OF_THE_USER: dict[str, Callable[[], int]] = {
+    "setpriority(USER, 0)": lambda: syscall("setpriority", PRIO_USER, 0, 0),
+    "ioprio_set(USER, 0)": lambda: syscall("ioprio_set", IOPRIO_WHO_USER, 0, 0),
+}
+ALLOW_ALL_PROFILE = {"defaultAction": "SCMP_ACT_ALLOW"}
+
+
+@pytest.fixture(scope="module")
+def own_only_bpf() -> bytes:
+    # Over a profile that allows everything: the refusal does not depend on the profile.
+    return compile_profile(load_profile(ALLOW_ALL_PROFILE, name="all"),
+                           own_process_only=True).bpf
+
+
+@x86_64_only
+@pytest.mark.parametrize("probe", list(OWN), ids=list(OWN))
+def test_own_process_only_allows_calls_on_the_caller(own_only_bpf: bytes, probe: str) -> None:
+    control = value_in_child(None, OWN[probe])
+    assert value_in_child(own_only_bpf, OWN[probe]) == control
+
+
+@x86_64_only
+@pytest.mark.parametrize("probe", list(OTHER), ids=list(OTHER))
+def test_own_process_only_refuses_calls_on_others(own_only_bpf: bytes, probe: str) -> None:
+    assert value_in_child(None, OTHER[probe]) != -errno.EPERM  # the kernel would let it
+    assert value_in_child(own_only_bpf, OTHER[probe]) == -errno.EPERM
+
+
+@x86_64_only
+@pytest.mark.parametrize("probe", list(EVERY_PROCESS_OF_THE_USER),
+                         ids=list(EVERY_PROCESS_OF_THE_USER))
+def test_own_process_only_refuses_calls_on_the_whole_user(own_only_bpf: bytes,
+                                                          probe: str) -> None:
+    assert value_in_child(own_only_bpf, EVERY_PROCESS_OF_THE_USER[probe]) == -errno.EPERM
+
+
+@pytest.fixture(scope="module")
+def default_own_only_bpf() -> bytes:
+    return compile_profile(load_profile(builtin_profile_path("default"), name="default"),
+                           own_process_only=True).bpf
+
+
+@x86_64_only
+@pytest.mark.parametrize("probe", list(OWN), ids=list(OWN))
+def test_own_process_only_over_the_default_policy(default_own_only_bpf: bytes,
+                                                  probe: str) -> None:
+    assert value_in_child(default_own_only_bpf, OWN[probe]) == value_in_child(None, OWN[probe])
+
+
+@x86_64_only
+@pytest.mark.parametrize("probe", list(OTHER), ids=list(OTHER))
+def test_own_process_only_over_the_default_policy_refuses_others(default_own_only_bpf: bytes,
+                                                                 probe: str) -> None:
+    assert value_in_child(default_own_only_bpf, OTHER[probe]) == -errno.EPERM
+
+
+def test_own_process_only_refuses_a_profile_with_conditions_of_its_own() -> None:
+    raw = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["prlimit64"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 1, "value": 7, "op": "SCMP_CMP_EQ"}]}]}
+    compile_profile(load_profile(raw, name="p"))
+    with pytest.raises(PolicyError, match=r"syscalls\[0\] allows prlimit64 under conditions"):
+        compile_profile(load_profile(raw, name="p"), own_process_only=True)
+
+
+@x86_64_only
+def test_own_process_only_keeps_the_rest_of_the_profile(default_own_only_bpf: bytes) -> None:
+    bpf = default_own_only_bpf
+    assert value_in_child(bpf, lambda: syscall("keyctl", 0, 0)) == -errno.EPERM
+    assert value_in_child(bpf, lambda: syscall("getpid")) > 0
+    assert run_child(bpf, lambda: syscall(0x40000000 | nr("getpid"))).signal == signal.SIGSYS
 
 
 @x86_64_only

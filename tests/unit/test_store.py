@@ -15,11 +15,13 @@ import pytest
 
 from sandbox import digests
 from sandbox.errors import DigestMismatch, InvalidReference
+from sandbox.images import ImageService
 from sandbox.store import gc
 from sandbox.store.blobs import BlobStore
 from sandbox.store.catalog import Catalog, ImageRecord, LayerRecord
 from sandbox.store.layers import LayerStore
 from sandbox.store.unpack import Ownership
+from sandbox.tenants import Tenant
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -141,8 +143,9 @@ def test_temps_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
 
 
 def _image(cat: Catalog, store: BlobStore, layers: LayerStore, name: str | None,
-           blobs: list[bytes], used: float) -> ImageRecord:
-    """An image whose layer blobs are `blobs` (content shared between images dedupes)."""
+           blobs: list[bytes], used: float, tenant: str = "t") -> ImageRecord:
+    """An image whose layer blobs are `blobs` (content shared between images dedupes),
+    named `name` by `tenant`."""
     layer_recs = []
     for b in blobs:
         d = store.put_bytes(b)
@@ -157,7 +160,7 @@ def _image(cat: Catalog, store: BlobStore, layers: LayerStore, name: str | None,
                       "linux/amd64", sum(len(b) for b in blobs), used, used, tuple(layer_recs))
     cat.add_image(rec)
     if name:
-        cat.set_name(name, name.rsplit(":", 1)[0], "t", manifest, manifest)
+        cat.set_name(tenant, name, name.rsplit(":", 1)[0], "t", manifest, manifest)
     return rec
 
 
@@ -176,7 +179,7 @@ def test_gc_keeps_named_and_leased_images(parts: tuple[Catalog, BlobStore, Layer
     leased = _image(cat, store, layers, None, [b"l" * 10], 2)
     loose = _image(cat, store, layers, None, [b"o" * 10], 3)
     cat.lease("container-1", leased.digest)
-    report = gc.collect(cat, store, layers, budget_bytes=0)
+    report = gc.collect(cat, store, layers)
     assert report.images == [loose.digest]
     assert cat.image(named.digest) and cat.image(leased.digest)
     assert not store.has(loose.layers[0].blob) and not layers.has(loose.layers[0].diff_id)
@@ -193,17 +196,30 @@ def test_a_lease_of_a_dead_process_does_not_pin(parts: tuple[Catalog, BlobStore,
     assert gc.collect(cat, store, layers).images == [img.digest]
 
 
-def test_gc_removes_least_recently_used_first_down_to_the_budget(
-        parts: tuple[Catalog, BlobStore, LayerStore]) -> None:
-    cat, store, layers = parts
-    old = _image(cat, store, layers, None, [b"a" * 5000], used=time.time() - 100)
-    new = _image(cat, store, layers, None, [b"b" * 5000], used=time.time())
-    before = gc.collect(cat, store, layers, budget_bytes=1 << 40)
-    assert before.images == [] and before.kept_bytes > 12_000
-    report = gc.collect(cat, store, layers, budget_bytes=before.kept_bytes - 1)
-    assert report.images == [old.digest]
-    assert cat.image(new.digest) is not None
-    assert report.kept_bytes <= before.kept_bytes - 1
+def test_a_tenants_gc_drops_its_least_recently_used_images_down_to_its_budget(
+        tmp_path: Path) -> None:
+    """A budget is the tenant's own: its oldest images go first, another tenant's images
+    (even older) and the images both name stay."""
+    svc = ImageService(tmp_path)
+    cat, store, layers = svc.catalog, svc.blobs, svc.layers
+    now = time.time()
+    theirs = _image(cat, store, layers, "r/theirs:t", [b"z" * 5000], now - 500, tenant="b")
+    old = _image(cat, store, layers, "r/old:t", [b"a" * 5000], now - 100, tenant="a")
+    new = _image(cat, store, layers, "r/new:t", [b"b" * 5000], now, tenant="a")
+    shared = _image(cat, store, layers, "r/shared:t", [b"s" * 10], now - 300, tenant="a")
+    cat.set_name("b", "r/shared:t", "r/shared", "t", shared.digest, shared.digest)
+    a = Tenant("a")
+    before = cat.usage("a")
+    assert before == 2 * (5000 + 1000) + 10 + 1000
+    report = svc.gc(5000 + 1000, tenant=a)
+    # Least recently used first: the shared one leaves a's names (the files stay, b uses
+    # them), then old (its files go), and new fits.
+    assert report.images == [shared.digest, old.digest]
+    assert cat.image(old.digest) is None and not store.has(old.layers[0].blob)
+    assert cat.image(new.digest) is not None and cat.image(theirs.digest) is not None
+    assert cat.image(shared.digest) is not None and cat.names(("b",))[0].name == "r/shared:t"
+    assert report.kept_bytes == cat.usage("a") == 5000 + 1000
+    asyncio.run(svc.close())
 
 
 def test_a_shared_layer_goes_only_with_its_last_image(
@@ -216,7 +232,7 @@ def test_a_shared_layer_goes_only_with_its_last_image(
     base = a.layers[0]
     assert store.has(base.blob) and layers.has(base.diff_id)
     assert not store.has(b.layers[1].blob)
-    cat.remove_name("r/a:t")
+    cat.remove_name("t", "r/a:t")
     gc.collect(cat, store, layers)
     assert not store.has(base.blob) and not layers.has(base.diff_id)
     assert store.digests() == [] and layers.diff_ids() == []
@@ -257,3 +273,35 @@ def test_many_opening_a_new_catalog_at_once_all_get_it(tmp_path: Path) -> None:
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_names_of_a_catalog_from_before_tenants_become_the_local_tenants(
+        tmp_path: Path) -> None:
+    """A state directory made before tenancy: its names are kept, as the local tenant's
+    (a service with tokens never serves that tenant, so they are gc's)."""
+    import sqlite3
+    db = tmp_path / "catalog.db"
+    old = sqlite3.connect(db)
+    old.executescript("""
+        CREATE TABLE images (digest TEXT PRIMARY KEY, media_type TEXT NOT NULL,
+            config TEXT NOT NULL, platform TEXT NOT NULL, size INTEGER NOT NULL,
+            created REAL NOT NULL, last_used REAL NOT NULL);
+        CREATE TABLE names (name TEXT PRIMARY KEY, repository TEXT NOT NULL, tag TEXT,
+            target TEXT NOT NULL, image TEXT NOT NULL REFERENCES images(digest)
+            ON DELETE CASCADE, updated REAL NOT NULL);
+        CREATE INDEX names_image ON names(image);
+        CREATE TABLE blob_sources (blob TEXT NOT NULL, repository TEXT NOT NULL,
+            PRIMARY KEY (blob, repository));
+        INSERT INTO images VALUES ('sha256:aa', 'm', 'sha256:cc', 'linux/amd64', 1, 0, 0);
+        INSERT INTO names VALUES ('r/x:1', 'r/x', '1', 'sha256:aa', 'sha256:aa', 0);
+        INSERT INTO blob_sources VALUES ('sha256:bb', 'r/x');
+    """)
+    old.close()
+    cat = Catalog(db)
+    try:
+        assert [(n.tenant, n.name) for n in cat.names()] == [("local", "r/x:1")]
+        assert cat.sources("local", "sha256:bb") == ["r/x"]
+        assert cat.lookup("other", "r/x:1") is None
+    finally:
+        cat.close()
+    Catalog(db).close()  # opening it again changes nothing

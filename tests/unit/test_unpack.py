@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import stat
+import struct
 import tarfile
 from pathlib import Path
 
@@ -164,18 +165,44 @@ def test_corrupt_blobs_are_rejected(tmp_path: Path, blob: bytes, match: str) -> 
 
 # -- entry types ----------------------------------------------------------------------------
 
-def test_regular_files_keep_content_mode_mtime_and_setuid(tmp_path: Path) -> None:
-    unpack(tmp_path, build(reg("bin/su", b"\x7fELF", mode=0o4755),
-                           reg("ro", b"r", mode=0o400), reg("empty", mode=0o2644)))
+def test_regular_files_keep_content_mode_and_mtime(tmp_path: Path) -> None:
+    unpack(tmp_path, build(reg("bin/sh", b"\x7fELF", mode=0o755),
+                           reg("ro", b"r", mode=0o400), reg("sticky", mode=0o1644)))
     d = tmp_path / "dest"
-    st = (d / "bin/su").stat()
-    assert (d / "bin/su").read_bytes() == b"\x7fELF"
-    assert stat.S_IMODE(st.st_mode) == 0o4755 and st.st_mtime_ns == MTIME * 10**9
+    st = (d / "bin/sh").stat()
+    assert (d / "bin/sh").read_bytes() == b"\x7fELF"
+    assert stat.S_IMODE(st.st_mode) == 0o755 and st.st_mtime_ns == MTIME * 10**9
     assert stat.S_IMODE((d / "ro").stat().st_mode) == 0o400
-    assert stat.S_IMODE((d / "empty").stat().st_mode) == 0o2644
+    assert stat.S_IMODE((d / "sticky").stat().st_mode) == 0o1644
     # A parent missing from the tar is made as root's 0755 directory.
     assert stat.S_IMODE((d / "bin").stat().st_mode) == 0o755
     assert (d / "bin").stat().st_uid == ME[0]
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_setuid_setgid_bits_and_file_capabilities_are_dropped(tmp_path: Path,
+                                                              flatten: bool) -> None:
+    """Issue #10: a layer file is the service user's (or a subordinate id's) on the host;
+    setuid there would be a way into that user for anyone reaching it. Under no_new_privs
+    they gave nothing inside a container anyway."""
+    # cap_net_raw, permitted and effective (struct vfs_cap_data, revision 2).
+    cap = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0).decode("utf-8", "surrogateescape")
+    own = Ownership("map", 100000, 100000, 65536) if ROOT else SQUASH
+    report = unpack(tmp_path, build(
+        reg("bin/su", b"\x7fELF", mode=0o4755), reg("bin/wall", b"w", mode=0o2755),
+        reg("bin/both", b"b", mode=0o6711),
+        reg("bin/ping", b"p", mode=0o755, xattrs={"security.capability": cap}),
+        hard("bin/su2", "bin/su"), dir_("var/mail", 0o2775), dir_("tmp", 0o1777)),
+        ownership=own, flatten=flatten)
+    d = tmp_path / "dest"
+    modes = {name: stat.S_IMODE((d / name).stat().st_mode)
+             for name in ("bin/su", "bin/su2", "bin/wall", "bin/both", "var/mail", "tmp")}
+    assert modes == {"bin/su": 0o755, "bin/su2": 0o755, "bin/wall": 0o755, "bin/both": 0o711,
+                     "var/mail": 0o2775, "tmp": 0o1777}
+    assert "security.capability" not in os.listxattr(d / "bin/ping")
+    notes = "\n".join(report.skipped)
+    assert "bin/su: setuid/setgid bits dropped" in notes
+    assert "xattr 'security.capability' not applied" in notes
 
 
 def test_directory_modes_are_applied_after_their_contents(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import re
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -46,9 +47,31 @@ class CgroupStats:
 
 
 class Cgroup(ABC):
-    """One logical cgroup; on v1 it spans one directory per hierarchy."""
+    """One logical cgroup; on v1 it spans one directory per hierarchy.
+
+    A run's cgroup serves one run at a time and, recycled, several in turn: each of those
+    uses is a Lease, and a kill meant for a run goes through its lease (see Lease.kill).
+    """
 
     path: str  # relative to the driver's base, e.g. "c-1a2b/r-3"
+
+    def __init__(self) -> None:
+        # Held by a lease's kill for as long as it acts, and by recycle and destroy, which
+        # end the current use: a kill either finishes before its use ends or finds it over.
+        self._guard = threading.Lock()
+        self._use = 0
+
+    def lease(self) -> Lease:
+        """The current use of this cgroup, for the run it is handed to; call it when handing
+        the cgroup out (after any recycle), so that the lease names that run's use."""
+        return Lease(self, self._use)
+
+    def _kill_use(self, use: int) -> bool:
+        with self._guard:
+            if use != self._use:
+                return False
+            self.kill()
+            return True
 
     @abstractmethod
     def child(self, name: str, *, limitable: bool = True) -> Cgroup:
@@ -88,24 +111,58 @@ class Cgroup(ABC):
 
     @abstractmethod
     def kill(self) -> None:
-        """SIGKILL everything in this cgroup and its children; return once it is empty."""
+        """SIGKILL everything in this cgroup and its children; return once it is empty.
+        Whatever is in it now: a kill for a run goes through the run's Lease."""
 
-    @abstractmethod
     def destroy(self, *, empty: bool = False) -> None:
         """kill(), then remove this cgroup and its children everywhere. Idempotent. With
         `empty`, the caller knows no process is left (their pid namespace ended): no kill,
-        unless removing finds one after all."""
+        unless removing finds one after all. Ends the current use: its lease kills no more."""
+        with self._guard:
+            self._use += 1
+            self._destroy(empty=empty)
+
+    @abstractmethod
+    def _destroy(self, *, empty: bool) -> None: ...
 
     def recycle(self, limits: CgroupLimits) -> bool:
         """Make a finished run's emptied cgroup (with `limits` applied) fit for the next
         run, its figures starting from zero as a new one's would and `limits` in force;
         False when it cannot be (destroy it then). Making and removing a cgroup in every
         hierarchy costs more than resetting a few counters, and runs follow each other in
-        a container."""
+        a container. Ends the current use, even when it fails: its lease kills no more, and
+        a kill it is doing finishes first."""
+        with self._guard:
+            self._use += 1
+            return self._renew(limits)
+
+    def _renew(self, limits: CgroupLimits) -> bool:
         return False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path}>"
+
+
+@dataclass(frozen=True, eq=False)
+class Lease:
+    """One use of a cgroup: the run it was handed to. A run's limits are enforced by kills
+    issued from timers, output readers and worker threads, any of which may act after the
+    run has ended; its cgroup by then may serve the next run. So a run's kill names its
+    lease, and acts only under the cgroup's guard while this use is current: one that comes
+    late does nothing, and recycling waits for one under way. By construction, a kill meant
+    for one run cannot reach the next run in the same cgroup."""
+
+    cgroup: Cgroup
+    use: int
+
+    def kill(self) -> bool:
+        """SIGKILL every process of this use and wait until they are gone; False, having
+        done nothing, once the use is over (the cgroup recycled or destroyed)."""
+        return self.cgroup._kill_use(self.use)
+
+    @property
+    def current(self) -> bool:
+        return self.use == self.cgroup._use
 
 
 class CgroupDriver(ABC):

@@ -22,6 +22,7 @@ _FREEZE_TIMEOUT_S = 1.0
 
 class V1Cgroup(Cgroup):
     def __init__(self, driver: V1Driver, path: str) -> None:
+        super().__init__()
         self.path = path
         self._driver = driver
         self._dirs = {c: f"{b}/{path}" for c, b in driver.bases.items()}
@@ -183,7 +184,7 @@ class V1Cgroup(Cgroup):
             # A frozen task does not act on SIGKILL until thawed.
             base.write(state, "THAWED")
 
-    def destroy(self, *, empty: bool = False) -> None:
+    def _destroy(self, *, empty: bool) -> None:
         if not empty:
             self.kill()
         try:
@@ -192,9 +193,9 @@ class V1Cgroup(Cgroup):
         except CgroupError:
             if not empty:
                 raise
-            self.destroy()
+            self._destroy(empty=False)
 
-    def recycle(self, limits: CgroupLimits) -> bool:
+    def _renew(self, limits: CgroupLimits) -> bool:
         if not self.is_empty() or base.has_children(self._hier[0]):
             return False
         if (acct := self._dirs.get("cpuacct")) is not None:

@@ -19,6 +19,7 @@ _FREEZE_TIMEOUT_S = 1.0
 
 class V2Cgroup(Cgroup):
     def __init__(self, driver: V2Driver, path: str) -> None:
+        super().__init__()
         self.path = path
         self._driver = driver
         self._dir = f"{driver.base}/{path}"
@@ -155,7 +156,7 @@ class V2Cgroup(Cgroup):
         finally:
             base.write(freeze, "0")
 
-    def destroy(self, *, empty: bool = False) -> None:
+    def _destroy(self, *, empty: bool) -> None:
         if not empty:
             self.kill()
         try:
@@ -163,7 +164,7 @@ class V2Cgroup(Cgroup):
         except CgroupError:
             if not empty:
                 raise
-            self.destroy()
+            self._destroy(empty=False)
 
 
 class V2Driver(CgroupDriver):

@@ -1,0 +1,96 @@
+"""How many runs at once, and whose next: at most `running` execute, up to `queued` more
+wait, the rest get 429. Waiting runs queue per tenant, and a freed slot goes to the tenants
+in turn (round robin), each tenant's own runs in the order they came: one tenant's burst
+delays another's run by at most one run per waiting tenant, not by the whole burst."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+
+from service.auth import Principal
+from service.errors import ApiError
+
+RETRY_AFTER_S = 1
+
+
+def over_capacity(message: str) -> ApiError:
+    return ApiError(429, "over_capacity", message,
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class Admission:
+    def __init__(self, running: int, queued: int) -> None:
+        self.limit_running = running
+        self.limit_queued = queued
+        self.running = 0
+        self.waiting = 0
+        self.closed = False
+        self._queues: dict[str, deque[asyncio.Future[None]]] = {}
+        # Tenants with waiting runs, the next to be served first; a tenant served goes to
+        # the back while it still has runs waiting.
+        self._turns: deque[str] = deque()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, who: Principal) -> AsyncIterator[None]:
+        if self.closed:
+            raise ApiError(503, "unavailable", "sandboxd is shutting down; retry on another "
+                           "instance or after it restarts", headers={"Retry-After": "5"})
+        if who.max_concurrent_runs is not None and who.active >= who.max_concurrent_runs:
+            raise over_capacity(f"this token may have {who.max_concurrent_runs} run(s) at "
+                                "once; wait for one to finish")
+        busy = self.running >= self.limit_running or self.waiting > 0
+        if busy and self.waiting >= self.limit_queued:
+            raise over_capacity(f"{self.running} runs are executing and {self.waiting} "
+                                "waiting, the configured maximum; retry shortly")
+        who.active += 1
+        try:
+            if busy:
+                await self._wait(who.tenant.id)
+            else:
+                self.running += 1
+            try:
+                yield
+            finally:
+                self._release()
+        finally:
+            who.active -= 1
+
+    async def _wait(self, tenant: str) -> None:
+        """Until a freed slot is handed to this run (`running` already counts it then)."""
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._queues.get(tenant)
+        if queue is None:
+            queue = self._queues[tenant] = deque()
+            self._turns.append(tenant)
+        queue.append(turn)
+        self.waiting += 1
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._release()  # handed a slot as the caller gave up: pass it on
+            else:
+                self.waiting -= 1
+                queue.remove(turn)
+                if not queue:
+                    del self._queues[tenant]
+                    self._turns.remove(tenant)
+            raise
+
+    def _release(self) -> None:
+        self.running -= 1
+        if not self._turns:
+            return
+        tenant = self._turns.popleft()
+        queue = self._queues[tenant]
+        turn = queue.popleft()
+        if queue:
+            self._turns.append(tenant)
+        else:
+            del self._queues[tenant]
+        self.waiting -= 1
+        self.running += 1
+        turn.set_result(None)
