@@ -252,7 +252,7 @@ class ImageService:
             return path
 
         image = await self._install(ns, tenant, digest, media_type, manifest, fetch, report,
-                                    name=(str(ref), None if ref.digest else ref.tag, target))
+                                    name=(ref, None if ref.digest else ref.tag, target))
         return await self._image(image, tenant)
 
     def _fits(self, digest: str, want: Platform) -> bool:
@@ -285,78 +285,42 @@ class ImageService:
     async def _install(self, ns: str, tenant: Tenant, digest: str, media_type: str,
                        manifest: ImageManifest,
                        fetch: Callable[[Descriptor], Awaitable[Path]],
-                       report: ProgressCallback, *, name: tuple[str, str | None, str]) -> str:
-        """Config and layers of a verified manifest into the store; returns its digest.
+                       report: ProgressCallback, *,
+                       name: tuple[Reference, str | None, str]) -> str:
+        """Config and layers of a verified manifest into the store, then `name` ((reference,
+        tag, what the registry served)) given to it in `ns`; returns its digest.
 
         `fetch(desc)` brings `desc`'s blob from the image's source (verified), records
         that `ns` holds it, and returns its path. Content `ns` holds already is not fetched
         again; a layer already in the store but not held is taken only once this source's
         blob is checked to decompress to it. Within the tenant's byte quota, checked before
         any layer is fetched (from the manifest's sizes) and again once the layers' sizes
-        are known.
-        Last, `name` ((reference, tag, what the registry served)) is given to the image in
-        `ns`."""
-        content = (digest, manifest.config.digest,
-                   *(d.digest for d in manifest.layers))
-        with self._pin(*content):
-            return await self._install_pinned(ns, tenant, digest, media_type, manifest, fetch,
-                                              report, name)
-
-    async def _install_pinned(self, ns: str, tenant: Tenant, digest: str, media_type: str,
-                              manifest: ImageManifest,
-                              fetch: Callable[[Descriptor], Awaitable[Path]],
-                              report: ProgressCallback, name: tuple[str, str | None, str]
-                              ) -> str:
+        are known. Until the name is given, no image record names what this brings: gc
+        keeps it because it is pinned."""
         if manifest.config.size > CONFIG_MAX:
             raise ManifestError(f"image config {manifest.config.digest} claims "
                                 f"{manifest.config.size} bytes, over the {CONFIG_MAX} cap")
+
         async def blob(desc: Descriptor) -> Path:
             known = ns == PUBLIC or self.catalog.holds(ns, desc.digest)
             if known and self.blobs.has(desc.digest):
                 return self.blobs.path(desc.digest)
             return await fetch(desc)
 
-        await blob(manifest.config)
-        config = parse_config(self.blobs.read(manifest.config.digest, CONFIG_MAX))
-        if len(config.diff_ids) != len(manifest.layers):
-            raise ManifestError(f"image {digest}: the manifest lists {len(manifest.layers)} "
-                                f"layers, its config {len(config.diff_ids)} diff_ids")
-        pairs = list(zip(manifest.layers, config.diff_ids, strict=True))
-        with self._pin(*config.diff_ids):
+        with contextlib.ExitStack() as pins:
+            pins.enter_context(self._pin(digest, manifest.config.digest,
+                                         *(d.digest for d in manifest.layers)))
+            await blob(manifest.config)
+            config = parse_config(self.blobs.read(manifest.config.digest, CONFIG_MAX))
+            if len(config.diff_ids) != len(manifest.layers):
+                raise ManifestError(f"image {digest}: the manifest lists "
+                                    f"{len(manifest.layers)} layers, its config "
+                                    f"{len(config.diff_ids)} diff_ids")
+            pins.enter_context(self._pin(*config.diff_ids))
+            pairs = list(zip(manifest.layers, config.diff_ids, strict=True))
             if ns != PUBLIC:
                 self._check_quota(tenant, [(i, d.size) for d, i in pairs])
-
-            async def one(desc: Descriptor, diff_id: str) -> None:
-                proven = ns == PUBLIC or self.catalog.holds(ns, diff_id)
-                if proven and self.layers.has(diff_id):
-                    report(PullProgress(desc.digest, "cached", desc.size, desc.size))
-                    return
-                async with self._parallel:
-                    unpacked_ours = False
-
-                    async def source() -> Path:
-                        nonlocal unpacked_ours
-                        unpacked_ours = True
-                        return await blob(desc)
-
-                    _, rep = await self.layers.ensure(diff_id, source)
-                    if rep is not None:
-                        self.catalog.record_layer(diff_id, rep.bytes, rep.entries)
-                    if not (proven or unpacked_ours):
-                        # The layer was in the store (or another pull was unpacking it): this
-                        # source's own blob must decompress to it, or a config naming another
-                        # tenant's diff_id would hand its files over.
-                        path = await blob(desc)
-                        found = await asyncio.to_thread(diff_id_of, path,
-                                                        self.layers.limits.max_bytes + (1 << 30))
-                        if found != diff_id:
-                            raise DigestMismatch(
-                                f"layer {desc.digest} decompresses to {found}, but the image "
-                                f"config lists {diff_id}: the image is corrupt or was tampered "
-                                "with")
-                    report(PullProgress(desc.digest, "done", desc.size, desc.size))
-
-            await asyncio.gather(*(one(d, i) for d, i in pairs))
+            await asyncio.gather(*(self._layer(ns, d, i, blob, report) for d, i in pairs))
             now = time.time()
             self.catalog.add_image(ImageRecord(
                 digest, media_type, manifest.config.digest, _platform_of(config),
@@ -365,9 +329,42 @@ class ImageService:
             if ns != PUBLIC:
                 self.catalog.hold(ns, *config.diff_ids)
                 self._check_quota(tenant, [], image=digest)
-            reference, tag, target = name
-            self.catalog.set_name(ns, reference, parse(reference).repository, tag, target, digest)
-            return digest
+            ref, tag, target = name
+            self.catalog.set_name(ns, str(ref), ref.repository, tag, target, digest)
+        return digest
+
+    async def _layer(self, ns: str, desc: Descriptor, diff_id: str,
+                     blob: Callable[[Descriptor], Awaitable[Path]],
+                     report: ProgressCallback) -> None:
+        """Layer `diff_id` in the store for `ns`, unpacked from `await blob(desc)` if
+        missing, or checked against it if `ns` does not hold it yet."""
+        proven = ns == PUBLIC or self.catalog.holds(ns, diff_id)
+        if proven and self.layers.has(diff_id):
+            report(PullProgress(desc.digest, "cached", desc.size, desc.size))
+            return
+        async with self._parallel:
+            unpacked_ours = False
+
+            async def source() -> Path:
+                nonlocal unpacked_ours
+                unpacked_ours = True
+                return await blob(desc)
+
+            _, rep = await self.layers.ensure(diff_id, source)
+            if rep is not None:
+                self.catalog.record_layer(diff_id, rep.bytes, rep.entries)
+            if not (proven or unpacked_ours):
+                # The layer was in the store (or another pull was unpacking it): this
+                # source's own blob must decompress to it, or a config naming another
+                # tenant's diff_id would hand its files over.
+                path = await blob(desc)
+                found = await asyncio.to_thread(diff_id_of, path,
+                                                self.layers.limits.max_bytes + (1 << 30))
+                if found != diff_id:
+                    raise DigestMismatch(
+                        f"layer {desc.digest} decompresses to {found}, but the image config "
+                        f"lists {diff_id}: the image is corrupt or was tampered with")
+            report(PullProgress(desc.digest, "done", desc.size, desc.size))
 
     def _check_quota(self, tenant: Tenant, adding: list[tuple[str, int]],
                      image: str | None = None) -> None:
@@ -519,11 +516,8 @@ class ImageService:
         # Forced while in use: the names go now, the files once no container uses them (gc).
         if not remaining and not in_use:
             self.catalog.remove_image(digest)
-            self._sweep()
+            self._collect()
         return names
-
-    def _sweep(self) -> None:
-        self._collect()
 
     def gc(self, budget_bytes: int = 0, *, tenant: Tenant) -> gc.GcReport:
         """Drop the tenant's least recently used images (those no container uses) until its
@@ -655,7 +649,7 @@ class ImageService:
             return await asyncio.to_thread(copy_in, d)
 
         image = await self._install(ns, tenant, digest, media_type, manifest, fetch, report,
-                                    name=(str(ref), ref.tag, digest))
+                                    name=(ref, ref.tag, digest))
         return await self._image(image, tenant)
 
     # push

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -16,6 +15,7 @@ from aiohttp import WSCloseCode, web
 
 from sandbox import statedir
 from sandbox.engine import Engine
+from sandbox.registry.hosts import parse_ip, split_host
 from service.admission import Admission
 from service.api import STATE, VERSION, State, containers, images, runs, system
 from service.auth import Tokens, auth_middleware
@@ -102,9 +102,12 @@ def browser_middleware(config: ServiceConfig) -> Middleware:
 
     @functools.lru_cache(maxsize=64)  # a service is called by a handful of names
     def allowed(hostport: str) -> bool:
-        name = _hostname(hostport)
+        try:
+            name = split_host(hostport.strip().lower())[0].rstrip(".")
+        except ValueError:
+            return False
         # An IP address cannot be rebound: only a name resolves to another host later.
-        return name is not None and (name in names or _is_ip(name))
+        return name in names or parse_ip(name) is not None
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -120,29 +123,6 @@ def browser_middleware(config: ServiceConfig) -> Middleware:
                            "which sends no Origin header")
         return await handler(request)
     return middleware
-
-
-def _hostname(hostport: str) -> str | None:
-    """The host of a Host header value (name, IPv4, [IPv6], each with an optional port)."""
-    hostport = hostport.strip().lower()
-    if hostport.startswith("["):
-        name, bracket, port = hostport[1:].partition("]")
-        if not bracket or port[:1] not in ("", ":"):
-            return None
-        port = port[1:]
-    else:
-        name, _, port = hostport.partition(":")
-    if port and not port.isdigit():
-        return None
-    return name.rstrip(".") or None
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _origin_hostport(origin: str) -> str | None:

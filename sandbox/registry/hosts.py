@@ -32,7 +32,8 @@ def split_host(hostport: str) -> tuple[str, int | None]:
     return host, int(port)
 
 
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address `host` spells (no brackets), or None for a name."""
     try:
         return ipaddress.ip_address(host)
     except ValueError:
@@ -51,7 +52,7 @@ def is_loopback(hostport: str) -> bool:
     host = host.lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
         return True
-    ip = _ip(host)
+    ip = parse_ip(host)
     return ip is not None and ip.is_loopback
 
 
@@ -60,7 +61,7 @@ def is_local_ip(address: str) -> bool:
     private, link-local, shared (100.64/10), unspecified, reserved, documentation, multicast;
     IPv4 inside IPv6 (mapped, NAT64) is judged as IPv4. What does not parse counts as local:
     the check fails closed."""
-    ip = _ip(address)
+    ip = parse_ip(address)
     if ip is None:
         return True
     if isinstance(ip, ipaddress.IPv6Address):
@@ -80,7 +81,7 @@ def is_local_address(host: str) -> bool:
     host = host.lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
         return True
-    return _ip(host) is not None and is_local_ip(host)
+    return parse_ip(host) is not None and is_local_ip(host)
 
 
 def hub_key(hostport: str) -> str:

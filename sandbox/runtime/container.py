@@ -33,6 +33,7 @@ from typing import Any
 from sandbox.errors import ContainerGoneError, PolicyError, RuntimeSetupError, SandboxError
 from sandbox.runtime import idmap, protocol, seccomp
 from sandbox.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, Detection, Lease, detect
+from sandbox.runtime.hostopen import Entry
 from sandbox.runtime.profiles import HOST_NETWORK, UNCONFINED, Limits, Profile, load_profile
 from sandbox.runtime.results import Observed, RunResult, Status, verdict
 from sandbox.runtime.rootfs import RootfsSpec, Tmpfs
@@ -898,14 +899,17 @@ class Container:
                 r.finish()
 
     async def open_path(self, path: str, flags: int, *, owner: tuple[int, int] | None = None,
-                        mode: int = 0o644) -> int:
+                        mode: int = 0o644, entry: Entry | None = None) -> int:
         """A descriptor of `path` as this container's processes see it, opened by its init as
         container root (see hostopen.open_for_host): /proc/<pid>/root of a non-dumpable init is
-        closed to a service that is not host root. Raises OSError with init's errno."""
+        closed to a service that is not host root. With `entry`, that entry of a directory
+        the host holds open (`path` only names it in errors). Raises OSError with init's
+        errno."""
         op_id = next(self._ids)
         fut = self._expect("opened", op_id)
-        self._send({"op": "open", "id": op_id, "path": path, "flags": flags,
-                    "owner": list(owner) if owner is not None else None, "mode": mode})
+        self._send({"op": "open", "id": op_id, "path": None if entry else path, "flags": flags,
+                    "owner": list(owner) if owner is not None else None, "mode": mode,
+                    "entry": entry.message() if entry is not None else None})
         try:
             msg = await fut
         except BaseException:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from sandbox.errors import NotFound, PolicyError
 from sandbox.runtime.container import Container
-from sandbox.runtime.hostopen import entry_path
+from sandbox.runtime.hostopen import Entry
 from sandbox.runtime.idmap import IdRange
 
 MAX_PUT_BYTES = 256 << 20
@@ -316,13 +316,13 @@ class _Tar:
         return _Dir(path, arcname, fd, (st.st_dev, st.st_ino), entries)
 
     async def _open(self, d: _Dir, name: str, flags: int) -> int | None:
-        request = entry_path(d.path, *d.identity, os.fsencode(name))
+        shown = "/" + os.fsdecode(_child(d, name))
+        entry = Entry(d.path, *d.identity, os.fsencode(name))
         try:
-            return await self.container.open_path(request, flags)
+            return await self.container.open_path(shown, flags, entry=entry)
         except OSError as e:
             if e.errno in _SKIP:
                 return None
-            shown = "/" + os.fsdecode(_child(d, name))
             raise _open_error(e, self.container, shown, writing=False) from e
 
     def _header(self, arcname: str, st: os.stat_result, kind: bytes, *, size: int = 0,

@@ -7,10 +7,10 @@ symlink: every component is resolved with openat2 RESOLVE_IN_ROOT | RESOLVE_NO_S
 the last one is opened with O_NOFOLLOW. A path through a link is refused (ELOOP) with a
 message naming the link and where it points; the caller gives the real path.
 
-Two kinds of request (`msg["path"]`):
+Two kinds of request:
 
-- an absolute path inside the container ("/tmp/in.txt", "/" for the root);
-- an entry of a directory the host is walking (see `entry_path`): the host holds that
+- `path`: an absolute path inside the container ("/tmp/in.txt", "/" for the root);
+- `entry` (an `Entry`): an entry of a directory the host is walking. The host holds that
   directory open and names it by (st_dev, st_ino) and the path it was found at. Init
   opens the path again, proves it is still the same inode (the host's descriptor pins it,
   so the number cannot have been reused) and opens the entry from that descriptor with
@@ -24,6 +24,7 @@ import ctypes
 import errno
 import os
 import stat
+from dataclasses import dataclass
 from typing import Any
 
 from sandbox.store.resolve import open_in_root
@@ -35,15 +36,29 @@ _PSEUDO_FS = {0x9FA0: "procfs", 0x62656572: "sysfs", 0x1CD1: "devpts", 0x27E0EB:
               0x74726163: "tracefs", 0xCAFE4A11: "bpf"}
 _libc = ctypes.CDLL(None, use_errno=True)
 _DIR = os.O_PATH | os.O_DIRECTORY
-# The request's path field is JSON text; an entry request carries raw names as hex, so any
-# byte string a directory holds travels (a normal path never starts with "//").
-_ENTRY = "//entry/"
 
 
-def entry_path(dir_path: bytes, dev: int, ino: int, name: bytes) -> str:
-    """The request path for entry `name` of the directory at `dir_path` (relative to the
-    container's root, b"" for the root) whose identity is (dev, ino)."""
-    return f"{_ENTRY}{dev}/{ino}/{dir_path.hex()}/{name.hex()}"
+@dataclass(frozen=True)
+class Entry:
+    """Entry `name` of the directory at `dir_path` (relative to the container's root, b""
+    for the root) whose identity is (dev, ino)."""
+
+    dir_path: bytes
+    dev: int
+    ino: int
+    name: bytes
+
+    def message(self) -> dict[str, Any]:
+        # Control messages are JSON: raw names travel as hex, whatever bytes they hold.
+        return {"dir": self.dir_path.hex(), "dev": self.dev, "ino": self.ino,
+                "name": self.name.hex()}
+
+    @classmethod
+    def from_message(cls, m: dict[str, Any]) -> Entry:
+        name = bytes.fromhex(m["name"])
+        if _components(name) != [name]:
+            raise OSError(errno.EINVAL, f"{name!r} is not the name of a directory entry")
+        return cls(bytes.fromhex(m["dir"]), int(m["dev"]), int(m["ino"]), name)
 
 
 def _fs_type(fd: int) -> int:
@@ -145,17 +160,6 @@ def _open_entry(parent: int, name: bytes, flags: int) -> int:
     raise OSError(errno.EAGAIN, f"{os.fsdecode(name)} kept appearing and vanishing")
 
 
-def _parse(path: str) -> tuple[list[bytes], tuple[int, int] | None, bytes | None]:
-    """(components, identity of that directory or None, entry name or None)."""
-    if not path.startswith(_ENTRY):
-        return _components(path.encode()), None, None
-    dev, ino, dir_hex, name_hex = path[len(_ENTRY):].split("/")
-    name = bytes.fromhex(name_hex)
-    if _components(name) != [name]:
-        raise OSError(errno.EINVAL, f"{name!r} is not the name of a directory entry")
-    return _components(bytes.fromhex(dir_hex)), (int(dev), int(ino)), name
-
-
 def _components(path: bytes) -> list[bytes]:
     parts = [p for p in path.split(b"/") if p and p != b"."]
     if b".." in parts:
@@ -174,14 +178,19 @@ def open_for_host(msg: dict[str, Any]) -> int:
     """
     flags = int(msg["flags"])
     owner = msg.get("owner")
-    parts, identity, name = _parse(str(msg["path"]))
+    entry = Entry.from_message(msg["entry"]) if msg.get("entry") else None
+    name: bytes | None = None
+    if entry is not None:
+        parts, name = _components(entry.dir_path), entry.name
+    else:
+        parts = _components(str(msg["path"]).encode())
     shown = "/" + os.fsdecode(b"/".join(parts + ([name] if name else [])))
     root = os.open("/", _DIR | os.O_CLOEXEC)
     try:
-        if identity is not None and name is not None:
+        if entry is not None:
             parent = _walk(root, parts, None, shown)
             st = os.fstat(parent)
-            if (st.st_dev, st.st_ino) != identity:
+            if (st.st_dev, st.st_ino) != (entry.dev, entry.ino):
                 os.close(parent)
                 raise OSError(errno.ESTALE, f"{shown}: its directory was moved or replaced")
         else:

@@ -220,10 +220,6 @@ class Catalog:
         return self._image(next(iter(self._rows("SELECT * FROM images WHERE digest=?",
                                                 (digest,))), None))
 
-    def image_by_config(self, config: str) -> ImageRecord | None:
-        return self._image(next(iter(self._rows("SELECT * FROM images WHERE config=? "
-                                                "ORDER BY last_used DESC", (config,))), None))
-
     def images(self) -> list[ImageRecord]:
         rows = self._rows("SELECT * FROM images ORDER BY last_used DESC")
         return [r for r in (self._image(row) for row in rows) if r is not None]
