@@ -1,16 +1,29 @@
-"""The API benchmark: `python -m loadtest.api [--requests N] [--seconds S] [--idle N]`.
+"""The API benchmark: `python -m loadtest.api [--policy judge,default] [--requests N]
+[--seconds S] [--idle N] [--profile]`.
 
-It starts its own loopback registry and `sandboxd serve` (as `python -m loadtest --spawn`
-does) and measures, in one run, with the bare baseline beside each figure:
+For each policy (`--policy`, both by default) it starts its own loopback registry and
+`sandboxd serve` (as `python -m loadtest --spawn` does) and measures, with the bare
+baselines beside each figure:
 
-- a warm run over HTTP: POST /v1/runs of busybox `true` (executed directly, no shell) on
-  the judge policy (a warm, reset container), one at a time: median and p99 from the
-  client's side; bare: the same busybox `true` posix_spawned locally;
-- throughput: the same at concurrency 8 for `--seconds`, sandboxed and bare;
-- memory: the service, its spawner and `--idle` idle warm containers (the pool filled to
-  that size), as the sum of their proportional set sizes (PSS: shared pages counted once).
+- a warm run over HTTP: POST /v1/runs of busybox `true` (executed directly, no shell)
+  with that policy (a warm container, reset after each run), one at a time: median and
+  p99 from the client's side;
+- throughput: the same at concurrency 8 for `--seconds`;
+- the bare baselines of both (loadtest.baseline): the tight fork+exec and posix_spawn
+  loops of the same busybox `true`, 1 and 8 at once, while the service sits idle; the
+  ratios are to the fastest of them. Beside them, `client_bare_*`: the same `true`
+  posix_spawned by this client's own loop (a worker thread per run, pipes for its output,
+  the event loop's hand-off), the baseline of earlier rounds: it is slower than the tight
+  loops by what that client machinery costs;
+- memory: the service, its spawner and `--idle` idle warm containers of that policy (the
+  pool filled to that size), as the sum of their proportional set sizes (PSS: shared pages
+  counted once);
+- with --profile: the service's CPU per warm run by layer (loadtest/httpprofile.py, needs
+  py-spy).
 
-Figures and ratios only; the last line is one JSON object.
+A service of its own per policy: each memory figure weighs one policy's containers only.
+Figures and ratios only, as a table; the last line is one JSON object (each policy's
+figures under "policies").
 """
 
 from __future__ import annotations
@@ -23,25 +36,33 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from loadtest.baseline import BenchError, Command, Loops, fastest, flat, measure
 from loadtest.http.driver import closed_loop
 from loadtest.http.service import spawned
 from loadtest.http.stats import summary
 from loadtest.http.targets import BareEnv, BareTarget, HttpTarget
-from loadtest.http.workloads import WORKLOADS
-from loadtest.output import emit
-from sandbox import busybox
+from loadtest.http.workloads import WORKLOADS, Workload
+from loadtest.httpprofile import profile
+from loadtest.httpprofile import table as profile_table
+from loadtest.rows import Row, loop_bases, policies_arg, table
+from testbed import busybox
 
 TRUE = WORKLOADS["exec"]  # busybox true, one exec, no shell
+POLICIES = ("judge", "default")
 FILL_TIMEOUT_S = 120.0
+THROUGHPUT = 8                 # clients at once for runs/s
+TIGHT_RUNS_PER_CLIENT = 250    # the tight loops' runs per worker at THROUGHPUT
 
 
 async def _latency(target: HttpTarget | BareTarget, n: int) -> dict[str, Any]:
-    return summary((await closed_loop(target.send, 1, requests=n)).recorder, 1.0, False)
+    phase = await closed_loop(target.send, 1, requests=n)
+    return summary(phase.recorder, phase.elapsed_s, False)
 
 
 async def _throughput(target: HttpTarget | BareTarget, seconds: float) -> float:
@@ -66,29 +87,31 @@ def _pss_mib(pid: int) -> float:
     return total / 2**20
 
 
-def _wait_idle(url: str, want: int) -> int:
+def _wait_idle(url: str, policy: str, want: int) -> int:
     deadline = time.monotonic() + FILL_TIMEOUT_S
     idle = 0
     while time.monotonic() < deadline:
-        idle = sum(int(p.get("idle", 0)) for p in _info(url).get("pools", []))
+        idle = sum(int(p.get("idle", 0)) for p in _info(url).get("pools", [])
+                   if p.get("policy") == policy)
         if idle >= want:
             break
         time.sleep(0.5)
     return idle
 
 
-async def _first_run(url: str, image: str) -> None:
-    async with HttpTarget(url, None, image, TRUE, 1, 300.0) as http:
+async def _first_run(url: str, image: str, workload: Workload) -> None:
+    async with HttpTarget(url, None, image, workload, 1, 300.0) as http:
         outcome = await http.send(0)
     if not outcome.ok:
         raise SystemExit(f"the first run failed: {outcome.error or outcome.status}")
 
 
-async def _measure(url: str, image: str, requests: int, seconds: float,
+async def _measure(url: str, image: str, workload: Workload, requests: int, seconds: float,
                    bare_env: BareEnv) -> dict[str, Any]:
-    async with HttpTarget(url, None, image, TRUE, 8, 60.0) as http, \
+    async with HttpTarget(url, None, image, workload, 8, 60.0) as http, \
             BareTarget(bare_env, TRUE, 8) as bare:
         warm = await _latency(http, requests)
+        sequential = warm["throughput_per_s"]
         bare_lat = await _latency(bare, requests)
         rate = await _throughput(http, seconds)
         bare_rate = await _throughput(bare, seconds)
@@ -96,49 +119,154 @@ async def _measure(url: str, image: str, requests: int, seconds: float,
         "warm_run_median_ms": warm["latency_ms"]["p50"],
         "warm_run_p99_ms": warm["latency_ms"]["p99"],
         "warm_run_errors": warm["errors"],
-        "bare_exec_median_ms": bare_lat["latency_ms"]["p50"],
-        "bare_exec_p99_ms": bare_lat["latency_ms"]["p99"],
+        "runs_per_s_sequential": sequential,
+        "client_bare_median_ms": bare_lat["latency_ms"]["p50"],
+        "client_bare_p99_ms": bare_lat["latency_ms"]["p99"],
         "runs_per_s": round(rate, 1),
-        "bare_runs_per_s": round(bare_rate, 1),
+        "client_bare_runs_per_s": round(bare_rate, 1),
     }
 
 
-def run(requests: int, seconds: float, idle: int) -> dict[str, Any]:
+async def _profiled(url: str, image: str, workload: Workload, pid: int, n: int,
+                    raw_out: Path | None) -> dict[str, Any]:
+    async with HttpTarget(url, None, image, workload, 1, 60.0) as http:
+        async def runs(k: int) -> float:
+            phase = await closed_loop(http.send, 1, requests=k)
+            if phase.recorder.failed:
+                raise BenchError(f"profiled runs failed: {phase.recorder.errors}")
+            return phase.elapsed_s
+        return await profile(pid, runs, n, raw_out)
+
+
+@dataclass(frozen=True)
+class Counts:
+    requests: int        # sequential runs (latency), and the tight loop's 1-at-once runs
+    seconds: float       # each throughput phase
+    idle: int            # idle warm containers weighed
+    profile_runs: int    # sequential runs under the profiler (0: no profile)
+
+
+def measure_policy(policy: str, n: Counts, bare_env: BareEnv,
+                   profile_out: Path | None) -> tuple[dict[str, Any], Loops, Loops]:
+    """One policy's figures, from a service of its own, and the tight loops measured while
+    it sat idle (1 and THROUGHPUT at once)."""
+    workload = replace(TRUE, policy=policy)
+    true = Command(str(bare_env.root / "bin" / "busybox"), tuple(TRUE.command),
+                   {"PATH": str(bare_env.root / "bin")})
+    with spawned(max(n.idle, THROUGHPUT), min_idle=n.idle) as svc:
+        asyncio.run(_first_run(svc.url, svc.image, workload))  # the pool fills to `idle`
+        filled = _wait_idle(svc.url, policy, n.idle)
+        memory = round(_pss_mib(svc.pid), 1)
+        one = measure(true, n.requests)
+        many = measure(true, THROUGHPUT * TIGHT_RUNS_PER_CLIENT, THROUGHPUT)
+        fig = asyncio.run(_measure(svc.url, svc.image, workload, n.requests, n.seconds,
+                                   bare_env))
+        # Warm means served by a pooled container: the pool's own count says so.
+        pools = [p for p in _info(svc.url).get("pools", []) if p.get("policy") == policy]
+        fig["pool_hits"] = sum(int(p.get("hits", 0)) for p in pools)
+        fig["pool_misses"] = sum(int(p.get("misses", 0)) for p in pools)
+        fig["idle_containers"] = filled
+        fig[f"idle_rss_mib_{n.idle}"] = memory
+        if n.profile_runs:
+            fig["http_profile"] = asyncio.run(_profiled(svc.url, svc.image, workload,
+                                                        svc.pid, n.profile_runs, profile_out))
+    fig |= flat("bare_exec", one) | flat(f"bare_exec_{THROUGHPUT}_at_once", many)
+    fig["bare_runs_per_s"] = round(fastest(many, "runs_per_s").runs_per_s, 1)
+    fig["warm_vs_bare_median"] = round(fig["warm_run_median_ms"]
+                                       / fig["bare_exec_median_ms"], 2)
+    fig["warm_vs_bare_p99"] = round(fig["warm_run_p99_ms"] / fig["bare_exec_p99_ms"], 2)
+    fig["runs_per_s_vs_bare"] = round(fig["runs_per_s"] / fig["bare_runs_per_s"], 3)
+    fig["warm_vs_client_bare_median"] = round(fig["warm_run_median_ms"]
+                                              / fig["client_bare_median_ms"], 2)
+    fig["runs_per_s_vs_client_bare"] = round(fig["runs_per_s"]
+                                             / fig["client_bare_runs_per_s"], 3)
+    return fig, one, many
+
+
+def profile_path(out: Path | None, policy: str) -> Path | None:
+    """--profile-out RAW, one file per policy: RAW's name with the policy before its suffix."""
+    return None if out is None else out.with_name(f"{out.stem}.{policy}{out.suffix}")
+
+
+def policy_rows(policy: str, fig: dict[str, Any], n: Counts, one: Loops,
+                many: Loops) -> list[Row]:
+    """The figures of one policy, each beside the tight loops and the client's own loop."""
+    return [
+        Row(f"{policy}: warm run median (ms)", fig["warm_run_median_ms"],
+            (*loop_bases(one, "p50"), ("client loop", fig["client_bare_median_ms"]))),
+        Row(f"{policy}: warm run p99 (ms)", fig["warm_run_p99_ms"],
+            (*loop_bases(one, "p99"), ("client loop", fig["client_bare_p99_ms"]))),
+        Row(f"{policy}: warm runs/s, 1 client", fig["runs_per_s_sequential"],
+            loop_bases(one, "runs_per_s")),
+        Row(f"{policy}: warm runs/s, {THROUGHPUT} clients", fig["runs_per_s"],
+            (*loop_bases(many, "runs_per_s", f" {THROUGHPUT} at once"),
+             ("client loop", fig["client_bare_runs_per_s"]))),
+        Row(f"{policy}: service + {fig['idle_containers']} idle containers, PSS (MiB)",
+            fig[f"idle_rss_mib_{n.idle}"]),
+    ]
+
+
+def run(policies: tuple[str, ...], n: Counts,
+        profile_out: Path | None = None) -> tuple[list[Row], dict[str, Any]]:
     base = Path(tempfile.mkdtemp(prefix="sandboxd-bench-api-"))
+    rows: list[Row] = []
+    per_policy: dict[str, dict[str, Any]] = {}
     try:
         bare_env = BareEnv(busybox.build_rootfs(base / "rootfs"), base / "scratch")
         bare_env.scratch.mkdir()
-        with spawned(max(idle, 8), min_idle=idle) as svc:
-            asyncio.run(_first_run(svc.url, svc.image))  # pulls; the pool fills to `idle`
-            filled = _wait_idle(svc.url, idle)
-            memory = round(_pss_mib(svc.pid), 1)
-            fig = asyncio.run(_measure(svc.url, svc.image, requests, seconds, bare_env))
-            fig["idle_containers"] = filled
-            fig[f"idle_rss_mib_{idle}"] = memory
+        for policy in policies:
+            fig, one, many = measure_policy(policy, n, bare_env,
+                                            profile_path(profile_out, policy))
+            per_policy[policy] = fig
+            rows += policy_rows(policy, fig, n, one, many)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    fig["warm_vs_bare_median"] = round(fig["warm_run_median_ms"]
-                                       / fig["bare_exec_median_ms"], 2)
-    fig["runs_per_s_vs_bare"] = round(fig["runs_per_s"] / fig["bare_runs_per_s"], 3)
-    fig["memory_measure"] = "PSS sum: service + spawner + idle containers' inits"
-    return fig
+    return rows, {"policy_list": list(policies), "requests": n.requests,
+                  "seconds": n.seconds, "idle": n.idle,
+                  "memory_measure": "PSS sum: service + spawner + idle containers' inits",
+                  "policies": per_policy}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.api", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", type=policies_arg, default=POLICIES,
+                    help="policies to measure, comma-separated (default: judge,default)")
     ap.add_argument("--requests", type=int, default=500, help="sequential runs (latency)")
     ap.add_argument("--seconds", type=float, default=10.0, help="throughput phase length")
     ap.add_argument("--idle", type=int, default=100, help="idle warm containers to weigh")
+    ap.add_argument("--profile", action="store_true",
+                    help="then the service's CPU per warm run by layer, under py-spy")
+    ap.add_argument("--profile-runs", type=int, default=3000,
+                    help="sequential runs under the profiler")
+    ap.add_argument("--profile-out", type=Path,
+                    help="write py-spy's raw stacks here, one file per policy "
+                         "(api-profile.raw: api-profile.judge.raw, ...)")
     ap.add_argument("--quick", action="store_true", help="small counts, for the test suite")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.requests, args.seconds, args.idle = 20, 1.0, 4
-    if args.requests < 2 or args.seconds <= 0 or args.idle < 1:
-        ap.error("--requests >= 2, --seconds > 0 and --idle >= 1")
-    fig = run(args.requests, args.seconds, args.idle)
-    emit(fig, args.json_only)
+        args.requests, args.seconds, args.idle, args.profile_runs = 20, 1.0, 4, 50
+    if args.requests < 2 or args.seconds <= 0 or args.idle < 1 or args.profile_runs < 1:
+        ap.error("--requests >= 2, --seconds > 0, --idle >= 1 and --profile-runs >= 1")
+    n = Counts(args.requests, args.seconds, args.idle,
+               args.profile_runs if args.profile else 0)
+    try:
+        rows, fig = run(args.policy, n, args.profile_out)
+    except BenchError as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return 1
+    if not args.json_only:
+        print(f"sandboxd API benchmark: busybox `true` over HTTP, policies "
+              f"{', '.join(args.policy)}, {n.requests} sequential runs, {n.seconds:g} s at "
+              f"{THROUGHPUT} clients, {n.idle} idle containers")
+        print(table(rows))
+        for policy, figures in fig["policies"].items():
+            if "http_profile" in figures:
+                print(f"\n{policy}: the service's CPU per warm run, by layer")
+                print(profile_table(figures["http_profile"],
+                                    figures["runs_per_s_sequential"]))
+    print(json.dumps(fig, separators=(",", ":")))
     return 0
 
 

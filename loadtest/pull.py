@@ -11,7 +11,10 @@ the same run and alternating, each `--repeat` times into empty directories:
   needs before it can start a container), when umoci is installed;
 
 and a cached re-pull of the tag (HEAD of the manifest, local lookups), with the blob bytes
-the registry served meanwhile. Figures and ratios only; the last line is one JSON object.
+the registry served meanwhile. A pull's bare equivalent is skopeo; beside the cached
+re-pull, the machine's own speed in the same run: the tight bare loops of busybox `true`
+(loadtest.baseline) and the ratio to the fastest. Figures and ratios only; the last line is
+one JSON object.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loadtest.baseline import Command, flat, measure
 from loadtest.output import emit
 from sandbox.images import ImageService
-from sandbox.localregistry import LocalRegistry, start_registry
+from sandbox.images.store.unpack import Ownership
 from sandbox.runtime import idmap
-from sandbox.store.unpack import Ownership
 from sandbox.tenants import LOCAL
+from testbed import busybox
+from testbed.registry import LocalRegistry, start_registry
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -228,6 +233,11 @@ def run(mb: int, layers: int, repeat: int, cached_n: int, quiet: bool) -> dict[s
     }
     if skopeo_umoci:
         fig["skopeo_umoci_unpack_s"] = round(statistics.median(skopeo_umoci), 3)
+    bare = flat("bare_exec", measure(Command(str(busybox.find_busybox()), ("true",)),
+                                     max(cached_n, 200)))
+    fig |= bare
+    fig["cached_pull_vs_bare_exec"] = round(statistics.median(cached) * 1000
+                                            / bare["bare_exec_median_ms"], 2)
     return fig
 
 

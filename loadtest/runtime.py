@@ -1,16 +1,32 @@
-"""The runtime benchmark: `python -m loadtest.runtime [--runs N] [--cold N] [--quick]`.
+"""The runtime benchmark: `python -m loadtest.runtime [--policy judge,default] [--runs N]
+[--cold N] [--writable N] [--quick]`.
 
-Every figure is measured in one run, beside a baseline measured in the same run on the same
-binaries (bare fork+exec from this process), and printed as a table; the last line is one
-JSON object. Figures and ratios only: no thresholds, no verdict.
+Every figure is measured in one run, beside its bare baseline measured in the same run on
+the same binaries (the tight fork+exec and posix_spawn loops of loadtest.baseline, or what
+the figure names), with the ratio, and printed as a table; the last line is one JSON
+object (figures of each policy under "policies"). Figures and ratios only: no thresholds,
+no verdict. Per policy (`--policy`, both by default):
 
-- exec: busybox `true` bare (posix_spawn + wait) vs container.exec in a warm judge container
-  (host-side latency, from the call to the returned result), sequential and 2 at once;
-- cold start: create_container until ready, judge (directory root) and default (overlay),
-  beside a bare `unshare` of the same namespaces;
-- idle memory: USS of idle containers' inits, beside the spawner they are forked from;
-- overhead: a CPU-bound and a syscall-bound static C program (workloads/), bare vs in a
-  container under the default seccomp policy, interleaved.
+- exec: container.exec of busybox `true` in a warm container, reset after each run as the
+  service's pools do (host-side latency, from the call to the returned result),
+  sequential and 2 at once, beside the bare loops of the same binary at the same
+  concurrency;
+- cold start: create_container until ready, beside the bare loops of a busybox `unshare`
+  of the same namespaces;
+- idle memory: USS of idle containers' inits, beside the spawner they are forked from.
+
+Then, with `default` among the policies:
+
+- a writable run's root: a file-heavy busybox sh script (200 files of 4 KiB written in
+  the root, read back, 50 image files deleted, image files read) in a warm `default`
+  container reset in place after each run, and each in a fresh `default` container
+  (created and destroyed around it, only the exec timed), interleaved;
+- back to back in one warm `default` container: a run that writes the root (`touch`; its
+  reset makes the root anew before the next run is read) and one that does not (`true`),
+  each beside the bare loops of the same binary.
+
+And once, in a container of the first policy: a CPU-bound and a syscall-bound static C
+program (workloads/), bare vs in the container, interleaved.
 
 The rootfs and the workloads are built in a temporary directory removed at the end; every
 container is destroyed and the runtime closed whatever happens.
@@ -22,31 +38,55 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from sandbox import busybox
+from loadtest.baseline import (
+    BenchError,
+    Command,
+    Loops,
+    fastest,
+    measure,
+    median,
+    percentile,
+)
+from loadtest.baseline import flat as baseline_figures
+from loadtest.rows import Row, loop_bases, policies_arg, table
 from sandbox.runtime import _spawn, seccomp
-from sandbox.runtime.container import Container, ContainerSpec, ExecRequest, Runtime
+from sandbox.runtime.container import Container
 from sandbox.runtime.profiles import Limits
+from sandbox.runtime.requests import ContainerSpec, ExecRequest
 from sandbox.runtime.results import RunResult, Status
+from sandbox.runtime.spawnerclient import Runtime
+from testbed import busybox
 
 WORKLOADS = Path(__file__).resolve().parent / "workloads"
 ENV = {"PATH": "/bin"}
 TRUE = ["true"]
+POLICIES = ("judge", "default")
+WRITABLE = "default"           # the policy whose root a run writes
+# A file-heavy run in the root (not a tmpfs), as container root (who owns the image's
+# files). Each step fails unless the run starts from the image as pulled: `mkdir` of a
+# directory the run before made, `rm` of an image file the run before deleted.
+WRITTEN_DIR = "/etc/written"
+WRITTEN_FILES = 200
+DELETED_FILES = 50
+# Applets the script runs: never among those it deletes.
+SCRIPT_APPLETS = frozenset({"busybox", "sh", "mkdir", "printf", "seq", "cat", "rm", "touch",
+                            "true", "ls"})
+# The smallest run that changes the root, as the run user (the image's /work is 0777).
+WRITE_ROOT = ["touch", "/work/touched"]
 # Long enough for the workloads, within the judge profile's maxima.
 LONG = Limits(cpu_ms=30_000, wall_ms=60_000)
 IDLE_WAIT_S = 1.0
@@ -57,10 +97,6 @@ DEVNULL_STDIO = [
 ]
 
 
-class BenchError(RuntimeError):
-    """A step of the benchmark did not do what it measures (not a slow result)."""
-
-
 @dataclass(frozen=True)
 class Counts:
     runs: int                      # sequential execs of `true`, bare and warm
@@ -68,6 +104,7 @@ class Counts:
     warmup: int                    # untimed runs before each timed series
     idle: int                      # containers kept idle for the memory figure
     repeats: int                   # interleaved bare/container runs of each workload
+    writable: int                  # interleaved warm/fresh runs of the writable script
     spin_args: tuple[str, ...]     # iteration count for spin.c ( (): its default)
     syscall_args: tuple[str, ...]  # iteration count for syscalls.c
 
@@ -75,48 +112,14 @@ class Counts:
 def counts_from(args: argparse.Namespace) -> Counts:
     if args.quick:
         return Counts(runs=args.runs or 20, cold=args.cold or 3, warmup=2, idle=3, repeats=2,
-                      spin_args=("10000000",), syscall_args=("50000",))
+                      writable=args.writable or 3, spin_args=("10000000",),
+                      syscall_args=("50000",))
     return Counts(runs=args.runs or 500, cold=args.cold or 50, warmup=20, idle=10, repeats=7,
-                  spin_args=(), syscall_args=())
-
-
-# --- figures ------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (q in 0..100)."""
-    s = sorted(values)
-    if not s:
-        raise BenchError("no samples")
-    k = (len(s) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
+                  writable=args.writable or 40, spin_args=(), syscall_args=())
 
 
 def ms_since(t0_ns: int) -> float:
     return (time.monotonic_ns() - t0_ns) / 1e6
-
-
-@dataclass(frozen=True)
-class Row:
-    figure: str
-    value: float
-    baseline: float | None = None
-    baseline_is: str = ""
-
-
-def table(rows: list[Row]) -> str:
-    lines = [f"{'figure':<44} {'value':>10} {'baseline':>10} {'ratio':>8}  baseline is"]
-    for r in rows:
-        base = f"{r.baseline:10.3f}" if r.baseline is not None else f"{'-':>10}"
-        ratio = (f"{r.value / r.baseline:7.2f}x" if r.baseline else f"{'-':>8}")
-        lines.append(f"{r.figure:<44} {r.value:10.3f} {base} {ratio}  {r.baseline_is}")
-    return "\n".join(lines)
 
 
 # --- bare runs ----------------------------------------------------------------------------
@@ -162,15 +165,13 @@ def spawn_filtered_wait(path: Path, argv: list[str], bpf: bytes) -> tuple[float,
     return wall, (ru.ru_utime + ru.ru_stime) * 1000
 
 
-def bare_loop(path: Path, argv: list[str], n: int) -> list[float]:
-    return [spawn_wait(path, argv)[0] for _ in range(n)]
-
-
 # --- container runs -----------------------------------------------------------------------
 
 
-async def checked_exec(c: Container, argv: list[str], limits: Limits | None = None) -> RunResult:
-    r = await c.exec(ExecRequest(argv=argv, env=ENV, limits=limits))
+async def checked_exec(c: Container, argv: list[str], limits: Limits | None = None, *,
+                       reset_after: bool = False, uid: int | None = None) -> RunResult:
+    r = await c.exec(ExecRequest(argv=argv, env=ENV, limits=limits, uid=uid),
+                     reset_after=reset_after)
     if r.status != Status.OK:
         raise BenchError(f"{argv} in container {c.id}: {r.status} ({r.error or ''}) "
                          f"{r.stderr[-300:].decode(errors='replace')}")
@@ -178,43 +179,66 @@ async def checked_exec(c: Container, argv: list[str], limits: Limits | None = No
 
 
 async def create(runtime: Runtime, root: Path, profile: str) -> Container:
-    return await runtime.create_container(ContainerSpec(layers=(str(root),), profile=profile))
+    return await runtime.create_container(ContainerSpec(layers=(str(root),), policy=profile))
 
 
-async def exec_loop(c: Container, n: int) -> list[RunResult]:
-    return [await checked_exec(c, TRUE) for _ in range(n)]
+async def exec_loop(c: Container, n: int, argv: list[str] = TRUE) -> list[float]:
+    """`n` runs of `argv` one after the other, each reset after as the pools do: the
+    host-side latency of each (ms)."""
+    latency = []
+    for _ in range(n):
+        t0 = time.monotonic_ns()
+        await checked_exec(c, argv, reset_after=True)
+        latency.append(ms_since(t0))
+    return latency
 
 
-async def bench_exec(runtime: Runtime, root: Path, n: Counts) -> tuple[list[Row], dict[str, Any]]:
-    true = root / "bin/true"
-    bare_loop(true, TRUE, n.warmup)
-    t0 = time.monotonic_ns()
-    bare = bare_loop(true, TRUE, n.runs)
-    bare_rate = n.runs / (ms_since(t0) / 1000)
+@dataclass(frozen=True)
+class Bare:
+    """The bare loops every policy's figures stand beside, measured once per run."""
 
-    c = await create(runtime, root, "judge")
+    exec_1: Loops      # busybox true, 1 at once
+    exec_2: Loops      # 2 at once
+    unshare: Loops     # busybox unshare of the container's namespaces, running true
+
+
+def bare_loops(root: Path, n: Counts) -> tuple[Bare, dict[str, Any]]:
+    true = Command(str(root / "bin/true"), tuple(TRUE), ENV)
+    # The kernel's share of a cold start: a bare unshare of the user, mount, pid, ipc, uts
+    # and net namespaces (busybox has no cgroup-namespace flag) running `true`.
+    unshare = Command(str(root / "bin/unshare"), ("unshare", "-r", "-m", "-p", "-f", "-i",
+                                                  "-u", "-n", str(root / "bin/true")), ENV)
+    half = max(1, n.runs // 2)
+    bare = Bare(measure(true, n.runs, 1, n.warmup), measure(true, 2 * half, 2, n.warmup),
+                measure(unshare, n.cold, 1, n.warmup))
+    fig = (baseline_figures("bare_exec", bare.exec_1) | baseline_figures("bare_exec_2",
+                                                                         bare.exec_2)
+           | baseline_figures("bare_unshare", bare.unshare))
+    return bare, fig
+
+
+async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str,
+                     bare: Bare) -> tuple[list[Row], dict[str, Any]]:
+    half = max(1, n.runs // 2)
+    c = await create(runtime, root, policy)
     try:
         await exec_loop(c, n.warmup)
-        latency: list[float] = []
         results: list[RunResult] = []
+        latency: list[float] = []
         t_all = time.monotonic_ns()
         for _ in range(n.runs):
             t0 = time.monotonic_ns()
-            results.append(await checked_exec(c, TRUE))
+            results.append(await checked_exec(c, TRUE, reset_after=True))
             latency.append(ms_since(t0))
         warm_rate = n.runs / (ms_since(t_all) / 1000)
     finally:
         await c.destroy()
 
-    # Two loops at once: two threads bare, two containers in the sandbox.
-    half = max(1, n.runs // 2)
-    t0 = time.monotonic_ns()
-    await asyncio.gather(*(asyncio.to_thread(bare_loop, true, TRUE, half) for _ in range(2)))
-    bare_rate2 = 2 * half / (ms_since(t0) / 1000)
+    # Two loops at once, two containers (bare: two worker processes).
     pair: list[Container] = []
     try:
         for _ in range(2):
-            pair.append(await create(runtime, root, "judge"))
+            pair.append(await create(runtime, root, policy))
         await asyncio.gather(*(exec_loop(p, n.warmup) for p in pair))
         t0 = time.monotonic_ns()
         await asyncio.gather(*(exec_loop(p, half) for p in pair))
@@ -223,58 +247,52 @@ async def bench_exec(runtime: Runtime, root: Path, n: Counts) -> tuple[list[Row]
         for p in pair:
             await p.destroy()
 
-    bare_med, bare_p99 = median(bare), percentile(bare, 99)
+    bare_median = fastest(bare.exec_1).median_ms
+    bare_rate = fastest(bare.exec_1, "runs_per_s").runs_per_s
     fig = {
-        "bare_exec_median_ms": bare_med, "bare_exec_p99_ms": bare_p99,
         "warm_exec_median_ms": median(latency), "warm_exec_p99_ms": percentile(latency, 99),
         "warm_exec_result_wall_median_ms": median([r.wall_ms for r in results]),
         "warm_exec_result_setup_median_ms": median([r.setup_ms for r in results]),
-        "bare_exec_runs_per_s": bare_rate, "warm_exec_runs_per_s": warm_rate,
-        "bare_exec_2_threads_runs_per_s": bare_rate2,
-        "warm_exec_2_containers_runs_per_s": warm_rate2,
+        "warm_exec_runs_per_s": warm_rate, "warm_exec_2_containers_runs_per_s": warm_rate2,
+        "warm_exec_vs_bare_median": median(latency) / bare_median,
+        "warm_exec_vs_bare_runs_per_s": warm_rate / bare_rate,
     }
-    b = "bare posix_spawn+wait4 of the same busybox"
     rows = [
-        Row("exec `true` median (ms)", fig["warm_exec_median_ms"], bare_med, b),
-        Row("exec `true` p99 (ms)", fig["warm_exec_p99_ms"], bare_p99, b),
-        Row("  result.wall_ms median (init: fork..reap)", fig["warm_exec_result_wall_median_ms"],
-            bare_med, b),
-        Row("  result.setup_ms median (call..started)", fig["warm_exec_result_setup_median_ms"]),
-        Row("exec `true` sequential (runs/s)", warm_rate, bare_rate, "bare, one loop"),
-        Row("exec `true` 2 loops, 2 containers (runs/s)", warm_rate2, bare_rate2,
-            "bare, two threads"),
+        Row(f"{policy}: exec `true` median (ms)", fig["warm_exec_median_ms"],
+            loop_bases(bare.exec_1, "p50")),
+        Row(f"{policy}: exec `true` p99 (ms)", fig["warm_exec_p99_ms"],
+            loop_bases(bare.exec_1, "p99")),
+        Row(f"{policy}:   result.wall_ms median (init: fork..reap)",
+            fig["warm_exec_result_wall_median_ms"], loop_bases(bare.exec_1, "p50")),
+        Row(f"{policy}:   result.setup_ms median (call..started)",
+            fig["warm_exec_result_setup_median_ms"]),
+        Row(f"{policy}: exec `true` sequential (runs/s)", warm_rate,
+            loop_bases(bare.exec_1, "runs_per_s")),
+        Row(f"{policy}: exec `true` 2 loops, 2 containers (runs/s)", warm_rate2,
+            loop_bases(bare.exec_2, "runs_per_s")),
     ]
     return rows, fig
 
 
-async def bench_cold(runtime: Runtime, root: Path, n: Counts) -> tuple[list[Row], dict[str, Any]]:
-    # Baseline: the kernel's share, a bare unshare of the user, mount, pid, ipc, uts and net
-    # namespaces (busybox has no cgroup-namespace flag) running `true`.
-    unshare = [str(root / "bin/unshare"), "-r", "-m", "-p", "-f", "-i", "-u", "-n",
-               str(root / "bin/true")]
-    bare_loop(root / "bin/unshare", unshare, n.warmup)
-    bare = bare_loop(root / "bin/unshare", unshare, n.cold)
-    bare_med, bare_p99 = median(bare), percentile(bare, 99)
-    b = "bare busybox unshare -rmpfiun true"
-    fig: dict[str, Any] = {"bare_unshare_median_ms": bare_med, "bare_unshare_p99_ms": bare_p99}
-    rows: list[Row] = []
-    for profile, key in (("judge", "cold_start"), ("default", "cold_start_default")):
-        await (await create(runtime, root, profile)).destroy()  # untimed first one
-        made: list[float] = []
-        gone: list[float] = []
-        for _ in range(n.cold):
-            t0 = time.monotonic_ns()
-            c = await create(runtime, root, profile)
-            made.append(ms_since(t0))
-            t0 = time.monotonic_ns()
-            await c.destroy()
-            gone.append(ms_since(t0))
-        fig |= {f"{key}_median_ms": median(made), f"{key}_p99_ms": percentile(made, 99),
-                f"{key}_destroy_median_ms": median(gone)}
-        what = "directory root" if profile == "judge" else "overlay root"
-        rows += [Row(f"cold start {profile} ({what}) median (ms)", median(made), bare_med, b),
-                 Row(f"cold start {profile} p99 (ms)", percentile(made, 99), bare_p99, b),
-                 Row(f"destroy {profile} median (ms)", median(gone))]
+async def bench_cold(runtime: Runtime, root: Path, n: Counts, policy: str,
+                     bare: Bare) -> tuple[list[Row], dict[str, Any]]:
+    await (await create(runtime, root, policy)).destroy()  # untimed first one
+    made: list[float] = []
+    gone: list[float] = []
+    for _ in range(n.cold):
+        t0 = time.monotonic_ns()
+        c = await create(runtime, root, policy)
+        made.append(ms_since(t0))
+        t0 = time.monotonic_ns()
+        await c.destroy()
+        gone.append(ms_since(t0))
+    fig = {"cold_start_median_ms": median(made), "cold_start_p99_ms": percentile(made, 99),
+           "cold_start_destroy_median_ms": median(gone)}
+    rows = [Row(f"{policy}: cold start median (ms)", median(made),
+                loop_bases(bare.unshare, "p50", " unshare")),
+            Row(f"{policy}: cold start p99 (ms)", percentile(made, 99),
+                loop_bases(bare.unshare, "p99", " unshare")),
+            Row(f"{policy}: destroy median (ms)", median(gone))]
     return rows, fig
 
 
@@ -296,14 +314,15 @@ def _uss(pid: int) -> tuple[float, str]:
         return (info.rss - info.shared) / 2**20, "statm:rss-shared"
 
 
-async def bench_idle(runtime: Runtime, root: Path, n: Counts) -> tuple[list[Row], dict[str, Any]]:
+async def bench_idle(runtime: Runtime, root: Path, n: Counts,
+                     policy: str) -> tuple[list[Row], dict[str, Any]]:
     spawners = [p for p in psutil.Process().children() if _is_spawner(p)]
     if len(spawners) != 1:
         raise BenchError(f"expected one spawner child of this process, found {spawners}")
     containers: list[Container] = []
     try:
         for _ in range(n.idle):
-            containers.append(await create(runtime, root, "judge"))
+            containers.append(await create(runtime, root, policy))
         await asyncio.sleep(IDLE_WAIT_S)
         measured = [_uss(c.pid) for c in containers]
         rss = [psutil.Process(c.pid).memory_info().rss / 2**20 for c in containers]
@@ -316,9 +335,9 @@ async def bench_idle(runtime: Runtime, root: Path, n: Counts) -> tuple[list[Row]
            "idle_container_memory_source": measured[0][1], "spawner_uss_mib": spawner_uss,
            "idle_containers": n.idle}
     what = "USS" if measured[0][1] == "uss" else "RSS-shared (USS unreadable)"
-    rows = [Row(f"idle init {what}, median of {n.idle} (MiB)", median(uss), spawner_uss,
-                "the spawner's USS (inits are its forks)"),
-            Row("idle init RSS median (MiB)", median(rss))]
+    rows = [Row(f"{policy}: idle init {what}, median of {n.idle} (MiB)", median(uss),
+                (("the spawner's USS (inits are its forks)", spawner_uss),)),
+            Row(f"{policy}: idle init RSS median (MiB)", median(rss))]
     return rows, fig
 
 
@@ -352,15 +371,16 @@ async def compare(c: Container, root: Path, name: str, args: tuple[str, ...],
     return out
 
 
-async def bench_overhead(runtime: Runtime, root: Path,
-                         n: Counts) -> tuple[list[Row], dict[str, Any]]:
-    c = await create(runtime, root, "judge")
+async def bench_overhead(runtime: Runtime, root: Path, n: Counts,
+                         policy: str) -> tuple[list[Row], dict[str, Any]]:
+    c = await create(runtime, root, policy)
     try:
         spin = await compare(c, root, "spin", n.spin_args, n)
         sysc = await compare(c, root, "syscalls", n.syscall_args, n)
     finally:
         await c.destroy()
     fig: dict[str, Any] = {**spin, **sysc, "workload_repeats": n.repeats,
+                           "workload_policy": policy,
                            "cpu_overhead_pct": spin["spin_cpu_overhead_pct"],
                            "cpu_overhead_wall_pct": spin["spin_wall_overhead_pct"],
                            "syscall_overhead_pct": sysc["syscalls_cpu_overhead_pct"],
@@ -370,12 +390,127 @@ async def bench_overhead(runtime: Runtime, root: Path,
     rows = []
     for name, what in (("spin", "CPU-bound"), ("syscalls", "syscall-bound")):
         for kind in ("cpu", "wall"):
-            rows.append(Row(f"{name}.c ({what}) {kind} median (ms)",
+            rows.append(Row(f"{policy}: {name}.c ({what}) {kind} median (ms)",
                             fig[f"{name}_{kind}_box_median_ms"],
-                            fig[f"{name}_{kind}_bare_median_ms"], "the same binary, bare"))
-            rows.append(Row("", fig[f"{name}_{kind}_box_median_ms"],
-                            fig[f"{name}_{kind}_filtered_median_ms"],
-                            "bare under an allow-all seccomp filter"))
+                            (("the same binary bare", fig[f"{name}_{kind}_bare_median_ms"]),
+                             ("bare under an allow-all filter",
+                              fig[f"{name}_{kind}_filtered_median_ms"]))))
+    return rows, fig
+
+
+# --- a writable root ----------------------------------------------------------------------
+
+
+def deleted_files(root: Path) -> list[str]:
+    """The names in the image's /bin the file-heavy run deletes: none it runs."""
+    deleted = sorted(p.name for p in (root / "bin").iterdir()
+                     if p.name not in SCRIPT_APPLETS)[-DELETED_FILES:]
+    if len(deleted) < DELETED_FILES:
+        raise BenchError(f"the rootfs has {len(deleted)} spare files in /bin, "
+                         f"{DELETED_FILES} needed")
+    return deleted
+
+
+def writable_script(root: Path) -> list[str]:
+    """The file-heavy run: WRITTEN_FILES files of 4 KiB written in the root and read back,
+    DELETED_FILES of the image's files deleted (whiteouts in the upper layer), image files
+    read. It fails unless it starts from the image as pulled."""
+    deleted = deleted_files(root)
+    script = "\n".join([
+        "set -e",
+        f"mkdir {WRITTEN_DIR}",
+        "s=$(printf '%4096s' '')",
+        f'for i in $(seq {WRITTEN_FILES}); do printf %s "$s" > {WRITTEN_DIR}/f$i; done',
+        f"cat {WRITTEN_DIR}/* > /dev/null",
+        "rm " + " ".join(f"/bin/{name}" for name in deleted),
+        "cat /bin/busybox /etc/passwd /etc/group /etc/hostname > /dev/null",
+    ])
+    return ["sh", "-c", script]
+
+
+async def timed_exec(c: Container, argv: list[str], *, reset_after: bool) -> tuple[float, float]:
+    """(host-side latency, init's fork..reap wall) of one run as container root, in ms."""
+    t0 = time.monotonic_ns()
+    r = await checked_exec(c, argv, reset_after=reset_after, uid=0)
+    return ms_since(t0), r.wall_ms
+
+
+async def fresh_exec(runtime: Runtime, root: Path, argv: list[str]) -> tuple[float, float]:
+    """One run in a container made for it and destroyed after it; only the exec timed."""
+    c = await create(runtime, root, WRITABLE)
+    try:
+        return await timed_exec(c, argv, reset_after=False)
+    finally:
+        await c.destroy()
+
+
+async def bench_writable(runtime: Runtime, root: Path, n: Counts,
+                         bare: Bare) -> tuple[list[Row], dict[str, Any]]:
+    argv = writable_script(root)
+    times: dict[str, list[float]] = {"warm": [], "fresh": []}
+    walls: dict[str, list[float]] = {"warm": [], "fresh": []}
+    warm = await create(runtime, root, WRITABLE)
+    try:
+        await timed_exec(warm, argv, reset_after=True)   # untimed first ones
+        await fresh_exec(runtime, root, argv)
+        for i in range(n.writable):
+            # Interleaved, each first in turn: what one run leaves (the kernel's deferred
+            # teardown of a destroyed container, caches) falls on both sides alike.
+            for side in (("warm", "fresh") if i % 2 == 0 else ("fresh", "warm")):
+                t, w = (await timed_exec(warm, argv, reset_after=True) if side == "warm"
+                        else await fresh_exec(runtime, root, argv))
+                times[side].append(t)
+                walls[side].append(w)
+        # Back to back in the warm container: the next request waits for the reset of the
+        # run before, which makes the root anew only when that run changed it.
+        await exec_loop(warm, n.warmup, WRITE_ROOT)
+        write_root = await exec_loop(warm, n.runs, WRITE_ROOT)
+        await exec_loop(warm, n.warmup)
+        no_write = await exec_loop(warm, n.runs)
+    finally:
+        await warm.destroy()
+    touched = root.parent / "touched-bare"
+    touch = Command(str(root / "bin/touch"), ("touch", str(touched)), ENV)
+    bare_touch = measure(touch, n.runs, 1, n.warmup)
+    fig: dict[str, Any] = {
+        "writable_runs": n.writable,
+        "writable_warm_reset_median_ms": median(times["warm"]),
+        "writable_fresh_median_ms": median(times["fresh"]),
+        "writable_warm_reset_wall_median_ms": median(walls["warm"]),
+        "writable_fresh_wall_median_ms": median(walls["fresh"]),
+        "back_to_back_write_root_median_ms": median(write_root),
+        "back_to_back_write_root_p99_ms": percentile(write_root, 99),
+        "back_to_back_true_median_ms": median(no_write),
+        "back_to_back_true_p99_ms": percentile(no_write, 99),
+        **baseline_figures("bare_touch", bare_touch),
+    }
+    fig["writable_warm_vs_fresh_median"] = (fig["writable_warm_reset_median_ms"]
+                                            / fig["writable_fresh_median_ms"])
+    fig["writable_warm_vs_fresh_wall_median"] = (fig["writable_warm_reset_wall_median_ms"]
+                                                 / fig["writable_fresh_wall_median_ms"])
+    # What writing the root adds back to back, less what the write itself adds bare: the
+    # reset that makes the root anew, on the next run's path.
+    fig["reset_of_written_root_median_ms"] = (
+        (fig["back_to_back_write_root_median_ms"] - fig["back_to_back_true_median_ms"])
+        - (fig["bare_touch_median_ms"] - fastest(bare.exec_1).median_ms))
+    fresh = (("a fresh container", fig["writable_fresh_median_ms"]),)
+    rows = [
+        Row(f"{WRITABLE}: file-heavy run, warm, reset in place (ms)",
+            fig["writable_warm_reset_median_ms"], fresh),
+        Row(f"{WRITABLE}:   its result.wall_ms (init: fork..reap)",
+            fig["writable_warm_reset_wall_median_ms"],
+            (("a fresh container", fig["writable_fresh_wall_median_ms"]),)),
+        Row(f"{WRITABLE}: back to back, `touch` in the root (ms)",
+            fig["back_to_back_write_root_median_ms"], loop_bases(bare_touch, "p50", " touch")),
+        Row(f"{WRITABLE}: back to back, `touch` in the root p99 (ms)",
+            fig["back_to_back_write_root_p99_ms"], loop_bases(bare_touch, "p99", " touch")),
+        Row(f"{WRITABLE}: back to back, `true` (ms)", fig["back_to_back_true_median_ms"],
+            loop_bases(bare.exec_1, "p50")),
+        Row(f"{WRITABLE}: back to back, `true` p99 (ms)", fig["back_to_back_true_p99_ms"],
+            loop_bases(bare.exec_1, "p99")),
+        Row(f"{WRITABLE}:   reset of a written root, on the path (ms)",
+            fig["reset_of_written_root_median_ms"]),
+    ]
     return rows, fig
 
 
@@ -436,39 +571,63 @@ async def prepared() -> AsyncIterator[tuple[Runtime, Path]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def run(n: Counts, quiet: bool) -> tuple[list[Row], dict[str, Any]]:
+async def run(n: Counts, policies: tuple[str, ...],
+              quiet: bool) -> tuple[list[Row], dict[str, Any]]:
     async with prepared() as (runtime, root):
+        progress(quiet, "bare loops")
+        bare, fig = bare_loops(root, n)
+        fig = host_info(runtime, n) | {"policy_list": list(policies)} | fig
         rows: list[Row] = []
-        fig = host_info(runtime, n)
-        for what, step in (("exec", bench_exec), ("cold start", bench_cold),
-                           ("idle memory", bench_idle), ("workloads", bench_overhead)):
-            progress(quiet, what)
-            more_rows, more = await step(runtime, root, n)
+        per_policy: dict[str, dict[str, Any]] = {p: {} for p in policies}
+        for what, step in (("exec", bench_exec), ("cold start", bench_cold)):
+            for policy in policies:
+                progress(quiet, f"{what}, {policy}")
+                more_rows, more = await step(runtime, root, n, policy, bare)
+                rows += more_rows
+                per_policy[policy] |= more
+        for policy in policies:
+            progress(quiet, f"idle memory, {policy}")
+            more_rows, more = await bench_idle(runtime, root, n, policy)
+            rows += more_rows
+            per_policy[policy] |= more
+        if WRITABLE in policies:
+            progress(quiet, "a writable root")
+            more_rows, more = await bench_writable(runtime, root, n, bare)
             rows += more_rows
             fig |= more
+        progress(quiet, "workloads")
+        more_rows, more = await bench_overhead(runtime, root, n, policies[0])
+        rows += more_rows
+        fig |= more
+        fig["policies"] = per_policy
         return rows, fig
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.runtime", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", type=policies_arg, default=POLICIES,
+                    help="policies to measure, comma-separated (default: judge,default)")
     ap.add_argument("--runs", type=int, help="sequential warm execs (default 500)")
-    ap.add_argument("--cold", type=int, help="container creations per profile (default 50)")
+    ap.add_argument("--cold", type=int, help="container creations per policy (default 50)")
+    ap.add_argument("--writable", type=int,
+                    help="runs of the file-heavy script per side, warm and fresh (default 40)")
     ap.add_argument("--quick", action="store_true", help="small counts, for the test suite")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = ap.parse_args(argv)
-    if (args.runs is not None and args.runs < 2) or (args.cold is not None and args.cold < 2):
-        ap.error("--runs and --cold need at least 2")
+    if any(v is not None and v < 2 for v in (args.runs, args.cold, args.writable)):
+        ap.error("--runs, --cold and --writable need at least 2")
     n = counts_from(args)
     try:
-        rows, fig = asyncio.run(run(n, args.json_only))
+        rows, fig = asyncio.run(run(n, args.policy, args.json_only))
     except BenchError as e:
         print(f"benchmark failed: {e}", file=sys.stderr)
         return 1
     if not args.json_only:
         print(f"sandboxd runtime benchmark: kernel {fig['kernel']}, python {fig['python']}, "
               f"{fig['cpus']} cpus, id mapping {fig['id_mapping']}, cgroup "
-              f"{fig['cgroup_driver']}, {n.runs} execs, {n.cold} cold starts per profile")
+              f"{fig['cgroup_driver']}, policies {', '.join(args.policy)}, {n.runs} execs, "
+              f"{n.cold} cold starts per policy, {n.writable} file-heavy runs per side")
         print(table(rows))
     print(json.dumps(fig, separators=(",", ":")))
     return 0

@@ -8,9 +8,9 @@ result is checked against the verdict its program must get (status and exit code
 runs the service kills for a limit share warm containers with the innocent ones, so a kill
 that reached the wrong run shows up here as a wrong verdict: there must be none.
 
-Beside it, in the same run, the bare baseline of the load tests: a tight posix_spawn+wait
-loop of the same busybox `true` from this process (no event loop), one loop for latency and
---concurrency threads for runs/s.
+Beside it, in the same run, the bare baseline of every benchmark (loadtest.baseline): the
+tight fork+exec and posix_spawn loops of the same busybox `true`, one at a time for latency
+and --concurrency at once for runs/s.
 
 --spawn starts its own registry and `sandboxd serve` (as `python -m loadtest --spawn`);
 --url (loopback only) and --image name a running service and a busybox image it can pull.
@@ -28,13 +28,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from loadtest.baseline import BenchError, Command, fastest, flat, measure
 from loadtest.http.driver import closed_loop
 from loadtest.http.service import (
     LoadTestError,
@@ -47,8 +47,7 @@ from loadtest.http.stats import Outcome, Recorder, percentiles_ms
 from loadtest.http.targets import HttpTarget, answer
 from loadtest.http.workloads import MiB, Workload
 from loadtest.output import emit
-from loadtest.runtime import bare_loop, median, percentile
-from sandbox import busybox
+from testbed import busybox
 
 DEFAULT_RUNS = 20_000
 DEFAULT_CONCURRENCY = 16
@@ -174,22 +173,17 @@ async def soak(url: str, token: str | None, image: str, runs: int, concurrency: 
 
 
 def bare(runs: int, concurrency: int) -> dict[str, Any]:
-    """The baseline: posix_spawn+wait of busybox `true` in a loop, no event loop."""
+    """The baseline: the bare loops of busybox `true`, one at a time (latency) and
+    `concurrency` at once (runs/s)."""
     work = Path(tempfile.mkdtemp(prefix="sandboxd-soak-bare-"))
     try:
-        true = busybox.build_rootfs(work / "rootfs") / "bin" / "true"
-        bare_loop(true, ["true"], 20)
-        latency = bare_loop(true, ["true"], runs)
-        each = max(1, runs // concurrency)
-        start = time.monotonic()
-        with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(lambda _: bare_loop(true, ["true"], each), range(concurrency)))
-        rate = each * concurrency / (time.monotonic() - start)
+        true = Command(str(busybox.build_rootfs(work / "rootfs") / "bin" / "true"), ("true",))
+        one = measure(true, runs)
+        many = measure(true, max(runs, concurrency), concurrency)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"bare_exec_median_ms": round(median(latency), 3),
-            "bare_exec_p99_ms": round(percentile(latency, 99), 3),
-            "bare_runs_per_s": round(rate, 1)}
+    return {**flat("bare_exec", one), **flat(f"bare_exec_{concurrency}_at_once", many),
+            "bare_runs_per_s": round(fastest(many, "runs_per_s").runs_per_s, 1)}
 
 
 def figures(found: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.runs, args.concurrency, seed=args.seed,
                                      timeout_s=args.timeout))
         base = bare(min(args.runs, BARE_RUNS), args.concurrency)
-    except LoadTestError as e:
+    except (LoadTestError, BenchError) as e:
         print(f"soak failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -16,7 +16,10 @@ round, beside a bare baseline measured in the same rounds:
 
 A sample is the host-side time from the call to the result; a new container's run counts
 create + exec + destroy. Per variant: median and p99 ms, the ratio to bare, and the
-difference to full, i.e. what the layer it removes (or adds) costs. Figures only, no
+difference to full, i.e. what the layer it removes (or adds) costs. The interleaved bare
+variant pays for what the variant before it left behind (caches, the kernel's deferred
+teardown); so each program also gets the tight bare loops of loadtest.baseline, measured
+before the rounds, and every variant its ratio to the fastest of them. Figures only, no
 verdict; the last line is one JSON object.
 """
 
@@ -34,16 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.baseline import Command, fastest, measure, median, percentile
 from loadtest.output import emit
 from loadtest.runtime import (
+    ENV,
     LONG,
     BenchError,
     checked_exec,
     create,
     machine_info,
-    median,
     ms_since,
-    percentile,
     prepared,
     progress,
     spawn_wait,
@@ -51,8 +54,9 @@ from loadtest.runtime import (
 from loadtest.sweep_report import table
 from sandbox.errors import SandboxError
 from sandbox.runtime.cgroups import Detection
-from sandbox.runtime.container import Container, Runtime
+from sandbox.runtime.container import Container
 from sandbox.runtime.profiles import HOST_NETWORK, UNCONFINED
+from sandbox.runtime.spawnerclient import Runtime
 
 NO_SECCOMP, HOST_NET = "sweep-no-seccomp", "sweep-host-network"
 
@@ -158,9 +162,9 @@ async def samplers(stack: contextlib.AsyncExitStack, runtime: Runtime,
                    root: Path) -> dict[str, Sampler]:
     """One sampler per variant; every container (and the cgroup-less runtime) is closed by
     `stack`."""
-    judge = runtime.profile("judge")
-    runtime.register_profile(dataclasses.replace(judge, name=NO_SECCOMP, seccomp=UNCONFINED))
-    runtime.register_profile(dataclasses.replace(judge, name=HOST_NET, network=HOST_NETWORK))
+    judge = runtime.policies.profile("judge")
+    runtime.policies.register(dataclasses.replace(judge, name=NO_SECCOMP, seccomp=UNCONFINED))
+    runtime.policies.register(dataclasses.replace(judge, name=HOST_NET, network=HOST_NETWORK))
     plain = await Runtime.start(mapping=runtime.mapping, cgroups=Detection(
         driver=None, warnings=("the isolation sweep's runtime without cgroups",)))
     stack.push_async_callback(plain.close)
@@ -197,7 +201,8 @@ async def series(run: dict[str, Sampler], argv: tuple[str, ...], rounds: int, wa
     return out
 
 
-def figures(samples: dict[str, list[Sample]]) -> dict[str, dict[str, Any]]:
+def figures(samples: dict[str, list[Sample]], tight_ms: float) -> dict[str, dict[str, Any]]:
+    """Per variant; `tight_ms` is the fastest tight bare loop's median."""
     walls = {k: [s.wall_ms for s in v] for k, v in samples.items()}
     base, full = median(walls["bare"]), median(walls["full"])
     out = {}
@@ -206,7 +211,8 @@ def figures(samples: dict[str, list[Sample]]) -> dict[str, dict[str, Any]]:
         m = median(wall)
         out[key] = {"median_ms": m, "p99_ms": percentile(wall, 99),
                     "cpu_median_ms": median(cpu) if cpu else None,
-                    "ratio_vs_bare": m / base, "delta_vs_full_ms": m - full,
+                    "ratio_vs_bare": m / base, "ratio_vs_fastest_bare": m / tight_ms,
+                    "delta_vs_full_ms": m - full,
                     "runs": len(wall), "cpu_measured_by": samples[key][-1].cpu_by}
     return out
 
@@ -229,13 +235,21 @@ async def sweep(n: Counts, quiet: bool, seed: int) -> dict[str, Any]:
             "benchmark": "isolation_sweep", **machine_info(runtime), "seed": seed,
             "warmup_rounds": n.warmup, "programs": {}, "variants": {},
             "layers": [dataclasses.asdict(layer) for layer in LAYERS], "layer_cost_ms": {}}
+        # The tight loops first, while no container is up.
+        tight = {p.key: measure(Command(str(root / p.argv[0].lstrip("/")),
+                                        (Path(p.argv[0]).name, *p.argv[1:]), ENV),
+                                n.rounds if p.key == "true" else n.workload_rounds,
+                                warmup=n.warmup)
+                 for p in programs}
         run = await samplers(stack, runtime, root)
         for p in programs:
             rounds = n.rounds if p.key == "true" else n.workload_rounds
             progress(quiet, f"{p.label}: {rounds} rounds of {len(run)} variants")
-            figs = figures(await series(run, p.argv, rounds, n.warmup, rng))
-            result["programs"][p.key] = {"label": p.label, "argv": list(p.argv),
-                                         "rounds": rounds}
+            figs = figures(await series(run, p.argv, rounds, n.warmup, rng),
+                           fastest(tight[p.key]).median_ms)
+            result["programs"][p.key] = {
+                "label": p.label, "argv": list(p.argv), "rounds": rounds,
+                "tight_bare": {m: loop.figures() for m, loop in tight[p.key].items()}}
             for v in VARIANTS:
                 entry = result["variants"].setdefault(v.key, {"label": v.label})
                 entry[p.key] = figs[v.key]

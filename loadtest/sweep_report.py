@@ -8,7 +8,7 @@ from typing import Any
 
 from loadtest.http.svg import bar_chart, html_table
 
-HEAD = ["variant", "median ms", "p99 ms", "cpu ms", "x bare", "vs full ms"]
+HEAD = ["variant", "median ms", "p99 ms", "cpu ms", "x bare", "x fastest bare", "vs full ms"]
 LAYER_CAPTION = ("what each layer costs: the difference of two variants' medians, of the "
                  "host-side time (wall) and of the run's CPU time (cpu); noise can make a "
                  "small one negative")
@@ -25,14 +25,19 @@ def _rows(result: dict[str, Any], program: str) -> list[list[str]]:
         f = v[program]
         rows.append([f"{key}: {v['label']}", _f(f["median_ms"]), _f(f["p99_ms"]),
                      _f(f["cpu_median_ms"]), f"{f['ratio_vs_bare']:.2f}x",
+                     f"{f['ratio_vs_fastest_bare']:.2f}x",
                      _f(f["delta_vs_full_ms"], "+.3f")])
     return rows
 
 
 def _caption(result: dict[str, Any], program: str) -> str:
     p = result["programs"][program]
+    tight = "; ".join(f"{t['how']} {t['latency_ms']['p50']:.3f} ms"
+                      for t in p["tight_bare"].values())
     return (f"{p['label']}: {p['rounds']} rounds, variants interleaved; median/p99 of the "
-            "host-side time per run, cpu from the run's cgroup (rusage without one)")
+            "host-side time per run, cpu from the run's cgroup (rusage without one); "
+            f"x bare: to the interleaved bare variant; x fastest bare: to the faster tight "
+            f"bare loop, same run (median {tight})")
 
 
 def _layer_rows(result: dict[str, Any]) -> list[list[str]]:

@@ -1,0 +1,131 @@
+"""sandboxd's engine as its users see it: `from sandbox import Engine, RunSpec, ...`.
+
+Everything outside sandbox/ (the service above all) imports these names only, never a
+module below; tests/unit/test_layering.py holds it to that.
+
+The names load on first use (PEP 562): `python -m sandbox.runtime.spawner` imports this
+package too, and the spawner (whose forks become containers' inits) must not carry the
+engine, aiohttp and the image store (~290 ms and ~25 MiB more).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
+    from sandbox.engine import Engine as Engine
+    from sandbox.engine import EngineConfig as EngineConfig
+    from sandbox.engine import FileSpec as FileSpec
+    from sandbox.engine import PolicyLimits as PolicyLimits
+    from sandbox.engine import PoolConfig as PoolConfig
+    from sandbox.engine import RunSpec as RunSpec
+    from sandbox.errors import AuthError as AuthError
+    from sandbox.errors import CapacityError as CapacityError
+    from sandbox.errors import CgroupError as CgroupError
+    from sandbox.errors import ContainerGoneError as ContainerGoneError
+    from sandbox.errors import DigestMismatch as DigestMismatch
+    from sandbox.errors import Forbidden as Forbidden
+    from sandbox.errors import ImageError as ImageError
+    from sandbox.errors import ImageInUse as ImageInUse
+    from sandbox.errors import InvalidReference as InvalidReference
+    from sandbox.errors import LayerError as LayerError
+    from sandbox.errors import ManifestError as ManifestError
+    from sandbox.errors import NotFound as NotFound
+    from sandbox.errors import PolicyError as PolicyError
+    from sandbox.errors import QuotaExceeded as QuotaExceeded
+    from sandbox.errors import RegistryError as RegistryError
+    from sandbox.errors import RuntimeSetupError as RuntimeSetupError
+    from sandbox.errors import SandboxError as SandboxError
+    from sandbox.images import Image as Image
+    from sandbox.images import Platform as Platform
+    from sandbox.images import PublicNames as PublicNames
+    from sandbox.images import PullProgress as PullProgress
+    from sandbox.images import RegistriesConfig as RegistriesConfig
+    from sandbox.images import is_digest as is_digest
+    from sandbox.images.reference import parse as parse_reference  # noqa: F401
+    from sandbox.images.registry.hosts import is_local_address as is_local_address
+    from sandbox.images.registry.hosts import parse_ip as parse_ip
+    from sandbox.images.registry.hosts import split_host as split_host
+    from sandbox.runtime.cgroups.hostsetup import setup_host as setup_host
+    from sandbox.runtime.cgroups.hostsetup import undo_host_setup as undo_host_setup
+    from sandbox.runtime.hostinfo import report as host_report  # noqa: F401
+    from sandbox.runtime.output import OutputCallback as OutputCallback
+    from sandbox.runtime.output import Streamed as Streamed
+    from sandbox.runtime.profiles import Limits as Limits
+    from sandbox.runtime.profiles import load_profile as load_profile
+    from sandbox.runtime.results import RunResult as RunResult
+    from sandbox.runtime.results import Status as Status
+    from sandbox.runtime.runcontrol import ALLOWED_SIGNALS as ALLOWED_SIGNALS
+    from sandbox.runtime.runcontrol import RunControl as RunControl
+    from sandbox.statedir import prepare as prepare_state_dir  # noqa: F401
+    from sandbox.tenants import LOCAL as LOCAL_TENANT  # noqa: F401
+    from sandbox.tenants import Tenant as Tenant
+
+# Where each name lives at run time ("module" or "module:its name there"); the imports
+# above say the same to type checkers, and tests/unit/test_layering.py that they agree.
+_HOMES = {
+    "ALLOWED_SIGNALS": "sandbox.runtime.runcontrol",
+    "AuthError": "sandbox.errors",
+    "CapacityError": "sandbox.errors",
+    "CgroupError": "sandbox.errors",
+    "ContainerGoneError": "sandbox.errors",
+    "DigestMismatch": "sandbox.errors",
+    "Engine": "sandbox.engine",
+    "EngineConfig": "sandbox.engine",
+    "FileSpec": "sandbox.engine",
+    "Forbidden": "sandbox.errors",
+    "Image": "sandbox.images",
+    "ImageError": "sandbox.errors",
+    "ImageInUse": "sandbox.errors",
+    "InvalidReference": "sandbox.errors",
+    "LOCAL_TENANT": "sandbox.tenants:LOCAL",
+    "LayerError": "sandbox.errors",
+    "Limits": "sandbox.runtime.profiles",
+    "ManifestError": "sandbox.errors",
+    "NotFound": "sandbox.errors",
+    "OutputCallback": "sandbox.runtime.output",
+    "Platform": "sandbox.images",
+    "PolicyError": "sandbox.errors",
+    "PolicyLimits": "sandbox.engine",
+    "PoolConfig": "sandbox.engine",
+    "PublicNames": "sandbox.images",
+    "PullProgress": "sandbox.images",
+    "QuotaExceeded": "sandbox.errors",
+    "RegistriesConfig": "sandbox.images",
+    "RegistryError": "sandbox.errors",
+    "RunControl": "sandbox.runtime.runcontrol",
+    "RunResult": "sandbox.runtime.results",
+    "RunSpec": "sandbox.engine",
+    "RuntimeSetupError": "sandbox.errors",
+    "SandboxError": "sandbox.errors",
+    "Status": "sandbox.runtime.results",
+    "Streamed": "sandbox.runtime.output",
+    "Tenant": "sandbox.tenants",
+    "host_report": "sandbox.runtime.hostinfo:report",
+    "is_digest": "sandbox.images",
+    "is_local_address": "sandbox.images.registry.hosts",
+    "load_profile": "sandbox.runtime.profiles",
+    "parse_ip": "sandbox.images.registry.hosts",
+    "parse_reference": "sandbox.images.reference:parse",
+    "prepare_state_dir": "sandbox.statedir:prepare",
+    "setup_host": "sandbox.runtime.cgroups.hostsetup",
+    "split_host": "sandbox.images.registry.hosts",
+    "undo_host_setup": "sandbox.runtime.cgroups.hostsetup",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, _, attr = _HOMES[name].partition(":")
+    except KeyError:
+        raise AttributeError(f"module 'sandbox' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value  # found once; later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

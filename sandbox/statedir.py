@@ -3,7 +3,7 @@ files. It is private to the service's user (0700).
 
 Layer files are the service user's own files on the host (or its subordinate ids'), and
 other local users have no business reading images or container records. Unpacking drops
-setuid bits and file capabilities (store/unpack.py); the 0700 directory also shuts out
+setuid bits and file capabilities (images/store/unpack.py); the 0700 directory also shuts out
 what an older store kept. Containers do not need to traverse it: a container's helper opens
 the layers (O_PATH) while it still has the service's credentials, before its id map is
 used (docs/architecture.md, "Reaching the layers").

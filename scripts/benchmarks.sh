@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Every figure of docs/benchmarks.md, measured in one go on this machine (Debian 12, as
-# root): the runtime, pulls, the API, and the HTTP load test with its peers (bwrap, crun,
-# runc, podman), the isolation sweep and the verdict soak. Each benchmark measures its own
-# baseline in the same run; the outputs (tables, JSON lines, the HTML report) go to
-# OUT (default bench-results/<time>). Takes 15-25 minutes on 2 cores.
+# root): the runtime, pulls, the API and its per-layer profile, the HTTP load test with its
+# peers (bwrap, crun, runc, podman) and the isolation sweep, the open loop, the CPU-share
+# check and the verdict soak. Beside each figure, its bare baseline from the same run: the
+# tight fork+exec and posix_spawn loops of loadtest/baseline.py, and the ratio. The outputs
+# (tables, JSON lines, py-spy's raw stacks, the HTML reports) go to OUT (default
+# bench-results/<time>). Takes 20-30 minutes on 2 cores; run it with nothing else on the
+# machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || exec sudo bash "$0" "$@"
@@ -11,24 +14,43 @@ bash scripts/setup.sh
 source scripts/lib.sh
 # The pull benchmark compares with skopeo and umoci; the load test runs through its peers.
 apt_install_missing docker-registry skopeo umoci bubblewrap crun runc podman
+py=.venv/bin/python
+# The API's profile samples the service with py-spy (not a dependency of sandboxd).
+[ -x .venv/bin/py-spy ] || $py -m pip install -q py-spy
 
 out=${OUT:-bench-results/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$out"
-py=.venv/bin/python
-run() {  # NAME COMMAND...: its table and JSON line to OUT/NAME.txt, shown as it goes
-    local name=$1
+step=""
+trap '[ -n "$step" ] && kill -TERM -- "-$step" 2>/dev/null; exit 130' INT TERM
+run() {  # NAME COMMAND...: its table and JSON line to OUT/NAME.txt, shown when it ends
+    local name=$1 status=0
     shift
     echo "== $name: $*"
-    "$@" 2>"$out/$name.log" | tee "$out/$name.txt"
+    # A session of its own: the bare sides' processes are then one scheduling group, as
+    # the service's runs are in its cpu cgroup, whatever else runs in this shell's session.
+    setsid "$@" >"$out/$name.txt" 2>"$out/$name.log" &
+    step=$!
+    wait "$step" || status=$?
+    step=""
+    cat "$out/$name.txt"
+    return "$status"
 }
 
 run runtime $py -m loadtest.runtime
 run pull $py -m loadtest.pull
-run api $py -m loadtest.api
+run api $py -m loadtest.api --profile --profile-out "$out/api-profile.raw"
 run http $py -m loadtest --spawn --workload all --concurrency 4 --requests 200 \
     --peers auto --sweep 300 --html "$out/report.html" --json-out "$out/http.json"
 run open-loop $py -m loadtest --spawn --workload exec,judge --rate 250 --duration 20 \
     --peers none --html "$out/open-loop.html" --json-out "$out/open-loop.json"
+# Why `cpu` once came out faster sandboxed than bare: two CPU hogs in the load generator's
+# own session share its scheduling group with the client's bare runs, not with the
+# service's cgroup; the tight loops run in a session of their own, and stay fair.
+run cpu-shared-session bash -c '
+    for i in 1 2; do busybox sh -c "while :; do :; done" & done
+    trap "kill %1 %2" EXIT
+    '"$py"' -m loadtest --spawn --workload cpu --concurrency 4 --requests 60 --peers none \
+        --json-out '"$out"'/cpu-shared-session.json'
 # 20,000 runs whose verdicts are known in advance: any wrong one is a failure.
 run soak $py -m loadtest.soak --spawn --runs 20000 --concurrency 16
 echo "== done: $out"

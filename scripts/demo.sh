@@ -13,4 +13,4 @@ apt_install_missing docker-registry
 user=${SUDO_USER:-}
 [ -n "$user" ] && [ "$user" != root ] || user=sandboxd-demo
 prepare_user "$user" 400000
-run_as_user "$user" ".venv/bin/sandboxd demo"
+run_as_user "$user" ".venv/bin/python -m testbed.demo"

@@ -13,9 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
-from sandbox import statedir
-from sandbox.engine import Engine
-from sandbox.registry.hosts import parse_ip, split_host
+from sandbox import Engine, parse_ip, prepare_state_dir, split_host
 from service.admission import Admission
 from service.api import STATE, VERSION, State, containers, images, runs, system
 from service.auth import Tokens, auth_middleware
@@ -132,7 +130,7 @@ def _origin_hostport(origin: str) -> str | None:
 
 def _gauges(st: State) -> None:
     def pools() -> list[dict[str, object]]:
-        return st.engine.pools.stats() if st.engine is not None else []
+        return st.engine.pool_stats() if st.engine is not None else []
 
     def idle() -> list[tuple[Labels, float]]:
         # Per policy, never per image: any token may scrape, and image digests would tell
@@ -147,7 +145,7 @@ def _gauges(st: State) -> None:
         return lambda: [((), float(sum(p[key] for p in pools())))]  # type: ignore[misc]
 
     def live() -> list[tuple[Labels, float]]:
-        return [((), float(st.engine.pools.live if st.engine is not None else 0))]
+        return [((), float(st.engine.live_containers if st.engine is not None else 0))]
 
     st.metrics.gauges += [
         Gauge("sandboxd_pool_idle", "Warm containers waiting, per policy.", idle),
@@ -157,7 +155,7 @@ def _gauges(st: State) -> None:
               total("misses"), "counter"),
         Gauge("sandboxd_live_containers", "Containers alive: pools, runs and sessions.", live),
         Gauge("sandboxd_sessions", "Containers kept by callers (sessions).",
-              lambda: [((), float(len(st.engine.sessions) if st.engine else 0))]),
+              lambda: [((), float(st.engine.session_count if st.engine else 0))]),
         Gauge("sandboxd_runs_running", "Runs executing now.",
               lambda: [((), float(st.admission.running))]),
         Gauge("sandboxd_runs_queued", "Runs waiting for a slot.",
@@ -168,7 +166,7 @@ def _gauges(st: State) -> None:
 async def serve(config: ServiceConfig) -> int:
     """Serve until SIGTERM or SIGINT, then shut down gracefully: stop accepting, let runs
     finish within the deadline (then kill them), close the engine. 1 if the engine failed."""
-    statedir.prepare(config.state_dir)
+    prepare_state_dir(config.state_dir)
 
     async def factory() -> Engine:
         return await Engine.start(config.engine_config())

@@ -10,11 +10,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from sandbox import digests
-from sandbox.errors import InvalidReference
-from sandbox.reference import parse
-from sandbox.registry.hosts import is_local_address, split_host
-from sandbox.tenants import Tenant
+from sandbox import (
+    InvalidReference,
+    Tenant,
+    is_digest,
+    is_local_address,
+    parse_reference,
+    split_host,
+)
 from service.config import ServiceConfig
 from service.errors import ApiError, from_sandbox
 
@@ -38,10 +41,10 @@ class Principal:
 
     def allow_image(self, reference: str, field: str) -> None:
         """403 unless this caller may use the registry `reference` lives in."""
-        if digests.is_digest(reference.strip()):
+        if is_digest(reference.strip()):
             return  # a bare digest names one of the tenant's own images, not a registry
         try:
-            domain = parse(reference).domain
+            domain = parse_reference(reference).domain
         except InvalidReference as e:
             raise from_sandbox(e, field) from e
         if self.registries is not None and domain not in self.registries:

@@ -2,8 +2,6 @@
 
     sandboxd setup [--user NAME [--remove]] as root, once: cgroup tuning, delegation to NAME
     sandboxd info                           what this host can enforce, as JSON
-    sandboxd demo                           images to a local registry, sandboxd serve,
-                                            untrusted code through the API
     sandboxd serve --state-dir D [--host H] [--port P] [--config FILE]   the REST API
 """
 
@@ -19,48 +17,29 @@ from pathlib import Path
 
 from aiohttp.http_exceptions import HttpProcessingError
 
-from sandbox.errors import SandboxError
+from sandbox import SandboxError
 
 
 def _setup(args: argparse.Namespace) -> int:
-    from sandbox.runtime.cgroups import delegate, detect, tuning
+    from sandbox import setup_host, undo_host_setup
 
     if os.geteuid() != 0:
         print("sandboxd setup changes cgroup mounts and ownership: run it as root",
               file=sys.stderr)
         return 2
-    if args.remove:
-        if not args.user:
-            print("--remove undoes a delegation: name it with --user", file=sys.stderr)
-            return 2
-        for path in delegate.undelegate_v1(args.user):
-            print(f"removed {path}")
-        return 0
-    print(tuning.favor_dynmods())
-    if not args.user:  # a service run as root needs only the tuning
-        return 0
-    found = detect()
-    if found.driver is not None:
-        found.driver.close()  # only asked which version this host runs
-        if found.driver.version == 2:
-            print(delegate.systemd_recipe_v2(args.user))
-            return 0
-    for path in delegate.delegate_v1(args.user):
-        print(f"delegated {path} to {args.user}")
+    if args.remove and not args.user:
+        print("--remove undoes a delegation: name it with --user", file=sys.stderr)
+        return 2
+    for line in undo_host_setup(args.user) if args.remove else setup_host(args.user):
+        print(line)
     return 0
 
 
 def _info(_: argparse.Namespace) -> int:
-    from sandbox.runtime import hostinfo
+    from sandbox import host_report
 
-    print(json.dumps(hostinfo.report(), indent=2))
+    print(json.dumps(host_report(), indent=2))
     return 0
-
-
-def _demo(_: argparse.Namespace) -> int:
-    from service.demo import run_demo
-
-    return run_demo()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -101,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     setup.add_argument("--remove", action="store_true", help="undo the delegation")
     setup.set_defaults(func=_setup)
     sub.add_parser("info", help="print what this host can enforce").set_defaults(func=_info)
-    sub.add_parser("demo", help="push demo images to a local registry, start sandboxd "
-                   "serve, run untrusted code through the API").set_defaults(func=_demo)
     serve = sub.add_parser("serve", help="serve the REST API")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8643; 0 picks a free one)")

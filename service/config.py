@@ -4,8 +4,8 @@
                allowed_hosts (names besides loopback ones clients reach the service by)
     [[tokens]] token, name (the tenant: unique), max_concurrent_runs, registries (allowed
                registry hosts), max_sessions, max_image_bytes (the tenant's quotas)
-    [registries."host"] ... (sandbox.registry.config.RegistriesConfig.from_dict)
-    [pools]    min_idle, max_idle, max_live (sandbox.pool.PoolConfig.from_dict)
+    [registries."host"] ... (sandbox.images.registry.config.RegistriesConfig.from_dict)
+    [pools]    min_idle, max_idle, max_live (sandbox.engine.pool.PoolConfig.from_dict)
     [limits]   json_body_bytes, import_body_bytes, file_body_bytes, files_count,
                files_bytes, max_running, max_queued, sessions_per_tenant,
                image_bytes_per_tenant (a tenant's quotas unless its token sets its own)
@@ -28,12 +28,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sandbox.engine import EngineConfig, PolicyLimits
-from sandbox.errors import PolicyError, SandboxError
-from sandbox.pool import PoolConfig
-from sandbox.registry.config import RegistriesConfig
-from sandbox.runtime.profiles import Limits, load_profile
-from sandbox.tenants import LOCAL, PublicNames, Tenant
+from sandbox import (
+    LOCAL_TENANT,
+    EngineConfig,
+    Limits,
+    PolicyError,
+    PolicyLimits,
+    PoolConfig,
+    PublicNames,
+    RegistriesConfig,
+    SandboxError,
+    Tenant,
+    load_profile,
+)
 
 MiB = 1 << 20
 
@@ -96,7 +103,7 @@ class ServiceConfig:
         """The tenant a token (None: the one of a service without tokens) acts as, with its
         quotas: its own where it sets them, else the [limits] defaults."""
         if token is None:
-            return Tenant(LOCAL.id, self.limits.sessions_per_tenant,
+            return Tenant(LOCAL_TENANT.id, self.limits.sessions_per_tenant,
                           self.limits.image_bytes_per_tenant)
         return Tenant(token.name,
                       token.max_sessions if token.max_sessions is not None

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sandbox.errors import (
+from sandbox import (
     AuthError,
     CapacityError,
     CgroupError,

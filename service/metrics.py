@@ -6,7 +6,7 @@ import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from sandbox.images import PullProgress
+from sandbox import PullProgress
 
 Labels = tuple[tuple[str, str], ...]
 

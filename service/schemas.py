@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sandbox.runtime.container import ALLOWED_SIGNALS
+from sandbox import ALLOWED_SIGNALS
 from service.errors import bad_request
 
 MiB = 1 << 20

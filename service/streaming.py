@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sandbox.runtime.container import Streamed
+from sandbox import Streamed
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"

@@ -14,10 +14,12 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from sandbox import busybox
-from sandbox.runtime.container import Container, ContainerSpec, ExecRequest, Runtime
+from sandbox.runtime.container import Container
 from sandbox.runtime.profiles import Limits
+from sandbox.runtime.requests import ContainerSpec, ExecRequest
 from sandbox.runtime.results import RunResult
+from sandbox.runtime.spawnerclient import Runtime
+from testbed import busybox
 
 pytest_plugins = ["tests.support.fixtures"]
 
@@ -46,7 +48,7 @@ class Session:
         if isinstance(layers, Path):
             layers = [layers]
         c = self.run(self.runtime.create_container(
-            ContainerSpec(layers=tuple(str(p) for p in layers), profile=profile,
+            ContainerSpec(layers=tuple(str(p) for p in layers), policy=profile,
                           writable=writable)))
         self.containers.append(c)
         return c

@@ -25,21 +25,41 @@ def _sides(w: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]
                     if "skipped" not in s]
 
 
+def _tight_sides(w: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The tight bare loops (loadtest.baseline) as rows: (side, summary-shaped figures)."""
+    return [(LOOP_SIDES[m], {"requests": t["runs"], "errors": 0,
+                                  "throughput_per_s": t["runs_per_s"],
+                                  "latency_ms": t["latency_ms"],
+                                  "in_flight_mean": t["concurrency"]})
+            for m, t in w.get("tight_bare", {}).items()]
+
+
 def _rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, w in report["workloads"].items():
-        for side, s, ratio in _sides(w):
+        sides = [*_sides(w), *((side, s, {}) for side, s in _tight_sides(w))]
+        for side, s, ratio in sides:
             lat = s["latency_ms"]
+            fast = s.get("vs_fastest_bare", {})
             rows.append([name, side, str(s["requests"]), str(s["errors"]),
                          _f(s["throughput_per_s"], 1), _f(lat.get("p50")), _f(lat.get("p90")),
                          _f(lat.get("p99")), _f(lat.get("p99_9")),
                          _f(ratio.get("p50")), _f(ratio.get("p99")),
-                         _f(ratio.get("throughput"))])
+                         _f(ratio.get("throughput")), _f(s.get("in_flight_mean")),
+                         _f(fast.get("p50")), _f(fast.get("p99")),
+                         _f(fast.get("throughput"))])
     return rows
 
 
+LOOP_SIDES = {"fork_exec": "bare fork+exec loop", "posix_spawn": "bare posix_spawn loop"}
 HEAD = ["workload", "side", "requests", "errors", "runs/s", "p50 ms", "p90 ms", "p99 ms",
-        "p99.9 ms", "x p50", "x p99", "x runs/s"]
+        "p99.9 ms", "x p50", "x p99", "x runs/s", "in flight", "xf p50", "xf p99",
+        "xf runs/s"]
+LEGEND = ("x: sandboxed / bare, or peer / bare (bare: the same client loop posix_spawning "
+          "from a thread); xf: the same against the fastest tight bare loop "
+          "(loadtest.baseline: no event loop, a session of its own, the same concurrency); "
+          "latency above 1 is slower, runs/s below 1 is fewer; in flight: requests at once "
+          "on average (Little's law), sandboxed runs executing at once: running")
 
 
 def _submissions(w: dict[str, Any]) -> list[str]:
@@ -60,11 +80,11 @@ def table(report: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEAD))]
     lines = ["  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i])
                        for i, c in enumerate(r)) for r in rows]
-    lines.append("x: sandboxed / bare, or peer / bare (latency above 1 is slower; runs/s "
-                 "below 1 is fewer)")
+    lines.append(LEGEND)
     for name, w in report["workloads"].items():
         s = w["sandboxed"]
         extra = f", pool {s['pool']}" if "pool" in s else ""
+        extra += f", running {s['running_mean']}" if "running_mean" in s else ""
         lines.append(f"{name}: statuses {s['statuses']}, http {s['http']}{extra}")
         lines.extend(f"  {line}" for line in _submissions(w))
         for e in s["error_samples"]:
@@ -191,7 +211,7 @@ Kernel {escape(host['kernel'])}, Python {escape(host['python'])}, {host['cpus']}
 The bare baseline runs the same busybox and script as a local process (posix_spawn from a
 thread, same concurrency), without isolation.</p>
 <section id="summary"><h2>Summary</h2>{html_table(HEAD, _rows(report))}
-<p>x: sandboxed / bare, or peer / bare.</p><ul>{workloads}</ul></section>
+<p>{escape(LEGEND)}.</p><ul>{workloads}</ul></section>
 <section id="cdf"><h2>Latency CDF</h2>{_cdfs(report)}</section>
 <section id="throughput"><h2>Throughput over time</h2>{_timelines(report)}</section>
 <section id="overhead"><h2>Sandboxed vs bare</h2>{_overhead(report)}</section>

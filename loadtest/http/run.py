@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from loadtest.baseline import Loops, fastest, measure
 from loadtest.http import peers as peer_mod
 from loadtest.http.driver import Phase, Send, closed_loop, open_loop
 from loadtest.http.judge import JudgeBareTarget, JudgeHttpTarget, times_from_now
@@ -22,7 +23,7 @@ from loadtest.http.service import LoadTestError, metrics_delta, parse_metrics
 from loadtest.http.stats import Recorder, summary
 from loadtest.http.targets import BareEnv, BareTarget, HttpTarget, SpawnTarget
 from loadtest.http.workloads import Workload
-from sandbox import busybox
+from testbed import busybox
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,16 @@ def overhead(sandboxed: dict[str, Any], bare: dict[str, Any]) -> dict[str, float
             "throughput": _ratio(sandboxed["throughput_per_s"], bare["throughput_per_s"])}
 
 
+def vs_fastest(side: dict[str, Any], tight: Loops) -> dict[str, float | None]:
+    """A side's figures / the fastest tight bare loop's: latency above 1 is slower,
+    throughput below 1 is fewer runs/s."""
+    s = side["latency_ms"]
+    return {"p50": _ratio(s.get("p50"), fastest(tight).latency_ms["p50"]),
+            "p99": _ratio(s.get("p99"), fastest(tight, "p99").latency_ms["p99"]),
+            "throughput": _ratio(side["throughput_per_s"],
+                                 fastest(tight, "runs_per_s").runs_per_s)}
+
+
 def _http_target(plan: Plan, w: Workload) -> HttpTarget:
     if w.compiler:
         if plan.compiler_image is None:
@@ -155,20 +166,37 @@ async def run_workload(plan: Plan, w: Workload, bare_env: BareEnv | None,
         phase = await _phase(plan, http.send, f"{w.name} sandboxed")
         after = await _metrics(plan.url, plan.token)
     out["sandboxed"] = summary(phase.recorder, phase.elapsed_s, plan.open_loop)
-    out["sandboxed"]["service_metrics_delta"] = metrics_delta(before, after)
+    delta = metrics_delta(before, after)
+    out["sandboxed"]["service_metrics_delta"] = delta
+    # Runs executing at once on average, by the service's own clock (Little's law again).
+    out["sandboxed"]["running_mean"] = round(delta.get("sandboxd_run_seconds_sum", 0.0)
+                                             / phase.elapsed_s, 2)
     if times is not None:
         out["sandboxed"]["submission"] = times.summary()
+    tight: Loops | None = None
     if bare_env is not None:
         async with _bare_target(plan, w, bare_env) as bare:
             await _warm(plan, bare.send)
             times = times_from_now(bare)
             phase = await _phase(plan, bare.send, f"{w.name} bare")
+            command = bare.tight(bare_env.scratch) if isinstance(bare, BareTarget) else None
         out["bare"] = summary(phase.recorder, phase.elapsed_s, plan.open_loop)
         if times is not None:
             out["bare"]["submission"] = times.summary()
         out["overhead"] = overhead(out["sandboxed"], out["bare"])
+        if command is not None and not w.compiler:
+            # As many runs as the bare phase made, at the loop's concurrency (the open loop's
+            # floor: one at a time).
+            at_once = 1 if plan.open_loop else plan.concurrency
+            tight = measure(command, max(out["bare"]["requests"], at_once), at_once,
+                            plan.warmup)
+            out["tight_bare"] = {m: loop.figures() for m, loop in tight.items()}
     if peers:
         out["peers"] = await _peer_phases(plan, w, peers, out.get("bare"))
+    if tight is not None:
+        for s in (out["sandboxed"], out["bare"], *out.get("peers", {}).values()):
+            if "latency_ms" in s:
+                s["vs_fastest_bare"] = vs_fastest(s, tight)
     return out
 
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from sandbox import busybox
-from sandbox.demoimages import TarImage, gcc_rootfs, push_images, write_tar
-from sandbox.localregistry import start_registry
+from testbed import busybox
+from testbed.demoimages import TarImage, gcc_rootfs, push_images, write_tar
+from testbed.registry import start_registry
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -146,7 +146,7 @@ class Spawned:
     image: str
     log: Path
     pid: int
-    compiler_image: str | None = None    # with compiler=True: gcc 12 (sandbox.demoimages)
+    compiler_image: str | None = None    # with compiler=True: gcc 12 (testbed.demoimages)
 
 
 @contextlib.contextmanager

@@ -110,6 +110,9 @@ def summary(r: Recorder, elapsed_s: float, open_loop: bool) -> dict[str, Any]:
         "requests": r.count, "ok": r.ok, "errors": r.failed,
         "elapsed_s": round(elapsed_s, 3),
         "throughput_per_s": round(r.count / elapsed_s, 2) if elapsed_s > 0 else 0.0,
+        # Little's law: how many requests were in flight on average.
+        "in_flight_mean": (round(r.latency.get_mean_value() / 1e6 * r.count / elapsed_s, 2)
+                           if elapsed_s > 0 and r.count else 0.0),
         "latency_ms": percentiles_ms(r.latency),
         "http": dict(sorted(r.http.items())), "statuses": dict(sorted(r.statuses.items())),
         "error_samples": list(r.errors),

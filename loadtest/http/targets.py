@@ -20,10 +20,12 @@ from typing import Any
 import aiohttp
 import orjson
 
+from loadtest.baseline import Command
 from loadtest.http.stats import Outcome
 from loadtest.http.workloads import Workload
 
 ERROR_CLIP = 300
+STDIN_FILES = 20   # as many as the judge workload has cases
 
 
 def clip(text: str) -> str:
@@ -247,3 +249,15 @@ class BareTarget(SpawnTarget):
 
     def invocation(self, seq: int) -> Invocation:
         return Invocation(self.busybox, self.workload.command, self.env)
+
+    def tight(self, scratch: Path) -> Command:
+        """The same command for the tight bare loops (loadtest.baseline): the stdin of the
+        first STDIN_FILES requests written to files under `scratch`, taken in turn."""
+        stdin: list[str] = []
+        if self.workload.stdin is not None:
+            for seq in range(STDIN_FILES):
+                path = scratch / f"stdin-{self.workload.name}-{seq}"
+                path.write_text(self.workload.stdin(seq))
+                stdin.append(str(path))
+        return Command(self.busybox, tuple(self.workload.command), dict(self.env),
+                       tuple(stdin))

@@ -64,6 +64,7 @@ struct plan {
     char *const *envp;
     char **paths;
     Py_ssize_t npaths;
+    const char *root; /* NULL: init's own root */
     const char *cwd;
     uid_t uid;
     gid_t gid;
@@ -201,6 +202,10 @@ static __attribute__((noreturn)) void child(const struct plan *p)
     for (i = 0; i < 3; i++)
         if (dup2(p->stdio[i], i) < 0)
             fail(p, 125, "stdio", errno);
+    /* The container's root is below init's (which also holds the layers and what a reset
+     * needs): the run enters it while it still has the capability to. */
+    if (p->root && chroot(p->root) < 0)
+        fail(p, 125, "chroot", errno);
     if (chdir(p->cwd) < 0)
         fail(p, 127, "chdir", errno);
     umask(022);
@@ -314,9 +319,9 @@ static PyObject *spawn(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"paths",  "argv",   "envp",  "cwd",      "uid",
                              "gid",    "set_groups", "rlimits", "stdio", "cgroup_fds",
-                             "bpf",    "last_cap", "err_fd", "baseline", "new_ipc", NULL};
+                             "bpf",    "last_cap", "err_fd", "baseline", "new_ipc", "root", NULL};
     PyObject *paths, *argv, *envp, *rlimits, *stdio, *cgroup_fds, *baseline = Py_None;
-    const char *cwd;
+    const char *cwd, *root = NULL;
     Py_buffer bpf;
     unsigned int uid, gid;
     int set_groups, last_cap, err_fd, new_ipc = 0, was_dumpable;
@@ -327,12 +332,13 @@ static PyObject *spawn(PyObject *self, PyObject *args, PyObject *kwargs)
     int saved_errno;
     Py_ssize_t i;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOyIIpOOOy*ii|$Op", kwlist, &paths,
-                                     &argv, &envp, &cwd, &uid, &gid, &set_groups, &rlimits,
-                                     &stdio, &cgroup_fds, &bpf, &last_cap, &err_fd,
-                                     &baseline, &new_ipc))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOyIIpOOOy*ii|$Opz", kwlist,
+                                     &paths, &argv, &envp, &cwd, &uid, &gid, &set_groups,
+                                     &rlimits, &stdio, &cgroup_fds, &bpf, &last_cap, &err_fd,
+                                     &baseline, &new_ipc, &root))
         return NULL;
     memset(&p, 0, sizeof(p));
+    p.root = root;
     p.cwd = cwd;
     p.uid = uid;
     p.gid = gid;
@@ -460,10 +466,10 @@ static PyObject *become(PyObject *self, PyObject *args, PyObject *kwargs)
 static PyMethodDef methods[] = {
     {"spawn", (PyCFunction)(void (*)(void))spawn, METH_VARARGS | METH_KEYWORDS,
      "spawn(*, paths, argv, envp, cwd, uid, gid, set_groups, rlimits, stdio, cgroup_fds, bpf,"
-     " last_cap, err_fd, baseline=None, new_ipc=False) -> pid\n\nvfork a run's child: "
-     "cgroups, an IPC namespace of its own (new_ipc), rlimits over the baseline's and the "
-     "baseline's scheduling (baseline: from snapshot()), stdio, cwd, identity, no "
-     "capabilities, no_new_privs, seccomp, then execve of the first path that exists."},
+     " last_cap, err_fd, baseline=None, new_ipc=False, root=None) -> pid\n\nvfork a run's "
+     "child: cgroups, an IPC namespace of its own (new_ipc), rlimits over the baseline's and "
+     "the baseline's scheduling (baseline: from snapshot()), stdio, chroot to root, cwd, "
+     "identity, no capabilities, no_new_privs, seccomp, then execve of the first path that exists."},
     {"snapshot", snapshot, METH_NOARGS,
      "snapshot() -> bytes\n\nThe calling process's rlimits, nice, scheduling policy, CPU "
      "affinity and I/O priority, for spawn(baseline=...)."},

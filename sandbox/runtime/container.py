@@ -1,108 +1,39 @@
-"""The host side of containers: the Runtime (spawner, id map, cgroups, compiled policies)
-and Container (exec, reset, destroy), on asyncio.
-
-Output pipes belong to this process and are read by its event loop as bytes arrive, so the
-output limit is exact and the partial output is kept. Limits that need a kill (wall time,
-CPU time, output) are enforced here through the run's cgroup; the run's figures come from
-that cgroup, or from init's wait4 rusage when there is none.
-"""
+"""A running container as the host sees it (Container): the control channel to its init,
+its runs (each a Run), the cgroups made ahead for them, reset, destroy and open_path."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
-import fcntl
 import itertools
-import math
 import os
-import resource
 import secrets
 import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
-import weakref
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from sandbox.errors import ContainerGoneError, PolicyError, RuntimeSetupError, SandboxError
-from sandbox.runtime import idmap, protocol, seccomp
-from sandbox.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, Detection, Lease, detect
+from sandbox.errors import ContainerGoneError, RuntimeSetupError, SandboxError
+from sandbox.runtime import protocol
+from sandbox.runtime.cgroups import Cgroup, CgroupLimits, Lease
 from sandbox.runtime.hostopen import Entry
-from sandbox.runtime.profiles import HOST_NETWORK, UNCONFINED, Limits, Profile, load_profile
-from sandbox.runtime.results import Observed, RunResult, Status, verdict
+from sandbox.runtime.output import OutputCallback
+from sandbox.runtime.policy import Policy
+from sandbox.runtime.profiles import Profile
+from sandbox.runtime.requests import ExecRequest, validate
+from sandbox.runtime.results import RunResult
 from sandbox.runtime.rootfs import RootfsSpec, Tmpfs
 from sandbox.runtime.rootfs import plan as mount_plan
+from sandbox.runtime.run import Run, run_cgroup_limits
+from sandbox.runtime.runcontrol import RunControl
 
-# Called with each chunk of a run's output as it is read. An awaitable answered means "no
-# more for now": that pipe is not read again until it completes, so the run blocks writing
-# to its full pipe (its wall limit keeps running): a slow consumer slows its own run.
-OutputCallback = Callable[[str, bytes], Awaitable[object] | None]
+if TYPE_CHECKING:
+    from sandbox.runtime.spawnerclient import Runtime
 
-
-class Streamed:
-    """An output callback that takes the output for good (e.g. to a client's stream): the
-    run's result then holds none of it (stdout and stderr empty; the truncation flags still
-    tell), so a streamed run's output is not also kept in memory until it ends."""
-
-    def __init__(self, callback: OutputCallback) -> None:
-        self.callback = callback
-
-    def __call__(self, name: str, data: bytes) -> Awaitable[object] | None:
-        return self.callback(name, data)
-
-
-_CPU_POLL_MIN_S = 0.005
-_CPU_POLL_MAX_S = 0.1
-_DRAIN_TIMEOUT_S = 2.0
 _SPARES = 2
 _EXIT_WAIT_S = 2.0  # for init to end after SIGKILL; a task stuck in the kernel may take long
-
-
-@dataclass(frozen=True)
-class ContainerSpec:
-    """A container: its layers (lowest first; one directory = a plain root) and profile."""
-
-    layers: tuple[str, ...]
-    profile: str = "default"
-    writable: bool | None = None     # None: as the profile says
-    hostname: str = "sandbox"
-
-
-@dataclass(frozen=True)
-class ExecRequest:
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=lambda: {"PATH": DEFAULT_PATH})
-    cwd: str = "/"
-    stdin: bytes | int | None = None   # bytes, a readable fd (not consumed), or /dev/null
-    limits: Limits | None = None
-    uid: int | None = None             # inside the container; default: the mapping's run id
-    gid: int | None = None
-
-
-# What a result without cgroup figures cannot say; run `sandboxd setup` to get them.
-FALLBACK_CPU = ("no cpu cgroup: the CPU limit is RLIMIT_CPU, per process and in whole "
-                "seconds, and CPU time covers only the processes init reaped")
-FALLBACK_MEMORY = ("no memory cgroup: peak memory is ru_maxrss, which also counts the "
-                   "runtime's own pages at exec, and a memory limit (RLIMIT_AS) makes an "
-                   "allocation fail rather than report memory_limit")
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def _cgroup_limits(limits: Limits, has: frozenset[str]) -> CgroupLimits:
-    """What the cgroup enforces; the rest falls back to rlimits (see Container._rlimits)."""
-    quota = int(limits.cpu_quota_cores * 100_000) if limits.cpu_quota_cores else None
-    return CgroupLimits(memory_bytes=limits.memory_bytes if "memory" in has else None,
-                        pids=limits.pids if "pids" in has else None,
-                        cpu_quota_us=quota if "cpu" in has else None,
-                        cpuset_cpus=limits.cpuset if "cpuset" in has else None)
-
 
 # What a container's cgroup holds besides its runs: init (~2 MiB charged, measured), the
 # kernel's objects for its namespaces and mounts, and headroom; the vfork child of each exec
@@ -128,360 +59,12 @@ def container_limits(profile: Profile, spec: RootfsSpec, has: frozenset[str]) ->
         pids=run_pids + CONTAINER_OVERHEAD_PIDS if run_pids and "pids" in has else None)
 
 
-# The kernel's own bounds (MAX_ARG_STRLEN; ARG_MAX on a default 8 MiB stack is 2 MiB): a
-# request past them would only fail at execve, so it is refused before anything is made.
-MAX_ARG_BYTES = 128 << 10
-MAX_ARGV_ENV_BYTES = 1 << 20
-
-
-# Signals a caller may send a running exec: the ones a terminal or a supervisor sends. Others
-# (SIGSTOP, SIGSEGV, real-time ones...) would stop a run with no way to resume it, or fake a
-# crash the verdict would misread.
-ALLOWED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL, signal.SIGHUP, signal.SIGQUIT,
-                   signal.SIGUSR1, signal.SIGUSR2)
-
-
-def allowed_signal(sig: int | str) -> signal.Signals:
-    """`sig` (a number or a name such as "SIGTERM") if a caller may send it to a run."""
-    found: signal.Signals | None = None
-    if isinstance(sig, str):
-        found = signal.Signals.__members__.get(sig)
-    elif isinstance(sig, int) and not isinstance(sig, bool):
-        with contextlib.suppress(ValueError):
-            found = signal.Signals(sig)
-    if found is None or found not in ALLOWED_SIGNALS:
-        names = ", ".join(s.name for s in ALLOWED_SIGNALS)
-        raise PolicyError(f"signal: {sig!r} may not be sent to a run; use one of {names}")
-    return found
-
-
-class RunControl:
-    """Signals one run while its exec is awaited; the exec still returns the run's result.
-
-    Made by the caller and passed to Container.exec, which attaches the run to it. A signal
-    given before the run has started is sent as soon as it starts; one given after it ended
-    goes nowhere. Only the run's processes are signalled (its process group, through init).
-    """
-
-    def __init__(self) -> None:
-        self.run_id: str | None = None     # the RunResult's id, once the run has started
-        self._send: Callable[[int], None] | None = None
-        self._pending: list[int] = []
-        self._used = False
-        self._ended = False
-
-    def signal(self, sig: int | str) -> None:
-        """Send `sig` (one of ALLOWED_SIGNALS, by number or name) to the run's processes."""
-        signum = int(allowed_signal(sig))
-        if self._ended:
-            return
-        if self._send is None:
-            self._pending.append(signum)
-        else:
-            self._send(signum)
-
-    def _claim(self) -> None:
-        if self._used:
-            raise SandboxError("this RunControl already served a run; make one per exec")
-        self._used = True
-
-    def _attach(self, run_id: str, send: Callable[[int], None]) -> None:
-        self.run_id, self._send = run_id, send
-        pending, self._pending = self._pending, []
-        for signum in pending:
-            send(signum)
-
-    def _detach(self) -> None:
-        self._send, self._ended = None, True
-
-
-def _validate(req: ExecRequest, mapping: idmap.IdMapping) -> None:
-    if not req.argv or not all(isinstance(a, str) for a in req.argv):
-        raise PolicyError("argv: give at least the program, as a list of strings")
-    if any("\0" in a for a in req.argv):
-        raise PolicyError("argv: an argument contains a NUL byte")
-    for k, v in req.env.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise PolicyError("env: names and values must be strings")
-        if not k or "=" in k or "\0" in k or "\0" in v:
-            raise PolicyError(f"env: {k!r} is not a valid variable (no '=', no NUL, not empty)")
-    strings = [a.encode() for a in req.argv] + [f"{k}={v}".encode() for k, v in req.env.items()]
-    if any(len(b) > MAX_ARG_BYTES for b in strings):
-        raise PolicyError(f"argv/env: one string is over {MAX_ARG_BYTES} bytes; pass large "
-                          "data through stdin or a file")
-    if sum(len(b) + 1 for b in strings) > MAX_ARGV_ENV_BYTES:
-        raise PolicyError(f"argv/env: over {MAX_ARGV_ENV_BYTES} bytes in all; pass large "
-                          "data through stdin or a file")
-    if not req.cwd.startswith("/") or "\0" in req.cwd:
-        raise PolicyError("cwd: must be an absolute path inside the container")
-    for name, value in (("uid", req.uid), ("gid", req.gid)):
-        if value is not None:
-            mapping.check_run_id(name, value)
-
-
-class _Reader:
-    """Collects one output pipe, up to a cap, as the event loop sees data, and pauses while
-    the consumer asks it to (see OutputCallback)."""
-
-    def __init__(self, name: str, fd: int, cap: int | None, on_data: OutputCallback | None,
-                 on_overflow: Callable[[], None], done: asyncio.Future[None]) -> None:
-        self.name, self.fd, self.cap = name, fd, cap
-        self.buf = bytearray()
-        self.size = 0    # bytes read (the cap counts these; `buf` may keep none)
-        self.truncated = False
-        self.on_data, self.on_overflow, self.done = on_data, on_overflow, done
-        self._keep = not isinstance(on_data, Streamed)
-        self._paused = False
-        self._free = 0   # bytes that may be read whatever the consumer says
-
-    def readable(self) -> None:
-        try:
-            chunk = os.read(self.fd, 1 << 16)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self.finish()
-            return
-        if self.cap is not None and self.size + len(chunk) > self.cap:
-            chunk = chunk[: self.cap - self.size]
-            self.truncated = True
-        if chunk:
-            self.size += len(chunk)
-            if self._keep:
-                self.buf += chunk
-            if self.on_data:
-                wait = self.on_data(self.name, chunk)
-                if wait is not None:
-                    self._hold(wait, len(chunk))
-        if self.truncated:
-            self.on_overflow()
-            self.finish()
-
-    def _hold(self, wait: Awaitable[object], size: int) -> None:
-        later = asyncio.ensure_future(wait)
-        if later.done() or self.done.done():
-            return
-        if self._free >= size:
-            self._free -= size
-            return
-        self._paused = True
-        asyncio.get_running_loop().remove_reader(self.fd)
-        later.add_done_callback(lambda _: self._resume())
-
-    def _resume(self) -> None:
-        if self._paused and not self.done.done():
-            self._paused = False
-            asyncio.get_running_loop().add_reader(self.fd, self.readable)
-
-    def writers_gone(self) -> None:
-        """The run is over: what its pipe still holds (at most the pipe's size) is read to
-        EOF whatever the consumer says, so a slow one still gets the end of the output."""
-        if not self.done.done():
-            self._free = fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ)
-            self._resume()
-
-    def finish(self) -> None:
-        if not self.done.done():
-            asyncio.get_running_loop().remove_reader(self.fd)
-            os.close(self.fd)
-            self.done.set_result(None)
-
-
-class Runtime:
-    """One per service: the spawner process, the id map, cgroups, compiled policies."""
-
-    def __init__(self, spawner: subprocess.Popen[bytes], sock: socket.socket,
-                 mapping: idmap.IdMapping, cgroups: Detection) -> None:
-        self._spawner, self._sock = spawner, sock
-        self.mapping, self.cgroups = mapping, cgroups
-        self._lock = asyncio.Lock()
-        self._programs: dict[str, seccomp.SeccompProgram] = {}
-        self._profiles: dict[str, Profile] = {}
-        self.containers: dict[str, Container] = {}
-        self._undoing: set[asyncio.Task[None]] = set()  # creations cancelled by callers
-        # The stdin of every run without one: init receives its own copy with each run.
-        self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-    _end_spawner: weakref.finalize  # set by start(): see _end_spawner()
-
-    @classmethod
-    async def start(cls, *, mapping: idmap.IdMapping | None = None,
-                    cgroups: Detection | None = None) -> Runtime:
-        mapping = mapping or idmap.plan()
-        cgroups = cgroups if cgroups is not None else detect()
-        ours, theirs = protocol.socketpair()
-        # The spawner is exec'd fresh (not forked from this threaded process).
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.runtime.spawner", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-            cwd=str(Path(__file__).resolve().parents[2]))
-        theirs.close()
-        runtime = cls(proc, ours, mapping, cgroups)
-        # close() ends and reaps the spawner; so does this if the owner never calls it (an
-        # engine that failed to start), when the runtime is collected or at exit. A spawner
-        # outliving this process dies of PDEATHSIG, a zombie for pid 1 with its inits.
-        runtime._end_spawner = weakref.finalize(runtime, _end_spawner, proc, ours)
-        return runtime
-
-    def register_profile(self, profile: Profile) -> None:
-        """Add (or replace) a profile beside the built-in ones, e.g. from the config."""
-        self._profiles[profile.name] = profile
-
-    def profile(self, name: str) -> Profile:
-        if name not in self._profiles:
-            self._profiles[name] = load_profile(name)
-        return self._profiles[name]
-
-    def program(self, name: str) -> seccomp.SeccompProgram:
-        """Each policy is compiled once; children load the ready BPF (none: unconfined)."""
-        if name not in self._programs:
-            # Runs that share init's id (a single-id map) must not reach init's limits and
-            # scheduling through the calls that name another process.
-            self._programs[name] = (
-                seccomp.SeccompProgram(name, b"", ()) if name == UNCONFINED else
-                seccomp.compile_profile(
-                    seccomp.load_profile(seccomp.builtin_profile_path(name), name=name),
-                    own_process_only=self.mapping.shares_init_id))
-        return self._programs[name]
-
-    @property
-    def warnings(self) -> list[str]:
-        return list(self.cgroups.warnings)
-
-    async def _ask_spawner(self, req: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any],
-                                                                               list[int]]:
-        loop = asyncio.get_running_loop()
-        async with self._lock:
-            try:
-                protocol.send(self._sock, req, fds)
-            except OSError as e:
-                raise RuntimeSetupError(f"the spawner process died ({e.strerror}); "
-                                        "restart the runtime") from e
-            ready: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(self._sock, lambda: ready.done() or ready.set_result(None))
-            try:
-                await ready
-            finally:
-                loop.remove_reader(self._sock)
-            got = protocol.recv(self._sock)
-        if got is None:
-            raise RuntimeSetupError("the spawner process died; restart the runtime")
-        return got
-
-    async def create_container(self, spec: ContainerSpec) -> Container:
-        """A new container, ready for execs. Cancelling the caller does not cut the
-        exchange with the spawner short (its reply would be read by the next request):
-        the creation completes in the background and the container is destroyed."""
-        task = asyncio.ensure_future(self._create(spec))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            undo = asyncio.ensure_future(self._undo_create(task))
-            self._undoing.add(undo)
-            undo.add_done_callback(self._undoing.discard)
-            raise
-
-    @staticmethod
-    async def _undo_create(task: asyncio.Task[Container]) -> None:
-        try:
-            container = await task
-        except Exception:
-            return  # it failed on its own; nobody is left to tell
-        await container.destroy()
-
-    async def _create(self, spec: ContainerSpec) -> Container:
-        started = time.monotonic()
-        profile = self.profile(spec.profile)
-        program = self.program(profile.seccomp)
-        for layer in spec.layers:
-            if not Path(layer).is_dir():
-                raise RuntimeSetupError(f"layer {layer!r} is not a directory")
-        shape = profile.rootfs
-        rootfs = RootfsSpec(
-            layers=tuple(str(Path(p).resolve()) for p in spec.layers),
-            writable=shape.writable if spec.writable is None else spec.writable,
-            upper_size=shape.upper_size, tmpfs=shape.tmpfs, sys=shape.sys)
-        cid = secrets.token_hex(6)
-        cgroup: Cgroup | None = None
-        fds: list[int] = []
-        n_container = 0
-        try:
-            if self.cgroups.driver is not None:
-                cgroup = self.cgroups.driver.create(f"c-{cid}")
-                cgroup.apply(container_limits(profile, rootfs, self.cgroups.driver.controllers))
-                fds = cgroup.open_procs_fds()
-                n_container = len(fds)
-                # The helper joins the container's cgroup (rooting the cgroup namespace
-                # there) and init moves on to this leaf; on v2 the container's cgroup hands
-                # controllers down only later, to runs, once no process is left in it.
-                fds += cgroup.child("init", limitable=False).open_procs_fds()
-            reply, got = await self._ask_spawner(
-                {"op": "create", "id": cid, "rootfs": asdict(rootfs),
-                 "mapping": self.mapping.describe(), "seccomp_bpf": program.bpf.hex(),
-                 "host_network": profile.network == HOST_NETWORK,
-                 "hostname": spec.hostname, "container_cgroup_fds": n_container}, fds)
-        except BaseException:
-            if cgroup is not None:
-                cgroup.destroy()
-            raise
-        finally:
-            for fd in fds:
-                os.close(fd)
-        if not reply.get("ok") or len(got) != 1:
-            for fd in got:
-                os.close(fd)
-            if cgroup is not None:
-                cgroup.destroy()
-            raise RuntimeSetupError(f"container setup failed: {reply.get('error')}")
-        container = Container(self, cid, int(reply["pid"]), socket.socket(fileno=got[0]),
-                              profile, rootfs, cgroup)
-        try:
-            await container._wait_ready()
-        except BaseException:
-            await container.destroy()
-            raise
-        container.setup_ms = (time.monotonic() - started) * 1000
-        self.containers[cid] = container
-        if cgroup is not None:  # the first run's cgroup, made while the container waits
-            container._chore(lambda: container._make_spares(1))
-        return container
-
-    async def close(self) -> None:
-        try:
-            while self._undoing:
-                await asyncio.gather(*self._undoing, return_exceptions=True)
-            for c in list(self.containers.values()):
-                await c.destroy()
-        finally:
-            # Whatever failed above: the spawner kills what is left and exits, reaped here.
-            await asyncio.to_thread(self._end_spawner)
-        if self.cgroups.driver is not None:
-            self.cgroups.driver.close()
-        os.close(self.devnull)
-
-
-_SPAWNER_EXIT_S = 10.0
-
-
-def _end_spawner(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
-    """Close the spawner's socket (it then kills its containers' inits, reaps them and
-    exits) and reap it; killed if it takes longer than _SPAWNER_EXIT_S."""
-    sock.close()
-    try:
-        proc.wait(_SPAWNER_EXIT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 class Container:
     """A running container: an init waiting on its control socket."""
 
     def __init__(self, runtime: Runtime, cid: str, pid: int, ctl: socket.socket,
-                 profile: Profile, rootfs: RootfsSpec, cgroup: Cgroup | None) -> None:
-        self.runtime, self.id, self.pid, self.profile = runtime, cid, pid, profile
+                 policy: Policy, rootfs: RootfsSpec, cgroup: Cgroup | None) -> None:
+        self.runtime, self.id, self.pid, self.policy = runtime, cid, pid, policy
         self.rootfs, self.cgroup = rootfs, cgroup
         self.setup_ms = 0.0
         self.alive = True
@@ -505,11 +88,6 @@ class Container:
         self._spares_lock = threading.Lock()  # one chore at a time makes new ones
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().add_reader(ctl, self._on_message)
-
-    @property
-    def reusable(self) -> bool:
-        """A read-only root can be reset and reused; a writable one is used once."""
-        return not self.rootfs.writable
 
     def _on_message(self) -> None:
         try:
@@ -574,25 +152,6 @@ class Container:
                 self._gone(f"its init is gone ({e.strerror})")
         raise ContainerGoneError(f"container {self.id} is gone; create a new one")
 
-    def _rlimits(self, limits: Limits, has: frozenset[str]) -> list[tuple[int, int, int]]:
-        r: list[tuple[int, int, int]] = [(resource.RLIMIT_CORE, 0, 0)]
-        if limits.cpu_ms:
-            # A per-process backstop a little past the limit; the exact limit is enforced on
-            # the run's cgroup (or this is all there is without one).
-            secs = math.ceil(limits.cpu_ms / 1000) + (1 if "cpuacct" in has or "cpu" in has else 0)
-            r.append((resource.RLIMIT_CPU, secs, secs + 1))
-        for res, value in ((resource.RLIMIT_STACK, limits.stack_bytes),
-                           (resource.RLIMIT_FSIZE, limits.file_size_bytes),
-                           (resource.RLIMIT_NOFILE, limits.open_files),
-                           (resource.RLIMIT_AS, limits.address_space_bytes)):
-            if value:
-                r.append((res, value, value))
-        if limits.memory_bytes and "memory" not in has and not limits.address_space_bytes:
-            r.append((resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes))
-        if limits.pids and "pids" not in has:
-            r.append((resource.RLIMIT_NPROC, limits.pids, limits.pids))
-        return r
-
     async def exec(self, req: ExecRequest, *, on_output: OutputCallback | None = None,
                    control: RunControl | None = None, reset_after: bool = False) -> RunResult:
         """Run one command to its end and return its result; many may run at once. With
@@ -602,168 +161,15 @@ class Container:
         once. If that reset fails, the container is gone (`alive` false)."""
         if control is not None:
             control._claim()
-        _validate(req, self.runtime.mapping)
-        limits = self.profile.resolve(req.limits)
-        loop = asyncio.get_running_loop()
-        t0 = time.monotonic_ns()
-        run_id = next(self._ids)
-        driver = self.runtime.cgroups.driver
-        has = driver.controllers if driver else frozenset()
-        warnings = list(self.runtime.warnings)
-        run_cg: Lease | None = None   # this run's use of its cgroup: its kills name it
-        cg_limits = _cgroup_limits(limits, has)
-        finished = False          # the run ended and was measured: its cgroup may be reused
-        own: list[int] = []       # descriptors to close once init has its copies
-        readers: list[_Reader] = []
-        killed_for: list[Status] = []
-        timers: list[asyncio.TimerHandle] = []
-        exited = self._expect("exited", run_id)
+        validate(req, self.runtime.mapping)
+        run = Run(self, next(self._ids), req, self.policy.limits(req.limits),
+                  on_output=on_output, reset_after=reset_after)
         self._active += 1
         self._runs += 1
         try:
-            if self.cgroup is not None:
-                run_cg, cg_fds = self._take_run_cgroup(run_id, cg_limits)
-                own += cg_fds
-            else:
-                cg_fds = []
-            stdin_fd = self._stdin_fd(req.stdin)
-            if stdin_fd not in (req.stdin, self.runtime.devnull):
-                own.append(stdin_fd)
-
-            def kill(reason: Status) -> None:
-                if not killed_for:
-                    killed_for.append(reason)
-                self._kill_run(run_cg, run_id)
-
-            pipes = self._open_output(readers, limits.output_bytes, on_output,
-                                      lambda: kill(Status.OUTPUT_LIMIT))
-            own += pipes
-            uid = self.runtime.mapping.run_uid if req.uid is None else req.uid
-            gid = self.runtime.mapping.run_gid if req.gid is None else req.gid
-            self._send({"op": "exec", "id": run_id, "argv": req.argv, "env": req.env,
-                        "cwd": req.cwd, "uid": uid, "gid": gid,
-                        "rlimits": self._rlimits(limits, has), "reset_after": reset_after},
-                       [stdin_fd, *pipes, *cg_fds])
-            for fd in own:
-                os.close(fd)
-            own.clear()
-            if control is not None:
-                # After the exec message on the same socket: init has started the child
-                # (or reported why not) before it reads any signal for it.
-                control._attach(f"{self.id}-{run_id}",
-                                lambda signum: self._signal_run(run_id, signum))
-            # The limits' clocks start now, the child's setup in init included (init tells
-            # only when the run ends, which saves a message and a wake-up per run).
-            if limits.wall_ms:
-                timers.append(loop.call_later(limits.wall_ms / 1000, kill, Status.WALL_LIMIT))
-            if limits.cpu_ms and run_cg is not None:
-                self._watch_cpu(run_cg.cgroup, limits.cpu_ms, lambda: kill(Status.TIME_LIMIT),
-                                timers)
-            done_msg = await exited
-            for t in timers:
-                t.cancel()
-            setup_ms = max(0.0, (int(done_msg.get("start_ns") or 0) - t0) / 1e6)
-            if done_msg.get("status") is None:  # init could not start the child
-                for r in readers:
-                    r.finish()
-                stats = None
-            else:
-                stats = await self._end_run(run_cg, readers, warnings, reset_after)
-            finished = True
-        except BaseException:
-            # Cancelled (a caller gave up) or failed: the run must not outlive its exec.
-            with contextlib.suppress(SandboxError, OSError):
-                self._kill_run(run_cg, run_id)
-            for t in timers:
-                t.cancel()
-            for fd in own:
-                os.close(fd)
-            for reader in readers:
-                reader.finish()
-            self._waiters.pop(("exited", run_id), None)
-            if not exited.done():
-                exited.cancel()
-            elif not exited.cancelled():
-                exited.exception()  # seen: the exception being raised says it already
-            raise
+            return await run.execute(control)
         finally:
-            if control is not None:
-                control._detach()
             self._active -= 1
-            if run_cg is not None:
-                # Handled at once rather than in batches: a batch of rmdirs holds the
-                # kernel's cgroup lock long enough to stall the runs starting meanwhile.
-                cg, reusable = run_cg.cgroup, finished
-                self._chore(lambda: self._retire(cg, cg_limits, reusable))
-        return self._result(run_id, done_msg, stats, limits, killed_for, readers, setup_ms,
-                            warnings)
-
-    @staticmethod
-    def _open_output(readers: list[_Reader], cap: int | None,
-                     on_output: OutputCallback | None,
-                     on_overflow: Callable[[], None]) -> list[int]:
-        """Pipes for stdout and stderr, read by the event loop; returns the write ends."""
-        loop = asyncio.get_running_loop()
-        ends = []
-        for name in ("stdout", "stderr"):
-            r, w = os.pipe2(os.O_CLOEXEC)
-            os.set_blocking(r, False)
-            ends.append(w)
-            reader = _Reader(name, r, cap, on_output, on_overflow, loop.create_future())
-            readers.append(reader)
-            loop.add_reader(r, reader.readable)
-        return ends
-
-    async def _end_run(self, run_cg: Lease | None, readers: list[_Reader],
-                       warnings: list[str], init_resets: bool) -> CgroupStats | None:
-        """The run is over when its first process is: whatever it left behind goes too
-        (init's own reset after the run already ends it, when asked for one); then its
-        output is drained and its figures read."""
-        if run_cg is not None:
-            if not run_cg.cgroup.is_empty():
-                await asyncio.to_thread(run_cg.kill)
-        elif self._active == 1 and not init_resets:
-            await self._sweep()
-        await self._drain(readers, warnings)
-        return run_cg.cgroup.stats() if run_cg is not None else None
-
-    def _result(self, run_id: int, msg: dict[str, Any], stats: CgroupStats | None,
-                limits: Limits,
-                killed_for: list[Status], readers: list[_Reader], setup_ms: float,
-                warnings: list[str]) -> RunResult:
-        ru = msg.get("rusage") or {}
-        if stats is not None and stats.cpu_total_ns is not None:
-            user_ns, sys_ns, cpu_ns = stats.cpu_user_ns, stats.cpu_sys_ns, stats.cpu_total_ns
-            cpu_source = stats.cpu_source
-        else:
-            user_ns, sys_ns = int(ru.get("utime_ns", 0)), int(ru.get("stime_ns", 0))
-            cpu_ns, cpu_source = user_ns + sys_ns, "rusage"
-            if limits.cpu_ms:
-                warnings.append(FALLBACK_CPU)
-        if stats is not None and stats.memory_peak_bytes is not None:
-            peak, mem_source = stats.memory_peak_bytes, stats.memory_source
-        else:
-            peak, mem_source = int(ru.get("maxrss_kb", 0)) * 1024, "rusage:ru_maxrss"
-            warnings.append(FALLBACK_MEMORY)
-        oom = stats.oom_kills if stats is not None else 0
-        status, code, sig = verdict(Observed(
-            wait_status=msg.get("status"), killed_for=killed_for[0] if killed_for else None,
-            cpu_ns=cpu_ns, cpu_limit_ms=limits.cpu_ms, oom_kills=oom,
-            exec_error=msg.get("error")))
-        error = msg.get("error")
-        wall_ns = max(0, int(msg.get("end_ns", 0)) - int(msg.get("start_ns", 0)))
-        out, err = readers
-        return RunResult(
-            id=f"{self.id}-{run_id}", status=status, exit_code=code, signal=sig,
-            stdout=bytes(out.buf), stderr=bytes(err.buf),
-            stdout_truncated=out.truncated, stderr_truncated=err.truncated,
-            cpu_ms=None if cpu_ns is None else cpu_ns / 1e6,
-            user_ms=None if user_ns is None else user_ns / 1e6,
-            sys_ms=None if sys_ns is None else sys_ns / 1e6,
-            wall_ms=wall_ns / 1e6, memory_peak_bytes=peak, setup_ms=setup_ms,
-            measured_by={"cpu": cpu_source, "memory": mem_source, "wall": "init:CLOCK_MONOTONIC"},
-            oom_killed=oom > 0, error=error.split(":", 1)[1] if error else None,
-            warnings=warnings)
 
     def _take_run_cgroup(self, run_id: int, limits: CgroupLimits) -> tuple[Lease, list[int]]:
         """The run's use of a cgroup, limits applied, and the cgroup.procs fds its child
@@ -782,7 +188,8 @@ class Container:
         assert self.cgroup is not None and self.runtime.cgroups.driver is not None
         if not self._spares_lock.acquire(blocking=False):
             return  # another chore is at it
-        limits = _cgroup_limits(self.profile.defaults, self.runtime.cgroups.driver.controllers)
+        limits = run_cgroup_limits(self.policy.profile.defaults,
+                                   self.runtime.cgroups.driver.controllers)
         try:
             # The cgroups of runs under way come back when they end: counted, so that a
             # run starting before the last one's cgroup is back makes no new one (to be
@@ -807,8 +214,8 @@ class Container:
             pass  # removed below, as one that cannot be recycled
         if not kept:
             cg.destroy()
-        # A container that runs again (a reused one, a session) keeps two; one used once
-        # (a writable root's, destroyed after its run) would only remove what it made.
+        # A container that runs again keeps two; after its first run one is enough (a
+        # container used once, destroyed after it, would only remove what it made).
         self._make_spares(_SPARES if self._runs > 1 else 1)
 
     def _drop_spares(self) -> None:
@@ -826,19 +233,6 @@ class Container:
         task = asyncio.ensure_future(run())
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
-
-    def _stdin_fd(self, stdin: bytes | int | None) -> int:
-        if isinstance(stdin, int):
-            return stdin
-        if stdin is None:
-            return self.runtime.devnull
-        # A memfd rather than a pipe: any size, no writer to keep alive, and seekable.
-        fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
-        view = memoryview(stdin)
-        while view:
-            view = view[os.write(fd, view):]
-        os.lseek(fd, 0, os.SEEK_SET)
-        return fd
 
     def _kill_run(self, run_cg: Lease | None, run_id: int) -> None:
         """Kill every process of a run without blocking the event loop (a v1 kill freezes
@@ -858,45 +252,6 @@ class Container:
         A container that is gone has no run left to signal; its exec reports why."""
         with contextlib.suppress(ContainerGoneError):
             self._send({"op": "signal", "id": run_id, "signal": signum})
-
-    async def _sweep(self) -> None:
-        """Without a cgroup, the processes a finished run left are found by killing all but
-        init, which is only right when no other run is active."""
-        await self.reset(remount=False)
-
-    def _watch_cpu(self, cg: Cgroup, limit_ms: int, on_over: Callable[[], None],
-                   timers: list[asyncio.TimerHandle]) -> None:
-        loop = asyncio.get_running_loop()
-        ncpu = os.cpu_count() or 1
-        limit_ns = limit_ms * 1_000_000
-
-        def check() -> None:
-            used = cg.cpu_ns() or 0
-            if used >= limit_ns:
-                on_over()
-                return
-            # CPU time grows at most ncpu seconds per second: no need to look sooner.
-            delay = (limit_ns - used) / 1e9 / ncpu
-            timers.append(loop.call_later(min(max(delay, _CPU_POLL_MIN_S), _CPU_POLL_MAX_S),
-                                          check))
-
-        timers.append(loop.call_later(min(max(limit_ms / 1000 / ncpu, _CPU_POLL_MIN_S),
-                                          _CPU_POLL_MAX_S), check))
-
-    async def _drain(self, readers: list[_Reader], warnings: list[str]) -> None:
-        """Wait for both pipes to reach EOF; every writer is dead by now, unless one handed
-        its descriptor to a process outside the run."""
-        try:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
-            # that arrives as the pipes close.
-            async with asyncio.timeout(_DRAIN_TIMEOUT_S):
-                for r in readers:
-                    r.writers_gone()
-                await asyncio.gather(*(r.done for r in readers))
-        except TimeoutError:
-            warnings.append("output pipes stayed open after the run ended; output cut there")
-            for r in readers:
-                r.finish()
 
     async def open_path(self, path: str, flags: int, *, owner: tuple[int, int] | None = None,
                         mode: int = 0o644, entry: Entry | None = None) -> int:

@@ -27,7 +27,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox.store.resolve import open_in_root
+from sandbox.runtime.resolve import open_in_root
 
 # Kernel interfaces, not data: a host file opened or written there could reach init itself
 # (/proc/self/mem is a regular file) or the kernel's settings.
@@ -167,8 +167,9 @@ def _components(path: bytes) -> list[bytes]:
     return parts
 
 
-def open_for_host(msg: dict[str, Any]) -> int:
-    """Open a path of this container for the host, which reads or writes through the fd.
+def open_for_host(msg: dict[str, Any], container_root: str) -> int:
+    """Open a path of this container (whose root is `container_root` in init's) for the
+    host, which reads or writes through the fd.
 
     With "owner" [uid, gid], missing parents are made (0755) and they and the file are given
     to that owner, the file with "mode"; an existing file must be a regular file with no
@@ -185,7 +186,7 @@ def open_for_host(msg: dict[str, Any]) -> int:
     else:
         parts = _components(str(msg["path"]).encode())
     shown = "/" + os.fsdecode(b"/".join(parts + ([name] if name else [])))
-    root = os.open("/", _DIR | os.O_CLOEXEC)
+    root = os.open(container_root, _DIR | os.O_CLOEXEC)
     try:
         if entry is not None:
             parent = _walk(root, parts, None, shown)

@@ -34,6 +34,7 @@ class InitConfig:
     last_cap: int
     set_groups: bool                 # false under a "single" id map (setgroups is denied there)
     resettable: tuple[rootfs.Tmpfs, ...]
+    root: rootfs.WritableRoot | None     # a writable root, made anew by a reset that needs it
     baseline: bytes                  # _spawn.snapshot() before any run: what children start from
 
 
@@ -55,14 +56,17 @@ def _candidates(argv0: str, env: dict[str, str]) -> list[bytes]:
     return [f"{d or '.'}/{argv0}".encode() for d in dirs]
 
 
-def start_child(msg: dict[str, Any], fds: list[int], cfg: InitConfig, err_w: int) -> int:
-    """vfork the run's child (see _spawn.c for everything it does before execve)."""
+def start_child(msg: dict[str, Any], fds: list[int], cfg: InitConfig, err_w: int,
+                root: str) -> int:
+    """vfork the run's child, which enters the container's `root` (see _spawn.c for
+    everything it does before execve)."""
     env = msg["env"]
     return _spawn.spawn(
         paths=_candidates(msg["argv"][0], env),
         argv=[a.encode() for a in msg["argv"]],
         envp=[f"{k}={v}".encode() for k, v in env.items()],
-        cwd=msg["cwd"].encode(), uid=msg["uid"], gid=msg["gid"], set_groups=cfg.set_groups,
+        root=root, cwd=msg["cwd"].encode(), uid=msg["uid"], gid=msg["gid"],
+        set_groups=cfg.set_groups,
         rlimits=[tuple(r) for r in msg["rlimits"]], stdio=tuple(fds[:3]),
         cgroup_fds=fds[3:], bpf=cfg.seccomp_bpf, last_cap=cfg.last_cap, err_fd=err_w,
         baseline=cfg.baseline, new_ipc=True)
@@ -94,13 +98,15 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
     runs: dict[int, _Run] = {}
-    scratch = rootfs.Scratch(cfg.resettable)
+    scratch = rootfs.Scratch(cfg.resettable, cfg.root)
+    tidy_failed = False
     poller = select.poll()
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
 
     def reset(remount: bool) -> str | None:
-        """Kill every process but init and give the scratch mounts back empty."""
+        """Kill every process but init and give the scratch mounts back empty and a
+        writable root back as the image made it."""
         for run in runs.values():
             os.close(run.err_r)
         runs.clear()
@@ -136,6 +142,15 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
                 reset_after(run.msg)
 
     while True:
+        # Idle work (a writable root's old mounts to detach, its spare to make) waits for a
+        # moment with no request pending, so that it delays no run.
+        # A failure is told once (the host then stops using the container).
+        if scratch.untidy and not tidy_failed and not select.select([ctl], [], [], 0)[0]:
+            try:
+                scratch.tidy()
+            except OSError as e:
+                tidy_failed = True
+                protocol.send(ctl, {"ev": "reset", "error": str(e)})
         # Children first: the processes of a killed run are reaped before a request that
         # came in the same wake-up starts the next run, which would see them in /proc.
         for fd, _ in sorted(poller.poll(), key=lambda event: event[0] != wake_r):
@@ -161,7 +176,7 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
                 err_r, err_w = os.pipe2(os.O_CLOEXEC)
                 start = time.monotonic_ns()
                 try:
-                    pid = start_child(msg, fds, cfg, err_w)
+                    pid = start_child(msg, fds, cfg, err_w, scratch.path)
                 except (OSError, ValueError, TypeError, KeyError) as e:
                     os.close(err_r)
                     protocol.send(ctl, {"ev": "exited", "id": msg.get("id"), "status": None,
@@ -184,7 +199,7 @@ def serve(ctl: socket.socket, cfg: InitConfig) -> None:
             elif op == "open":
                 scratch.touching()
                 try:
-                    fd = open_for_host(msg)
+                    fd = open_for_host(msg, scratch.path)
                 except (OSError, ValueError, TypeError, KeyError) as e:
                     code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
                     why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

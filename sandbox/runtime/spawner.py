@@ -84,8 +84,9 @@ def _init_main(req: dict[str, Any], init_cgroup_fds: list[int], ctl: socket.sock
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         for fd in init_cgroup_fds:
             os.write(fd, b"0")
+        last_cap = sc.cap_last_cap()  # while the host's /proc is still at /proc
         plan = rootfs.plan(spec, sources)
-        rootfs.execute(plan, writable=spec.writable)
+        writable_root = rootfs.execute(plan)
         sc.sethostname(req.get("hostname") or "sandbox")
         if not req["host_network"]:
             sc.loopback_up()
@@ -104,13 +105,13 @@ def _init_main(req: dict[str, Any], init_cgroup_fds: list[int], ctl: socket.sock
         os.closerange(0, ctl_fd)
         os.closerange(ctl_fd + 1, 1 << 16)
         for target in range(3):
-            if os.open("/dev/null", os.O_RDWR) != target:
+            if os.open(rootfs.ROOT + "/dev/null", os.O_RDWR) != target:
                 raise RuntimeSetupError("could not place /dev/null on fds 0-2")
         sc.prctl(sc.PR_SET_DUMPABLE, 0)
         cfg = init.InitConfig(
-            seccomp_bpf=bytes.fromhex(req["seccomp_bpf"]), last_cap=sc.cap_last_cap(),
+            seccomp_bpf=bytes.fromhex(req["seccomp_bpf"]), last_cap=last_cap,
             set_groups=mapping.method != "single", resettable=tuple(plan.resettable()),
-            baseline=_spawn.snapshot())
+            root=writable_root, baseline=_spawn.snapshot())
         gc.disable()
         protocol.send(ctl, {"ev": "ready", "setup_ns": time.monotonic_ns() - started})
     except BaseException as e:

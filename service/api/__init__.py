@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sandbox.engine import Engine
+from sandbox import Engine
 from service.admission import Admission
 from service.auth import Tokens
 from service.config import ServiceConfig

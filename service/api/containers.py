@@ -9,11 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sandbox.engine import RunSpec
-from sandbox.errors import SandboxError
-from sandbox.runtime.container import OutputCallback, RunControl
-from sandbox.runtime.profiles import Limits
-from sandbox.runtime.results import RunResult
+from sandbox import Limits, OutputCallback, RunControl, RunResult, RunSpec, SandboxError
 from service.api import engine, json_response, read_json, state
 from service.api.runs import RUN_REPLIES, WS_REPLY, Job, exec_spec, execute, websocket
 from service.auth import principal
@@ -43,17 +39,18 @@ async def create(request: web.Request) -> web.Response:
     eng = engine(request)
     body = await read_json(request, CONTAINER_BODY)
     principal(request).allow_image(body["image"], "image")
+    policy = None
     if "policy" in body:
         with blame("policy"):
-            eng.runtime.profile(body["policy"])
+            policy = eng.policy(body["policy"])
     limits = None
     if "limits" in body:
         with blame("limits"):
             limits = Limits.from_dict(body["limits"], "limits")
     tenant = principal(request).tenant
     with blame("image"):
-        await eng.image(body["image"], tenant=tenant)
-    session = await eng.create_session(body["image"], tenant=tenant, policy=body.get("policy"),
+        image = await eng.image(body["image"], tenant=tenant)
+    session = await eng.create_session(image, tenant=tenant, policy=policy,
                                        network=body.get("network"), limits=limits)
     return json_response(session.describe(), status=201)
 

@@ -10,9 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sandbox.errors import LayerError, SandboxError
-from sandbox.images import Image, PullProgress
-from sandbox.manifest import Platform
+from sandbox import Image, LayerError, Platform, PullProgress, SandboxError
 from service.api import engine, json_response, read_json, state
 from service.auth import principal
 from service.errors import ApiError, bad_request, blame, from_sandbox, to_api_error, too_large

@@ -15,10 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from sandbox.engine import FileSpec, RunSpec
-from sandbox.runtime.container import OutputCallback, RunControl
-from sandbox.runtime.profiles import Limits
-from sandbox.runtime.results import RunResult
+from sandbox import FileSpec, Limits, OutputCallback, RunControl, RunResult, RunSpec
 from service.api import State, engine, json_response, parse_json, read_json, state
 from service.auth import principal
 from service.config import ServiceLimits
@@ -109,9 +106,10 @@ def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
     eng = engine(request)
     who = principal(request)
     who.allow_image(body["image"], "image")
+    policy = None
     if "policy" in body:
         with blame("policy"):
-            eng.runtime.profile(body["policy"])
+            policy = eng.policy(body["policy"])
     spec, encoding = exec_spec(body, st.config.limits)
 
     async def start(job: Job, spec: RunSpec, on_output: OutputCallback | None,
@@ -121,7 +119,7 @@ def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
             image = await eng.image(body["image"], tenant=who.tenant, on_progress=watcher)
         watcher.finish()
         job.image = image.digest
-        outcome = await eng.run(image.digest, spec, tenant=who.tenant, policy=body.get("policy"),
+        outcome = await eng.run(image, spec, tenant=who.tenant, policy=policy,
                                 network=body.get("network"), on_output=on_output,
                                 control=control)
         job.pool_hit = outcome.pool_hit

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sandbox.demoimages import python_rootfs, write_tar
 from sandbox.images import ImageService
 from sandbox.tenants import LOCAL
+from testbed.demoimages import python_rootfs, write_tar
 from tests.conftest import Session
 from tests.integration.test_images import make_service
 

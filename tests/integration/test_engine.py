@@ -4,6 +4,7 @@ real containers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -15,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from sandbox.engine import Engine, EngineConfig, FileSpec, RunSpec
+from sandbox.engine import Engine, EngineConfig, FileSpec, PoolConfig, RunSpec
 from sandbox.errors import CapacityError, NotFound, PolicyError
-from sandbox.pool import PoolConfig
+from sandbox.runtime.container import Container
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.results import Status
 from sandbox.tenants import Tenant
@@ -97,6 +98,43 @@ def test_a_writable_root_container_is_never_reused(eng: Running, images: Any) ->
                                               "cut -d' ' -f22"), policy="default", tenant=T))
     assert b.result.stdout != a.result.stdout  # another init, started at another time
     assert b"No such file" in b.result.stdout
+
+
+def test_a_loan_gives_its_container_back_and_destroys_it_when_the_block_raises(
+        eng: Running, images: Any) -> None:
+    engine = eng.engine
+    image = eng.run(engine.image(images.oci, tenant=T))
+    judge = engine.policy("judge")
+
+    async def borrow(fail: bool) -> tuple[Container, bool]:
+        loan = engine.pools.lend(image, judge, T)
+        with contextlib.suppress(RuntimeError):
+            async with loan as container:
+                if fail:
+                    raise RuntimeError("the run failed")
+        return container, loan.warm
+
+    kept, warm = eng.run(borrow(fail=False))
+    eng.settle()
+    assert not warm and kept.alive
+    (stats,) = engine.pools.stats()
+    assert (stats["busy"], stats["idle"]) == (0, 1), stats
+    dropped, warm = eng.run(borrow(fail=True))
+    eng.settle()
+    assert warm and dropped is kept and not dropped.alive
+    (stats,) = engine.pools.stats()
+    assert (stats["busy"], stats["idle"]) == (0, 0), stats
+
+
+def test_a_run_keeps_the_policy_it_was_given(eng: Running, images: Any) -> None:
+    """Resolved once: the registry's profile of that name changing afterwards reaches
+    neither the run, nor its container, nor the limits of its exec."""
+    engine = eng.engine
+    given = engine.policy("judge")
+    engine.runtime.policies.register(dataclasses.replace(
+        given.profile, defaults=dataclasses.replace(given.profile.defaults, output_bytes=1)))
+    out = eng.run(engine.run(images.oci, sh("echo twelve bytes"), policy=given, tenant=T))
+    assert out.result.stdout == b"twelve bytes\n" and not out.result.stdout_truncated
 
 
 def test_files_and_image_defaults(eng: Running, images: Any) -> None:
@@ -255,9 +293,9 @@ def test_a_container_is_warm_again_as_its_run_ends(tmp_path: Path, images: Any) 
 
 def test_a_request_cannot_believe_it_got_another_network_than_its_policy(
         eng: Running, images: Any) -> None:
-    judge = eng.engine.runtime.profile("judge")
-    eng.engine.runtime.register_profile(dataclasses.replace(judge, name="hostnet",
-                                                            network="host"))
+    judge = eng.engine.runtime.policies.profile("judge")
+    eng.engine.runtime.policies.register(dataclasses.replace(judge, name="hostnet",
+                                                             network="host"))
     with pytest.raises(PolicyError, match="runs with network 'host', not 'none'"):
         eng.run(eng.engine.run(images.oci, sh("true"), policy="hostnet",
                                network="none", tenant=T))

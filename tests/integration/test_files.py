@@ -12,9 +12,10 @@ import pytest
 
 from sandbox.errors import NotFound, PolicyError
 from sandbox.runtime import files
-from sandbox.runtime.container import Container, ExecRequest
+from sandbox.runtime.container import Container
 from sandbox.runtime.files import get_path, put_file
 from sandbox.runtime.profiles import Limits
+from sandbox.runtime.requests import ExecRequest
 from tests.conftest import Session
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,9 +12,11 @@ import pytest
 
 from sandbox.runtime import hostinfo, idmap
 from sandbox.runtime.cgroups import Detection
-from sandbox.runtime.container import Container, ContainerSpec, ExecRequest, Runtime
+from sandbox.runtime.container import Container
 from sandbox.runtime.profiles import Limits
+from sandbox.runtime.requests import ContainerSpec, ExecRequest
 from sandbox.runtime.results import Status
+from sandbox.runtime.spawnerclient import Runtime
 from tests.conftest import Session
 
 
@@ -43,8 +45,9 @@ def test_init_is_not_dumpable_and_holds_no_host_file(session: Session,
         return
     fds = sorted(os.listdir(f"/proc/{container.pid}/fd"), key=int)
     targets = [os.readlink(f"/proc/{container.pid}/fd/{fd}") for fd in fds]
-    # fds 0-2 are the container's /dev/null, then only sockets and pipes.
-    assert targets[:3] == ["/dev/null"] * 3
+    # fds 0-2 are the container's /dev/null (its root is /root of init's), then only
+    # sockets and pipes.
+    assert targets[:3] == ["/root/dev/null"] * 3
     assert all(t.startswith(("socket:", "pipe:", "anon_inode:")) for t in targets[3:]), targets
 
 
@@ -94,7 +97,7 @@ def test_rlimit_fallback_says_so(no_cgroup_session: Session, busybox_root: Path)
     assert r.measured_by["cpu"] == "rusage"
     assert r.measured_by["memory"] == "rusage:ru_maxrss"
     assert "no writable cgroup (test)" in r.warnings
-    from sandbox.runtime.container import FALLBACK_CPU, FALLBACK_MEMORY
+    from sandbox.runtime.run import FALLBACK_CPU, FALLBACK_MEMORY
 
     assert FALLBACK_CPU in r.warnings and FALLBACK_MEMORY in r.warnings
     # The run's leftovers are still swept without a cgroup.
@@ -125,7 +128,7 @@ def test_container_spec_validation(session: Session, busybox_root: Path) -> None
 
     with pytest.raises(PolicyError, match="profile 'nope' does not exist"):
         session.run(session.runtime.create_container(
-            ContainerSpec(layers=(str(busybox_root),), profile="nope")))
+            ContainerSpec(layers=(str(busybox_root),), policy="nope")))
 
 
 def test_a_dead_spawner_takes_its_containers_with_it(busybox_root: Path) -> None:

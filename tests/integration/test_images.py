@@ -18,16 +18,15 @@ from typing import Any
 
 import pytest
 
-from sandbox import digests
 from sandbox.errors import DigestMismatch, ImageError, ManifestError, NotFound, RegistryError
-from sandbox.images import Image, ImageService, PullProgress
-from sandbox.manifest import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, Platform
-from sandbox.reference import parse
-from sandbox.registry.client import RegistryClient, RetryPolicy
-from sandbox.registry.config import RegistriesConfig
+from sandbox.images import Image, ImageService, PullProgress, digests
+from sandbox.images.manifest import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, Platform
+from sandbox.images.reference import parse
+from sandbox.images.registry.client import RegistryClient, RetryPolicy
+from sandbox.images.registry.config import RegistriesConfig
+from sandbox.images.store.unpack import Ownership
 from sandbox.runtime import idmap
-from sandbox.runtime.container import ExecRequest
-from sandbox.store.unpack import Ownership
+from sandbox.runtime.requests import ExecRequest
 from sandbox.tenants import Tenant
 from tests.conftest import Session
 from tests.support.proxy import Corrupt, ResetAfter, Status, Truncate
@@ -138,7 +137,7 @@ def _pull_script(state: Path, ref: str, kill_layer: str | None = None) -> str:
         sys.path.insert(0, {str(REPO)!r})
         from sandbox.images import ImageService
         from sandbox.runtime import idmap
-        from sandbox.store.unpack import Ownership
+        from sandbox.images.store.unpack import Ownership
         from sandbox.tenants import Tenant
         T = Tenant("test")
         kill_layer = {kill_layer!r}
@@ -234,7 +233,7 @@ def test_an_unknown_image_is_not_found(session: Session, svc: ImageService,
 
 
 def _rootfs_tar(session: Session, tmp_path: Path, compress: str = "") -> Path:
-    from sandbox import busybox
+    from testbed import busybox
     root = busybox.build_rootfs(tmp_path / "rootfs")
     out = tmp_path / f"rootfs.tar{'.' + compress if compress else ''}"
     with tarfile.open(out, f"w:{compress}" if compress else "w") as tar:
@@ -382,7 +381,7 @@ def test_hostile_import_tar_is_rejected_and_leaves_no_image(session: Session,
 
 def test_a_named_user_is_looked_up_in_the_image(session: Session, svc: ImageService,
                                                 tmp_path: Path) -> None:
-    from sandbox import busybox
+    from testbed import busybox
     root = busybox.build_rootfs(tmp_path / "rootfs")
     (root / "etc/passwd").write_text(busybox.PASSWD + "app:x:1234:2345::/:/bin/sh\n")
     tar = tmp_path / "app.tar"
@@ -521,7 +520,7 @@ def test_pulls_from_registries_with_basic_and_token_auth(session: Session, tmp_p
                                                          auth_images: Any,
                                                          basic_registry: Any,
                                                          token_registry: Any) -> None:
-    from sandbox.registry.config import RegistryConfig
+    from sandbox.images.registry.config import RegistryConfig
     config = RegistriesConfig({
         r.host: RegistryConfig(r.host, username=r.username, password=r.password)
         for r in (basic_registry, token_registry)})

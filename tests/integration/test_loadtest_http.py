@@ -55,6 +55,17 @@ def test_every_workload_through_spawn_reports_figures_statuses_and_plots(
             assert sum(w["sandboxed"]["pool"].values()) == REQUESTS
         assert set(w["overhead"]) == {"p50", "p99", "throughput"}
         assert all(v > 0 for v in w["overhead"].values()), (name, w["overhead"])
+        assert w["sandboxed"]["in_flight_mean"] > 0 and w["sandboxed"]["running_mean"] > 0
+        if not WORKLOADS[name].compiler:
+            # The tight bare loops of the same command, as many runs at the same concurrency,
+            # and every side's ratios to the fastest of them.
+            tight = w["tight_bare"]
+            assert set(tight) == {"fork_exec", "posix_spawn"}
+            assert all((t["runs"], t["concurrency"]) == (REQUESTS, 2) for t in tight.values())
+            best = min(t["latency_ms"]["p50"] for t in tight.values())
+            assert w["sandboxed"]["vs_fastest_bare"]["p50"] == round(
+                w["sandboxed"]["latency_ms"]["p50"] / best, 3)
+            assert w["bare"]["vs_fastest_bare"]["throughput"] > 0
         delta = w["sandboxed"]["service_metrics_delta"]
         assert delta['sandboxd_runs_total{status="ok"}'] == REQUESTS * runs[name]
         assert (delta.get("sandboxd_pool_hits_total", 0)
@@ -63,6 +74,7 @@ def test_every_workload_through_spawn_reports_figures_statuses_and_plots(
     assert report["metrics_delta"]['sandboxd_runs_total{status="ok"}'] == \
         sum(runs.values()) * (REQUESTS + 1)
     page = html.read_text()
+    assert "bare posix_spawn loop" in page and "bare fork+exec loop" in page
     for section in ("summary", "cdf", "throughput", "overhead", "statuses", "metrics",
                     "isolation-sweep"):
         assert f'<section id="{section}">' in page

@@ -28,8 +28,8 @@ from loadtest.http.workloads import (
     judge_answer,
     judge_input,
 )
-from sandbox import busybox
-from sandbox.demoimages import gcc_rootfs
+from testbed import busybox
+from testbed.demoimages import gcc_rootfs
 from tests.conftest import Session
 
 REPO = Path(__file__).resolve().parents[2]

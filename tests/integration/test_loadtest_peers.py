@@ -21,7 +21,7 @@ from loadtest.http.run import Plan, run
 from loadtest.http.service import spawned
 from loadtest.http.stats import Outcome
 from loadtest.http.workloads import WORKLOADS, Workload
-from sandbox import busybox
+from testbed import busybox
 
 REQUESTS = 4
 # A run that overstays its timeout, recognisable among the machine's processes.

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -25,3 +27,8 @@ def test_quick_run_prints_every_figure_and_a_cached_pull_downloads_nothing() -> 
     assert figures["cached_pull_blob_bytes"] == 0
     assert figures["cached_pull_p99_ms"] >= figures["cached_pull_ms"]
     assert figures["layers"] == 2 and figures["files"] > 0
+    # The machine's speed in the same run: both tight bare loops, and the ratio.
+    assert figures["bare_exec_fork_exec_median_ms"] > 0
+    assert figures["bare_exec_posix_spawn_median_ms"] > 0
+    assert figures["cached_pull_vs_bare_exec"] == pytest.approx(
+        figures["cached_pull_ms"] / figures["bare_exec_median_ms"], abs=0.01)

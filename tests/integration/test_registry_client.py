@@ -13,16 +13,16 @@ import orjson
 import pytest
 
 from sandbox.errors import AuthError, DigestMismatch, NotFound, RegistryError
-from sandbox.localregistry import LocalRegistry
-from sandbox.reference import Reference, parse
-from sandbox.registry import RegistriesConfig, RegistryClient, RegistryConfig, RetryPolicy
-from sandbox.registry.client import (
+from sandbox.images.reference import Reference, parse
+from sandbox.images.registry import RegistriesConfig, RegistryClient, RegistryConfig, RetryPolicy
+from sandbox.images.registry.client import (
     DOCKER_MANIFEST,
     MANIFEST_ACCEPT,
     OCI_INDEX,
     OCI_MANIFEST,
     FetchedManifest,
 )
+from testbed.registry import LocalRegistry
 from tests.support.images import PushedImages
 from tests.support.proxy import Corrupt, NoRange, ResetAfter, Status, Truncate
 from tests.support.token_server import TokenServer

@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sandbox.localregistry import LocalRegistry, start_registry
+from testbed.registry import LocalRegistry, start_registry
 from tests.support.fixtures import ProxyFactory
 from tests.support.images import (
     DOCKER_MANIFEST,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -12,8 +13,10 @@ import psutil
 import pytest
 
 from sandbox.errors import ContainerGoneError, PolicyError, RuntimeSetupError
-from sandbox.runtime.container import Container, ContainerSpec, ExecRequest
+from sandbox.runtime.container import Container
+from sandbox.runtime.requests import ContainerSpec, ExecRequest
 from sandbox.runtime.results import Status
+from testbed import busybox
 from tests.conftest import Session
 
 
@@ -68,7 +71,7 @@ def test_runs_as_unprivileged_id_when_mapped(session: Session, container: Contai
 
 def test_concurrent_execs_in_one_container(session: Session, container: Container) -> None:
 
-    from sandbox.runtime.container import ExecRequest
+    from sandbox.runtime.requests import ExecRequest
 
     async def many() -> list:
         return await asyncio.gather(*(container.exec(ExecRequest(
@@ -167,7 +170,6 @@ def test_read_only_root_and_reset(session: Session, judge_container: Container) 
     c = judge_container
     r = sh(session, c, "touch /etc/owned 2>&1; echo secret > /tmp/left; sleep 1000 &")
     assert b"Read-only file system" in r.stdout
-    assert c.reusable
     session.run(c.reset())
     r = sh(session, c, "ls -A /tmp; ls /proc | grep -c '^[0-9]'")
     lines = r.stdout.split()
@@ -190,7 +192,8 @@ def test_reset_remounts_only_a_tmpfs_a_run_changed(session: Session,
     session.run(c.reset())
     assert _tmp_mount_id(session, c) == before, "a run that changed nothing got a new /tmp"
     time.sleep(0.03)
-    sh(session, c, "echo x > /tmp/f; rm /tmp/f")  # leaves nothing but a moved ctime
+    r = sh(session, c, "echo x > /tmp/f; rm /tmp/f")  # leaves nothing but a moved ctime
+    assert r.status == Status.OK, r
     session.run(c.reset())
     assert _tmp_mount_id(session, c) != before
 
@@ -244,7 +247,10 @@ def test_writable_root_is_private(session: Session, busybox_root: Path) -> None:
         assert (r.status, r.stdout) == (Status.OK, b"mine\n")
         assert sh(session, b, "cat /etc/mine").status == Status.NONZERO_EXIT
         assert not (busybox_root / "etc/mine").exists(), "the write reached the host directory"
-        assert not a.reusable
+        session.run(a.reset())  # the root as the image made it, in place
+        assert sh(session, a, "cat /etc/mine").status == Status.NONZERO_EXIT
+        assert sh(session, a, "echo again > /etc/mine && cat /etc/mine", **root).stdout == (
+            b"again\n")
     finally:
         session.run(a.destroy())
         session.run(b.destroy())
@@ -304,11 +310,58 @@ def test_missing_layer_is_a_clear_error(session: Session, tmp_path: Path) -> Non
         session.container(tmp_path / "nope")
 
 
-def test_read_only_root_without_mountpoints(session: Session, tmp_path: Path) -> None:
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    with pytest.raises(RuntimeSetupError, match="no /proc directory"):
-        session.container(bare, profile="judge")
+def _shapeless_root(session: Session, base: Path, *, plant: bool) -> list[Path]:
+    """A busybox-only image, FROM scratch style: no /proc, /dev, /tmp or /var; with `plant`,
+    /tmp is a link to /etc and a second layer adds a file, as a hostile image would."""
+    m = session.runtime.mapping
+    full = busybox.build_rootfs(base / "full", owner=(m.root_uid, m.root_gid))
+    bare = base / "bare"
+    (bare / "bin").mkdir(parents=True)
+    shutil.copy2(full / "bin/busybox", bare / "bin/busybox")
+    (bare / "etc").mkdir()
+    layers = [bare]
+    if plant:
+        (bare / "tmp").symlink_to("/etc")
+        top = base / "top"
+        (top / "etc").mkdir(parents=True)
+        (top / "etc/marker").write_text("top layer\n")
+        layers.append(top)
+    for layer in layers:
+        for path in [layer, *layer.rglob("*")]:
+            os.lchown(path, m.root_uid, m.root_gid)
+    return layers
+
+
+@pytest.mark.parametrize("profile", ["judge", "default"])
+@pytest.mark.parametrize("plant", [False, True])
+def test_image_without_mount_points_runs(session: Session, tmp_path: Path, profile: str,
+                                         plant: bool) -> None:
+    """The runtime brings its own mount points (an image's shape is never an error), and a
+    mount point the image made a link never leads a mount out of place."""
+    c = session.container(_shapeless_root(session, tmp_path, plant=plant), profile=profile)
+    script = ("/bin/busybox test -r /proc/self/status && /bin/busybox test -c /dev/null"
+              " && echo x > /tmp/x && /bin/busybox stat -f -c %T /tmp"
+              " && /bin/busybox ls /etc")
+    r = session.exec(c, ["/bin/busybox", "sh", "-c", script])
+    assert r.status == Status.OK, r
+    lines = r.stdout.decode().split()
+    assert lines[0] == "tmpfs"                      # /tmp is the profile's tmpfs
+    assert "x" not in lines[1:]                     # and not the image's /etc behind a link
+    assert ("marker" in lines[1:]) == plant         # every layer is there
+
+
+@pytest.mark.parametrize("profile", ["judge", "default"])
+def test_init_root_is_out_of_a_runs_sight(session: Session, busybox_root: Path,
+                                         profile: str) -> None:
+    """A run's root is /root of init's: the layer binds and the upper tmpfs around it are
+    neither reachable nor listed among the run's mounts."""
+    c = session.container(busybox_root, profile=profile)
+    r = sh(session, c, "cut -d' ' -f5 /proc/self/mountinfo; ls -d /layers /rw")
+    points = r.stdout.decode().split()
+    assert "/" in points and "/proc" in points and "/tmp" in points
+    assert not [p for p in points if p.split("/")[1:2] in (["layers"], ["rw"], ["next"],
+                                                           ["skeleton"], ["next-rw"])]
+    assert b"/layers" in r.stderr and b"/rw" in r.stderr  # ls: no such file
 
 
 @pytest.mark.parametrize(("kw", "match"), [
@@ -322,7 +375,7 @@ def test_read_only_root_without_mountpoints(session: Session, tmp_path: Path) ->
 ])
 def test_bad_exec_requests_are_refused(session: Session, container: Container,
                                        kw: dict, match: str) -> None:
-    from sandbox.runtime.container import ExecRequest
+    from sandbox.runtime.requests import ExecRequest
 
     with pytest.raises(PolicyError, match=match):
         session.run(container.exec(ExecRequest(**kw)))
@@ -341,7 +394,7 @@ def test_init_survives_signals_from_inside(session: Session, container: Containe
 
 def test_many_runs_across_containers_at_once(session: Session, busybox_root: Path) -> None:
 
-    from sandbox.runtime.container import ExecRequest
+    from sandbox.runtime.requests import ExecRequest
 
     boxes = [session.container(busybox_root, profile="judge") for _ in range(4)]
 
@@ -361,7 +414,7 @@ def test_many_runs_across_containers_at_once(session: Session, busybox_root: Pat
 
 def test_streaming_callback_sees_output_as_it_comes(session: Session,
                                                     container: Container) -> None:
-    from sandbox.runtime.container import ExecRequest
+    from sandbox.runtime.requests import ExecRequest
 
     seen: list[tuple[str, bytes]] = []
     req = ExecRequest(argv=["sh", "-c", "echo one; sleep 0.1; echo two >&2"],
@@ -376,7 +429,7 @@ def test_host_mounts_below_a_directory_root_are_read_only(session: Session,
                                                           tmp_path: Path) -> None:
     import subprocess
 
-    from sandbox import busybox
+    from testbed import busybox
 
     m = session.runtime.mapping
     root = busybox.build_rootfs(tmp_path / "rootfs", owner=(m.root_uid, m.root_gid))
@@ -397,7 +450,7 @@ def test_host_mounts_below_a_directory_root_are_read_only(session: Session,
 
 def test_cancelled_exec_takes_its_run_with_it(session: Session, container: Container) -> None:
 
-    from sandbox.runtime.container import ExecRequest
+    from sandbox.runtime.requests import ExecRequest
 
     async def give_up() -> None:
         req = ExecRequest(argv=["sh", "-c", "sleep 1000 & sleep 1000"], env={"PATH": "/bin"})
@@ -429,7 +482,7 @@ def test_profile_tmpfs_mounts(session: Session, busybox_root: Path) -> None:
 
     judge = load_profile("judge")
     shape = RootfsShape.from_dict({"tmpfs": [{"target": "/work", "size": 1 << 20}]}, "t")
-    session.runtime.register_profile(replace(judge, name="judge-work", rootfs=shape))
+    session.runtime.policies.register(replace(judge, name="judge-work", rootfs=shape))
     c = session.container(busybox_root, profile="judge-work")
     r = sh(session, c, "echo kept > /work/a && cat /work/a; "
                        "dd if=/dev/zero of=/work/big bs=64k count=64 2>&1")
@@ -454,7 +507,7 @@ def test_a_cancelled_creation_leaves_the_runtime_usable_and_nothing_behind(
 
     async def cancel_midway() -> None:
         task = asyncio.ensure_future(runtime.create_container(
-            ContainerSpec(layers=(str(busybox_root),), profile="judge")))
+            ContainerSpec(layers=(str(busybox_root),), policy="judge")))
         await asyncio.sleep(0.001)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sandbox.runtime.cgroups import Detection, V2Driver
-from sandbox.runtime.container import Runtime
 from sandbox.runtime.results import Status
+from sandbox.runtime.spawnerclient import Runtime
 from tests.conftest import Session
 
 

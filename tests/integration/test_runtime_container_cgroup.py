@@ -54,8 +54,8 @@ def _read(path: str) -> int:
 @pytest.fixture
 def tiny(session: Session, busybox_root: Path) -> Iterator[Container]:
     """A container of a judge-like profile whose runs may use 16 MiB at most."""
-    judge = session.runtime.profile("judge")
-    session.runtime.register_profile(replace(
+    judge = session.runtime.policies.profile("judge")
+    session.runtime.policies.register(replace(
         judge, name=PROFILE, rootfs=RootfsShape(tmpfs=TMPFS),
         defaults=Limits(memory_bytes=RUN_MAX, pids=16, wall_ms=20_000),
         maxima=Limits(memory_bytes=RUN_MAX, pids=16, wall_ms=20_000)))

@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from sandbox.runtime.cgroups import Detection
-from sandbox.runtime.container import Container, ExecRequest, Runtime
+from sandbox.runtime.container import Container
+from sandbox.runtime.requests import ExecRequest
 from sandbox.runtime.results import RunResult, Status
+from sandbox.runtime.spawnerclient import Runtime
 from tests.conftest import Session
 
 ENV = {"PATH": "/bin"}

@@ -10,8 +10,10 @@ import signal
 import pytest
 
 from sandbox.errors import PolicyError, SandboxError
-from sandbox.runtime.container import Container, ExecRequest, RunControl
+from sandbox.runtime.container import Container
+from sandbox.runtime.requests import ExecRequest
 from sandbox.runtime.results import RunResult, Status
+from sandbox.runtime.runcontrol import RunControl
 from tests.conftest import Session
 
 ENV = {"PATH": "/bin"}

@@ -19,7 +19,6 @@ import pytest
 from loadtest.sweep import LAYERS, VARIANTS
 from loadtest.sweep_report import section_html, table
 from sandbox.runtime.profiles import HOST_NETWORK, UNCONFINED
-from sandbox.runtime.results import Status
 from tests.conftest import Session
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,11 +31,15 @@ def test_quick_sweep_measures_every_variant() -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert list(result["variants"]) == [v.key for v in VARIANTS]
     for program, meta in result["programs"].items():
+        tight = meta["tight_bare"]
+        assert set(tight) == {"fork_exec", "posix_spawn"}
+        fastest = min(t["latency_ms"]["p50"] for t in tight.values())
         for key, variant in result["variants"].items():
             f = variant[program]
             assert f["runs"] == meta["rounds"] >= 2, (key, program)
             assert 0 < f["median_ms"] <= f["p99_ms"], (key, program, f)
             assert math.isfinite(f["ratio_vs_bare"]) and f["ratio_vs_bare"] > 0
+            assert f["ratio_vs_fastest_bare"] == pytest.approx(f["median_ms"] / fastest)
             assert f["cpu_median_ms"] is not None and f["cpu_median_ms"] >= 0
         full, bare = result["variants"]["full"][program], result["variants"]["bare"][program]
         assert (full["delta_vs_full_ms"], bare["ratio_vs_bare"]) == (0, 1)
@@ -61,8 +64,8 @@ def test_quick_sweep_measures_every_variant() -> None:
 
 
 def _profile(session: Session, name: str, **changes: str) -> str:
-    judge = session.runtime.profile("judge")
-    session.runtime.register_profile(dataclasses.replace(judge, name=name, **changes))
+    judge = session.runtime.policies.profile("judge")
+    session.runtime.policies.register(dataclasses.replace(judge, name=name, **changes))
     return name
 
 
@@ -84,16 +87,13 @@ def host_network(session: Session, busybox_root: Path):
 
 def test_seccomp_unconfined_loads_no_filter(session: Session, judge_container,
                                             unconfined) -> None:
-    status = session.exec(unconfined, ["grep", "^Seccomp:", "/proc/self/status"])
-    assert status.stdout.split() == [b"Seccomp:", b"0"]
-    # unshare(CLONE_NEWUSER): the default policy denies it, the kernel allows it.
-    r = session.exec(unconfined, ["unshare", "-U", "true"])
-    assert (r.status, r.stderr) == (Status.OK, b"")
-
-    status = session.exec(judge_container, ["grep", "^Seccomp:", "/proc/self/status"])
-    assert status.stdout.split() == [b"Seccomp:", b"2"]  # filter mode
-    r = session.exec(judge_container, ["unshare", "-U", "true"])
-    assert r.status == Status.NONZERO_EXIT and b"Operation not permitted" in r.stderr
+    """The kernel's own account: no filter mode, no filter attached. (What a filter would
+    refuse cannot show it here: a run in a chroot may not make a user namespace either.)"""
+    fields = ["grep", "-E", "^Seccomp(_filters)?:", "/proc/self/status"]
+    r = session.exec(unconfined, fields)
+    assert r.stdout.split() == [b"Seccomp:", b"0", b"Seccomp_filters:", b"0"]
+    r = session.exec(judge_container, fields)
+    assert r.stdout.split() == [b"Seccomp:", b"2", b"Seccomp_filters:", b"1"]  # one filter
 
 
 def _interfaces(proc_net_dev: str) -> list[str]:

@@ -13,15 +13,14 @@ from typing import Any
 import orjson
 import pytest
 
-from sandbox import digests
 from sandbox.errors import DigestMismatch, Forbidden, NotFound, QuotaExceeded
-from sandbox.images import ImageService
-from sandbox.manifest import (
+from sandbox.images import ImageService, PublicNames, digests
+from sandbox.images.manifest import (
     OCI_CONFIG,
     OCI_LAYER_GZIP,
     OCI_MANIFEST,
 )
-from sandbox.tenants import PublicNames, Tenant
+from sandbox.tenants import Tenant
 from tests.conftest import Session
 from tests.integration.test_images import (
     _config,

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import busybox
-from sandbox.runtime.container import Container, ExecRequest
+from sandbox.runtime.container import Container
+from sandbox.runtime.requests import ExecRequest
 from sandbox.runtime.results import RunResult
+from testbed import busybox
 from tests.conftest import Session
 from tests.security.probes.build import build_probes
 
@@ -53,24 +54,21 @@ def _exec(session: Session, c: Container, name: str, args: tuple[str, ...],
         argv=[path, *args], env=env if env is not None else {"PATH": "/bin"})))
 
 
-@pytest.fixture
-def probe_run(session: Session, probe_root: Path, _probe_containers: dict[str, Container]
-              ) -> Callable[..., RunResult]:
-    """Run a probe in a container of `profile` that is reset after every run."""
+@pytest.fixture(params=["judge", "default"])
+def probe_run(request: pytest.FixtureRequest, session: Session, probe_root: Path,
+              _probe_containers: dict[str, Container]) -> Callable[..., RunResult]:
+    """Run a probe in a container reset after every run, as the warm pools use them: every
+    probe test runs under both policies, a read-only root and a writable one."""
 
-    def run(name: str, *args: str, env: dict[str, str] | None = None,
-            profile: str = "judge") -> RunResult:
+    def run(name: str, *args: str, env: dict[str, str] | None = None) -> RunResult:
+        profile = request.param
         c = _probe_containers.get(profile)
         if c is None or not c.alive:
             c = _probe_containers[profile] = session.container(probe_root, profile=profile)
         try:
             return _exec(session, c, name, args, env)
         finally:
-            if c.reusable:
-                session.run(c.reset())
-            else:
-                session.run(c.destroy())
-                del _probe_containers[profile]
+            session.run(c.reset())
 
     return run
 

@@ -1,4 +1,4 @@
-"""Hostile layer tars, built by the tests, against sandbox/store/unpack.py.
+"""Hostile layer tars, built by the tests, against sandbox/images/store/unpack.py.
 
 Every layer is either rejected with a LayerError or neutralised (whatever it creates stays
 inside the layer directory). Around the layer directory sit a canary file and a sibling
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.errors import LayerError
-from sandbox.store.unpack import Ownership, UnpackLimits, UnpackReport, unpack_layer
+from sandbox.images.store.unpack import Ownership, UnpackLimits, UnpackReport, unpack_layer
 
 Entry = tuple[tarfile.TarInfo, bytes | None]
 

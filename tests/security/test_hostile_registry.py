@@ -22,11 +22,11 @@ import orjson
 import pytest
 
 from sandbox.errors import DigestMismatch, ImageError, ManifestError, RegistryError
-from sandbox.localregistry import LocalRegistry
-from sandbox.manifest import OCI_MANIFEST, ImageManifest, parse_manifest
-from sandbox.reference import Reference, parse
-from sandbox.registry import RegistriesConfig, RegistryClient, RegistryConfig, RetryPolicy
-from sandbox.store.blobs import BlobStore
+from sandbox.images.manifest import OCI_MANIFEST, ImageManifest, parse_manifest
+from sandbox.images.reference import Reference, parse
+from sandbox.images.registry import RegistriesConfig, RegistryClient, RegistryConfig, RetryPolicy
+from sandbox.images.store.blobs import BlobStore
+from testbed.registry import LocalRegistry
 from tests.support.images import PushedImages
 from tests.support.proxy import FaultProxy, Pad, Redirect, Shorten, Status
 from tests.support.token_server import TokenServer

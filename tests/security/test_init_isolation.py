@@ -26,9 +26,11 @@ import pytest
 
 from sandbox.errors import PolicyError
 from sandbox.runtime import idmap
-from sandbox.runtime.container import Container, ContainerSpec, ExecRequest, Runtime
+from sandbox.runtime.container import Container
 from sandbox.runtime.files import put_file
+from sandbox.runtime.requests import ContainerSpec, ExecRequest
 from sandbox.runtime.results import RunResult, Status
+from sandbox.runtime.spawnerclient import Runtime
 from tests.conftest import Session
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +56,7 @@ def runtimes(session: Session) -> Iterator[dict[str, Runtime]]:
 def judge(request: pytest.FixtureRequest, session: Session, runtimes: dict[str, Runtime],
           probe_root: Path) -> Iterator[Container]:
     c = session.run(runtimes[request.param].create_container(
-        ContainerSpec(layers=(str(probe_root),), profile="judge")))
+        ContainerSpec(layers=(str(probe_root),), policy="judge")))
     yield c
     session.run(c.destroy())
 
@@ -62,7 +64,7 @@ def judge(request: pytest.FixtureRequest, session: Session, runtimes: dict[str, 
 def _sh(session: Session, c: Container, script: str, *, uid: int | None = None,
         reset_after: bool = True) -> RunResult:
     return session.run(c.exec(ExecRequest(argv=["sh", "-c", script], env=ENV, uid=uid, gid=uid),
-                              reset_after=reset_after and c.reusable))
+                              reset_after=reset_after))
 
 
 def _describe(r: RunResult) -> str:
@@ -166,7 +168,7 @@ def test_each_run_has_an_ipc_namespace_of_its_own(session: Session,
     """Also a session's execs (a container kept by its caller, never reset): two at once
     have two namespaces, and what one exec made is gone for the next."""
     c = session.run(runtimes["plan"].create_container(
-        ContainerSpec(layers=(str(probe_root),), profile="judge")))
+        ContainerSpec(layers=(str(probe_root),), policy="judge")))
     try:
         async def two() -> list[RunResult]:
             script = "readlink /proc/self/ns/ipc; sleep 0.3"
@@ -191,7 +193,8 @@ def test_each_run_has_an_ipc_namespace_of_its_own(session: Session,
 CLOSE_RANGE_FAILS = textwrap.dedent("""
     import asyncio, ctypes, json, sys
     from sandbox.runtime import idmap, seccomp
-    from sandbox.runtime.container import ContainerSpec, ExecRequest, Runtime
+    from sandbox.runtime.requests import ContainerSpec, ExecRequest
+    from sandbox.runtime.spawnerclient import Runtime
 
     root, uid, gid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     # Everything this process starts (the spawner, init, the run's child) gets ENOSYS from
@@ -207,7 +210,7 @@ CLOSE_RANGE_FAILS = textwrap.dedent("""
         rt = await Runtime.start(mapping=idmap.IdMapping(
             "single", (idmap.IdRange(0, uid, 1),), (idmap.IdRange(0, gid, 1),), 0, 0))
         try:
-            c = await rt.create_container(ContainerSpec(layers=(root,), profile="judge"))
+            c = await rt.create_container(ContainerSpec(layers=(root,), policy="judge"))
             r = await c.exec(ExecRequest(argv=["ls", "-l", "/proc/self/fd/"],
                                          env={"PATH": "/bin"}))
             print(json.dumps({"status": r.status.value, "error": r.error,

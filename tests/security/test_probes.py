@@ -6,7 +6,7 @@ not run). The tests here only add what a probe cannot see from inside: that the 
 by SIGSYS, that the environment is exactly the declared one, that nothing outlives a run.
 
 Fixtures (from tests/security/conftest.py):
-    probe_run(name, *args, env=None, profile="default") -> RunResult   fresh or reset container
+    probe_run(name, *args, env=None) -> RunResult   a reset container, judge and default
     probe_exec(container, name, *args) -> RunResult                     in a given container
     container_factory() -> Container                                    a fresh probe container
     host_listener: (port, abstract_name)       the host listens on 127.0.0.1:port and @name
@@ -49,7 +49,7 @@ SELF_JUDGING = [
 ]
 
 # Names any minimal root filesystem may have at its top level (the probe root from
-# sandbox.busybox also has /work); a host entry outside this set must not be visible inside.
+# testbed.busybox also has /work); a host entry outside this set must not be visible inside.
 COMMON_TOP_LEVEL = {
     "bin", "boot", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "media", "mnt",
     "opt", "probes", "proc", "root", "run", "sbin", "srv", "sys", "tmp", "usr", "var", "work",

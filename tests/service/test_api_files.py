@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sandbox import busybox
+from testbed import busybox
 from tests.service.conftest import MAIN_TOKEN, ROOT, Service
 
 
@@ -249,14 +249,14 @@ def test_sbx_cp_refuses_links_a_container_planted_to_escape(service: Service, im
     try:
         dest = tmp_path / "out"
         env = {**os.environ, "SANDBOXD_URL": service.url, "SANDBOXD_TOKEN": MAIN_TOKEN}
-        done = subprocess.run([sys.executable, "-m", "service.sbx", "cp", f"{sid}:/tmp/evil",
+        done = subprocess.run([sys.executable, "-m", "sbx.cli", "cp", f"{sid}:/tmp/evil",
                                str(dest)], capture_output=True, cwd=ROOT, env=env,
                               timeout=60, check=False)
         assert done.returncode == 125, done
         assert (b"sbx: refusing the archive: the link 'evil/l' (-> 'd/../../escape') leads "
                 b"outside the destination") in done.stderr
         assert not dest.exists() and not (tmp_path / "escape").exists()
-        done = subprocess.run([sys.executable, "-m", "service.sbx", "cp", "--tar",
+        done = subprocess.run([sys.executable, "-m", "sbx.cli", "cp", "--tar",
                                f"{sid}:/tmp/evil", str(tmp_path / "evil.tar")],
                               capture_output=True, cwd=ROOT, env=env, timeout=60, check=False)
         assert done.returncode == 0, done  # the archive as it came, for whoever wants it
@@ -283,7 +283,7 @@ def test_a_copy_out_that_fails_midway_is_cut_short_never_complete(service: Servi
         assert (f"copy out of /tmp/d from container {sid} cut short: the directory nests "
                 "deeper than 256 levels") in service.log_text()
         env = {**os.environ, "SANDBOXD_URL": service.url, "SANDBOXD_TOKEN": MAIN_TOKEN}
-        done = subprocess.run([sys.executable, "-m", "service.sbx", "cp", f"{sid}:/tmp/d",
+        done = subprocess.run([sys.executable, "-m", "sbx.cli", "cp", f"{sid}:/tmp/d",
                                "-"], capture_output=True, cwd=ROOT, env=env, timeout=60,
                               check=False)
         assert done.returncode == 125 and b"stopped partway" in done.stderr, done.stderr

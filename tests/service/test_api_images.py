@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from sandbox import busybox
+from testbed import busybox
 from tests.service.conftest import LIMITED_TOKEN, Service
 
 

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
-from sandbox import busybox
+from testbed import busybox
 from tests.service.conftest import (
     LIMITED_TOKEN,
     MAIN_TOKEN,

@@ -22,7 +22,7 @@ FAILED = 125
 def sbx(service: Service, *argv: str, stdin: bytes = b"",
         token: str = MAIN_TOKEN) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "SANDBOXD_URL": service.url, "SANDBOXD_TOKEN": token}
-    return subprocess.run([sys.executable, "-m", "service.sbx", *argv], input=stdin,
+    return subprocess.run([sys.executable, "-m", "sbx.cli", *argv], input=stdin,
                           capture_output=True, cwd=ROOT, env=env, timeout=60, check=False)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import busybox
+from testbed import busybox
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from sandbox.localregistry import LocalRegistry, start_registry
+from testbed.registry import LocalRegistry, start_registry
 from tests.support.images import AuthImages, PushedImages, build_and_push, copy_to_auth_registries
 from tests.support.proxy import FaultProxy
 from tests.support.token_server import TokenServer

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import orjson
 
-from sandbox import busybox
-from sandbox.localregistry import LocalRegistry
+from testbed import busybox
+from testbed.registry import LocalRegistry
 
 TOOL_TIMEOUT_S = 120
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

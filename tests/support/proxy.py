@@ -30,7 +30,7 @@ from types import TracebackType
 
 import aiohttp
 
-from sandbox.localregistry import LocalRegistry
+from testbed.registry import LocalRegistry
 
 HEAD_LIMIT = 64 * 1024
 BODY_LIMIT = 256 * 1024 * 1024

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from sandbox.localregistry import TokenSettings
+from testbed.registry import TokenSettings
 
 SERVICE = "sandboxd-test-registry"
 ISSUER = "sandboxd-test-token-server"

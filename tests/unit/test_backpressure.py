@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sandbox.runtime.container import Streamed, _Reader
+from sandbox.runtime.output import PipeReader, Streamed
 from service.streaming import Pump
 
 
@@ -84,7 +84,7 @@ def test_the_reader_stops_reading_while_asked_then_resumes() -> None:
             chunks.append(len(data))
             return gate
 
-        reader = _Reader("stdout", r, None, on_data, lambda: None, loop.create_future())
+        reader = PipeReader("stdout", r, None, on_data, lambda: None, loop.create_future())
         loop.add_reader(r, reader.readable)
         try:
             _fill(w)
@@ -111,7 +111,7 @@ def test_once_the_writers_are_gone_the_pipe_is_read_to_its_end() -> None:
         loop = asyncio.get_running_loop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         never: asyncio.Future[None] = loop.create_future()
-        reader = _Reader("stdout", r, None, lambda name, data: never, lambda: None,
+        reader = PipeReader("stdout", r, None, lambda name, data: never, lambda: None,
                          loop.create_future())
         loop.add_reader(r, reader.readable)
         written = _fill(w)
@@ -138,7 +138,7 @@ def test_the_output_cap_stays_exact_under_backpressure(streamed: bool) -> None:
         def on_data(name: str, data: bytes) -> asyncio.Future[None]:
             given.append(data)
             return gate
-        reader = _Reader("stdout", r, 100_000, Streamed(on_data) if streamed else on_data,
+        reader = PipeReader("stdout", r, 100_000, Streamed(on_data) if streamed else on_data,
                          lambda: over.append(True), loop.create_future())
         loop.add_reader(r, reader.readable)
         while not reader.done.done():   # a writer that never stops

@@ -19,7 +19,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from service.client import (
+from sbx.cli import CliError, extract_tar, main
+from sbx.client import (
     ApiError,
     Client,
     Exit,
@@ -31,7 +32,6 @@ from service.client import (
     SseDecoder,
     SyncClient,
 )
-from service.sbx import CliError, extract_tar, main
 
 TOKEN = "s3cret"
 DIGEST = "sha256:" + "ab" * 32

@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 import pytest
 
-from sandbox import digests
-from sandbox import imageconfig as ic
 from sandbox.errors import ImageError, ManifestError
-from sandbox.imageconfig import ImageConfig, RunDefaults
-from sandbox.manifest import Platform
+from sandbox.images import digests
+from sandbox.images import imageconfig as ic
+from sandbox.images.imageconfig import ImageConfig, RunDefaults
+from sandbox.images.manifest import Platform
 
 
 def dg(n: int) -> str:

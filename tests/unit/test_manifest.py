@@ -8,11 +8,11 @@ from typing import Any
 import orjson
 import pytest
 
-from sandbox import digests
-from sandbox import manifest as m
 from sandbox.errors import ImageError, ManifestError, NotFound
-from sandbox.manifest import Descriptor, ImageIndex, ImageManifest, Platform
-from sandbox.store.unpack import UnpackLimits
+from sandbox.images import digests
+from sandbox.images import manifest as m
+from sandbox.images.manifest import Descriptor, ImageIndex, ImageManifest, Platform
+from sandbox.images.store.unpack import UnpackLimits
 
 
 def dg(n: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sandbox.store.peek import read_from_layers
+from sandbox.images.store.peek import read_from_layers
 
 
 def _layers(tmp_path: Path, n: int) -> list[Path]:

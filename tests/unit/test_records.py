@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox.records import ORPHAN_AGE_S, ContainerRecords
+from sandbox.engine.records import ORPHAN_AGE_S, ContainerRecords
 
 
 @dataclass

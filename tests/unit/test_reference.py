@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sandbox.errors import InvalidReference
-from sandbox.reference import Reference, parse
+from sandbox.images.reference import Reference, parse
 
 D1 = "sha256:" + "f" * 64
 D2 = "sha256:be178c0543eb17f5f3043021c9e5fcf30285e557a4fc309cce97ff9ca6182912"

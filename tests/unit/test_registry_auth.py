@@ -14,10 +14,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sandbox.errors import AuthError
-from sandbox.registry.auth import Authenticator, Challenge, merge_scopes, parse_challenges
-from sandbox.registry.config import RegistriesConfig, RegistryConfig
-from sandbox.registry.credentials import CredentialStore
-from sandbox.registry.transport import Reply
+from sandbox.images.registry.auth import Authenticator, Challenge, merge_scopes, parse_challenges
+from sandbox.images.registry.config import RegistriesConfig, RegistryConfig
+from sandbox.images.registry.credentials import CredentialStore
+from sandbox.images.registry.transport import Reply
 
 
 def test_several_challenges_in_one_header_with_quoted_commas() -> None:

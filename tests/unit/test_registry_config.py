@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.registry.config import ConfigError, RegistriesConfig, RegistryConfig, parse_mirror
-from sandbox.registry.hosts import is_local_address, is_local_ip, split_host
+from sandbox.images.registry.config import (
+    ConfigError,
+    RegistriesConfig,
+    RegistryConfig,
+    parse_mirror,
+)
+from sandbox.images.registry.hosts import is_local_address, is_local_ip, split_host
 
 
 def test_from_dict_reads_every_field(tmp_path: Path) -> None:

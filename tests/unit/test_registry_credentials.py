@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from sandbox.errors import AuthError
-from sandbox.registry import credentials
-from sandbox.registry.config import ConfigError, RegistriesConfig, RegistryConfig
-from sandbox.registry.credentials import CredentialStore, lookup, normalise_key
+from sandbox.images.registry import credentials
+from sandbox.images.registry.config import ConfigError, RegistriesConfig, RegistryConfig
+from sandbox.images.registry.credentials import CredentialStore, lookup, normalise_key
 
 
 def b64(text: str) -> str:

@@ -17,14 +17,14 @@ import pytest
 from aiohttp import web
 
 from sandbox.errors import AuthError, DigestMismatch, ManifestError, NotFound, RegistryError
-from sandbox.reference import Reference, parse
-from sandbox.registry import (
+from sandbox.images.reference import Reference, parse
+from sandbox.images.registry import (
     RegistriesConfig,
     RegistryClient,
     RegistryConfig,
     RetryPolicy,
 )
-from sandbox.registry.client import OCI_MANIFEST
+from sandbox.images.registry.client import OCI_MANIFEST
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FAST = RetryPolicy(attempts=3, first_delay=0.01, max_delay=0.05)

@@ -15,9 +15,9 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from sandbox.errors import ManifestError, RegistryError
-from sandbox.registry.client import MANIFEST_ACCEPT, OCI_INDEX, OCI_MANIFEST, check_manifest
-from sandbox.registry.download import range_matches
-from sandbox.registry.transport import GuardedResolver, describe_error, parse_retry_after
+from sandbox.images.registry.client import MANIFEST_ACCEPT, OCI_INDEX, OCI_MANIFEST, check_manifest
+from sandbox.images.registry.download import range_matches
+from sandbox.images.registry.transport import GuardedResolver, describe_error, parse_retry_after
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -10,8 +10,8 @@ import pytest
 
 from sandbox.errors import PolicyError, RuntimeSetupError
 from sandbox.runtime import idmap, rootfs
-from sandbox.runtime.container import ExecRequest, _validate
 from sandbox.runtime.profiles import Limits, load_profile
+from sandbox.runtime.requests import ExecRequest, validate
 from sandbox.runtime.results import Observed, Status, verdict
 
 
@@ -96,9 +96,11 @@ def test_plan_read_only_directory_root() -> None:
     plan = rootfs.plan(spec, ["/proc/self/fd/5"])
     kinds = _kinds(plan)
     assert kinds[-1] == "PivotRoot"
-    assert "Overlay" not in kinds
-    binds = [op for op in plan.ops if isinstance(op, rootfs.Bind) and op.target == "/"]
-    assert binds and binds[0].readonly
+    layers = [op for op in plan.ops if isinstance(op, rootfs.Layer)]
+    assert [(op.source, op.target) for op in layers] == [("/proc/self/fd/5", "/layers/0")]
+    root = next(op for op in plan.ops if isinstance(op, rootfs.Root))
+    assert (root.lowers, root.upper) == (("/layers/0",), None)
+    assert root.mountpoints == ("/proc", "/dev", "/tmp")   # /dev/shm is inside our /dev
     masked = {op.target for op in plan.ops if isinstance(op, rootfs.Mask)}
     assert {"/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"} <= masked
     assert not any(p.startswith("/sys") for p in masked)  # no /sys at all by default
@@ -114,18 +116,46 @@ def test_plan_read_only_directory_root() -> None:
 def test_plan_writable_overlay_puts_top_layer_first() -> None:
     spec = rootfs.RootfsSpec(layers=("/a", "/b", "/c"), writable=True, upper_size=1 << 20)
     plan = rootfs.plan(spec, ["A", "B", "C"])
-    overlay = next(op for op in plan.ops if isinstance(op, rootfs.Overlay))
-    assert overlay.lowers == ("C", "B", "A")
-    assert overlay.upper and overlay.work
+    layers = {op.target: op.source for op in plan.ops if isinstance(op, rootfs.Layer)}
+    root = next(op for op in plan.ops if isinstance(op, rootfs.Root))
+    assert [layers[d] for d in root.lowers] == ["C", "B", "A"]
+    assert root.upper and root.work
     upper_tmpfs = next(op for op in plan.ops if isinstance(op, rootfs.Tmpfs)
-                       and op.target == rootfs.RW_DIR)
-    assert upper_tmpfs.size == 1 << 20
+                       and op.target == rootfs.RW)
+    assert upper_tmpfs.size == 1 << 20 and upper_tmpfs.staging
 
 
 def test_plan_read_only_layers_use_overlay_without_upper() -> None:
     plan = rootfs.plan(rootfs.RootfsSpec(layers=("/a", "/b")), ["A", "B"])
-    overlay = next(op for op in plan.ops if isinstance(op, rootfs.Overlay))
-    assert overlay.upper is None
+    root = next(op for op in plan.ops if isinstance(op, rootfs.Root))
+    assert root.upper is None and len(root.lowers) == 2
+
+
+def test_skeleton_gives_missing_mount_points_and_keeps_image_directories(
+        tmp_path: Path) -> None:
+    """Mount points an image lacks, or has as a link or a file, come from a skeleton layer
+    on top; an image directory on the way keeps its mode there (the merged tree shows the
+    skeleton's copy)."""
+    image, skeleton = tmp_path / "image", tmp_path / "skeleton"
+    (image / "var").mkdir(parents=True)
+    (image / "var").chmod(0o750)
+    (image / "tmp").symlink_to("/etc")
+    (image / "proc").write_text("a file")
+    (image / "dev").mkdir()
+    targets = ["/proc", "/dev", "/tmp", "/var/tmp", "/sys"]
+    missing = [t for t in targets if not rootfs._is_real_dir(str(image), t)]
+    assert missing == ["/proc", "/tmp", "/var/tmp", "/sys"]
+    rootfs._make_skeleton(str(image), missing, str(skeleton))
+    assert sorted(p.name for p in skeleton.iterdir()) == ["proc", "sys", "tmp", "var"]
+    assert all((skeleton / p).is_dir() and not (skeleton / p).is_symlink()
+               for p in ("proc", "tmp", "var/tmp", "sys"))
+    assert ((skeleton / "var").stat().st_mode & 0o7777) == 0o750
+    assert ((skeleton / "tmp").stat().st_mode & 0o7777) == 0o755
+
+
+def test_writable_root_carries_only_outermost_mounts() -> None:
+    assert rootfs._outermost(["/proc", "/dev", "/tmp", "/tmp/x", "/var/tmp"]) == (
+        "/proc", "/dev", "/tmp", "/var/tmp")
 
 
 def test_plan_needs_a_layer() -> None:
@@ -239,15 +269,15 @@ def _request(**ids: int) -> ExecRequest:
 def test_runs_may_not_take_init_id(ids: dict[str, int], message: str) -> None:
     m = idmap.IdMapping("direct", (idmap.IdRange(0, 100000, 65536),),
                         (idmap.IdRange(0, 100000, 65536),), 65534, 65534)
-    _validate(_request(uid=0, gid=0), m)
-    _validate(_request(uid=65534, gid=65534), m)
+    validate(_request(uid=0, gid=0), m)
+    validate(_request(uid=65534, gid=65534), m)
     with pytest.raises(PolicyError, match=message):
-        _validate(_request(**ids), m)
+        validate(_request(**ids), m)
 
 
 def test_a_single_id_is_every_run_s() -> None:
     single = idmap.IdMapping("single", (idmap.IdRange(0, 1000, 1),),
                              (idmap.IdRange(0, 1000, 1),), 0, 0)
-    _validate(_request(uid=0, gid=0), single)
+    validate(_request(uid=0, gid=0), single)
     with pytest.raises(PolicyError, match=r"^uid: 1 is not mapped in this container; use 0 to 0"):
-        _validate(_request(uid=1), single)
+        validate(_request(uid=1), single)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import loadtest.__main__ as loadtest_main
-from service import sbx
+from sbx import cli
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def given(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
 
 def test_options_pass_through_with_sbx_service_and_token(given: list[list[str]]) -> None:
-    assert sbx.main(["--url", "http://127.0.0.1:9999", "--token", "t0k", "loadtest",
+    assert cli.main(["--url", "http://127.0.0.1:9999", "--token", "t0k", "loadtest",
                      "--workload", "cpu,io", "--rate", "50", "--image", "x/busybox:1"]) == 7
     assert given == [["--workload", "cpu,io", "--rate", "50", "--image", "x/busybox:1",
                       "--url", "http://127.0.0.1:9999", "--token", "t0k"]]
@@ -31,16 +31,16 @@ def test_options_pass_through_with_sbx_service_and_token(given: list[list[str]])
 
 def test_the_default_service_unless_spawning(given: list[list[str]],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    sbx.main(["loadtest", "--image", "x/busybox:1"])
+    cli.main(["loadtest", "--image", "x/busybox:1"])
     monkeypatch.setenv("SANDBOXD_URL", "http://127.0.0.1:8700")
-    sbx.main(["loadtest", "--", "--image", "x/busybox:1"])
-    sbx.main(["loadtest", "--spawn"])
-    assert given == [["--image", "x/busybox:1", "--url", sbx.DEFAULT_URL],
+    cli.main(["loadtest", "--", "--image", "x/busybox:1"])
+    cli.main(["loadtest", "--spawn"])
+    assert given == [["--image", "x/busybox:1", "--url", cli.DEFAULT_URL],
                      ["--image", "x/busybox:1", "--url", "http://127.0.0.1:8700"],
                      ["--spawn"]]
 
 
 def test_other_commands_still_refuse_unknown_options(given: list[list[str]]) -> None:
     with pytest.raises(SystemExit):
-        sbx.main(["info", "--workload", "true"])
+        cli.main(["info", "--workload", "true"])
     assert given == []

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import digests
 from sandbox.errors import DigestMismatch, InvalidReference
-from sandbox.images import ImageService
-from sandbox.store import gc
-from sandbox.store.blobs import BlobStore
-from sandbox.store.catalog import Catalog, ImageRecord, LayerRecord
-from sandbox.store.layers import LayerStore
-from sandbox.store.unpack import Ownership
+from sandbox.images import ImageService, digests
+from sandbox.images.store import gc
+from sandbox.images.store.blobs import BlobStore
+from sandbox.images.store.catalog import Catalog, ImageRecord, LayerRecord
+from sandbox.images.store.layers import LayerStore
+from sandbox.images.store.unpack import Ownership
 from sandbox.tenants import Tenant
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,8 +110,8 @@ def test_processes_sharing_a_store_fetch_each_blob_once(tmp_path: Path) -> None:
         import asyncio, sys, time
         from pathlib import Path
         sys.path.insert(0, {str(REPO)!r})
-        from sandbox.store.blobs import BlobStore
-        from sandbox import digests
+        from sandbox.images.store.blobs import BlobStore
+        from sandbox.images import digests
         data = b"shared" * 1000
         async def fetch(dest):
             with open({str(log)!r}, "a") as f:

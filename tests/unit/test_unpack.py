@@ -1,4 +1,4 @@
-"""Layer unpacking (sandbox/store/unpack.py) on tars the tests build: every entry type,
+"""Layer unpacking (sandbox/images/store/unpack.py) on tars the tests build: every entry type,
 whiteouts in both modes, ownership, caps, compression and the diff_id."""
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import pytest
 import zstandard
 
 from sandbox.errors import LayerError
-from sandbox.runtime.idmap import IdMapping, IdRange
-from sandbox.store.unpack import (
+from sandbox.images.store.unpack import (
     Ownership,
     UnpackLimits,
     UnpackReport,
     detect_compression,
     unpack_layer,
 )
+from sandbox.runtime.idmap import IdMapping, IdRange
 
 SQUASH = Ownership("squash")
 ROOT = os.geteuid() == 0

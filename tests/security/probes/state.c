@@ -1,20 +1,23 @@
 /* state - what one run can leave for the next in the same container (issue #10, "state
  * between runs"). Two modes; no SAFE/UNSAFE judgement of its own (the TEST compares).
  *
- *   state plant WHAT  (files, ipc, daemon, init or all)
+ *   state plant WHAT  (files, ipc, daemon, init, root or all)
  *                 leaves everything it can: a file in every directory it may write (the
  *                 tmpfs mounts, /dev/shm, a writable root), a POSIX shm object, SysV shm,
  *                 message queue and semaphore set, a POSIX message queue, abstract and path
  *                 unix sockets held by a double-forked setsid daemon that ignores every
  *                 signal, and changes to pid 1 (init) that its later children would inherit:
  *                 rlimits, nice, scheduling policy, CPU affinity, I/O priority,
- *                 oom_score_adj. Prints "PLANT <what> <outcome>" lines; exits 0.
+ *                 oom_score_adj; and (root) changes to the image's own files in a
+ *                 writable root: a deleted file (an overlay whiteout), a directory
+ *                 replaced (opaque), modes, an xattr, a file's contents.
+ *                 Prints "PLANT <what> <outcome>" lines; exits 0.
  *   state check   prints "LEAK <what>: <detail>" for each thing of an earlier run it finds
  *                 (by name, and for SysV IPC any object at all), then "STATE <key> <value>"
  *                 lines: init's rlimits (/proc/1/limits) and scheduling, and the state
  *                 this run inherited (rlimits, nice, policy, affinity, I/O priority,
  *                 personality, umask, signal dispositions and mask, oom_score_adj, cwd,
- *                 environment). A run after a plant must print what a run in a fresh
+ *                 environment), and the image files the root plant changes. A run after a plant must print what a run in a fresh
  *                 container prints. Exits 0.
  */
 #include "probe.h"
@@ -31,6 +34,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/xattr.h>
 
 #define MARK "sbx-leak"
 #define IPC_KEY 0x5b71ea
@@ -175,7 +179,57 @@ static void plant_init(void)
     printf("PLANT init-sigint %s\n", kill(1, SIGINT) ? en(errno) : "sent");
 }
 
+/* What the root plant changes and the check describes: files every test image has. */
+static const char *root_paths[] = {"/etc", "/etc/hostname", "/etc/group", "/etc/passwd",
+                                   "/root", "/bin"};
+
+static void outcome(const char *what, int ok)
+{
+    printf("PLANT root-%s %s\n", what, ok ? "ok" : en(errno));
+}
+
+static void plant_root(void)
+{
+    outcome("delete", unlink("/etc/hostname") == 0);
+    outcome("chmod-file", chmod("/etc/group", 0600) == 0);
+    outcome("xattr", setxattr("/etc/passwd", "user." MARK, "1", 1, 0) == 0);
+    int fd = open("/etc/passwd", O_WRONLY | O_APPEND | O_CLOEXEC);
+    outcome("write", fd >= 0 && write(fd, MARK "\n", sizeof MARK) == (ssize_t)sizeof MARK);
+    close_fd(fd);
+    /* An empty image directory removed and made again: overlayfs marks it opaque. */
+    outcome("opaque", rmdir("/root") == 0 && mkdir("/root", 0700) == 0);
+    outcome("chmod-dir", chmod("/etc", 0700) == 0);
+}
+
 /* ---------------------------------------------------------------- check */
+
+static void print_root(void)
+{
+    for (size_t i = 0; i < sizeof root_paths / sizeof *root_paths; i++) {
+        const char *path = root_paths[i];
+        struct stat st;
+        if (lstat(path, &st) < 0) {
+            printf("STATE root %s %s\n", path, en(errno));
+            continue;
+        }
+        char names[1024] = "";
+        ssize_t n = llistxattr(path, names, sizeof names - 1);
+        for (ssize_t j = 0; j < n - 1; j++)
+            if (!names[j])
+                names[j] = ',';
+        int entries = -1;
+        DIR *d = S_ISDIR(st.st_mode) ? opendir(path) : NULL;
+        if (d) {
+            for (entries = 0; readdir(d);)
+                entries++;
+            closedir(d);
+        }
+        printf("STATE root %s mode=%o uid=%u gid=%u size=%lld entries=%d xattrs=%s\n",
+               path, st.st_mode, st.st_uid, st.st_gid,
+               S_ISDIR(st.st_mode) ? 0LL : (long long)st.st_size, entries,
+               n > 0 ? names : "-");
+    }
+}
 
 static void find_files(const char *dir, int depth)
 {
@@ -318,6 +372,7 @@ static void check(void)
     find_socket("abstract-socket", ABSTRACT, sizeof(ABSTRACT) - 1);
     find_socket("path-socket", PATH_SOCK, sizeof(PATH_SOCK));
     find_processes();
+    print_root();
 
     print_scheduling("init", 1);
     print_file("init-oom_score_adj", "/proc/1/oom_score_adj");
@@ -370,11 +425,13 @@ int main(int argc, char **argv)
         }
         if (all || !strcmp(what, "init"))
             plant_init();
+        if (all || !strcmp(what, "root"))
+            plant_root();
         return 0;
     }
     if (argc == 2 && !strcmp(argv[1], "check")) {
         check();
         return 0;
     }
-    die("usage: state plant files|ipc|daemon|init|all, or state check");
+    die("usage: state plant files|ipc|daemon|init|root|all, or state check");
 }

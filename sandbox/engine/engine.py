@@ -1,0 +1,373 @@
+"""The one facade the service talks to: images, warm pools, sessions and runs.
+
+`Engine.run` is a one-shot run: resolve the image (pulling it the first time), the policy
+and the limits, once, and pass them down; borrow a warm container for (image digest,
+policy) or start one, copy the request's files in, exec, and give the container back
+(reset and reused when its root is read-only, destroyed and replaced when it is writable).
+Sessions are containers a caller keeps: exec many times, copy files in and out, delete;
+idle ones expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sandbox import statedir
+from sandbox.engine.pool import PoolConfig, Pools
+from sandbox.engine.records import ContainerRecords
+from sandbox.errors import CapacityError, NotFound, PolicyError, SandboxError
+from sandbox.images import (
+    Image,
+    ImageService,
+    Ownership,
+    ProgressCallback,
+    PublicNames,
+    RegistriesConfig,
+    apply_run,
+    digests,
+)
+from sandbox.runtime import files
+from sandbox.runtime.container import Container
+from sandbox.runtime.hostinfo import report as host_report
+from sandbox.runtime.output import OutputCallback
+from sandbox.runtime.policy import Policy
+from sandbox.runtime.profiles import Limits, Profile
+from sandbox.runtime.requests import ExecRequest
+from sandbox.runtime.results import RunResult
+from sandbox.runtime.runcontrol import RunControl
+from sandbox.runtime.spawnerclient import Runtime
+from sandbox.tenants import Tenant
+
+NETWORKS = ("none",)
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """A file to put into the container before the run (absolute path inside it)."""
+
+    path: str
+    content: bytes
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    cmd: list[str] | None = None         # None or empty: the image's Entrypoint + Cmd
+    env: dict[str, str] | None = None    # merged over the image's Env
+    cwd: str | None = None               # default: the image's WorkingDir or /
+    stdin: bytes | int | None = None     # bytes, a readable fd (interactive), or nothing
+    files: tuple[FileSpec, ...] = ()
+    limits: Limits | None = None         # checked against the policy's maxima
+    user: str | None = None              # default: the image's User
+
+
+@dataclass(frozen=True)
+class PolicyLimits:
+    """Limit defaults and maxima set for one profile (by the service's config); each one set
+    replaces the profile's own, the others stay as its file says."""
+
+    defaults: Limits = field(default_factory=Limits)
+    maxima: Limits = field(default_factory=Limits)
+
+    def applied_to(self, profile: Profile) -> Profile:
+        """`profile` with these limits over its own; PolicyError (naming the key) when a
+        default ends up above its maximum, which every run without limits would fail."""
+        merged = replace(profile, defaults=self.defaults.over(profile.defaults),
+                         maxima=self.maxima.over(profile.maxima))
+        merged.defaults.check_within(merged.maxima, where=f"policies.{profile.name}.defaults")
+        return merged
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    state_dir: Path
+    registries: RegistriesConfig = field(default_factory=RegistriesConfig)
+    pools: PoolConfig = field(default_factory=PoolConfig)
+    session_idle_s: float = 600.0        # sessions unused this long are deleted
+    default_policy: str = "default"
+    policy_limits: Mapping[str, PolicyLimits] = field(default_factory=dict)  # by profile name
+    public_images: PublicNames = field(default_factory=PublicNames)  # shared by every tenant
+
+
+def known_policies() -> list[str]:
+    """The profiles shipped in policies/profiles/."""
+    return sorted(p.name.removesuffix(".json")
+                  for p in (resources.files("policies") / "profiles").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def _set_limits(limits: Limits) -> dict[str, Any]:
+    return {k: v for k, v in asdict(limits).items() if v is not None}
+
+
+@dataclass
+class Session:
+    id: str
+    image: Image
+    policy: Policy
+    container: Container
+    created: float
+    last_used: float
+    owner: str                           # the tenant whose session it is
+    limits: Limits | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "image": self.image.digest,
+                "names": list(self.image.names), "policy": self.policy.name,
+                "created": self.created, "last_used": self.last_used,
+                "alive": self.container.alive}
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    result: RunResult
+    pool_hit: bool
+    image: str                           # the image digest the run used
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, runtime: Runtime, images: ImageService,
+                 host: dict[str, Any]) -> None:
+        self.config = config
+        self.host = host                 # what this host can enforce, probed at start
+        self.runtime = runtime
+        self.images = images
+        self.records = ContainerRecords(config.state_dir)
+        self.pools = Pools(runtime, config.pools, images, self.records)
+        self.sessions: dict[str, Session] = {}
+        self._opening: Counter[str] = Counter()   # sessions being created, per tenant
+        self._reaper: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, config: EngineConfig) -> Engine:
+        statedir.prepare(config.state_dir)
+        runtime = await Runtime.start()
+        try:
+            host = await asyncio.to_thread(host_report, runtime.cgroups, runtime.mapping)
+            images = ImageService(config.state_dir, registries=config.registries,
+                                  ownership=Ownership.for_mapping(runtime.mapping),
+                                  overlay=bool(host["overlay_in_userns"]),
+                                  public=config.public_images)
+            for name, limits in config.policy_limits.items():
+                runtime.policies.register(limits.applied_to(runtime.policies.profile(name)))
+        except BaseException:
+            await runtime.close()  # its spawner must not outlive a start that failed
+            raise
+        engine = cls(config, runtime, images, host)
+        swept = await asyncio.to_thread(engine.records.sweep, runtime.cgroups.driver)
+        if swept:
+            log.warning("removed what %d containers of a previous instance left: %s",
+                        len(swept), ", ".join(swept))
+        engine._reaper = asyncio.create_task(engine._expire_sessions())
+        return engine
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for sid in list(self.sessions):
+            await self.delete_session(sid)
+        await self.pools.close()
+        await self.runtime.close()
+        await self.images.close()
+
+    # images
+
+    async def image(self, reference: str, *, tenant: Tenant,
+                    on_progress: ProgressCallback | None = None) -> Image:
+        """An image as `tenant` names it, pulled the first time it asks for it (a bare
+        digest names no registry: it must be one of the tenant's images)."""
+        try:
+            return await self.images.resolve(reference, tenant=tenant)
+        except NotFound:
+            if digests.is_digest(reference.strip()):
+                raise
+            return await self.images.pull(reference, tenant=tenant, on_progress=on_progress)
+
+    async def remove_image(self, reference: str, *, tenant: Tenant,
+                           force: bool = False) -> list[str]:
+        """Remove `tenant`'s name(s) of an image (ImageService.remove). Its idle warm
+        containers go first: they are a cache, not a use; a run or a session is."""
+        image = await self.images.resolve(reference, tenant=tenant)
+        await self.pools.drop_idle(image, tenant)
+        return self.images.remove(reference, tenant=tenant, force=force)
+
+    def policy(self, name: str | None = None) -> Policy:
+        """The policy `name` (default: the configured one), resolved once by the runtime's
+        registry; PolicyError naming the known ones when there is none. Callers that
+        resolve it ahead (to validate a request) pass it to `run` and `create_session`."""
+        return self.runtime.policies.get(name or self.config.default_policy)
+
+    def _policy(self, policy: Policy | str | None, network: str | None) -> Policy:
+        resolved = policy if isinstance(policy, Policy) else self.policy(policy)
+        if network not in (None, *NETWORKS):
+            raise PolicyError(f"network: {network!r} is not supported; use one of "
+                              f"{', '.join(NETWORKS)}")
+        if network is not None and network != resolved.profile.network:
+            # The operator's policy decides; a request must not believe it got otherwise.
+            raise PolicyError(f"network: policy {resolved.name!r} runs with network "
+                              f"{resolved.profile.network!r}, not {network!r}; choose a "
+                              "policy whose network is what you need, or leave network out")
+        return resolved
+
+    async def _image(self, image: Image | str, tenant: Tenant) -> Image:
+        """`image` as `tenant` names it, unless the caller resolved it already."""
+        return image if isinstance(image, Image) else await self.image(image, tenant=tenant)
+
+    def _request(self, image: Image, spec: RunSpec, policy: Policy) -> ExecRequest:
+        """The run's request, its limits resolved (checked against the policy's maxima
+        before any container is taken for it): no layer below resolves them again."""
+        limits = policy.limits(spec.limits)
+        argv, env, cwd = apply_run(image.defaults, cmd=spec.cmd, env=spec.env, cwd=spec.cwd)
+        uid, gid = self.images.user_ids(image, spec.user)
+        return ExecRequest(argv=argv, env=env, cwd=cwd, stdin=spec.stdin, limits=limits,
+                           uid=uid, gid=gid)
+
+    # one-shot runs
+
+    async def run(self, image: Image | str, spec: RunSpec, *, tenant: Tenant,
+                  policy: Policy | str | None = None, network: str | None = None,
+                  on_output: OutputCallback | None = None,
+                  control: RunControl | None = None) -> RunOutcome:
+        """One run in a warm container. `image` is a reference, or an Image the caller
+        already resolved for `tenant` (`image()`); `policy` a name, or a `policy()`."""
+        resolved = self._policy(policy, network)
+        found = await self._image(image, tenant)
+        req = self._request(found, spec, resolved)
+        loan = self.pools.lend(found, resolved, tenant)
+        async with loan as container:
+            for f in spec.files:
+                await files.put_file(container, f.path, f.content, f.mode, uid=req.uid,
+                                     gid=req.gid)
+            result = await container.exec(req, on_output=on_output, control=control,
+                                          reset_after=True)
+        return RunOutcome(result, loan.warm, found.digest)
+
+    # sessions
+
+    async def create_session(self, image: Image | str, *, tenant: Tenant,
+                             policy: Policy | str | None = None, network: str | None = None,
+                             limits: Limits | None = None) -> Session:
+        """A container `tenant` keeps; only calls naming the same tenant find it (see
+        `session`). At most `tenant.max_sessions` at once. `image` and `policy` as for
+        `run`; `limits`, the default of the session's execs, are resolved here."""
+        resolved = self._policy(policy, network)
+        if limits is not None:
+            limits = resolved.limits(limits)
+        cap = tenant.max_sessions
+        held = len(self.list_sessions(tenant.id)) + self._opening[tenant.id]
+        if cap is not None and held >= cap:
+            raise CapacityError(f"you have {held} sessions, your maximum (max_sessions): "
+                                "delete one (DELETE /v1/containers/{id}) or let idle ones "
+                                "expire, then retry")
+        self._opening[tenant.id] += 1
+        try:
+            found = await self._image(image, tenant)
+            container = await self.pools.fresh(found, resolved, tenant)
+        finally:
+            self._opening[tenant.id] -= 1
+        now = time.time()
+        sid = secrets.token_hex(8)
+        session = Session(sid, found, resolved, container, now, now, tenant.id, limits)
+        self.images.lease(found.digest, f"session-{sid}")
+        self.sessions[sid] = session
+        return session
+
+    def session(self, sid: str, owner: str | None = None) -> Session:
+        """Session `sid`; with `owner` (a tenant id), only if it is that tenant's. Another
+        tenant's is NotFound like a missing one: its existence is not theirs to learn."""
+        s = self.sessions.get(sid)
+        if s is None or (owner is not None and s.owner != owner):
+            raise NotFound(f"no container {sid!r}: it was deleted, expired, or never existed")
+        return s
+
+    def list_sessions(self, owner: str | None = None) -> list[Session]:
+        return [s for s in self.sessions.values() if owner is None or s.owner == owner]
+
+    async def exec(self, sid: str, spec: RunSpec, *, on_output: OutputCallback | None = None,
+                   control: RunControl | None = None, owner: str | None = None) -> RunResult:
+        s = self.session(sid, owner)
+        s.last_used = time.time()
+        if spec.limits is None and s.limits is not None:
+            spec = replace(spec, limits=s.limits)
+        req = self._request(s.image, spec, s.policy)
+        for f in spec.files:
+            await files.put_file(s.container, f.path, f.content, f.mode, uid=req.uid,
+                                 gid=req.gid)
+        try:
+            return await s.container.exec(req, on_output=on_output, control=control)
+        finally:
+            s.last_used = time.time()
+
+    async def put_file(self, sid: str, path: str, content: bytes, mode: int = 0o644, *,
+                       owner: str | None = None) -> None:
+        s = self.session(sid, owner)
+        s.last_used = time.time()
+        uid, gid = self.images.user_ids(s.image)
+        await files.put_file(s.container, path, content, mode, uid=uid, gid=gid)
+
+    def get_path(self, sid: str, path: str, *, owner: str | None = None
+                 ) -> contextlib.AbstractAsyncContextManager[files.Fetched]:
+        """A file or a directory's tar from session `sid`, streamed (`files.get_path`):
+        `async with engine.get_path(...) as got`, then iterate `got.chunks`."""
+        s = self.session(sid, owner)
+        s.last_used = time.time()
+        return files.get_path(s.container, path)
+
+    async def delete_session(self, sid: str, *, owner: str | None = None) -> None:
+        self.session(sid, owner)
+        s = self.sessions.pop(sid)
+        try:
+            await self.pools.destroy(s.container)
+        finally:
+            self.images.release(f"session-{sid}")
+
+    async def _expire_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, max(1.0, self.config.session_idle_s / 4)))
+            cutoff = time.time() - self.config.session_idle_s
+            for sid, s in list(self.sessions.items()):
+                if s.last_used < cutoff or not s.container.alive:
+                    with contextlib.suppress(SandboxError):
+                        await self.delete_session(sid)
+
+    def pool_stats(self) -> list[dict[str, Any]]:
+        """Every tenant's pools: for the operator's metrics, never for a tenant."""
+        return self.pools.stats()
+
+    @property
+    def live_containers(self) -> int:
+        """Containers alive: pools, runs and sessions, of every tenant."""
+        return self.pools.live
+
+    @property
+    def session_count(self) -> int:
+        return len(self.sessions)
+
+    def policies(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every profile's effective limit defaults and maxima (the config's applied)."""
+        out = {}
+        for name in sorted({*known_policies(), *self.config.policy_limits}):
+            profile = self.runtime.policies.profile(name)
+            out[name] = {"defaults": _set_limits(profile.defaults),
+                         "maxima": _set_limits(profile.maxima)}
+        return out
+
+    def info(self, tenant: Tenant) -> dict[str, Any]:
+        """What `tenant` may know: the host, its own pools and sessions, the policies."""
+        return {"host": self.host, "pools": self.pools.stats(tenant),
+                "sessions": len(self.list_sessions(tenant.id)), "policies": self.policies()}
+
+

@@ -1,0 +1,745 @@
+"""The image API the service uses: pull, resolve, list, inspect, tag, remove, import, push
+and gc, over a registry client and a store under the state directory.
+
+    state_dir/images/blobs/sha256/<hex>     verified blobs (manifests, configs, layer tars)
+    state_dir/images/layers/sha256/<hex>    unpacked layers, by diff_id (overlay lower dirs)
+    state_dir/images/catalog.db             names, images, layers, leases (SQLite)
+
+An `Image` carries what a container needs: its layer directories (lowest first) and the
+run defaults of its config (argv, env, cwd, user).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+from sandbox.errors import (
+    DigestMismatch,
+    Forbidden,
+    ImageInUse,
+    InvalidReference,
+    ManifestError,
+    NotFound,
+    QuotaExceeded,
+)
+from sandbox.images import digests
+from sandbox.images.imageconfig import (
+    MAX_ACCOUNT_FILE_BYTES,
+    ImageConfig,
+    RunDefaults,
+    build_config,
+    chain_ids,
+    parse_config,
+    resolve_user,
+    run_defaults,
+)
+from sandbox.images.manifest import (
+    MAX_INDEX_DEPTH,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    Descriptor,
+    ImageIndex,
+    ImageManifest,
+    Platform,
+    build_oci_manifest,
+    parse_manifest,
+    select_platform,
+)
+from sandbox.images.public import PUBLIC, PublicNames
+from sandbox.images.reference import Reference, parse
+from sandbox.images.registry.client import RegistryClient
+from sandbox.images.registry.config import RegistriesConfig
+from sandbox.images.store import gc
+from sandbox.images.store.blobs import BlobStore
+from sandbox.images.store.catalog import Catalog, ImageRecord, LayerRecord
+from sandbox.images.store.layers import LayerStore
+from sandbox.images.store.layerstream import diff_id_of
+from sandbox.images.store.locks import temp_name
+from sandbox.images.store.peek import read_from_layers
+from sandbox.images.store.unpack import Ownership, UnpackLimits, detect_compression
+from sandbox.tenants import Tenant
+
+MANIFEST_MAX = 4 << 20
+CONFIG_MAX = 4 << 20
+INDEX_JSON_MAX = 4 << 20
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """One step of a pull, for progress bars: `layer` is a blob digest ('' for the image)."""
+
+    layer: str
+    status: str          # resolving | cached | downloading | unpacking | done | up to date
+    done: int = 0
+    total: int | None = None
+
+
+ProgressCallback = Callable[[PullProgress], None]
+
+
+@dataclass(frozen=True)
+class Image:
+    digest: str                    # the platform manifest's digest
+    config_digest: str             # Docker's image id
+    config: ImageConfig
+    platform: str
+    size: int                      # compressed: config + layer blobs
+    layers: tuple[Path, ...]       # unpacked layer directories, lowest first
+    defaults: RunDefaults
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    digest: str
+    config_digest: str
+    names: tuple[str, ...]
+    platform: str
+    size: int
+    created: float
+    last_used: float
+
+
+def _no_progress(_: PullProgress) -> None:
+    pass
+
+
+class ImageService:
+    """Images per tenant over one shared store (see sandbox/tenants.py): every method that
+    reads or makes a name takes the tenant it acts for."""
+
+    def __init__(self, state_dir: Path, *, registries: RegistriesConfig | None = None,
+                 ownership: Ownership | None = None, platform: Platform | None = None,
+                 overlay: bool = True, unpack_limits: UnpackLimits | None = None,
+                 client: RegistryClient | None = None, parallel_layers: int = 4,
+                 public: PublicNames | None = None) -> None:
+        root = state_dir / "images"
+        root.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(root / "blobs")
+        self.layers = LayerStore(root / "layers", ownership=ownership or Ownership("squash"),
+                                 limits=unpack_limits)
+        self.catalog = Catalog(root / "catalog.db")
+        self.client = client or RegistryClient(registries)
+        self.platform = platform or Platform.host()
+        self.overlay = overlay
+        self.public = public or PublicNames()
+        self._parallel = asyncio.Semaphore(parallel_layers)
+        self._resolved: dict[tuple[str, str], tuple[int, Image]] = {}
+        # Content of imports and pulls under way, which no image record names yet: gc (in a
+        # worker thread, or after a remove) must not take it from under them.
+        self._pinned: Counter[str] = Counter()
+        self._pin_lock = threading.Lock()
+        self.blobs.clean_temps()
+        self.layers.clean_temps()
+
+    async def close(self) -> None:
+        await self.client.close()
+        self.catalog.close()
+
+    async def __aenter__(self) -> ImageService:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @contextlib.contextmanager
+    def _pin(self, *content: str) -> Iterator[None]:
+        with self._pin_lock:
+            self._pinned.update(content)
+        try:
+            yield
+        finally:
+            with self._pin_lock:
+                self._pinned.subtract(content)
+                self._pinned = +self._pinned
+
+    def _collect(self) -> gc.GcReport:
+        with self._pin_lock:
+            pinned = set(self._pinned)
+        return gc.collect(self.catalog, self.blobs, self.layers, keep=pinned)
+
+    def _namespace(self, tenant: Tenant, ref: Reference) -> str:
+        """Where the name `ref` lives for `tenant`: the operator's shared names, or its own."""
+        return PUBLIC if self.public.covers(ref) else tenant.id
+
+    def _writable(self, tenant: Tenant, ref: Reference, field: str) -> str:
+        if self.public.covers(ref):
+            raise Forbidden(f"{field}: {ref.familiar()} is a public name (images.public in the "
+                            "service's config): only pulls update it; use another name")
+        return tenant.id
+
+    # pull
+
+    async def pull(self, reference: str, *, tenant: Tenant, platform: Platform | None = None,
+                   on_progress: ProgressCallback | None = None) -> Image:
+        """Fetch an image for `tenant` (or find its name up to date) and record the name.
+
+        A name the tenant already has is checked with one HEAD (a tag) or not at all (a
+        digest). Otherwise the manifest is always fetched and verified, even when its
+        image is in the store: a HEAD's digest proves nothing, and content another tenant
+        brought is used only once this tenant's registry has served it too."""
+        ref = parse(reference)
+        ns = self._namespace(tenant, ref)
+        want = platform or self.platform
+        report = on_progress or _no_progress
+        name = str(ref)
+        known = self.catalog.lookup(ns, name)
+        if known is not None and not (self._complete(known.image)
+                                      and self._fits(known.image, want)):
+            known = None
+        if ref.digest is None:
+            head = await self.client.head_manifest(ref)
+            if head is None:
+                raise NotFound(f"{ref.familiar()} was not found in {ref.domain}: check the "
+                               "name and tag, and that you may pull it")
+            if known is not None and head.digest is not None and head.digest == known.target:
+                self.catalog.set_name(ns, name, ref.repository, ref.tag, known.target,
+                                      known.image)
+                report(PullProgress("", "up to date"))
+                return await self._image(known.image, tenant)
+        elif known is not None:  # content-addressed, and verified when the name was made
+            report(PullProgress("", "up to date"))
+            return await self._image(known.image, tenant)
+        report(PullProgress("", "resolving"))
+        fetched = await self.client.get_manifest(ref)
+        target = fetched.digest
+        with self._pin(target):
+            digest, manifest, media_type = await self._platform_manifest(
+                ref, fetched.body, fetched.media_type, target, want)
+            return await self._pull_content(ref, ns, tenant, target, digest, media_type,
+                                            manifest, report)
+
+    async def _pull_content(self, ref: Reference, ns: str, tenant: Tenant, target: str,
+                            digest: str, media_type: str, manifest: ImageManifest,
+                            report: ProgressCallback) -> Image:
+
+        async def fetch(desc: Descriptor) -> Path:
+            """`desc`'s blob, downloaded from this registry now: if it is in the store
+            already (another tenant's pull), downloaded again to a temporary file and
+            dropped once verified, which proves this registry serves it."""
+            async def download(dest: Path) -> None:
+                def progress(done: int) -> None:
+                    report(PullProgress(desc.digest, "downloading", done, desc.size))
+                await self.client.fetch_blob(ref, desc.digest, desc.size, dest,
+                                             on_progress=progress, urls=desc.urls)
+                # Before the blob is renamed into place: a pull of the same namespace that
+                # waited for this one (in another process too) finds it held.
+                self.catalog.hold(ns, desc.digest)
+
+            path, _ = await self.blobs.ensure(desc.digest, download)
+            if not self.catalog.holds(ns, desc.digest):  # someone else's download
+                proof = self.blobs.tmp / temp_name("proof-" + digests.hex_part(desc.digest))
+                try:
+                    await download(proof)
+                finally:
+                    proof.unlink(missing_ok=True)
+            self.catalog.add_source(ns, desc.digest, ref.repository)
+            return path
+
+        image = await self._install(ns, tenant, digest, media_type, manifest, fetch, report,
+                                    name=(ref, None if ref.digest else ref.tag, target))
+        return await self._image(image, tenant)
+
+    def _fits(self, digest: str, want: Platform) -> bool:
+        rec = self.catalog.image(digest)
+        return rec is not None and rec.platform.split("/")[:2] == [want.os, want.architecture]
+
+    def _complete(self, digest: str) -> bool:
+        rec = self.catalog.image(digest)
+        return rec is not None and all(self.layers.has(lr.diff_id) for lr in rec.layers)
+
+    async def _platform_manifest(self, ref: Reference, body: bytes, media_type: str,
+                                 digest: str, want: Platform
+                                 ) -> tuple[str, ImageManifest, str]:
+        """Walk an index (nested at most MAX_INDEX_DEPTH deep) down to one image manifest.
+        Each document is stored once it parses (one that is refused leaves nothing); a
+        child is read no further than its index entry's size."""
+        for _ in range(MAX_INDEX_DEPTH + 1):
+            doc = parse_manifest(body, media_type,
+                                 max_blob_bytes=self.client.config.max_blob_bytes)
+            self.blobs.put_bytes(body, expected=digest)
+            if isinstance(doc, ImageManifest):
+                return digest, doc, media_type
+            desc = select_platform(doc, want)
+            child = await self.client.get_manifest(ref.with_digest(desc.digest),
+                                                   size=desc.size)
+            body, media_type, digest = child.body, child.media_type, child.digest
+        raise ManifestError(f"{ref.familiar()}: indexes nest more than {MAX_INDEX_DEPTH} "
+                            "deep; refusing to follow further")
+
+    async def _install(self, ns: str, tenant: Tenant, digest: str, media_type: str,
+                       manifest: ImageManifest,
+                       fetch: Callable[[Descriptor], Awaitable[Path]],
+                       report: ProgressCallback, *,
+                       name: tuple[Reference, str | None, str]) -> str:
+        """Config and layers of a verified manifest into the store, then `name` ((reference,
+        tag, what the registry served)) given to it in `ns`; returns its digest.
+
+        `fetch(desc)` brings `desc`'s blob from the image's source (verified), records
+        that `ns` holds it, and returns its path. Content `ns` holds already is not fetched
+        again; a layer already in the store but not held is taken only once this source's
+        blob is checked to decompress to it. Within the tenant's byte quota, checked before
+        any layer is fetched (from the manifest's sizes) and again once the layers' sizes
+        are known. Until the name is given, no image record names what this brings: gc
+        keeps it because it is pinned."""
+        if manifest.config.size > CONFIG_MAX:
+            raise ManifestError(f"image config {manifest.config.digest} claims "
+                                f"{manifest.config.size} bytes, over the {CONFIG_MAX} cap")
+
+        async def blob(desc: Descriptor) -> Path:
+            known = ns == PUBLIC or self.catalog.holds(ns, desc.digest)
+            if known and self.blobs.has(desc.digest):
+                return self.blobs.path(desc.digest)
+            return await fetch(desc)
+
+        with contextlib.ExitStack() as pins:
+            pins.enter_context(self._pin(digest, manifest.config.digest,
+                                         *(d.digest for d in manifest.layers)))
+            await blob(manifest.config)
+            config = parse_config(self.blobs.read(manifest.config.digest, CONFIG_MAX))
+            if len(config.diff_ids) != len(manifest.layers):
+                raise ManifestError(f"image {digest}: the manifest lists "
+                                    f"{len(manifest.layers)} layers, its config "
+                                    f"{len(config.diff_ids)} diff_ids")
+            pins.enter_context(self._pin(*config.diff_ids))
+            pairs = list(zip(manifest.layers, config.diff_ids, strict=True))
+            if ns != PUBLIC:
+                self._check_quota(tenant, [(i, d.size) for d, i in pairs])
+            await asyncio.gather(*(self._layer(ns, d, i, blob, report) for d, i in pairs))
+            now = time.time()
+            self.catalog.add_image(ImageRecord(
+                digest, media_type, manifest.config.digest, _platform_of(config),
+                manifest.config.size + sum(d.size for d in manifest.layers), now, now,
+                tuple(LayerRecord(i, d.digest, d.media_type, d.size) for d, i in pairs)))
+            if ns != PUBLIC:
+                self.catalog.hold(ns, *config.diff_ids)
+                self._check_quota(tenant, [], image=digest)
+            ref, tag, target = name
+            self.catalog.set_name(ns, str(ref), ref.repository, tag, target, digest)
+        return digest
+
+    async def _layer(self, ns: str, desc: Descriptor, diff_id: str,
+                     blob: Callable[[Descriptor], Awaitable[Path]],
+                     report: ProgressCallback) -> None:
+        """Layer `diff_id` in the store for `ns`, unpacked from `await blob(desc)` if
+        missing, or checked against it if `ns` does not hold it yet."""
+        proven = ns == PUBLIC or self.catalog.holds(ns, diff_id)
+        if proven and self.layers.has(diff_id):
+            report(PullProgress(desc.digest, "cached", desc.size, desc.size))
+            return
+        async with self._parallel:
+            unpacked_ours = False
+
+            async def source() -> Path:
+                nonlocal unpacked_ours
+                unpacked_ours = True
+                return await blob(desc)
+
+            _, rep = await self.layers.ensure(diff_id, source)
+            if rep is not None:
+                self.catalog.record_layer(diff_id, rep.bytes, rep.entries)
+            if not (proven or unpacked_ours):
+                # The layer was in the store (or another pull was unpacking it): this
+                # source's own blob must decompress to it, or a config naming another
+                # tenant's diff_id would hand its files over.
+                path = await blob(desc)
+                found = await asyncio.to_thread(diff_id_of, path,
+                                                self.layers.limits.max_bytes + (1 << 30))
+                if found != diff_id:
+                    raise DigestMismatch(
+                        f"layer {desc.digest} decompresses to {found}, but the image config "
+                        f"lists {diff_id}: the image is corrupt or was tampered with")
+            report(PullProgress(desc.digest, "done", desc.size, desc.size))
+
+    def _check_quota(self, tenant: Tenant, adding: list[tuple[str, int]],
+                     image: str | None = None) -> None:
+        """QuotaExceeded if the tenant's names would use more than its byte quota with
+        `adding` ((diff_id, blob size) of new layers) or with `image` named too."""
+        cap = tenant.max_image_bytes
+        if cap is None:
+            return
+        used = self.catalog.usage(tenant.id, plus=image)
+        mine = self.catalog.diff_ids_of(tenant.id)
+        more = sum(size + self.catalog.layer_bytes(diff_id)
+                   for diff_id, size in dict(adding).items() if diff_id not in mine)
+        if used + more > cap:
+            raise QuotaExceeded(f"this image would bring your images to {used + more} bytes, "
+                                f"over your quota of {cap} bytes (max_image_bytes): remove "
+                                "images you no longer need (DELETE /v1/images/{ref}, then "
+                                "POST /v1/images/gc) and try again")
+
+    # local lookups
+
+    def _lookup(self, reference: str, tenant: Tenant) -> str:
+        """The image digest a name, a digest or a config digest stands for, among the names
+        `tenant` may see (its own and the public ones)."""
+        text = reference.strip()
+        if digests.is_digest(text):
+            visible = self.catalog.names((tenant.id, PUBLIC))
+            for n in visible:
+                if text in (n.image, n.target):
+                    return n.image
+            for n in visible:
+                rec = self.catalog.image(n.image)
+                if rec is not None and rec.config == text:
+                    return rec.digest
+            raise NotFound(f"no image {text} among your images: pull it by name first")
+        ref = parse(text)
+        ns = self._namespace(tenant, ref)
+        found = self.catalog.lookup(ns, str(ref))
+        if found is not None:
+            return found.image
+        if ref.digest is not None:
+            # repo@digest of an image this namespace has under another name of the repo
+            for n in self.catalog.names((ns,)):
+                if n.repository == ref.repository and ref.digest in (n.image, n.target):
+                    return n.image
+        raise NotFound(f"image {ref.familiar()} is not in the store: pull it first")
+
+    async def resolve(self, reference: str, *, tenant: Tenant) -> Image:
+        """A local image by name or digest, as `tenant` names it, without asking any
+        registry.
+
+        Every warm run starts here, so an answer is kept until the catalog next changes
+        (a pull, tag, import, remove or gc of this process)."""
+        key = (tenant.id, reference)
+        cached = self._resolved.get(key)
+        if cached is not None and cached[0] == self.catalog.generation:
+            return cached[1]
+        image = await self._image(self._lookup(reference, tenant), tenant)
+        self._resolved[key] = (self.catalog.generation, image)
+        return image
+
+    def _names(self, digest: str, tenant: Tenant) -> tuple[str, ...]:
+        return tuple(n.name for n in self.catalog.names((tenant.id, PUBLIC), image=digest))
+
+    async def _image(self, digest: str, tenant: Tenant) -> Image:
+        rec = self.catalog.image(digest)
+        if rec is None or not self._complete(digest):
+            raise NotFound(f"image {digest} is not complete in the store: pull it again")
+        config = parse_config(self.blobs.read(rec.config, CONFIG_MAX))
+        self.catalog.touch(digest)
+        if self.overlay:
+            layers = tuple(self.layers.path(lr.diff_id) for lr in rec.layers)
+        else:
+            top = chain_ids([lr.diff_id for lr in rec.layers])[-1]
+            layers = (await self.layers.ensure_flat(
+                top, [self.blobs.path(lr.blob) for lr in rec.layers]),)
+        return Image(digest, rec.config, config, rec.platform, rec.size, layers,
+                     run_defaults(config), self._names(digest, tenant))
+
+    def user_ids(self, image: Image, user: str | None = None) -> tuple[int | None, int | None]:
+        """The (uid, gid) a run of `image` uses: `user` if given, else the config's User,
+        names looked up in the image's own /etc/passwd and /etc/group; (None, None) means
+        the runtime's default."""
+        def read(path: str) -> bytes | None:
+            return read_from_layers(image.layers, path, MAX_ACCOUNT_FILE_BYTES + 1)
+        return resolve_user(image.defaults.user if user is None else user, read)
+
+    def list(self, *, tenant: Tenant) -> list[ImageSummary]:
+        """The images `tenant` names, and the public ones, with the names it sees."""
+        names: dict[str, list[str]] = {}
+        for n in self.catalog.names((tenant.id, PUBLIC)):
+            names.setdefault(n.image, []).append(n.name)
+        return [ImageSummary(rec.digest, rec.config, tuple(names[rec.digest]), rec.platform,
+                             rec.size, rec.created, rec.last_used)
+                for rec in self.catalog.images() if rec.digest in names]
+
+    def inspect(self, reference: str, *, tenant: Tenant) -> dict[str, Any]:
+        digest = self._lookup(reference, tenant)
+        rec = self.catalog.image(digest)
+        assert rec is not None
+        config = orjson.loads(self.blobs.read(rec.config, CONFIG_MAX))
+        return {
+            "digest": rec.digest, "media_type": rec.media_type, "config_digest": rec.config,
+            "platform": rec.platform, "size": rec.size, "created": rec.created,
+            "last_used": rec.last_used, "names": list(self._names(digest, tenant)),
+            "layers": [{"digest": lr.blob, "diff_id": lr.diff_id, "media_type": lr.media_type,
+                        "size": lr.size, "unpacked_bytes": self.catalog.layer_bytes(lr.diff_id)}
+                       for lr in rec.layers],
+            "config": config,
+        }
+
+    def tag(self, source: str, target: str, *, tenant: Tenant) -> str:
+        digest = self._lookup(source, tenant)
+        ref = parse(target)
+        if ref.digest is not None:
+            raise InvalidReference(f"target {target!r}: a tag cannot carry a digest; "
+                                   "write it as name:tag")
+        ns = self._writable(tenant, ref, "target")
+        self._check_quota(tenant, [], image=digest)
+        self.catalog.set_name(ns, str(ref), ref.repository, ref.tag, digest, digest)
+        return str(ref)
+
+    def remove(self, reference: str, *, tenant: Tenant, force: bool = False) -> list[str]:
+        """Remove one of the tenant's names, or by digest all its names of that image. The
+        image's files go once no tenant names it and no container uses it. Removing the last
+        name of an image a container uses is refused unless `force`, which removes the names
+        and leaves the files to gc once the container is gone."""
+        text = reference.strip()
+        if digests.is_digest(text):
+            digest = self._lookup(text, tenant)
+            names = [n.name for n in self.catalog.names((tenant.id,), image=digest)]
+            if not names:
+                raise Forbidden(f"{text} is named only by public names (images.public in the "
+                                "service's config), which only the operator removes")
+        else:
+            ref = parse(text)
+            ns = self._writable(tenant, ref, "ref")
+            found = self.catalog.lookup(ns, str(ref))
+            if found is None:
+                raise NotFound(f"image {ref.familiar()} is not in the store")
+            digest, names = found.image, [found.name]
+        remaining = [n for n in self.catalog.names(image=digest)
+                     if n.tenant != tenant.id or n.name not in names]
+        in_use = digest in self.catalog.leased()
+        if not remaining and in_use and not force:
+            raise ImageInUse(f"image {digest} is used by a running container; stop the "
+                             "container first or remove with force")
+        for name in names:
+            self.catalog.remove_name(tenant.id, name)
+        # Forced while in use: the names go now, the files once no container uses them (gc).
+        if not remaining and not in_use:
+            self.catalog.remove_image(digest)
+            self._collect()
+        return names
+
+    def gc(self, budget_bytes: int = 0, *, tenant: Tenant) -> gc.GcReport:
+        """Drop the tenant's least recently used images (those no container uses) until its
+        images fit `budget_bytes`, then every image nobody names or uses and every blob and
+        layer no image needs. Other tenants' names are never touched."""
+        evicted = []
+        leased = self.catalog.leased()
+        for rec in sorted(self.catalog.images(), key=lambda r: r.last_used):
+            if self.catalog.usage(tenant.id) <= budget_bytes:
+                break
+            mine = self.catalog.names((tenant.id,), image=rec.digest)
+            if not mine or rec.digest in leased:
+                continue
+            for n in mine:
+                self.catalog.remove_name(tenant.id, n.name)
+            evicted.append(rec.digest)
+        report = self._collect()
+        keep = {chain_ids([lr.diff_id for lr in rec.layers])[-1]
+                for rec in self.catalog.images() if rec.layers}
+        for entry in self.layers.flat.iterdir():
+            if "sha256:" + entry.name not in keep:
+                self.layers.remove_flat("sha256:" + entry.name)
+        # What the caller may learn: its own evictions and its own usage, not the store's.
+        return dataclasses.replace(report, images=evicted,
+                                   kept_bytes=self.catalog.usage(tenant.id))
+
+    def lease(self, image: str, holder: str) -> None:
+        """Keep `image` from gc while `holder` (a container id) lives in this process."""
+        self.catalog.lease(holder, image)
+
+    def release(self, holder: str) -> None:
+        self.catalog.release(holder)
+
+    # import
+
+    async def import_tar(self, src: Path | BinaryIO, reference: str, *, tenant: Tenant,
+                         cmd: Sequence[str] | None = None,
+                         entrypoint: Sequence[str] | None = None,
+                         env: Mapping[str, str] | None = None, working_dir: str | None = None,
+                         user: str | None = None) -> Image:
+        """A root-filesystem tar (plain, gzip or zstd) as a one-layer image of `tenant`, as
+        `docker import` makes."""
+        ref = _tag_reference(reference)
+        ns = self._writable(tenant, ref, "reference")
+        if isinstance(src, Path):
+            with open(src, "rb") as f:
+                layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, f)
+        else:
+            layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, src)
+        with self._pin(layer_digest):
+            digest = await self._import_layer(
+                ns, tenant, ref, layer_digest, size,
+                lambda diff_id: build_config(diff_ids=[diff_id], cmd=cmd, entrypoint=entrypoint,
+                                             env=env, working_dir=working_dir, user=user,
+                                             history_comment="imported"))
+        return await self._image(digest, tenant)
+
+    async def _import_layer(self, ns: str, tenant: Tenant, ref: Reference, layer_digest: str,
+                            size: int, make_config: Callable[[str], bytes]) -> str:
+        path = self.blobs.path(layer_digest)
+        with open(path, "rb") as f:
+            kind = detect_compression(f.read(8))
+        media_type = {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}.get(kind, OCI_LAYER)
+        self._check_quota(tenant, [(layer_digest, size)])
+        diff_id, _, rep = await self.layers.add(path)
+        with self._pin(diff_id):
+            self.catalog.record_layer(diff_id, rep.bytes, rep.entries)
+            config = make_config(diff_id)
+            config_digest = self.blobs.put_bytes(config)
+            manifest = build_oci_manifest(Descriptor(OCI_CONFIG, config_digest, len(config)),
+                                          [Descriptor(media_type, layer_digest, size)])
+            digest = self.blobs.put_bytes(manifest)
+            now = time.time()
+            self.catalog.add_image(ImageRecord(
+                digest, OCI_MANIFEST, config_digest, str(self.platform), len(config) + size,
+                now, now, (LayerRecord(diff_id, layer_digest, media_type, size),)))
+            # The tenant sent these bytes: it holds them.
+            self.catalog.hold(ns, layer_digest, diff_id, config_digest)
+            self._check_quota(tenant, [], image=digest)
+            self.catalog.set_name(ns, str(ref), ref.repository, ref.tag, digest, digest)
+        return digest
+
+    async def import_layout(self, layout: Path, reference: str, *, tenant: Tenant,
+                            name: str | None = None, platform: Platform | None = None,
+                            on_progress: ProgressCallback | None = None) -> Image:
+        """An OCI image layout directory (as umoci and `skopeo copy … oci:DIR` write) as a
+        tagged image of `tenant`. `name` picks the index entry by its ref.name annotation."""
+        ref = _tag_reference(reference)
+        ns = self._writable(tenant, ref, "reference")
+        report = on_progress or _no_progress
+        index_body = _read_layout_file(layout / "index.json", INDEX_JSON_MAX)
+        doc = parse_manifest(index_body, OCI_INDEX)
+        if not isinstance(doc, ImageIndex):
+            raise ManifestError(f"{layout}/index.json is not an image index")
+        entries = [d for d in doc.manifests
+                   if name is None
+                   or d.annotations.get("org.opencontainers.image.ref.name") == name]
+        if not entries:
+            raise NotFound(f"{layout}: no index entry named {name!r}")
+        desc = entries[0] if len(entries) == 1 else select_platform(
+            ImageIndex(doc.media_type, tuple(entries), {}), platform or self.platform)
+
+        def copy_in(d: Descriptor) -> Path:
+            # Always read from the layout, even for a blob the store has: that is what
+            # proves the caller holds it.
+            with _open_layout_blob(layout, d.digest) as f:
+                self.blobs.put_stream(f, expected=d.digest, expected_size=d.size)
+            self.catalog.hold(ns, d.digest)
+            return self.blobs.path(d.digest)
+
+        body = _read_layout_file(_layout_blob(layout, desc.digest), MANIFEST_MAX)
+        if digests.of_bytes(body) != desc.digest:
+            raise ManifestError(f"{layout}: blob {desc.digest} does not match its digest")
+        self.blobs.put_bytes(body, expected=desc.digest)
+        digest, manifest, media_type = desc.digest, None, desc.media_type
+        for _ in range(MAX_INDEX_DEPTH + 1):
+            parsed = parse_manifest(body, media_type)
+            if isinstance(parsed, ImageManifest):
+                manifest = parsed
+                break
+            child = select_platform(parsed, platform or self.platform)
+            body = _read_layout_file(_layout_blob(layout, child.digest), MANIFEST_MAX)
+            self.blobs.put_bytes(body, expected=child.digest)
+            digest, media_type = child.digest, child.media_type
+        if manifest is None:
+            raise ManifestError(f"{layout}: indexes nest more than {MAX_INDEX_DEPTH} deep")
+
+        async def fetch(d: Descriptor) -> Path:
+            return await asyncio.to_thread(copy_in, d)
+
+        image = await self._install(ns, tenant, digest, media_type, manifest, fetch, report,
+                                    name=(ref, ref.tag, digest))
+        return await self._image(image, tenant)
+
+    # push
+
+    async def push(self, source: str, target: str | None = None, *, tenant: Tenant,
+                   on_progress: ProgressCallback | None = None) -> str:
+        """Push an image `tenant` names (or a public one) to a registry; returns the manifest
+        digest the registry has. Cross-repository mounts are tried only from repositories
+        this tenant pulled the blob from or pushed it to."""
+        report = on_progress or _no_progress
+        digest = self._lookup(source, tenant)
+        rec = self.catalog.image(digest)
+        assert rec is not None
+        dest = parse(target if target is not None else source)
+        if dest.digest is not None and dest.digest != digest:
+            raise InvalidReference(f"target {target!r} names digest {dest.digest}, but the "
+                                   f"image is {digest}; push to a tag instead")
+        blobs = [(lr.blob, lr.size) for lr in rec.layers]
+        config_size = self.blobs.size(rec.config)
+        blobs.append((rec.config, config_size))
+
+        async def push_blob(blob: str, size: int) -> None:
+            if not self.blobs.has(blob):
+                raise NotFound(f"blob {blob} of {source} is no longer in the store; pull the "
+                               "image again before pushing it")
+            async with self._parallel:
+                if await self.client.blob_exists(dest, blob):
+                    report(PullProgress(blob, "exists", size, size))
+                else:
+                    mounted = False
+                    for repo in self.catalog.sources(tenant.id, blob):
+                        domain, _, path = repo.partition("/")
+                        if domain == dest.domain and path != dest.path:
+                            mounted = await self.client.mount_blob(dest, blob, path)
+                            if mounted:
+                                report(PullProgress(blob, "mounted", size, size))
+                                break
+                    if not mounted:
+                        await self.client.upload_blob(dest, blob, size, self.blobs.path(blob))
+                        report(PullProgress(blob, "pushed", size, size))
+            self.catalog.add_source(tenant.id, blob, dest.repository)
+
+        await asyncio.gather(*(push_blob(b, s) for b, s in blobs))
+        body = self.blobs.read(digest, MANIFEST_MAX)
+        pushed = await self.client.put_manifest(dest, rec.media_type, body)
+        if pushed != digest:
+            raise ManifestError(f"the registry stored the manifest as {pushed}, not {digest}")
+        if dest.digest is None and not self.public.covers(dest):
+            self.catalog.set_name(tenant.id, str(dest), dest.repository, dest.tag, digest,
+                                  digest)
+        return digest
+
+
+def _tag_reference(reference: str) -> Reference:
+    ref = parse(reference)
+    if ref.digest is not None:
+        raise InvalidReference(f"{reference!r}: an imported image is named by a tag, not a "
+                               "digest (its digest is computed)")
+    return ref
+
+
+def _platform_of(config: ImageConfig) -> str:
+    return "/".join(p for p in (config.os, config.architecture, config.variant) if p)
+
+
+def _layout_blob(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digests.hex_part(digest)
+
+
+def _open_layout_blob(layout: Path, digest: str) -> BinaryIO:
+    # A layout is input like a registry: a blob that is a symlink is refused, not followed.
+    try:
+        fd = os.open(_layout_blob(layout, digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"{layout}: blob {digest} is missing from the layout") from None
+    except OSError as e:
+        raise ManifestError(f"{layout}: blob {digest} cannot be read: {e.strerror}") from None
+    return os.fdopen(fd, "rb")
+
+
+def _read_layout_file(path: Path, limit: int) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"{path} does not exist: is this an OCI image layout?") from None
+    except OSError as e:
+        raise ManifestError(f"{path} cannot be read: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ManifestError(f"{path} is over {limit} bytes")
+    return data

@@ -1,0 +1,131 @@
+"""A run's output: the pipes its stdout and stderr write to, read by this process's event
+loop as bytes arrive (so the output limit is exact and the partial output is kept), and
+handed to the caller's callback, whose pace holds back the run and not this process."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import Awaitable, Callable
+
+# Called with each chunk of a run's output as it is read. An awaitable answered means "no
+# more for now": that pipe is not read again until it completes, so the run blocks writing
+# to its full pipe (its wall limit keeps running): a slow consumer slows its own run.
+OutputCallback = Callable[[str, bytes], Awaitable[object] | None]
+
+_DRAIN_TIMEOUT_S = 2.0
+
+
+class Streamed:
+    """An output callback that takes the output for good (e.g. to a client's stream): the
+    run's result then holds none of it (stdout and stderr empty; the truncation flags still
+    tell), so a streamed run's output is not also kept in memory until it ends."""
+
+    def __init__(self, callback: OutputCallback) -> None:
+        self.callback = callback
+
+    def __call__(self, name: str, data: bytes) -> Awaitable[object] | None:
+        return self.callback(name, data)
+
+
+class PipeReader:
+    """Collects one output pipe, up to a cap, as the event loop sees data, and pauses while
+    the consumer asks it to (see OutputCallback)."""
+
+    def __init__(self, name: str, fd: int, cap: int | None, on_data: OutputCallback | None,
+                 on_overflow: Callable[[], None], done: asyncio.Future[None]) -> None:
+        self.name, self.fd, self.cap = name, fd, cap
+        self.buf = bytearray()
+        self.size = 0    # bytes read (the cap counts these; `buf` may keep none)
+        self.truncated = False
+        self.on_data, self.on_overflow, self.done = on_data, on_overflow, done
+        self._keep = not isinstance(on_data, Streamed)
+        self._paused = False
+        self._free = 0   # bytes that may be read whatever the consumer says
+
+    def readable(self) -> None:
+        try:
+            chunk = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.finish()
+            return
+        if self.cap is not None and self.size + len(chunk) > self.cap:
+            chunk = chunk[: self.cap - self.size]
+            self.truncated = True
+        if chunk:
+            self.size += len(chunk)
+            if self._keep:
+                self.buf += chunk
+            if self.on_data:
+                wait = self.on_data(self.name, chunk)
+                if wait is not None:
+                    self._hold(wait, len(chunk))
+        if self.truncated:
+            self.on_overflow()
+            self.finish()
+
+    def _hold(self, wait: Awaitable[object], size: int) -> None:
+        later = asyncio.ensure_future(wait)
+        if later.done() or self.done.done():
+            return
+        if self._free >= size:
+            self._free -= size
+            return
+        self._paused = True
+        asyncio.get_running_loop().remove_reader(self.fd)
+        later.add_done_callback(lambda _: self._resume())
+
+    def _resume(self) -> None:
+        if self._paused and not self.done.done():
+            self._paused = False
+            asyncio.get_running_loop().add_reader(self.fd, self.readable)
+
+    def writers_gone(self) -> None:
+        """The run is over: what its pipe still holds (at most the pipe's size) is read to
+        EOF whatever the consumer says, so a slow one still gets the end of the output."""
+        if not self.done.done():
+            self._free = fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ)
+            self._resume()
+
+    def finish(self) -> None:
+        if not self.done.done():
+            asyncio.get_running_loop().remove_reader(self.fd)
+            os.close(self.fd)
+            self.done.set_result(None)
+
+
+def open_output(readers: list[PipeReader], cap: int | None, on_output: OutputCallback | None,
+                on_overflow: Callable[[], None]) -> list[int]:
+    """Pipes for stdout and stderr, read by the event loop, their readers added to
+    `readers` as they are made; returns the write ends."""
+    loop = asyncio.get_running_loop()
+    ends = []
+    for name in ("stdout", "stderr"):
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(r, False)
+        ends.append(w)
+        reader = PipeReader(name, r, cap, on_output, on_overflow, loop.create_future())
+        readers.append(reader)
+        loop.add_reader(r, reader.readable)
+    return ends
+
+
+async def drain(readers: list[PipeReader], warnings: list[str]) -> None:
+    """Wait for both pipes to reach EOF; every writer is dead by now, unless one handed its
+    descriptor to a process outside the run."""
+    try:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the pipes close.
+        async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+            for r in readers:
+                r.writers_gone()
+            await asyncio.gather(*(r.done for r in readers))
+    except TimeoutError:
+        warnings.append("output pipes stayed open after the run ended; output cut there")
+        for r in readers:
+            r.finish()

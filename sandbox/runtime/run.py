@@ -1,0 +1,253 @@
+"""One exec in a container (Run): its cgroup lease, stdin and output pipes, the limits'
+timers, why it was killed, and its result.
+
+Limits that need a kill (wall time, CPU time, output) are enforced here through the run's
+cgroup; the run's figures come from that cgroup, or from init's wait4 rusage when there is
+none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import resource
+import time
+from typing import TYPE_CHECKING, Any
+
+from sandbox.errors import SandboxError
+from sandbox.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, Lease
+from sandbox.runtime.output import OutputCallback, PipeReader, drain, open_output
+from sandbox.runtime.profiles import Limits
+from sandbox.runtime.requests import ExecRequest
+from sandbox.runtime.results import Observed, RunResult, Status, verdict
+from sandbox.runtime.runcontrol import RunControl
+
+if TYPE_CHECKING:
+    from sandbox.runtime.container import Container
+
+_CPU_POLL_MIN_S = 0.005
+_CPU_POLL_MAX_S = 0.1
+
+# What a result without cgroup figures cannot say; run `sandboxd setup` to get them.
+FALLBACK_CPU = ("no cpu cgroup: the CPU limit is RLIMIT_CPU, per process and in whole "
+                "seconds, and CPU time covers only the processes init reaped")
+FALLBACK_MEMORY = ("no memory cgroup: peak memory is ru_maxrss, which also counts the "
+                   "runtime's own pages at exec, and a memory limit (RLIMIT_AS) makes an "
+                   "allocation fail rather than report memory_limit")
+
+
+def run_cgroup_limits(limits: Limits, has: frozenset[str]) -> CgroupLimits:
+    """What the cgroup enforces; the rest falls back to rlimits (see rlimits)."""
+    quota = int(limits.cpu_quota_cores * 100_000) if limits.cpu_quota_cores else None
+    return CgroupLimits(memory_bytes=limits.memory_bytes if "memory" in has else None,
+                        pids=limits.pids if "pids" in has else None,
+                        cpu_quota_us=quota if "cpu" in has else None,
+                        cpuset_cpus=limits.cpuset if "cpuset" in has else None)
+
+
+def rlimits(limits: Limits, has: frozenset[str]) -> list[tuple[int, int, int]]:
+    """The run's rlimits: backstops, and the limits no cgroup controller enforces here."""
+    r: list[tuple[int, int, int]] = [(resource.RLIMIT_CORE, 0, 0)]
+    if limits.cpu_ms:
+        # A per-process backstop a little past the limit; the exact limit is enforced on
+        # the run's cgroup (or this is all there is without one).
+        secs = math.ceil(limits.cpu_ms / 1000) + (1 if "cpuacct" in has or "cpu" in has else 0)
+        r.append((resource.RLIMIT_CPU, secs, secs + 1))
+    for res, value in ((resource.RLIMIT_STACK, limits.stack_bytes),
+                       (resource.RLIMIT_FSIZE, limits.file_size_bytes),
+                       (resource.RLIMIT_NOFILE, limits.open_files),
+                       (resource.RLIMIT_AS, limits.address_space_bytes)):
+        if value:
+            r.append((res, value, value))
+    if limits.memory_bytes and "memory" not in has and not limits.address_space_bytes:
+        r.append((resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes))
+    if limits.pids and "pids" not in has:
+        r.append((resource.RLIMIT_NPROC, limits.pids, limits.pids))
+    return r
+
+
+class Run:
+    """One exec, from the request to init until its result. Made by Container.exec, which
+    counts it among the container's runs; it works the container's control channel and
+    run cgroups (their spares) through the container's own methods."""
+
+    def __init__(self, container: Container, run_id: int, req: ExecRequest, limits: Limits,
+                 *, on_output: OutputCallback | None, reset_after: bool) -> None:
+        self.container, self.id, self.req, self.limits = container, run_id, req, limits
+        self.on_output, self.reset_after = on_output, reset_after
+        driver = container.runtime.cgroups.driver
+        self.has = driver.controllers if driver else frozenset()
+        self.warnings = list(container.runtime.warnings)
+        self.lease: Lease | None = None   # this run's use of its cgroup: its kills name it
+        self.cgroup_limits = run_cgroup_limits(limits, self.has)
+        self.readers: list[PipeReader] = []
+        self.killed_for: Status | None = None   # the first limit enforced by a kill
+        self.timers: list[asyncio.TimerHandle] = []
+
+    def kill(self, reason: Status) -> None:
+        if self.killed_for is None:
+            self.killed_for = reason
+        self.container._kill_run(self.lease, self.id)
+
+    async def execute(self, control: RunControl | None) -> RunResult:
+        c, limits = self.container, self.limits
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic_ns()
+        finished = False          # the run ended and was measured: its cgroup may be reused
+        own: list[int] = []       # descriptors to close once init has its copies
+        exited = c._expect("exited", self.id)
+        try:
+            if c.cgroup is not None:
+                self.lease, cg_fds = c._take_run_cgroup(self.id, self.cgroup_limits)
+                own += cg_fds
+            else:
+                cg_fds = []
+            stdin_fd = self._stdin_fd(self.req.stdin)
+            if stdin_fd not in (self.req.stdin, c.runtime.devnull):
+                own.append(stdin_fd)
+            pipes = open_output(self.readers, limits.output_bytes, self.on_output,
+                                lambda: self.kill(Status.OUTPUT_LIMIT))
+            own += pipes
+            mapping = c.runtime.mapping
+            c._send({"op": "exec", "id": self.id, "argv": self.req.argv, "env": self.req.env,
+                     "cwd": self.req.cwd,
+                     "uid": mapping.run_uid if self.req.uid is None else self.req.uid,
+                     "gid": mapping.run_gid if self.req.gid is None else self.req.gid,
+                     "rlimits": rlimits(limits, self.has), "reset_after": self.reset_after},
+                    [stdin_fd, *pipes, *cg_fds])
+            for fd in own:
+                os.close(fd)
+            own.clear()
+            if control is not None:
+                # After the exec message on the same socket: init has started the child
+                # (or reported why not) before it reads any signal for it.
+                control._attach(f"{c.id}-{self.id}",
+                                lambda signum: c._signal_run(self.id, signum))
+            # The limits' clocks start now, the child's setup in init included (init tells
+            # only when the run ends, which saves a message and a wake-up per run).
+            if limits.wall_ms:
+                self.timers.append(loop.call_later(limits.wall_ms / 1000, self.kill,
+                                                   Status.WALL_LIMIT))
+            if limits.cpu_ms and self.lease is not None:
+                self._watch_cpu(self.lease.cgroup, limits.cpu_ms)
+            done_msg = await exited
+            for t in self.timers:
+                t.cancel()
+            setup_ms = max(0.0, (int(done_msg.get("start_ns") or 0) - t0) / 1e6)
+            if done_msg.get("status") is None:  # init could not start the child
+                for r in self.readers:
+                    r.finish()
+                stats = None
+            else:
+                stats = await self._end()
+            finished = True
+        except BaseException:
+            # Cancelled (a caller gave up) or failed: the run must not outlive its exec.
+            with contextlib.suppress(SandboxError, OSError):
+                c._kill_run(self.lease, self.id)
+            for t in self.timers:
+                t.cancel()
+            for fd in own:
+                os.close(fd)
+            for reader in self.readers:
+                reader.finish()
+            c._waiters.pop(("exited", self.id), None)
+            if not exited.done():
+                exited.cancel()
+            elif not exited.cancelled():
+                exited.exception()  # seen: the exception being raised says it already
+            raise
+        finally:
+            if control is not None:
+                control._detach()
+            if self.lease is not None:
+                # Handled at once rather than in batches: a batch of rmdirs holds the
+                # kernel's cgroup lock long enough to stall the runs starting meanwhile.
+                cg, applied, reusable = self.lease.cgroup, self.cgroup_limits, finished
+                c._chore(lambda: c._retire(cg, applied, reusable))
+        return self._result(done_msg, stats, setup_ms)
+
+    def _stdin_fd(self, stdin: bytes | int | None) -> int:
+        if isinstance(stdin, int):
+            return stdin
+        if stdin is None:
+            return self.container.runtime.devnull
+        # A memfd rather than a pipe: any size, no writer to keep alive, and seekable.
+        fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
+        view = memoryview(stdin)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+
+    def _watch_cpu(self, cg: Cgroup, limit_ms: int) -> None:
+        loop = asyncio.get_running_loop()
+        ncpu = os.cpu_count() or 1
+        limit_ns = limit_ms * 1_000_000
+
+        def check() -> None:
+            used = cg.cpu_ns() or 0
+            if used >= limit_ns:
+                self.kill(Status.TIME_LIMIT)
+                return
+            # CPU time grows at most ncpu seconds per second: no need to look sooner.
+            delay = (limit_ns - used) / 1e9 / ncpu
+            self.timers.append(loop.call_later(
+                min(max(delay, _CPU_POLL_MIN_S), _CPU_POLL_MAX_S), check))
+
+        self.timers.append(loop.call_later(
+            min(max(limit_ms / 1000 / ncpu, _CPU_POLL_MIN_S), _CPU_POLL_MAX_S), check))
+
+    async def _end(self) -> CgroupStats | None:
+        """The run is over when its first process is: whatever it left behind goes too
+        (init's own reset after the run already ends it, when asked for one); then its
+        output is drained and its figures read."""
+        c = self.container
+        if self.lease is not None:
+            if not self.lease.cgroup.is_empty():
+                await asyncio.to_thread(self.lease.kill)
+        elif c._active == 1 and not self.reset_after:
+            # Without a cgroup, the processes a finished run left are found by killing all
+            # but init, which is only right when no other run is active.
+            await c.reset(remount=False)
+        await drain(self.readers, self.warnings)
+        return self.lease.cgroup.stats() if self.lease is not None else None
+
+    def _result(self, msg: dict[str, Any], stats: CgroupStats | None,
+                setup_ms: float) -> RunResult:
+        limits, warnings = self.limits, self.warnings
+        ru = msg.get("rusage") or {}
+        if stats is not None and stats.cpu_total_ns is not None:
+            user_ns, sys_ns, cpu_ns = stats.cpu_user_ns, stats.cpu_sys_ns, stats.cpu_total_ns
+            cpu_source = stats.cpu_source
+        else:
+            user_ns, sys_ns = int(ru.get("utime_ns", 0)), int(ru.get("stime_ns", 0))
+            cpu_ns, cpu_source = user_ns + sys_ns, "rusage"
+            if limits.cpu_ms:
+                warnings.append(FALLBACK_CPU)
+        if stats is not None and stats.memory_peak_bytes is not None:
+            peak, mem_source = stats.memory_peak_bytes, stats.memory_source
+        else:
+            peak, mem_source = int(ru.get("maxrss_kb", 0)) * 1024, "rusage:ru_maxrss"
+            warnings.append(FALLBACK_MEMORY)
+        oom = stats.oom_kills if stats is not None else 0
+        status, code, sig = verdict(Observed(
+            wait_status=msg.get("status"), killed_for=self.killed_for,
+            cpu_ns=cpu_ns, cpu_limit_ms=limits.cpu_ms, oom_kills=oom,
+            exec_error=msg.get("error")))
+        error = msg.get("error")
+        wall_ns = max(0, int(msg.get("end_ns", 0)) - int(msg.get("start_ns", 0)))
+        out, err = self.readers
+        return RunResult(
+            id=f"{self.container.id}-{self.id}", status=status, exit_code=code, signal=sig,
+            stdout=bytes(out.buf), stderr=bytes(err.buf),
+            stdout_truncated=out.truncated, stderr_truncated=err.truncated,
+            cpu_ms=None if cpu_ns is None else cpu_ns / 1e6,
+            user_ms=None if user_ns is None else user_ns / 1e6,
+            sys_ms=None if sys_ns is None else sys_ns / 1e6,
+            wall_ms=wall_ns / 1e6, memory_peak_bytes=peak, setup_ms=setup_ms,
+            measured_by={"cpu": cpu_source, "memory": mem_source, "wall": "init:CLOCK_MONOTONIC"},
+            oom_killed=oom > 0, error=error.split(":", 1)[1] if error else None,
+            warnings=warnings)

@@ -1,0 +1,884 @@
+"""`sbx`: a docker-like command line for sandboxd, on the Python client.
+
+    sbx run [OPTIONS] IMAGE [-- CMD...]    run a command, streaming its output
+    sbx create [OPTIONS] IMAGE             keep a container (a session); prints its id
+    sbx exec [OPTIONS] ID -- CMD...        run a command in a kept container
+    sbx ps | rm ID... | cp SRC DST         list, remove, copy files in and out
+    sbx pull | images | rmi | tag | push | import    images
+    sbx info                               the service's host, pools and sessions
+
+Every command takes --url (env SANDBOXD_URL) and --token (env SANDBOXD_TOKEN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import os
+import posixpath
+import re
+import shutil
+import signal
+import stat
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+import orjson
+
+from sbx.client import (
+    DEFAULT_URL,
+    ApiError,
+    Client,
+    Exit,
+    File,
+    Output,
+    PullProgress,
+    RunEvent,
+    RunOptions,
+    RunResult,
+)
+
+EXIT_CODES_HELP = """\
+exit status:
+  the command's own exit status, or 128+N when a signal N ended it;
+  120  the command made a system call its policy forbids (syscall_blocked)
+  121  its output exceeded the output limit (output_limit)
+  122  it exceeded its memory limit (memory_limit)
+  124  it exceeded its CPU time or wall-clock limit (time_limit, wall_limit)
+  125  sbx or sandboxd failed (internal_error, an error the service reported, no service)
+A command may exit with 120-125 itself: -v prints the verdict on stderr.
+"""
+
+FAILED = 125  # Docker's code for "the daemon or the CLI failed", not the command
+STATUS_EXIT = {"syscall_blocked": 120, "output_limit": 121, "memory_limit": 122,
+               "time_limit": 124, "wall_limit": 124, "internal_error": FAILED}
+VERDICTS = {
+    "syscall_blocked": "the command made a system call its policy forbids",
+    "output_limit": "the command's output exceeded its limit (the output is cut)",
+    "memory_limit": "the command exceeded its memory limit",
+    "time_limit": "the command used up its CPU time limit",
+    "wall_limit": "the command exceeded its wall-clock limit",
+    "internal_error": "sandboxd failed to run the command; see the service's log",
+}
+FIGURES = ("cpu_ms", "user_ms", "sys_ms", "wall_ms", "memory_peak_bytes", "setup_ms",
+           "pool_hit", "measured_by", "image", "id")
+SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+REMOTE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*):(/.*)$")
+
+
+class CliError(Exception):
+    """A mistake sbx reports itself (bad arguments, local files)."""
+
+
+def exit_code_of(result: RunResult) -> int:
+    """The exit status of `sbx run` for a run's result (see EXIT_CODES_HELP)."""
+    if result.status in ("ok", "nonzero_exit"):
+        if result.exit_code is None:
+            return 0 if result.status == "ok" else 1
+        return result.exit_code
+    if result.status == "signaled":
+        return 128 + result.signal if result.signal else FAILED
+    return STATUS_EXIT.get(result.status, FAILED)
+
+
+# Arguments
+
+
+def _limit(spec: str) -> tuple[str, int]:
+    key, sep, value = spec.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--limit takes KEY=VALUE (e.g. wall_ms=2000), not "
+                                         f"{spec!r}")
+    text = value.strip().lower().removesuffix("b").removesuffix("i")
+    scale = SIZE_SUFFIXES.get(text[-1:], 1)
+    if scale != 1:
+        text = text[:-1]
+    try:
+        number = int(text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--limit {key}: {value!r} is not an integer (sizes "
+                                         "may end in k, m or g)") from None
+    return key, number
+
+
+def _env(spec: str) -> tuple[str, str]:
+    key, sep, value = spec.partition("=")
+    if not key:
+        raise argparse.ArgumentTypeError(f"-e takes KEY=VALUE or KEY, not {spec!r}")
+    if not sep:  # Docker's `-e KEY`: the value of this shell's KEY
+        if key not in os.environ:
+            raise argparse.ArgumentTypeError(f"-e {key}: no such variable in this environment; "
+                                             f"give its value with -e {key}=VALUE")
+        value = os.environ[key]
+    return key, value
+
+
+def _file(spec: str) -> tuple[str, str]:
+    local, sep, remote = spec.partition(":/")
+    if not sep or not local:
+        raise argparse.ArgumentTypeError(f"--file takes LOCAL:/container/path, not {spec!r}")
+    return local, "/" + remote
+
+
+def _common(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    hidden = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument("--url", help=f"the service (default: $SANDBOXD_URL or {DEFAULT_URL})",
+                        **hidden)
+    parser.add_argument("--token", help="bearer token (default: $SANDBOXD_TOKEN)", **hidden)
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-e", "--env", type=_env, action="append", default=[],
+                        metavar="KEY[=VALUE]", help="set an environment variable")
+    parser.add_argument("-w", "--workdir", metavar="DIR", help="working directory (absolute)")
+    parser.add_argument("-u", "--user", help="user[:group], numeric or a name in the image")
+    parser.add_argument("--limit", type=_limit, action="append", default=[], metavar="KEY=N",
+                        help="a limit: cpu_ms, wall_ms, memory_bytes (k/m/g suffixes), pids, "
+                             "output_bytes, file_size_bytes, open_files")
+    parser.add_argument("--file", type=_file, action="append", default=[],
+                        metavar="LOCAL:/PATH", help="copy a local file in before the command")
+    parser.add_argument("-i", "--interactive", action="store_true",
+                        help="feed this terminal's stdin to the command (a WebSocket)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print the verdict and figures on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sbx", description="Run untrusted code in sandboxd containers.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, **kw: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        _common(p, defaults=False)
+        return p
+
+    p = command("run", "Run a command in a new container of IMAGE.", epilog=EXIT_CODES_HELP)
+    _run_options(p)
+    p.add_argument("--policy", help="profile: default (writable root) or judge (read-only)")
+    p.add_argument("--network", choices=["none"], help="network (only none)")
+    p.add_argument("image")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD",
+                   help="the command (default: the image's entrypoint and cmd)")
+
+    p = command("exec", "Run a command in a kept container.", epilog=EXIT_CODES_HELP)
+    _run_options(p)
+    p.add_argument("container", metavar="ID")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
+
+    p = command("create", "Create a kept container; prints its id.")
+    p.add_argument("--policy")
+    p.add_argument("--network", choices=["none"])
+    p.add_argument("--limit", type=_limit, action="append", default=[], metavar="KEY=N")
+    p.add_argument("image")
+
+    p = command("ps", "List the kept containers.")
+    p.add_argument("--json", action="store_true", help="the service's JSON")
+    p = command("rm", "Remove kept containers.")
+    p.add_argument("containers", nargs="+", metavar="ID")
+    p = command("cp", "Copy a file into a container (LOCAL ID:/PATH) or out of it "
+                      "(ID:/PATH LOCAL). A directory comes as a tar of DIR/..., unpacked "
+                      "into LOCAL (created if missing) without following or creating links "
+                      "out of it; LOCAL '-' writes to stdout.")
+    p.add_argument("--tar", action="store_true",
+                   help="write a directory's tar to LOCAL ('-': stdout) instead of unpacking")
+    p.add_argument("source")
+    p.add_argument("destination")
+
+    p = command("pull", "Pull an image, showing progress per layer; prints its digest.")
+    p.add_argument("--platform", help="os/arch[/variant] (default: the service's)")
+    p.add_argument("image")
+    p = command("images", "List the images.")
+    p.add_argument("--json", action="store_true", help="the service's JSON")
+    p = command("rmi", "Remove images (names or digests).")
+    p.add_argument("-f", "--force", action="store_true", help="even when a container uses it")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = command("tag", "Give an image another name.")
+    p.add_argument("source")
+    p.add_argument("target")
+    p = command("push", "Push an image to a registry (to DST, or to its own name).")
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("target", metavar="DST", nargs="?")
+    p = command("import", "Import a root-filesystem tar (plain, gzip or zstd) as an image.")
+    p.add_argument("tar", type=Path, metavar="TAR")
+    p.add_argument("reference", metavar="NAME:TAG")
+    command("info", "Show the service's host capabilities, pools and sessions.")
+    command("loadtest", "Load-test the service: `python -m loadtest`'s options (`sbx "
+                        "loadtest --help` lists them), with --url and --token from sbx's.",
+            add_help=False)
+    return parser
+
+
+def _loadtest(args: argparse.Namespace, options: list[str]) -> int:
+    """The load test drives its own client loop, so it runs outside `_main`'s Client."""
+    from loadtest.__main__ import main as loadtest_main  # only this command needs it
+
+    options = [o for o in options if o != "--"]
+    if not {"--spawn", "-h", "--help"} & set(options):
+        url = getattr(args, "url", None) or os.environ.get("SANDBOXD_URL") or DEFAULT_URL
+        options += ["--url", url]
+    if token := getattr(args, "token", None):
+        options += ["--token", token]
+    return loadtest_main(options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "loadtest":
+        return _loadtest(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return asyncio.run(_main(args))
+    except (ApiError, CliError) as e:
+        print(f"sbx: {e}", file=sys.stderr)
+        return FAILED
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # `sbx run ... | head`: the reader left. Point stdout at /dev/null so the flush at
+        # exit does not fail again, and exit as a program killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+async def _main(args: argparse.Namespace) -> int:
+    try:
+        client = Client(args.url, args.token)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    async with client:
+        handler: Callable[[Client, argparse.Namespace], Any] = COMMANDS[args.command]
+        return int(await handler(client, args) or 0)
+
+
+# Runs
+
+
+def _write(stream: TextIO, data: str | bytes) -> None:
+    if isinstance(data, str):
+        stream.write(data)
+        stream.flush()
+        return
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:
+        stream.write(data.decode("utf-8", "replace"))
+    else:
+        stream.flush()  # text written before must come out first
+        buffer.write(data)
+        buffer.flush()
+    stream.flush()
+
+
+def _options(args: argparse.Namespace) -> RunOptions:
+    options: RunOptions = {"binary": True}
+    if args.env:
+        options["env"] = dict(args.env)
+    if args.workdir:
+        options["cwd"] = args.workdir
+    if args.user:
+        options["user"] = args.user
+    if args.limit:
+        options["limits"] = dict(args.limit)
+    files = []
+    for local, remote in args.file:
+        try:
+            data = Path(local).read_bytes()
+            mode = stat.S_IMODE(os.stat(local).st_mode)
+        except OSError as e:
+            raise CliError(f"--file {local}: {e.strerror}; give a readable local file") from None
+        files.append(File(remote, data, mode))
+    if files:
+        options["files"] = files
+    return options
+
+
+def _cmd(args: argparse.Namespace) -> list[str] | None:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return cmd or None
+
+
+async def _print_events(events: AsyncIterable[RunEvent]) -> RunResult:
+    async for event in events:
+        if isinstance(event, Output):
+            _write(sys.stdout if event.stream == "stdout" else sys.stderr, event.data)
+        elif isinstance(event, Exit):
+            return event.result
+    raise ApiError(0, "stream_ended", "the stream ended before the run's exit event")
+
+
+def _report(result: RunResult, verbose: bool) -> int:
+    if result.status in VERDICTS:
+        cause = result.raw.get("error")
+        print(f"sbx: {result.status}: {VERDICTS[result.status]}"
+              + (f" ({cause})" if cause else ""), file=sys.stderr)
+    if verbose:
+        figures = [f"status={result.status}", f"exit_code={result.exit_code}"]
+        if result.signal:
+            figures.append(f"signal={result.signal}")
+        for key in FIGURES:
+            value = result.raw.get(key)
+            if value is not None:
+                shown = ",".join(f"{k}:{v}" for k, v in value.items()) \
+                    if isinstance(value, dict) else value
+                figures.append(f"{key}={shown}")
+        print("sbx: " + " ".join(figures), file=sys.stderr)
+        for stream in ("stdout", "stderr"):
+            if getattr(result, f"{stream}_truncated"):
+                print(f"sbx: {stream} was cut at the output limit", file=sys.stderr)
+        for warning in result.warnings:
+            print(f"sbx: warning: {warning}", file=sys.stderr)
+    return exit_code_of(result)
+
+
+async def _run(client: Client, args: argparse.Namespace) -> int:
+    options = _options(args)
+    if args.interactive:
+        session = client.interactive(args.image, _cmd(args), policy=args.policy,
+                                     network=args.network, **options)
+        return _report(await _interact(session), args.verbose)
+    events = client.run_stream(args.image, _cmd(args), policy=args.policy,
+                               network=args.network, **options)
+    return _report(await _print_events(events), args.verbose)
+
+
+async def _exec(client: Client, args: argparse.Namespace) -> int:
+    if not _cmd(args):
+        raise CliError("sbx exec needs a command: sbx exec ID -- CMD...")
+    options = _options(args)
+    if args.interactive:
+        session = client.interactive(None, _cmd(args), container=args.container, **options)
+        return _report(await _interact(session), args.verbose)
+    events = client.exec_stream(args.container, _cmd(args), **options)
+    return _report(await _print_events(events), args.verbose)
+
+
+def _pump_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) -> None:
+    """Reads stdin in a daemon thread: a blocking read works for ttys, pipes and files
+    alike, and a thread still blocked in it must not keep sbx from exiting."""
+    fd = sys.stdin.fileno()
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except OSError:
+            chunk = b""
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+        except RuntimeError:  # the loop is gone: sbx is exiting
+            return
+        if not chunk:
+            return
+
+
+async def _interact(session: contextlib.AbstractAsyncContextManager[Any]) -> RunResult:
+    loop = asyncio.get_running_loop()
+    async with session as run:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        threading.Thread(target=_pump_stdin, args=(loop, queue), daemon=True).start()
+
+        async def feed() -> None:
+            with contextlib.suppress(ConnectionError, ApiError):
+                while chunk := await queue.get():
+                    await run.send_stdin(chunk)
+                await run.close_stdin()
+
+        pending: set[asyncio.Task[None]] = set()
+
+        def interrupt() -> None:
+            task = loop.create_task(run.signal("SIGINT"))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        feeder = asyncio.create_task(feed())
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+        try:
+            return await _print_events(run)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            feeder.cancel()
+
+
+# Sessions
+
+
+async def _create(client: Client, args: argparse.Namespace) -> int:
+    answer = await client.create_container(args.image, policy=args.policy,
+                                           network=args.network,
+                                           limits=dict(args.limit) if args.limit else None)
+    print(answer.get("id", ""))
+    return 0
+
+
+def _when(value: object) -> str:
+    if isinstance(value, int | float):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return str(value) if value is not None else "-"
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _dump(obj: object) -> None:
+    print(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode())
+
+
+async def _ps(client: Client, args: argparse.Namespace) -> int:
+    containers = await client.list_containers()
+    if args.json:
+        _dump(containers)
+        return 0
+    rows = [["ID", "IMAGE", "POLICY", "CREATED", "LAST USED", "ALIVE"]]
+    for c in containers:
+        names = c.get("names") or [c.get("image", "")]
+        rows.append([str(c.get("id", "")), str(names[0]), str(c.get("policy", "")),
+                     _when(c.get("created")), _when(c.get("last_used")),
+                     "yes" if c.get("alive", True) else "no"])
+    _table(rows)
+    return 0
+
+
+async def _rm(client: Client, args: argparse.Namespace) -> int:
+    failed = False
+    for container_id in args.containers:
+        try:
+            await client.delete_container(container_id)
+        except ApiError as e:
+            print(f"sbx: {container_id}: {e}", file=sys.stderr)
+            failed = True
+        else:
+            print(container_id)
+    return FAILED if failed else 0
+
+
+# Copying
+
+
+async def _cp(client: Client, args: argparse.Namespace) -> int:
+    src, dst = REMOTE.match(args.source), REMOTE.match(args.destination)
+    if bool(src) == bool(dst):
+        raise CliError("sbx cp copies between here and a container: give LOCAL ID:/PATH or "
+                       "ID:/PATH LOCAL")
+    if dst:
+        local = Path(args.source)
+        if local.is_dir():
+            raise CliError(f"{local} is a directory; sbx cp uploads one file at a time")
+        try:
+            with local.open("rb") as f:
+                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+                await client.put_file(dst[1], dst[2], f, mode=mode)
+        except OSError as e:
+            raise CliError(f"cannot read {local}: {e.strerror}") from None
+        return 0
+    assert src is not None
+    if args.destination == "-":
+        await client.copy_out(src[1], src[2], lambda chunk: _write(sys.stdout, chunk))
+        return 0
+    dest = Path(args.destination)
+    # Spooled to disk as it arrives: a directory's tar is checked whole before anything
+    # is unpacked, and a file is put in place only once it came complete.
+    with tempfile.TemporaryFile(prefix="sbx-cp-") as spool:
+        is_tar = await client.copy_out(src[1], src[2], spool.write)
+        spool.seek(0)
+        try:
+            if is_tar and not args.tar:
+                try:
+                    count = extract_tar(spool, dest)
+                except CliError as e:
+                    raise CliError(f"{e}; sbx cp --tar keeps the archive as it came") from None
+                print(f"sbx: {count} entries unpacked into {dest}", file=sys.stderr)
+                return 0
+            if dest.is_dir():
+                dest = dest / (posixpath.basename(src[2].rstrip("/")) or "root")
+            with dest.open("wb") as out:
+                shutil.copyfileobj(spool, out, 1 << 20)
+        except OSError as e:
+            raise CliError(f"cannot write {dest}: {e.strerror}") from None
+    return 0
+
+
+def _parts(name: str, what: str) -> tuple[str, ...]:
+    """A member name's components; refuses what could leave the destination."""
+    if name.startswith("/") or "\0" in name:
+        raise CliError(f"refusing the archive: {what} {name!r} is an absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise CliError(f"refusing the archive: {what} {name!r} climbs out with '..'")
+    return parts
+
+
+@dataclass(frozen=True)
+class _Node:
+    kind: str          # "dir" | "file" | "link"
+    target: str = ""   # a link's
+
+
+_DIR = _Node("dir")
+_MAX_HOPS = 40  # links followed in one resolution, as the kernel allows
+
+
+class _Tree:
+    """What the destination will hold once the archive is unpacked: its members over what
+    the destination holds already (looked at on disk, never through a link). Every rule is
+    checked on this before anything is written, so a hostile archive leaves nothing
+    behind and no member can use another (whatever their order) to reach outside."""
+
+    def __init__(self, root: int | None) -> None:
+        self.root = root                                     # dest, when it exists
+        self.members: dict[tuple[str, ...], _Node] = {(): _DIR}
+        self._disk: dict[tuple[str, ...], _Node | None] = {}
+
+    def get(self, path: tuple[str, ...]) -> _Node | None:
+        if path in self.members:
+            return self.members[path]
+        if path not in self._disk:
+            self._disk[path] = self._look(path)
+        return self._disk[path]
+
+    def _look(self, path: tuple[str, ...]) -> _Node | None:
+        if self.root is None:
+            return None
+        try:
+            parent = _open_dir(self.root, list(path[:-1]), create=False)
+        except (CliError, FileNotFoundError):
+            return None
+        try:
+            st = os.stat(path[-1], dir_fd=parent, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                return _Node("link", os.readlink(path[-1], dir_fd=parent))
+            return _DIR if stat.S_ISDIR(st.st_mode) else _Node("file")
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(parent)
+
+    def add(self, m: tarfile.TarInfo) -> None:
+        parts = _parts(m.name, "entry")
+        for i in range(len(parts) - 1):
+            self._parent(parts[:i + 1], m.name)
+        old = self.get(parts)
+        if m.isdir():
+            node = _DIR
+        elif m.issym():
+            if m.linkname.startswith("/"):
+                raise CliError(f"refusing the archive: the link {m.name!r} points to the "
+                               f"absolute path {m.linkname!r}")
+            node = _Node("link", m.linkname)
+        elif m.islnk():
+            target = _parts(m.linkname, "hard link target")
+            through_dirs = all(self.members.get(target[:i]) == _DIR
+                               for i in range(1, len(target)))
+            if (target == parts or not through_dirs
+                    or self.members.get(target) != _Node("file")):
+                raise CliError(f"refusing the archive: the hard link {m.name!r} points to "
+                               f"{m.linkname!r}, not to a file earlier in the archive")
+            node = _Node("file")
+        elif m.isreg():
+            node = _Node("file")
+        else:
+            raise CliError(f"refusing the archive: {m.name!r} is a device or FIFO")
+        if not parts and node != _DIR:
+            raise CliError("refusing the archive: a non-directory entry names the "
+                           "destination itself")
+        if old is not None and old != node and _DIR in (old, node):
+            raise CliError(f"refusing the archive: {m.name!r} would replace a "
+                           f"{old.kind} with a {node.kind}")
+        if old is not None and old.kind == "link" and old != node:
+            # Links never change once there: what resolves through them now is what
+            # resolves through them at the end, so checking the end is enough.
+            raise CliError(f"refusing the archive: {m.name!r} would replace the link "
+                           f"{'/'.join(parts)!r} (-> {old.target!r})")
+        self.members[parts] = node
+
+    def _parent(self, path: tuple[str, ...], name: str) -> None:
+        node = self.get(path)
+        if node is None:
+            self.members[path] = _DIR
+        elif node.kind == "link":
+            raise CliError(f"refusing the archive: {name!r} goes through the link "
+                           f"{'/'.join(path)!r} (-> {node.target!r})")
+        elif node.kind != "dir":
+            raise CliError(f"refusing the archive: {name!r} goes through the file "
+                           f"{'/'.join(path)!r}")
+
+    def check_links(self) -> None:
+        """Every link of the archive, resolved as the kernel will once all is unpacked
+        (through the other links, `..` after them), must stay inside the destination."""
+        for path, node in self.members.items():
+            if node.kind == "link":
+                self._resolve(path, node.target)
+
+    def _resolve(self, link: tuple[str, ...], target: str) -> None:
+        where = list(link[:-1])
+        pending = target.split("/")
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not where:
+                    raise CliError(f"refusing the archive: the link {'/'.join(link)!r} "
+                                   f"(-> {target!r}) leads outside the destination")
+                where.pop()
+                continue
+            node = self.get((*where, part))
+            if node is None or node.kind == "file":
+                return  # the kernel stops there (ENOENT, ENOTDIR) or ends on a file inside
+            if node.kind == "link":
+                hops += 1
+                if hops > _MAX_HOPS or node.target.startswith("/"):
+                    raise CliError(f"refusing the archive: the link {'/'.join(link)!r} "
+                                   f"(-> {target!r}) goes through "
+                                   f"{'/'.join((*where, part))!r} (-> {node.target!r}), "
+                                   "which leads outside the destination or loops")
+                pending = node.target.split("/") + pending
+                continue
+            where.append(part)
+
+
+def _open_dir(root: int, parts: list[str], *, create: bool = True) -> int:
+    """A descriptor of root/parts, creating directories, never through a symlink."""
+    fd = os.dup(root)
+    try:
+        for part in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                raise
+            except OSError:
+                raise CliError(f"refusing the archive: {'/'.join(parts)!r} goes through a "
+                               "link or a file") from None
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _replace(parent: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+    except (IsADirectoryError, PermissionError):
+        # Linux says EISDIR; unlink(2) on a directory may also give EPERM.
+        if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+            raise CliError(f"refusing the archive: {name!r} would replace a directory") \
+                from None
+        raise
+
+
+def extract_tar(data: bytes | BinaryIO, dest: Path) -> int:
+    """Unpacks a tar into dest (created if missing) as tarfile's "data" filter would, and
+    stricter: no absolute or '..' names, no entry through a link, no link that leads out
+    of dest once everything is unpacked (through earlier or later links: `d -> .` then
+    `l -> d/../x` is refused), no hard link but to an earlier file, no devices, no setuid,
+    setgid or write bits for others; files are owned by whoever runs sbx and written
+    through directory descriptors opened without following links. Everything is checked
+    before anything is written. Returns the number of entries."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    with tarfile.open(fileobj=source) as tar:
+        members = tar.getmembers()
+        try:
+            known: int | None = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            known = None
+        try:
+            tree = _Tree(known)
+            for m in members:
+                tree.add(m)
+            tree.check_links()
+        finally:
+            if known is not None:
+                os.close(known)
+        dest.mkdir(parents=True, exist_ok=True)
+        root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        dirs: list[tuple[list[str], int]] = []
+        try:
+            for m in members:
+                parts = list(_parts(m.name, "entry"))
+                if m.isdir():
+                    os.close(_open_dir(root, parts))
+                    dirs.append((parts, (m.mode & 0o755) | 0o700))
+                    continue
+                parent = _open_dir(root, parts[:-1])
+                try:
+                    _extract_one(tar, m, parent, parts[-1], root)
+                finally:
+                    os.close(parent)
+            for parts, mode in reversed(dirs):  # last: a read-only directory is filled first
+                fd = _open_dir(root, parts)
+                try:
+                    os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(root)
+        return len(members)
+
+
+def _extract_one(tar: tarfile.TarFile, m: tarfile.TarInfo, parent: int, name: str,
+                 root: int) -> None:
+    _replace(parent, name)
+    if m.issym():
+        os.symlink(m.linkname, name, dir_fd=parent)
+        return
+    if m.islnk():
+        target = list(_parts(m.linkname, "hard link target"))
+        source = _open_dir(root, target[:-1])
+        try:
+            os.link(target[-1], name, src_dir_fd=source, dst_dir_fd=parent,
+                    follow_symlinks=False)
+        finally:
+            os.close(source)
+        return
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                 dir_fd=parent)
+    with os.fdopen(fd, "wb") as out:
+        reader = tar.extractfile(m)
+        if reader is not None:
+            while chunk := reader.read(1 << 20):
+                out.write(chunk)
+        os.fchmod(out.fileno(), (m.mode & 0o755) | 0o600)
+
+
+# Images
+
+
+class PullBar:
+    """One line per layer on stderr: redrawn in place on a terminal, a line per change of
+    status otherwise (logs)."""
+
+    WIDTH = 30
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.layers: dict[str, PullProgress] = {}
+        self.drawn = 0
+
+    def update(self, p: PullProgress) -> None:
+        before = self.layers.get(p.layer)
+        self.layers[p.layer] = p
+        if self.tty:
+            up = f"\x1b[{self.drawn}F" if self.drawn else ""
+            self.out.write(up + "".join(f"\x1b[2K{self.line(q)}\n"
+                                        for q in self.layers.values()))
+            self.drawn = len(self.layers)
+        elif before is None or before.status != p.status:
+            self.out.write(self.line(p) + "\n")
+        self.out.flush()
+
+    def line(self, p: PullProgress) -> str:
+        name = p.layer.removeprefix("sha256:")[:12] or "image"
+        if p.total:
+            filled = min(self.WIDTH, self.WIDTH * p.done // p.total)
+            bar = "=" * filled + (">" if filled < self.WIDTH else "")
+            return (f"{name}: {p.status:<12} [{bar.ljust(self.WIDTH)}] "
+                    f"{_size(p.done)}/{_size(p.total)}")
+        return f"{name}: {p.status}" + (f" {_size(p.done)}" if p.done else "")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+async def _pull(client: Client, args: argparse.Namespace) -> int:
+    bar = PullBar(sys.stderr)
+    async for event in client.pull_stream(args.image, platform=args.platform):
+        if isinstance(event, PullProgress):
+            bar.update(event)
+        else:
+            print(event.image.get("digest", ""))
+    return 0
+
+
+async def _images(client: Client, args: argparse.Namespace) -> int:
+    images = await client.images()
+    if args.json:
+        _dump(images)
+        return 0
+    rows = [["NAME", "DIGEST", "SIZE", "CREATED"]]
+    for image in images:
+        digest = str(image.get("digest", ""))
+        short = digest[:19] if digest.startswith("sha256:") else digest
+        size = image.get("size")
+        for name in image.get("names") or ["<none>"]:
+            rows.append([str(name), short, _size(size) if isinstance(size, int) else "-",
+                         _when(image.get("created"))])
+    _table(rows)
+    return 0
+
+
+async def _rmi(client: Client, args: argparse.Namespace) -> int:
+    failed = False
+    for image in args.images:
+        try:
+            removed = await client.remove_image(image, force=args.force)
+        except ApiError as e:
+            print(f"sbx: {image}: {e}", file=sys.stderr)
+            failed = True
+        else:
+            for name in removed or [image]:
+                print(f"removed {name}")
+    return FAILED if failed else 0
+
+
+async def _tag(client: Client, args: argparse.Namespace) -> int:
+    print(await client.tag_image(args.source, args.target))
+    return 0
+
+
+async def _push(client: Client, args: argparse.Namespace) -> int:
+    print(await client.push_image(args.source, args.target))
+    return 0
+
+
+async def _import(client: Client, args: argparse.Namespace) -> int:
+    if not args.tar.is_file():
+        raise CliError(f"{args.tar} is not a file; give a root-filesystem tar")
+    answer = await client.import_image(args.tar, args.reference)
+    print(answer.get("digest", ""))
+    return 0
+
+
+async def _info(client: Client, _: argparse.Namespace) -> int:
+    _dump(await client.info())
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
+    "run": _run, "exec": _exec, "create": _create, "ps": _ps, "rm": _rm, "cp": _cp,
+    "pull": _pull, "images": _images, "rmi": _rmi, "tag": _tag, "push": _push,
+    "import": _import, "info": _info,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,871 @@
+"""The Python client of sandboxd's REST API v1: `Client` (asyncio, aiohttp) and `SyncClient`.
+
+    async with Client("http://127.0.0.1:8643", token) as c:
+        result = await c.run("busybox:latest", ["echo", "hi"], limits={"wall_ms": 2000})
+        async for event in c.run_stream("busybox:latest", ["sh", "-c", "echo a; echo b >&2"]):
+            ...  # Output(stream, data) as output arrives, then Exit(result)
+
+Every error the service reports (and every failure to reach it) is raised as `ApiError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import signal as signals
+import threading
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, TypedDict, TypeVar, Unpack
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from yarl import URL
+
+Json = dict[str, Any]
+T = TypeVar("T")
+
+DEFAULT_URL = "http://127.0.0.1:8643"
+# One NDJSON line or SSE event; output arrives in chunks far below this, so a longer line
+# means a broken or hostile peer rather than a big run.
+MAX_EVENT_BYTES = 64 << 20
+MAX_ERROR_BODY = 1 << 20
+COPY_CHUNK = 256 << 10
+
+
+class ApiError(Exception):
+    """The service refused a request or could not be reached (status 0).
+
+    code is the service's snake_case error code ("unreachable" and "timeout" for transport
+    failures, "http_<status>" when the body was not the contract's JSON error); field is
+    the JSON path of the field to blame, when one is.
+    """
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None, *,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"{self.message} (field: {self.field})" if self.field else self.message
+
+    def __repr__(self) -> str:
+        return (f"ApiError({self.status!r}, {self.code!r}, {self.message!r}, {self.field!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class File:
+    """A file placed in the container before the command starts."""
+
+    path: str
+    content: bytes | str
+    mode: int = 0o644
+
+    def to_json(self) -> Json:
+        if isinstance(self.content, bytes):
+            return {"path": self.path, "mode": self.mode,
+                    "content_base64": base64.b64encode(self.content).decode()}
+        return {"path": self.path, "mode": self.mode, "content": self.content}
+
+
+class RunOptions(TypedDict, total=False):
+    """What a run or an exec may carry besides the image and the command."""
+
+    env: Mapping[str, str]
+    cwd: str
+    user: str
+    stdin: str | bytes  # bytes travel as stdin_base64
+    files: Sequence[File]
+    limits: Mapping[str, int]
+    binary: bool  # output as exact bytes (output_encoding "base64") instead of UTF-8 text
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """A run's verdict and figures; raw keeps the whole JSON object as the service sent it."""
+
+    id: str
+    status: str
+    exit_code: int | None
+    signal: int | None
+    stdout: str | bytes
+    stderr: str | bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    cpu_ms: float | None
+    wall_ms: float | None
+    memory_peak_bytes: int | None
+    setup_ms: float | None
+    pool_hit: bool | None
+    warnings: list[str]
+    raw: Json = field(repr=False)
+
+    @classmethod
+    def from_json(cls, obj: Json, *, binary: bool) -> RunResult:
+        status = obj.get("status")
+        if not isinstance(status, str):
+            raise ApiError(0, "bad_response",
+                           f"the service sent a run result without a status: {_clip(obj)}")
+        return cls(
+            id=str(obj.get("id", "")), status=status, exit_code=obj.get("exit_code"),
+            signal=_signal_number(obj.get("signal")),
+            stdout=_decode_output(obj.get("stdout", ""), binary),
+            stderr=_decode_output(obj.get("stderr", ""), binary),
+            stdout_truncated=bool(obj.get("stdout_truncated")),
+            stderr_truncated=bool(obj.get("stderr_truncated")),
+            cpu_ms=obj.get("cpu_ms"), wall_ms=obj.get("wall_ms"),
+            memory_peak_bytes=obj.get("memory_peak_bytes"), setup_ms=obj.get("setup_ms"),
+            pool_hit=obj.get("pool_hit"), warnings=list(obj.get("warnings") or []), raw=obj)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """A piece of the command's output, as it arrived."""
+
+    stream: str  # "stdout" or "stderr"
+    data: str | bytes  # bytes when the run asked for binary output
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """The last event of a streamed run (stdout and stderr are empty: they were streamed)."""
+
+    result: RunResult
+
+
+RunEvent = Output | Exit
+
+
+@dataclass(frozen=True, slots=True)
+class PullProgress:
+    layer: str
+    status: str
+    done: int
+    total: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Pulled:
+    """The last event of a streamed pull: the image, as the plain pull returns it."""
+
+    image: Json
+
+
+@dataclass(frozen=True, slots=True)
+class FileData:
+    """What GET /files returned: a file's bytes, or a tar of a directory."""
+
+    data: bytes
+    is_tar: bool
+
+
+def _clip(obj: object, limit: int = 200) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _signal_number(value: object) -> int | None:
+    if isinstance(value, int) or value is None:
+        return value
+    if isinstance(value, str):
+        try:
+            return int(signals.Signals[value if value.startswith("SIG") else "SIG" + value])
+        except KeyError:
+            return None
+    return None
+
+
+def _decode_output(data: object, binary: bool) -> str | bytes:
+    if not isinstance(data, str):
+        raise ApiError(0, "bad_response", f"the service sent output that is not a string: "
+                       f"{_clip(data)}")
+    if not binary:
+        return data
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError as e:
+        raise ApiError(0, "bad_response", f"the service sent output that is not base64 "
+                       f"({e}): {_clip(data)}") from None
+
+
+def _parse_json(raw: bytes, what: str) -> Json:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(0, "bad_response", f"the service sent {what} that is not JSON ({e}): "
+                       f"{_clip(raw)}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(0, "bad_response", f"the service sent {what} that is not a JSON "
+                       f"object: {_clip(obj)}")
+    return obj
+
+
+def _error_from_json(status: int, body: Json) -> ApiError:
+    err = body.get("error")
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return ApiError(status, str(err.get("code") or f"http_{status}"), err["message"],
+                        err.get("field") if isinstance(err.get("field"), str) else None)
+    return ApiError(status, f"http_{status}", f"HTTP {status}: {_clip(body)}")
+
+
+class NdjsonDecoder:
+    """Splits a byte stream into JSON objects, one per line, whatever the chunking."""
+
+    def __init__(self, max_line: int = MAX_EVENT_BYTES) -> None:
+        self._buf = bytearray()
+        self._max = max_line
+
+    def feed(self, chunk: bytes) -> list[Json]:
+        self._buf += chunk
+        *lines, rest = self._buf.split(b"\n")
+        self._buf = bytearray(rest)
+        if len(self._buf) > self._max:
+            raise ApiError(0, "bad_response", f"an event line of the stream exceeds "
+                           f"{self._max} bytes; the service or a proxy is broken")
+        return [_parse_json(bytes(line), "a stream line") for line in lines if line.strip()]
+
+    def close(self) -> list[Json]:
+        """The last line, when the stream did not end with a newline."""
+        rest, self._buf = bytes(self._buf), bytearray()
+        return [_parse_json(rest, "a stream line")] if rest.strip() else []
+
+
+class SseDecoder:
+    """Server-sent events (the WHATWG parsing rules) into contract events: the event name
+    becomes "event", the JSON in data its other fields."""
+
+    def __init__(self, max_event: int = MAX_EVENT_BYTES) -> None:
+        self._buf = bytearray()
+        self._max = max_event
+        self._after_cr = False  # a CR ended the last chunk: a LF next belongs to it
+        self._event = ""
+        self._data: list[bytes] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> list[Json]:
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._after_cr = False
+        self._buf += chunk
+        out: list[Json] = []
+        start = 0
+        buf = self._buf
+        while True:
+            ends = [i for i in (buf.find(b"\r", start), buf.find(b"\n", start)) if i >= 0]
+            if not ends:
+                break
+            end = min(ends)
+            line = bytes(buf[start:end])
+            if buf[end] == 0x0D:  # \r\n is one line ending, but the \n may be in the next chunk
+                if end + 1 == len(buf):
+                    self._after_cr = True
+                elif buf[end + 1] == 0x0A:
+                    end += 1
+            start = end + 1
+            event = self._line(line)
+            if event is not None:
+                out.append(event)
+        del buf[:start]
+        if len(buf) + self._size > self._max:
+            raise ApiError(0, "bad_response", f"an event of the stream exceeds {self._max} "
+                           "bytes; the service or a proxy is broken")
+        return out
+
+    def _line(self, line: bytes) -> Json | None:
+        if not line:
+            return self._dispatch()
+        if line.startswith(b":"):
+            return None  # a comment (keep-alive)
+        name, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"data":
+            self._data.append(value)
+            self._size += len(value)
+        return None
+
+    def _dispatch(self) -> Json | None:
+        event, data = self._event or "message", self._data
+        self._event, self._data, self._size = "", [], 0
+        if not data:
+            return None
+        obj = _parse_json(b"\n".join(data), f"the data of an SSE {event!r} event")
+        return {**obj, "event": event}
+
+    def close(self) -> list[Json]:
+        return []  # an event without its blank line is incomplete: the spec drops it
+
+
+async def _read_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Json]:
+    sse = resp.content_type == "text/event-stream"
+    decoder: NdjsonDecoder | SseDecoder = SseDecoder() if sse else NdjsonDecoder()
+    async for chunk in resp.content.iter_any():
+        for event in decoder.feed(chunk):
+            yield event
+    for event in decoder.close():
+        yield event
+
+
+def _stream_error(event: Json) -> ApiError:
+    err = event.get("error")
+    body = {"error": err} if isinstance(err, dict) else {"error": event}
+    return _error_from_json(0, body)
+
+
+def _run_event(event: Json, binary: bool) -> RunEvent | None:
+    kind = event.get("event")
+    if kind in ("stdout", "stderr"):
+        return Output(str(kind), _decode_output(event.get("data", ""), binary))
+    if kind == "exit":
+        return Exit(RunResult.from_json(event, binary=binary))
+    if kind == "error":
+        raise _stream_error(event)
+    return None  # an event this client does not know yet (a newer service)
+
+
+def _run_body(cmd: Sequence[str] | None, options: RunOptions) -> Json:
+    body: Json = {}
+    if cmd is not None:
+        body["cmd"] = list(cmd)
+    for key in ("cwd", "user"):
+        if key in options:
+            body[key] = options[key]  # type: ignore[literal-required]
+    if "env" in options:
+        body["env"] = dict(options["env"])
+    if "limits" in options:
+        body["limits"] = dict(options["limits"])
+    if "files" in options:
+        body["files"] = [f.to_json() for f in options["files"]]
+    stdin = options.get("stdin")
+    if isinstance(stdin, bytes):
+        body["stdin_base64"] = base64.b64encode(stdin).decode()
+    elif stdin is not None:
+        body["stdin"] = stdin
+    if options.get("binary"):
+        body["output_encoding"] = "base64"
+    return body
+
+
+def _image_body(image: str, policy: str | None, network: str | None) -> Json:
+    body: Json = {"image": image}
+    if policy is not None:
+        body["policy"] = policy
+    if network is not None:
+        body["network"] = network
+    return body
+
+
+def _seg(value: str) -> str:
+    """One path segment: a reference's slashes, colons and @ must not split the path."""
+    return quote(value, safe="")
+
+
+class Client:
+    """An asyncio client of one sandboxd service. Use it as an async context manager, or
+    call close(). timeout bounds each plain request (None: no bound; a plain run lasts as
+    long as its wall limit); streams and WebSockets have only the connect timeout."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *,
+                 timeout: float | None = 600.0, connect_timeout: float = 10.0) -> None:
+        url = url or os.environ.get("SANDBOXD_URL") or DEFAULT_URL
+        base = URL(url)
+        if base.scheme not in ("http", "https") or not base.host:
+            raise ValueError(f"the service URL {url!r} is not an http(s) URL with a host; "
+                             f"give one like {DEFAULT_URL}")
+        self.url = str(base).rstrip("/")
+        self.token = token if token is not None else os.environ.get("SANDBOXD_TOKEN") or None
+        self._plain = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
+        self._streaming = aiohttp.ClientTimeout(total=None, connect=connect_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            self._session = aiohttp.ClientSession(headers=headers, json_serialize=_dumps,
+                                                  timeout=self._streaming)
+        return self._session
+
+    def _url(self, path: str) -> URL:
+        return URL(self.url + path, encoded=True)
+
+    @asynccontextmanager
+    async def _open(self, method: str, path: str, *, body: Json | None = None,
+                    data: Any = None, params: Mapping[str, str] | None = None,
+                    headers: Mapping[str, str] | None = None,
+                    stream: bool = False) -> AsyncIterator[aiohttp.ClientResponse]:
+        hdrs = dict(headers or {})
+        if body is not None:
+            data = orjson.dumps(body)
+            hdrs.setdefault("Content-Type", "application/json")
+        try:
+            async with self._http().request(
+                    method, self._url(path), data=data, params=params, headers=hdrs,
+                    timeout=self._streaming if stream else self._plain) as resp:
+                if resp.status >= 400:
+                    raise await _error_of(resp)
+                yield resp
+        except aiohttp.ClientConnectorError as e:
+            raise _unreachable(self.url, e) from None
+        except TimeoutError:  # before ClientError: aiohttp's timeouts are both
+            raise ApiError(0, "timeout", f"sandboxd at {self.url} did not answer {method} "
+                           f"{path} in time; raise the client's timeout or check the "
+                           "service") from None
+        except aiohttp.ClientError as e:
+            raise _broken(self.url, e) from None
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Json:
+        async with self._open(method, path, **kw) as resp:
+            raw = await resp.read()
+        return _parse_json(raw, f"an answer to {method} {path}") if raw.strip() else {}
+
+    async def _events(self, path: str, body: Json, sse: bool) -> AsyncIterator[Json]:
+        accept = "text/event-stream" if sse else "application/x-ndjson"
+        async with self._open("POST", path, body=body, headers={"Accept": accept},
+                              stream=True) as resp:
+            if resp.content_type not in ("text/event-stream", "application/x-ndjson"):
+                # A service that ignored Accept sent the whole result at once.
+                yield {**_parse_json(await resp.read(), "a result"), "event": "exit"}
+                return
+            async for event in _read_events(resp):
+                yield event
+
+    async def _run_events(self, path: str, body: Json, sse: bool,
+                          binary: bool) -> AsyncIterator[RunEvent]:
+        async for raw in self._events(path, body, sse):
+            event = _run_event(raw, binary)
+            if event is not None:
+                yield event
+                if isinstance(event, Exit):
+                    return
+        raise ApiError(0, "stream_ended", "the service closed the stream before the run's "
+                       "exit event; see the service's log")
+
+    # Runs
+
+    async def run(self, image: str, cmd: Sequence[str] | None = None, *,
+                  policy: str | None = None, network: str | None = None,
+                  **options: Unpack[RunOptions]) -> RunResult:
+        body = _image_body(image, policy, network) | _run_body(cmd, options)
+        return RunResult.from_json(await self._json("POST", "/v1/runs", body=body),
+                                   binary=bool(options.get("binary")))
+
+    def run_stream(self, image: str, cmd: Sequence[str] | None = None, *,
+                   policy: str | None = None, network: str | None = None, sse: bool = False,
+                   **options: Unpack[RunOptions]) -> AsyncIterator[RunEvent]:
+        """Output events as the output arrives, then one Exit; an error the service reports
+        mid-stream is raised as ApiError. sse=True asks for text/event-stream."""
+        body = _image_body(image, policy, network) | _run_body(cmd, options)
+        return self._run_events("/v1/runs", body, sse, bool(options.get("binary")))
+
+    # Sessions
+
+    async def create_container(self, image: str, *, policy: str | None = None,
+                               network: str | None = None,
+                               limits: Mapping[str, int] | None = None) -> Json:
+        body = _image_body(image, policy, network)
+        if limits is not None:
+            body["limits"] = dict(limits)
+        return await self._json("POST", "/v1/containers", body=body)
+
+    async def list_containers(self) -> list[Json]:
+        return list((await self._json("GET", "/v1/containers")).get("containers", []))
+
+    async def get_container(self, container_id: str) -> Json:
+        return await self._json("GET", f"/v1/containers/{_seg(container_id)}")
+
+    async def delete_container(self, container_id: str) -> None:
+        async with self._open("DELETE", f"/v1/containers/{_seg(container_id)}"):
+            pass
+
+    async def exec(self, container_id: str, cmd: Sequence[str] | None = None,
+                   **options: Unpack[RunOptions]) -> RunResult:
+        body = _run_body(cmd, options)
+        path = f"/v1/containers/{_seg(container_id)}/exec"
+        return RunResult.from_json(await self._json("POST", path, body=body),
+                                   binary=bool(options.get("binary")))
+
+    def exec_stream(self, container_id: str, cmd: Sequence[str] | None = None, *,
+                    sse: bool = False, **options: Unpack[RunOptions]) -> AsyncIterator[RunEvent]:
+        path = f"/v1/containers/{_seg(container_id)}/exec"
+        return self._run_events(path, _run_body(cmd, options), sse, bool(options.get("binary")))
+
+    async def put_file(self, container_id: str, path: str, data: bytes | BinaryIO, *,
+                       mode: int | None = None) -> None:
+        params = {"path": path} | ({"mode": f"{mode:04o}"} if mode is not None else {})
+        async with self._open("PUT", f"/v1/containers/{_seg(container_id)}/files", data=data,
+                              params=params,
+                              headers={"Content-Type": "application/octet-stream"}):
+            pass
+
+    async def get_file(self, container_id: str, path: str) -> FileData:
+        """A file's bytes or a directory's tar, in memory (copy_out streams it instead)."""
+        buf = io.BytesIO()
+        is_tar = await self.copy_out(container_id, path, buf.write)
+        return FileData(buf.getvalue(), is_tar)
+
+    async def copy_out(self, container_id: str, path: str,
+                       sink: Callable[[bytes], object]) -> bool:
+        """Stream a file's bytes, or a directory's tar, into `sink` as they arrive; True
+        when it is a tar. A copy the service cut short (the path changed while it was read,
+        or went over a copy-out cap) raises ApiError "incomplete", whatever `sink` got."""
+        async with self._open("GET", f"/v1/containers/{_seg(container_id)}/files",
+                              params={"path": path}, stream=True) as resp:
+            try:
+                async for chunk in resp.content.iter_chunked(COPY_CHUNK):
+                    sink(chunk)
+            except aiohttp.ClientPayloadError:
+                raise ApiError(0, "incomplete", f"the copy of {path} out of container "
+                               f"{container_id} stopped partway: the service cut it short "
+                               "(the path changed while it was read, or it went over a "
+                               "copy-out cap; the service's log says which). Copy it again, "
+                               "or a smaller part of it") from None
+            return resp.content_type == "application/x-tar"
+
+    # Interactive (WebSocket)
+
+    @asynccontextmanager
+    async def interactive(self, image: str | None = None, cmd: Sequence[str] | None = None, *,
+                          container: str | None = None, policy: str | None = None,
+                          network: str | None = None,
+                          **options: Unpack[RunOptions]) -> AsyncIterator[Interactive]:
+        """A run (image) or an exec (container) whose stdin is fed as it goes."""
+        if (image is None) == (container is None):
+            raise ValueError("interactive() takes an image (a run) or a container (an exec)")
+        if image is not None:
+            path, body = "/v1/runs/ws", _image_body(image, policy, network)
+        else:
+            path, body = f"/v1/containers/{_seg(str(container))}/exec/ws", {}
+        body |= _run_body(cmd, options)
+        try:
+            ws = await self._http().ws_connect(self._url(path), timeout=aiohttp.ClientWSTimeout(
+                ws_receive=None, ws_close=10.0), max_msg_size=MAX_EVENT_BYTES)
+        except aiohttp.WSServerHandshakeError as e:
+            raise ApiError(e.status, f"http_{e.status}", f"the service refused the WebSocket "
+                           f"for {path}: HTTP {e.status} {e.message}") from None
+        except aiohttp.ClientConnectorError as e:
+            raise _unreachable(self.url, e) from None
+        except aiohttp.ClientError as e:
+            raise _broken(self.url, e) from None
+        async with ws:
+            await ws.send_str(_dumps(body))
+            yield Interactive(ws, bool(options.get("binary")))
+
+    # Images
+
+    async def pull(self, reference: str, *, platform: str | None = None) -> Json:
+        return await self._json("POST", "/v1/images/pull", body=_pull_body(reference, platform))
+
+    async def pull_stream(self, reference: str, *,
+                          platform: str | None = None) -> AsyncIterator[PullProgress | Pulled]:
+        """Progress per layer, then Pulled; an error mid-pull is raised as ApiError."""
+        async for event in self._events("/v1/images/pull", _pull_body(reference, platform),
+                                        sse=False):
+            kind = event.get("event")
+            if kind == "progress":
+                total = event.get("total")
+                yield PullProgress(str(event.get("layer", "")), str(event.get("status", "")),
+                                   int(event.get("done") or 0),
+                                   int(total) if isinstance(total, int) else None)
+            elif kind in ("done", "exit"):
+                yield Pulled({k: v for k, v in event.items() if k != "event"})
+                return
+            elif kind == "error":
+                raise _stream_error(event)
+        raise ApiError(0, "stream_ended", "the service closed the pull's stream before it "
+                       "finished; see the service's log")
+
+    async def images(self) -> list[Json]:
+        return list((await self._json("GET", "/v1/images")).get("images", []))
+
+    async def inspect_image(self, reference: str) -> Json:
+        return await self._json("GET", f"/v1/images/{_seg(reference)}")
+
+    async def tag_image(self, source: str, target: str) -> str:
+        answer = await self._json("POST", "/v1/images/tag",
+                                  body={"source": source, "target": target})
+        return str(answer.get("name", target))
+
+    async def push_image(self, source: str, target: str | None = None) -> str:
+        body = {"source": source} | ({"target": target} if target is not None else {})
+        return str((await self._json("POST", "/v1/images/push", body=body)).get("digest", ""))
+
+    async def import_image(self, tar: bytes | BinaryIO | os.PathLike[str],
+                           reference: str) -> Json:
+        """Import a root-filesystem tar (plain, gzip or zstd) as reference."""
+        headers = {"Content-Type": "application/x-tar"}
+        if isinstance(tar, os.PathLike):
+            with Path(tar).open("rb") as f:
+                return await self._json("POST", "/v1/images/import", data=f,
+                                        params={"reference": reference}, headers=headers)
+        return await self._json("POST", "/v1/images/import", data=tar,
+                                params={"reference": reference}, headers=headers)
+
+    async def remove_image(self, reference: str, *, force: bool = False) -> list[str]:
+        params = {"force": "true"} if force else None
+        answer = await self._json("DELETE", f"/v1/images/{_seg(reference)}", params=params)
+        return [str(n) for n in answer.get("removed", [])]
+
+    async def gc(self, budget_bytes: int | None = None) -> Json:
+        body = {"budget_bytes": budget_bytes} if budget_bytes is not None else {}
+        return await self._json("POST", "/v1/images/gc", body=body)
+
+    # System
+
+    async def info(self) -> Json:
+        return await self._json("GET", "/v1/info")
+
+    async def health(self) -> Json:
+        return await self._json("GET", "/healthz")
+
+    async def ready(self) -> bool:
+        try:
+            await self._json("GET", "/readyz")
+        except ApiError as e:
+            if e.status == 503:
+                return False
+            raise
+        return True
+
+
+def _unreachable(url: str, e: Exception) -> ApiError:
+    return ApiError(0, "unreachable", f"cannot reach sandboxd at {url} ({e}); start it "
+                    "(sandboxd serve) or point --url / SANDBOXD_URL at it")
+
+
+def _broken(url: str, e: Exception) -> ApiError:
+    return ApiError(0, "disconnected", f"the connection to sandboxd at {url} failed "
+                    f"mid-answer ({type(e).__name__}: {e}); see the service's log")
+
+
+def _pull_body(reference: str, platform: str | None) -> Json:
+    return {"reference": reference} | ({"platform": platform} if platform else {})
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+async def _error_of(resp: aiohttp.ClientResponse) -> ApiError:
+    retry = resp.headers.get("Retry-After")
+    raw = await resp.content.read(MAX_ERROR_BODY)
+    try:
+        err = _error_from_json(resp.status, _parse_json(raw, "an error"))
+    except ApiError:
+        text = raw.decode("utf-8", "replace").strip()
+        err = ApiError(resp.status, f"http_{resp.status}",
+                       f"HTTP {resp.status} {resp.reason or ''}: {_clip(text)}".strip())
+    # An HTTP date instead of seconds is rare from this service, and only a hint.
+    with suppress(ValueError):
+        err.retry_after = float(retry) if retry is not None else None
+    return err
+
+
+class Interactive:
+    """One interactive run: feed stdin, send signals, iterate over Output and Exit."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, binary: bool) -> None:
+        self._ws = ws
+        self._binary = binary
+        self.result: RunResult | None = None
+
+    async def send_stdin(self, data: bytes | str) -> None:
+        if isinstance(data, bytes):
+            await self._send({"type": "stdin", "data_base64": base64.b64encode(data).decode()})
+        else:
+            await self._send({"type": "stdin", "data": data})
+
+    async def close_stdin(self) -> None:
+        await self._send({"type": "close_stdin"})
+
+    async def signal(self, name: str = "SIGKILL") -> None:
+        await self._send({"type": "signal", "signal": name})
+
+    async def _send(self, message: Json) -> None:
+        if not self._ws.closed:  # after the exit the run has nothing left to receive
+            await self._ws.send_str(_dumps(message))
+
+    async def __aiter__(self) -> AsyncIterator[RunEvent]:
+        async for msg in self._ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                event = _run_event(_parse_json(msg.data.encode(), "a WebSocket message"),
+                                   self._binary)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                event = _run_event(_parse_json(msg.data, "a WebSocket message"), self._binary)
+            else:
+                break
+            if event is not None:
+                yield event
+                if isinstance(event, Exit):
+                    self.result = event.result
+                    return
+        raise ApiError(0, "stream_ended", "the service closed the WebSocket before the run's "
+                       "exit event; see the service's log")
+
+
+class SyncClient:
+    """The same API, blocking: an event loop in a private daemon thread runs a Client.
+    Streams become ordinary iterators. Use it as a context manager, or call close()."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *,
+                 timeout: float | None = 600.0, connect_timeout: float = 10.0) -> None:
+        self._client = Client(url, token, timeout=timeout, connect_timeout=connect_timeout)
+        self.url = self._client.url
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever,
+                                        name="sandboxd-client", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._call(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coro.close()
+            raise RuntimeError("this SyncClient is closed; create a new one")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # Ctrl-C: the request must not go on in the background
+            raise
+
+    def _iterate(self, stream: AsyncIterator[T]) -> Iterator[T]:
+        async def step() -> T:
+            return await anext(stream)
+
+        try:
+            while True:
+                try:
+                    yield self._call(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            aclose: Callable[[], Awaitable[None]] | None = getattr(stream, "aclose", None)
+            if aclose is not None and not self._loop.is_closed():
+                self._call(_await(aclose()))
+
+    def run(self, image: str, cmd: Sequence[str] | None = None, *, policy: str | None = None,
+            network: str | None = None, **options: Unpack[RunOptions]) -> RunResult:
+        return self._call(self._client.run(image, cmd, policy=policy, network=network,
+                                           **options))
+
+    def run_stream(self, image: str, cmd: Sequence[str] | None = None, *,
+                   policy: str | None = None, network: str | None = None, sse: bool = False,
+                   **options: Unpack[RunOptions]) -> Iterator[RunEvent]:
+        return self._iterate(self._client.run_stream(image, cmd, policy=policy,
+                                                     network=network, sse=sse, **options))
+
+    def create_container(self, image: str, *, policy: str | None = None,
+                         network: str | None = None,
+                         limits: Mapping[str, int] | None = None) -> Json:
+        return self._call(self._client.create_container(image, policy=policy, network=network,
+                                                        limits=limits))
+
+    def list_containers(self) -> list[Json]:
+        return self._call(self._client.list_containers())
+
+    def get_container(self, container_id: str) -> Json:
+        return self._call(self._client.get_container(container_id))
+
+    def delete_container(self, container_id: str) -> None:
+        self._call(self._client.delete_container(container_id))
+
+    def exec(self, container_id: str, cmd: Sequence[str] | None = None,
+             **options: Unpack[RunOptions]) -> RunResult:
+        return self._call(self._client.exec(container_id, cmd, **options))
+
+    def exec_stream(self, container_id: str, cmd: Sequence[str] | None = None, *,
+                    sse: bool = False, **options: Unpack[RunOptions]) -> Iterator[RunEvent]:
+        return self._iterate(self._client.exec_stream(container_id, cmd, sse=sse, **options))
+
+    def put_file(self, container_id: str, path: str, data: bytes | BinaryIO, *,
+                 mode: int | None = None) -> None:
+        self._call(self._client.put_file(container_id, path, data, mode=mode))
+
+    def get_file(self, container_id: str, path: str) -> FileData:
+        return self._call(self._client.get_file(container_id, path))
+
+    def copy_out(self, container_id: str, path: str, sink: Callable[[bytes], object]) -> bool:
+        return self._call(self._client.copy_out(container_id, path, sink))
+
+    def pull(self, reference: str, *, platform: str | None = None) -> Json:
+        return self._call(self._client.pull(reference, platform=platform))
+
+    def pull_stream(self, reference: str, *,
+                    platform: str | None = None) -> Iterator[PullProgress | Pulled]:
+        return self._iterate(self._client.pull_stream(reference, platform=platform))
+
+    def images(self) -> list[Json]:
+        return self._call(self._client.images())
+
+    def inspect_image(self, reference: str) -> Json:
+        return self._call(self._client.inspect_image(reference))
+
+    def tag_image(self, source: str, target: str) -> str:
+        return self._call(self._client.tag_image(source, target))
+
+    def push_image(self, source: str, target: str | None = None) -> str:
+        return self._call(self._client.push_image(source, target))
+
+    def import_image(self, tar: bytes | BinaryIO | os.PathLike[str], reference: str) -> Json:
+        return self._call(self._client.import_image(tar, reference))
+
+    def remove_image(self, reference: str, *, force: bool = False) -> list[str]:
+        return self._call(self._client.remove_image(reference, force=force))
+
+    def gc(self, budget_bytes: int | None = None) -> Json:
+        return self._call(self._client.gc(budget_bytes))
+
+    def info(self) -> Json:
+        return self._call(self._client.info())
+
+    def health(self) -> Json:
+        return self._call(self._client.health())
+
+    def ready(self) -> bool:
+        return self._call(self._client.ready())
+
+
+async def _await(awaitable: Awaitable[T]) -> T:
+    return await awaitable
