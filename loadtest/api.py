@@ -263,9 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows))
         for policy, figures in fig["policies"].items():
             if "http_profile" in figures:
-                print(f"\n{policy}: the service's CPU per warm run, by layer")
-                print(profile_table(figures["http_profile"],
-                                    figures["runs_per_s_sequential"]))
+                print(f"\n{policy}: " + profile_table(figures["http_profile"],
+                                                      figures["runs_per_s_sequential"]))
     print(json.dumps(fig, separators=(",", ":")))
     return 0
 

@@ -1,5 +1,5 @@
 """The HTTP layer's own profile (`python -m loadtest.api --profile`): what one warm run
-(POST /v1/runs of busybox `true`, judge policy, one client, keep-alive) costs in each layer
+(POST /v1/runs of busybox `true`, one client, keep-alive; per policy asked) costs in each layer
 of the service, in µs of the service's CPU per run.
 
 py-spy samples the service process from outside (`record --format raw`, every thread, idle

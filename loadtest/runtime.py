@@ -23,7 +23,8 @@ Then, with `default` among the policies:
   (created and destroyed around it, only the exec timed), interleaved;
 - back to back in one warm `default` container: a run that writes the root (`touch`; its
   reset makes the root anew before the next run is read) and one that does not (`true`),
-  each beside the bare loops of the same binary.
+  each beside the bare loops of the same binary; and `true` right after a `touch`, against
+  `true` after `true`: the part of the reset the next request waits for.
 
 And once, in a container of the first policy: a CPU-bound and a syscall-bound static C
 program (workloads/), bare vs in the container, interleaved.
@@ -467,6 +468,12 @@ async def bench_writable(runtime: Runtime, root: Path, n: Counts,
         write_root = await exec_loop(warm, n.runs, WRITE_ROOT)
         await exec_loop(warm, n.warmup)
         no_write = await exec_loop(warm, n.runs)
+        # `true` right after a run that wrote the root, against `true` after `true`: the
+        # difference is the part of that reset the next request waits for.
+        after_write: list[float] = []
+        for _ in range(n.runs):
+            await exec_loop(warm, 1, WRITE_ROOT)
+            after_write += await exec_loop(warm, 1)
     finally:
         await warm.destroy()
     touched = root.parent / "touched-bare"
@@ -482,17 +489,16 @@ async def bench_writable(runtime: Runtime, root: Path, n: Counts,
         "back_to_back_write_root_p99_ms": percentile(write_root, 99),
         "back_to_back_true_median_ms": median(no_write),
         "back_to_back_true_p99_ms": percentile(no_write, 99),
+        "true_after_write_root_median_ms": median(after_write),
+        "true_after_write_root_p99_ms": percentile(after_write, 99),
         **baseline_figures("bare_touch", bare_touch),
     }
     fig["writable_warm_vs_fresh_median"] = (fig["writable_warm_reset_median_ms"]
                                             / fig["writable_fresh_median_ms"])
     fig["writable_warm_vs_fresh_wall_median"] = (fig["writable_warm_reset_wall_median_ms"]
                                                  / fig["writable_fresh_wall_median_ms"])
-    # What writing the root adds back to back, less what the write itself adds bare: the
-    # reset that makes the root anew, on the next run's path.
-    fig["reset_of_written_root_median_ms"] = (
-        (fig["back_to_back_write_root_median_ms"] - fig["back_to_back_true_median_ms"])
-        - (fig["bare_touch_median_ms"] - fastest(bare.exec_1).median_ms))
+    fig["reset_of_written_root_median_ms"] = (fig["true_after_write_root_median_ms"]
+                                              - fig["back_to_back_true_median_ms"])
     fresh = (("a fresh container", fig["writable_fresh_median_ms"]),)
     rows = [
         Row(f"{WRITABLE}: file-heavy run, warm, reset in place (ms)",
@@ -508,7 +514,10 @@ async def bench_writable(runtime: Runtime, root: Path, n: Counts,
             loop_bases(bare.exec_1, "p50")),
         Row(f"{WRITABLE}: back to back, `true` p99 (ms)", fig["back_to_back_true_p99_ms"],
             loop_bases(bare.exec_1, "p99")),
-        Row(f"{WRITABLE}:   reset of a written root, on the path (ms)",
+        Row(f"{WRITABLE}: `true` right after a `touch` in the root (ms)",
+            fig["true_after_write_root_median_ms"],
+            (("`true` after `true`", fig["back_to_back_true_median_ms"]),)),
+        Row(f"{WRITABLE}:   so the reset of a written root, on the path (ms)",
             fig["reset_of_written_root_median_ms"]),
     ]
     return rows, fig

@@ -28,7 +28,8 @@ PER_POLICY = ("warm_exec_median_ms", "warm_exec_p99_ms", "warm_exec_runs_per_s",
               "cold_start_p99_ms", "idle_container_uss_mib")
 WRITABLE = ("writable_warm_reset_median_ms", "writable_fresh_median_ms",
             "writable_warm_vs_fresh_median", "back_to_back_write_root_median_ms",
-            "back_to_back_true_median_ms", "bare_touch_median_ms")
+            "back_to_back_true_median_ms", "true_after_write_root_median_ms",
+            "bare_touch_median_ms")
 OVERHEADS = ("cpu_overhead_pct", "syscall_overhead_pct")
 
 
@@ -76,6 +77,8 @@ def test_quick_run_prints_every_figure_for_both_policies() -> None:
     number(figures, "reset_of_written_root_median_ms")   # a difference: any sign
     assert "a fresh container" in row(lines, "default: file-heavy run, warm, reset in place (ms)")
     assert row(lines, "default: back to back, `touch` in the root (ms)").count("x)") == 2
+    assert "`true` after `true`" in row(lines, "default: `true` right after a `touch` in the "
+                                               "root (ms)")
     for key in OVERHEADS:
         assert number(figures, key) > -100, key  # a ratio of two positive times
     for prefix in ("bare_exec", "bare_exec_2", "bare_unshare", "bare_touch"):
