@@ -8,7 +8,7 @@ JSON object. Figures and ratios only: no thresholds, no verdict.
   (host-side latency, from the call to the returned result), sequential and 2 at once;
 - cold start: create_container until ready, judge (directory root) and default (overlay),
   beside a bare `unshare` of the same namespaces;
-- idle memory: USS of idle containers' inits, beside the spawner they are forked from;
+- idle memory: USS of idle containers' inits, beside the spawner that starts them;
 - overhead: a CPU-bound and a syscall-bound static C program (workloads/), bare vs in a
   container under the default seccomp policy, interleaved.
 
@@ -317,7 +317,7 @@ async def bench_idle(runtime: Runtime, root: Path, n: Counts) -> tuple[list[Row]
            "idle_containers": n.idle}
     what = "USS" if measured[0][1] == "uss" else "RSS-shared (USS unreadable)"
     rows = [Row(f"idle init {what}, median of {n.idle} (MiB)", median(uss), spawner_uss,
-                "the spawner's USS (inits are its forks)"),
+                "the spawner's USS"),
             Row("idle init RSS median (MiB)", median(rss))]
     return rows, fig
 

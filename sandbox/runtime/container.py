@@ -33,8 +33,8 @@ from typing import Any
 from sandbox.errors import ContainerGoneError, PolicyError, RuntimeSetupError, SandboxError
 from sandbox.runtime import idmap, protocol, seccomp
 from sandbox.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, Detection, Lease, detect
-from sandbox.runtime.hostopen import Entry
 from sandbox.runtime.profiles import HOST_NETWORK, UNCONFINED, Limits, Profile, load_profile
+from sandbox.runtime.protocol import Entry
 from sandbox.runtime.results import Observed, RunResult, Status, verdict
 from sandbox.runtime.rootfs import RootfsSpec, Tmpfs
 from sandbox.runtime.rootfs import plan as mount_plan
@@ -419,7 +419,7 @@ class Runtime:
                 fds += cgroup.child("init", limitable=False).open_procs_fds()
             reply, got = await self._ask_spawner(
                 {"op": "create", "id": cid, "rootfs": asdict(rootfs),
-                 "mapping": self.mapping.describe(), "seccomp_bpf": program.bpf.hex(),
+                 "mapping": self.mapping.describe(), "seccomp_bpf": program.bpf,
                  "host_network": profile.network == HOST_NETWORK,
                  "hostname": spec.hostname, "container_cgroup_fds": n_container}, fds)
         except BaseException:
@@ -901,7 +901,7 @@ class Container:
     async def open_path(self, path: str, flags: int, *, owner: tuple[int, int] | None = None,
                         mode: int = 0o644, entry: Entry | None = None) -> int:
         """A descriptor of `path` as this container's processes see it, opened by its init as
-        container root (see hostopen.open_for_host): /proc/<pid>/root of a non-dumpable init is
+        container root (see native/hostopen.c): /proc/<pid>/root of a non-dumpable init is
         closed to a service that is not host root. With `entry`, that entry of a directory
         the host holds open (`path` only names it in errors). Raises OSError with init's
         errno."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 from dataclasses import dataclass, field
 
 from sandbox.errors import RuntimeSetupError
@@ -224,8 +223,8 @@ def _mkdir_mountpoint(path: str, writable: bool) -> None:
 
 
 def _tmpfs(op: Tmpfs, path: str) -> None:
-    # Owned by container root whoever mounts it: a reset remounts as init, which by then
-    # runs under an id of its own (see idmap.IdMapping.init_uid).
+    # Owned by container root whoever mounts it: a reset remounts as init (native/scratch.c,
+    # which mounts them the same way), by then under an id of its own (idmap.init_uid).
     data = f"size={op.size},mode={op.mode:o},uid=0,gid=0"
     if op.inodes:
         data += f",nr_inodes={op.inodes}"
@@ -318,46 +317,3 @@ def _bind_root(source: str, root: str) -> None:
         sc.mount(source, root, None, sc.MS_BIND | sc.MS_REC)
     sc.mount_setattr_recursive(
         root, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
-
-
-CLOCK_REALTIME_COARSE = 5  # Linux's id; the clock inode times are taken from
-
-
-class Scratch:
-    """The container's resettable tmpfs mounts (after pivot_root), and which of them a reset
-    must give back empty by mounting them anew.
-
-    A mount no run changed is left as it is: remounting costs more than the run of a small
-    program. Its root directory's ctime moves with every entry made or removed (a file
-    cannot exist on the tmpfs without one) and every change to the directory itself, and
-    nothing in the container can set a ctime back. On a kernel without fine-grained
-    timestamps the ctime moves in clock ticks, so a change made within the tick the mount
-    was made in would not show: a mount counts as unchanged only when its ctime is as it
-    was and nothing began within that tick.
-    """
-
-    def __init__(self, ops: tuple[Tmpfs, ...]) -> None:
-        self.ops = ops
-        self._marks = self._read()
-        self._doubt = False
-
-    def _read(self) -> list[tuple[int, int]]:
-        marks = []
-        for op in self.ops:
-            st = os.stat(op.target, follow_symlinks=False)
-            marks.append((st.st_dev, st.st_ctime_ns))
-        return marks
-
-    def touching(self) -> None:
-        """A run starts, or a file is opened for the host: what it changes must show."""
-        newest = max((ctime for _, ctime in self._marks), default=0)
-        if time.clock_gettime_ns(CLOCK_REALTIME_COARSE) <= newest:
-            self._doubt = True
-
-    def reset(self) -> None:
-        for op, was, now in zip(self.ops, self._marks, self._read(), strict=True):
-            if self._doubt or was != now:
-                sc.umount2(op.target, sc.MNT_DETACH)
-                _tmpfs(op, op.target)
-        self._marks = self._read()
-        self._doubt = False
