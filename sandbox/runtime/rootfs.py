@@ -2,10 +2,10 @@
 
 `plan()` turns a `RootfsSpec` into operations (as bubblewrap's --bind/--tmpfs/--proc list
 does); `execute()` carries them out inside the container's fresh mount namespace, in order,
-and ends with pivot_root. Reading the plan tells exactly what a container sees.
+up to the proc mount, and the container's init does the rest, ending with pivot_root.
+Reading the plan tells exactly what a container sees.
 
-Targets are paths inside the container ("/proc"); before pivot_root they are joined to the
-staging root, after it (for a reset) they are used as they are.
+Targets are paths inside the container ("/proc"), joined to the staging root.
 """
 
 from __future__ import annotations
@@ -231,11 +231,21 @@ def _tmpfs(op: Tmpfs, path: str) -> None:
     sc.mount("tmpfs", path, "tmpfs", op.flags, data)
 
 
-def execute(p: Plan, *, writable: bool) -> None:
-    """Carry out a plan in a fresh mount namespace (as root of its user namespace)."""
+def execute(p: Plan, *, writable: bool) -> list[dict[str, str]]:
+    """Carry out a plan in a fresh mount namespace (as root of its user namespace), but for
+    the proc mount and the ops at the plan's end that need it (the masks, the read-only
+    parts, pivot_root): those are init's, in the container's pid namespace (a proc mount
+    shows the pid namespace of whoever mounts it; native/mounts.c). Returned in order, as
+    init's configuration takes them, their mount points made."""
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
     root = NEW_ROOT
+    for_init: list[dict[str, str]] = []
     for op in p.ops:
+        # Init does its part after all of this: the plan's end, and the proc mount (which
+        # nothing before the end needs).
+        if any(d["op"] != "proc" for d in for_init) and not isinstance(
+                op, Mask | ReadOnly | PivotRoot):
+            raise RuntimeSetupError(f"{op} comes after the plan's end that init carries out")
         match op:
             case Tmpfs(staging=True) as t:
                 _tmpfs(t, t.target)
@@ -263,10 +273,6 @@ def execute(p: Plan, *, writable: bool) -> None:
                     data += f",upperdir={upper},workdir={work}"
                 data += ",userxattr"
                 sc.mount("overlay", root, "overlay", _SAFE | (0 if upper else sc.MS_RDONLY), data)
-            case Proc(target=target):
-                path = _join(root, target)
-                _mkdir_mountpoint(path, writable)
-                sc.mount("proc", path, "proc", _SAFE | sc.MS_NOEXEC)
             case Sysfs(target=target):
                 path = _join(root, target)
                 _mkdir_mountpoint(path, writable)
@@ -278,27 +284,19 @@ def execute(p: Plan, *, writable: bool) -> None:
                 os.close(os.open(_join(root, target), os.O_CREAT | os.O_WRONLY, 0o644))
             case Symlink(link_to=link_to, target=target):
                 os.symlink(link_to, _join(root, target))
-            case Mask(target=target):
-                path = _join(root, target)
-                if os.path.isdir(path):
-                    sc.mount("tmpfs", path, "tmpfs", _SAFE | sc.MS_NOEXEC | sc.MS_RDONLY, "size=0")
-                elif os.path.exists(path):
-                    sc.mount("/dev/null", path, None, sc.MS_BIND)
-            case ReadOnly(target=target):
-                path = _join(root, target)
-                if os.path.exists(path):
-                    sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
-                    locked = sc.locked_mount_flags(path)
-                    sc.mount(None, path, None,
-                             sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | locked)
             case RemountReadOnly(target=target, flags=flags):
                 path = _join(root, target)
                 sc.mount(None, path, None, sc.MS_REMOUNT | sc.MS_RDONLY | flags)
+            case Proc(target=target):
+                _mkdir_mountpoint(_join(root, target), writable)
+                for_init.append({"op": "proc", "target": _join(root, target)})
+            case Mask(target=target):
+                for_init.append({"op": "mask", "target": _join(root, target)})
+            case ReadOnly(target=target):
+                for_init.append({"op": "readonly", "target": _join(root, target)})
             case PivotRoot():
-                os.chdir(root)
-                sc.pivot_root(".", ".")
-                sc.umount2(".", sc.MNT_DETACH)
-                os.chdir("/")
+                for_init.append({"op": "pivot_root", "target": root})
+    return for_init
 
 
 def _bind_root(source: str, root: str) -> None:

@@ -2,13 +2,15 @@
 
 Forking a threaded (asyncio) process is unsafe, so the service starts this process once,
 with every module already imported, and asks it over a SOCK_SEQPACKET socket for
-containers. For each one it forks a helper that joins the container's cgroup and unshares
-user, mount, pid, ipc, uts, net (unless the profile's network is "host") and cgroup
-namespaces; the spawner writes the id map; the helper forks the container's init (pid 1 of
-the new pid namespace) and exits, so init is re-parented here (this process is a child
-subreaper) and dies with it (PDEATHSIG). Init builds the container's filesystem in Python,
-then execs the native init (native/init.c, `sbx-init`), which moves to an id of its own
-where the map has more than one (idmap.IdMapping.init_uid) and serves the container.
+containers. For each one it forks a helper that joins the container's cgroup, starts the
+native init's joiner (`sbx-init join`, native/init.c) while it is still in the host's
+namespaces, unshares user, mount, ipc, uts, net (unless the profile's network is "host")
+and cgroup namespaces, waits while the spawner writes the id map and makes the container's
+filesystem (rootfs.execute). The joiner then joins those namespaces, makes the pid
+namespace and forks init (its pid 1), and both exit, so init is re-parented here (this
+process is a child subreaper) and dies with it (PDEATHSIG). Init mounts /proc, pivots into
+the new root, moves to an id of its own where the map has more than one
+(idmap.IdMapping.init_uid) and serves the container.
 
 Run as `python -m sandbox.runtime.spawner FD`.
 """
@@ -52,7 +54,7 @@ def _spec(d: dict[str, Any]) -> rootfs.RootfsSpec:
 
 def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
             to_spawner: int, from_spawner: int, init_binary: int) -> None:
-    """The forked helper: namespaces, init, the container's filesystem. Never returns."""
+    """The forked helper: namespaces, the container's filesystem, then init. Never returns."""
     started = time.monotonic_ns()
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the spawner's reaper would take ours
@@ -75,24 +77,30 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
             os._exit(1)
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
+        plan = rootfs.plan(spec, [f"/proc/self/fd/{fd}" for fd in sources])
+        init_mounts = rootfs.execute(plan, writable=spec.writable)
+        sc.sethostname(req.get("hostname") or "sandbox")
+        if not req["host_network"]:
+            sc.loopback_up()
         join.send(b"j")
-        init_pid, pid_ns = _joined(join)
+        answer = join.recv(256)
+        if not answer.isdigit():
+            raise RuntimeSetupError("the container's init did not start: "
+                                    f"{answer[1:].decode(errors='replace') or 'it died'}")
         os.waitpid(joiner, 0)  # init is the spawner's child now (a subreaper)
         for fd in fds[n_container:]:
-            os.write(fd, str(init_pid).encode())  # init's own cgroup
-        sc.setns(pid_ns, sc.CLONE_NEWPID)  # for the /proc that _make_filesystem mounts
-        plan = rootfs.plan(spec, [f"/proc/self/fd/{fd}" for fd in sources])
-        _make_filesystem(req, plan, spec.writable)
+            os.write(fd, answer)  # init's own cgroup
         mapping = _mapping(req["mapping"])
         os.write(config, msgpack.packb({
             "started_ns": started, "seccomp_bpf": req["seccomp_bpf"],
             "last_cap": sc.cap_last_cap(), "set_groups": mapping.method != "single",
             "init_id": (None if mapping.shares_init_id
                         else [mapping.init_uid, mapping.init_gid]),
+            "mounts": init_mounts,
             "resettable": [{"target": op.target, "size": op.size, "mode": op.mode,
                             "inodes": op.inodes, "flags": op.flags}
                            for op in plan.resettable()]}))
-        os.write(to_spawner, f"p{init_pid}".encode())
+        os.write(to_spawner, b"p" + answer)
         os._exit(0)
     except BaseException as e:
         try:
@@ -102,62 +110,25 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
 
 
 def _start_init(ctl: socket.socket, init_binary: int) -> tuple[int, socket.socket, int]:
-    """Fork and exec `sbx-init join` (native/init.c) before this helper unshares anything,
-    so that init's memory belongs to the host's user namespace (its /proc files are then
-    never container root's). On "j" sent over the socket returned, it joins our namespaces,
-    makes the pid namespace, forks init (its pid 1) and answers with init's pid and that
-    namespace; init reads its configuration from the pipe returned until EOF. Returns the
-    joiner's pid, our end of the socket and of the pipe."""
+    """Start `sbx-init join` (native/init.c) before this helper unshares anything, so that
+    init's memory belongs to the host's user namespace (its /proc files are then never
+    container root's). On "j" sent over the socket returned, it joins our namespaces (the
+    container's filesystem made by then), makes the pid namespace, forks init (its pid 1)
+    and answers with init's pid; init reads its configuration from the pipe returned until
+    EOF. Returns the joiner's pid, our end of the socket and of the pipe."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     cfg_r, cfg_w = os.pipe()
     for fd in (ctl.fileno(), theirs.fileno(), cfg_r):
         os.set_inheritable(fd, True)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.execve(init_binary, ["sbx-init", "join", str(theirs.fileno()),
-                                    str(ctl.fileno()), str(cfg_r)], {})
-        finally:
-            os._exit(127)
-    theirs.close()
-    os.close(cfg_r)
+    try:
+        # posix_spawn: a vfork, where a fork of this process would copy its page tables.
+        pid = os.posix_spawn(f"/proc/self/fd/{init_binary}",
+                             ["sbx-init", "join", str(theirs.fileno()), str(ctl.fileno()),
+                              str(cfg_r)], {})
+    finally:
+        theirs.close()
+        os.close(cfg_r)
     return pid, ours, cfg_w
-
-
-def _joined(joiner: socket.socket) -> tuple[int, int]:
-    """The joiner's answer: init's pid and its pid namespace."""
-    text, fds, _, _ = socket.recv_fds(joiner, 256, 1)
-    if not text.isdigit() or len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise RuntimeSetupError("the container's init did not start: "
-                                f"{text[1:].decode(errors='replace') or 'it died'}")
-    return int(text), fds[0]
-
-
-def _make_filesystem(req: dict[str, Any], plan: rootfs.Plan, writable: bool) -> None:
-    """In a child that is in the new pid namespace too (its /proc is that namespace's): the
-    mounts (pivot_root moves init's root with its own), the hostname and lo."""
-    errors_r, errors_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            rootfs.execute(plan, writable=writable)
-            sc.sethostname(req.get("hostname") or "sandbox")
-            if not req["host_network"]:
-                sc.loopback_up()
-            os._exit(0)
-        except BaseException as e:
-            try:
-                os.write(errors_w, str(e).encode()[:4000])
-            finally:
-                os._exit(1)
-    os.close(errors_w)
-    error = os.read(errors_r, 4096)
-    _, status = os.waitpid(pid, 0)
-    if error or status != 0:
-        raise RuntimeSetupError(error.decode(errors="replace") or
-                                f"setup ended with wait status {status:#x}")
 
 
 class Spawner:

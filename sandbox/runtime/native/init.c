@@ -1,14 +1,15 @@
 /*
  * sbx-init: a container's init, pid 1 of its namespaces, starting one child per exec.
  *
- * Started by the spawner's helper (see join_main below); the spawner's Python code builds
- * the container's filesystem, hostname and lo from a process of its own in the container's
- * namespaces, then writes init's configuration to CONFIG_FD, one MessagePack map: started_ns, seccomp_bpf, last_cap, set_groups,
- * init_id ([uid, gid] or nil) and resettable (the profile's tmpfs mounts). Init then moves
- * to its own id (where the map has more than one), captures the state every child starts
- * from, reports "ready" and serves its control socket (SOCK_SEQPACKET, one MessagePack map
- * per datagram, descriptors as SCM_RIGHTS; see sandbox/runtime/protocol.py): exec, signal,
- * reset and open, answered by the events exited, reset and opened.
+ * Started by the spawner's helper as `sbx-init join` (join_main, below), which forks init
+ * into the container's namespaces once the helper has made its filesystem. Init reads its
+ * configuration from CONFIG_FD, one MessagePack map: started_ns, seccomp_bpf, last_cap,
+ * set_groups, init_id ([uid, gid] or nil), mounts (its part of the mount plan: mounts.h)
+ * and resettable (the profile's tmpfs mounts). It mounts /proc and pivots into the new
+ * root, moves to its own id (where the map has more than one), captures the state every
+ * child starts from, reports "ready" and serves its control socket (SOCK_SEQPACKET, one
+ * MessagePack map per datagram, descriptors as SCM_RIGHTS; see sandbox/runtime/protocol.py):
+ * exec, signal, reset and open, answered by the events exited, reset and opened.
  *
  * Init is hostile ground: it is non-dumpable, holds no host file, handles no signal but
  * SIGCHLD and, where the id map has more than one id, runs under an id that no run may
@@ -40,6 +41,7 @@
 
 #include "child.h"
 #include "hostopen.h"
+#include "mounts.h"
 #include "mp.h"
 #include "scratch.h"
 
@@ -777,6 +779,8 @@ static int64_t read_config(int fd)
             setup_failed("init_id must be [uid, gid]", 0);
         become((uid_t)uid, (gid_t)gid);
     }
+    if (mp_get(&root, "mounts", &v) < 0 || mounts_execute(&v, err, sizeof(err)) < 0)
+        setup_failed(err[0] ? err : "mounts is missing", 0);
     if (mp_get(&root, "resettable", &v) < 0 || scratch_init(&scratch, &v, err, sizeof(err)) < 0)
         setup_failed(err[0] ? err : "resettable is missing", 0);
     return started;
@@ -887,49 +891,23 @@ static const char *join_namespaces(pid_t pid)
     return NULL;
 }
 
-/* To the helper: init's pid, and its pid namespace (which the helper's process that makes
- * the container's filesystem joins, for its /proc); or "E" and what failed. */
-static int report(int sock, const char *text, int fd)
-{
-    struct iovec iov = {(void *)text, strlen(text)};
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } u;
-    struct msghdr mh;
-    memset(&mh, 0, sizeof(mh));
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    if (fd >= 0) {
-        struct cmsghdr *c;
-        memset(&u, 0, sizeof(u));
-        mh.msg_control = u.buf;
-        mh.msg_controllen = sizeof(u.buf);
-        c = CMSG_FIRSTHDR(&mh);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &fd, sizeof(int));
-    }
-    return sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 ? -1 : 0;
-}
-
 /*
  * sbx-init join HELPER_SOCKET CONTROL_FD CONFIG_FD
  *
- * Exec'd by the spawner's helper in a fork made before the helper unshared its namespaces:
- * so the memory of init (forked from here) belongs to the host's user namespace, and when
- * init is non-dumpable its /proc files are the host's root's, never container root's (who
- * could otherwise raise init's oom_score_adj, for one). On "j" from the helper (its
- * namespaces and id map are ready), joins them, becomes container root, makes the pid
- * namespace, forks init (its pid 1) and reports to the helper (report()), then exits.
+ * Started by the spawner's helper before the helper unshared its namespaces: so the memory
+ * of init (forked from here) belongs to the host's user namespace, and when init is
+ * non-dumpable its /proc files are the host's root's, never container root's (who could
+ * otherwise raise init's oom_score_adj, for one). On "j" from the helper (its namespaces,
+ * id map and filesystem are made), joins them, becomes container root, makes the pid
+ * namespace, forks init (its pid 1), answers with init's pid (or "E" and what failed) and
+ * exits.
  */
 static int join_main(int sock, int config_fd)
 {
     char go = 0, buf[128];
     const char *failed = NULL;
     pid_t pid = -1;
-    int ns = -1;
+    int n;
 
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (read(sock, &go, 1) != 1 || go != 'j')
@@ -947,13 +925,11 @@ static int join_main(int sock, int config_fd)
         /* A child's parent-death signal is not inherited; init sets its own. */
         return init_main(config_fd);
     }
-    if (!failed && (ns = open("/proc/self/ns/pid_for_children", O_RDONLY | O_CLOEXEC)) < 0)
-        failed = "open /proc/self/ns/pid_for_children";
     if (failed)
-        snprintf(buf, sizeof(buf), "E%s: %s", failed, strerror(errno));
+        n = snprintf(buf, sizeof(buf), "E%s: %s", failed, strerror(errno));
     else
-        snprintf(buf, sizeof(buf), "%d", (int)pid);
-    return report(sock, buf, ns) == 0 && !failed ? 0 : 1;
+        n = snprintf(buf, sizeof(buf), "%d", (int)pid);
+    return write(sock, buf, (size_t)n) == n && !failed ? 0 : 1;
 }
 
 int main(int argc, char **argv)
