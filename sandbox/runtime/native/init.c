@@ -147,9 +147,14 @@ static void drop_run(struct run *r)
     *r = runs[--nruns];
 }
 
-/* As pid 1, kill(-1) reaches every other process of the pid namespace. */
+/* As pid 1, kill(-1) reaches every other process of the pid namespace. It walks every
+ * process of the host, so it is skipped when init has no child: every process of the
+ * namespace descends from init, an orphan is re-parented to it, so there is none. */
 static void kill_all_and_reap(void)
 {
+    siginfo_t info;
+    if (waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) < 0 && errno == ECHILD)
+        return;
     kill(-1, SIGKILL);
     for (;;) {
         if (waitpid(-1, NULL, 0) < 0 && errno != EINTR)
