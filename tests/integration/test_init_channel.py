@@ -64,6 +64,13 @@ def test_a_malformed_request_leaves_init_serving_and_no_descriptor_open(
     assert _all_write_ends_closed(r), f"init kept a descriptor of a {name!r} request"
 
 
+def test_a_request_too_big_for_a_datagram_comes_through_a_memfd(session: Session,
+                                                               container: Container) -> None:
+    arg = "x" * 100_000  # over protocol.INLINE_MAX, under the kernel's limit for one string
+    r = session.exec(container, ["sh", "-c", 'echo ${#1} ${#2}', "sh", arg, arg])
+    assert (r.status, r.stdout) == (Status.OK, b"100000 100000\n"), r
+
+
 def _ask(session: Session, c: Container, ev: str, request_id: int, data: bytes,
          fds: list[int]) -> dict[str, Any]:
     async def ask() -> dict[str, Any]:

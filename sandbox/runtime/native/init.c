@@ -433,15 +433,14 @@ static const char *parse_exec(const struct mp_value *msg, const int *fds, int nf
     ptrs[env.len] = NULL;
     ptrs += env.len + 1;
     e->cwd = copy_str(&at, cwd.data, cwd.len);
-    e->program = copy_str(&at, e->plan.argv[0] ? (const uint8_t *)e->plan.argv[0] : NULL,
-                          strlen(e->plan.argv[0]));
+    e->program = copy_str(&at, (const uint8_t *)e->plan.argv[0], strlen(e->plan.argv[0]));
     if (strchr(e->program, '/')) {
         ptrs[0] = copy_str(&at, (const uint8_t *)e->program, strlen(e->program));
         e->plan.npaths = 1;
     } else {
-        size_t start = 0, j, plen2 = plen;
-        for (j = 0; j <= plen2; j++)
-            if (j == plen2 || pdata[j] == ':') {
+        size_t start = 0, j;
+        for (j = 0; j <= plen; j++)
+            if (j == plen || pdata[j] == ':') {
                 /* An empty entry is the current directory, as execvp has it. */
                 ptrs[e->plan.npaths++] = at;
                 at += sprintf(at, "%.*s/%s", (int)(j > start ? j - start : 1),
