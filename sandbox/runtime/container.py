@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 from sandbox.errors import ContainerGoneError, RuntimeSetupError, SandboxError
 from sandbox.runtime import protocol
 from sandbox.runtime.cgroups import Cgroup, CgroupLimits, Lease
-from sandbox.runtime.hostopen import Entry
 from sandbox.runtime.output import OutputCallback
 from sandbox.runtime.policy import Policy
 from sandbox.runtime.profiles import Profile
+from sandbox.runtime.protocol import Entry
 from sandbox.runtime.requests import ExecRequest, validate
 from sandbox.runtime.results import RunResult
 from sandbox.runtime.rootfs import RootfsSpec, Tmpfs
@@ -256,7 +256,7 @@ class Container:
     async def open_path(self, path: str, flags: int, *, owner: tuple[int, int] | None = None,
                         mode: int = 0o644, entry: Entry | None = None) -> int:
         """A descriptor of `path` as this container's processes see it, opened by its init as
-        container root (see hostopen.open_for_host): /proc/<pid>/root of a non-dumpable init is
+        container root (see native/hostopen.c): /proc/<pid>/root of a non-dumpable init is
         closed to a service that is not host root. With `entry`, that entry of a directory
         the host holds open (`path` only names it in errors). Raises OSError with init's
         errno."""

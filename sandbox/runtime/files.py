@@ -1,6 +1,6 @@
 """Copying files into and out of a running container, never through a symbolic link.
 
-Every path is opened by the container's init (Container.open_path, hostopen.py): as
+Every path is opened by the container's init (Container.open_path, native/hostopen.c): as
 container root, inside the container's root, every component with openat2
 RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS and the last with O_NOFOLLOW; a path through a link
 is refused, naming the link (give the real path). Missing parents of a put are made one
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 from sandbox.errors import NotFound, PolicyError
 from sandbox.runtime.container import Container
-from sandbox.runtime.hostopen import Entry
 from sandbox.runtime.idmap import IdRange
+from sandbox.runtime.protocol import Entry
 
 MAX_PUT_BYTES = 256 << 20
 # Memory no longer grows with a copy out (it streams); these bound one request's work.

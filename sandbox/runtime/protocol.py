@@ -1,10 +1,13 @@
 """Messages between the host side, the spawner and a container's init.
 
-Each message is one SOCK_SEQPACKET datagram holding a JSON object, with file descriptors
-attached by SCM_RIGHTS. Datagrams keep message boundaries, so no framing is needed, and a
-peer that dies shows up as an empty read. A message too big for a datagram (a large argv,
-say: a socket's buffer, and so its largest datagram, is capped by net.core.wmem_max, 208
-KiB on a stock kernel) travels in a memfd sent along as the last descriptor.
+Each message is one SOCK_SEQPACKET datagram holding a MessagePack map, with file
+descriptors attached by SCM_RIGHTS. MessagePack rather than JSON because init is C
+(native/init.c): its grammar is a few length-prefixed types, parsed in a page of code
+without allocation, and bytes travel as bytes (names of files as they are). Datagrams keep
+message boundaries, so no framing is needed, and a peer that dies shows up as an empty
+read. A message too big for a datagram (a large argv, say: a socket's buffer, and so its
+largest datagram, is capped by net.core.wmem_max, 208 KiB on a stock kernel) travels in a
+memfd sent along as the last descriptor.
 """
 
 from __future__ import annotations
@@ -12,19 +15,34 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
-import orjson
+import msgpack
 
 MAX_MESSAGE = 16 << 20
 MAX_FDS = 32
 INLINE_MAX = 64 << 10
 SOCKET_BUFFER = 1 << 20
-_IN_MEMFD = b'{"memfd":true}'
+_IN_MEMFD = msgpack.packb({"memfd": True})
 
 
 class ProtocolError(Exception):
     """A peer sent something that is not a well-formed message."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The `entry` of an open request to init: entry `name` of the directory at `dir_path`
+    (relative to the container's root, b"" for the root) whose identity is (dev, ino)."""
+
+    dir_path: bytes
+    dev: int
+    ino: int
+    name: bytes
+
+    def message(self) -> dict[str, Any]:
+        return {"dir": self.dir_path, "dev": self.dev, "ino": self.ino, "name": self.name}
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -37,7 +55,7 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
 
 def send(sock: socket.socket, message: dict[str, Any],
          fds: list[int] | tuple[int, ...] = ()) -> None:
-    data = orjson.dumps(message)
+    data = msgpack.packb(message)
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes is over the {MAX_MESSAGE} byte cap")
     fds = list(fds)
@@ -72,13 +90,13 @@ def decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], list[int]] | No
         finally:
             os.close(body)
     try:
-        message = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
+        message = msgpack.unpackb(data)
+    except (ValueError, msgpack.UnpackException) as e:
         _close_all(fds)
         raise ProtocolError(f"malformed message: {e}") from e
     if not isinstance(message, dict):
         _close_all(fds)
-        raise ProtocolError("a message must be a JSON object")
+        raise ProtocolError("a message must be a MessagePack map")
     return message, fds
 
 

@@ -2,12 +2,15 @@
 
 `plan()` turns a `RootfsSpec` into operations (as bubblewrap's --bind/--tmpfs/--proc list
 does); `execute()` carries them out inside the container's fresh mount namespace, in order,
-and ends with pivot_root. Reading the plan tells exactly what a container sees.
+up to the proc mount, and the container's init does the rest, ending with pivot_root
+(native/mounts.c: a proc mount shows the pid namespace of whoever mounts it). Reading the
+plan tells exactly what a container sees.
 
 Init's own root is a small tmpfs (`STAGING` until pivot_root, `/` after it) that holds the
 layers (read-only binds), the writable root's upper tmpfs, and the container's root at
 `ROOT`, which every run enters with chroot. Keeping the layers attached there, out of every
-run's sight, is what lets a reset mount a writable root anew (`WritableRoot`): a layer
+run's sight, is what lets init's reset mount a writable root anew (`WritableRoot`;
+native/scratch.c): a layer
 reached only through a descriptor opened on the host side would be detached with the host's
 mounts at pivot_root, and overlayfs refuses detached layers.
 
@@ -21,7 +24,6 @@ import contextlib
 import errno
 import os
 import stat
-import time
 from dataclasses import dataclass, field
 
 from sandbox.errors import RuntimeSetupError
@@ -269,12 +271,21 @@ def _overlay(target: str, lowers: tuple[str, ...], upper: str | None, work: str 
              data + ",userxattr")
 
 
-def execute(p: Plan) -> WritableRoot | None:
-    """Carry out a plan in a fresh mount namespace (as root of its user namespace); for a
-    writable root, returns what a reset needs to make it anew."""
+def execute(p: Plan) -> tuple[list[dict[str, str]], WritableRoot | None]:
+    """Carry out a plan in a fresh mount namespace (as root of its user namespace), but for
+    the proc mount and the ops at the plan's end that need it (the masks, the read-only
+    parts, pivot_root): those are init's, in the container's pid namespace. Returns them in
+    order, as init's configuration takes them, and for a writable root what a reset needs
+    to make it anew."""
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
     writable: WritableRoot | None = None
+    for_init: list[dict[str, str]] = []
     for op in p.ops:
+        # Init does its part after all of this: the plan's end, and the proc mount (which
+        # nothing before the end needs).
+        if any(d["op"] != "proc" for d in for_init) and not isinstance(
+                op, Mask | ReadOnly | PivotRoot):
+            raise RuntimeSetupError(f"{op} comes after the plan's end that init carries out")
         match op:
             case Tmpfs(staging=True) as t:
                 _tmpfs(t, _staged(t.target))
@@ -297,7 +308,7 @@ def execute(p: Plan) -> WritableRoot | None:
                 sc.mount(None, path, None, sc.MS_REMOUNT | sc.MS_BIND | flags | locked
                          | (sc.MS_RDONLY if ro else 0))
             case Proc(target=target):
-                sc.mount("proc", _in_root(target), "proc", _SAFE | sc.MS_NOEXEC)
+                for_init.append({"op": "proc", "target": _in_root(target)})
             case Sysfs(target=target):
                 sc.mount("sysfs", _in_root(target), "sysfs",
                          _SAFE | sc.MS_NOEXEC | sc.MS_RDONLY)
@@ -309,26 +320,14 @@ def execute(p: Plan) -> WritableRoot | None:
             case Symlink(link_to=link_to, target=target):
                 os.symlink(link_to, _in_root(target))
             case Mask(target=target):
-                path = _in_root(target)
-                if os.path.isdir(path):
-                    sc.mount("tmpfs", path, "tmpfs", _SAFE | sc.MS_NOEXEC | sc.MS_RDONLY, "size=0")
-                elif os.path.exists(path):
-                    sc.mount("/dev/null", path, None, sc.MS_BIND)
+                for_init.append({"op": "mask", "target": _in_root(target)})
             case ReadOnly(target=target):
-                path = _in_root(target)
-                if os.path.exists(path):
-                    sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
-                    locked = sc.locked_mount_flags(path)
-                    sc.mount(None, path, None,
-                             sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | locked)
+                for_init.append({"op": "readonly", "target": _in_root(target)})
             case RemountReadOnly(target=target, flags=flags):
                 sc.mount(None, _in_root(target), None, sc.MS_REMOUNT | sc.MS_RDONLY | flags)
             case PivotRoot():
-                os.chdir(STAGING)
-                sc.pivot_root(".", ".")
-                sc.umount2(".", sc.MNT_DETACH)
-                os.chdir("/")
-    return writable
+                for_init.append({"op": "pivot_root", "target": STAGING})
+    return for_init, writable
 
 
 def _root(r: Root, p: Plan) -> WritableRoot | None:
@@ -421,127 +420,23 @@ def _bind_read_only(source: str, target: str) -> None:
         target, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
 
 
+@dataclass(frozen=True)
 class WritableRoot:
-    """A writable root given back as the image made it, in place (in init's root, after
-    pivot_root). Two slots take turns: the current one is the container's root; the other
-    holds a spare, a new overlay of the same layers over a new, empty upper tmpfs, made
-    while init is idle. A reset moves the container's mounts (/proc, /dev, the tmpfs
-    mounts) onto the spare and turns to it; the old root and its upper are detached later,
-    also while idle: a detach waits for an RCU grace period (~0.25 ms of the ~0.45 ms it
-    all takes), which the next run need not wait for. The kernel frees the old mounts once
-    detached (the run's processes are gone by then)."""
+    """What init needs to give a writable root back as the image made it, in place, after
+    pivot_root (native/scratch.c). Two slots take turns: the current one is the container's
+    root; the other holds a spare, a new overlay of the same layers over a new, empty upper
+    tmpfs, made while init is idle. A reset moves the container's mounts (/proc, /dev, the
+    tmpfs mounts) onto the spare and turns to it; the old root and its upper are detached
+    later, also while idle: a detach waits for an RCU grace period, which the next run
+    need not wait for. The kernel frees the old mounts once detached (the run's processes
+    are gone by then)."""
 
-    SLOTS = ((ROOT, RW), (NEXT_ROOT, NEXT_RW))
+    lowers: tuple[str, ...]          # paths in init's root, topmost first
+    upper_size: int
+    carried: tuple[str, ...]         # container paths of the mounts moved to a new root
+    slots: tuple[tuple[str, str], ...] = ((ROOT, RW), (NEXT_ROOT, NEXT_RW))  # (root, upper tmpfs)
 
-    def __init__(self, lowers: tuple[str, ...], upper_size: int,
-                 carried: tuple[str, ...]) -> None:
-        self.lowers = lowers             # paths in init's root, topmost first
-        self.upper_size = upper_size
-        self.carried = carried           # container paths of the mounts moved to a new root
-        self._current = 0
-        self._spare_ready = False
-        self._old: int | None = None     # a slot whose root is still to be detached
-
-    @property
-    def path(self) -> str:
-        """Where the container's root is now."""
-        return self.SLOTS[self._current][0]
-
-    @property
-    def upper(self) -> str:
-        return self.SLOTS[self._current][1] + "/upper"
-
-    @property
-    def untidy(self) -> bool:
-        return self._old is not None or not self._spare_ready
-
-    def tidy(self) -> None:
-        """Detach the old root, if any, and make the spare."""
-        spare_root, spare_rw = self.SLOTS[1 - self._current]
-        if self._old is not None:
-            sc.umount2(spare_root, sc.MNT_DETACH)
-            sc.umount2(spare_rw, sc.MNT_DETACH)
-            self._old = None
-        if not self._spare_ready:
-            _tmpfs(Tmpfs(spare_rw, self.upper_size, mode=0o755), spare_rw)
-            for d in ("upper", "work"):
-                os.mkdir(f"{spare_rw}/{d}", 0o755)
-            # The merged root takes the upper directory's owner: container root's, as when
-            # the container was made (init runs under an id of its own by now).
-            os.chown(f"{spare_rw}/upper", 0, 0)
-            _overlay(spare_root, self.lowers, f"{spare_rw}/upper", f"{spare_rw}/work")
-            self._spare_ready = True
-
-    def replace(self) -> None:
-        if self.untidy:
-            self.tidy()
-        spare_root = self.SLOTS[1 - self._current][0]
-        for target in self.carried:
-            sc.mount(self.path + target, spare_root + target, None, sc.MS_MOVE)
-        self._old, self._current = self._current, 1 - self._current
-        self._spare_ready = False
-
-
-CLOCK_REALTIME_COARSE = 5  # Linux's id; the clock inode times are taken from
-
-
-class Scratch:
-    """What a reset gives back as it was (after pivot_root): the container's resettable tmpfs
-    mounts, each mounted anew, and a writable root, made anew (`WritableRoot`), when a run
-    changed them.
-
-    What no run changed is left as it is: remounting costs more than the run of a small
-    program. A tmpfs's root directory's ctime moves with every entry made or removed (a
-    file cannot exist on the tmpfs without one) and every change to the directory itself;
-    so does a writable root's upper directory's, which starts empty: overlayfs copies up a
-    changed file's top-level directory into it first (and the root directory's own mode,
-    owner or xattrs are the upper directory's). Nothing in the container can set a ctime
-    back. On a kernel without fine-grained timestamps the ctime moves in clock ticks, so a
-    change made within the tick of the last mark would not show: a mount counts as
-    unchanged only when its ctime is as it was and nothing began within that tick.
-    """
-
-    def __init__(self, ops: tuple[Tmpfs, ...], root: WritableRoot | None = None) -> None:
-        self.ops = ops
-        self.root = root
-        self._marks = self._read()
-        self._doubt = False
-
-    @property
-    def path(self) -> str:
-        """Where the container's root is now (in init's root): where runs chroot."""
-        return self.root.path if self.root is not None else ROOT
-
-    @property
-    def untidy(self) -> bool:
-        """Work for an idle moment is waiting (see WritableRoot)."""
-        return self.root is not None and self.root.untidy
-
-    def tidy(self) -> None:
-        if self.root is not None:
-            self.root.tidy()
-
-    def _read(self) -> list[tuple[int, int]]:
-        marks = []
-        for path in [self.path + op.target for op in self.ops] + (
-                [self.root.upper] if self.root else []):
-            st = os.stat(path, follow_symlinks=False)
-            marks.append((st.st_dev, st.st_ctime_ns))
-        return marks
-
-    def touching(self) -> None:
-        """A run starts, or a file is opened for the host: what it changes must show."""
-        newest = max((ctime for _, ctime in self._marks), default=0)
-        if time.clock_gettime_ns(CLOCK_REALTIME_COARSE) <= newest:
-            self._doubt = True
-
-    def reset(self) -> None:
-        now = self._read()
-        if self.root is not None and (self._doubt or now[-1] != self._marks[-1]):
-            self.root.replace()
-        for op, was, seen in zip(self.ops, self._marks, now, strict=False):
-            if self._doubt or was != seen:
-                sc.umount2(self.path + op.target, sc.MNT_DETACH)
-                _tmpfs(op, self.path + op.target)
-        self._marks = self._read()
-        self._doubt = False
+    def message(self) -> dict[str, object]:
+        """For init's configuration."""
+        return {"lowers": list(self.lowers), "upper_size": self.upper_size,
+                "carried": list(self.carried), "slots": [list(p) for p in self.slots]}

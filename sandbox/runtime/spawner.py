@@ -2,12 +2,16 @@
 
 Forking a threaded (asyncio) process is unsafe, so the service starts this process once,
 with every module already imported, and asks it over a SOCK_SEQPACKET socket for
-containers. For each one it forks a helper that joins the container's cgroup and unshares
-user, mount, pid, ipc, uts, net (unless the profile's network is "host") and cgroup
-namespaces; the spawner writes the id map; the helper forks the container's init (pid 1 of
-the new pid namespace) and exits, so init is re-parented here (this process is a child
-subreaper) and dies with it (PDEATHSIG). Once its mounts are made, init moves to an id of
-its own where the map has more than one (idmap.IdMapping.init_uid).
+containers. For each one it forks a helper that joins the container's cgroup, starts the
+native init's joiner (`sbx-init join`, native/init.c) while it is still in the host's
+namespaces, unshares user, mount, ipc, uts, net (unless the profile's network is "host")
+and cgroup namespaces, waits while the spawner writes the id map and makes the container's
+filesystem (rootfs.execute). The joiner then joins those namespaces, makes the pid
+namespace and forks init (its pid 1), and both exit, so init is re-parented here (this
+process is a child subreaper) and dies with it (PDEATHSIG). Init mounts /proc, pivots into
+its own root (the staging tmpfs, holding the container's root at rootfs.ROOT), moves to an
+id of its own where the map has more than one (idmap.IdMapping.init_uid) and serves the
+container.
 
 Run as `python -m sandbox.runtime.spawner FD`.
 """
@@ -21,11 +25,18 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from sandbox.errors import RuntimeSetupError
-from sandbox.runtime import _spawn, idmap, init, protocol, rootfs
+from sandbox.runtime import idmap, protocol, rootfs
 from sandbox.runtime import syscalls as sc
+
+# Built with the package (setup.py). Opened once, when the spawner starts: after
+# pivot_root a container sees nothing of the host, so its init execs the binary by fd.
+INIT_BINARY = Path(__file__).with_name("sbx-init")
 
 NAMESPACES = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC
               | sc.CLONE_NEWUTS | sc.CLONE_NEWNET | sc.CLONE_NEWCGROUP)
@@ -43,15 +54,20 @@ def _spec(d: dict[str, Any]) -> rootfs.RootfsSpec:
 
 
 def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
-            to_spawner: int, from_spawner: int) -> None:
-    """The forked helper: namespaces, then init. Never returns."""
+            to_spawner: int, from_spawner: int, init_binary: int) -> None:
+    """The forked helper: namespaces, the container's filesystem, then init. Never returns."""
+    started = time.monotonic_ns()
     try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the spawner's reaper would take ours
         n_container = req["container_cgroup_fds"]
         for fd in fds[:n_container]:
             os.write(fd, b"0")  # before CLONE_NEWCGROUP, so the namespace is rooted there
         spec = _spec(req["rootfs"])
+        joiner, join, config = _start_init(ctl, init_binary)
         # A profile with network "host" keeps the host's network: no namespace of its own.
-        sc.unshare(NAMESPACES & ~sc.CLONE_NEWNET if req["host_network"] else NAMESPACES)
+        # The pid namespace is made by the joiner, for init.
+        sc.unshare((NAMESPACES & ~sc.CLONE_NEWNET if req["host_network"] else NAMESPACES)
+                   & ~sc.CLONE_NEWPID)
         # Opened in the new mount namespace (a bind source must be a mount of the caller's
         # namespace) but before the id map is used: the service's own host uid still owns
         # the lookup, where container root may be an id that cannot traverse its directories.
@@ -62,72 +78,65 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
             os._exit(1)
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
-        pid = os.fork()
-        if pid == 0:
-            _init_main(req, fds[n_container:], ctl, from_spawner, spec,
-                       [f"/proc/self/fd/{fd}" for fd in sources])
-        os.write(to_spawner, f"p{pid}".encode())
+        plan = rootfs.plan(spec, [f"/proc/self/fd/{fd}" for fd in sources])
+        init_mounts, writable = rootfs.execute(plan)
+        sc.sethostname(req.get("hostname") or "sandbox")
+        if not req["host_network"]:
+            sc.loopback_up()
+        join.send(b"j")
+        answer = join.recv(256)
+        if not answer.isdigit():
+            raise RuntimeSetupError("the container's init did not start: "
+                                    f"{answer[1:].decode(errors='replace') or 'it died'}")
+        os.waitpid(joiner, 0)  # init is the spawner's child now (a subreaper)
+        for fd in fds[n_container:]:
+            os.write(fd, answer)  # init's own cgroup
+        mapping = _mapping(req["mapping"])
+        os.write(config, msgpack.packb({
+            "started_ns": started, "seccomp_bpf": req["seccomp_bpf"],
+            "last_cap": sc.cap_last_cap(), "set_groups": mapping.method != "single",
+            "init_id": (None if mapping.shares_init_id
+                        else [mapping.init_uid, mapping.init_gid]),
+            "mounts": init_mounts, "root": rootfs.ROOT,
+            "writable": writable.message() if writable is not None else None,
+            "resettable": [{"target": op.target, "size": op.size, "mode": op.mode,
+                            "inodes": op.inodes, "flags": op.flags}
+                           for op in plan.resettable()]}))
+        os.write(to_spawner, b"p" + answer)
         os._exit(0)
     except BaseException as e:
         try:
             os.write(to_spawner, f"E{e}".encode()[:4000])
         finally:
-            os._exit(1)
+            os._exit(1)  # init, given no configuration, exits too
 
 
-def _init_main(req: dict[str, Any], init_cgroup_fds: list[int], ctl: socket.socket,
-               from_spawner: int, spec: rootfs.RootfsSpec, sources: list[str]) -> None:
-    started = time.monotonic_ns()
+def _start_init(ctl: socket.socket, init_binary: int) -> tuple[int, socket.socket, int]:
+    """Start `sbx-init join` (native/init.c) before this helper unshares anything, so that
+    init's memory belongs to the host's user namespace (its /proc files are then never
+    container root's). On "j" sent over the socket returned, it joins our namespaces (the
+    container's filesystem made by then), makes the pid namespace, forks init (its pid 1)
+    and answers with init's pid; init reads its configuration from the pipe returned until
+    EOF. Returns the joiner's pid, our end of the socket and of the pipe."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    cfg_r, cfg_w = os.pipe()
+    for fd in (ctl.fileno(), theirs.fileno(), cfg_r):
+        os.set_inheritable(fd, True)
     try:
-        if os.read(from_spawner, 1) != b"g":  # the helper is gone: re-parented to the spawner
-            os._exit(1)
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        for fd in init_cgroup_fds:
-            os.write(fd, b"0")
-        last_cap = sc.cap_last_cap()  # while the host's /proc is still at /proc
-        plan = rootfs.plan(spec, sources)
-        writable_root = rootfs.execute(plan)
-        sc.sethostname(req.get("hostname") or "sandbox")
-        if not req["host_network"]:
-            sc.loopback_up()
-        sc.set_process_name("sbx-init")
-        mapping = _mapping(req["mapping"])
-        if not mapping.shares_init_id:
-            # After the mounts, so that what setup made is container root's as before.
-            _spawn.become(uid=mapping.init_uid, gid=mapping.init_gid, set_groups=True)
-            # An identity change clears the parent-death signal: set again. Should the
-            # spawner die in between, with the host, the host's end of the control socket
-            # is closed and init exits on it; alone, the host still destroys this container.
-            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        # Nothing of the host stays open: only the control socket, and /dev/null (the
-        # container's) on 0-2 so that received descriptors never land there.
-        ctl_fd = ctl.fileno()
-        os.closerange(0, ctl_fd)
-        os.closerange(ctl_fd + 1, 1 << 16)
-        for target in range(3):
-            if os.open(rootfs.ROOT + "/dev/null", os.O_RDWR) != target:
-                raise RuntimeSetupError("could not place /dev/null on fds 0-2")
-        sc.prctl(sc.PR_SET_DUMPABLE, 0)
-        cfg = init.InitConfig(
-            seccomp_bpf=bytes.fromhex(req["seccomp_bpf"]), last_cap=last_cap,
-            set_groups=mapping.method != "single", resettable=tuple(plan.resettable()),
-            root=writable_root, baseline=_spawn.snapshot())
-        gc.disable()
-        protocol.send(ctl, {"ev": "ready", "setup_ns": time.monotonic_ns() - started})
-    except BaseException as e:
-        try:
-            protocol.send(ctl, {"ev": "error", "message": f"container setup failed: {e}"})
-        finally:
-            os._exit(1)
-    try:
-        init.serve(ctl, cfg)
+        # posix_spawn: a vfork, where a fork of this process would copy its page tables.
+        pid = os.posix_spawn(f"/proc/self/fd/{init_binary}",
+                             ["sbx-init", "join", str(theirs.fileno()), str(ctl.fileno()),
+                              str(cfg_r)], {})
     finally:
-        os._exit(0)
+        theirs.close()
+        os.close(cfg_r)
+    return pid, ours, cfg_w
 
 
 class Spawner:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, init_binary: int) -> None:
         self.sock = sock
+        self.init_binary = init_binary   # an O_PATH descriptor of sbx-init
         self.inits: set[int] = set()
 
     def reap(self, *_: object) -> None:
@@ -152,7 +161,7 @@ class Spawner:
             host.close()
             os.close(to_spawner_r)
             os.close(from_spawner_w)
-            _helper(req, fds, child, to_spawner_w, from_spawner_r)
+            _helper(req, fds, child, to_spawner_w, from_spawner_r, self.init_binary)
         child.close()
         os.close(to_spawner_w)
         os.close(from_spawner_r)
@@ -200,7 +209,6 @@ class Spawner:
                     break
                 except InterruptedError:
                     continue
-        os.write(wr, b"g")
         return init_pid
 
     def serve(self) -> None:
@@ -230,7 +238,12 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    spawner = Spawner(sock)
+    try:
+        init_binary = os.open(INIT_BINARY, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SystemExit(f"{INIT_BINARY} is missing: build the package again "
+                         "(pip install -e .), which compiles it") from None
+    spawner = Spawner(sock, init_binary)
     signal.signal(signal.SIGCHLD, spawner.reap)
     # A signal meant for the service (Ctrl-C, or a service manager's SIGTERM to the whole
     # group) must not end this process first: its containers would die with it, mid-run,

@@ -135,7 +135,7 @@ class Runtime:
                 fds += cgroup.child("init", limitable=False).open_procs_fds()
             reply, got = await self._ask_spawner(
                 {"op": "create", "id": cid, "rootfs": asdict(rootfs),
-                 "mapping": self.mapping.describe(), "seccomp_bpf": policy.program.bpf.hex(),
+                 "mapping": self.mapping.describe(), "seccomp_bpf": policy.program.bpf,
                  "host_network": profile.network == HOST_NETWORK,
                  "hostname": spec.hostname, "container_cgroup_fds": n_container}, fds)
         except BaseException:

@@ -23,6 +23,7 @@ _libc.mount.argtypes = [
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 
@@ -42,7 +43,6 @@ MS_REMOUNT = 32
 MS_NOATIME = 1024
 MS_NODIRATIME = 2048
 MS_BIND = 4096
-MS_MOVE = 8192
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
@@ -77,6 +77,11 @@ def _b(path: str | bytes | None) -> bytes | None:
 
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    """Python 3.11's os module has no setns (3.12 has)."""
+    _check(_libc.setns(fd, nstype), f"setns({fd}, {nstype:#x})")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,

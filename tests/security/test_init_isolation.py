@@ -128,6 +128,19 @@ def test_signals_from_a_run_do_not_reach_init(session: Session, judge: Container
     assert _sh(session, judge, "echo alive").stdout == b"alive\n"
 
 
+@pytest.mark.parametrize("uid", [None, 0])
+def test_a_run_can_neither_read_nor_reach_init_binary(session: Session, judge: Container,
+                                                      uid: int | None) -> None:
+    """Init is a native program exec'd by descriptor: its /proc/1/exe (and its descriptors)
+    must stay closed to a run, container root included, also where it shares init's id."""
+    r = _sh(session, judge, "cat /proc/1/exe >/dev/null 2>&1 && echo READ; "
+                            "readlink /proc/1/exe 2>/dev/null && echo LINK; "
+                            "ls /proc/1/fd >/dev/null 2>&1 && echo FDS; "
+                            "cat /proc/1/maps 2>/dev/null | head -1 | grep . && echo MAPS; "
+                            "echo done", uid=uid)
+    assert r.stdout.split() == [b"done"], _describe(r)
+
+
 @pytest.fixture
 def suid_dumpable() -> Iterator[None]:
     """fs.suid_dumpable = 1, where an identity change leaves a process dumpable."""

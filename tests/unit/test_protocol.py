@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import msgpack
 import pytest
 
 from sandbox.runtime import protocol
@@ -34,12 +35,17 @@ def test_messages_of_any_size_arrive_whole_with_their_fds(size: int) -> None:
         os.close(w)
 
 
+def test_bytes_travel_as_bytes() -> None:
+    msg = {"entry": {"dir": b"\xff/d", "name": b"caf\xe9"}, "n": -1, "big": 1 << 63}
+    assert roundtrip(msg, []) == (msg, [])
+
+
 def test_peer_gone_and_bad_messages() -> None:
     a, b = protocol.socketpair()
-    a.send(b"[1, 2]")
-    with pytest.raises(protocol.ProtocolError, match="JSON object"):
+    a.send(msgpack.packb([1, 2]))
+    with pytest.raises(protocol.ProtocolError, match="MessagePack map"):
         protocol.recv(b)
-    a.send(b"{nope")
+    a.send(msgpack.packb({"op": "exec", "argv": ["x"]})[:-2])  # truncated
     with pytest.raises(protocol.ProtocolError, match="malformed"):
         protocol.recv(b)
     a.close()

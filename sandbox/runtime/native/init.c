@@ -1,0 +1,969 @@
+/*
+ * sbx-init: a container's init, pid 1 of its namespaces, starting one child per exec.
+ *
+ * Started by the spawner's helper as `sbx-init join` (join_main, below), which forks init
+ * into the container's namespaces once the helper has made its filesystem. Init reads its
+ * configuration from CONFIG_FD, one MessagePack map: started_ns, seccomp_bpf, last_cap,
+ * set_groups, init_id ([uid, gid] or nil), mounts (its part of the mount plan: mounts.h)
+ * and resettable (the profile's tmpfs mounts). It mounts /proc and pivots into the new
+ * root, moves to its own id (where the map has more than one), captures the state every
+ * child starts from, reports "ready" and serves its control socket (SOCK_SEQPACKET, one
+ * MessagePack map per datagram, descriptors as SCM_RIGHTS; see sandbox/runtime/protocol.py):
+ * exec, signal, reset and open, answered by the events exited, reset and opened.
+ *
+ * Init is hostile ground: it is non-dumpable, holds no host file, handles no signal but
+ * SIGCHLD and, where the id map has more than one id, runs under an id that no run may
+ * take (so no run can change what init's later children inherit). Untrusted code never
+ * runs in it: each exec vforks a child (child.c). Init reaps everything (orphans are
+ * re-parented to it) and reports each run's wait status and rusage. A malformed request is
+ * dropped with its descriptors; init never ends but with its control socket.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <sched.h>
+#include <linux/capability.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "child.h"
+#include "hostopen.h"
+#include "mounts.h"
+#include "mp.h"
+#include "scratch.h"
+
+/* As protocol.py: the largest inline message, descriptors per message, the largest body
+ * sent through a memfd, and the marker of such a message ({"memfd": true}). */
+#define INLINE_MAX (64 << 10)
+#define MAX_FDS 32
+#define MAX_MESSAGE (16 << 20)
+static const uint8_t IN_MEMFD[] = {0x81, 0xa5, 'm', 'e', 'm', 'f', 'd', 0xc3};
+
+#define DEFAULT_PATH "/usr/local/bin:/usr/bin:/bin"
+
+struct config {
+    struct sock_fprog prog;
+    int last_cap;
+    int set_groups;              /* false under a "single" id map (setgroups is denied) */
+    struct baseline base;        /* what children start from */
+};
+
+struct run {
+    int64_t id;
+    pid_t pid;
+    int64_t start_ns;
+    int err_r;
+    int reset_after;
+    char *cwd;                   /* what chdir and exec acted on, for error messages */
+    char *program;
+};
+
+static int ctl = -1;
+static struct config cfg;
+static struct scratch scratch;
+static int tidy_failed;          /* idle work failed once: told, not tried again */
+static struct run *runs;
+static int nruns, runs_cap;
+static volatile sig_atomic_t child_exited;
+
+static int64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void close_fds(const int *fds, int n)
+{
+    int i;
+    for (i = 0; i < n; i++)
+        close(fds[i]);
+}
+
+/* One message, with at most one descriptor. A host that is gone shows up on the next read. */
+static void send_msg(const struct mp_writer *w, int fd)
+{
+    struct iovec iov = {(void *)w->buf, w->len};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    struct msghdr mh;
+
+    if (w->overflow)
+        return;
+    memset(&mh, 0, sizeof(mh));
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    if (fd >= 0) {
+        struct cmsghdr *c;
+        memset(&u, 0, sizeof(u));
+        mh.msg_control = u.buf;
+        mh.msg_controllen = sizeof(u.buf);
+        c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
+    while (sendmsg(ctl, &mh, MSG_NOSIGNAL) < 0 && errno == EINTR)
+        ;
+}
+
+static void put_key(struct mp_writer *w, const char *key)
+{
+    mp_w_cstr(w, key);
+}
+
+/* ------------------------------------------------------------------------ the runs */
+
+static struct run *find_run(pid_t pid)
+{
+    int i;
+    for (i = 0; i < nruns; i++)
+        if (runs[i].pid == pid)
+            return &runs[i];
+    return NULL;
+}
+
+static void drop_run(struct run *r)
+{
+    if (r->err_r >= 0)
+        close(r->err_r);
+    free(r->cwd);
+    free(r->program);
+    *r = runs[--nruns];
+}
+
+/* As pid 1, kill(-1) reaches every other process of the pid namespace. It walks every
+ * process of the host, so it is skipped when init has no child: every process of the
+ * namespace descends from init, an orphan is re-parented to it, so there is none. */
+static void kill_all_and_reap(void)
+{
+    siginfo_t info;
+    if (waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) < 0 && errno == ECHILD)
+        return;
+    kill(-1, SIGKILL);
+    for (;;) {
+        if (waitpid(-1, NULL, 0) < 0 && errno != EINTR)
+            return;
+    }
+}
+
+/* Everything a reset does, in order: every process but init ends (the runs with it, told
+ * nothing more), then the scratch mounts a run may have changed come back empty. NULL, or
+ * what failed (the container is then not reused). */
+static const char *reset_container(int remount)
+{
+    static char err[1024];
+    while (nruns > 0)
+        drop_run(&runs[0]);
+    kill_all_and_reap();
+    if (remount && scratch_reset(&scratch, err, sizeof(err)) < 0)
+        return err;
+    return NULL;
+}
+
+static void send_reset(const char *error)
+{
+    struct mp_writer w = {.len = 0};
+    mp_w_map(&w, 2);
+    put_key(&w, "ev");
+    mp_w_cstr(&w, "reset");
+    put_key(&w, "error");
+    if (error)
+        mp_w_cstr(&w, error);
+    else
+        mp_w_nil(&w);
+    send_msg(&w, -1);
+}
+
+/* An exec's reset_after: before init reads the host's next request, so that request finds
+ * the container reset without waiting for a reply; only a failure is told (then it is not
+ * reused). */
+static void reset_after(int wanted)
+{
+    const char *error;
+    if (wanted && (error = reset_container(1)) != NULL)
+        send_reset(error);
+}
+
+/* The child's "<code>:<stage>:<errno>", made readable: "<code>:<stage> <what>: <message>".
+ * The pipe is closed before the run's end is told: after it, init holds nothing of the run. */
+static void read_error(struct run *r, struct mp_writer *w)
+{
+    char data[4096], out[8192];
+    char *stage, *err;
+    const char *what = NULL;
+    ssize_t n;
+
+    do
+        n = read(r->err_r, data, sizeof(data) - 1);
+    while (n < 0 && errno == EINTR);
+    close(r->err_r);
+    r->err_r = -1;
+    if (n <= 0) {
+        mp_w_nil(w);
+        return;
+    }
+    data[n] = 0;
+    if (!(stage = strchr(data, ':')) || !(err = strchr(stage + 1, ':'))) {
+        mp_w_str(w, data, (size_t)n);
+        return;
+    }
+    *stage++ = 0;
+    *err++ = 0;
+    if (strcmp(stage, "chdir") == 0)
+        what = r->cwd;
+    else if (strcmp(stage, "exec") == 0)
+        what = r->program;
+    snprintf(out, sizeof(out), "%s:%s%s%s: %s", data, stage, what ? " " : "", what ? what : "",
+             *err && strspn(err, "0123456789") == strlen(err) ? strerror(atoi(err)) : err);
+    mp_w_cstr(w, out);
+}
+
+static void send_exited(struct run *r, int status, const struct rusage *ru)
+{
+    struct mp_writer w = {.len = 0};
+    mp_w_map(&w, 7);
+    put_key(&w, "ev");
+    mp_w_cstr(&w, "exited");
+    put_key(&w, "id");
+    mp_w_int(&w, r->id);
+    put_key(&w, "status");
+    mp_w_int(&w, status);
+    put_key(&w, "start_ns");
+    mp_w_int(&w, r->start_ns);
+    put_key(&w, "end_ns");
+    mp_w_int(&w, now_ns());
+    put_key(&w, "rusage");
+    mp_w_map(&w, 3);
+    put_key(&w, "utime_ns");
+    mp_w_int(&w, (int64_t)ru->ru_utime.tv_sec * 1000000000 + ru->ru_utime.tv_usec * 1000);
+    put_key(&w, "stime_ns");
+    mp_w_int(&w, (int64_t)ru->ru_stime.tv_sec * 1000000000 + ru->ru_stime.tv_usec * 1000);
+    put_key(&w, "maxrss_kb");
+    mp_w_int(&w, ru->ru_maxrss);
+    put_key(&w, "error");
+    read_error(r, &w);
+    send_msg(&w, -1);
+}
+
+static void reap(void)
+{
+    struct rusage ru;
+    struct run *r;
+    int status, again;
+    pid_t pid;
+
+    while ((pid = wait4(-1, &status, WNOHANG, &ru)) > 0) {
+        if ((r = find_run(pid)) == NULL)
+            continue;
+        send_exited(r, status, &ru);
+        again = r->reset_after;
+        drop_run(r);
+        reset_after(again);
+    }
+}
+
+/* ------------------------------------------------------------------------ exec */
+
+/* What a request's exec needs, copied out of the message (whose strings are not
+ * NUL-terminated) into one block freed once the child has exec'd. */
+struct exec_req {
+    int64_t id;
+    int has_id;
+    int reset_after;
+    struct plan plan;
+    void *block;
+    char *cwd;
+    char *program;
+};
+
+static char *copy_str(char **at, const uint8_t *s, size_t n)
+{
+    char *out = *at;
+    memcpy(out, s, n);
+    out[n] = 0;
+    *at += n + 1;
+    return out;
+}
+
+/* Where execvp would look, but with the run's PATH rather than init's. */
+static int count_paths(const char *program, size_t n, const uint8_t *path, size_t plen,
+                       size_t *bytes)
+{
+    size_t i, start = 0;
+    int count = 0;
+    if (memchr(program, '/', n)) {
+        *bytes += n + 1;
+        return 1;
+    }
+    for (i = 0; i <= plen; i++)
+        if (i == plen || path[i] == ':') {
+            *bytes += (i > start ? i - start : 1) + 1 + n + 1;
+            count++;
+            start = i + 1;
+        }
+    return count;
+}
+
+static const char *parse_exec(const struct mp_value *msg, const int *fds, int nfds,
+                              struct exec_req *e)
+{
+    struct mp_value argv, env, cwd, v, item, k, val, path = {0};
+    const uint8_t *p;
+    size_t bytes = 0, plen;
+    const uint8_t *pdata;
+    char **ptrs, *at;
+    int64_t x;
+    uint32_t i;
+    int npaths, has_path = 0;
+
+    memset(e, 0, sizeof(*e));
+    if (mp_get(msg, "id", &v) == 0 && mp_int(&v, INT64_MIN, INT64_MAX, &e->id) == 0)
+        e->has_id = 1;
+    if (mp_get(msg, "reset_after", &v) == 0 && v.type == MP_BOOL)
+        e->reset_after = (int)v.u;
+    if (!e->has_id)
+        return "'id' must be an int";
+    if (nfds < 3)
+        return "an exec needs stdin, stdout and stderr descriptors";
+    if (nfds - 3 > MAX_CGROUP_FDS)
+        return "too many cgroup descriptors";
+    if (mp_get(msg, "argv", &argv) < 0 || argv.type != MP_ARRAY || argv.len == 0)
+        return "'argv' must be a list of at least one string";
+    if (mp_get(msg, "env", &env) < 0 || env.type != MP_MAP)
+        return "'env' must be a map of strings";
+    if (mp_get(msg, "cwd", &cwd) < 0 || !mp_is_bytes(&cwd))
+        return "'cwd' must be a string";
+    if (mp_get(msg, "uid", &v) < 0 || mp_int(&v, 0, UINT32_MAX - 1, &x) < 0)
+        return "'uid' must be an id";
+    e->plan.uid = (uid_t)x;
+    if (mp_get(msg, "gid", &v) < 0 || mp_int(&v, 0, UINT32_MAX - 1, &x) < 0)
+        return "'gid' must be an id";
+    e->plan.gid = (gid_t)x;
+
+    e->plan.base = &cfg.base;
+    plan_rlimits_from_baseline(&e->plan);
+    if (mp_get(msg, "rlimits", &v) == 0 && v.type != MP_NIL) {
+        if (v.type != MP_ARRAY)
+            return "'rlimits' must be a list of [resource, soft, hard]";
+        for (i = 0; i < v.len; i++) {
+            struct mp_value r, s, h;
+            int64_t res;
+            if (mp_item(&v, i, &item) < 0 || item.type != MP_ARRAY || item.len != 3 ||
+                mp_item(&item, 0, &r) < 0 || mp_item(&item, 1, &s) < 0 ||
+                mp_item(&item, 2, &h) < 0 || s.type != MP_INT || h.type != MP_INT ||
+                mp_int(&r, 0, RLIMIT_NLIMITS - 1, &res) < 0)
+                return "'rlimits' must be a list of [resource, soft, hard]";
+            /* -1 is RLIM_INFINITY, as Python's resource module has it */
+            e->plan.rl[res].rlim_cur = s.negative ? (rlim_t)s.i : (rlim_t)s.u;
+            e->plan.rl[res].rlim_max = h.negative ? (rlim_t)h.i : (rlim_t)h.u;
+        }
+    }
+
+    /* Sizes first, then one block for every string and pointer array. */
+    if (memchr(cwd.data, 0, cwd.len))
+        return "'cwd' contains a NUL byte";
+    p = argv.data;
+    for (i = 0; i < argv.len; i++) {
+        if (mp_read(&p, argv.end, &item) < 0 || item.type != MP_STR ||
+            memchr(item.data, 0, item.len))
+            return "'argv' must be a list of at least one string without NUL bytes";
+        bytes += item.len + 1;
+    }
+    p = env.data;
+    for (i = 0; i < env.len; i++) {
+        if (mp_read(&p, env.end, &k) < 0 || mp_read(&p, env.end, &val) < 0 ||
+            k.type != MP_STR || val.type != MP_STR || memchr(k.data, 0, k.len) ||
+            memchr(val.data, 0, val.len))
+            return "'env' must be a map of strings without NUL bytes";
+        bytes += k.len + 1 + val.len + 1;
+        if (k.len == 4 && memcmp(k.data, "PATH", 4) == 0) {
+            path = val;
+            has_path = 1;
+        }
+    }
+    bytes += cwd.len + 1;
+    mp_item(&argv, 0, &item);
+    pdata = has_path ? path.data : (const uint8_t *)DEFAULT_PATH;
+    plen = has_path ? path.len : strlen(DEFAULT_PATH);
+    npaths = count_paths((const char *)item.data, item.len, pdata, plen, &bytes);
+    bytes += item.len + 1;
+    bytes += sizeof(char *) * ((size_t)argv.len + 1 + env.len + 1 + (size_t)npaths + 1);
+
+    if (!(e->block = malloc(bytes)))
+        return "out of memory";
+    ptrs = e->block;
+    e->plan.argv = ptrs;
+    e->plan.envp = ptrs + argv.len + 1;
+    e->plan.paths = ptrs + argv.len + 1 + env.len + 1;
+    at = (char *)(ptrs + argv.len + 1 + env.len + 1 + npaths + 1);
+    p = argv.data;
+    for (i = 0; i < argv.len; i++) {
+        mp_read(&p, argv.end, &item);
+        ptrs[i] = copy_str(&at, item.data, item.len);
+    }
+    ptrs[argv.len] = NULL;
+    ptrs += argv.len + 1;
+    p = env.data;
+    for (i = 0; i < env.len; i++) {
+        mp_read(&p, env.end, &k);
+        mp_read(&p, env.end, &val);
+        ptrs[i] = at;
+        memcpy(at, k.data, k.len);
+        at[k.len] = '=';
+        memcpy(at + k.len + 1, val.data, val.len);
+        at[k.len + 1 + val.len] = 0;
+        at += k.len + 1 + val.len + 1;
+    }
+    ptrs[env.len] = NULL;
+    ptrs += env.len + 1;
+    e->cwd = copy_str(&at, cwd.data, cwd.len);
+    e->program = copy_str(&at, (const uint8_t *)e->plan.argv[0], strlen(e->plan.argv[0]));
+    if (strchr(e->program, '/')) {
+        ptrs[0] = copy_str(&at, (const uint8_t *)e->program, strlen(e->program));
+        e->plan.npaths = 1;
+    } else {
+        size_t start = 0, j;
+        for (j = 0; j <= plen; j++)
+            if (j == plen || pdata[j] == ':') {
+                /* An empty entry is the current directory, as execvp has it. */
+                ptrs[e->plan.npaths++] = at;
+                at += sprintf(at, "%.*s/%s", (int)(j > start ? j - start : 1),
+                              j > start ? (const char *)pdata + start : ".", e->program) + 1;
+                start = j + 1;
+            }
+    }
+    ptrs[e->plan.npaths] = NULL;
+
+    e->plan.root = scratch_root(&scratch);
+    e->plan.cwd = e->cwd;
+    e->plan.set_groups = cfg.set_groups;
+    e->plan.new_ipc = 1;
+    e->plan.stdio[0] = fds[0];
+    e->plan.stdio[1] = fds[1];
+    e->plan.stdio[2] = fds[2];
+    e->plan.ncgroup = nfds - 3;
+    for (i = 0; i < (uint32_t)e->plan.ncgroup; i++)
+        e->plan.cgroup_fd[i] = fds[3 + i];
+    e->plan.prog = cfg.prog;
+    e->plan.last_cap = cfg.last_cap;
+    return NULL;
+}
+
+static void send_spawn_failure(const struct exec_req *e, int64_t start, const char *why)
+{
+    struct mp_writer w = {.len = 0};
+    char error[1024];
+    snprintf(error, sizeof(error), "125:spawn: %s", why);
+    mp_w_map(&w, 6);
+    put_key(&w, "ev");
+    mp_w_cstr(&w, "exited");
+    put_key(&w, "id");
+    if (e->has_id)
+        mp_w_int(&w, e->id);
+    else
+        mp_w_nil(&w);
+    put_key(&w, "status");
+    mp_w_nil(&w);
+    put_key(&w, "start_ns");
+    mp_w_int(&w, start);
+    put_key(&w, "end_ns");
+    mp_w_int(&w, now_ns());
+    put_key(&w, "error");
+    mp_w_cstr(&w, error);
+    send_msg(&w, -1);
+}
+
+static void do_exec(const struct mp_value *msg, const int *fds, int nfds)
+{
+    struct exec_req e;
+    const char *bad;
+    char why[256];
+    int pipefd[2] = {-1, -1};
+    int64_t start;
+    pid_t pid = -1;
+
+    scratch_touching(&scratch);
+    start = now_ns();
+    bad = parse_exec(msg, fds, nfds, &e);
+    if (bad == NULL && pipe2(pipefd, O_CLOEXEC) < 0) {
+        snprintf(why, sizeof(why), "[Errno %d] %s", errno, strerror(errno));
+        bad = why;
+    }
+    if (bad == NULL) {
+        e.plan.err_fd = pipefd[1];
+        start = now_ns();
+        pid = child_spawn(&e.plan);
+        if (pid < 0) {
+            snprintf(why, sizeof(why), "[Errno %d] %s", errno, strerror(errno));
+            bad = why;
+        }
+        /* The child's identity change may have left the mm it shared with init dumpable. */
+        prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+        close(pipefd[1]);
+    }
+    close_fds(fds, nfds);
+    if (bad != NULL) {
+        if (pipefd[0] >= 0)
+            close(pipefd[0]);
+        free(e.block);
+        send_spawn_failure(&e, start, bad);
+        reset_after(e.reset_after); /* files copied in for the run may be there */
+        return;
+    }
+    if (nruns == runs_cap) {
+        int cap = runs_cap ? runs_cap * 2 : 8;
+        struct run *more = realloc(runs, sizeof(*runs) * (size_t)cap);
+        if (!more) {
+            /* Unlikely; the run goes on unobserved rather than init ending. */
+            kill(-pid, SIGKILL);
+            close(pipefd[0]);
+            free(e.block);
+            send_spawn_failure(&e, start, "out of memory");
+            return;
+        }
+        runs = more;
+        runs_cap = cap;
+    }
+    runs[nruns++] = (struct run){e.id, pid, start, pipefd[0], e.reset_after,
+                                 strdup(e.cwd), strdup(e.program)};
+    free(e.block);
+}
+
+/* ------------------------------------------------------------------------ other ops */
+
+/* The child called setsid, so its process group carries its id; members that left the
+ * group are found through the run's cgroup on the host side. */
+static void do_signal(const struct mp_value *msg)
+{
+    struct mp_value v;
+    int64_t id, sig;
+    int i;
+    if (mp_get(msg, "id", &v) < 0 || mp_int(&v, INT64_MIN, INT64_MAX, &id) < 0 ||
+        mp_get(msg, "signal", &v) < 0 || mp_int(&v, 1, 64, &sig) < 0)
+        return;
+    for (i = 0; i < nruns; i++)
+        if (runs[i].id == id) {
+            kill(-runs[i].pid, (int)sig);
+            kill(runs[i].pid, (int)sig);
+        }
+}
+
+static void do_reset(const struct mp_value *msg)
+{
+    struct mp_value v;
+    int remount = 1;
+    if (mp_get(msg, "remount", &v) == 0 && v.type == MP_BOOL)
+        remount = (int)v.u;
+    send_reset(reset_container(remount));
+}
+
+static void do_open(const struct mp_value *msg)
+{
+    static struct failure f;
+    struct mp_writer w = {.len = 0};
+    struct mp_value v;
+    int64_t id = 0;
+    int has_id, fd;
+
+    scratch_touching(&scratch);
+    has_id = mp_get(msg, "id", &v) == 0 && mp_int(&v, INT64_MIN, INT64_MAX, &id) == 0;
+    fd = open_for_host(msg, scratch_root(&scratch), &f);
+    mp_w_map(&w, fd >= 0 ? 2 : 4);
+    put_key(&w, "ev");
+    mp_w_cstr(&w, "opened");
+    put_key(&w, "id");
+    if (has_id)
+        mp_w_int(&w, id);
+    else
+        mp_w_nil(&w);
+    if (fd < 0) {
+        put_key(&w, "errno");
+        mp_w_int(&w, f.err ? f.err : EINVAL);
+        put_key(&w, "error");
+        mp_w_cstr(&w, f.why);
+    }
+    send_msg(&w, fd);
+    if (fd >= 0)
+        close(fd);
+}
+
+/* ------------------------------------------------------------------------ the channel */
+
+static uint8_t inline_buf[INLINE_MAX];
+
+/* Everything `fd` holds from its offset to its end (a memfd's message body, the config
+pipe); NULL if it cannot be read or is over MAX_MESSAGE. */
+static uint8_t *read_all(int fd, size_t *len)
+{
+    size_t cap = 1 << 16, got = 0;
+    uint8_t *buf = malloc(cap), *more;
+    ssize_t n;
+    while (buf) {
+        if (got == cap) {
+            if (cap >= MAX_MESSAGE || !(more = realloc(buf, cap * 2)))
+                break;
+            buf = more;
+            cap *= 2;
+        }
+        n = read(fd, buf + got, cap - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            break;
+        if (n == 0) {
+            *len = got;
+            return buf;
+        }
+        got += (size_t)n;
+    }
+    free(buf);
+    return NULL;
+}
+
+/* Read and serve one request; returns 0 when the host has closed its end. */
+static int serve_one(void)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = {inline_buf, sizeof(inline_buf)};
+    struct msghdr mh;
+    struct cmsghdr *c;
+    struct mp_value msg, op;
+    int fds[MAX_FDS], nfds = 0;
+    uint8_t *data = inline_buf, *body = NULL;
+    size_t len;
+    ssize_t n;
+
+    memset(&mh, 0, sizeof(mh));
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = u.buf;
+    mh.msg_controllen = sizeof(u.buf);
+    n = recvmsg(ctl, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (n < 0)
+        return errno == EAGAIN || errno == EINTR || errno == ENOMEM ? 1 : 0;
+    for (c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            if (k > MAX_FDS - nfds)
+                k = MAX_FDS - nfds;
+            memcpy(fds + nfds, CMSG_DATA(c), sizeof(int) * (size_t)k);
+            nfds += k;
+        }
+    if (n == 0 && nfds == 0)
+        return 0;
+    len = (size_t)n;
+    if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC))
+        goto drop;
+    if (len == sizeof(IN_MEMFD) && memcmp(data, IN_MEMFD, len) == 0) {
+        if (nfds == 0)
+            goto drop;
+        body = read_all(fds[nfds - 1], &len);
+        close(fds[--nfds]);
+        if (!body)
+            goto drop;
+        data = body;
+    }
+    if (mp_parse(data, len, &msg) < 0 || msg.type != MP_MAP || mp_get(&msg, "op", &op) < 0 ||
+        op.type != MP_STR)
+        goto drop;
+    if (op.len == 4 && memcmp(op.data, "exec", 4) == 0) {
+        do_exec(&msg, fds, nfds); /* closes the descriptors */
+        free(body);
+        return 1;
+    }
+    /* Only an exec carries descriptors; any other's would stay open. */
+    close_fds(fds, nfds);
+    nfds = 0;
+    if (op.len == 6 && memcmp(op.data, "signal", 6) == 0)
+        do_signal(&msg);
+    else if (op.len == 5 && memcmp(op.data, "reset", 5) == 0)
+        do_reset(&msg);
+    else if (op.len == 4 && memcmp(op.data, "open", 4) == 0)
+        do_open(&msg);
+drop:
+    close_fds(fds, nfds);
+    free(body);
+    return 1;
+}
+
+/* ------------------------------------------------------------------------ setup */
+
+static void on_sigchld(int sig)
+{
+    (void)sig;
+    child_exited = 1;
+}
+
+static __attribute__((noreturn)) void setup_failed(const char *what, int err)
+{
+    struct mp_writer w = {.len = 0};
+    char msg[512];
+    if (err)
+        snprintf(msg, sizeof(msg), "container setup failed: %s: %s", what, strerror(err));
+    else
+        snprintf(msg, sizeof(msg), "container setup failed: %s", what);
+    mp_w_map(&w, 2);
+    put_key(&w, "ev");
+    mp_w_cstr(&w, "error");
+    put_key(&w, "message");
+    mp_w_cstr(&w, msg);
+    send_msg(&w, -1);
+    _exit(1);
+}
+
+/* Move to uid/gid (no supplementary groups) keeping every capability: leaving uid 0 would
+ * clear them, so the permitted set is kept across the change and the effective set raised
+ * from it again. An identity change clears the parent-death signal: set again. */
+static void become(uid_t uid, gid_t gid)
+{
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0 || setgroups(0, NULL) < 0 ||
+        setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0 ||
+        syscall(SYS_capget, &hdr, data) < 0)
+        setup_failed("moving to init's own id", errno);
+    data[0].effective = data[0].permitted;
+    data[1].effective = data[1].permitted;
+    if (syscall(SYS_capset, &hdr, data) < 0 || prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) < 0 ||
+        prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0 || prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+        setup_failed("moving to init's own id", errno);
+}
+
+static int64_t read_config(int fd)
+{
+    static char err[1024];
+    struct mp_value root, v, item;
+    uint8_t *buf;
+    size_t len;
+    int64_t started = 0, x;
+
+    /* Written by the spawner's helper once the container's filesystem is made; nothing
+     * (EOF) when that failed, which the helper reports itself. */
+    if (!(buf = read_all(fd, &len)) || len == 0)
+        _exit(1);
+    close(fd);
+    if (mp_parse(buf, len, &root) < 0 || root.type != MP_MAP)
+        setup_failed("init's configuration is not a MessagePack map", 0);
+    if (mp_get(&root, "started_ns", &v) == 0)
+        mp_int(&v, 0, INT64_MAX, &started);
+    if (mp_get(&root, "seccomp_bpf", &v) < 0 || v.type != MP_BIN ||
+        v.len % sizeof(struct sock_filter) != 0 || v.len / sizeof(struct sock_filter) > 4096)
+        setup_failed("seccomp_bpf is not a classic BPF program", 0);
+    /* Kept for init's life: the buffer is never freed. */
+    cfg.prog.len = (unsigned short)(v.len / sizeof(struct sock_filter));
+    cfg.prog.filter = (struct sock_filter *)v.data;
+    if (mp_get(&root, "last_cap", &v) < 0 || mp_int(&v, -1, 63, &x) < 0)
+        setup_failed("last_cap is missing", 0);
+    cfg.last_cap = (int)x;
+    if (mp_get(&root, "set_groups", &v) < 0 || v.type != MP_BOOL)
+        setup_failed("set_groups is missing", 0);
+    cfg.set_groups = (int)v.u;
+    if (mp_get(&root, "init_id", &v) == 0 && v.type != MP_NIL) {
+        int64_t uid, gid;
+        if (mp_item(&v, 0, &item) < 0 || mp_int(&item, 0, UINT32_MAX - 1, &uid) < 0 ||
+            mp_item(&v, 1, &item) < 0 || mp_int(&item, 0, UINT32_MAX - 1, &gid) < 0)
+            setup_failed("init_id must be [uid, gid]", 0);
+        become((uid_t)uid, (gid_t)gid);
+    }
+    if (mp_get(&root, "mounts", &v) < 0 || mounts_execute(&v, err, sizeof(err)) < 0)
+        setup_failed(err[0] ? err : "mounts is missing", 0);
+    if (scratch_init(&scratch, &root, err, sizeof(err)) < 0)
+        setup_failed(err, 0);
+    return started;
+}
+
+/* Everything but the control socket closed, and /dev/null (the container's: the
+filesystem is made by now) on 0-2, so that received descriptors never land there, where the
+child's dup2 would be a no-op leaving them close-on-exec. */
+static void close_host_descriptors(void)
+{
+    char devnull[PATH_MAX];
+    struct rlimit rl;
+    int fd, i;
+    if ((ctl > 0 && syscall(SYS_close_range, 0, ctl - 1, 0) < 0) ||
+        syscall(SYS_close_range, ctl + 1, ~0U, 0) < 0) {
+        /* A kernel without close_range (5.9): one by one. */
+        getrlimit(RLIMIT_NOFILE, &rl);
+        for (fd = 0; fd < (int)rl.rlim_cur; fd++)
+            if (fd != ctl)
+                close(fd);
+    }
+    snprintf(devnull, sizeof(devnull), "%s/dev/null", scratch_root(&scratch));
+    for (i = 0; i < 3; i++)
+        if ((fd = open(devnull, O_RDWR)) != i)
+            setup_failed("could not place /dev/null on descriptors 0-2", fd < 0 ? errno : 0);
+}
+
+/* Whether a request waits on the control socket. */
+static int request_pending(void)
+{
+    struct pollfd p = {.fd = ctl, .events = POLLIN};
+    return poll(&p, 1, 0) > 0;
+}
+
+static int init_main(int config_fd)
+{
+    struct sigaction sa;
+    sigset_t chld, none;
+    struct pollfd pfd;
+    struct mp_writer w = {.len = 0};
+    int64_t started;
+
+    prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
+    started = read_config(config_fd);
+    /* Re-parented to the spawner by now (a child subreaper): die with it. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    close_host_descriptors();
+    if (baseline_snapshot(&cfg.base) < 0)
+        setup_failed("reading init's limits and scheduling", errno);
+
+    /* As pid 1 of its namespace, init gets from inside only the signals it handles; exec
+     * reset every handler the spawner had (ignored ones stay ignored). SIGCHLD is blocked
+     * but while init waits, so that it interrupts only the wait. */
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_sigchld;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGCHLD, &sa, NULL);
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_SETMASK, &chld, NULL);
+    sigemptyset(&none);
+
+    mp_w_map(&w, 2);
+    put_key(&w, "ev");
+    mp_w_cstr(&w, "ready");
+    put_key(&w, "setup_ns");
+    mp_w_int(&w, started ? now_ns() - started : 0);
+    send_msg(&w, -1);
+
+    pfd.fd = ctl;
+    pfd.events = POLLIN;
+    for (;;) {
+        /* Children first: the processes of a killed run are reaped before a request that
+         * came in the same wake-up starts the next run, which would see them in /proc. */
+        if (child_exited) {
+            child_exited = 0;
+            reap();
+        }
+        /* Idle work (a writable root's old mounts to detach, its spare to make) waits for
+         * a moment with no request pending, so that it delays no run. A failure is told
+         * once (the host then stops using the container). */
+        if (scratch_untidy(&scratch) && !tidy_failed && !request_pending()) {
+            static char err[1024];
+            if (scratch_tidy(&scratch, err, sizeof(err)) < 0) {
+                tidy_failed = 1;
+                send_reset(err);
+            }
+        }
+        if (ppoll(&pfd, 1, NULL, &none) < 0)
+            continue;
+        if (child_exited)
+            continue;
+        if (pfd.revents && !serve_one())
+            break;
+    }
+    kill_all_and_reap();
+    return 0;
+}
+
+/* The namespaces of the process `pid` that are not this process's own, joined: the user
+ * namespace first (it gives every capability in it, which the others need). */
+static const char *join_namespaces(pid_t pid)
+{
+    static const char *const kinds[] = {"user", "mnt", "uts", "ipc", "net", "cgroup"};
+    static char what[64];
+    char path[64];
+    struct stat theirs, ours;
+    int fds[6], i, n = (int)(sizeof(kinds) / sizeof(kinds[0]));
+
+    for (i = 0; i < n; i++) {
+        snprintf(what, sizeof(what), "open /proc/%d/ns/%s", (int)pid, kinds[i]);
+        if ((fds[i] = open(what + 5, O_RDONLY | O_CLOEXEC)) < 0)
+            return what;
+        snprintf(path, sizeof(path), "/proc/self/ns/%s", kinds[i]);
+        if (fstat(fds[i], &theirs) < 0 || stat(path, &ours) < 0)
+            return what;
+        if (theirs.st_ino == ours.st_ino && theirs.st_dev == ours.st_dev) {
+            close(fds[i]); /* shared (a profile with the host's network) */
+            fds[i] = -1;
+        }
+    }
+    for (i = 0; i < n; i++) {
+        snprintf(what, sizeof(what), "setns %s", kinds[i]);
+        if (fds[i] >= 0 && (setns(fds[i], 0) < 0 || close(fds[i]) < 0))
+            return what;
+    }
+    return NULL;
+}
+
+/*
+ * sbx-init join HELPER_SOCKET CONTROL_FD CONFIG_FD
+ *
+ * Started by the spawner's helper before the helper unshared its namespaces: so the memory
+ * of init (forked from here) belongs to the host's user namespace, and when init is
+ * non-dumpable its /proc files are the host's root's, never container root's (who could
+ * otherwise raise init's oom_score_adj, for one). On "j" from the helper (its namespaces,
+ * id map and filesystem are made), joins them, becomes container root, makes the pid
+ * namespace, forks init (its pid 1), answers with init's pid (or "E" and what failed) and
+ * exits.
+ */
+static int join_main(int sock, int config_fd)
+{
+    char go = 0, buf[128];
+    const char *failed = NULL;
+    pid_t pid = -1;
+    int n;
+
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    if (read(sock, &go, 1) != 1 || go != 'j')
+        return 1; /* the helper failed, and tells why */
+    if (!(failed = join_namespaces(getppid()))) {
+        if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
+            failed = "setresuid 0";
+        else if (unshare(CLONE_NEWPID) < 0)
+            failed = "unshare pid";
+        else if ((pid = fork()) < 0)
+            failed = "fork";
+    }
+    if (pid == 0) {
+        close(sock);
+        /* A child's parent-death signal is not inherited; init sets its own. */
+        return init_main(config_fd);
+    }
+    if (failed)
+        n = snprintf(buf, sizeof(buf), "E%s: %s", failed, strerror(errno));
+    else
+        n = snprintf(buf, sizeof(buf), "%d", (int)pid);
+    return write(sock, buf, (size_t)n) == n && !failed ? 0 : 1;
+}
+
+int main(int argc, char **argv)
+{
+    /* Before anything else: exec made this process dumpable again. */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    if (argc != 5 || strcmp(argv[1], "join") != 0)
+        return 2;
+    ctl = atoi(argv[3]);
+    return join_main(atoi(argv[2]), atoi(argv[4]));
+}
