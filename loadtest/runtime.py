@@ -13,7 +13,7 @@ no verdict. Per policy (`--policy`, both by default):
   concurrency;
 - cold start: create_container until ready, beside the bare loops of a busybox `unshare`
   of the same namespaces;
-- idle memory: USS of idle containers' inits, beside the spawner they are forked from.
+- idle memory: USS of idle containers' inits, beside the spawner that starts them.
 
 Then, with `default` among the policies:
 
@@ -337,7 +337,7 @@ async def bench_idle(runtime: Runtime, root: Path, n: Counts,
            "idle_containers": n.idle}
     what = "USS" if measured[0][1] == "uss" else "RSS-shared (USS unreadable)"
     rows = [Row(f"{policy}: idle init {what}, median of {n.idle} (MiB)", median(uss),
-                (("the spawner's USS (inits are its forks)", spawner_uss),)),
+                (("the spawner's USS", spawner_uss),)),
             Row(f"{policy}: idle init RSS median (MiB)", median(rss))]
     return rows, fig
 
