@@ -830,6 +830,10 @@ static int init_main(int config_fd)
     struct mp_writer w = {.len = 0};
     int64_t started;
 
+    /* Only as pid 1 of its own namespace: elsewhere its resets' kill(-1) would reach every
+     * process the caller may signal. */
+    if (getpid() != 1)
+        return 1;
     prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
     started = read_config(config_fd);
     /* Re-parented to the spawner by now (a child subreaper): die with it. */
