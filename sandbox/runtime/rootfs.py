@@ -385,17 +385,23 @@ def _make_skeleton(root: str, targets: list[str], skeleton: str) -> None:
     tree shows); anything else becomes a plain 0755 directory, hiding a link or file."""
     os.makedirs(skeleton, mode=0o755, exist_ok=True)
     for target in targets:
-        image, skel = root, skeleton
+        # The image is looked at only while every component so far is a real directory:
+        # past a link, a path would lead wherever the image chose (the host, here).
+        image: str | None = root
+        skel = skeleton
         for part in target.strip("/").split("/"):
-            image, skel = f"{image}/{part}", f"{skel}/{part}"
+            skel = f"{skel}/{part}"
+            st = None
+            if image is not None:
+                image = f"{image}/{part}"
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.lstat(image)
+                if st is None or not stat.S_ISDIR(st.st_mode):
+                    image, st = None, None
             if os.path.isdir(skel):
                 continue
             os.mkdir(skel, 0o755)
-            try:
-                st = os.lstat(image)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
+            if st is not None:
                 os.chmod(skel, stat.S_IMODE(st.st_mode))
                 # An owner the user namespace does not map shows as the overflow id.
                 with contextlib.suppress(OSError):

@@ -342,12 +342,17 @@ def test_image_without_mount_points_runs(session: Session, tmp_path: Path, profi
     script = ("/bin/busybox test -r /proc/self/status && /bin/busybox test -c /dev/null"
               " && echo x > /tmp/x && /bin/busybox stat -f -c %T /tmp"
               " && /bin/busybox ls /etc")
-    r = session.exec(c, ["/bin/busybox", "sh", "-c", script])
-    assert r.status == Status.OK, r
-    lines = r.stdout.decode().split()
-    assert lines[0] == "tmpfs"                      # /tmp is the profile's tmpfs
-    assert "x" not in lines[1:]                     # and not the image's /etc behind a link
-    assert ("marker" in lines[1:]) == plant         # every layer is there
+    for _ in range(2):  # and again after a reset (a writable root is made anew with them)
+        r = session.exec(c, ["/bin/busybox", "sh", "-c",
+                             script + "; echo y 2>/dev/null > /etc/y; true"],
+                         uid=0)
+        assert r.status == Status.OK, r
+        lines = r.stdout.decode().split()
+        assert lines[0] == "tmpfs"                  # /tmp is the profile's tmpfs
+        assert "x" not in lines[1:]                 # and not the image's /etc behind a link
+        assert "y" not in lines[1:]                 # nothing of the run before
+        assert ("marker" in lines[1:]) == plant     # every layer is there
+        session.run(c.reset())
 
 
 @pytest.mark.parametrize("profile", ["judge", "default"])

@@ -142,11 +142,15 @@ def test_skeleton_gives_missing_mount_points_and_keeps_image_directories(
     (image / "tmp").symlink_to("/etc")
     (image / "proc").write_text("a file")
     (image / "dev").mkdir()
-    targets = ["/proc", "/dev", "/tmp", "/var/tmp", "/sys"]
+    (image / "run").symlink_to(tmp_path / "elsewhere")    # past a link: never looked at
+    (tmp_path / "elsewhere" / "lock").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "lock").chmod(0o700)
+    targets = ["/proc", "/dev", "/tmp", "/var/tmp", "/sys", "/run/lock"]
     missing = [t for t in targets if not rootfs._is_real_dir(str(image), t)]
-    assert missing == ["/proc", "/tmp", "/var/tmp", "/sys"]
+    assert missing == ["/proc", "/tmp", "/var/tmp", "/sys", "/run/lock"]
     rootfs._make_skeleton(str(image), missing, str(skeleton))
-    assert sorted(p.name for p in skeleton.iterdir()) == ["proc", "sys", "tmp", "var"]
+    assert sorted(p.name for p in skeleton.iterdir()) == ["proc", "run", "sys", "tmp", "var"]
+    assert ((skeleton / "run/lock").stat().st_mode & 0o7777) == 0o755
     assert all((skeleton / p).is_dir() and not (skeleton / p).is_symlink()
                for p in ("proc", "tmp", "var/tmp", "sys"))
     assert ((skeleton / "var").stat().st_mode & 0o7777) == 0o750
