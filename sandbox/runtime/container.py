@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox.errors import ContainerGoneError, RuntimeSetupError, SandboxError
 from sandbox.runtime import protocol
 from sandbox.runtime.cgroups import Cgroup, CgroupLimits, Lease
+from sandbox.runtime.housekeeping import Pending
 from sandbox.runtime.output import OutputCallback
 from sandbox.runtime.policy import Policy
 from sandbox.runtime.profiles import Profile
@@ -81,10 +82,11 @@ class Container:
         self._runs = 0
         # The next runs' cgroups are ready (the profile's default limits applied) before
         # anyone waits, two ahead so that back-to-back runs always find one: a finished
-        # run's is reset and kept when it can be, else removed and a new one made, in a
-        # worker thread after the run.
+        # run's is reset and kept when it can be, else removed and a new one made, by the
+        # runtime's housekeeping thread after the run.
         self._spares: list[tuple[Cgroup, CgroupLimits, list[int]]] = []
-        self._chores: set[asyncio.Future[None]] = set()
+        self._housework = Pending()
+        self._kills: set[asyncio.Future[None]] = set()   # under way
         self._spares_lock = threading.Lock()  # one chore at a time makes new ones
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().add_reader(ctl, self._on_message)
@@ -224,15 +226,27 @@ class Container:
             for fd in fds:
                 os.close(fd)
 
-    def _chore(self, work: Callable[[], None]) -> None:
-        """Cgroup housekeeping in a worker thread, off the path of any run."""
+    def _housekeep(self, work: Callable[[], None]) -> None:
+        """Cgroup housekeeping in the runtime's housekeeping thread, off the path of any
+        run (see housekeeping.py)."""
+        self.runtime.housekeeper.submit(self._housework, work)
+
+    async def _settle(self) -> None:
+        """Wait for this container's kills and housekeeping under way."""
+        while self._kills:
+            await asyncio.gather(*self._kills)
+        if self._housework.busy:
+            await asyncio.to_thread(self._housework.wait)
+
+    def _in_thread(self, work: Callable[[], None]) -> None:
+        """A kill in a worker thread, off the event loop."""
         async def run() -> None:
             with contextlib.suppress(SandboxError, OSError):
                 await asyncio.to_thread(work)
 
         task = asyncio.ensure_future(run())
-        self._chores.add(task)
-        task.add_done_callback(self._chores.discard)
+        self._kills.add(task)
+        task.add_done_callback(self._kills.discard)
 
     def _kill_run(self, run_cg: Lease | None, run_id: int) -> None:
         """Kill every process of a run without blocking the event loop (a v1 kill freezes
@@ -245,7 +259,7 @@ class Container:
         rest of the cgroup."""
         self._signal_run(run_id, signal.SIGKILL)
         if run_cg is not None:
-            self._chore(run_cg.kill)
+            self._in_thread(run_cg.kill)
 
     def _signal_run(self, run_id: int, signum: int) -> None:
         """A caller's signal: init sends it to the run's process group (never to itself).
@@ -308,8 +322,7 @@ class Container:
             finally:
                 os.close(self._pidfd)
                 self._pidfd = -1
-        while self._chores:
-            await asyncio.gather(*self._chores)
+        await self._settle()
         self._drop_spares()
         if self.cgroup is not None:
             # An init that has exited took every process of its pid namespace with it (the

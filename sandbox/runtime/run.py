@@ -166,7 +166,7 @@ class Run:
                 # Handled at once rather than in batches: a batch of rmdirs holds the
                 # kernel's cgroup lock long enough to stall the runs starting meanwhile.
                 cg, applied, reusable = self.lease.cgroup, self.cgroup_limits, finished
-                c._chore(lambda: c._retire(cg, applied, reusable))
+                c._housekeep(lambda: c._retire(cg, applied, reusable))
         return self._result(done_msg, stats, setup_ms)
 
     def _stdin_fd(self, stdin: bytes | int | None) -> int:

@@ -20,6 +20,7 @@ from sandbox.errors import RuntimeSetupError
 from sandbox.runtime import idmap, protocol
 from sandbox.runtime.cgroups import Cgroup, Detection, detect
 from sandbox.runtime.container import Container, container_limits
+from sandbox.runtime.housekeeping import Housekeeper
 from sandbox.runtime.policy import PolicyRegistry
 from sandbox.runtime.profiles import HOST_NETWORK
 from sandbox.runtime.requests import ContainerSpec
@@ -39,6 +40,7 @@ class Runtime:
         self._undoing: set[asyncio.Task[None]] = set()  # creations cancelled by callers
         # The stdin of every run without one: init receives its own copy with each run.
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.housekeeper = Housekeeper()
 
     _end_spawner: weakref.finalize  # set by start(): see _end_spawner()
 
@@ -161,7 +163,7 @@ class Runtime:
         container.setup_ms = (time.monotonic() - started) * 1000
         self.containers[cid] = container
         if cgroup is not None:  # the first run's cgroup, made while the container waits
-            container._chore(lambda: container._make_spares(1))
+            container._housekeep(lambda: container._make_spares(1))
         return container
 
     async def close(self) -> None:
@@ -173,6 +175,7 @@ class Runtime:
         finally:
             # Whatever failed above: the spawner kills what is left and exits, reaped here.
             await asyncio.to_thread(self._end_spawner)
+            await asyncio.to_thread(self.housekeeper.close)
         if self.cgroups.driver is not None:
             self.cgroups.driver.close()
         os.close(self.devnull)

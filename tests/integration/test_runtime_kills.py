@@ -50,8 +50,7 @@ async def _late_kill(c: Container, monkeypatch: pytest.MonkeyPatch) -> RunResult
     monkeypatch.setattr(type(c), "_take_run_cgroup", recording)
     first = await c.exec(ExecRequest(argv=["true"], env=ENV))
     assert first.status == Status.OK
-    while c._chores:  # its cgroup is recycled and a spare again
-        await asyncio.gather(*c._chores)
+    await c._settle()  # its cgroup is recycled and a spare again
     started = asyncio.Event()
 
     def on_output(stream: str, chunk: bytes) -> None:
@@ -67,8 +66,7 @@ async def _late_kill(c: Container, monkeypatch: pytest.MonkeyPatch) -> RunResult
         assert len(taken) == 2 and getattr(taken[1], "cgroup", taken[1]) is \
             getattr(taken[0], "cgroup", taken[0]), "run 2 did not get run 1's cgroup"
     c._kill_run(taken[0] if taken else None, 1)   # run 1's kill, come late
-    while c._chores:
-        await asyncio.gather(*c._chores)
+    await c._settle()
     return await second
 
 
