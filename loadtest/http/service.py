@@ -1,7 +1,7 @@
 """The service side: loopback checks, /metrics snapshots, and `--spawn`'s own sandboxd.
 
 `spawned` starts a throwaway loopback registry holding a busybox image, and a gcc image when
-asked (pushed with the image API, as `sandboxd demo` does), and `sandboxd serve` on a free
+asked (pushed with the image API, as `python -m testbed.demo` does), and `sandboxd serve` on a free
 loopback port with an empty state directory; both are stopped and the directory removed
 whatever happens.
 """

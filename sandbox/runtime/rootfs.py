@@ -255,8 +255,8 @@ def _in_root(target: str) -> str:
 
 
 def _tmpfs(op: Tmpfs, path: str) -> None:
-    # Owned by container root whoever mounts it: a reset remounts as init, which by then
-    # runs under an id of its own (see idmap.IdMapping.init_uid).
+    # Owned by container root whoever mounts it, as init's remounts at a reset are
+    # (native/scratch.c: by then init runs under an id of its own, idmap.init_uid).
     data = f"size={op.size},mode={op.mode:o},uid=0,gid=0"
     if op.inodes:
         data += f",nr_inodes={op.inodes}"

@@ -2,7 +2,7 @@
 
 Profiles use the OCI/Docker JSON format (policies/seccomp/*.json, or Docker's own default.json).
 compile_profile() resolves Docker's conditional rules for this host and has libseccomp generate
-the BPF program once per policy. The runtime's exec child (_spawn.c) hands those bytes to the
+the BPF program once per policy. The runtime's exec child (native/child.c) hands those bytes to the
 kernel right before execve; install() does the same for the calling process (tests, tools).
 """
 

@@ -50,11 +50,7 @@ MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
-PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
-
-_SYS_PIVOT_ROOT = 155
 
 # statvfs f_flag bits that a mount in a user namespace cannot drop (the kernel "locks" them).
 _ST_LOCKED = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV,
@@ -94,19 +90,8 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(_b(target), flags), f"umount2({target!r})")
 
 
-def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_libc.syscall(_SYS_PIVOT_ROOT, _b(new_root), _b(put_old)),
-           f"pivot_root({new_root!r}, {put_old!r})")
-
-
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
-
-
-def set_process_name(name: str) -> None:
-    """The name `ps` shows (PR_SET_NAME takes a pointer, not a number)."""
-    buf = ctypes.create_string_buffer(name.encode()[:15])
-    _check(_libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0), f"PR_SET_NAME {name!r}")
 
 
 def sethostname(name: str) -> None:

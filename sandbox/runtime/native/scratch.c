@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #define SAFE (MS_NOSUID | MS_NODEV)
+#define LOWERDIR_MAX 4096
 
 static int fail(char *err, size_t n, const char *call, const char *what)
 {
@@ -117,16 +118,21 @@ static int init_writable(struct scratch *s, const struct mp_value *wv, char *err
     w->old = -1;
     if (mp_get(wv, "lowers", &v) < 0 || v.type != MP_ARRAY || v.len == 0)
         goto bad;
-    if (!(w->lowerdir = calloc(1, (size_t)v.len * PATH_MAX)))
+    /* A mount's options are one page: what does not fit is refused, never cut short. */
+    if (!(w->lowerdir = calloc(1, LOWERDIR_MAX)))
         goto bad;
     for (i = 0; i < v.len; i++) {
         char *one;
+        int k;
         if (mp_item(&v, i, &item) < 0 || !(one = str_of(&item)) || strchr(one, ':')) {
             free(one);
             goto bad;
         }
-        len += (size_t)snprintf(w->lowerdir + len, PATH_MAX, "%s%s", i ? ":" : "", one);
+        k = snprintf(w->lowerdir + len, LOWERDIR_MAX - len, "%s%s", i ? ":" : "", one);
         free(one);
+        if (k < 0 || (size_t)k >= LOWERDIR_MAX - len)
+            goto bad;
+        len += (size_t)k;
     }
     if (mp_get(wv, "upper_size", &v) < 0 || mp_int(&v, 1, INT64_MAX, &x) < 0)
         goto bad;
@@ -220,7 +226,7 @@ int scratch_untidy(const struct scratch *s)
 int scratch_tidy(struct scratch *s, char *err, size_t n)
 {
     struct writable_root *w = s->writable;
-    char path[PATH_MAX], data[PATH_MAX * 2];
+    char path[PATH_MAX], data[LOWERDIR_MAX + 2 * PATH_MAX];
     int spare;
 
     if (!w)
@@ -246,8 +252,12 @@ int scratch_tidy(struct scratch *s, char *err, size_t n)
          * container was made (init runs under an id of its own by now). */
         if (chown(path, 0, 0) < 0)
             return fail(err, n, "chown", path);
-        snprintf(data, sizeof(data), "lowerdir=%s,upperdir=%s/upper,workdir=%s/work,userxattr",
-                 w->lowerdir, w->slot_rw[spare], w->slot_rw[spare]);
+        if ((size_t)snprintf(data, sizeof(data),
+                             "lowerdir=%s,upperdir=%s/upper,workdir=%s/work,userxattr",
+                             w->lowerdir, w->slot_rw[spare], w->slot_rw[spare]) >= sizeof(data)) {
+            snprintf(err, n, "the overlay's options are over %zu bytes", sizeof(data));
+            return -1;
+        }
         if (mount("overlay", w->slot_root[spare], "overlay", SAFE, data) < 0)
             return fail(err, n, "mount overlay", w->slot_root[spare]);
         w->spare_ready = 1;
