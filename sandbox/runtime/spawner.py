@@ -91,6 +91,11 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
         os.waitpid(joiner, 0)  # init is the spawner's child now (a subreaper)
         for fd in fds[n_container:]:
             os.write(fd, answer)  # init's own cgroup
+            # And this helper too, for the moment it takes to exit (its address space is
+            # the spawner's, and tearing it down is slow): the spawner answers without
+            # waiting for that, and on cgroup v2 the container's own cgroup must hold no
+            # process once runs' cgroups take its controllers.
+            os.write(fd, b"0")
         mapping = _mapping(req["mapping"])
         os.write(config, msgpack.packb({
             "started_ns": started, "seccomp_bpf": req["seccomp_bpf"],
@@ -190,6 +195,8 @@ class Spawner:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
     def _finish_blocked(self, helper: int, mapping: idmap.IdMapping, rd: int, wr: int) -> int:
+        """Init's pid, once the helper has said it; the helper is reaped by `reap` once it
+        has exited (SIGCHLD), or here when it failed."""
         try:
             first = os.read(rd, 4096)
             if first != b"u":
@@ -199,8 +206,8 @@ class Spawner:
             reply = os.read(rd, 4096)
             if not reply.startswith(b"p"):
                 raise RuntimeSetupError(reply[1:].decode(errors="replace") or "helper died")
-            init_pid = int(reply[1:])
-        finally:
+            return int(reply[1:])
+        except BaseException:
             while True:
                 try:
                     os.waitpid(helper, 0)
@@ -209,7 +216,7 @@ class Spawner:
                     break
                 except InterruptedError:
                     continue
-        return init_pid
+            raise
 
     def serve(self) -> None:
         while True:
