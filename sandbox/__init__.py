@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.engine import PoolConfig as PoolConfig
     from sandbox.engine import RunSpec as RunSpec
     from sandbox.errors import AuthError as AuthError
+    from sandbox.errors import Busy as Busy
     from sandbox.errors import CapacityError as CapacityError
     from sandbox.errors import CgroupError as CgroupError
     from sandbox.errors import ContainerGoneError as ContainerGoneError
@@ -37,12 +38,15 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.errors import RegistryError as RegistryError
     from sandbox.errors import RuntimeSetupError as RuntimeSetupError
     from sandbox.errors import SandboxError as SandboxError
+    from sandbox.errors import WrongPlatform as WrongPlatform
     from sandbox.images import Image as Image
     from sandbox.images import Platform as Platform
     from sandbox.images import PublicNames as PublicNames
     from sandbox.images import PullProgress as PullProgress
     from sandbox.images import RegistriesConfig as RegistriesConfig
     from sandbox.images import is_digest as is_digest
+    from sandbox.images.changes import MAX_CHANGE_BYTES as MAX_CHANGE_BYTES
+    from sandbox.images.changes import MAX_CHANGES as MAX_CHANGES
     from sandbox.images.reference import parse as parse_reference  # noqa: F401
     from sandbox.images.registry.hosts import is_local_address as is_local_address
     from sandbox.images.registry.hosts import parse_ip as parse_ip
@@ -67,6 +71,7 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
 _HOMES = {
     "ALLOWED_SIGNALS": "sandbox.runtime.runcontrol",
     "AuthError": "sandbox.errors",
+    "Busy": "sandbox.errors",
     "CapacityError": "sandbox.errors",
     "CgroupError": "sandbox.errors",
     "ContainerGoneError": "sandbox.errors",
@@ -80,6 +85,8 @@ _HOMES = {
     "ImageInUse": "sandbox.errors",
     "InvalidReference": "sandbox.errors",
     "LOCAL_TENANT": "sandbox.tenants:LOCAL",
+    "MAX_CHANGES": "sandbox.images.changes",
+    "MAX_CHANGE_BYTES": "sandbox.images.changes",
     "LayerError": "sandbox.errors",
     "Limits": "sandbox.runtime.profiles",
     "ManifestError": "sandbox.errors",
@@ -102,6 +109,7 @@ _HOMES = {
     "Status": "sandbox.runtime.results",
     "Streamed": "sandbox.runtime.output",
     "Tenant": "sandbox.tenants",
+    "WrongPlatform": "sandbox.errors",
     "host_report": "sandbox.runtime.hostinfo:report",
     "is_digest": "sandbox.images",
     "is_local_address": "sandbox.images.registry.hosts",

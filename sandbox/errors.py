@@ -42,6 +42,10 @@ class AuthError(RegistryError):
     """The registry refused our credentials, or we have none where it wants some."""
 
 
+class WrongPlatform(ImageError):
+    """The image is built for an operating system or architecture this host does not run."""
+
+
 class NotFound(ImageError):
     """An image, manifest, tag or blob does not exist (locally or in the registry)."""
 
@@ -68,6 +72,11 @@ class CapacityError(SandboxError):
 
 class Forbidden(SandboxError):
     """The caller may not do this (e.g. change a name the operator shares with everyone)."""
+
+
+class Busy(SandboxError):
+    """What the request acts on is in a use that rules it out now (a session with runs in
+    progress cannot be committed); the same request may succeed later."""
 
 
 class QuotaExceeded(SandboxError):

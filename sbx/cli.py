@@ -4,6 +4,7 @@
     sbx create [OPTIONS] IMAGE             keep a container (a session); prints its id
     sbx exec [OPTIONS] ID -- CMD...        run a command in a kept container
     sbx ps | rm ID... | cp SRC DST         list, remove, copy files in and out
+    sbx commit [OPTIONS] ID NAME:TAG       make an image of a kept container's changes
     sbx pull | images | rmi | tag | push | import    images
     sbx info                               the service's host, pools and sessions
 
@@ -47,6 +48,8 @@ from sbx.client import (
     RunResult,
 )
 
+PLATFORM_HELP = ("os/arch[/variant] of a multi-platform image (default: the service's); "
+                 "only the service's own architecture runs")
 EXIT_CODES_HELP = """\
 exit status:
   the command's own exit status, or 128+N when a signal N ended it;
@@ -169,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     p.add_argument("--policy", help="profile: default (writable root) or judge (read-only)")
     p.add_argument("--network", choices=["none"], help="network (only none)")
+    p.add_argument("--platform", help=PLATFORM_HELP)
     p.add_argument("image")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD",
                    help="the command (default: the image's entrypoint and cmd)")
@@ -181,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("create", "Create a kept container; prints its id.")
     p.add_argument("--policy")
     p.add_argument("--network", choices=["none"])
+    p.add_argument("--platform", help=PLATFORM_HELP)
     p.add_argument("--limit", type=_limit, action="append", default=[], metavar="KEY=N")
     p.add_argument("image")
 
@@ -197,8 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("destination")
 
+    p = command("commit", "Make an image of what a kept container changed in its root "
+                "(its tmpfs mounts such as /tmp are left out); prints the image's digest.")
+    p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                   help="a Dockerfile instruction for the image's config: CMD, ENTRYPOINT, "
+                        "ENV, EXPOSE, LABEL, ONBUILD, STOPSIGNAL, USER, VOLUME, WORKDIR "
+                        "(repeatable)")
+    p.add_argument("-m", "--message", help="the new layer's history comment")
+    p.add_argument("-a", "--author", help='e.g. "Jane Doe <jane@example.com>"')
+    p.add_argument("container", metavar="ID")
+    p.add_argument("reference", metavar="NAME:TAG")
     p = command("pull", "Pull an image, showing progress per layer; prints its digest.")
-    p.add_argument("--platform", help="os/arch[/variant] (default: the service's)")
+    p.add_argument("--platform", help=PLATFORM_HELP)
     p.add_argument("image")
     p = command("images", "List the images.")
     p.add_argument("--json", action="store_true", help="the service's JSON")
@@ -350,10 +365,10 @@ async def _run(client: Client, args: argparse.Namespace) -> int:
     options = _options(args)
     if args.interactive:
         session = client.interactive(args.image, _cmd(args), policy=args.policy,
-                                     network=args.network, **options)
+                                     network=args.network, platform=args.platform, **options)
         return _report(await _interact(session), args.verbose)
     events = client.run_stream(args.image, _cmd(args), policy=args.policy,
-                               network=args.network, **options)
+                               network=args.network, platform=args.platform, **options)
     return _report(await _print_events(events), args.verbose)
 
 
@@ -418,7 +433,7 @@ async def _interact(session: contextlib.AbstractAsyncContextManager[Any]) -> Run
 
 async def _create(client: Client, args: argparse.Namespace) -> int:
     answer = await client.create_container(args.image, policy=args.policy,
-                                           network=args.network,
+                                           network=args.network, platform=args.platform,
                                            limits=dict(args.limit) if args.limit else None)
     print(answer.get("id", ""))
     return 0
@@ -850,6 +865,14 @@ async def _rmi(client: Client, args: argparse.Namespace) -> int:
     return FAILED if failed else 0
 
 
+async def _commit(client: Client, args: argparse.Namespace) -> int:
+    answer = await client.commit_container(args.container, args.reference,
+                                           changes=args.change, message=args.message,
+                                           author=args.author)
+    print(answer.get("digest", ""))
+    return 0
+
+
 async def _tag(client: Client, args: argparse.Namespace) -> int:
     print(await client.tag_image(args.source, args.target))
     return 0
@@ -875,7 +898,7 @@ async def _info(client: Client, _: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
     "run": _run, "exec": _exec, "create": _create, "ps": _ps, "rm": _rm, "cp": _cp,
-    "pull": _pull, "images": _images, "rmi": _rmi, "tag": _tag, "push": _push,
+    "commit": _commit, "pull": _pull, "images": _images, "rmi": _rmi, "tag": _tag, "push": _push,
     "import": _import, "info": _info,
 }
 

@@ -365,13 +365,10 @@ def _run_body(cmd: Sequence[str] | None, options: RunOptions) -> Json:
     return body
 
 
-def _image_body(image: str, policy: str | None, network: str | None) -> Json:
-    body: Json = {"image": image}
-    if policy is not None:
-        body["policy"] = policy
-    if network is not None:
-        body["network"] = network
-    return body
+def _image_body(image: str, policy: str | None, network: str | None,
+                platform: str | None) -> Json:
+    given = {"policy": policy, "network": network, "platform": platform}
+    return {"image": image} | {k: v for k, v in given.items() if v is not None}
 
 
 def _seg(value: str) -> str:
@@ -474,28 +471,44 @@ class Client:
 
     async def run(self, image: str, cmd: Sequence[str] | None = None, *,
                   policy: str | None = None, network: str | None = None,
-                  **options: Unpack[RunOptions]) -> RunResult:
-        body = _image_body(image, policy, network) | _run_body(cmd, options)
+                  platform: str | None = None, **options: Unpack[RunOptions]) -> RunResult:
+        body = _image_body(image, policy, network, platform) | _run_body(cmd, options)
         return RunResult.from_json(await self._json("POST", "/v1/runs", body=body),
                                    binary=bool(options.get("binary")))
 
     def run_stream(self, image: str, cmd: Sequence[str] | None = None, *,
-                   policy: str | None = None, network: str | None = None, sse: bool = False,
+                   policy: str | None = None, network: str | None = None,
+                   platform: str | None = None, sse: bool = False,
                    **options: Unpack[RunOptions]) -> AsyncIterator[RunEvent]:
         """Output events as the output arrives, then one Exit; an error the service reports
         mid-stream is raised as ApiError. sse=True asks for text/event-stream."""
-        body = _image_body(image, policy, network) | _run_body(cmd, options)
+        body = _image_body(image, policy, network, platform) | _run_body(cmd, options)
         return self._run_events("/v1/runs", body, sse, bool(options.get("binary")))
 
     # Sessions
 
     async def create_container(self, image: str, *, policy: str | None = None,
-                               network: str | None = None,
+                               network: str | None = None, platform: str | None = None,
                                limits: Mapping[str, int] | None = None) -> Json:
-        body = _image_body(image, policy, network)
+        body = _image_body(image, policy, network, platform)
         if limits is not None:
             body["limits"] = dict(limits)
         return await self._json("POST", "/v1/containers", body=body)
+
+    async def commit_container(self, container_id: str, reference: str, *,
+                               changes: Sequence[str] = (), message: str | None = None,
+                               author: str | None = None) -> Json:
+        """`docker commit`: a new image named `reference` of what the container changed;
+        `changes` are Dockerfile instructions (CMD, ENV, ...) for its config."""
+        body: Json = {"reference": reference}
+        if changes:
+            body["changes"] = list(changes)
+        if message is not None:
+            body["message"] = message
+        if author is not None:
+            body["author"] = author
+        return await self._json("POST", f"/v1/containers/{_seg(container_id)}/commit",
+                                body=body)
 
     async def list_containers(self) -> list[Json]:
         return list((await self._json("GET", "/v1/containers")).get("containers", []))
@@ -556,13 +569,13 @@ class Client:
     @asynccontextmanager
     async def interactive(self, image: str | None = None, cmd: Sequence[str] | None = None, *,
                           container: str | None = None, policy: str | None = None,
-                          network: str | None = None,
+                          network: str | None = None, platform: str | None = None,
                           **options: Unpack[RunOptions]) -> AsyncIterator[Interactive]:
         """A run (image) or an exec (container) whose stdin is fed as it goes."""
         if (image is None) == (container is None):
             raise ValueError("interactive() takes an image (a run) or a container (an exec)")
         if image is not None:
-            path, body = "/v1/runs/ws", _image_body(image, policy, network)
+            path, body = "/v1/runs/ws", _image_body(image, policy, network, platform)
         else:
             path, body = f"/v1/containers/{_seg(str(container))}/exec/ws", {}
         body |= _run_body(cmd, options)

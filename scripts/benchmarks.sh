@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every figure of docs/benchmarks.md, measured in one go on this machine (Debian 12, as
-# root): the runtime, pulls, the API and its per-layer profile, the HTTP load test with its
-# peers (bwrap, crun, runc, podman) and the isolation sweep, the open loop, the CPU-share
-# check and the verdict soak. Every goal of issue #11 for both the judge and the default
-# policy: warm runs over HTTP and without, idle memory, cold starts, and a writable run's
-# root against a fresh container's (runtime.txt, api.txt). Beside each figure, its bare
+# root): the runtime, pulls, the API and its per-layer profile, commits (loadtest.build),
+# the HTTP load test with its peers (bwrap, crun, runc, podman) and the isolation sweep, the
+# open loop, the CPU-share check and the verdict soak. Every goal of issue #11 for both the
+# judge and the default policy: warm runs over HTTP and without, idle memory, cold starts,
+# and a writable run's root against a fresh container's (runtime.txt, api.txt). Beside each figure, its bare
 # baseline from the same run: the tight fork+exec and posix_spawn loops of
 # loadtest/baseline.py, and the ratio. The outputs (tables, JSON lines, py-spy's raw
 # stacks per policy, the HTML reports) go to OUT (default bench-results/<time>). Takes
@@ -43,6 +43,8 @@ run runtime $py -m loadtest.runtime --policy $policies
 run pull $py -m loadtest.pull
 # py-spy's stacks per policy: api-profile.judge.raw, api-profile.default.raw.
 run api $py -m loadtest.api --policy $policies --profile --profile-out "$out/api-profile.raw"
+# Images made here (issue #12): a commit beside tar|gzip of the same files.
+run build $py -m loadtest.build
 run http $py -m loadtest --spawn --workload all --concurrency 4 --requests 200 \
     --peers auto --sweep 300 --html "$out/report.html" --json-out "$out/http.json"
 run open-loop $py -m loadtest --spawn --workload exec,judge --rate 250 --duration 20 \

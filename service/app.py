@@ -155,7 +155,7 @@ def _gauges(st: State) -> None:
               total("misses"), "counter"),
         Gauge("sandboxd_live_containers", "Containers alive: pools, runs and sessions.", live),
         Gauge("sandboxd_sessions", "Containers kept by callers (sessions).",
-              lambda: [((), float(st.engine.session_count if st.engine else 0))]),
+              lambda: [((), float(len(st.engine.sessions) if st.engine else 0))]),
         Gauge("sandboxd_runs_running", "Runs executing now.",
               lambda: [((), float(st.admission.running))]),
         Gauge("sandboxd_runs_queued", "Runs waiting for a slot.",

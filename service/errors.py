@@ -14,6 +14,7 @@ from aiohttp import web
 
 from sandbox import (
     AuthError,
+    Busy,
     CapacityError,
     CgroupError,
     ContainerGoneError,
@@ -99,7 +100,7 @@ def from_sandbox(exc: SandboxError, field: str | None = None) -> ApiError:
     if isinstance(exc, ManifestError | DigestMismatch | LayerError):
         return ApiError(502, "bad_upstream_content",
                         f"the registry served unusable content: {msg}", field)
-    if isinstance(exc, ImageInUse):
+    if isinstance(exc, ImageInUse | Busy):
         return ApiError(409, "conflict", msg, field)
     if isinstance(exc, ImageError):
         return ApiError(400, "image_error", msg, _field_of(msg, field))

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sandbox import ALLOWED_SIGNALS
+from sandbox import ALLOWED_SIGNALS, MAX_CHANGE_BYTES, MAX_CHANGES
 from service.errors import bad_request
 
 MiB = 1 << 20
@@ -280,6 +280,8 @@ REFERENCE = Str(max_len=1024, min_len=1,
 POLICY = Str(max_len=64, min_len=1, description='a profile name: "default" (writable root, '
              'used once) or "judge" (read-only root, reused)')
 NETWORK = Str(max_len=16, enum=("none",), description="only 'none' is supported")
+PLATFORM = Str(max_len=64, min_len=1, description="os/arch[/variant], e.g. linux/arm64/v8 "
+               "(default: this machine's)")
 POSITIVE = Int(minimum=1)
 LIMITS = Obj("Limits", tuple(Prop(n, POSITIVE) for n in (
     "cpu_ms", "wall_ms", "memory_bytes", "pids", "output_bytes", "file_size_bytes",
@@ -308,14 +310,23 @@ EXEC_PROPS = (
 )
 EXEC_BODY = Obj("ExecRequest", EXEC_PROPS, not_both=(("stdin", "stdin_base64"),))
 RUN_BODY = Obj("RunRequest", (Prop("image", REFERENCE, required=True), *EXEC_PROPS,
-                              Prop("policy", POLICY), Prop("network", NETWORK)),
+                              Prop("policy", POLICY), Prop("network", NETWORK),
+                              Prop("platform", PLATFORM)),
                not_both=(("stdin", "stdin_base64"),))
 CONTAINER_BODY = Obj("ContainerRequest", (Prop("image", REFERENCE, required=True),
                                           Prop("policy", POLICY), Prop("network", NETWORK),
-                                          Prop("limits", LIMITS)))
+                                          Prop("platform", PLATFORM), Prop("limits", LIMITS)))
+COMMIT_BODY = Obj("CommitRequest", (
+    Prop("reference", REFERENCE, required=True),
+    Prop("changes", Arr(Str(max_len=MAX_CHANGE_BYTES, min_len=1), max_items=MAX_CHANGES,
+                        description="Dockerfile instructions applied to the new image's "
+                                    "config, as `docker commit --change` takes: CMD, "
+                                    "ENTRYPOINT, ENV, EXPOSE, LABEL, ONBUILD, STOPSIGNAL, "
+                                    "USER, VOLUME, WORKDIR")),
+    Prop("message", Str(max_len=64 << 10, description="the new layer's history comment")),
+    Prop("author", Str(max_len=1024, description='e.g. "Jane Doe <jane@example.com>"'))))
 PULL_BODY = Obj("PullRequest", (Prop("reference", REFERENCE, required=True),
-                                Prop("platform", Str(max_len=64, min_len=1,
-                                                     description="os/arch[/variant]"))))
+                                Prop("platform", PLATFORM)))
 TAG_BODY = Obj("TagRequest", (Prop("source", REFERENCE, required=True),
                               Prop("target", REFERENCE, required=True)))
 PUSH_BODY = Obj("PushRequest", (Prop("source", REFERENCE, required=True),

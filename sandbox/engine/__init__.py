@@ -1,17 +1,12 @@
 """The engine: images on first use, warm pools, sessions and runs (`Engine`), over the
-runtime. Its modules: engine (the Engine and its request types), pool (warm containers
-lent per run), records (container records in the state directory, the crash sweep)."""
+runtime. Its modules: engine (the Engine), specs (what a caller asks to run), pool (warm
+containers lent per run), sessions (containers a tenant keeps, commit), records (container
+records in the state directory, the crash sweep)."""
 
-from sandbox.engine.engine import (
-    Engine,
-    EngineConfig,
-    FileSpec,
-    PolicyLimits,
-    RunOutcome,
-    RunSpec,
-    Session,
-)
+from sandbox.engine.engine import Engine, EngineConfig, PolicyLimits, RunOutcome
 from sandbox.engine.pool import PoolConfig
+from sandbox.engine.sessions import Session
+from sandbox.engine.specs import FileSpec, RunSpec
 
 __all__ = ["Engine", "EngineConfig", "FileSpec", "PolicyLimits", "PoolConfig", "RunOutcome",
            "RunSpec", "Session"]

@@ -4,8 +4,8 @@
 and the limits, once, and pass them down; borrow a warm container for (image digest,
 policy) or start one, copy the request's files in, exec, and give the container back
 (reset and reused when its root is read-only, destroyed and replaced when it is writable).
-Sessions are containers a caller keeps: exec many times, copy files in and out, delete;
-idle ones expire.
+Sessions (sessions.py) are containers a caller keeps: exec many times, copy files in and
+out, commit into an image, delete; idle ones expire.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -25,11 +22,14 @@ from typing import Any
 from sandbox import statedir
 from sandbox.engine.pool import PoolConfig, Pools
 from sandbox.engine.records import ContainerRecords
-from sandbox.errors import CapacityError, NotFound, PolicyError, SandboxError
+from sandbox.engine.sessions import Session, Sessions
+from sandbox.engine.specs import RunSpec
+from sandbox.errors import NotFound, PolicyError, WrongPlatform
 from sandbox.images import (
     Image,
     ImageService,
     Ownership,
+    Platform,
     ProgressCallback,
     PublicNames,
     RegistriesConfig,
@@ -37,7 +37,6 @@ from sandbox.images import (
     digests,
 )
 from sandbox.runtime import files
-from sandbox.runtime.container import Container
 from sandbox.runtime.hostinfo import report as host_report
 from sandbox.runtime.output import OutputCallback
 from sandbox.runtime.policy import Policy
@@ -50,26 +49,6 @@ from sandbox.tenants import Tenant
 
 NETWORKS = ("none",)
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FileSpec:
-    """A file to put into the container before the run (absolute path inside it)."""
-
-    path: str
-    content: bytes
-    mode: int = 0o644
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    cmd: list[str] | None = None         # None or empty: the image's Entrypoint + Cmd
-    env: dict[str, str] | None = None    # merged over the image's Env
-    cwd: str | None = None               # default: the image's WorkingDir or /
-    stdin: bytes | int | None = None     # bytes, a readable fd (interactive), or nothing
-    files: tuple[FileSpec, ...] = ()
-    limits: Limits | None = None         # checked against the policy's maxima
-    user: str | None = None              # default: the image's User
 
 
 @dataclass(frozen=True)
@@ -100,6 +79,14 @@ class EngineConfig:
     public_images: PublicNames = field(default_factory=PublicNames)  # shared by every tenant
 
 
+def _fits(image: Image, platform: Platform) -> bool:
+    """Whether `image` is what a pull for `platform` would have chosen, os and
+    architecture (and the variant, when both name one)."""
+    have = Platform.parse(image.platform)
+    return (have.os, have.architecture) == (platform.os, platform.architecture) and (
+        platform.variant is None or have.variant in (None, platform.variant))
+
+
 def known_policies() -> list[str]:
     """The profiles shipped in policies/profiles/."""
     return sorted(p.name.removesuffix(".json")
@@ -109,24 +96,6 @@ def known_policies() -> list[str]:
 
 def _set_limits(limits: Limits) -> dict[str, Any]:
     return {k: v for k, v in asdict(limits).items() if v is not None}
-
-
-@dataclass
-class Session:
-    id: str
-    image: Image
-    policy: Policy
-    container: Container
-    created: float
-    last_used: float
-    owner: str                           # the tenant whose session it is
-    limits: Limits | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "image": self.image.digest,
-                "names": list(self.image.names), "policy": self.policy.name,
-                "created": self.created, "last_used": self.last_used,
-                "alive": self.container.alive}
 
 
 @dataclass(frozen=True)
@@ -145,8 +114,7 @@ class Engine:
         self.images = images
         self.records = ContainerRecords(config.state_dir)
         self.pools = Pools(runtime, config.pools, images, self.records)
-        self.sessions: dict[str, Session] = {}
-        self._opening: Counter[str] = Counter()   # sessions being created, per tenant
+        self.sessions = Sessions(self.pools, images, self._request)
         self._reaper: asyncio.Task[None] | None = None
 
     @classmethod
@@ -169,7 +137,7 @@ class Engine:
         if swept:
             log.warning("removed what %d containers of a previous instance left: %s",
                         len(swept), ", ".join(swept))
-        engine._reaper = asyncio.create_task(engine._expire_sessions())
+        engine._reaper = asyncio.create_task(engine.sessions.expire(config.session_idle_s))
         return engine
 
     async def close(self) -> None:
@@ -177,24 +145,43 @@ class Engine:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        for sid in list(self.sessions):
-            await self.delete_session(sid)
+        await self.sessions.close()
         await self.pools.close()
         await self.runtime.close()
         await self.images.close()
 
     # images
 
-    async def image(self, reference: str, *, tenant: Tenant,
+    async def image(self, reference: str, *, tenant: Tenant, platform: Platform | None = None,
                     on_progress: ProgressCallback | None = None) -> Image:
-        """An image as `tenant` names it, pulled the first time it asks for it (a bare
-        digest names no registry: it must be one of the tenant's images)."""
+        """An image to run as `tenant` names it, pulled the first time it asks for it (a
+        bare digest names no registry: it must be one of the tenant's images), or pulled
+        again for `platform` when the local one is for another. WrongPlatform unless it
+        runs on this host."""
+        found: Image | None = None
         try:
-            return await self.images.resolve(reference, tenant=tenant)
+            found = await self.images.resolve(reference, tenant=tenant)
         except NotFound:
             if digests.is_digest(reference.strip()):
                 raise
-            return await self.images.pull(reference, tenant=tenant, on_progress=on_progress)
+        if found is not None and platform is not None and not digests.is_digest(
+                reference.strip()) and not _fits(found, platform):
+            found = None
+        if found is None:
+            found = await self.images.pull(reference, tenant=tenant, platform=platform,
+                                           on_progress=on_progress)
+        return self._runnable(found)
+
+    def _runnable(self, image: Image) -> Image:
+        built_for = Platform.parse(image.platform)
+        host = self.images.platform
+        if not built_for.runs_on(host):
+            raise WrongPlatform(
+                f"image {(image.names or (image.digest,))[0]} is built for {built_for}, and "
+                f"this machine is {host}; sandboxd emulates no other architecture: use the "
+                f"image's {host.os}/{host.architecture} variant (\"platform\": "
+                f"\"{host.os}/{host.architecture}\" when its name is a multi-platform index)")
+        return image
 
     async def remove_image(self, reference: str, *, tenant: Tenant,
                            force: bool = False) -> list[str]:
@@ -223,7 +210,8 @@ class Engine:
         return resolved
 
     async def _image(self, image: Image | str, tenant: Tenant) -> Image:
-        """`image` as `tenant` names it, unless the caller resolved it already."""
+        """`image` as `tenant` names it, unless the caller resolved it already (with
+        `image()`, which checked that it runs here)."""
         return image if isinstance(image, Image) else await self.image(image, tenant=tenant)
 
     def _request(self, image: Image, spec: RunSpec, policy: Policy) -> ExecRequest:
@@ -260,88 +248,14 @@ class Engine:
     async def create_session(self, image: Image | str, *, tenant: Tenant,
                              policy: Policy | str | None = None, network: str | None = None,
                              limits: Limits | None = None) -> Session:
-        """A container `tenant` keeps; only calls naming the same tenant find it (see
-        `session`). At most `tenant.max_sessions` at once. `image` and `policy` as for
-        `run`; `limits`, the default of the session's execs, are resolved here."""
+        """A container `tenant` keeps (see sessions.py); only calls naming the same tenant
+        find it. `image` and `policy` as for `run`; `limits`, the default of the session's
+        execs, are resolved here."""
         resolved = self._policy(policy, network)
         if limits is not None:
             limits = resolved.limits(limits)
-        cap = tenant.max_sessions
-        held = len(self.list_sessions(tenant.id)) + self._opening[tenant.id]
-        if cap is not None and held >= cap:
-            raise CapacityError(f"you have {held} sessions, your maximum (max_sessions): "
-                                "delete one (DELETE /v1/containers/{id}) or let idle ones "
-                                "expire, then retry")
-        self._opening[tenant.id] += 1
-        try:
-            found = await self._image(image, tenant)
-            container = await self.pools.fresh(found, resolved, tenant)
-        finally:
-            self._opening[tenant.id] -= 1
-        now = time.time()
-        sid = secrets.token_hex(8)
-        session = Session(sid, found, resolved, container, now, now, tenant.id, limits)
-        self.images.lease(found.digest, f"session-{sid}")
-        self.sessions[sid] = session
-        return session
-
-    def session(self, sid: str, owner: str | None = None) -> Session:
-        """Session `sid`; with `owner` (a tenant id), only if it is that tenant's. Another
-        tenant's is NotFound like a missing one: its existence is not theirs to learn."""
-        s = self.sessions.get(sid)
-        if s is None or (owner is not None and s.owner != owner):
-            raise NotFound(f"no container {sid!r}: it was deleted, expired, or never existed")
-        return s
-
-    def list_sessions(self, owner: str | None = None) -> list[Session]:
-        return [s for s in self.sessions.values() if owner is None or s.owner == owner]
-
-    async def exec(self, sid: str, spec: RunSpec, *, on_output: OutputCallback | None = None,
-                   control: RunControl | None = None, owner: str | None = None) -> RunResult:
-        s = self.session(sid, owner)
-        s.last_used = time.time()
-        if spec.limits is None and s.limits is not None:
-            spec = replace(spec, limits=s.limits)
-        req = self._request(s.image, spec, s.policy)
-        for f in spec.files:
-            await files.put_file(s.container, f.path, f.content, f.mode, uid=req.uid,
-                                 gid=req.gid)
-        try:
-            return await s.container.exec(req, on_output=on_output, control=control)
-        finally:
-            s.last_used = time.time()
-
-    async def put_file(self, sid: str, path: str, content: bytes, mode: int = 0o644, *,
-                       owner: str | None = None) -> None:
-        s = self.session(sid, owner)
-        s.last_used = time.time()
-        uid, gid = self.images.user_ids(s.image)
-        await files.put_file(s.container, path, content, mode, uid=uid, gid=gid)
-
-    def get_path(self, sid: str, path: str, *, owner: str | None = None
-                 ) -> contextlib.AbstractAsyncContextManager[files.Fetched]:
-        """A file or a directory's tar from session `sid`, streamed (`files.get_path`):
-        `async with engine.get_path(...) as got`, then iterate `got.chunks`."""
-        s = self.session(sid, owner)
-        s.last_used = time.time()
-        return files.get_path(s.container, path)
-
-    async def delete_session(self, sid: str, *, owner: str | None = None) -> None:
-        self.session(sid, owner)
-        s = self.sessions.pop(sid)
-        try:
-            await self.pools.destroy(s.container)
-        finally:
-            self.images.release(f"session-{sid}")
-
-    async def _expire_sessions(self) -> None:
-        while True:
-            await asyncio.sleep(min(30.0, max(1.0, self.config.session_idle_s / 4)))
-            cutoff = time.time() - self.config.session_idle_s
-            for sid, s in list(self.sessions.items()):
-                if s.last_used < cutoff or not s.container.alive:
-                    with contextlib.suppress(SandboxError):
-                        await self.delete_session(sid)
+        return await self.sessions.open(await self._image(image, tenant), resolved, tenant,
+                                        limits)
 
     def pool_stats(self) -> list[dict[str, Any]]:
         """Every tenant's pools: for the operator's metrics, never for a tenant."""
@@ -351,10 +265,6 @@ class Engine:
     def live_containers(self) -> int:
         """Containers alive: pools, runs and sessions, of every tenant."""
         return self.pools.live
-
-    @property
-    def session_count(self) -> int:
-        return len(self.sessions)
 
     def policies(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Every profile's effective limit defaults and maxima (the config's applied)."""
@@ -368,6 +278,6 @@ class Engine:
     def info(self, tenant: Tenant) -> dict[str, Any]:
         """What `tenant` may know: the host, its own pools and sessions, the policies."""
         return {"host": self.host, "pools": self.pools.stats(tenant),
-                "sessions": len(self.list_sessions(tenant.id)), "policies": self.policies()}
+                "sessions": len(self.sessions.list(tenant.id)), "policies": self.policies()}
 
 

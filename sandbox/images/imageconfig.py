@@ -137,16 +137,21 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
 
 
 def build_config(*, diff_ids: Sequence[str], base: ImageConfig | None = None,
+                 run: Mapping[str, Any] | None = None,
                  env: Mapping[str, str] | None = None, cmd: Sequence[str] | None = None,
                  entrypoint: Sequence[str] | None = None, working_dir: str | None = None,
                  user: str | None = None, created: str | None = None,
-                 history_comment: str = "") -> bytes:
+                 history_comment: str = "", created_by: str = "sandboxd",
+                 author: str = "") -> bytes:
     """A new image config: `base` (or an empty linux image for `import`) with the changes given.
 
     `diff_ids` is the new image's full layer list; with a base it must extend the base's.
-    Setting `entrypoint` without `cmd` clears an inherited Cmd, as a Dockerfile ENTRYPOINT
-    does. `env` is merged over the base's Env. `created` (RFC 3339) is written only if given,
-    so the same inputs give the same bytes.
+    `run` replaces the base's "config" object (Docker's keys: what a commit's changes or a
+    build's instructions made of it, see instructions.py); `env` ... `user` then change it
+    (see `edit_run`). Each new layer gets a history entry (`created_by`, `history_comment`,
+    `author`); `author` is also the image's (a base's is not carried over, as docker commit
+    does). `created` (RFC 3339) is written only if given, so the same inputs give the same
+    bytes.
     """
     ids = [digests.validate(d, f"diff_ids[{i}]") for i, d in enumerate(diff_ids)]
     if base is not None and tuple(ids[:len(base.diff_ids)]) != base.diff_ids:
@@ -154,39 +159,64 @@ def build_config(*, diff_ids: Sequence[str], base: ImageConfig | None = None,
     doc: dict[str, Any] = (
         {k: base.raw[k] for k in _OCI_FIELDS if k in base.raw} if base is not None
         else {"architecture": Platform.host().architecture, "os": "linux"})
-    run: dict[str, Any] = dict(doc.get("config") or {})
+    config: dict[str, Any] = dict((doc.get("config") or {}) if run is None else run)
+    edit_run(config, env=env, cmd=cmd, entrypoint=entrypoint, working_dir=working_dir,
+             user=user)
+    doc["config"] = config
+    doc["rootfs"] = {"type": "layers", "diff_ids": ids}
+
+    history = list(doc.get("history") or []) if base is not None else []
+    for _ in ids[len(base.diff_ids) if base else 0:]:
+        entry: dict[str, Any] = {"created_by": created_by}
+        if created:
+            entry["created"] = created
+        if history_comment:
+            entry["comment"] = history_comment
+        if author:
+            entry["author"] = author
+        history.append(entry)
+    doc["history"] = history
+    for key, value in (("created", created), ("author", author)):
+        if value:
+            doc[key] = value
+        else:
+            doc.pop(key, None)
+    out = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    if len(out) > MAX_CONFIG_BYTES:
+        raise ImageError(f"the new image's config would be {len(out)} bytes, over the "
+                         f"{MAX_CONFIG_BYTES} byte limit: shorten its labels, environment, "
+                         "message or author")
+    parse_config(out)  # never emit a config we would refuse
+    return out
+
+
+def edit_run(run: dict[str, Any], *, env: Mapping[str, str] | None = None,
+             cmd: Sequence[str] | None = None, entrypoint: Sequence[str] | None = None,
+             working_dir: str | None = None, user: str | None = None,
+             keep_cmd: bool = False) -> None:
+    """Change an image's "config" object (Docker's keys) in place, each value checked: the
+    options of an import and the instructions of a commit or a build all come here.
+
+    `env` is merged over Env (a name already there keeps its place). Setting `entrypoint`
+    clears Cmd unless `cmd` is given too or `keep_cmd` (a CMD earlier in the same build),
+    as a Dockerfile ENTRYPOINT does. A new Cmd or Entrypoint drops ArgsEscaped, which
+    only Windows images use.
+    """
     if env:
         run["Env"] = _merge_env(run.get("Env") or [], env)
     if entrypoint is not None:
         run["Entrypoint"] = _argv(entrypoint, "entrypoint")
-        if cmd is None:
+        if cmd is None and not keep_cmd:
             run.pop("Cmd", None)
     if cmd is not None:
         run["Cmd"] = _argv(cmd, "cmd")
+    if cmd or entrypoint:
+        run.pop("ArgsEscaped", None)
     if working_dir is not None:
         run["WorkingDir"] = _absolute(working_dir, "working_dir")
     if user is not None:
         _check_user(user)
         run["User"] = user
-    doc["config"] = run
-    doc["rootfs"] = {"type": "layers", "diff_ids": ids}
-
-    history = list(doc.get("history") or []) if base is not None else []
-    for _ in ids[len(base.diff_ids) if base else 0:]:
-        entry: dict[str, Any] = {"created_by": "sandboxd"}
-        if created:
-            entry["created"] = created
-        if history_comment:
-            entry["comment"] = history_comment
-        history.append(entry)
-    doc["history"] = history
-    if created:
-        doc["created"] = created
-    else:
-        doc.pop("created", None)
-    out = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
-    parse_config(out)  # never emit a config we would refuse
-    return out
 
 
 def _merge_env(current: Sequence[str], changes: Mapping[str, str]) -> list[str]:

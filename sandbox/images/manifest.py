@@ -115,6 +115,13 @@ class Platform:
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
+    def runs_on(self, host: Platform) -> bool:
+        """Whether programs built for this platform run on `host` as they are. sandboxd
+        emulates nothing, and its seccomp filters judge the host's own system call table
+        only (another architecture's calls kill the process), so the os and architecture
+        must be the host's; a variant (a newer instruction set) is the image's to choose."""
+        return (self.os, self.architecture) == (host.os, host.architecture)
+
 
 @dataclass(frozen=True)
 class Descriptor:

@@ -1,5 +1,5 @@
-"""The image API the service uses: pull, resolve, list, inspect, tag, remove, import, push
-and gc, over a registry client and a store under the state directory.
+"""The image API the service uses: pull, resolve, list, inspect, tag, remove, import, commit,
+push and gc, over a registry client and a store under the state directory.
 
     state_dir/images/blobs/sha256/<hex>     verified blobs (manifests, configs, layer tars)
     state_dir/images/layers/sha256/<hex>    unpacked layers, by diff_id (overlay lower dirs)
@@ -14,11 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import os
-import threading
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,6 +27,7 @@ import orjson
 from sandbox.errors import (
     DigestMismatch,
     Forbidden,
+    ImageError,
     ImageInUse,
     InvalidReference,
     ManifestError,
@@ -35,6 +35,7 @@ from sandbox.errors import (
     QuotaExceeded,
 )
 from sandbox.images import digests
+from sandbox.images.changes import apply_changes, parse_changes
 from sandbox.images.imageconfig import (
     MAX_ACCOUNT_FILE_BYTES,
     ImageConfig,
@@ -45,12 +46,21 @@ from sandbox.images.imageconfig import (
     resolve_user,
     run_defaults,
 )
+from sandbox.images.layerintake import take_layer
 from sandbox.images.manifest import (
+    DOCKER_FOREIGN,
+    DOCKER_FOREIGN_GZIP,
+    DOCKER_LAYER,
+    DOCKER_LAYER_GZIP,
+    DOCKER_LAYER_ZSTD,
     MAX_INDEX_DEPTH,
+    MAX_LAYERS,
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER,
     OCI_LAYER_GZIP,
+    OCI_LAYER_ND,
+    OCI_LAYER_ND_GZIP,
     OCI_LAYER_ZSTD,
     OCI_MANIFEST,
     Descriptor,
@@ -72,7 +82,12 @@ from sandbox.images.store.layers import LayerStore
 from sandbox.images.store.layerstream import diff_id_of
 from sandbox.images.store.locks import temp_name
 from sandbox.images.store.peek import read_from_layers
-from sandbox.images.store.unpack import Ownership, UnpackLimits, detect_compression
+from sandbox.images.store.unpack import (
+    Ownership,
+    UnpackLimits,
+    UnpackReport,
+    detect_compression,
+)
 from sandbox.tenants import Tenant
 
 MANIFEST_MAX = 4 << 20
@@ -141,10 +156,10 @@ class ImageService:
         self.public = public or PublicNames()
         self._parallel = asyncio.Semaphore(parallel_layers)
         self._resolved: dict[tuple[str, str], tuple[int, Image]] = {}
-        # Content of imports and pulls under way, which no image record names yet: gc (in a
-        # worker thread, or after a remove) must not take it from under them.
-        self._pinned: Counter[str] = Counter()
-        self._pin_lock = threading.Lock()
+        # Content of pulls, imports and commits under way, which no image name holds yet:
+        # gc (in a worker thread, or after a remove) must not take it from under them.
+        # Pinned before it is stored or looked for, until the image is named (store/gc.py).
+        self._pins = gc.Pins()
         self.blobs.clean_temps()
         self.layers.clean_temps()
 
@@ -158,21 +173,8 @@ class ImageService:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    @contextlib.contextmanager
-    def _pin(self, *content: str) -> Iterator[None]:
-        with self._pin_lock:
-            self._pinned.update(content)
-        try:
-            yield
-        finally:
-            with self._pin_lock:
-                self._pinned.subtract(content)
-                self._pinned = +self._pinned
-
     def _collect(self) -> gc.GcReport:
-        with self._pin_lock:
-            pinned = set(self._pinned)
-        return gc.collect(self.catalog, self.blobs, self.layers, keep=pinned)
+        return gc.collect(self.catalog, self.blobs, self.layers, self._pins)
 
     def _namespace(self, tenant: Tenant, ref: Reference) -> str:
         """Where the name `ref` lives for `tenant`: the operator's shared names, or its own."""
@@ -219,9 +221,10 @@ class ImageService:
         report(PullProgress("", "resolving"))
         fetched = await self.client.get_manifest(ref)
         target = fetched.digest
-        with self._pin(target):
+        with self._pins.holding() as pin:
+            pin(target)
             digest, manifest, media_type = await self._platform_manifest(
-                ref, fetched.body, fetched.media_type, target, want)
+                ref, fetched.body, fetched.media_type, target, want, pin)
             return await self._pull_content(ref, ns, tenant, target, digest, media_type,
                                             manifest, report)
 
@@ -265,15 +268,15 @@ class ImageService:
         return rec is not None and all(self.layers.has(lr.diff_id) for lr in rec.layers)
 
     async def _platform_manifest(self, ref: Reference, body: bytes, media_type: str,
-                                 digest: str, want: Platform
+                                 digest: str, want: Platform, pin: Callable[[str], None]
                                  ) -> tuple[str, ImageManifest, str]:
         """Walk an index (nested at most MAX_INDEX_DEPTH deep) down to one image manifest.
-        Each document is stored once it parses (one that is refused leaves nothing); a
-        child is read no further than its index entry's size."""
+        Each document is stored once it parses (one that is refused leaves nothing), pinned
+        by `pin` first; a child is read no further than its index entry's size."""
         for _ in range(MAX_INDEX_DEPTH + 1):
             doc = parse_manifest(body, media_type,
                                  max_blob_bytes=self.client.config.max_blob_bytes)
-            self.blobs.put_bytes(body, expected=digest)
+            self.blobs.put_bytes(body, expected=digest, on_digest=pin)
             if isinstance(doc, ImageManifest):
                 return digest, doc, media_type
             desc = select_platform(doc, want)
@@ -296,8 +299,9 @@ class ImageService:
         again; a layer already in the store but not held is taken only once this source's
         blob is checked to decompress to it. Within the tenant's byte quota, checked before
         any layer is fetched (from the manifest's sizes) and again once the layers' sizes
-        are known. Until the name is given, no image record names what this brings: gc
-        keeps it because it is pinned."""
+        are known. Until the name is given, no image name holds what this brings: gc keeps
+        it because it is pinned, before it is fetched or looked for (the manifest itself
+        is the caller's to pin before storing it)."""
         if manifest.config.size > CONFIG_MAX:
             raise ManifestError(f"image config {manifest.config.digest} claims "
                                 f"{manifest.config.size} bytes, over the {CONFIG_MAX} cap")
@@ -309,15 +313,15 @@ class ImageService:
             return await fetch(desc)
 
         with contextlib.ExitStack() as pins:
-            pins.enter_context(self._pin(digest, manifest.config.digest,
-                                         *(d.digest for d in manifest.layers)))
+            pins.enter_context(self._pins.hold(digest, manifest.config.digest,
+                                               *(d.digest for d in manifest.layers)))
             await blob(manifest.config)
             config = parse_config(self.blobs.read(manifest.config.digest, CONFIG_MAX))
             if len(config.diff_ids) != len(manifest.layers):
                 raise ManifestError(f"image {digest}: the manifest lists "
                                     f"{len(manifest.layers)} layers, its config "
                                     f"{len(config.diff_ids)} diff_ids")
-            pins.enter_context(self._pin(*config.diff_ids))
+            pins.enter_context(self._pins.hold(*config.diff_ids))
             pairs = list(zip(manifest.layers, config.diff_ids, strict=True))
             if ns != PUBLIC:
                 self._check_quota(tenant, [(i, d.size) for d, i in pairs])
@@ -515,8 +519,9 @@ class ImageService:
         for name in names:
             self.catalog.remove_name(tenant.id, name)
         # Forced while in use: the names go now, the files once no container uses them (gc).
+        # gc removes the record too, unless work under way has pinned it (the same image
+        # pulled or imported again).
         if not remaining and not in_use:
-            self.catalog.remove_image(digest)
             self._collect()
         return names
 
@@ -536,9 +541,12 @@ class ImageService:
                 self.catalog.remove_name(tenant.id, n.name)
             evicted.append(rec.digest)
         report = self._collect()
+        # Listed before the records are read: a flat root is made only for an image already
+        # recorded, so one made after that read is not among those listed.
+        flat = list(self.layers.flat.iterdir())
         keep = {chain_ids([lr.diff_id for lr in rec.layers])[-1]
                 for rec in self.catalog.images() if rec.layers}
-        for entry in self.layers.flat.iterdir():
+        for entry in flat:
             if "sha256:" + entry.name not in keep:
                 self.layers.remove_flat("sha256:" + entry.name)
         # What the caller may learn: its own evictions and its own usage, not the store's.
@@ -563,43 +571,118 @@ class ImageService:
         `docker import` makes."""
         ref = _tag_reference(reference)
         ns = self._writable(tenant, ref, "reference")
-        if isinstance(src, Path):
-            with open(src, "rb") as f:
-                layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, f)
-        else:
-            layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, src)
-        with self._pin(layer_digest):
-            digest = await self._import_layer(
-                ns, tenant, ref, layer_digest, size,
-                lambda diff_id: build_config(diff_ids=[diff_id], cmd=cmd, entrypoint=entrypoint,
-                                             env=env, working_dir=working_dir, user=user,
-                                             history_comment="imported"))
+        with self._pins.holding() as pin:
+            if isinstance(src, Path):
+                with open(src, "rb") as f:
+                    layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, f,
+                                                                 on_digest=pin)
+            else:
+                layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, src,
+                                                             on_digest=pin)
+            path = self.blobs.path(layer_digest)
+            with open(path, "rb") as f:
+                kind = detect_compression(f.read(8))
+            media_type = {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}.get(kind, OCI_LAYER)
+            self._check_quota(tenant, [(layer_digest, size)])
+            diff_id, _, rep = await self.layers.add(path, on_digest=pin)
+            digest = self._add_layer_image(
+                ns, tenant, ref, (), LayerRecord(diff_id, layer_digest, media_type, size),
+                rep, str(self.platform),
+                lambda diff_ids: build_config(diff_ids=diff_ids, cmd=cmd,
+                                              entrypoint=entrypoint, env=env,
+                                              working_dir=working_dir, user=user,
+                                              history_comment="imported"))
         return await self._image(digest, tenant)
 
-    async def _import_layer(self, ns: str, tenant: Tenant, ref: Reference, layer_digest: str,
-                            size: int, make_config: Callable[[str], bytes]) -> str:
-        path = self.blobs.path(layer_digest)
-        with open(path, "rb") as f:
-            kind = detect_compression(f.read(8))
-        media_type = {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}.get(kind, OCI_LAYER)
-        self._check_quota(tenant, [(layer_digest, size)])
-        diff_id, _, rep = await self.layers.add(path)
-        with self._pin(diff_id):
-            self.catalog.record_layer(diff_id, rep.bytes, rep.entries)
-            config = make_config(diff_id)
-            config_digest = self.blobs.put_bytes(config)
+    def _add_layer_image(self, ns: str, tenant: Tenant, ref: Reference,
+                         below: Sequence[LayerRecord], layer: LayerRecord, report: UnpackReport,
+                         platform: str, make_config: Callable[[list[str]], bytes]) -> str:
+        """The image of the layers `below` (a base's, lowest first; none for an import) and
+        `layer` (its blob in the store and unpacked, pinned by the caller), with the config
+        `make_config(diff_ids)`, recorded and named `ref` in `ns`; returns its digest.
+
+        The tenant sent the new layer and holds `below`'s image: it holds all of the new
+        one. Within its byte quota, or QuotaExceeded and no name."""
+        layers = (*(dataclasses.replace(lr, media_type=_oci_layer_type(lr.media_type))
+                    for lr in below), layer)
+        self.catalog.record_layer(layer.diff_id, report.bytes, report.entries)
+        config = make_config([lr.diff_id for lr in layers])
+        with self._pins.holding() as pin:
+            config_digest = self.blobs.put_bytes(config, on_digest=pin)
             manifest = build_oci_manifest(Descriptor(OCI_CONFIG, config_digest, len(config)),
-                                          [Descriptor(media_type, layer_digest, size)])
-            digest = self.blobs.put_bytes(manifest)
+                                          [Descriptor(lr.media_type, lr.blob, lr.size)
+                                           for lr in layers])
+            digest = self.blobs.put_bytes(manifest, on_digest=pin)
             now = time.time()
             self.catalog.add_image(ImageRecord(
-                digest, OCI_MANIFEST, config_digest, str(self.platform), len(config) + size,
-                now, now, (LayerRecord(diff_id, layer_digest, media_type, size),)))
-            # The tenant sent these bytes: it holds them.
-            self.catalog.hold(ns, layer_digest, diff_id, config_digest)
+                digest, OCI_MANIFEST, config_digest, platform,
+                len(config) + sum(lr.size for lr in layers), now, now, layers))
+            self.catalog.hold(ns, config_digest, *(lr.blob for lr in layers),
+                              *(lr.diff_id for lr in layers))
             self._check_quota(tenant, [], image=digest)
             self.catalog.set_name(ns, str(ref), ref.repository, ref.tag, digest, digest)
         return digest
+
+    # commit
+
+    async def commit(self, base: Image, layer: AsyncIterator[bytes], reference: str, *,
+                     tenant: Tenant, changes: Sequence[str] = (), message: str = "",
+                     author: str = "") -> Image:
+        """A new image of `tenant`: `base`'s layers and `layer` on top (a container's
+        changes as an uncompressed tar stream: whiteouts for deletions, opaque markers for
+        replaced directories), named `reference`, as `docker commit` makes it.
+
+        `changes` are what `docker commit --change` takes (changes.py), applied to `base`'s
+        config; `message` and `author` go into the new history entry (and `author` is the
+        image's). Everything but the layer is checked before the stream is read: a bad
+        change (ImageError naming `changes[i]`), a public `reference` (Forbidden), a base
+        the tenant cannot use (NotFound), a quota the base alone would exceed. The layer is
+        unpacked with the store's rules (LayerError: the tar is malformed or hostile). On an
+        error the stream is left where it stopped: closing it is the caller's.
+        """
+        ref = _tag_reference(reference)
+        ns = self._writable(tenant, ref, "reference")
+        rec = self._base_record(base, tenant)
+        for field, value in (("message", message), ("author", author)):
+            if not isinstance(value, str):
+                raise ImageError(f"{field}: expected a string, not {type(value).__name__}")
+        if len(rec.layers) >= MAX_LAYERS:
+            raise ImageError(f"the base image has {len(rec.layers)} layers, the most an image "
+                             "may have; commit a container of an image with fewer layers")
+        config = parse_config(self.blobs.read(rec.config, CONFIG_MAX))  # the store's own
+        run = apply_changes(config.raw.get("config"), parse_changes(changes))
+        created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+        def make_config(diff_ids: list[str]) -> bytes:
+            return build_config(diff_ids=diff_ids, base=config, run=run, created=created,
+                                history_comment=message, created_by="sandboxd commit",
+                                author=author)
+
+        # A config that would be refused (too large) is refused before the stream is read.
+        make_config([*config.diff_ids, digests.of_bytes(b"")])
+        self._check_quota(tenant, [], image=rec.digest)
+        with (self._pins.hold(*(lr.blob for lr in rec.layers),
+                              *(lr.diff_id for lr in rec.layers)),
+              self._pins.holding() as pin):
+            taken = await take_layer(layer, self.blobs, self.layers, on_digest=pin)
+            digest = self._add_layer_image(
+                ns, tenant, ref, rec.layers,
+                LayerRecord(taken.diff_id, taken.blob, OCI_LAYER_GZIP, taken.size),
+                taken.report, rec.platform, make_config)
+        return await self._image(digest, tenant)
+
+    def _base_record(self, base: Image, tenant: Tenant) -> ImageRecord:
+        """`base`'s record, if `tenant` may build on it: a public image, or one whose
+        content it holds (its own, even if no name of its own is left)."""
+        rec = self.catalog.image(base.digest)
+        if rec is None:
+            raise NotFound(f"image {base.digest} is no longer in the store: pull it again, "
+                           "then commit a container of it")
+        public = bool(self.catalog.names((PUBLIC,), image=rec.digest))
+        if not public and not all(self.catalog.holds(tenant.id, d)
+                                  for d in (rec.config, *(lr.diff_id for lr in rec.layers))):
+            raise NotFound(f"no image {base.digest} among your images: pull it by name first")
+        return rec
 
     async def import_layout(self, layout: Path, reference: str, *, tenant: Tenant,
                             name: str | None = None, platform: Platform | None = None,
@@ -629,28 +712,29 @@ class ImageService:
             self.catalog.hold(ns, d.digest)
             return self.blobs.path(d.digest)
 
-        body = _read_layout_file(_layout_blob(layout, desc.digest), MANIFEST_MAX)
-        if digests.of_bytes(body) != desc.digest:
-            raise ManifestError(f"{layout}: blob {desc.digest} does not match its digest")
-        self.blobs.put_bytes(body, expected=desc.digest)
-        digest, manifest, media_type = desc.digest, None, desc.media_type
-        for _ in range(MAX_INDEX_DEPTH + 1):
-            parsed = parse_manifest(body, media_type)
-            if isinstance(parsed, ImageManifest):
-                manifest = parsed
-                break
-            child = select_platform(parsed, platform or self.platform)
-            body = _read_layout_file(_layout_blob(layout, child.digest), MANIFEST_MAX)
-            self.blobs.put_bytes(body, expected=child.digest)
-            digest, media_type = child.digest, child.media_type
-        if manifest is None:
-            raise ManifestError(f"{layout}: indexes nest more than {MAX_INDEX_DEPTH} deep")
-
         async def fetch(d: Descriptor) -> Path:
             return await asyncio.to_thread(copy_in, d)
 
-        image = await self._install(ns, tenant, digest, media_type, manifest, fetch, report,
-                                    name=(ref, ref.tag, digest))
+        body = _read_layout_file(_layout_blob(layout, desc.digest), MANIFEST_MAX)
+        if digests.of_bytes(body) != desc.digest:
+            raise ManifestError(f"{layout}: blob {desc.digest} does not match its digest")
+        with self._pins.holding() as pin:  # the manifests, until the image is named
+            self.blobs.put_bytes(body, expected=desc.digest, on_digest=pin)
+            digest, manifest, media_type = desc.digest, None, desc.media_type
+            for _ in range(MAX_INDEX_DEPTH + 1):
+                parsed = parse_manifest(body, media_type)
+                if isinstance(parsed, ImageManifest):
+                    manifest = parsed
+                    break
+                child = select_platform(parsed, platform or self.platform)
+                body = _read_layout_file(_layout_blob(layout, child.digest), MANIFEST_MAX)
+                self.blobs.put_bytes(body, expected=child.digest, on_digest=pin)
+                digest, media_type = child.digest, child.media_type
+            if manifest is None:
+                raise ManifestError(f"{layout}: indexes nest more than {MAX_INDEX_DEPTH} "
+                                    "deep")
+            image = await self._install(ns, tenant, digest, media_type, manifest, fetch,
+                                        report, name=(ref, ref.tag, digest))
         return await self._image(image, tenant)
 
     # push
@@ -707,9 +791,22 @@ class ImageService:
 def _tag_reference(reference: str) -> Reference:
     ref = parse(reference)
     if ref.digest is not None:
-        raise InvalidReference(f"{reference!r}: an imported image is named by a tag, not a "
-                               "digest (its digest is computed)")
+        raise InvalidReference(f"{reference!r}: a new image is named by a tag, not a digest "
+                               "(its digest is computed)")
     return ref
+
+
+# A base's layers keep their blobs in a manifest we write, which is OCI: Docker's media types
+# become their OCI equivalents (the same tar, gzip or zstd bytes).
+_OCI_LAYER_TYPES = {
+    DOCKER_LAYER: OCI_LAYER, DOCKER_LAYER_GZIP: OCI_LAYER_GZIP,
+    DOCKER_LAYER_ZSTD: OCI_LAYER_ZSTD, DOCKER_FOREIGN: OCI_LAYER_ND,
+    DOCKER_FOREIGN_GZIP: OCI_LAYER_ND_GZIP,
+}
+
+
+def _oci_layer_type(media_type: str) -> str:
+    return _OCI_LAYER_TYPES.get(media_type, media_type)
 
 
 def _platform_of(config: ImageConfig) -> str:

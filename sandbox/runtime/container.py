@@ -9,10 +9,12 @@ import errno
 import itertools
 import os
 import secrets
+import select
 import signal
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sandbox.errors import ContainerGoneError, RuntimeSetupError, SandboxError
@@ -22,7 +24,7 @@ from sandbox.runtime.housekeeping import Pending
 from sandbox.runtime.output import OutputCallback
 from sandbox.runtime.policy import Policy
 from sandbox.runtime.profiles import Profile
-from sandbox.runtime.protocol import Entry
+from sandbox.runtime.protocol import Base, Entry, Opened
 from sandbox.runtime.requests import ExecRequest, validate
 from sandbox.runtime.results import RunResult
 from sandbox.runtime.rootfs import RootfsSpec, Tmpfs
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
     from sandbox.runtime.spawnerclient import Runtime
 
 _SPARES = 2
+# At most this many of init's messages are taken at one wake-up of the event loop, so that
+# a burst of them does not hold up everything else waiting on it.
+_MESSAGES_PER_WAKEUP = 64
 _EXIT_WAIT_S = 2.0  # for init to end after SIGKILL; a task stuck in the kernel may take long
 
 # What a container's cgroup holds besides its runs: init (~2 MiB charged, measured), the
@@ -58,6 +63,50 @@ def container_limits(profile: Profile, spec: RootfsSpec, has: frozenset[str]) ->
         memory_bytes=(run_memory + mounts + CONTAINER_OVERHEAD_BYTES
                       if run_memory and "memory" in has else None),
         pids=run_pids + CONTAINER_OVERHEAD_PIDS if run_pids and "pids" in has else None)
+
+
+@dataclass(eq=False)
+class PendingOpen:
+    """An open request sent to init (Container.send_open), its answer still to come. Each
+    is either awaited (`answer`) or dropped (`drop`): a dropped request's descriptor is
+    closed whenever it comes, so that none is left open."""
+
+    container: Container
+    op_id: int
+    future: asyncio.Future[dict[str, Any]]
+    path: str
+    taken: bool = False
+
+    async def answer(self) -> Opened:
+        """The descriptor (the caller's to close), or init's OSError. Cancelled, the request
+        is dropped."""
+        try:
+            msg = await self.future
+        except BaseException:
+            self.drop()
+            raise
+        self.taken = True
+        fds: list[int] = msg.get("fds", [])
+        if msg.get("errno") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            code = int(msg.get("errno") or errno.EIO)
+            raise OSError(code, str(msg.get("error") or os.strerror(code)), self.path)
+        return Opened(fds[0], msg.get("opaque") is True)
+
+    def drop(self) -> None:
+        """Give the request up: its descriptor is closed, now if it came, else when it
+        comes (no waiter left: Container._on_message closes it). No-op once answered."""
+        if self.taken:
+            return
+        self.taken = True
+        self.container._waiters.pop(("opened", self.op_id), None)
+        fut = self.future
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled() and fut.exception() is None:
+            for fd in fut.result().get("fds", ()):
+                os.close(fd)
 
 
 class Container:
@@ -89,9 +138,20 @@ class Container:
         self._kills: set[asyncio.Future[None]] = set()   # under way
         self._spares_lock = threading.Lock()  # one chore at a time makes new ones
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting = select.poll()
+        self._waiting.register(ctl, select.POLLIN)
         asyncio.get_running_loop().add_reader(ctl, self._on_message)
 
     def _on_message(self) -> None:
+        # What waits is taken in one wake-up of the event loop (a bounded number): the
+        # answers to a walk's open requests come back to back (files.TreeTar), and a
+        # wake-up costs more than a message.
+        for _ in range(_MESSAGES_PER_WAKEUP):
+            self._take_message()
+            if not self.alive or not self._waiting.poll(0):
+                return
+
+    def _take_message(self) -> None:
         try:
             got = protocol.recv(self._ctl)
         except (protocol.ProtocolError, OSError):
@@ -268,32 +328,45 @@ class Container:
             self._send({"op": "signal", "id": run_id, "signal": signum})
 
     async def open_path(self, path: str, flags: int, *, owner: tuple[int, int] | None = None,
-                        mode: int = 0o644, entry: Entry | None = None) -> int:
+                        mode: int = 0o644, entry: Entry | None = None,
+                        base: Base = "root") -> int:
         """A descriptor of `path` as this container's processes see it, opened by its init as
         container root (see native/hostopen.c): /proc/<pid>/root of a non-dumpable init is
         closed to a service that is not host root. With `entry`, that entry of a directory
-        the host holds open (`path` only names it in errors). Raises OSError with init's
-        errno."""
+        the host holds open (`path` only names it in errors). With `base="upper"`, `path`
+        is in the upper directory of the writable root instead (what runs changed there),
+        opened for reading only; a read-only root has none (EROFS). Raises OSError with
+        init's errno."""
+        opened = await self.open_for_host(path, flags, owner=owner, mode=mode, entry=entry,
+                                          base=base)
+        return opened.fd
+
+    async def open_for_host(self, path: str, flags: int, *,
+                            owner: tuple[int, int] | None = None, mode: int = 0o644,
+                            entry: Entry | None = None, base: Base = "root") -> Opened:
+        """open_path's request with init's whole answer: under `base="upper"`, whether a
+        directory is opaque, which only init may read (the host may lack the permission on
+        another container user's directory)."""
+        return await self.send_open(path, flags, owner=owner, mode=mode, entry=entry,
+                                    base=base).answer()
+
+    def send_open(self, path: str, flags: int, *, owner: tuple[int, int] | None = None,
+                  mode: int = 0o644, entry: Entry | None = None,
+                  base: Base = "root") -> PendingOpen:
+        """open_for_host's request, sent now; its answer to be awaited later, or dropped.
+        Init serves its requests in order, so a caller may have several under way and
+        take their descriptors one after the other, with no round trip between them."""
         op_id = next(self._ids)
         fut = self._expect("opened", op_id)
-        self._send({"op": "open", "id": op_id, "path": None if entry else path, "flags": flags,
-                    "owner": list(owner) if owner is not None else None, "mode": mode,
-                    "entry": entry.message() if entry is not None else None})
         try:
-            msg = await fut
+            self._send({"op": "open", "id": op_id, "path": None if entry else path,
+                        "flags": flags, "owner": list(owner) if owner is not None else None,
+                        "mode": mode, "entry": entry.message() if entry is not None else None,
+                        "base": base})
         except BaseException:
             self._waiters.pop(("opened", op_id), None)
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                for fd in fut.result().get("fds", ()):
-                    os.close(fd)
             raise
-        fds: list[int] = msg.get("fds", [])
-        if msg.get("errno") or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            code = int(msg.get("errno") or errno.EIO)
-            raise OSError(code, str(msg.get("error") or os.strerror(code)), path)
-        return fds[0]
+        return PendingOpen(self, op_id, fut, path)
 
     async def reset(self, *, remount: bool = True) -> None:
         """Kill every process but init and give /tmp and /dev/shm back empty."""

@@ -16,7 +16,7 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 
@@ -43,6 +43,21 @@ class Entry:
 
     def message(self) -> dict[str, Any]:
         return {"dir": self.dir_path, "dev": self.dev, "ino": self.ino, "name": self.name}
+
+
+# What an open request's path is resolved in: the container's root as its processes see it,
+# or the upper directory of its writable root (what runs changed; read only).
+Base = Literal["root", "upper"]
+
+
+@dataclass(frozen=True)
+class Opened:
+    """Init's answer to an open request: the descriptor (the receiver's to close) and, for a
+    directory of the upper directory, whether it is opaque (it hides what the image's
+    layers hold there: overlayfs's user.overlay.opaque)."""
+
+    fd: int
+    opaque: bool = False
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:

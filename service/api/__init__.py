@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sandbox import Engine
+from sandbox import Engine, Platform
 from service.admission import Admission
 from service.auth import Tokens
 from service.config import ServiceConfig
-from service.errors import ApiError, bad_request, too_large
+from service.errors import ApiError, bad_request, blame, too_large
 from service.metrics import Metrics
 from service.schemas import Obj, validate_json
 
@@ -89,3 +89,11 @@ async def read_json(request: web.Request, schema: Obj) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > cap:
         raise too_large("the body", cap, "limits.json_body_bytes", request.content_length)
     return parse_json(await request.read(), schema)
+
+
+def platform_of(body: dict[str, Any]) -> Platform | None:
+    """The body's `platform` (pull, run, session), parsed; None when it names none."""
+    if "platform" not in body:
+        return None
+    with blame("platform"):
+        return Platform.parse(body["platform"])

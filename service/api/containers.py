@@ -1,4 +1,5 @@
-"""/v1/containers: sessions a caller keeps, exec in them, copy files in and out. With
+"""/v1/containers: sessions a caller keeps, exec in them, copy files in and out, commit them
+into images. With
 tokens, a session belongs to the token that made it: to any other it does not exist (404)."""
 
 from __future__ import annotations
@@ -9,15 +10,28 @@ from typing import Any
 
 from aiohttp import web
 
-from sandbox import Limits, OutputCallback, RunControl, RunResult, RunSpec, SandboxError
-from service.api import engine, json_response, read_json, state
+from sandbox import (
+    Forbidden,
+    InvalidReference,
+    LayerError,
+    Limits,
+    OutputCallback,
+    RunControl,
+    RunResult,
+    RunSpec,
+    SandboxError,
+)
+from service.api import engine, json_response, platform_of, read_json, state
+from service.api.images import image_json
 from service.api.runs import RUN_REPLIES, WS_REPLY, Job, exec_spec, execute, websocket
 from service.auth import principal
-from service.errors import bad_request, blame, too_large
+from service.errors import ApiError, bad_request, blame, from_sandbox, too_large
 from service.schemas import (
+    COMMIT_BODY,
     CONTAINER_BODY,
     ERROR,
     EXEC_BODY,
+    IMAGE,
     SESSION,
     SESSION_LIST,
     Param,
@@ -48,8 +62,9 @@ async def create(request: web.Request) -> web.Response:
         with blame("limits"):
             limits = Limits.from_dict(body["limits"], "limits")
     tenant = principal(request).tenant
+    platform = platform_of(body)
     with blame("image"):
-        image = await eng.image(body["image"], tenant=tenant)
+        image = await eng.image(body["image"], tenant=tenant, platform=platform)
     session = await eng.create_session(image, tenant=tenant, policy=policy,
                                        network=body.get("network"), limits=limits)
     return json_response(session.describe(), status=201)
@@ -61,17 +76,17 @@ def _owner(request: web.Request) -> str:
 
 
 async def list_(request: web.Request) -> web.Response:
-    sessions = engine(request).list_sessions(_owner(request))
+    sessions = engine(request).sessions.list(_owner(request))
     return json_response({"containers": [s.describe() for s in sessions]})
 
 
 async def get(request: web.Request) -> web.Response:
-    session = engine(request).session(request.match_info["id"], _owner(request))
+    session = engine(request).sessions.get(request.match_info["id"], _owner(request))
     return json_response(session.describe())
 
 
 async def delete(request: web.Request) -> web.Response:
-    await engine(request).delete_session(request.match_info["id"], owner=_owner(request))
+    await engine(request).sessions.delete(request.match_info["id"], owner=_owner(request))
     return web.Response(status=204)
 
 
@@ -79,12 +94,13 @@ def _exec_job(request: web.Request, body: dict[str, Any]) -> Job:
     eng = engine(request)
     sid = request.match_info["id"]
     owner = _owner(request)
-    session = eng.session(sid, owner)  # 404 before anything starts
+    session = eng.sessions.get(sid, owner)  # 404 before anything starts
     spec, encoding = exec_spec(body, state(request).config.limits)
 
     async def start(job: Job, spec: RunSpec, on_output: OutputCallback | None,
                     control: RunControl | None) -> RunResult:
-        return await eng.exec(sid, spec, on_output=on_output, control=control, owner=owner)
+        return await eng.sessions.exec(sid, spec, on_output=on_output, control=control,
+                                       owner=owner)
 
     return Job(start, spec, encoding, image=session.image.digest)
 
@@ -95,7 +111,7 @@ async def exec_(request: web.Request) -> web.StreamResponse:
 
 
 async def exec_ws(request: web.Request) -> web.StreamResponse:
-    engine(request).session(request.match_info["id"], _owner(request))
+    engine(request).sessions.get(request.match_info["id"], _owner(request))
     return await websocket(request, _exec_job, EXEC_BODY)
 
 
@@ -116,7 +132,7 @@ async def put_file(request: web.Request) -> web.Response:
     query = query_params(request, (PATH, MODE))
     path = check_path(query["path"], "path")
     mode = _mode(query.get("mode"))
-    eng.session(request.match_info["id"], _owner(request))
+    eng.sessions.get(request.match_info["id"], _owner(request))
     cap = state(request).config.limits.file_body_bytes
     if request.content_length is not None and request.content_length > cap:
         raise too_large("the file", cap, "limits.file_body_bytes", request.content_length)
@@ -127,7 +143,7 @@ async def put_file(request: web.Request) -> web.Response:
             raise too_large("the file", cap, "limits.file_body_bytes")
         chunks.append(chunk)
     with blame("path"):
-        await eng.put_file(request.match_info["id"], path, b"".join(chunks), mode,
+        await eng.sessions.put_file(request.match_info["id"], path, b"".join(chunks), mode,
                            owner=_owner(request))
     return web.Response(status=204)
 
@@ -141,7 +157,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     query = query_params(request, (PATH,))
     path = check_path(query["path"], "path")
     sid = request.match_info["id"]
-    opened = eng.get_path(sid, path, owner=_owner(request))  # 404 for the container
+    opened = eng.sessions.get_path(sid, path, owner=_owner(request))  # 404 for the container
     async with contextlib.AsyncExitStack() as stack:
         with blame("path"):
             got = await stack.enter_async_context(opened)
@@ -165,6 +181,26 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def commit(request: web.Request) -> web.Response:
+    """`docker commit`: the session's changes to its root as a new image of the caller's."""
+    eng = engine(request)
+    body = await read_json(request, COMMIT_BODY)
+    tenant = principal(request).tenant
+    eng.sessions.get(request.match_info["id"], tenant.id)  # 404 before the body is looked at
+    try:
+        image = await eng.sessions.commit(
+            request.match_info["id"], body["reference"], tenant=tenant,
+            changes=body.get("changes", ()), message=body.get("message", ""),
+            author=body.get("author", ""))
+    except LayerError as e:  # what the container's own runs wrote, not a registry's
+        raise ApiError(400, "invalid_layer", f"the container's changes cannot be made a "
+                       f"layer: {e}") from e
+    except SandboxError as e:  # an error about changes[i] names it first
+        field = "reference" if isinstance(e, InvalidReference | Forbidden) else None
+        raise from_sandbox(e, field) from e
+    return json_response(image_json(image), status=201)
+
+
 def _cut(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.close()
@@ -186,6 +222,13 @@ ROUTES = [
           body=EXEC_BODY, params=(ID,), replies=(*RUN_REPLIES, NOT_FOUND), tags=_TAGS),
     Route("GET", "/v1/containers/{id}/exec/ws", exec_ws, "An interactive run in a session",
           params=(ID,), replies=WS_REPLY, tags=_TAGS),
+    Route("POST", "/v1/containers/{id}/commit", commit,
+          "Make an image of a session's container (`docker commit`)", body=COMMIT_BODY,
+          params=(ID,), replies=(
+              Reply(201, "the new image, named `reference` among the caller's images", IMAGE),
+              _BAD, Reply(403, "`reference` is a name the operator shares", ERROR), NOT_FOUND,
+              Reply(409, "the session has runs in progress", ERROR),
+              Reply(413, "over the caller's image quota", ERROR)), tags=_TAGS),
     Route("PUT", "/v1/containers/{id}/files", put_file, "Write a file into a session",
           body=Str(max_len=1 << 40, allow_nul=True, description="the file's bytes"),
           body_type="application/octet-stream", params=(ID, PATH, MODE),

@@ -10,8 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from sandbox import Image, LayerError, Platform, PullProgress, SandboxError
-from service.api import engine, json_response, read_json, state
+from sandbox import Image, LayerError, PullProgress, SandboxError
+from service.api import engine, json_response, platform_of, read_json, state
 from service.auth import principal
 from service.errors import ApiError, bad_request, blame, from_sandbox, to_api_error, too_large
 from service.metrics import PullWatcher
@@ -58,10 +58,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     who = principal(request)
     who.allow_image(body["reference"], "reference")
     tenant = who.tenant
-    platform = None
-    if "platform" in body:
-        with blame("platform"):
-            platform = Platform.parse(body["platform"])
+    platform = platform_of(body)
     metrics = state(request).metrics
     if stream_kind(request) != NDJSON:
         watcher = PullWatcher(metrics)

@@ -16,7 +16,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from sandbox import FileSpec, Limits, OutputCallback, RunControl, RunResult, RunSpec
-from service.api import State, engine, json_response, parse_json, read_json, state
+from service.api import State, engine, json_response, parse_json, platform_of, read_json, state
 from service.auth import principal
 from service.config import ServiceLimits
 from service.errors import ApiError, bad_request, blame, to_api_error
@@ -111,12 +111,14 @@ def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
         with blame("policy"):
             policy = eng.policy(body["policy"])
     spec, encoding = exec_spec(body, st.config.limits)
+    platform = platform_of(body)
 
     async def start(job: Job, spec: RunSpec, on_output: OutputCallback | None,
                     control: RunControl | None) -> RunResult:
         watcher = PullWatcher(st.metrics)
         with blame("image"):
-            image = await eng.image(body["image"], tenant=who.tenant, on_progress=watcher)
+            image = await eng.image(body["image"], tenant=who.tenant, platform=platform,
+                                    on_progress=watcher)
         watcher.finish()
         job.image = image.digest
         outcome = await eng.run(image, spec, tenant=who.tenant, policy=policy,

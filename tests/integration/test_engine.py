@@ -158,14 +158,19 @@ def test_sessions_exec_many_times_and_expire(tmp_path: Path, images: Any) -> Non
     r = Running(tmp_path / "s", session_idle_s=1.0)
     try:
         s = r.run(r.engine.create_session(images.oci, policy="default", tenant=T))
-        r.run(r.engine.exec(s.id, sh("echo kept > /tmp/f")))
-        out = r.run(r.engine.exec(s.id, sh("cat /tmp/f")))
+        r.run(r.engine.sessions.exec(s.id, sh("echo kept > /tmp/f")))
+        out = r.run(r.engine.sessions.exec(s.id, sh("cat /tmp/f")))
         assert out.stdout == b"kept\n"
-        assert [x.describe()["id"] for x in r.engine.sessions.values()] == [s.id]
+        assert [x.describe()["id"] for x in r.engine.sessions.list()] == [s.id]
         r.run(asyncio.sleep(3.5))
         with pytest.raises(NotFound):
-            r.engine.session(s.id)
+            r.engine.sessions.get(s.id)
         assert not s.container.alive
+        # A run longer than the idle time keeps its session: it is in use, not idle.
+        s = r.run(r.engine.create_session(images.oci, policy="default", tenant=T))
+        out = r.run(r.engine.sessions.exec(s.id, sh("sleep 3.5; echo still here")))
+        assert (out.status, out.stdout) == (Status.OK, b"still here\n")
+        assert r.engine.sessions.get(s.id) is s
     finally:
         r.close()
 
@@ -174,26 +179,26 @@ def test_a_session_keeps_its_image_from_gc(eng: Running, images: Any) -> None:
     s = eng.run(eng.engine.create_session(images.shared_a, policy="judge", tenant=T))
     eng.engine.images.remove(images.shared_a, force=True, tenant=T)
     eng.engine.images.gc(budget_bytes=0, tenant=T)
-    out = eng.run(eng.engine.exec(s.id, sh("echo alive")))
+    out = eng.run(eng.engine.sessions.exec(s.id, sh("echo alive")))
     assert out.stdout == b"alive\n"
-    eng.run(eng.engine.delete_session(s.id))
+    eng.run(eng.engine.sessions.delete(s.id))
 
 
 def test_session_files_in_and_out(eng: Running, images: Any) -> None:
     s = eng.run(eng.engine.create_session(images.oci, policy="judge", tenant=T))
-    eng.run(eng.engine.put_file(s.id, "/tmp/job/input.txt", b"3 4\n"))
-    out = eng.run(eng.engine.exec(s.id, sh("read a b < /tmp/job/input.txt; "
+    eng.run(eng.engine.sessions.put_file(s.id, "/tmp/job/input.txt", b"3 4\n"))
+    out = eng.run(eng.engine.sessions.exec(s.id, sh("read a b < /tmp/job/input.txt; "
                                            "echo $((a*b)) > /tmp/job/out.txt")))
     assert out.status == Status.OK, out
 
     async def read(path: str) -> tuple[str, bytes]:
-        async with eng.engine.get_path(s.id, path) as got:
+        async with eng.engine.sessions.get_path(s.id, path) as got:
             return got.kind, await got.read()
     assert eng.run(read("/tmp/job/out.txt")) == ("file", b"12\n")
     assert eng.run(read("/tmp/job"))[0] == "dir"
-    eng.run(eng.engine.delete_session(s.id))
+    eng.run(eng.engine.sessions.delete(s.id))
     with pytest.raises(NotFound):
-        eng.engine.get_path(s.id, "/tmp/job/out.txt")
+        eng.engine.sessions.get_path(s.id, "/tmp/job/out.txt")
 
 
 def _cgroup_dirs(cid: str) -> list[Path]:
@@ -241,7 +246,7 @@ def test_the_container_cap_refuses_with_a_capacity_error(tmp_path: Path, images:
         s = r.run(r.engine.create_session(images.oci, policy="judge", tenant=T))
         with pytest.raises(CapacityError, match="max_live"):
             r.run(r.engine.run(images.oci, sh("true"), policy="judge", tenant=T))
-        r.run(r.engine.delete_session(s.id))
+        r.run(r.engine.sessions.delete(s.id))
         out = r.run(r.engine.run(images.oci, sh("echo ok"), policy="judge", tenant=T))
         assert out.result.stdout == b"ok\n"
     finally:

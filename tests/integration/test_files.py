@@ -4,7 +4,10 @@ planted by code running inside them, and directories swapped while they are copi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import os
+import subprocess
 import tarfile
 from typing import Any
 
@@ -253,3 +256,122 @@ def test_missing_paths_are_not_found(session: Session, container: Container) -> 
     sh(session, container, "ln -s /nowhere /tmp/dangling")
     with pytest.raises(PolicyError, match="symbolic link"):
         fetch(session, container, "/tmp/dangling")
+
+
+def open_descriptors() -> set[str]:
+    """This process's open descriptors ("fd -> target"), but the cgroup files that the
+    runtime's housekeeping opens and closes meanwhile for the next runs."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own, closed by now
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if not target.startswith("/sys/fs/cgroup/"):
+                out.add(f"{fd} -> {target}")
+    return out
+
+
+def assert_tarfile_would_write(data: bytes) -> None:
+    """Every header of the tar `data` is byte for byte what tarfile writes for its member in
+    PAX format, and GNU tar lists the same names."""
+    names = []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for m in tar.getmembers():
+            info = tarfile.TarInfo(m.name)
+            info.type, info.mode, info.uid, info.gid = m.type, m.mode, m.uid, m.gid
+            info.mtime, info.size, info.linkname = m.mtime, m.size, m.linkname
+            assert data[m.offset:m.offset_data] == info.tobuf(
+                tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), m.name
+            names.append(m.name + ("/" if m.isdir() else ""))
+    listed = subprocess.run(["tar", "--list", "--quoting-style=literal", "-f", "-"],
+                            input=data, capture_output=True, check=True)
+    # tarfile marks a name that is not UTF-8 with PAX's hdrcharset=BINARY, which GNU tar
+    # does not know; it takes the name's bytes as they are all the same.
+    assert set(listed.stderr.splitlines()) <= {
+        b"tar: Ignoring unknown extended header keyword 'hdrcharset'"}
+    assert listed.stdout.split(b"\n")[:-1] == [os.fsencode(n) for n in names]
+
+
+@pytest.mark.parametrize(("name", "kind", "uid", "size", "mtime", "linkname"), [
+    ("f", tarfile.REGTYPE, 0, 0, 0, ""),
+    ("a/b.txt", tarfile.REGTYPE, 65534, 10240, 1_700_000_000, ""),
+    ("n" * 100, tarfile.REGTYPE, 1000, 1, 1, ""),              # fills the name field
+    ("n" * 101, tarfile.REGTYPE, 1000, 1, 1, ""),              # PAX path
+    ("d" * 99, tarfile.DIRTYPE, 0, 0, 1, ""),                  # "/" makes it 100
+    ("d" * 100, tarfile.DIRTYPE, 0, 0, 1, ""),                 # "/" makes it 101: PAX
+    ("l", tarfile.SYMTYPE, 0, 0, 1, "t" * 100),
+    ("l", tarfile.SYMTYPE, 0, 0, 1, "t" * 101),                # PAX linkpath
+    ("h", tarfile.LNKTYPE, 0, 0, 1, "été"),                    # not ASCII: PAX
+    ("été", tarfile.REGTYPE, 0, 3, 1, ""),
+    ("\udcff", tarfile.REGTYPE, 0, 3, 1, ""),                  # not UTF-8
+    ("u", tarfile.FIFOTYPE, 8 ** 7 - 1, 0, 1, ""),
+    ("u", tarfile.REGTYPE, 8 ** 7, 0, 1, ""),                  # PAX uid
+    ("s", tarfile.REGTYPE, 0, 8 ** 11 - 1, 8 ** 11 - 1, ""),
+    ("s", tarfile.REGTYPE, 0, 8 ** 11, 8 ** 11, ""),           # PAX size, mtime
+    ("m", tarfile.REGTYPE, 0, 0, -1, ""),                      # PAX mtime
+])
+def test_tar_headers_are_what_tarfile_writes(name: str, kind: bytes, uid: int, size: int,
+                                             mtime: int, linkname: str) -> None:
+    for mode in (0, 0o644, 0o4755, 0o7777):
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.uid, info.gid = kind, mode, uid, uid + 1
+        info.mtime, info.size, info.linkname = mtime, size, linkname
+        assert files.tar_header(name, kind, mode, uid, uid + 1, mtime, size=size,
+                                linkname=linkname) == info.tobuf(
+            tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_long_and_foreign_names_are_copied_out(session: Session,
+                                               container: Container) -> None:
+    """Names over ustar's 100 bytes (PAX headers), not ASCII, or not UTF-8, and long link
+    targets, among ordinary ones: tarfile and GNU tar read them all back."""
+    long, d99 = "L" * 150, "d" * 99
+    sh(session, container, f"""
+        set -e
+        mkdir -p /tmp/n/{long} /tmp/n/{d99}
+        echo a > /tmp/n/{long}/{long}
+        echo b > /tmp/n/{d99}/x
+        echo c > /tmp/n/{"e" * 98}
+        printf d > "$(printf '/tmp/n/\\303\\251t\\303\\251')"
+        printf e > "$(printf '/tmp/n/\\377\\376')"
+        ln -s /{"t" * 120} /tmp/n/link
+        for i in $(seq 100 160); do echo $i > /tmp/n/f$i; done
+    """)
+    _, data, _ = fetch(session, container, "/tmp/n")
+    members = _members(data)
+    assert members[f"n/{long}/{long}"][1] == b"a\n"
+    assert members[f"n/{d99}"][0].isdir() and members[f"n/{d99}/x"][1] == b"b\n"
+    assert members[f"n/{'e' * 98}"][1] == b"c\n"
+    assert members["n/été"][1] == b"d"
+    assert members["n/\udcff\udcfe"][1] == b"e"
+    assert members["n/link"][0].linkname == "/" + "t" * 120
+    assert [members[f"n/f{i}"][1] for i in range(100, 161)] == [
+        b"%d\n" % i for i in range(100, 161)]
+    assert len(members) == 2 + 2 + 4 + 61 + 1   # and the directory itself
+    assert_tarfile_would_write(data)
+
+
+def test_a_copy_out_cut_short_leaves_no_descriptor_open(session: Session,
+                                                        container: Container) -> None:
+    """The walk asks init for the next entries before it has written the first: a reader
+    that stops early (or an error) leaves none of their descriptors open, those that came
+    and those still to come."""
+    sh(session, container, "mkdir -p /tmp/w/sub && for i in $(seq 100 199); do "
+       "echo $i > /tmp/w/f$i; echo $i > /tmp/w/sub/g$i; done")
+    before = open_descriptors()
+
+    async def read_some(n: int) -> None:
+        async with get_path(container, "/tmp/w") as got:
+            async for _ in got.chunks:
+                n -= 1
+                if n == 0:
+                    break
+        # Init answers in order: once this one is back, so are all the walk's.
+        os.close(await container.open_path("/tmp", os.O_RDONLY | os.O_DIRECTORY))
+
+    for n in (1, 2, 3, 50, 101, 103, 150):
+        session.run(read_some(n))
+        assert open_descriptors() == before, n
+    with pytest.raises(PolicyError, match="over the 8000 byte limit"):
+        fetch(session, container, "/tmp/w", max_bytes=8000)
+    session.run(read_some(1))
+    assert open_descriptors() == before

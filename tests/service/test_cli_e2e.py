@@ -89,6 +89,21 @@ def test_sessions_exec_and_cp_both_ways(service: Service, image: str, tmp_path: 
     assert sbx(service, "rm", cid).returncode == FAILED
 
 
+def test_commit_then_run_the_image(service: Service, image: str) -> None:
+    cid = sbx(service, "create", image).stdout.decode().strip()
+    done = sbx(service, "exec", "-u", "0", cid, "--", "sh", "-c", "echo built > /opt.txt")
+    assert done.returncode == 0, done.stderr
+    done = sbx(service, "commit", "-c", 'CMD ["cat", "/opt.txt"]', "--change", "ENV A=1",
+               "-m", "by sbx", cid, "cli/committed:1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().startswith("sha256:")
+    done = sbx(service, "run", "cli/committed:1")
+    assert (done.returncode, done.stdout) == (0, b"built\n"), done.stderr
+    done = sbx(service, "commit", "-c", "RUN true", cid, "cli/refused:1")
+    assert done.returncode == FAILED and b"changes[0]" in done.stderr
+    assert sbx(service, "rm", cid).returncode == 0
+
+
 def test_images_import_and_info(service: Service, image: str, tmp_path: Path) -> None:
     rootfs = io.BytesIO()
     with tarfile.open(fileobj=rootfs, mode="w") as tar:

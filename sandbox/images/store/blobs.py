@@ -53,7 +53,7 @@ class BlobStore:
 
     async def ensure(self, digest: str, fetch: Fetch) -> tuple[Path, bool]:
         """The blob's path, fetched once if missing: `fetch(temp)` must write the verified
-        bytes to `temp`. Returns (path, fetched_now)."""
+        bytes to `temp`. Returns (path, fetched_now). The caller pins `digest` first (gc)."""
         final = self.path(digest)
         if final.is_file():
             return final, False
@@ -73,11 +73,15 @@ class BlobStore:
 
         return await self._flight.do(digest, work)
 
-    def put_bytes(self, data: bytes, expected: str | None = None) -> str:
-        """Store `data` (a manifest or config), checking it against `expected` if given."""
+    def put_bytes(self, data: bytes, expected: str | None = None, *,
+                  on_digest: Callable[[str], None] | None = None) -> str:
+        """Store `data` (a manifest or config), checking it against `expected` if given.
+        `on_digest` as for put_stream."""
         digest = digests.of_bytes(data)
         if expected is not None and digest != expected:
             raise DigestMismatch(f"content of {expected} hashes to {digest}")
+        if on_digest is not None:
+            on_digest(digest)
         final = self.path(digest)
         if not final.is_file():
             temp = self._temp(digest)
@@ -92,8 +96,14 @@ class BlobStore:
         return digest
 
     def put_stream(self, src: BinaryIO, expected: str | None = None,
-                   expected_size: int | None = None) -> tuple[str, int]:
-        """Copy a stream in, hashing it; (digest, size). Mismatches leave nothing behind."""
+                   expected_size: int | None = None, *,
+                   on_digest: Callable[[str], None] | None = None) -> tuple[str, int]:
+        """Copy a stream in, hashing it; (digest, size). Mismatches leave nothing behind.
+
+        `on_digest(digest)` is called once the content is hashed and verified, before the
+        blob is looked for or renamed into place: the caller pins it there against gc (see
+        store/gc.py), which then either removed an older copy first (this one takes its
+        place) or leaves it be."""
         h = hashlib.sha256()
         size = 0
         temp = self.tmp / temp_name("ingest")
@@ -111,6 +121,8 @@ class BlobStore:
             if expected_size is not None and size != expected_size:
                 raise DigestMismatch(f"{digest} is {size} bytes, its descriptor says "
                                      f"{expected_size}")
+            if on_digest is not None:
+                on_digest(digest)
             final = self.path(digest)
             if not final.is_file():
                 os.rename(temp, final)

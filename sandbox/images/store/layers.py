@@ -15,6 +15,7 @@ import shutil
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from sandbox.errors import DigestMismatch
 from sandbox.images import digests
@@ -69,7 +70,7 @@ class LayerStore:
 
     async def ensure(self, diff_id: str, blob: BlobSource) -> tuple[Path, UnpackReport | None]:
         """The layer's directory, unpacked from `await blob()` if missing; the report is
-        None when the layer was already there."""
+        None when the layer was already there. The caller pins `diff_id` first (gc)."""
         final = self.path(diff_id)
         if final.is_dir():
             return final, None
@@ -99,14 +100,22 @@ class LayerStore:
 
         return await self._flight.do(diff_id, work)
 
-    async def add(self, source: Path) -> tuple[str, Path, UnpackReport]:
-        """Unpack a blob whose diff_id is not known yet (an imported tar): (diff_id, path,
-        report). If that layer is already present, the fresh copy is discarded."""
+    async def add(self, source: Path | BinaryIO, *,
+                  on_digest: Callable[[str], None] | None = None
+                  ) -> tuple[str, Path, UnpackReport]:
+        """Unpack a blob (or a stream of one) whose diff_id is not known yet (an imported
+        tar, a committed layer): (diff_id, path, report). If that layer is already present,
+        the fresh copy is discarded.
+
+        `on_digest(diff_id)` is called once it is unpacked, before the layer is looked for
+        or renamed into place: the caller pins it there against gc (see store/gc.py)."""
         temp = self.tmp / temp_name("import")
         temp.mkdir(mode=0o700)
         try:
             report = await asyncio.to_thread(unpack_layer, source, temp,
                                              ownership=self.ownership, limits=self.limits)
+            if on_digest is not None:
+                on_digest(report.diff_id)
             final = self.path(report.diff_id)
             async with file_lock(self.locks / f"{final.name}.lock"):
                 if not final.is_dir():
@@ -146,10 +155,16 @@ class LayerStore:
 
         return await self._flight.do("flat:" + chain_id, work)
 
-    def remove(self, diff_id: str) -> None:
-        path = self.path(diff_id)
-        if path.exists():
-            remove_tree(path)
+    def withdraw(self, diff_id: str) -> Path | None:
+        """Take the layer out of the store at once (renamed into tmp/, which a later store
+        empties if this process dies first): where it went, for `remove_tree`; None if it
+        was not there."""
+        out = self.tmp / temp_name("gone-" + digests.hex_part(diff_id))
+        try:
+            os.rename(self.path(diff_id), out)
+        except FileNotFoundError:
+            return None
+        return out
 
     def remove_flat(self, chain_id: str) -> None:
         path = self.flat_path(chain_id)

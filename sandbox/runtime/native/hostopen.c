@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/syscall.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #define MAX_PARTS 256
@@ -282,7 +283,37 @@ static int finish(int fd, const char *shown, int flags, const uid_t *owner, mode
     return 0;
 }
 
-int open_for_host(const struct mp_value *msg, const char *container_root, struct failure *f)
+/* Whether `fd`, opened in the upper directory, is an opaque directory: `*opaque` is 1 or
+ * 0, or -1 for anything but a directory. 0, or -1 with `f` filled. */
+static int opacity(int fd, int *opaque, struct failure *f)
+{
+    struct stat st;
+    char value[2];
+    ssize_t n;
+    int rfd;
+
+    if (fstat(fd, &st) < 0)
+        return fail_errno(f, errno);
+    *opaque = -1;
+    if (!S_ISDIR(st.st_mode))
+        return 0;
+    n = fgetxattr(fd, "user.overlay.opaque", value, sizeof(value));
+    if (n < 0 && errno == EBADF) {
+        /* An O_PATH descriptor has no xattrs to read: the same directory, opened to read. */
+        if ((rfd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+            return fail_errno(f, errno);
+        n = fgetxattr(rfd, "user.overlay.opaque", value, sizeof(value));
+        close(rfd);
+    }
+    /* Only "y" is opaque; ERANGE is a longer value, which is not "y" either. */
+    if (n < 0 && errno != ENODATA && errno != ENOTSUP && errno != ERANGE)
+        return fail_errno(f, errno);
+    *opaque = n == 1 && value[0] == 'y';
+    return 0;
+}
+
+int open_for_host(const struct mp_value *msg, const struct open_bases *bases, int *opaque,
+                  struct failure *f)
 {
     struct parts p;
     struct mp_value v, entry, path;
@@ -291,8 +322,10 @@ int open_for_host(const struct mp_value *msg, const char *container_root, struct
     const char *name = NULL;
     char shown[PATH_MAX + 2], namebuf[NAME_MAX + 1];
     int64_t flags, mode = 0644, x, dev = 0, ino = 0;
-    int has_entry, root, parent, fd;
+    int has_entry, in_upper = 0, root, parent, fd;
     struct stat st;
+
+    *opaque = -1;
 
     if (mp_get(msg, "flags", &v) < 0 || mp_int(&v, INT32_MIN, INT32_MAX, &flags) < 0)
         return fail(f, EINVAL, "bad open request: 'flags' must be an int");
@@ -311,6 +344,20 @@ int open_for_host(const struct mp_value *msg, const char *container_root, struct
     if (mp_get(msg, "mode", &v) == 0 && v.type != MP_NIL &&
         mp_int(&v, 0, 07777, &mode) < 0)
         return fail(f, EINVAL, "bad open request: 'mode' must be a file mode");
+    if (mp_get(msg, "base", &v) == 0 && v.type != MP_NIL) {
+        if (v.type == MP_STR && v.len == 5 && memcmp(v.data, "upper", 5) == 0)
+            in_upper = 1;
+        else if (v.type != MP_STR || v.len != 4 || memcmp(v.data, "root", 4) != 0)
+            return fail(f, EINVAL, "bad open request: 'base' must be 'root' or 'upper'");
+    }
+    if (in_upper && bases->upper == NULL)
+        return fail(f, EROFS, "the container's root is read-only: it has no upper layer, and "
+                    "no run can have changed it");
+    /* Overlayfs's layers must not change under the mounted overlay: its upper is read. */
+    if (in_upper && (owner != NULL || (flags & O_ACCMODE) != O_RDONLY ||
+                     (flags & (O_CREAT | O_TRUNC | O_APPEND)) ||
+                     (flags & O_TMPFILE) == O_TMPFILE))
+        return fail(f, EPERM, "the upper layer of a writable root is opened for reading only");
     has_entry = mp_get(msg, "entry", &entry) == 0 && entry.type != MP_NIL;
     if (has_entry) {
         struct mp_value dir, nm, d, i;
@@ -347,7 +394,7 @@ int open_for_host(const struct mp_value *msg, const char *container_root, struct
         snprintf(shown + strlen(shown), sizeof(shown) - strlen(shown), "%s%s",
                  p.n ? "/" : "", name);
 
-    if ((root = open(container_root, DIR_FLAGS | O_CLOEXEC)) < 0)
+    if ((root = open(in_upper ? bases->upper : bases->root, DIR_FLAGS | O_CLOEXEC)) < 0)
         return fail_errno(f, errno);
     parent = walk(root, &p, p.n, has_entry || !name ? NULL : owner, shown, f);
     if (parent < 0) {
@@ -379,7 +426,8 @@ int open_for_host(const struct mp_value *msg, const char *container_root, struct
         return -1;
     }
     close(root);
-    if (finish(fd, shown, (int)flags, owner, (mode_t)mode, f) < 0) {
+    if (finish(fd, shown, (int)flags, owner, (mode_t)mode, f) < 0 ||
+        (in_upper && opacity(fd, opaque, f) < 0)) {
         close(fd);
         return -1;
     }

@@ -22,6 +22,15 @@
  * other hard link (writing it would change the file under its other names too), and
  * O_TRUNC waits until that is checked. Files of kernel pseudo filesystems are refused
  * (EPERM) before anything is changed.
+ *
+ * Either is resolved against a "base": "root" (or none), the container's root as its
+ * processes see it; or "upper", the upper directory of its writable root (overlayfs's
+ * upper layer: what runs changed, with whiteouts and opaque directories as overlayfs keeps
+ * them), with the same rules, for reading only (overlayfs's layers must not change under
+ * the mounted overlay; EPERM otherwise). A read-only root has no upper directory: EROFS.
+ * For a directory opened there, init tells whether it is opaque (user.overlay.opaque "y":
+ * it hides what the layers below hold there): the host may not read the xattrs of a
+ * directory that another container user owns, init may.
  */
 #ifndef SBX_HOSTOPEN_H
 #define SBX_HOSTOPEN_H
@@ -35,8 +44,15 @@ struct failure {
     char why[2048];        /* for the host's error message */
 };
 
-/* The descriptor opened for the open request `msg` in the container whose root is
- * `container_root` (a path in init's own root), or -1 with `f` filled. */
-int open_for_host(const struct mp_value *msg, const char *container_root, struct failure *f);
+/* Where requests are resolved, paths in init's own root. */
+struct open_bases {
+    const char *root;      /* the container's root */
+    const char *upper;     /* its writable root's upper directory; NULL: the root is read-only */
+};
+
+/* The descriptor opened for the open request `msg`, or -1 with `f` filled. `*opaque` is
+ * 1 or 0 for a directory opened under the base "upper" (whether it is opaque), else -1. */
+int open_for_host(const struct mp_value *msg, const struct open_bases *bases, int *opaque,
+                  struct failure *f);
 
 #endif

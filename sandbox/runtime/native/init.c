@@ -580,13 +580,14 @@ static void do_open(const struct mp_value *msg)
     static struct failure f;
     struct mp_writer w = {.len = 0};
     struct mp_value v;
+    struct open_bases bases = {scratch_root(&scratch), scratch_upper(&scratch)};
     int64_t id = 0;
-    int has_id, fd;
+    int has_id, fd, opaque;
 
     scratch_touching(&scratch);
     has_id = mp_get(msg, "id", &v) == 0 && mp_int(&v, INT64_MIN, INT64_MAX, &id) == 0;
-    fd = open_for_host(msg, scratch_root(&scratch), &f);
-    mp_w_map(&w, fd >= 0 ? 2 : 4);
+    fd = open_for_host(msg, &bases, &opaque, &f);
+    mp_w_map(&w, fd < 0 ? 4 : opaque >= 0 ? 3 : 2);
     put_key(&w, "ev");
     mp_w_cstr(&w, "opened");
     put_key(&w, "id");
@@ -599,6 +600,9 @@ static void do_open(const struct mp_value *msg)
         mp_w_int(&w, f.err ? f.err : EINVAL);
         put_key(&w, "error");
         mp_w_cstr(&w, f.why);
+    } else if (opaque >= 0) {
+        put_key(&w, "opaque");
+        mp_w_bool(&w, opaque);
     }
     send_msg(&w, fd);
     if (fd >= 0)

@@ -50,6 +50,12 @@ const char *scratch_root(const struct scratch *s)
     return w ? w->slot_root[w->current] : s->root;
 }
 
+const char *scratch_upper(const struct scratch *s)
+{
+    const struct writable_root *w = s->writable;
+    return w ? w->slot_upper[w->current] : NULL;
+}
+
 static int read_marks(struct scratch *s, char *err, size_t n)
 {
     char path[PATH_MAX];
@@ -58,12 +64,8 @@ static int read_marks(struct scratch *s, char *err, size_t n)
         if (read_mark(join(path, scratch_root(s), s->mounts[i].target), &s->mounts[i].mark,
                       err, n) < 0)
             return -1;
-    if (s->writable) {
-        struct writable_root *w = s->writable;
-        snprintf(path, sizeof(path), "%s/upper", w->slot_rw[w->current]);
-        if (read_mark(path, &w->mark, err, n) < 0)
-            return -1;
-    }
+    if (s->writable && read_mark(scratch_upper(s), &s->writable->mark, err, n) < 0)
+        return -1;
     return 0;
 }
 
@@ -150,7 +152,8 @@ static int init_writable(struct scratch *s, const struct mp_value *wv, char *err
     for (i = 0; i < 2; i++)
         if (mp_item(&v, i, &pair) < 0 || pair.type != MP_ARRAY || pair.len != 2 ||
             mp_item(&pair, 0, &item) < 0 || !(w->slot_root[i] = str_of(&item)) ||
-            mp_item(&pair, 1, &item) < 0 || !(w->slot_rw[i] = str_of(&item)))
+            mp_item(&pair, 1, &item) < 0 || !(w->slot_rw[i] = str_of(&item)) ||
+            asprintf(&w->slot_upper[i], "%s/upper", w->slot_rw[i]) < 0)
             goto bad;
     return 0;
 bad:
@@ -245,16 +248,15 @@ int scratch_tidy(struct scratch *s, char *err, size_t n)
         snprintf(path, sizeof(path), "%s/work", w->slot_rw[spare]);
         if (mkdir(path, 0755) < 0)
             return fail(err, n, "mkdir", path);
-        snprintf(path, sizeof(path), "%s/upper", w->slot_rw[spare]);
-        if (mkdir(path, 0755) < 0)
-            return fail(err, n, "mkdir", path);
+        if (mkdir(w->slot_upper[spare], 0755) < 0)
+            return fail(err, n, "mkdir", w->slot_upper[spare]);
         /* The merged root takes the upper directory's owner: container root's, as when the
          * container was made (init runs under an id of its own by now). */
-        if (chown(path, 0, 0) < 0)
-            return fail(err, n, "chown", path);
+        if (chown(w->slot_upper[spare], 0, 0) < 0)
+            return fail(err, n, "chown", w->slot_upper[spare]);
         if ((size_t)snprintf(data, sizeof(data),
-                             "lowerdir=%s,upperdir=%s/upper,workdir=%s/work,userxattr",
-                             w->lowerdir, w->slot_rw[spare], w->slot_rw[spare]) >= sizeof(data)) {
+                             "lowerdir=%s,upperdir=%s,workdir=%s/work,userxattr", w->lowerdir,
+                             w->slot_upper[spare], w->slot_rw[spare]) >= sizeof(data)) {
             snprintf(err, n, "the overlay's options are over %zu bytes", sizeof(data));
             return -1;
         }
@@ -293,9 +295,7 @@ int scratch_reset(struct scratch *s, char *err, size_t n)
     int i, yes;
 
     if (s->writable) {
-        struct writable_root *w = s->writable;
-        snprintf(path, sizeof(path), "%s/upper", w->slot_rw[w->current]);
-        if (changed(s, path, &w->mark, err, n, &yes) < 0)
+        if (changed(s, scratch_upper(s), &s->writable->mark, err, n, &yes) < 0)
             return -1;
         if (yes && replace_root(s, err, n) < 0)
             return -1;

@@ -48,6 +48,7 @@ struct writable_root {
     char **carried;        /* the container's mounts moved onto a new root */
     int ncarried;
     char *slot_root[2], *slot_rw[2];
+    char *slot_upper[2];   /* <slot_rw>/upper: overlayfs's upper layer */
     int current;
     int spare_ready;
     int old;               /* a slot whose root is still to be detached, or -1 */
@@ -70,6 +71,11 @@ int scratch_init(struct scratch *s, const struct mp_value *config, char *err, si
 /* Where the container's root is now, in init's root: where runs chroot, where paths are
  * opened for the host. */
 const char *scratch_root(const struct scratch *s);
+
+/* The writable root's current upper directory in init's root: what runs changed in the
+ * root (files, whiteouts, opaque directories), where the host reads a commit's layer from;
+ * NULL for a read-only root, which has none. */
+const char *scratch_upper(const struct scratch *s);
 
 /* A run starts, or a file is opened for the host: what it changes must show. */
 void scratch_touching(struct scratch *s);
