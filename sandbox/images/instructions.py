@@ -12,22 +12,24 @@ commit's changes (changes.py) use these; so will a build, with its own steps bes
 from __future__ import annotations
 
 import copy
+import functools
 import posixpath
 import re
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-import dockerfile
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sandbox.errors import ImageError
 from sandbox.images import shellwords
 from sandbox.images.imageconfig import edit_run
 
+if TYPE_CHECKING:
+    import dockerfile
+
 # The shell of CMD and ENTRYPOINT written as text, unless the config names one (SHELL).
 DEFAULT_SHELL = ("/bin/sh", "-c")
-KNOWN = frozenset(c.upper() for c in dockerfile.all_cmds())
 MAX_LINE_BYTES = 65535  # BuildKit reads a Dockerfile with Go's default line scanner
 _DIRECTIVE = re.compile(r"([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*")
 _DIRECTIVES = frozenset({"syntax", "escape", "check"})
@@ -39,6 +41,20 @@ _SIGNALS = frozenset(
     + [f"RTMIN+{i}" for i in range(1, 16)] + [f"RTMAX-{i}" for i in range(1, 15)])
 _MAX_SIGNAL = 64
 T = TypeVar("T", list[str], dict[str, Any])
+
+
+def _parser() -> ModuleType:
+    """BuildKit's parser, loaded on first use: it starts a Go runtime (five threads) in the
+    process, which a service that never parses a Dockerfile line need not carry."""
+    import dockerfile
+
+    return dockerfile
+
+
+@functools.cache
+def _known() -> frozenset[str]:
+    """Every instruction BuildKit knows, upper case."""
+    return frozenset(c.upper() for c in _parser().all_cmds())
 
 
 @dataclass(frozen=True)
@@ -61,14 +77,15 @@ def parse(source: str, where: str) -> tuple[Instruction, ...]:
             # The parser would drop the rest of the text without a word (Go's line scanner).
             raise ImageError(f"{where}: line {number} is {size} bytes, over the parser's "
                              f"limit of {MAX_LINE_BYTES}; split it with a trailing {escape}")
+    parser = _parser()
     try:
-        nodes = dockerfile.parse_string(source)
-    except dockerfile.GoParseError as e:
+        nodes = parser.parse_string(source)
+    except parser.GoParseError as e:
         raise ImageError(f"{where}: {e}") from None
     out = []
     for node in nodes:
         keyword = node.cmd.upper()
-        if keyword not in KNOWN:
+        if keyword not in _known():
             line = f" (line {node.start_line})" if node.start_line > 1 else ""
             raise ImageError(f"{where}: {node.cmd!r} is not a Dockerfile instruction{line}; "
                              "write an instruction such as 'CMD [\"sh\"]' or 'ENV KEY=value'")
@@ -230,14 +247,15 @@ def _onbuild(state: ConfigState, a: _Args) -> None:
         raise ImageError("chaining ONBUILD ONBUILD is not allowed")
     if trigger in ("FROM", "MAINTAINER"):
         raise ImageError(f"{trigger} is not allowed as an ONBUILD trigger")
-    if trigger not in KNOWN:
+    if trigger not in _known():
         raise ImageError(f"{node.sub_cmd!r} is not a Dockerfile instruction")
     expression = _ONBUILD.sub("", node.original, count=1)
     # The trigger is stored as text and parsed when a build inherits it: it must parse
     # alone (a heredoc's body is not kept by the parser, so such a trigger would not).
+    parser = _parser()
     try:
-        dockerfile.parse_string(expression)
-    except dockerfile.GoParseError as e:
+        parser.parse_string(expression)
+    except parser.GoParseError as e:
         raise ImageError(f"the trigger {expression!r} does not parse alone ({e}); write it "
                          "on one line, without a heredoc") from None
     state.run["OnBuild"] = [*_entry(state, "OnBuild", list), expression]
