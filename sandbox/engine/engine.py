@@ -35,6 +35,7 @@ from sandbox.images import (
     RegistriesConfig,
     apply_run,
     digests,
+    platform_serves,
 )
 from sandbox.runtime import files
 from sandbox.runtime.hostinfo import report as host_report
@@ -79,14 +80,6 @@ class EngineConfig:
     public_images: PublicNames = field(default_factory=PublicNames)  # shared by every tenant
 
 
-def _fits(image: Image, platform: Platform) -> bool:
-    """Whether `image` is what a pull for `platform` would have chosen, os and
-    architecture (and the variant, when both name one)."""
-    have = Platform.parse(image.platform)
-    return (have.os, have.architecture) == (platform.os, platform.architecture) and (
-        platform.variant is None or have.variant in (None, platform.variant))
-
-
 def known_policies() -> list[str]:
     """The profiles shipped in policies/profiles/."""
     return sorted(p.name.removesuffix(".json")
@@ -112,6 +105,8 @@ class Engine:
         self.host = host                 # what this host can enforce, probed at start
         self.runtime = runtime
         self.images = images
+        # What runs here: the host's os and architecture, any variant (see _runnable).
+        self._native = Platform(images.platform.os, images.platform.architecture)
         self.records = ContainerRecords(config.state_dir)
         self.pools = Pools(runtime, config.pools, images, self.records)
         self.sessions = Sessions(self.pools, images, self._request)
@@ -158,14 +153,15 @@ class Engine:
         bare digest names no registry: it must be one of the tenant's images), or pulled
         again for `platform` when the local one is for another. WrongPlatform unless it
         runs on this host."""
+        by_digest = digests.is_digest(reference.strip())
         found: Image | None = None
         try:
             found = await self.images.resolve(reference, tenant=tenant)
         except NotFound:
-            if digests.is_digest(reference.strip()):
+            if by_digest:
                 raise
-        if found is not None and platform is not None and not digests.is_digest(
-                reference.strip()) and not _fits(found, platform):
+        if (found is not None and platform is not None and not by_digest
+                and not platform_serves(found.platform, platform)):
             found = None
         if found is None:
             found = await self.images.pull(reference, tenant=tenant, platform=platform,
@@ -173,11 +169,10 @@ class Engine:
         return self._runnable(found)
 
     def _runnable(self, image: Image) -> Image:
-        built_for = Platform.parse(image.platform)
-        host = self.images.platform
-        if not built_for.runs_on(host):
+        host = self._native
+        if not platform_serves(image.platform, host):
             raise WrongPlatform(
-                f"image {(image.names or (image.digest,))[0]} is built for {built_for}, and "
+                f"image {(image.names or (image.digest,))[0]} is built for {image.platform}, and "
                 f"this machine is {host}; sandboxd emulates no other architecture: use the "
                 f"image's {host.os}/{host.architecture} variant (\"platform\": "
                 f"\"{host.os}/{host.architecture}\" when its name is a multi-platform index)")

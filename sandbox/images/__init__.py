@@ -3,7 +3,7 @@ them (pull, resolve, list, inspect, tag, remove, import, push, gc; per tenant)."
 
 from sandbox.images.digests import is_digest
 from sandbox.images.imageconfig import apply_run
-from sandbox.images.manifest import Platform
+from sandbox.images.manifest import Platform, platform_serves
 from sandbox.images.public import PUBLIC, PublicNames
 from sandbox.images.registry.config import RegistriesConfig
 from sandbox.images.service import (
@@ -28,4 +28,5 @@ __all__ = [
     "RegistriesConfig",
     "apply_run",
     "is_digest",
+    "platform_serves",
 ]

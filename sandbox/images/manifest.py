@@ -115,12 +115,17 @@ class Platform:
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
-    def runs_on(self, host: Platform) -> bool:
-        """Whether programs built for this platform run on `host` as they are. sandboxd
-        emulates nothing, and its seccomp filters judge the host's own system call table
-        only (another architecture's calls kill the process), so the os and architecture
-        must be the host's; a variant (a newer instruction set) is the image's to choose."""
-        return (self.os, self.architecture) == (host.os, host.architecture)
+
+def platform_serves(recorded: str, want: Platform) -> bool:
+    """Whether an image the store records as `recorded` ("os/arch[/variant]", from its
+    config) is what a pull for `want` gets: the same os and architecture, and the same
+    variant when both name one (a config often names none). A run asks this with the host
+    and no variant: sandboxd emulates nothing, and its seccomp filters judge the host's own
+    system call table only, so an image runs here when it serves this os/architecture."""
+    os_name, _, rest = recorded.partition("/")
+    arch, _, variant = rest.partition("/")
+    return (os_name, arch) == (want.os, want.architecture) and (
+        want.variant is None or variant in ("", want.variant))
 
 
 @dataclass(frozen=True)

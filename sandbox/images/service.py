@@ -69,6 +69,7 @@ from sandbox.images.manifest import (
     Platform,
     build_oci_manifest,
     parse_manifest,
+    platform_serves,
     select_platform,
 )
 from sandbox.images.public import PUBLIC, PublicNames
@@ -261,7 +262,7 @@ class ImageService:
 
     def _fits(self, digest: str, want: Platform) -> bool:
         rec = self.catalog.image(digest)
-        return rec is not None and rec.platform.split("/")[:2] == [want.os, want.architecture]
+        return rec is not None and platform_serves(rec.platform, want)
 
     def _complete(self, digest: str) -> bool:
         rec = self.catalog.image(digest)

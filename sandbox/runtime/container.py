@@ -143,22 +143,23 @@ class Container:
         asyncio.get_running_loop().add_reader(ctl, self._on_message)
 
     def _on_message(self) -> None:
-        # What waits is taken in one wake-up of the event loop (a bounded number): the
-        # answers to a walk's open requests come back to back (files.TreeTar), and a
-        # wake-up costs more than a message.
+        # After an open's answer, what else waits is taken in the same wake-up of the event
+        # loop (a bounded number): the answers to a walk's open requests come back to back
+        # (files.TreeTar), and a wake-up costs more than a message. A run's messages come
+        # one at a time: they are not worth a poll each.
         for _ in range(_MESSAGES_PER_WAKEUP):
-            self._take_message()
-            if not self.alive or not self._waiting.poll(0):
+            if self._take_message() != "opened" or not self._waiting.poll(0):
                 return
 
-    def _take_message(self) -> None:
+    def _take_message(self) -> object:
+        """Takes one message; returns its event (None once init is gone)."""
         try:
             got = protocol.recv(self._ctl)
         except (protocol.ProtocolError, OSError):
             got = None
         if got is None:
             self._gone("the container's init exited")
-            return
+            return None
         msg, fds = got
         ev = msg.get("ev")
         if ev == "opened":
@@ -169,7 +170,7 @@ class Container:
         if ev in ("ready", "error"):
             if not self._ready.done():
                 self._ready.set_result(msg)
-            return
+            return ev
         key = (str(ev), msg.get("id", 0) if ev != "reset" else 0)
         waiter = self._waiters.pop(key, None)
         if waiter is not None and not waiter.done():
@@ -180,6 +181,7 @@ class Container:
         else:
             for fd in msg.get("fds", ()):
                 os.close(fd)
+        return ev
 
     def _gone(self, why: str) -> None:
         if not self.alive:

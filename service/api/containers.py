@@ -184,9 +184,9 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 async def commit(request: web.Request) -> web.Response:
     """`docker commit`: the session's changes to its root as a new image of the caller's."""
     eng = engine(request)
-    body = await read_json(request, COMMIT_BODY)
     tenant = principal(request).tenant
-    eng.sessions.get(request.match_info["id"], tenant.id)  # 404 before the body is looked at
+    eng.sessions.get(request.match_info["id"], tenant.id)  # 404 before the body is read
+    body = await read_json(request, COMMIT_BODY)
     try:
         image = await eng.sessions.commit(
             request.match_info["id"], body["reference"], tenant=tenant,
