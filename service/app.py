@@ -27,6 +27,8 @@ log = logging.getLogger("sandboxd.service")
 EngineFactory = Callable[[], Awaitable[Engine]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 START_TASK = web.AppKey("start_task", asyncio.Task)
+# After the deadline: for cancelled requests to end (aiohttp's own timeout is this later).
+SHUTDOWN_GRACE_S = 5.0
 
 
 def routes() -> list[Route]:
@@ -41,7 +43,7 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
     open_paths = frozenset(r.path for r in table if not r.auth)
     app = web.Application(
         client_max_size=config.limits.json_body_bytes,
-        middlewares=[error_middleware, browser_middleware(config),
+        middlewares=[handlers_middleware, error_middleware, browser_middleware(config),
                      auth_middleware(tokens, open_paths)])
     st = State(config=config, tokens=tokens,
                admission=Admission(config.limits.max_running, config.limits.max_queued))
@@ -75,6 +77,16 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
         st.admission.closed = True
         for ws in list(st.websockets):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"sandboxd is shutting down")
+        # Requests get the deadline, then are cancelled here (a cancelled run is killed),
+        # before aiohttp's own shutdown, whose timeout is longer: a handler that ended just
+        # as aiohttp's timeout expired tripped its race (InvalidStateError on the waiter
+        # of the handler, logged with a traceback).
+        if st.handlers:
+            _, late = await asyncio.wait(set(st.handlers), timeout=config.shutdown_deadline_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=SHUTDOWN_GRACE_S)
 
     async def cleanup(app: web.Application) -> None:
         task = app.get(START_TASK)
@@ -90,6 +102,19 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
     app.on_shutdown.append(shutdown)
     app.on_cleanup.append(cleanup)
     return app
+
+
+@web.middleware
+async def handlers_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request being served is known (State.handlers), for the shutdown's deadline."""
+    handlers = request.app[STATE].handlers
+    task = asyncio.current_task()
+    assert task is not None  # aiohttp serves each request in a task of its own
+    handlers.add(task)
+    try:
+        return await handler(request)
+    finally:
+        handlers.discard(task)
 
 
 def browser_middleware(config: ServiceConfig) -> Middleware:
@@ -173,7 +198,7 @@ async def serve(config: ServiceConfig) -> int:
 
     app = create_app(factory, config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           shutdown_timeout=config.shutdown_deadline_s)
+                           shutdown_timeout=config.shutdown_deadline_s + SHUTDOWN_GRACE_S)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)

@@ -3,6 +3,7 @@ and reading a JSON body against its schema."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ class State:
     start_error: str | None = None
     stopping: bool = False
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
+    handlers: set[asyncio.Task[Any]] = field(default_factory=set)   # requests being served
 
 
 STATE = web.AppKey("state", State)
