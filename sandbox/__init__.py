@@ -14,6 +14,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
+    from sandbox.engine import BuildConfig as BuildConfig
+    from sandbox.engine import BuildRequest as BuildRequest
     from sandbox.engine import Engine as Engine
     from sandbox.engine import EngineConfig as EngineConfig
     from sandbox.engine import FileSpec as FileSpec
@@ -21,6 +23,7 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.engine import PoolConfig as PoolConfig
     from sandbox.engine import RunSpec as RunSpec
     from sandbox.errors import AuthError as AuthError
+    from sandbox.errors import BuildFailed as BuildFailed
     from sandbox.errors import Busy as Busy
     from sandbox.errors import CapacityError as CapacityError
     from sandbox.errors import CgroupError as CgroupError
@@ -45,6 +48,7 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.images import PullProgress as PullProgress
     from sandbox.images import RegistriesConfig as RegistriesConfig
     from sandbox.images import is_digest as is_digest
+    from sandbox.images.buildcontext import ContextLimits as ContextLimits
     from sandbox.images.changes import MAX_CHANGE_BYTES as MAX_CHANGE_BYTES
     from sandbox.images.changes import MAX_CHANGES as MAX_CHANGES
     from sandbox.images.reference import parse as parse_reference  # noqa: F401
@@ -71,10 +75,14 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
 _HOMES = {
     "ALLOWED_SIGNALS": "sandbox.runtime.runcontrol",
     "AuthError": "sandbox.errors",
+    "BuildConfig": "sandbox.engine",
+    "BuildFailed": "sandbox.errors",
+    "BuildRequest": "sandbox.engine",
     "Busy": "sandbox.errors",
     "CapacityError": "sandbox.errors",
     "CgroupError": "sandbox.errors",
     "ContainerGoneError": "sandbox.errors",
+    "ContextLimits": "sandbox.images.buildcontext",
     "DigestMismatch": "sandbox.errors",
     "Engine": "sandbox.engine",
     "EngineConfig": "sandbox.engine",

@@ -81,3 +81,14 @@ class Busy(SandboxError):
 
 class QuotaExceeded(SandboxError):
     """The tenant's quota would be exceeded (e.g. the bytes its images use)."""
+
+
+class BuildFailed(SandboxError):
+    """A build's step failed (a RUN exited non-zero, a COPY found no source, ...): `line` is
+    its Dockerfile line and `step` its number, when known; the message names both."""
+
+    def __init__(self, message: str, *, line: int | None = None,
+                 step: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+        self.step = step

@@ -10,6 +10,8 @@
                files_bytes, max_running, max_queued, sessions_per_tenant,
                image_bytes_per_tenant (a tenant's quotas unless its token sets its own)
     [images]   public: image names shared with every tenant (sandbox.tenants.PublicNames)
+    [build]    policy (the profile of RUN steps), timeout_s, max_context_bytes,
+               max_context_entries (sandbox.engine.BuildConfig)
     [policies.<profile>.defaults] / [policies.<profile>.maxima]  a run's limits (the keys of
                sandbox.runtime.profiles.Limits), each replacing the profile file's own
 
@@ -30,6 +32,8 @@ from typing import Any
 
 from sandbox import (
     LOCAL_TENANT,
+    BuildConfig,
+    ContextLimits,
     EngineConfig,
     Limits,
     PolicyError,
@@ -86,6 +90,7 @@ class ServiceConfig:
     shutdown_deadline_s: float = 10.0
     policy_limits: Mapping[str, PolicyLimits] = field(default_factory=dict)
     public_images: PublicNames = field(default_factory=PublicNames)
+    build: BuildConfig = field(default_factory=BuildConfig)
     # Host names (besides localhost, IP addresses and `host`) that requests may name in their
     # Host header; any other is refused, which defeats DNS rebinding.
     allowed_hosts: tuple[str, ...] = ()
@@ -97,7 +102,7 @@ class ServiceConfig:
                             session_idle_s=self.session_idle_s,
                             default_policy=self.default_policy,
                             policy_limits=self.policy_limits,
-                            public_images=self.public_images)
+                            public_images=self.public_images, build=self.build)
 
     def tenant(self, token: TokenConfig | None) -> Tenant:
         """The tenant a token (None: the one of a service without tokens) acts as, with its
@@ -233,12 +238,31 @@ def _policy_limits(raw: Mapping[str, Any]) -> dict[str, PolicyLimits]:
     return out
 
 
+def _build(raw: Mapping[str, Any]) -> BuildConfig:
+    known = {"policy", "timeout_s", "max_context_bytes", "max_context_entries"}
+    if set(raw) - known:
+        raise ConfigError(f"build.{sorted(set(raw) - known)[0]}: unknown setting; known: "
+                          f"{', '.join(sorted(known))}")
+    default, context = BuildConfig(), ContextLimits()
+    timeout = raw.get("timeout_s", default.timeout_s)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        raise ConfigError("build.timeout_s: expected a positive number of seconds")
+    return BuildConfig(
+        policy=_str(raw.get("policy", default.policy), "build.policy"),
+        timeout_s=float(timeout),
+        context=ContextLimits(
+            max_bytes=_int(raw.get("max_context_bytes", context.max_bytes),
+                           "build.max_context_bytes", 1),
+            max_entries=_int(raw.get("max_context_entries", context.max_entries),
+                             "build.max_context_entries", 1)))
+
+
 def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
     unknown = set(data) - {"server", "tokens", "registries", "pools", "limits", "policies",
-                           "images"}
+                           "images", "build"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: server, tokens, "
-                          "registries, pools, limits, policies, images")
+                          "registries, pools, limits, policies, images, build")
     server = _table(data, "server")
     known_server = {"host", "port", "state_dir", "session_idle_s", "default_policy",
                     "shutdown_deadline_s", "allowed_hosts"}
@@ -285,6 +309,7 @@ def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
         shutdown_deadline_s=seconds("shutdown_deadline_s", 10.0),
         policy_limits=_policy_limits(_table(data, "policies")),
         public_images=_public_images(_table(data, "images")),
+        build=_build(_table(data, "build")),
         allowed_hosts=_hosts(server.get("allowed_hosts", [])))
     if len({t.token for t in config.tokens}) != len(config.tokens):
         raise ConfigError("tokens: the same token appears twice")

@@ -402,6 +402,9 @@ GC_REPORT = Obj("GcReport", (
     Prop("images", Arr(Str(), max_items=1 << 20), required=True),
     Prop("blobs", Int(), required=True), Prop("layers", Int(), required=True),
     Prop("freed_bytes", Int(), required=True), Prop("kept_bytes", Int(), required=True)))
+BUILD_PRUNED = Obj("BuildPruned", (
+    Prop("removed", Int(description="cached build steps forgotten"), required=True),
+    Prop("freed_bytes", Int(), required=True)))
 INFO = Obj("Info", (Prop("version", Str(), required=True), Prop("host", Any_(), required=True),
                     Prop("pools", Arr(Any_(), max_items=1 << 20), required=True),
                     Prop("sessions", Int(), required=True),

@@ -1,12 +1,13 @@
 """The engine: images on first use, warm pools, sessions and runs (`Engine`), over the
 runtime. Its modules: engine (the Engine), specs (what a caller asks to run), pool (warm
-containers lent per run), sessions (containers a tenant keeps, commit), records (container
-records in the state directory, the crash sweep)."""
+containers lent per run), sessions (containers a tenant keeps, commit), builder (Dockerfile
+builds), records (container records in the state directory, the crash sweep)."""
 
-from sandbox.engine.engine import Engine, EngineConfig, PolicyLimits, RunOutcome
+from sandbox.engine.builder import BuildRequest
+from sandbox.engine.engine import BuildConfig, Engine, EngineConfig, PolicyLimits, RunOutcome
 from sandbox.engine.pool import PoolConfig
 from sandbox.engine.sessions import Session
 from sandbox.engine.specs import FileSpec, RunSpec
 
-__all__ = ["Engine", "EngineConfig", "FileSpec", "PolicyLimits", "PoolConfig", "RunOutcome",
-           "RunSpec", "Session"]
+__all__ = ["BuildConfig", "BuildRequest", "Engine", "EngineConfig", "FileSpec", "PolicyLimits",
+           "PoolConfig", "RunOutcome", "RunSpec", "Session"]

@@ -13,18 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from sandbox import statedir
+from sandbox.engine.builder import Builder, BuildRequest, Emit
 from sandbox.engine.pool import PoolConfig, Pools
 from sandbox.engine.records import ContainerRecords
 from sandbox.engine.sessions import Session, Sessions
 from sandbox.engine.specs import RunSpec
-from sandbox.errors import NotFound, PolicyError, WrongPlatform
+from sandbox.errors import BuildFailed, NotFound, PolicyError, WrongPlatform
 from sandbox.images import (
     Image,
     ImageService,
@@ -37,6 +40,7 @@ from sandbox.images import (
     digests,
     platform_serves,
 )
+from sandbox.images.buildcontext import BuildContext, ContextLimits
 from sandbox.runtime import files
 from sandbox.runtime.hostinfo import report as host_report
 from sandbox.runtime.output import OutputCallback
@@ -70,6 +74,13 @@ class PolicyLimits:
 
 
 @dataclass(frozen=True)
+class BuildConfig:
+    policy: str = "build"                # the profile of RUN steps; never a run's or a session's
+    timeout_s: float = 3600.0            # a whole build, its context upload included
+    context: ContextLimits = field(default_factory=ContextLimits)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     state_dir: Path
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
@@ -78,6 +89,7 @@ class EngineConfig:
     default_policy: str = "default"
     policy_limits: Mapping[str, PolicyLimits] = field(default_factory=dict)  # by profile name
     public_images: PublicNames = field(default_factory=PublicNames)  # shared by every tenant
+    build: BuildConfig = field(default_factory=BuildConfig)
 
 
 def known_policies() -> list[str]:
@@ -127,6 +139,8 @@ class Engine:
         except BaseException:
             await runtime.close()  # its spawner must not outlive a start that failed
             raise
+        # What builds of an instance that died left (their contexts): no build survives it.
+        await asyncio.to_thread(shutil.rmtree, config.state_dir / "builds", True)
         engine = cls(config, runtime, images, host)
         swept = await asyncio.to_thread(engine.records.sweep, runtime.cgroups.driver)
         if swept:
@@ -153,6 +167,10 @@ class Engine:
         bare digest names no registry: it must be one of the tenant's images), or pulled
         again for `platform` when the local one is for another. WrongPlatform unless it
         runs on this host."""
+        return self._runnable(await self._find(reference, tenant, platform, on_progress))
+
+    async def _find(self, reference: str, tenant: Tenant, platform: Platform | None,
+                    on_progress: ProgressCallback | None = None) -> Image:
         by_digest = digests.is_digest(reference.strip())
         found: Image | None = None
         try:
@@ -166,7 +184,7 @@ class Engine:
         if found is None:
             found = await self.images.pull(reference, tenant=tenant, platform=platform,
                                            on_progress=on_progress)
-        return self._runnable(found)
+        return found
 
     def _runnable(self, image: Image) -> Image:
         host = self._native
@@ -190,6 +208,9 @@ class Engine:
         """The policy `name` (default: the configured one), resolved once by the runtime's
         registry; PolicyError naming the known ones when there is none. Callers that
         resolve it ahead (to validate a request) pass it to `run` and `create_session`."""
+        if name is not None and name == self.config.build.policy:
+            raise PolicyError(f"policy: {name!r} is the policy of build steps, not of runs or "
+                              "sessions; choose another (GET /v1/policies lists them)")
         return self.runtime.policies.get(name or self.config.default_policy)
 
     def _policy(self, policy: Policy | str | None, network: str | None) -> Policy:
@@ -237,6 +258,46 @@ class Engine:
             result = await container.exec(req, on_output=on_output, control=control,
                                           reset_after=True)
         return RunOutcome(result, loan.warm, found.digest)
+
+    # builds
+
+    async def build(self, context: AsyncIterator[bytes], req: BuildRequest, *, tenant: Tenant,
+                    emit: Emit, allow: Callable[[str], None] | None = None) -> Image:
+        """Build an image of `tenant` from a build context (a tar stream, plain or gzip,
+        with the Dockerfile) as `req` asks (see builder.py): its events go to `emit`. The
+        context is kept in a directory of its own under the state directory until the
+        build ends; the whole build is bounded by build.timeout_s. `allow(reference)` is
+        asked before a FROM or COPY --from image is used (Forbidden to refuse it)."""
+        self.images.check_tags(req.tags, tenant)
+        policy = self.runtime.policies.get(self.config.build.policy)
+        async def resolve(reference: str, tenant: Tenant, platform: Platform | None) -> Image:
+            # Pulled for the build's platform, which need not be this host's: its RUN steps
+            # would be refused, its COPY steps work.
+            if allow is not None:
+                allow(reference)
+            return await self._find(reference, tenant, platform)
+
+        builder = Builder(self.pools, self.images, policy, resolve, self._native)
+        root = self.config.state_dir / "builds"
+        root.mkdir(mode=0o700, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=root))
+        try:
+            async with asyncio.timeout(self.config.build.timeout_s):
+                ctx = await BuildContext.receive(context, work, self.config.build.context)
+                try:
+                    return await builder.build(ctx, req, tenant, emit)
+                finally:
+                    ctx.close()
+        except TimeoutError:
+            raise BuildFailed(f"the build ran past {self.config.build.timeout_s:g} s "
+                              "(build.timeout_s): make its steps shorter, or ask the "
+                              "operator for a longer limit") from None
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+
+    def prune_build_cache(self, tenant: Tenant) -> dict[str, int]:
+        removed, report = self.images.prune_build_cache(tenant)
+        return {"removed": removed, "freed_bytes": report.freed_bytes}
 
     # sessions
 

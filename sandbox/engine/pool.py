@@ -149,6 +149,11 @@ class Pools:
         pool.busy -= 1
         return container
 
+    async def single(self, image: Image, policy: Policy) -> Container:
+        """A container for one use that no pool keeps warm (a build step's); `destroy` it.
+        Counted against max_live like every other."""
+        return await self._create(image, policy, evict=True)
+
     async def _take(self, pool: _Pool) -> tuple[Container, bool]:
         """A container of `pool`, counted busy: (container, whether it was warm)."""
         pool.busy += 1

@@ -142,7 +142,8 @@ def build_config(*, diff_ids: Sequence[str], base: ImageConfig | None = None,
                  entrypoint: Sequence[str] | None = None, working_dir: str | None = None,
                  user: str | None = None, created: str | None = None,
                  history_comment: str = "", created_by: str = "sandboxd",
-                 author: str = "") -> bytes:
+                 author: str = "", history: Sequence[Mapping[str, Any]] | None = None,
+                 platform: Platform | None = None) -> bytes:
     """A new image config: `base` (or an empty linux image for `import`) with the changes given.
 
     `diff_ids` is the new image's full layer list; with a base it must extend the base's.
@@ -150,32 +151,36 @@ def build_config(*, diff_ids: Sequence[str], base: ImageConfig | None = None,
     build's instructions made of it, see instructions.py); `env` ... `user` then change it
     (see `edit_run`). Each new layer gets a history entry (`created_by`, `history_comment`,
     `author`); `author` is also the image's (a base's is not carried over, as docker commit
-    does). `created` (RFC 3339) is written only if given, so the same inputs give the same
-    bytes.
+    does); a build gives its steps' entries as `history` instead. `created` (RFC 3339) is
+    written only if given, so the same inputs give the same bytes. Without a base, the
+    image is for `platform` (default: this host's).
     """
     ids = [digests.validate(d, f"diff_ids[{i}]") for i, d in enumerate(diff_ids)]
     if base is not None and tuple(ids[:len(base.diff_ids)]) != base.diff_ids:
         raise ImageError("the new image's diff_ids must start with the base image's layers")
     doc: dict[str, Any] = (
         {k: base.raw[k] for k in _OCI_FIELDS if k in base.raw} if base is not None
-        else {"architecture": Platform.host().architecture, "os": "linux"})
+        else _platform_fields(platform or Platform.host()))
     config: dict[str, Any] = dict((doc.get("config") or {}) if run is None else run)
     edit_run(config, env=env, cmd=cmd, entrypoint=entrypoint, working_dir=working_dir,
              user=user)
     doc["config"] = config
     doc["rootfs"] = {"type": "layers", "diff_ids": ids}
 
-    history = list(doc.get("history") or []) if base is not None else []
-    for _ in ids[len(base.diff_ids) if base else 0:]:
-        entry: dict[str, Any] = {"created_by": created_by}
-        if created:
-            entry["created"] = created
-        if history_comment:
-            entry["comment"] = history_comment
-        if author:
-            entry["author"] = author
-        history.append(entry)
-    doc["history"] = history
+    entries = list(doc.get("history") or []) if base is not None else []
+    if history is not None:
+        entries += [dict(entry) for entry in history]
+    else:
+        for _ in ids[len(base.diff_ids) if base else 0:]:
+            entry: dict[str, Any] = {"created_by": created_by}
+            if created:
+                entry["created"] = created
+            if history_comment:
+                entry["comment"] = history_comment
+            if author:
+                entry["author"] = author
+            entries.append(entry)
+    doc["history"] = entries
     for key, value in (("created", created), ("author", author)):
         if value:
             doc[key] = value
@@ -188,6 +193,13 @@ def build_config(*, diff_ids: Sequence[str], base: ImageConfig | None = None,
                          "message or author")
     parse_config(out)  # never emit a config we would refuse
     return out
+
+
+def _platform_fields(platform: Platform) -> dict[str, Any]:
+    doc: dict[str, Any] = {"architecture": platform.architecture, "os": platform.os}
+    if platform.variant:
+        doc["variant"] = platform.variant
+    return doc
 
 
 def edit_run(run: dict[str, Any], *, env: Mapping[str, str] | None = None,

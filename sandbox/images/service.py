@@ -82,6 +82,7 @@ from sandbox.images.store.catalog import Catalog, ImageRecord, LayerRecord
 from sandbox.images.store.layers import LayerStore
 from sandbox.images.store.layerstream import diff_id_of
 from sandbox.images.store.locks import temp_name
+from sandbox.images.store.merged import MergedTree
 from sandbox.images.store.peek import read_from_layers
 from sandbox.images.store.unpack import (
     Ownership,
@@ -404,6 +405,9 @@ class ImageService:
                 rec = self.catalog.image(n.image)
                 if rec is not None and rec.config == text:
                     return rec.digest
+            cached = self.catalog.cached_image(tenant.id, text)
+            if cached is not None:
+                return cached
             raise NotFound(f"no image {text} among your images: pull it by name first")
         ref = parse(text)
         ns = self._namespace(tenant, ref)
@@ -595,18 +599,22 @@ class ImageService:
                                               history_comment="imported"))
         return await self._image(digest, tenant)
 
-    def _add_layer_image(self, ns: str, tenant: Tenant, ref: Reference,
-                         below: Sequence[LayerRecord], layer: LayerRecord, report: UnpackReport,
-                         platform: str, make_config: Callable[[list[str]], bytes]) -> str:
+    def _add_layer_image(self, ns: str, tenant: Tenant, ref: Reference | None,
+                         below: Sequence[LayerRecord], layer: LayerRecord | None,
+                         report: UnpackReport | None, platform: str,
+                         make_config: Callable[[list[str]], bytes], *,
+                         holder: str | None = None) -> str:
         """The image of the layers `below` (a base's, lowest first; none for an import) and
-        `layer` (its blob in the store and unpacked, pinned by the caller), with the config
-        `make_config(diff_ids)`, recorded and named `ref` in `ns`; returns its digest.
+        `layer` (its blob in the store and unpacked, pinned by the caller; None: no new
+        layer), with the config `make_config(diff_ids)`, recorded, named `ref` in `ns` (if
+        given) and leased to `holder` (if given); returns its digest.
 
         The tenant sent the new layer and holds `below`'s image: it holds all of the new
         one. Within its byte quota, or QuotaExceeded and no name."""
         layers = (*(dataclasses.replace(lr, media_type=_oci_layer_type(lr.media_type))
-                    for lr in below), layer)
-        self.catalog.record_layer(layer.diff_id, report.bytes, report.entries)
+                    for lr in below), *((layer,) if layer is not None else ()))
+        if layer is not None and report is not None:
+            self.catalog.record_layer(layer.diff_id, report.bytes, report.entries)
         config = make_config([lr.diff_id for lr in layers])
         with self._pins.holding() as pin:
             config_digest = self.blobs.put_bytes(config, on_digest=pin)
@@ -620,9 +628,97 @@ class ImageService:
                 len(config) + sum(lr.size for lr in layers), now, now, layers))
             self.catalog.hold(ns, config_digest, *(lr.blob for lr in layers),
                               *(lr.diff_id for lr in layers))
+            if holder is not None:
+                self.catalog.lease(holder, digest)
             self._check_quota(tenant, [], image=digest)
-            self.catalog.set_name(ns, str(ref), ref.repository, ref.tag, digest, digest)
+            if ref is not None:
+                self.catalog.set_name(ns, str(ref), ref.repository, ref.tag, digest, digest)
         return digest
+
+    # build steps (sandbox/engine/builder.py runs them)
+
+    def build_base(self, base: Image, tenant: Tenant) -> tuple[tuple[LayerRecord, ...],
+                                                               ImageConfig]:
+        """The layers and config of `base`, an image `tenant` may build on."""
+        rec = self._base_record(base, tenant)
+        return rec.layers, parse_config(self.blobs.read(rec.config, CONFIG_MAX))
+
+    def tree(self, layers: Sequence[LayerRecord]) -> MergedTree:
+        """The merged tree of `layers` (lowest first), as a container of them sees it."""
+        return MergedTree([self.layers.path(lr.diff_id) for lr in layers],
+                          self.layers.ownership)
+
+    def layers_of(self, image: Image) -> tuple[LayerRecord, ...]:
+        rec = self.catalog.image(image.digest)
+        if rec is None:
+            raise NotFound(f"image {image.digest} is no longer in the store: build again")
+        return rec.layers
+
+    def check_tags(self, tags: Sequence[str], tenant: Tenant,
+                   field: str = "tag") -> list[Reference]:
+        """Names a build may give its image: tags of the tenant's own (not public names)."""
+        return [self._check_tag(tag, tenant, field) for tag in tags]
+
+    def _check_tag(self, tag: str, tenant: Tenant, field: str) -> Reference:
+        try:
+            ref = _tag_reference(tag)
+        except InvalidReference as e:
+            raise InvalidReference(f"{field}: {e}") from None
+        self._writable(tenant, ref, field)
+        return ref
+
+    async def cached_step(self, tenant: Tenant, key: str, holder: str) -> Image | None:
+        """The image `tenant`'s build step `key` made, if cached and complete, leased to
+        `holder` (until `release(holder)`)."""
+        digest = self.catalog.cache_get(tenant.id, key)
+        if digest is None or not self._complete(digest):
+            return None
+        self.catalog.lease(holder, digest)
+        try:
+            return await self._image(digest, tenant)
+        except NotFound:  # pruned meanwhile
+            self.catalog.release(holder)
+            return None
+
+    async def build_step(self, tenant: Tenant, holder: str, below: Sequence[LayerRecord],
+                         layer: AsyncIterator[bytes] | None,
+                         make_config: Callable[[list[str]], bytes], platform: str, *,
+                         key: str | None = None, names: Sequence[Reference] = ()) -> Image:
+        """An image of `tenant`: the layers `below` and `layer` (a tar stream, as a commit
+        takes it; None: no new layer), the config `make_config(diff_ids)`; unnamed but
+        leased to `holder` until released, cached as the step `key` and named `names` when
+        given. LayerError for a malformed tar, QuotaExceeded over the tenant's quota."""
+        if layer is not None and len(below) >= MAX_LAYERS:
+            raise ImageError(f"the image would have more than {MAX_LAYERS} layers: merge "
+                             "steps (one RUN with &&, one COPY of a directory)")
+        with (self._pins.hold(*(lr.blob for lr in below), *(lr.diff_id for lr in below)),
+              self._pins.holding() as pin):
+            new = report = None
+            if layer is not None:
+                taken = await take_layer(layer, self.blobs, self.layers, on_digest=pin)
+                new = LayerRecord(taken.diff_id, taken.blob, OCI_LAYER_GZIP, taken.size)
+                report = taken.report
+            digest = self._add_layer_image(tenant.id, tenant, None, below, new, report,
+                                           platform, make_config, holder=holder)
+            if key is not None:
+                self.catalog.cache_put(tenant.id, key, digest)
+            for ref in names:
+                self.catalog.set_name(tenant.id, str(ref), ref.repository, ref.tag, digest,
+                                      digest)
+        return await self._image(digest, tenant)
+
+    def name(self, image: Image, names: Sequence[Reference], tenant: Tenant) -> Image:
+        """`image` (the tenant's) also named `names` (from check_tags)."""
+        self._check_quota(tenant, [], image=image.digest)
+        for ref in names:
+            self.catalog.set_name(tenant.id, str(ref), ref.repository, ref.tag, image.digest,
+                                  image.digest)
+        return dataclasses.replace(image, names=self._names(image.digest, tenant))
+
+    def prune_build_cache(self, tenant: Tenant) -> tuple[int, gc.GcReport]:
+        """Forget `tenant`'s build cache, then collect what nothing else keeps."""
+        removed = self.catalog.cache_clear(tenant.id)
+        return removed, self._collect()
 
     # commit
 

@@ -81,7 +81,7 @@ def test_limits_validation(data: object, match: str) -> None:
 
 
 def test_unknown_profile_names_known_ones() -> None:
-    with pytest.raises(PolicyError, match="known profiles: default, judge"):
+    with pytest.raises(PolicyError, match="known profiles: build, default, judge"):
         load_profile("missing")
     with pytest.raises(PolicyError, match="lowercase"):
         load_profile("../etc/passwd")

@@ -70,6 +70,17 @@ CREATE TABLE IF NOT EXISTS holdings (
     digest TEXT NOT NULL,               -- a blob digest or a layer's diff_id
     PRIMARY KEY (tenant, digest)
 )""",
+    """-- A build's steps, per tenant: the image a step made, by the step's key (its parent's
+-- key, the instruction as expanded, the content it copied). Cached images are kept by gc.
+CREATE TABLE IF NOT EXISTS build_cache (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    image TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL,
+    PRIMARY KEY (tenant, key)
+)""",
+    """CREATE INDEX IF NOT EXISTS build_cache_image ON build_cache(image)""",
     """CREATE TABLE IF NOT EXISTS leases (
     holder TEXT PRIMARY KEY,
     image TEXT NOT NULL,
@@ -173,7 +184,8 @@ class Catalog:
         with self._lock:
             self._db.close()
 
-    def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    def _rows(self, sql: str, args: tuple[object, ...] | dict[str, object] = ()
+              ) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
@@ -260,21 +272,59 @@ class Catalog:
         self.generation += 1
         return self._write("DELETE FROM names WHERE tenant=? AND name=?", (tenant, name)) > 0
 
+    # What a tenant keeps: the images its names and its build cache hold.
+    _KEPT = ("SELECT image FROM names WHERE tenant=:t UNION "
+             "SELECT image FROM build_cache WHERE tenant=:t")
+
     def usage(self, tenant: str, plus: str | None = None) -> int:
-        """Bytes of content the tenant's names use (and image `plus`, if given): each
-        layer's blob and unpacked files, counted once however many images share it."""
+        """Bytes of content the tenant's names and build cache use (and image `plus`, if
+        given): each layer's blob and unpacked files, counted once however many images
+        share it."""
         rows = self._rows(
             "SELECT COALESCE(SUM(x.size + COALESCE(l.bytes, 0)), 0) FROM (SELECT il.diff_id, "
-            "il.size FROM names n JOIN image_layers il ON il.image = n.image WHERE "
-            "n.tenant=? UNION SELECT diff_id, size FROM image_layers WHERE image=?) x "
-            "LEFT JOIN layers l ON l.diff_id = x.diff_id", (tenant, plus or ""))
+            f"il.size FROM image_layers il WHERE il.image IN ({self._KEPT}) "
+            "UNION SELECT diff_id, size FROM image_layers WHERE image=:plus) x "
+            "LEFT JOIN layers l ON l.diff_id = x.diff_id", {"t": tenant, "plus": plus or ""})
         return int(rows[0][0])
 
     def diff_ids_of(self, tenant: str) -> set[str]:
-        """The layers the tenant's names use."""
+        """The layers the tenant's names and build cache use."""
         return {r[0] for r in self._rows(
-            "SELECT DISTINCT il.diff_id FROM names n JOIN image_layers il ON il.image = "
-            "n.image WHERE n.tenant=?", (tenant,))}
+            f"SELECT DISTINCT diff_id FROM image_layers WHERE image IN ({self._KEPT})",
+            {"t": tenant})}
+
+    # the build cache: a tenant's steps, by key (see sandbox/engine/builder.py)
+
+    def cache_put(self, tenant: str, key: str, image: str) -> None:
+        now = time.time()
+        self._write("INSERT OR REPLACE INTO build_cache VALUES (?,?,?,?,?)",
+                    (tenant, key, image, now, now))
+
+    def cache_get(self, tenant: str, key: str) -> str | None:
+        """The image the tenant's step `key` made, if cached (its use is recorded)."""
+        rows = self._rows("SELECT image FROM build_cache WHERE tenant=? AND key=?",
+                          (tenant, key))
+        if not rows:
+            return None
+        self._write("UPDATE build_cache SET last_used=? WHERE tenant=? AND key=?",
+                    (time.time(), tenant, key))
+        return str(rows[0][0])
+
+    def cache_clear(self, tenant: str) -> int:
+        """Forget the tenant's build cache; the number of steps forgotten."""
+        return self._write("DELETE FROM build_cache WHERE tenant=?", (tenant,))
+
+    def cached_image(self, tenant: str, digest: str) -> str | None:
+        """The image of the tenant's build cache whose digest or config digest is `digest`
+        (an untagged build's result is known by these only)."""
+        rows = self._rows("SELECT i.digest FROM build_cache b JOIN images i ON i.digest = "
+                          "b.image WHERE b.tenant=? AND ? IN (i.digest, i.config) LIMIT 1",
+                          (tenant, digest))
+        return str(rows[0][0]) if rows else None
+
+    def cached_images(self) -> set[str]:
+        """Images some tenant's build cache holds: gc keeps them."""
+        return {r[0] for r in self._rows("SELECT DISTINCT image FROM build_cache")}
 
     # holdings: content a tenant has shown it holds (see sandbox/tenants.py)
 

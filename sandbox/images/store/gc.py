@@ -1,6 +1,6 @@
-"""Garbage collection of the shared store: images no tenant names and no live container
-uses, then every blob and layer no image needs. Which of its own images a tenant gives up
-to fit a budget is decided above (ImageService.gc).
+"""Garbage collection of the shared store: images no tenant names or caches (a build step)
+and no live container uses, then every blob and layer no image needs. Which of its own
+images a tenant gives up to fit a budget is decided above (ImageService.gc).
 
 Content on its way in (a pull, an import, a commit) is named by no image until its last
 step, so gc must be told about it: the writer pins it (`Pins`). The protocol, which needs
@@ -139,7 +139,7 @@ def collect(catalog: Catalog, blobs: BlobStore, layers: LayerStore,
         with pins.sweep():
             leased = catalog.leased()
             names = catalog.names()
-            named = {n.image for n in names}
+            named = {n.image for n in names} | catalog.cached_images()
             kept = []
             for rec in catalog.images():
                 keep = rec.digest in named or rec.digest in leased

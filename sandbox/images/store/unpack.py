@@ -221,6 +221,43 @@ def _rootless_payload(uid: int, gid: int) -> bytes:
     return b"\x08" + _varint(uid) + b"\x10" + _varint(gid)
 
 
+def container_owner(fd: int, st: os.stat_result, own: Ownership) -> tuple[int, int]:
+    """The (uid, gid) an unpacked entry (`fd`, O_PATH or open; `st` its lstat) has in the
+    image: the host ids mapped back, and `user.rootlesscontainers` over them."""
+    if own.mode == "map" and 0 <= st.st_uid - own.uid_base < own.count:
+        uid, gid = st.st_uid - own.uid_base, st.st_gid - own.gid_base
+    else:
+        uid = gid = 0
+    try:
+        payload = os.getxattr(f"/proc/self/fd/{fd}", _ROOTLESS_XATTR)
+    except OSError:
+        return uid, gid
+    fields = _read_payload(payload)
+    recorded = fields.get(1, _NOOP_ID), fields.get(2, _NOOP_ID)
+    return (uid if recorded[0] == _NOOP_ID else recorded[0],
+            gid if recorded[1] == _NOOP_ID else recorded[1])
+
+
+def _read_payload(payload: bytes) -> dict[int, int]:
+    """The varint fields of a `_rootless_payload`; what does not parse counts as absent."""
+    fields: dict[int, int] = {}
+    i = 0
+    while i < len(payload):
+        key, value, shift = payload[i], 0, 0
+        i += 1
+        while i < len(payload) and shift < 35:
+            byte = payload[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if key & 7 != 0:  # only varint fields are ever written
+            return {}
+        fields[key >> 3] = value
+    return fields
+
+
 def _mtime_ns(ti: tarfile.TarInfo) -> int | None:
     """The entry's mtime in ns, None when it is not a sane number."""
     # A PAX mtime has nanoseconds that a float (tarfile's TarInfo.mtime) rounds off.

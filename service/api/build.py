@@ -1,0 +1,140 @@
+"""/v1/build: build an image from a Dockerfile and a build context (a tar in the body), with
+its progress and its steps' output streamed as NDJSON; /v1/build/prune empties the caller's
+build cache."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from aiohttp import web
+
+from sandbox import BuildFailed, BuildRequest, Forbidden, Platform, SandboxError
+from service.api import engine, json_response
+from service.auth import principal
+from service.errors import ApiError, bad_request, blame, from_sandbox, to_api_error
+from service.schemas import (
+    BUILD_PRUNED,
+    ERROR,
+    PLATFORM,
+    REFERENCE,
+    Param,
+    Reply,
+    Route,
+    Str,
+    query_params,
+)
+from service.streaming import NDJSON, EventStream
+
+MAX_TAGS = 32
+MAX_BUILD_ARGS = 256
+TAG = Param("tag", "query", REFERENCE)
+BUILD_ARG = Param("build_arg", "query", Str(max_len=64 << 10, min_len=1,
+                                            description="KEY=VALUE (repeat for several)"))
+PARAMS = (
+    TAG,
+    Param("dockerfile", "query", Str(max_len=4096, min_len=1,
+                                     description="its path in the context (default "
+                                                 "Dockerfile)")),
+    BUILD_ARG,
+    Param("target", "query", Str(max_len=128, min_len=1, description="the stage to build")),
+    Param("no_cache", "query", Str(max_len=5, enum=("true", "false", "1", "0"))),
+    Param("platform", "query", PLATFORM),
+)
+
+
+def _request(request: web.Request) -> BuildRequest:
+    query = query_params(request, PARAMS)
+    tags = request.query.getall("tag", [])
+    if len(tags) > MAX_TAGS:
+        raise bad_request(f"{len(tags)} tags, over the {MAX_TAGS} allowed", "tag")
+    for tag in tags:
+        TAG.schema.validate(tag, "tag")
+    args: dict[str, str] = {}
+    pairs = request.query.getall("build_arg", [])
+    if len(pairs) > MAX_BUILD_ARGS:
+        raise bad_request(f"{len(pairs)} build args, over the {MAX_BUILD_ARGS} allowed",
+                          "build_arg")
+    for pair in pairs:
+        BUILD_ARG.schema.validate(pair, "build_arg")
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise bad_request(f"build_arg {pair[:64]!r} is not KEY=VALUE; give the value "
+                              "(the sbx CLI takes it from your environment for a bare KEY)",
+                              "build_arg")
+        args[key] = value
+    platform = None
+    if "platform" in query:
+        with blame("platform"):
+            platform = Platform.parse(query["platform"])
+    return BuildRequest(dockerfile=query.get("dockerfile", "Dockerfile"), tags=tuple(tags),
+                        build_args=args, target=query.get("target"),
+                        no_cache=query.get("no_cache") in ("true", "1"), platform=platform)
+
+
+async def build(request: web.Request) -> web.StreamResponse:
+    eng = engine(request)
+    req = _request(request)
+    who = principal(request)
+    for tag in req.tags:
+        who.allow_image(tag, "tag")
+    with blame("tag"):
+        eng.images.check_tags(req.tags, who.tenant)
+
+    def allow(reference: str) -> None:
+        # A Dockerfile's FROM and COPY --from pull as this token would: within its registries.
+        try:
+            who.allow_image(reference, "FROM")
+        except ApiError as e:
+            raise Forbidden(e.message) from None
+
+    stream = EventStream(request, NDJSON)
+
+    async def emit(event: dict[str, Any]) -> None:
+        kind = event.pop("event")
+        await stream.send(kind, event)
+
+    try:
+        await eng.build(request.content.iter_chunked(1 << 20), req, tenant=who.tenant,
+                        emit=emit, allow=allow)
+    except (ConnectionError, RuntimeError) as e:
+        if stream.started:  # the client went away: nobody to tell
+            return stream.response
+        raise to_api_error(e) from e
+    except Exception as e:
+        if not stream.started:  # the context, the Dockerfile, a base: an ordinary 4xx
+            if isinstance(e, SandboxError):
+                field = "dockerfile" if str(e).startswith("dockerfile:") else "body"
+                raise from_sandbox(e, field) from e
+            raise
+        if isinstance(e, BuildFailed):
+            error: dict[str, Any] = {"code": "build_failed", "message": str(e),
+                                     "line": e.line, "step": e.step}
+        else:  # logged there when it is a fault of ours
+            error = to_api_error(e).body()["error"]
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await stream.send("error", {"error": error})
+    return await stream.close()
+
+
+async def prune(request: web.Request) -> web.Response:
+    eng = engine(request)
+    return json_response(await asyncio.to_thread(eng.prune_build_cache,
+                                                 principal(request).tenant))
+
+
+_TAGS = ("images",)
+ROUTES = [
+    Route("POST", "/v1/build", build, "Build an image from a Dockerfile (NDJSON progress)",
+          body=Str(max_len=1 << 40, allow_nul=True,
+                   description="the build context: a tar (plain or gzip) with the Dockerfile"),
+          body_type="application/x-tar", params=PARAMS,
+          replies=(Reply(200, "the build's events, the image last", None,
+                         content_type=NDJSON),
+                   Reply(400, "bad input; `field` names the culprit", ERROR),
+                   Reply(403, "a tag or base image this token may not use", ERROR),
+                   Reply(413, "the context is too large", ERROR)), tags=_TAGS),
+    Route("POST", "/v1/build/prune", prune, "Empty your build cache",
+          replies=(Reply(200, "what was removed", BUILD_PRUNED),), tags=_TAGS),
+]
