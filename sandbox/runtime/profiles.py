@@ -207,6 +207,14 @@ class Profile:
     rootfs: RootfsShape
     defaults: Limits
     maxima: Limits
+    capabilities: tuple[str, ...] = ()   # what container root keeps (see CAPABILITIES)
+
+    @property
+    def capability_mask(self) -> int:
+        mask = 0
+        for name in self.capabilities:
+            mask |= 1 << CAPABILITIES[name]
+        return mask
 
     def resolve(self, asked: Limits | None) -> Limits:
         """The limits of one run: what was asked, within the maxima, defaults for the rest."""
@@ -216,6 +224,24 @@ class Profile:
 
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# What a profile may let container root keep (linux/capability.h numbers): Docker's default
+# set and nothing beyond it. They act only inside the container's user namespace, on its
+# own files and processes; a run as any other uid holds none.
+CAPABILITIES = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5,
+                "SETGID": 6, "SETUID": 7, "SETPCAP": 8, "NET_BIND_SERVICE": 10, "NET_RAW": 13,
+                "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29, "SETFCAP": 31}
+
+
+def _capabilities(value: Any, profile: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PolicyError(f"profile {profile!r}: capabilities must be a list of names such as "
+                          "[\"CHOWN\", \"FOWNER\"]")
+    names = tuple(v.upper().removeprefix("CAP_") for v in value)
+    for name in names:
+        if name not in CAPABILITIES:
+            raise PolicyError(f"profile {profile!r}: capability {name!r} is not one a profile "
+                              f"may keep; choose among {', '.join(sorted(CAPABILITIES))}")
+    return names
 
 
 def _seccomp_policy(value: Any, profile: str) -> str:
@@ -273,4 +299,5 @@ def load_profile(name: str, path: Path | None = None) -> Profile:
         rootfs=rootfs,
         defaults=defaults,
         maxima=maxima,
+        capabilities=_capabilities(data.get("capabilities", []), name),
     )

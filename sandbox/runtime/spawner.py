@@ -99,7 +99,8 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
         mapping = _mapping(req["mapping"])
         os.write(config, msgpack.packb({
             "started_ns": started, "seccomp_bpf": req["seccomp_bpf"],
-            "last_cap": sc.cap_last_cap(), "set_groups": mapping.method != "single",
+            "last_cap": sc.cap_last_cap(), "caps": int(req.get("caps") or 0),
+            "set_groups": mapping.method != "single",
             "init_id": (None if mapping.shares_init_id
                         else [mapping.init_uid, mapping.init_gid]),
             "mounts": init_mounts, "root": rootfs.ROOT,

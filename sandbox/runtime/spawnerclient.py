@@ -138,6 +138,7 @@ class Runtime:
             reply, got = await self._ask_spawner(
                 {"op": "create", "id": cid, "rootfs": asdict(rootfs),
                  "mapping": self.mapping.describe(), "seccomp_bpf": policy.program.bpf,
+                 "caps": profile.capability_mask,
                  "host_network": profile.network == HOST_NETWORK,
                  "hostname": spec.hostname, "container_cgroup_fds": n_container}, fds)
         except BaseException:

@@ -332,3 +332,37 @@ def test_a_build_that_never_ends_is_stopped_at_its_deadline(
                 assert "build.timeout_s" in err["message"], err
         asyncio.run(go())
         assert svc.metric("sandboxd_live_containers") == 0  # the step's container is gone
+
+
+def test_build_steps_run_as_root_with_dockers_capabilities(service: Service,
+                                                           images: Any) -> None:
+    # As in Docker: container root may chown and write others' files in a build step
+    # (package managers need it); no run or session gets the build policy.
+    dockerfile = f"""FROM {images.oci}
+RUN echo app:x:1000:1000::/:/bin/sh >> /etc/passwd && touch /x && chown 1000:1000 /x \\
+    && chmod 600 /x && echo written-by-root >> /x && stat -c '%u:%g %a' /x
+RUN grep Cap /proc/self/status
+USER app
+RUN grep CapEff /proc/self/status
+"""
+
+    async def go(s: aiohttp.ClientSession) -> None:
+        status, events = await build(s, {"Dockerfile": dockerfile}, tag="build/caps:1")
+        assert status == 200 and events[-1]["event"] == "image", events[-3:]
+        text = output(events)
+        assert "1000:1000 600" in text, text
+        effective = [line.split()[1] for line in text.splitlines()
+                     if line.startswith("CapEff:")]
+        bounding = [line.split()[1] for line in text.splitlines()
+                    if line.startswith("CapBnd:")]
+        # Docker's default set but SYS_CHROOT, MKNOD, NET_RAW and SETFCAP (bits 0-1, 3-8,
+        # 10, 29): root holds it, user app (uid 1000) nothing.
+        assert effective == ["00000000200005fb", "0000000000000000"], text
+        assert bounding == ["00000000200005fb"], text
+        for body in ({"image": images.oci, "policy": "build"},):
+            async with s.post("/v1/runs", json=body) as r:
+                assert r.status == 400
+                assert "build steps" in (await r.json())["error"]["message"]
+            async with s.post("/v1/containers", json=body) as r:
+                assert r.status == 400
+    service.call(go)

@@ -21,6 +21,14 @@ def _load(tmp_path: Path, **data: Any) -> Profile:
     return load_profile("p", path)
 
 
+def test_capabilities_are_names_of_dockers_default_set(tmp_path: Path) -> None:
+    p = _load(tmp_path, capabilities=["chown", "CAP_SETUID", "KILL"])
+    assert p.capabilities == ("CHOWN", "SETUID", "KILL")
+    assert p.capability_mask == 1 << 0 | 1 << 7 | 1 << 5
+    assert _load(tmp_path).capability_mask == 0
+    assert load_profile("default").capabilities == load_profile("judge").capabilities == ()
+
+
 def test_unconfined_and_host_network_are_accepted(tmp_path: Path) -> None:
     p = _load(tmp_path, seccomp="unconfined", network="host")
     assert (p.seccomp, p.network) == (UNCONFINED, HOST_NETWORK)
@@ -38,6 +46,9 @@ def test_unconfined_and_host_network_are_accepted(tmp_path: Path) -> None:
     ({"seccomp": "../default"}, r"invalid seccomp profile name"),
     ({"network": "host", "rootfs": {"sys": "ro"}},
      r"rootfs.sys 'ro' needs a network namespace .*use network 'none' or rootfs.sys 'none'"),
+    ({"capabilities": "CHOWN"}, r"capabilities must be a list of names"),
+    ({"capabilities": ["SYS_ADMIN"]}, r"capability 'SYS_ADMIN' is not one a profile may keep"),
+    ({"capabilities": ["CAP_SYS_PTRACE"]}, r"'SYS_PTRACE' is not one a profile may keep"),
 ])
 def test_bad_values_are_refused_clearly(tmp_path: Path, data: dict[str, Any],
                                         message: str) -> None:

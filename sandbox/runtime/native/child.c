@@ -167,7 +167,7 @@ static __attribute__((noreturn)) void child(const struct plan *p)
     umask(022);
 
     for (i = 0; i <= p->last_cap; i++)
-        if (prctl(PR_CAPBSET_DROP, i, 0, 0, 0) < 0)
+        if (!(i < 64 && (p->caps >> i & 1)) && prctl(PR_CAPBSET_DROP, i, 0, 0, 0) < 0)
             fail(p, 125, "capabilities", errno);
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
         fail(p, 125, "capabilities", errno);
@@ -178,7 +178,13 @@ static __attribute__((noreturn)) void child(const struct plan *p)
     {
         struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
         struct __user_cap_data_struct data[2];
+        /* Container root keeps its profile's capabilities (a build step's chown, say);
+         * no_new_privs below then bounds what execve gives root to exactly these. Any
+         * other uid holds none, as in Docker. */
+        uint64_t keep = p->uid == 0 ? p->caps : 0;
         memset(data, 0, sizeof(data));
+        data[0].permitted = data[0].effective = (uint32_t)keep;
+        data[1].permitted = data[1].effective = (uint32_t)(keep >> 32);
         if (syscall(SYS_capset, &hdr, data) < 0)
             fail(p, 125, "capabilities", errno);
     }

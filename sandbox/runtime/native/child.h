@@ -8,6 +8,7 @@
 
 #include <linux/filter.h>
 #include <sched.h>
+#include <stdint.h>
 #include <sys/resource.h>
 #include <sys/types.h>
 
@@ -45,6 +46,7 @@ struct plan {
     int cgroup_fd[MAX_CGROUP_FDS];
     struct sock_fprog prog;
     int last_cap;
+    uint64_t caps; /* kept in the bounding set; a uid-0 run holds them (its profile's) */
     int err_fd; /* close-on-exec: "<code>:<stage>:<errno>" on a failure before execve */
 };
 

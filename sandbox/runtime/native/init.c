@@ -58,6 +58,7 @@ static const uint8_t IN_MEMFD[] = {0x81, 0xa5, 'm', 'e', 'm', 'f', 'd', 0xc3};
 struct config {
     struct sock_fprog prog;
     int last_cap;
+    uint64_t caps;               /* the profile's capabilities: a uid-0 run keeps these */
     int set_groups;              /* false under a "single" id map (setgroups is denied) */
     struct baseline base;        /* what children start from */
 };
@@ -464,6 +465,7 @@ static const char *parse_exec(const struct mp_value *msg, const int *fds, int nf
         e->plan.cgroup_fd[i] = fds[3 + i];
     e->plan.prog = cfg.prog;
     e->plan.last_cap = cfg.last_cap;
+    e->plan.caps = cfg.caps;
     return NULL;
 }
 
@@ -780,6 +782,11 @@ static int64_t read_config(int fd)
     if (mp_get(&root, "last_cap", &v) < 0 || mp_int(&v, -1, 63, &x) < 0)
         setup_failed("last_cap is missing", 0);
     cfg.last_cap = (int)x;
+    if (mp_get(&root, "caps", &v) == 0 && v.type != MP_NIL) {
+        if (v.type != MP_INT || v.negative)
+            setup_failed("caps must be a capability mask", 0);
+        cfg.caps = v.u;
+    }
     if (mp_get(&root, "set_groups", &v) < 0 || v.type != MP_BOOL)
         setup_failed("set_groups is missing", 0);
     cfg.set_groups = (int)v.u;
