@@ -5,6 +5,12 @@ or the sandbox, so it installs and runs wherever the service can be reached."""
 from sbx.client import (
     DEFAULT_URL,
     ApiError,
+    BuildError,
+    BuildEvent,
+    BuildOutput,
+    BuildStep,
+    BuildWarning,
+    Built,
     Client,
     Exit,
     File,
@@ -16,12 +22,19 @@ from sbx.client import (
     RunEvent,
     RunOptions,
     RunResult,
+    StepDone,
     SyncClient,
 )
 
 __all__ = [
     "DEFAULT_URL",
     "ApiError",
+    "BuildError",
+    "BuildEvent",
+    "BuildOutput",
+    "BuildStep",
+    "BuildWarning",
+    "Built",
     "Client",
     "Exit",
     "File",
@@ -33,5 +46,6 @@ __all__ = [
     "RunEvent",
     "RunOptions",
     "RunResult",
+    "StepDone",
     "SyncClient",
 ]

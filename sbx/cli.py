@@ -6,6 +6,8 @@
     sbx ps | rm ID... | cp SRC DST         list, remove, copy files in and out
     sbx commit [OPTIONS] ID NAME:TAG       make an image of a kept container's changes
     sbx pull | images | rmi | tag | push | import    images
+    sbx build [OPTIONS] PATH|-             build an image from a Dockerfile
+    sbx builder prune                      empty the build cache
     sbx info                               the service's host, pools and sessions
 
 Every command takes --url (env SANDBOXD_URL) and --token (env SANDBOXD_TOKEN).
@@ -20,6 +22,7 @@ import io
 import os
 import posixpath
 import re
+import secrets
 import shutil
 import signal
 import stat
@@ -38,6 +41,12 @@ import orjson
 from sbx.client import (
     DEFAULT_URL,
     ApiError,
+    BuildContext,
+    BuildEvent,
+    BuildOutput,
+    BuildStep,
+    BuildWarning,
+    Built,
     Client,
     Exit,
     File,
@@ -46,6 +55,15 @@ from sbx.client import (
     RunEvent,
     RunOptions,
     RunResult,
+    StepDone,
+)
+from sbx.contexttar import (
+    ContextError,
+    archive_kind,
+    dockerfile_tar,
+    peek,
+    read_fd,
+    tar_directory,
 )
 
 PLATFORM_HELP = ("os/arch[/variant] of a multi-platform image (default: the service's); "
@@ -122,6 +140,15 @@ def _env(spec: str) -> tuple[str, str]:
             raise argparse.ArgumentTypeError(f"-e {key}: no such variable in this environment; "
                                              f"give its value with -e {key}=VALUE")
         value = os.environ[key]
+    return key, value
+
+
+def _build_arg(spec: str) -> tuple[str, str] | None:
+    key, sep, value = spec.partition("=")
+    if not key:
+        raise argparse.ArgumentTypeError(f"--build-arg takes KEY=VALUE or KEY, not {spec!r}")
+    if not sep:  # Docker's `--build-arg KEY`: this shell's KEY, and no argument when unset
+        return (key, os.environ[key]) if key in os.environ else None
     return key, value
 
 
@@ -229,6 +256,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("import", "Import a root-filesystem tar (plain, gzip or zstd) as an image.")
     p.add_argument("tar", type=Path, metavar="TAR")
     p.add_argument("reference", metavar="NAME:TAG")
+    p = command("build", "Build an image from a Dockerfile and a context: PATH, a directory "
+                "(sent whole; the service applies its .dockerignore), or '-': a context tar "
+                "(plain or gzip), or a lone Dockerfile, on stdin. Shows the steps as "
+                "Docker's classic builder does; exits 1 when the build fails.")
+    p.add_argument("-t", "--tag", action="append", default=[], metavar="NAME:TAG",
+                   help="a name for the image (repeatable)")
+    p.add_argument("-f", "--file", metavar="FILE",
+                   help="the Dockerfile, a path from the current directory (default: "
+                        "PATH/Dockerfile; with PATH '-', a path inside the tar); '-' reads "
+                        "it from stdin")
+    p.add_argument("--build-arg", type=_build_arg, action="append", default=[],
+                   metavar="KEY[=VALUE]", help="a build argument (repeatable); KEY alone "
+                   "takes this shell's $KEY, and is left out when that is unset")
+    p.add_argument("--target", metavar="STAGE", help="the stage to build (default: the last)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run every step again instead of taking it from the build cache")
+    p.add_argument("--platform", help="os/arch[/variant] to build for (default: the "
+                   "service's); only the service's own architecture runs")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the image id; the build's output only if it fails, on "
+                        "stderr")
+    p.add_argument("context", metavar="PATH|-",
+                   help="the build context: a directory, or '-' for stdin")
+    p = command("builder", "Manage the build cache.")
+    builder = p.add_subparsers(dest="builder_command", required=True, metavar="COMMAND")
+    prune_help = "Empty your build cache; prints how much it removed and freed."
+    p = builder.add_parser("prune", help=prune_help, description=prune_help)
+    _common(p, defaults=False)
+    p.add_argument("-a", "--all", action="store_true",
+                   help="accepted as docker's: the whole cache goes anyway")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="accepted as docker's: sbx does not ask before pruning")
     command("info", "Show the service's host capabilities, pools and sessions.")
     command("loadtest", "Load-test the service: `python -m loadtest`'s options (`sbx "
                         "loadtest --help` lists them), with --url and --token from sbx's.",
@@ -896,10 +955,166 @@ async def _info(client: Client, _: argparse.Namespace) -> int:
     return 0
 
 
+# Builds
+
+def _short_id(digest: str) -> str:
+    return digest.partition(":")[2][:12] or digest[:12]
+
+
+def _familiar(name: str) -> str:
+    """A name as Docker shows it: docker.io/library/app:1 is app:1."""
+    rest = name.removeprefix("docker.io/")
+    if rest != name and rest.startswith("library/") and rest.count("/") == 1:
+        return rest.removeprefix("library/")
+    return rest
+
+
+class BuildPrinter:
+    """A build's events as Docker's classic builder prints them: steps and their commands'
+    output (both streams) on stdout, warnings on stderr. Quiet (-q), it all goes to a
+    buffer, written to stderr only if the build fails (as `docker build -q` does), and
+    success prints only the image id."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.buffer = io.StringIO()
+        self.log: TextIO = self.buffer if quiet else sys.stdout
+        self.warnings: TextIO = self.buffer if quiet else sys.stderr
+        self.fresh = True  # the log is at the start of a line
+
+    def show(self, event: BuildEvent) -> None:
+        if isinstance(event, BuildStep):
+            self._line(f"Step {event.step}/{event.steps} : {event.instruction}")
+        elif isinstance(event, BuildOutput):
+            if event.data:
+                _write(self.log, event.data)
+                self.fresh = event.data.endswith("\n")
+        elif isinstance(event, StepDone):
+            if event.cached:
+                self._line(" ---> Using cache")
+            if event.layer:
+                self._line(f" ---> {_short_id(event.layer)}")
+        elif isinstance(event, BuildWarning):
+            self._line(f"[Warning] {event.message}", self.warnings)
+        elif isinstance(event, Built):
+            self._line(f"Successfully built {_short_id(event.config_digest)}")
+            for name in event.names:
+                self._line(f"Successfully tagged {_familiar(name)}")
+            if self.quiet:
+                print(event.config_digest)
+
+    def fail(self, message: str) -> None:
+        self._end_line()
+        if self.quiet:
+            sys.stderr.write(self.buffer.getvalue())
+        print(f"sbx: {message}", file=sys.stderr)
+
+    def _end_line(self) -> None:
+        if not self.fresh:
+            self.log.write("\n")
+            self.fresh = True
+
+    def _line(self, text: str, stream: TextIO | None = None) -> None:
+        if stream is None or stream is self.log:
+            self._end_line()
+        _write(stream or self.log, text + "\n")
+
+
+def _warn(message: str) -> None:
+    print(f"sbx: warning: {message}", file=sys.stderr)
+
+
+def _from_stdin() -> int:
+    fd = sys.stdin.fileno()
+    if os.isatty(fd):
+        raise CliError("stdin is a terminal; pipe the context tar (or the Dockerfile) into "
+                       "sbx build, e.g. tar -C DIR -c . | sbx build -")
+    return fd
+
+
+async def _stdin_context(dockerfile: str | None) -> tuple[BuildContext, str | None]:
+    """`sbx build -`: a tar or a gzip as it comes, or else a lone Dockerfile, as Docker
+    takes them."""
+    if dockerfile == "-":
+        raise CliError("-f - reads the Dockerfile from stdin, where `sbx build -` reads the "
+                       "context: give the context as a directory")
+    head, chunks = await peek(read_fd(_from_stdin(), "stdin"))
+    kind = archive_kind(head)
+    if kind in ("tar", "gzip"):
+        return chunks, dockerfile
+    if kind is not None:
+        await chunks.aclose()
+        raise CliError(f"the context on stdin is {kind}-compressed; sandboxd takes a plain "
+                       "or gzip tar: recompress it with gzip")
+    data = b"".join([chunk async for chunk in chunks])
+    if not data.strip():
+        raise CliError("stdin is empty; pipe a context tar or a Dockerfile into sbx build -")
+    if dockerfile is not None:
+        raise CliError("stdin holds a Dockerfile, not a context tar, so -f has nothing to "
+                       "name; leave -f out")
+    return dockerfile_tar(data), None
+
+
+async def _build_context(args: argparse.Namespace) -> tuple[BuildContext, str | None]:
+    """The context to send and the Dockerfile's name in it (None: the service's default).
+    A Dockerfile outside the context (or from stdin) goes in under a name of its own."""
+    if args.context == "-":
+        return await _stdin_context(args.file)
+    root = Path(args.context)
+    if not root.is_dir():
+        raise CliError(f"{root} is not a directory; give the build context as a directory, "
+                       "or '-' to read a tar from stdin")
+    if args.file is None:
+        return tar_directory(root, warn=_warn), None
+    if args.file == "-":
+        data = b"".join([chunk async for chunk in read_fd(_from_stdin(), "stdin")])
+    else:
+        given = Path(args.file)
+        try:
+            dockerfile = given.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise CliError(f"cannot find the Dockerfile {given} (-f is a path from the "
+                           "current directory)") from None
+        if not dockerfile.is_file():
+            raise CliError(f"the Dockerfile {given} is not a file")
+        if dockerfile.is_relative_to(root.resolve()):
+            inside = dockerfile.relative_to(root.resolve()).as_posix()
+            return tar_directory(root, warn=_warn), inside
+        try:
+            data = dockerfile.read_bytes()
+        except OSError as e:
+            raise CliError(f"cannot read the Dockerfile {given}: {e.strerror}") from None
+    name = f".sbx-dockerfile-{secrets.token_hex(8)}"
+    return tar_directory(root, extra={name: data}, warn=_warn), name
+
+
+async def _build(client: Client, args: argparse.Namespace) -> int:
+    printer = BuildPrinter(args.quiet)
+    try:
+        context, dockerfile = await _build_context(args)
+        build_args = dict(arg for arg in args.build_arg if arg is not None)
+        async for event in client.build(context, tags=args.tag, dockerfile=dockerfile,
+                                        build_args=build_args, target=args.target,
+                                        no_cache=args.no_cache, platform=args.platform):
+            printer.show(event)
+    except (ApiError, CliError, ContextError) as e:
+        printer.fail(str(e))  # docker build's status for every failure
+        return 1
+    return 0
+
+
+async def _builder(client: Client, args: argparse.Namespace) -> int:
+    answer = await client.prune_build_cache()
+    removed, freed = answer.get("removed"), answer.get("freed_bytes")
+    print(f"Deleted build cache entries: {removed if isinstance(removed, int) else 0}")
+    print(f"Total reclaimed space: {_size(freed if isinstance(freed, int) else 0)}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
     "run": _run, "exec": _exec, "create": _create, "ps": _ps, "rm": _rm, "cp": _cp,
     "commit": _commit, "pull": _pull, "images": _images, "rmi": _rmi, "tag": _tag, "push": _push,
-    "import": _import, "info": _info,
+    "import": _import, "info": _info, "build": _build, "builder": _builder,
 }
 
 

@@ -4,6 +4,8 @@
         result = await c.run("busybox:latest", ["echo", "hi"], limits={"wall_ms": 2000})
         async for event in c.run_stream("busybox:latest", ["sh", "-c", "echo a; echo b >&2"]):
             ...  # Output(stream, data) as output arrives, then Exit(result)
+        async for event in c.build(tar_directory("app"), tags=["app:1"]):  # sbx.contexttar
+            ...  # BuildStep, BuildOutput, StepDone, BuildWarning as the build goes, then Built
 
 Every error the service reports (and every failure to reach it) is raised as `ApiError`.
 """
@@ -17,6 +19,8 @@ import os
 import signal as signals
 import threading
 from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -68,6 +72,17 @@ class ApiError(Exception):
 
     def __repr__(self) -> str:
         return (f"ApiError({self.status!r}, {self.code!r}, {self.message!r}, {self.field!r})")
+
+
+class BuildError(ApiError):
+    """A build that failed once begun (its stream's error event); step and line are the
+    build step and the Dockerfile line to blame, when the service names them."""
+
+    def __init__(self, code: str, message: str, *, step: int | None = None,
+                 line: int | None = None) -> None:
+        super().__init__(0, code, message)
+        self.step = step
+        self.line = line
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +181,55 @@ class Pulled:
     """The last event of a streamed pull: the image, as the plain pull returns it."""
 
     image: Json
+
+
+@dataclass(frozen=True, slots=True)
+class BuildStep:
+    """A build step begins: `Step step/steps : instruction` (steps count across the stages
+    the target needs, FROM included); line is the instruction's line in the Dockerfile."""
+
+    step: int
+    steps: int
+    stage: str | None
+    line: int
+    instruction: str
+
+
+@dataclass(frozen=True, slots=True)
+class BuildOutput:
+    """A piece of what a step's command wrote, as it arrived (text; invalid UTF-8 replaced)."""
+
+    step: int
+    stream: str  # "stdout" or "stderr"
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    """A step ended: from the cache or run; layer is None when it changed only the config."""
+
+    step: int
+    cached: bool
+    layer: str | None
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class BuildWarning:
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """The last event of a build that succeeded; config_digest is the image id."""
+
+    digest: str
+    config_digest: str
+    names: tuple[str, ...]
+
+
+BuildEvent = BuildStep | BuildOutput | StepDone | BuildWarning | Built
+BuildContext = bytes | BinaryIO | AsyncIterable[bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +406,66 @@ def _run_event(event: Json, binary: bool) -> RunEvent | None:
     return None  # an event this client does not know yet (a newer service)
 
 
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _build_event(event: Json) -> BuildEvent | None:
+    kind = event.get("event")
+    if kind == "step":
+        stage = event.get("stage")
+        return BuildStep(_int(event.get("step")), _int(event.get("steps")),
+                         stage if isinstance(stage, str) else None, _int(event.get("line")),
+                         str(event.get("instruction", "")))
+    if kind in ("stdout", "stderr"):
+        return BuildOutput(_int(event.get("step")), str(kind), str(event.get("data", "")))
+    if kind == "step_done":
+        layer, seconds = event.get("layer"), event.get("seconds")
+        return StepDone(_int(event.get("step")), event.get("cached") is True,
+                        layer if isinstance(layer, str) else None,
+                        float(seconds) if isinstance(seconds, int | float) else 0.0)
+    if kind == "warning":
+        return BuildWarning(str(event.get("message", "")))
+    if kind == "image":
+        names = event.get("names")
+        return Built(str(event.get("digest", "")), str(event.get("config_digest", "")),
+                     tuple(str(n) for n in names) if isinstance(names, list) else ())
+    if kind == "error":
+        err = _stream_error(event)
+        where = event.get("error") if isinstance(event.get("error"), dict) else event
+        raise BuildError(err.code, err.message, step=_int(where.get("step")) or None,
+                         line=_int(where.get("line")) or None)
+    return None  # an event this client does not know yet (a newer service)
+
+
+def _build_query(tags: Sequence[str], dockerfile: str | None,
+                 build_args: Mapping[str, str] | None, target: str | None, no_cache: bool,
+                 platform: str | None) -> list[tuple[str, str]]:
+    query = [("tag", tag) for tag in tags]
+    query += [("build_arg", f"{key}={value}") for key, value in (build_args or {}).items()]
+    given = {"dockerfile": dockerfile, "target": target, "platform": platform}
+    query += [(key, value) for key, value in given.items() if value is not None]
+    return query + ([("no_cache", "true")] if no_cache else [])
+
+
+async def _context_chunks(context: BuildContext,
+                          failure: list[BaseException]) -> AsyncGenerator[bytes, None]:
+    """The request body: the context's bytes as they come. What reading it raised is kept
+    in `failure`: aiohttp only reports the request as broken."""
+    try:
+        if isinstance(context, bytes):
+            yield context
+        elif isinstance(context, AsyncIterable):
+            async for chunk in context:
+                yield chunk
+        else:
+            while chunk := await asyncio.to_thread(context.read, COPY_CHUNK):
+                yield chunk
+    except Exception as e:
+        failure.append(e)
+        raise
+
+
 def _run_body(cmd: Sequence[str] | None, options: RunOptions) -> Json:
     body: Json = {}
     if cmd is not None:
@@ -417,7 +541,8 @@ class Client:
 
     @asynccontextmanager
     async def _open(self, method: str, path: str, *, body: Json | None = None,
-                    data: Any = None, params: Mapping[str, str] | None = None,
+                    data: Any = None,
+                    params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
                     headers: Mapping[str, str] | None = None,
                     stream: bool = False) -> AsyncIterator[aiohttp.ClientResponse]:
         hdrs = dict(headers or {})
@@ -652,6 +777,49 @@ class Client:
         body = {"budget_bytes": budget_bytes} if budget_bytes is not None else {}
         return await self._json("POST", "/v1/images/gc", body=body)
 
+    # Builds
+
+    async def build(self, context: BuildContext, *, tags: Sequence[str] = (),
+                    dockerfile: str | None = None, build_args: Mapping[str, str] | None = None,
+                    target: str | None = None, no_cache: bool = False,
+                    platform: str | None = None) -> AsyncIterator[BuildEvent]:
+        """`docker build`: context is a tar (plain or gzip) of the build context, sent in
+        chunks as it is read (sbx.contexttar.tar_directory tars a directory on the fly).
+        Yields BuildStep, BuildOutput, StepDone and BuildWarning as the build goes, then
+        Built. A refusal before the build (a bad tag, no Dockerfile) raises ApiError; a
+        failed build raises BuildError after the events before it; a stream that ends
+        without either raises ApiError "stream_ended". An exception from reading `context`
+        is raised as it is, and the service never sees the body end."""
+        query = _build_query(tags, dockerfile, build_args, target, no_cache, platform)
+        failure: list[BaseException] = []
+        body = _context_chunks(context, failure)
+        headers = {"Content-Type": "application/x-tar", "Accept": "application/x-ndjson"}
+        try:
+            async with self._open("POST", "/v1/build", data=body, params=query,
+                                  headers=headers, stream=True) as resp:
+                async for raw in _read_events(resp):
+                    event = _build_event(raw)
+                    if event is not None:
+                        yield event
+                        if isinstance(event, Built):
+                            return
+        except ApiError:
+            if failure:
+                raise failure[0] from None
+            raise
+        finally:
+            # A body left unfinished (the service answered before the end, the request
+            # broke) is closed now, and with it the context (a tar's thread). RuntimeError:
+            # aiohttp's cancelled writer is still inside it, and its cancellation closes it.
+            with suppress(RuntimeError):
+                await body.aclose()
+        raise ApiError(0, "stream_ended", "the service closed the build's stream before it "
+                       "finished; see the service's log")
+
+    async def prune_build_cache(self) -> Json:
+        """Empty the caller's build cache: {"removed": entries, "freed_bytes": bytes}."""
+        return await self._json("POST", "/v1/build/prune")
+
     # System
 
     async def info(self) -> Json:
@@ -869,6 +1037,17 @@ class SyncClient:
 
     def gc(self, budget_bytes: int | None = None) -> Json:
         return self._call(self._client.gc(budget_bytes))
+
+    def build(self, context: BuildContext, *, tags: Sequence[str] = (),
+              dockerfile: str | None = None, build_args: Mapping[str, str] | None = None,
+              target: str | None = None, no_cache: bool = False,
+              platform: str | None = None) -> Iterator[BuildEvent]:
+        return self._iterate(self._client.build(
+            context, tags=tags, dockerfile=dockerfile, build_args=build_args, target=target,
+            no_cache=no_cache, platform=platform))
+
+    def prune_build_cache(self) -> Json:
+        return self._call(self._client.prune_build_cache())
 
     def info(self) -> Json:
         return self._call(self._client.info())

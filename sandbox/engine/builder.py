@@ -294,7 +294,7 @@ class _Run:
         tree = self.b.images.tree(state.layers)
         return await self._layer_step(state, key, text,
                                       lambda: copy_tar(selected, target, tree,
-                                                       archives=archives)), False
+                                                       archives=archives))
 
     async def _sources(self, args: buildplan.CopyArgs, ins: Instruction,
                        done: Mapping[int, _State]) -> tuple[list[Selected], str]:

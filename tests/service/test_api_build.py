@@ -112,6 +112,9 @@ def test_a_five_step_build_runs_and_caches(service: Service, images: Any) -> Non
         image = image_of(events)
         assert any(n.endswith(name) for n in image["names"]), image
         assert [c for _, c in steps(events)] == [False] * 6
+        layers = [e["layer"] for e in events if e["event"] == "step_done"]
+        assert layers[0] is None and layers[4:] == [None, None]  # FROM, ENV, CMD
+        assert all(str(layer).startswith("sha256:") for layer in layers[1:4]), layers
         assert "second step\napp.sh\nstamp\n" in output(events)
         out = await run(s, name)
         assert (out["status"], out["stdout"]) == ("ok", "hello build from built\n"), out
@@ -120,6 +123,7 @@ def test_a_five_step_build_runs_and_caches(service: Service, images: Any) -> Non
         status, again = await build(s, files, tag=name)
         assert image_of(again)["digest"] == image["digest"]
         assert [c for _, c in steps(again)][1:] == [True] * 5
+        assert [e["layer"] for e in again if e["event"] == "step_done"] == layers
         assert output(again) == ""
 
         # One copied file changed: its COPY and what follows run again, FROM does not.

@@ -120,3 +120,23 @@ def test_images_import_and_info(service: Service, image: str, tmp_path: Path) ->
     assert "e2e-cli/imported:1" not in sbx(service, "images").stdout.decode()
     info = sbx(service, "info")
     assert info.returncode == 0 and "version" in orjson.loads(info.stdout)
+
+
+def test_build_prints_steps_caches_and_tags(service: Service, image: str,
+                                            tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {image}\nARG WHO\nCOPY hello.txt /\n"
+                                    "RUN echo \"built for $WHO\" >> /hello.txt\n"
+                                    "CMD [\"cat\", \"/hello.txt\"]\n")
+    (ctx / "hello.txt").write_text("hello\n")
+    done = sbx(service, "build", "-t", "cli/built:1", "--build-arg", "WHO=you", str(ctx))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode()
+    assert "Step 4/5 : RUN" in out and "Successfully tagged" in out, out
+    again = sbx(service, "build", "-t", "cli/built:1", "--build-arg", "WHO=you", str(ctx))
+    assert again.stdout.decode().count("Using cache") == 4, again.stdout
+    ran = sbx(service, "run", "cli/built:1")
+    assert ran.stdout == b"hello\nbuilt for you\n", ran.stderr
+    failed = sbx(service, "build", str(ctx), "-f", str(ctx / "missing"))
+    assert failed.returncode == 1 and b"missing" in failed.stderr

@@ -79,7 +79,7 @@ def test_a_directory_source_copies_its_contents_owned_as_asked(tmp_path: Path) -
 
 
 def test_several_sources_need_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="Dockerfile:3.*ends in '/'"):
+    with pytest.raises(ImageError, match=r"Dockerfile:3.*ends in '/'"):
         layer([file("a", b"a"), file("b", b"b")], CopyTarget("/x", where="Dockerfile:3"),
               image(tmp_path))
 
