@@ -14,8 +14,9 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || exec sudo bash "$0" "$@"
 bash scripts/setup.sh
 source scripts/lib.sh
-# The pull benchmark compares with skopeo and umoci; the load test runs through its peers.
-apt_install_missing docker-registry skopeo umoci bubblewrap crun runc podman
+# The pull benchmark compares with skopeo and umoci, the build benchmark with buildah; the
+# load test runs through its peers.
+apt_install_missing docker-registry skopeo umoci bubblewrap crun runc podman buildah
 py=.venv/bin/python
 # The API's profile samples the service with py-spy (not a dependency of sandboxd).
 [ -x .venv/bin/py-spy ] || $py -m pip install -q py-spy

@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || exec sudo bash "$0" "$@"
 bash scripts/setup.sh
 
-# The image tests meet a real registry and images made by independent tools; the load
-# test runs its workloads through the peers too.
+# The image tests meet a real registry and images made by independent tools (builds are
+# compared with buildah's); the load test runs its workloads through the peers too.
 source scripts/lib.sh
-apt_install_missing docker-registry skopeo umoci apache2-utils openssl bubblewrap crun runc
+apt_install_missing docker-registry skopeo umoci apache2-utils openssl bubblewrap crun runc buildah
 
 test_user=sbx-test
 prepare_user "$test_user" 300000

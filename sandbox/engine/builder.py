@@ -36,7 +36,7 @@ import orjson
 
 from sandbox.engine.pool import Pools
 from sandbox.errors import BuildFailed, ImageError, SandboxError
-from sandbox.images import Image, ImageService, Platform, buildplan
+from sandbox.images import Image, ImageService, Platform, buildplan, platform_serves
 from sandbox.images.buildcontext import BuildContext, is_archive
 from sandbox.images.buildfiles import Selected, SourceFile
 from sandbox.images.copylayer import CopyTarget, copy_tar
@@ -238,6 +238,13 @@ class _Run:
         if state.image is None:
             raise BuildFailed(f"{ins.where}: RUN needs files to run: FROM scratch has none "
                               "yet (COPY a static binary in first, then RUN it)",
+                              line=ins.node.start_line, step=self.step)
+        host = self.b._host
+        if not platform_serves(str(state.platform), Platform(host.os, host.architecture)):
+            raise BuildFailed(f"{ins.where}: RUN cannot run for {state.platform} on this "
+                              f"{host.os}/{host.architecture} machine (sandboxd emulates no "
+                              "other architecture): build for this platform, or leave RUN "
+                              "out of the stages built for another (COPY works)",
                               line=ins.node.start_line, step=self.step)
         uid, gid = self._ids(state, state.config.run.get("User") or "0")
         env = dict(entry.partition("=")[::2] for entry in state.config.run_env())

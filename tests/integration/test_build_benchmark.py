@@ -4,6 +4,7 @@ speed is checked: only that each figure is there, positive, and beside its basel
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_quick_run_prints_the_commit_figure_beside_tar() -> None:
+def test_quick_run_prints_the_commit_and_build_figures_beside_their_baselines() -> None:
     done = subprocess.run([sys.executable, "-m", "loadtest.build", "--quick"], cwd=REPO,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
@@ -24,3 +25,14 @@ def test_quick_run_prints_the_commit_figure_beside_tar() -> None:
         assert fig[key] > 0, key
     row = next(line for line in lines if line.startswith("commit of a session"))
     assert "tar " in row and "tar|gzip -1" in row and "tar|gzip -6" in row and "x)" in row
+    assert fig["builds"] == 2
+    for key in ("build_median_ms", "rebuild_median_ms", "bare_steps_median_ms"):
+        assert fig[key] > 0, key
+    assert fig["build_peak_big_bytes"] >= 0 and fig["big_layer_bytes"] == 16 << 20
+    row = next(line for line in lines if line.startswith("build of the five-step"))
+    assert "bare steps " in row
+    if os.geteuid() == 0:  # buildah beside it (rootless buildah needs id maps of its own)
+        assert fig["buildah_build_median_ms"] > 0 and fig["buildah_rebuild_median_ms"] > 0
+        assert "buildah --no-cache " in row
+    else:
+        assert "root only" in fig["buildah"]

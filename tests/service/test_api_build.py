@@ -370,3 +370,24 @@ RUN grep CapEff /proc/self/status
             async with s.post("/v1/containers", json=body) as r:
                 assert r.status == 400
     service.call(go)
+
+
+def test_a_build_for_another_platform_copies_but_never_runs(service: Service,
+                                                            images: Any) -> None:
+    machine = "arm64" if os.uname().machine == "x86_64" else "amd64"
+    other = {"arm64": "linux/arm64/v8", "amd64": "linux/amd64"}[machine]
+    copy_only = f"FROM {images.multi}\nCOPY hello /hello\n"
+    with_run = f"FROM {images.multi}\nRUN true\n"
+
+    async def go(s: aiohttp.ClientSession) -> None:
+        status, events = await build(s, {"Dockerfile": copy_only, "hello": "hi\n"},
+                                     tag="build/other:1", platform=other)
+        assert status == 200, events
+        async with s.get("/v1/images/build/other:1") as r:
+            assert (await r.json())["platform"].startswith(f"linux/{machine}")
+        async with s.post("/v1/runs", json={"image": "build/other:1"}) as r:
+            assert r.status == 400  # a run of it is refused as for any foreign image
+        status, events = await build(s, {"Dockerfile": with_run}, platform=other)
+        err = error_of(events)
+        assert err["line"] == 2 and "emulates no other architecture" in err["message"], err
+    service.call(go)
