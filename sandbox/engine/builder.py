@@ -97,8 +97,8 @@ class Builder:
         self.pools = pools
         self.images = images
         self.policy = policy
-        self._resolve = resolve_image
-        self._host = host
+        self.resolve = resolve_image
+        self.host = host
 
     async def build(self, context: BuildContext, req: BuildRequest, tenant: Tenant,
                     emit: Emit) -> Image:
@@ -131,8 +131,7 @@ class _Run:
         self.holders: list[str] = []
         self.step = 0
         self.steps = 0
-        self.line: int | None = None
-        self.platform = req.platform or builder._host
+        self.platform = req.platform or builder.host
 
     def holder(self) -> str:
         self.holders.append(f"{self.name}-{len(self.holders)}")
@@ -143,7 +142,7 @@ class _Run:
     async def stages(self) -> _State:
         source = self.context.dockerfile(self.req.dockerfile)
         plan = buildplan.plan(source, build_args=self.req.build_args, target=self.req.target,
-                              platform=self.platform, build_platform=self.b._host)
+                              platform=self.platform, build_platform=self.b.host)
         self.steps = plan.steps
         for warning in plan.warnings:
             await self.emit({"event": "warning", "message": warning})
@@ -161,7 +160,6 @@ class _Run:
 
     async def _begin(self, line: int, text: str, stage: str | None) -> float:
         self.step += 1
-        self.line = line
         await self.emit({"event": "step", "step": self.step, "steps": self.steps,
                          "stage": stage, "line": line, "instruction": text})
         return time.monotonic()
@@ -181,8 +179,12 @@ class _Run:
             state = _State((), None, None, stage.config(None), platform,
                            _key("scratch", str(platform)))
         else:
-            image = await self.b._resolve(stage.base, self.tenant, platform)
-            layers, config = self.b.images.build_base(image, self.tenant)
+            try:
+                image = await self.b.resolve(stage.base, self.tenant, platform)
+                layers, config = self.b.images.build_base(image, self.tenant)
+            except SandboxError as e:
+                raise BuildFailed(f"{stage.where}: FROM {stage.base}: {e}", line=stage.line,
+                                  step=self.step) from e
             state = _State(layers, image, config, stage.config(config.raw.get("config")),
                            Platform.parse(image.platform), _key("image", image.digest),
                            [dict(h) for h in config.raw.get("history") or ()])
@@ -206,7 +208,10 @@ class _Run:
         except BuildFailed:
             raise
         except SandboxError as e:
-            raise BuildFailed(str(e), line=ins.node.start_line, step=self.step) from e
+            said = str(e)
+            if not said.startswith(ins.where):
+                said = f"{ins.where}: {ins.keyword}: {said}"
+            raise BuildFailed(said, line=ins.node.start_line, step=self.step) from e
         await self._end(started, cached=cached, layer=layer)
 
     async def _config(self, ins: Instruction, state: _State) -> tuple[str | None, bool]:
@@ -239,7 +244,7 @@ class _Run:
             raise BuildFailed(f"{ins.where}: RUN needs files to run: FROM scratch has none "
                               "yet (COPY a static binary in first, then RUN it)",
                               line=ins.node.start_line, step=self.step)
-        host = self.b._host
+        host = self.b.host
         if not platform_serves(str(state.platform), Platform(host.os, host.architecture)):
             raise BuildFailed(f"{ins.where}: RUN cannot run for {state.platform} on this "
                               f"{host.os}/{host.architecture} machine (sandboxd emulates no "
@@ -319,7 +324,7 @@ class _Run:
         if stage is not None:
             layers = done[stage].layers
         else:
-            image = await self.b._resolve(args.from_, self.tenant, self.platform)
+            image = await self.b.resolve(args.from_, self.tenant, self.platform)
             layers, _ = self.b.images.build_base(image, self.tenant)
         tree = self.b.images.tree(layers)
         selected = [s for src in args.sources for s in tree.select(src, where=ins.where)]
