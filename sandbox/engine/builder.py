@@ -225,12 +225,15 @@ class _Run:
         workdir = state.config.run.get("WorkingDir") or "/"
         if self.b.images.tree(state.layers).lookup(workdir) is not None:
             return None, not state.made
-        # The image lacks the directory: it goes into a layer of its own, as BuildKit makes.
+        # The image lacks the directory: it goes into a layer of its own, owned by the
+        # stage's USER, as BuildKit makes it.
         state.history.pop()
+        uid, gid = self._ids(state, state.config.run.get("User") or "0")
         made = Selected(posixpath.basename(workdir) or "/", "dir",
                         (SourceFile("", "dir", 0o755, mtime=int(time.time())),))
+        target = CopyTarget(workdir, chown=(uid or 0, gid or 0))
         return await self._layer_step(state, _key(state.key, "mkdir"), text,
-                                      lambda: copy_tar([made], CopyTarget(workdir),
+                                      lambda: copy_tar([made], target,
                                                        self.b.images.tree(state.layers)))
 
     async def _run(self, ins: Instruction, state: _State) -> tuple[str | None, bool]:

@@ -81,54 +81,66 @@ def copy_tar(selected: Sequence[Selected], target: CopyTarget, tree: MergedTree,
              archives: Sequence[bool] = ()) -> Iterator[bytes]:
     """The layer's tar, in chunks (blocking reads: run it in a worker thread)."""
     placed, unpack = plan_copy(selected, target, tree, archives)
-    now = int(time.time())
     entries: dict[str, _Placed] = {}
     for p in placed:               # a later source wins over an earlier one, as in Docker
         entries.pop(p.path, None)
         entries[p.path] = p
-    written: set[str] = set()
+    out = _Layer(entries, target, tree)
     for path in entries:
-        yield from _parents(path, target, tree, now, written)
+        yield from out.parents(path)
     for dest, _ in unpack:  # an archive unpacks into a directory, made if missing
-        yield from _parents(posixpath.join(dest, "-").lstrip("/"), target, tree, now,
-                            written)
+        yield from out.parents(posixpath.join(dest, "-").lstrip("/"))
     for path, p in entries.items():
-        if not path or path in written:
-            continue  # the root, or a directory written already with the image's metadata
-        if p.source.kind == "dir" and not p.source.path:
-            # The directory whose contents are copied: one the image has stays as it is.
-            found = tree.lookup("/" + path, follow=False)
-            if found is not None and found.kind == "dir":
-                written.add(path)
-                yield _header(path, tarfile.DIRTYPE, found.mode, found.uid, found.gid,
-                              found.mtime)
-                continue
-        written.add(path)
-        yield from _entry(path, p.source, target)
+        if not path or path in out.written:
+            continue  # the image's root, or a directory written already as a parent
+        if p.source.kind == "dir":
+            yield from out.directory(path)
+        else:
+            out.written.add(path)
+            yield from _entry(path, p.source, target)
     for dest, stream in unpack:
         with stream:
-            yield from _unpack(dest.lstrip("/"), stream, target, written)
+            yield from _unpack(dest.lstrip("/"), stream, target, out.written)
     yield _END
 
 
-def _parents(path: str, target: CopyTarget, tree: MergedTree, now: int,
-             written: set[str]) -> Iterator[bytes]:
-    parts = path.split("/")[:-1]
-    for i in range(1, len(parts) + 1):
-        parent = "/".join(parts[:i])
-        if parent in written:
-            continue
-        written.add(parent)
-        found = tree.lookup("/" + parent, follow=False)
+class _Layer:
+    """The directories of a copy's layer, each written once, before what it holds."""
+
+    def __init__(self, entries: dict[str, _Placed], target: CopyTarget,
+                 tree: MergedTree) -> None:
+        self.entries, self.target, self.tree = entries, target, tree
+        self.now = int(time.time())
+        self.written: set[str] = set()
+
+    def parents(self, path: str) -> Iterator[bytes]:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            parent = "/".join(parts[:i])
+            if parent not in self.written:
+                yield from self.directory(parent)
+
+    def directory(self, path: str) -> Iterator[bytes]:
+        """A directory within a copied one as its source has it (owners and modes as the
+        copy says). The destination of a directory's contents, and one on the way, as
+        the image has it (an upper directory replaces a lower one's mode and owner: /tmp's
+        1777), or made 0755 (owned as --chown says) when the image has none, as Docker
+        makes them."""
+        self.written.add(path)
+        placed = self.entries.get(path)
+        if placed is not None and placed.source.kind == "dir" and placed.source.path:
+            yield from _entry(path, placed.source, self.target)
+            return
+        found = self.tree.lookup("/" + path, follow=False)
         if found is None:
-            uid, gid = target.chown or (0, 0)
-            yield _header(parent, tarfile.DIRTYPE, 0o755, uid, gid, now)
+            uid, gid = self.target.chown or (0, 0)
+            yield _header(path, tarfile.DIRTYPE, 0o755, uid, gid, self.now)
         elif found.kind == "dir":
-            yield _header(parent, tarfile.DIRTYPE, found.mode, found.uid, found.gid,
+            yield _header(path, tarfile.DIRTYPE, found.mode, found.uid, found.gid,
                           found.mtime)
         else:
-            raise ImageError(f"{target.where}: cannot {target.keyword} to "
-                             f"{target.dest}: /{parent} is not a directory in the image")
+            raise ImageError(f"{self.target.where}: cannot {self.target.keyword} to "
+                             f"{self.target.dest}: /{path} is not a directory in the image")
 
 
 def _entry(path: str, f: SourceFile, target: CopyTarget) -> Iterator[bytes]:

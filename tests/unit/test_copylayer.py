@@ -34,7 +34,8 @@ def file(name: str, data: bytes, mode: int = 0o644) -> Selected:
 
 
 def directory(name: str, entries: dict[str, bytes]) -> Selected:
-    files = [SourceFile("", "dir", 0o750, mtime=1)]
+    files = [SourceFile("", "dir", 0o750, mtime=1), SourceFile("sub", "dir", 0o2700, mtime=1,
+                                                               uid=7, gid=8)]
     for path, data in entries.items():
         files.append(SourceFile(path, "file", 0o600, len(data), 1,
                                 open=lambda d=data: io.BytesIO(d)))  # type: ignore[misc]
@@ -71,11 +72,19 @@ def test_the_destination_follows_the_images_own_links(tmp_path: Path) -> None:
 
 def test_a_directory_source_copies_its_contents_owned_as_asked(tmp_path: Path) -> None:
     src = directory("conf", {"a": b"1", "sub/b": b"2"})
-    got = layer([src], CopyTarget("/opt/conf", chown=(1000, 1001), chmod=0o640),
-                image(tmp_path))
+    t = image(tmp_path)
+    got = layer([src], CopyTarget("/opt/conf", chown=(1000, 1001), chmod=0o640), t)
     assert {"opt", "opt/conf", "opt/conf/a", "opt/conf/sub/b"} <= set(got)
     assert (got["opt/conf/a"].uid, got["opt/conf/a"].gid, got["opt/conf/a"].mode) == (
         1000, 1001, 0o640)
+    assert (got["opt/conf/sub"].uid, got["opt/conf/sub"].mode) == (1000, 0o640)
+    # Without --chown/--chmod, a directory within keeps its own owner and mode.
+    got = layer([src], CopyTarget("/opt/conf"), t)
+    sub = got["opt/conf/sub"]
+    assert (sub.uid, sub.gid, sub.mode) == (7, 8, 0o2700)
+    assert got["opt/conf"].mode == 0o755  # made anew, as Docker makes a destination
+    got = layer([src], CopyTarget("/tmp/"), t)
+    assert got["tmp"].mode == 0o1777      # the image's own destination stays as it is
 
 
 def test_several_sources_need_a_directory(tmp_path: Path) -> None:

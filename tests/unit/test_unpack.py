@@ -20,6 +20,7 @@ from sandbox.images.store.unpack import (
     Ownership,
     UnpackLimits,
     UnpackReport,
+    container_mode,
     detect_compression,
     unpack_layer,
 )
@@ -200,6 +201,13 @@ def test_setuid_setgid_bits_and_file_capabilities_are_dropped(tmp_path: Path,
     assert modes == {"bin/su": 0o755, "bin/su2": 0o755, "bin/wall": 0o755, "bin/both": 0o711,
                      "var/mail": 0o2775, "tmp": 0o1777}
     assert "security.capability" not in os.listxattr(d / "bin/ping")
+    # What was dropped is recorded, for a build that copies the file on (COPY --from) ...
+    assert os.getxattr(d / "bin/both", "user.sandboxd.setid") == b"6000"
+    fd = os.open(d / "bin/su", os.O_PATH)
+    try:
+        assert container_mode(fd, os.stat(fd)) == 0o4755
+    finally:
+        os.close(fd)
     notes = "\n".join(report.skipped)
     assert "bin/su: setuid/setgid bits dropped" in notes
     assert "xattr 'security.capability' not applied" in notes
@@ -375,7 +383,9 @@ def test_layer_xattrs_user_kept_overlay_and_ownership_ones_dropped(tmp_path: Pat
     report = unpack(tmp_path, build(
         reg("f", b"1", xattrs={"user.mime": "text/plain", "user.rootlesscontainers": "\x08\x00",
                                "trusted.overlay.opaque": "y", "user.overlay.redirect": "/x",
-                               "system.posix_acl_access": "x"}),
+                               "system.posix_acl_access": "x",
+                               # ours: a layer cannot claim setuid bits it never had
+                               "user.sandboxd.setid": "4000"}),
         dir_("d", xattrs={"user.overlay.opaque": "y"})))
     d = tmp_path / "dest"
     assert os.listxattr(d / "f") == ["user.mime"]
@@ -383,7 +393,7 @@ def test_layer_xattrs_user_kept_overlay_and_ownership_ones_dropped(tmp_path: Pat
     assert os.listxattr(d / "d") == []
     dropped = "\n".join(report.skipped)
     for name in ("user.rootlesscontainers", "trusted.overlay.opaque", "user.overlay.redirect",
-                 "system.posix_acl_access", "user.overlay.opaque"):
+                 "system.posix_acl_access", "user.overlay.opaque", "user.sandboxd.setid"):
         assert name in dropped
 
 

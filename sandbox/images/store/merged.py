@@ -22,7 +22,7 @@ from typing import BinaryIO
 from sandbox.errors import ImageError
 from sandbox.images.buildfiles import Selected, SourceFile
 from sandbox.images.dockerignore import BadPattern, glob, has_wildcards
-from sandbox.images.store.unpack import Ownership, container_owner
+from sandbox.images.store.unpack import Ownership, container_mode, container_owner
 from sandbox.runtime.resolve import open_in_root
 
 MAX_HOPS = 40                      # symlinks followed in one lookup, as Linux allows
@@ -208,11 +208,12 @@ class MergedTree:
         fd = os.open(self._host(index, parts), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             uid, gid = container_owner(fd, st, self.ownership)
+            mode = container_mode(fd, st)
         finally:
             os.close(fd)
         link = os.readlink(self._host(index, parts)) if stat.S_ISLNK(st.st_mode) else ""
-        return Entry("/" + "/".join(parts), _kind(st.st_mode), stat.S_IMODE(st.st_mode),
-                     uid, gid, int(st.st_mtime), link, st.st_size, index)
+        return Entry("/" + "/".join(parts), _kind(st.st_mode), mode, uid, gid,
+                     int(st.st_mtime), link, st.st_size, index)
 
     def _root_entry(self) -> Entry:
         for index in range(len(self.layers) - 1, -1, -1):

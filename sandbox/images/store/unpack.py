@@ -70,6 +70,9 @@ _WHITEOUT = b".wh."
 _OPAQUE_MARKER = b".wh..wh..opq"
 
 _SETID = stat.S_ISUID | stat.S_ISGID
+# The setuid/setgid bits a file lost here, in octal: a build that copies it on (COPY
+# --from) writes them into its layer, as the image had them (store/merged.py).
+_SETID_XATTR = b"user.sandboxd.setid"
 _O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _O_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -236,6 +239,19 @@ def container_owner(fd: int, st: os.stat_result, own: Ownership) -> tuple[int, i
     recorded = fields.get(1, _NOOP_ID), fields.get(2, _NOOP_ID)
     return (uid if recorded[0] == _NOOP_ID else recorded[0],
             gid if recorded[1] == _NOOP_ID else recorded[1])
+
+
+def container_mode(fd: int, st: os.stat_result) -> int:
+    """The permission bits an unpacked entry (`fd`, O_PATH or open) has in the image: its
+    own, and the setuid/setgid bits the unpack took off a regular file."""
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISREG(st.st_mode):
+        return mode
+    try:
+        recorded = int(os.getxattr(f"/proc/self/fd/{fd}", _SETID_XATTR), 8)
+    except (OSError, ValueError):
+        return mode
+    return mode | (recorded & _SETID)
 
 
 def _read_payload(payload: bytes) -> dict[int, int]:
@@ -463,6 +479,7 @@ class _Unpacker:
         if ti.mode & _SETID:
             self.notes.once("setid", f"{ti.name}: setuid/setgid bits dropped (useless under "
                             "no_new_privs, a risk on the host; also on any later entry)")
+            self._setxattr(fd, _SETID_XATTR, b"%o" % (ti.mode & _SETID), ti)
         os.fchmod(fd, ti.mode & 0o7777 & ~_SETID)
         self._utime(ti, fd)
 
@@ -863,7 +880,8 @@ class _Unpacker:
             if not key.startswith("SCHILY.xattr."):
                 continue
             name = key[len("SCHILY.xattr."):]
-            allowed = (name.startswith("user.") and not name.startswith("user.overlay.")
+            allowed = (name.startswith("user.")
+                       and not name.startswith(("user.overlay.", "user.sandboxd."))
                        and not (name == "user.rootlesscontainers" and self.own.mode == "squash"))
             if allowed:
                 out.append((name.encode("utf-8", "surrogateescape"),
