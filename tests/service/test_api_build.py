@@ -391,3 +391,32 @@ def test_a_build_for_another_platform_copies_but_never_runs(service: Service,
         err = error_of(events)
         assert err["line"] == 2 and "emulates no other architecture" in err["message"], err
     service.call(go)
+
+
+def test_a_build_is_one_of_the_tenants_runs_and_pulls_only_where_it_may(
+        service: Service, images: Any) -> None:
+    slow = {"Dockerfile": f"FROM {images.oci}\nRUN sleep 600\n"}
+    elsewhere = {"Dockerfile": "FROM docker.io/library/busybox\n"}
+
+    async def go(s: aiohttp.ClientSession) -> None:
+        # The limited token may have one run at once: a build takes it while it lasts.
+        async with s.post("/v1/build", data=context(slow), headers={**TAR, **LIMITED}) as r:
+            assert r.status == 200
+            assert orjson.loads(await r.content.readline())["event"] == "step"
+            status, events = await build(s, slow, headers=LIMITED)
+            assert status == 429, events
+        # Gone with its client (the connection closed): the build is cancelled and the
+        # slot is the token's again, once the service has seen the connection close.
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:
+            status, events = await build(s, {"Dockerfile": "FROM scratch\n"},
+                                         headers=LIMITED)
+            if status != 429 or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 200, events
+        # Its FROM pulls within the registries the token may use, as a pull would.
+        status, events = await build(s, elsewhere, headers=LIMITED)
+        err = error_of(events)
+        assert err["line"] == 1 and "may not use registry docker.io" in err["message"], err
+    service.call(go)
