@@ -16,12 +16,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.engine import BuildConfig as BuildConfig
     from sandbox.engine import BuildRequest as BuildRequest
+    from sandbox.engine import CachedFile as CachedFile
+    from sandbox.engine import CopiedOut as CopiedOut
     from sandbox.engine import Engine as Engine
     from sandbox.engine import EngineConfig as EngineConfig
     from sandbox.engine import FileSpec as FileSpec
     from sandbox.engine import PolicyLimits as PolicyLimits
     from sandbox.engine import PoolConfig as PoolConfig
+    from sandbox.engine import RunOutcome as RunOutcome
     from sandbox.engine import RunSpec as RunSpec
+    from sandbox.engine.filecache import FileCacheConfig as FileCacheConfig
     from sandbox.errors import AuthError as AuthError
     from sandbox.errors import BuildFailed as BuildFailed
     from sandbox.errors import Busy as Busy
@@ -79,13 +83,16 @@ _HOMES = {
     "BuildFailed": "sandbox.errors",
     "BuildRequest": "sandbox.engine",
     "Busy": "sandbox.errors",
+    "CachedFile": "sandbox.engine",
     "CapacityError": "sandbox.errors",
     "CgroupError": "sandbox.errors",
     "ContainerGoneError": "sandbox.errors",
+    "CopiedOut": "sandbox.engine",
     "ContextLimits": "sandbox.images.buildcontext",
     "DigestMismatch": "sandbox.errors",
     "Engine": "sandbox.engine",
     "EngineConfig": "sandbox.engine",
+    "FileCacheConfig": "sandbox.engine.filecache",
     "FileSpec": "sandbox.engine",
     "Forbidden": "sandbox.errors",
     "Image": "sandbox.images",
@@ -111,6 +118,7 @@ _HOMES = {
     "RegistryError": "sandbox.errors",
     "RunControl": "sandbox.runtime.runcontrol",
     "RunResult": "sandbox.runtime.results",
+    "RunOutcome": "sandbox.engine",
     "RunSpec": "sandbox.engine",
     "RuntimeSetupError": "sandbox.errors",
     "SandboxError": "sandbox.errors",

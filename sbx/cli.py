@@ -6,6 +6,7 @@
     sbx ps | rm ID... | cp SRC DST         list, remove, copy files in and out
     sbx commit [OPTIONS] ID NAME:TAG       make an image of a kept container's changes
     sbx pull | images | rmi | tag | push | import    images
+    sbx file put | ls | get | rm           the file cache: files runs take by id
     sbx build [OPTIONS] PATH|-             build an image from a Dockerfile
     sbx builder prune                      empty the build cache
     sbx info                               the service's host, pools and sessions
@@ -31,7 +32,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -50,6 +51,7 @@ from sbx.client import (
     Client,
     Exit,
     File,
+    FromCache,
     Output,
     PullProgress,
     RunEvent,
@@ -159,6 +161,22 @@ def _file(spec: str) -> tuple[str, str]:
     return local, "/" + remote
 
 
+def _cached_file(spec: str) -> tuple[str, str]:
+    file_id, sep, remote = spec.partition(":/")
+    if not sep or not file_id:
+        raise argparse.ArgumentTypeError(f"--cached-file takes ID:/container/path (the id sbx "
+                                         f"file put printed), not {spec!r}")
+    return file_id, "/" + remote
+
+
+def _copy_out(spec: str) -> tuple[str, str]:
+    remote, _, local = spec.partition(":")
+    if not remote.startswith("/"):
+        raise argparse.ArgumentTypeError(f"--copy-out takes /container/path[:LOCAL], not "
+                                         f"{spec!r}")
+    return remote, local or posixpath.basename(remote.rstrip("/"))
+
+
 def _common(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     hidden = {} if defaults else {"default": argparse.SUPPRESS}
     parser.add_argument("--url", help=f"the service (default: $SANDBOXD_URL or {DEFAULT_URL})",
@@ -176,6 +194,15 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                              "output_bytes, file_size_bytes, open_files")
     parser.add_argument("--file", type=_file, action="append", default=[],
                         metavar="LOCAL:/PATH", help="copy a local file in before the command")
+    parser.add_argument("--cached-file", type=_cached_file, action="append", default=[],
+                        metavar="ID:/PATH", help="place a file of your file cache (sbx file "
+                        "put) at /PATH, mode 0755, before the command")
+    parser.add_argument("--copy-out", type=_copy_out, action="append", default=[],
+                        metavar="/PATH[:LOCAL]", help="after the command, copy the file /PATH "
+                        "out to LOCAL (default: its name, in the current directory)")
+    parser.add_argument("--copy-out-cached", action="append", default=[], metavar="/PATH",
+                        help="after the command, store the file /PATH in your file cache; "
+                        "its id is printed on stderr")
     parser.add_argument("-i", "--interactive", action="store_true",
                         help="feed this terminal's stdin to the command (a WebSocket)")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -279,6 +306,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "stderr")
     p.add_argument("context", metavar="PATH|-",
                    help="the build context: a directory, or '-' for stdin")
+    p = command("file", "Manage your file cache: files kept on the service by their content's "
+                "hash, which runs take by id (--cached-file) instead of receiving them again; "
+                "each goes when unused for the service's time to live.")
+    cache = p.add_subparsers(dest="file_command", required=True, metavar="COMMAND")
+
+    def file_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp = cache.add_parser(name, help=help_text, description=help_text)
+        _common(sp, defaults=False)
+        return sp
+
+    p = file_command("put", "Store a file (PATH, or '-' for stdin); prints its id. The same "
+                     "bytes give the same id.")
+    p.add_argument("path", metavar="PATH")
+    p = file_command("ls", "List your cached files.")
+    p.add_argument("--json", action="store_true", help="the service's JSON")
+    p = file_command("get", "Download a cached file to stdout, or to OUT.")
+    p.add_argument("-o", "--output", type=Path, metavar="OUT",
+                   help="the file to write (replaced only once the download is complete)")
+    p.add_argument("file_id", metavar="ID")
+    p = file_command("rm", "Delete cached files.")
+    p.add_argument("file_ids", nargs="+", metavar="ID")
     p = command("builder", "Manage the build cache.")
     builder = p.add_subparsers(dest="builder_command", required=True, metavar="COMMAND")
     prune_help = "Empty your build cache; prints how much it removed and freed."
@@ -375,8 +423,13 @@ def _options(args: argparse.Namespace) -> RunOptions:
         except OSError as e:
             raise CliError(f"--file {local}: {e.strerror}; give a readable local file") from None
         files.append(File(remote, data, mode))
+    files += [FromCache(remote, file_id, 0o755) for file_id, remote in args.cached_file]
     if files:
         options["files"] = files
+    if args.copy_out:
+        options["copy_out"] = [remote for remote, _ in args.copy_out]
+    if args.copy_out_cached:
+        options["copy_out_cached"] = args.copy_out_cached
     return options
 
 
@@ -388,11 +441,18 @@ def _cmd(args: argparse.Namespace) -> list[str] | None:
 
 
 async def _print_events(events: AsyncIterable[RunEvent]) -> RunResult:
-    async for event in events:
-        if isinstance(event, Output):
-            _write(sys.stdout if event.stream == "stdout" else sys.stderr, event.data)
-        elif isinstance(event, Exit):
-            return event.result
+    try:
+        async for event in events:
+            if isinstance(event, Output):
+                _write(sys.stdout if event.stream == "stdout" else sys.stderr, event.data)
+            elif isinstance(event, Exit):
+                return event.result
+    finally:
+        # The response is let go now, while the client is open: what follows the run
+        # (--copy-out's writes) may fail, and the client closes on the way out.
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
     raise ApiError(0, "stream_ended", "the stream ended before the run's exit event")
 
 
@@ -420,15 +480,56 @@ def _report(result: RunResult, verbose: bool) -> int:
     return exit_code_of(result)
 
 
+def _finish(result: RunResult, args: argparse.Namespace) -> int:
+    """Write what --copy-out brought back, say what --copy-out-cached stored, then report."""
+    for remote, local in args.copy_out:
+        data = result.files.get(remote)
+        if data is None:
+            _warn(f"--copy-out {remote}: "
+                  + result.file_errors.get(remote, "the service did not send it back"))
+            continue
+        with _replacing(Path(local)) as out:
+            out.write(data if isinstance(data, bytes) else data.encode())
+    for remote in args.copy_out_cached:
+        entry = result.file_ids.get(remote)
+        if entry is None:
+            _warn(f"--copy-out-cached {remote}: "
+                  + result.file_errors.get(remote, "the service did not store it"))
+            continue
+        size = entry.get("size")
+        print(f"sbx: {remote} cached as {entry.get('id')}"
+              + (f" ({_size(size)})" if isinstance(size, int) else ""), file=sys.stderr)
+    return _report(result, args.verbose)
+
+
+@contextlib.contextmanager
+def _replacing(dest: Path) -> Iterator[BinaryIO]:
+    """A file spooled beside dest that replaces it when the block ends without an error;
+    dest stays as it was otherwise (a download cut short leaves no half file)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    except OSError as e:
+        raise CliError(f"cannot write {dest}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise CliError(f"cannot write {dest}: {e.strerror}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 async def _run(client: Client, args: argparse.Namespace) -> int:
     options = _options(args)
     if args.interactive:
         session = client.interactive(args.image, _cmd(args), policy=args.policy,
                                      network=args.network, platform=args.platform, **options)
-        return _report(await _interact(session), args.verbose)
+        return _finish(await _interact(session), args)
     events = client.run_stream(args.image, _cmd(args), policy=args.policy,
                                network=args.network, platform=args.platform, **options)
-    return _report(await _print_events(events), args.verbose)
+    return _finish(await _print_events(events), args)
 
 
 async def _exec(client: Client, args: argparse.Namespace) -> int:
@@ -437,9 +538,9 @@ async def _exec(client: Client, args: argparse.Namespace) -> int:
     options = _options(args)
     if args.interactive:
         session = client.interactive(None, _cmd(args), container=args.container, **options)
-        return _report(await _interact(session), args.verbose)
+        return _finish(await _interact(session), args)
     events = client.exec_stream(args.container, _cmd(args), **options)
-    return _report(await _print_events(events), args.verbose)
+    return _finish(await _print_events(events), args)
 
 
 def _pump_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) -> None:
@@ -955,6 +1056,70 @@ async def _info(client: Client, _: argparse.Namespace) -> int:
     return 0
 
 
+# The file cache
+
+
+async def _file_put(client: Client, args: argparse.Namespace) -> int:
+    if args.path == "-":
+        answer = await client.put_cached_file(sys.stdin.buffer)
+    else:
+        path = Path(args.path)
+        if not path.is_file():
+            raise CliError(f"{path} is not a file; give a file, or '-' for stdin")
+        try:
+            answer = await client.put_cached_file(path)
+        except OSError as e:
+            raise CliError(f"cannot read {path}: {e.strerror}") from None
+    print(answer.get("id", ""))
+    return 0
+
+
+async def _file_ls(client: Client, args: argparse.Namespace) -> int:
+    entries = await client.list_cached_files()
+    if args.json:
+        _dump(entries)
+        return 0
+    rows = [["ID", "SIZE", "CREATED", "EXPIRES"]]
+    for f in entries:
+        size = f.get("size")
+        rows.append([str(f.get("id", "")), _size(size) if isinstance(size, int) else "-",
+                     _when(f.get("created")), _when(f.get("expires"))])
+    _table(rows)
+    return 0
+
+
+async def _file_get(client: Client, args: argparse.Namespace) -> int:
+    if args.output is None:
+        if sys.stdout.isatty():
+            raise CliError("stdout is a terminal; give -o OUT or redirect stdout")
+        await client.download_cached_file(args.file_id, lambda chunk: _write(sys.stdout, chunk))
+        return 0
+    with _replacing(args.output) as out:
+        await client.download_cached_file(args.file_id, out.write)
+    return 0
+
+
+async def _file_rm(client: Client, args: argparse.Namespace) -> int:
+    failed = False
+    for file_id in args.file_ids:
+        try:
+            await client.delete_cached_file(file_id)
+        except ApiError as e:
+            print(f"sbx: {file_id}: {e}", file=sys.stderr)
+            failed = True
+        else:
+            print(file_id)
+    return FAILED if failed else 0
+
+
+FILE_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
+    "put": _file_put, "ls": _file_ls, "get": _file_get, "rm": _file_rm}
+
+
+async def _file_cache(client: Client, args: argparse.Namespace) -> int:
+    return int(await FILE_COMMANDS[args.file_command](client, args))
+
+
 # Builds
 
 def _short_id(digest: str) -> str:
@@ -1114,7 +1279,7 @@ async def _builder(client: Client, args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
     "run": _run, "exec": _exec, "create": _create, "ps": _ps, "rm": _rm, "cp": _cp,
     "commit": _commit, "pull": _pull, "images": _images, "rmi": _rmi, "tag": _tag, "push": _push,
-    "import": _import, "info": _info, "build": _build, "builder": _builder,
+    "import": _import, "info": _info, "build": _build, "builder": _builder, "file": _file_cache,
 }
 
 

@@ -6,6 +6,11 @@
             ...  # Output(stream, data) as output arrives, then Exit(result)
         async for event in c.build(tar_directory("app"), tags=["app:1"]):  # sbx.contexttar
             ...  # BuildStep, BuildOutput, StepDone, BuildWarning as the build goes, then Built
+        # Compile once, run every case from the file cache:
+        built = await c.run("gcc:13", ["gcc", "-o", "/tmp/a", "/tmp/a.c"], files=[...],
+                            copy_out_cached=["/tmp/a"])
+        binary = FromCache("/a", built.file_ids["/tmp/a"]["id"], 0o755)
+        case = await c.run("gcc:13", ["/a"], files=[binary], stdin="1 2\n")
 
 Every error the service reports (and every failure to reach it) is raised as `ApiError`.
 """
@@ -43,9 +48,10 @@ Json = dict[str, Any]
 T = TypeVar("T")
 
 DEFAULT_URL = "http://127.0.0.1:8643"
-# One NDJSON line or SSE event; output arrives in chunks far below this, so a longer line
-# means a broken or hostile peer rather than a big run.
-MAX_EVENT_BYTES = 64 << 20
+# One NDJSON line or SSE event; output arrives in chunks far below this, and the largest
+# event, the exit, holds at most the service's 64 MiB of copy_out files (base64: 86 MiB), so
+# a longer line means a broken or hostile peer rather than a big run.
+MAX_EVENT_BYTES = 128 << 20
 MAX_ERROR_BODY = 1 << 20
 COPY_CHUNK = 256 << 10
 
@@ -100,6 +106,19 @@ class File:
         return {"path": self.path, "mode": self.mode, "content": self.content}
 
 
+@dataclass(frozen=True, slots=True)
+class FromCache:
+    """A file of the caller's file cache (put_cached_file's id) placed in the container
+    before the command starts."""
+
+    path: str
+    file_id: str
+    mode: int = 0o644
+
+    def to_json(self) -> Json:
+        return {"path": self.path, "mode": self.mode, "file_id": self.file_id}
+
+
 class RunOptions(TypedDict, total=False):
     """What a run or an exec may carry besides the image and the command."""
 
@@ -107,14 +126,19 @@ class RunOptions(TypedDict, total=False):
     cwd: str
     user: str
     stdin: str | bytes  # bytes travel as stdin_base64
-    files: Sequence[File]
+    files: Sequence[File | FromCache]
     limits: Mapping[str, int]
     binary: bool  # output as exact bytes (output_encoding "base64") instead of UTF-8 text
+    copy_out: Sequence[str]  # files to bring back in the result's `files`
+    copy_out_cached: Sequence[str]  # files to store in the file cache: the result's `file_ids`
 
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    """A run's verdict and figures; raw keeps the whole JSON object as the service sent it."""
+    """A run's verdict and figures; raw keeps the whole JSON object as the service sent it.
+    files, file_ids and file_errors answer copy_out and copy_out_cached: the files' contents
+    (bytes when the run asked for binary output), {"id", "size"} of those stored in the file
+    cache, and why a path was not copied."""
 
     id: str
     status: str
@@ -131,6 +155,9 @@ class RunResult:
     pool_hit: bool | None
     warnings: list[str]
     raw: Json = field(repr=False)
+    files: dict[str, str | bytes] = field(default_factory=dict)
+    file_ids: dict[str, Json] = field(default_factory=dict)
+    file_errors: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, obj: Json, *, binary: bool) -> RunResult:
@@ -147,7 +174,21 @@ class RunResult:
             stderr_truncated=bool(obj.get("stderr_truncated")),
             cpu_ms=obj.get("cpu_ms"), wall_ms=obj.get("wall_ms"),
             memory_peak_bytes=obj.get("memory_peak_bytes"), setup_ms=obj.get("setup_ms"),
-            pool_hit=obj.get("pool_hit"), warnings=list(obj.get("warnings") or []), raw=obj)
+            pool_hit=obj.get("pool_hit"), warnings=list(obj.get("warnings") or []), raw=obj,
+            files={str(k): _decode_output(v, binary) for k, v in _object(obj, "files").items()},
+            file_ids={str(k): v for k, v in _object(obj, "file_ids").items()
+                      if isinstance(v, dict)},
+            file_errors={str(k): str(v) for k, v in _object(obj, "file_errors").items()})
+
+
+def _object(obj: Json, key: str) -> Json:
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(0, "bad_response", f"the service sent {key} that is not a JSON object: "
+                       f"{_clip(value)}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,6 +527,9 @@ def _run_body(cmd: Sequence[str] | None, options: RunOptions) -> Json:
         body["stdin"] = stdin
     if options.get("binary"):
         body["output_encoding"] = "base64"
+    for key in ("copy_out", "copy_out_cached"):
+        if key in options:
+            body[key] = list(options[key])  # type: ignore[literal-required]
     return body
 
 
@@ -688,6 +732,46 @@ class Client:
                                "copy-out cap; the service's log says which). Copy it again, "
                                "or a smaller part of it") from None
             return resp.content_type == "application/x-tar"
+
+    # File cache
+
+    async def put_cached_file(self, data: bytes | BinaryIO | os.PathLike[str]) -> Json:
+        """Store a file in the caller's file cache, sent as it is read: {"id": "sha256:…",
+        "size", "created", "last_used", "expires"}. The same bytes give the same id (storing
+        them again only moves the expiry on); runs take it as FromCache(path, id)."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if isinstance(data, os.PathLike):
+            with Path(data).open("rb") as f:
+                return await self._json("POST", "/v1/files", data=f, headers=headers)
+        return await self._json("POST", "/v1/files", data=data, headers=headers)
+
+    async def list_cached_files(self) -> list[Json]:
+        return list((await self._json("GET", "/v1/files")).get("files", []))
+
+    async def get_cached_file(self, file_id: str) -> bytes:
+        """A cached file's bytes, in memory (download_cached_file streams them instead)."""
+        buf = io.BytesIO()
+        await self.download_cached_file(file_id, buf.write)
+        return buf.getvalue()
+
+    async def download_cached_file(self, file_id: str,
+                                   sink: Callable[[bytes], object]) -> int:
+        """Stream a cached file's bytes into `sink` as they arrive; returns their number. A
+        download the service cut short raises ApiError "incomplete"."""
+        size = 0
+        async with self._open("GET", f"/v1/files/{_seg(file_id)}", stream=True) as resp:
+            try:
+                async for chunk in resp.content.iter_chunked(COPY_CHUNK):
+                    sink(chunk)
+                    size += len(chunk)
+            except aiohttp.ClientPayloadError:
+                raise ApiError(0, "incomplete", f"the download of {file_id} stopped partway "
+                               "(the service's log says why); download it again") from None
+        return size
+
+    async def delete_cached_file(self, file_id: str) -> None:
+        async with self._open("DELETE", f"/v1/files/{_seg(file_id)}"):
+            pass
 
     # Interactive (WebSocket)
 
@@ -1009,6 +1093,21 @@ class SyncClient:
 
     def copy_out(self, container_id: str, path: str, sink: Callable[[bytes], object]) -> bool:
         return self._call(self._client.copy_out(container_id, path, sink))
+
+    def put_cached_file(self, data: bytes | BinaryIO | os.PathLike[str]) -> Json:
+        return self._call(self._client.put_cached_file(data))
+
+    def list_cached_files(self) -> list[Json]:
+        return self._call(self._client.list_cached_files())
+
+    def get_cached_file(self, file_id: str) -> bytes:
+        return self._call(self._client.get_cached_file(file_id))
+
+    def download_cached_file(self, file_id: str, sink: Callable[[bytes], object]) -> int:
+        return self._call(self._client.download_cached_file(file_id, sink))
+
+    def delete_cached_file(self, file_id: str) -> None:
+        self._call(self._client.delete_cached_file(file_id))
 
     def pull(self, reference: str, *, platform: str | None = None) -> Json:
         return self._call(self._client.pull(reference, platform=platform))

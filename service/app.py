@@ -15,7 +15,7 @@ from aiohttp import WSCloseCode, web
 
 from sandbox import Engine, parse_ip, prepare_state_dir, split_host
 from service.admission import Admission
-from service.api import STATE, VERSION, State, build, containers, images, runs, system
+from service.api import STATE, VERSION, State, build, containers, files, images, runs, system
 from service.auth import Tokens, auth_middleware
 from service.config import ServiceConfig
 from service.errors import ApiError, Handler, error_middleware
@@ -32,7 +32,8 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 def routes() -> list[Route]:
-    return [*runs.ROUTES, *containers.ROUTES, *images.ROUTES, *build.ROUTES, *system.ROUTES]
+    return [*runs.ROUTES, *containers.ROUTES, *files.ROUTES, *images.ROUTES, *build.ROUTES,
+            *system.ROUTES]
 
 
 def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.Application:

@@ -3,12 +3,15 @@
     [server]   host, port, state_dir, session_idle_s, default_policy, shutdown_deadline_s,
                allowed_hosts (names besides loopback ones clients reach the service by)
     [[tokens]] token, name (the tenant: unique), max_concurrent_runs, registries (allowed
-               registry hosts), max_sessions, max_image_bytes (the tenant's quotas)
+               registry hosts), max_sessions, max_image_bytes, max_file_bytes, max_files
+               (the tenant's quotas)
     [registries."host"] ... (sandbox.images.registry.config.RegistriesConfig.from_dict)
     [pools]    min_idle, max_idle, max_live (sandbox.engine.pool.PoolConfig.from_dict)
     [limits]   json_body_bytes, import_body_bytes, file_body_bytes, files_count,
                files_bytes, max_running, max_queued, sessions_per_tenant,
-               image_bytes_per_tenant (a tenant's quotas unless its token sets its own)
+               image_bytes_per_tenant, file_bytes_per_tenant, files_per_tenant (a
+               tenant's quotas unless its token sets its own)
+    [files]    ttl_s, max_file_bytes: the file cache (sandbox.engine.filecache.FileCacheConfig)
     [images]   public: image names shared with every tenant (sandbox.tenants.PublicNames)
     [build]    policy (the profile of RUN steps), timeout_s, max_context_bytes,
                max_context_entries (sandbox.engine.BuildConfig)
@@ -35,6 +38,7 @@ from sandbox import (
     BuildConfig,
     ContextLimits,
     EngineConfig,
+    FileCacheConfig,
     Limits,
     PolicyError,
     PolicyLimits,
@@ -61,6 +65,8 @@ class TokenConfig:
     registries: tuple[str, ...] | None = None   # registry hosts it may use; None: any
     max_sessions: int | None = None             # None: limits.sessions_per_tenant
     max_image_bytes: int | None = None          # None: limits.image_bytes_per_tenant
+    max_file_bytes: int | None = None           # None: limits.file_bytes_per_tenant
+    max_files: int | None = None                # None: limits.files_per_tenant
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ class ServiceLimits:
     max_queued: int = 256                       # runs waiting for a slot; then 429
     sessions_per_tenant: int = 32               # sessions a tenant keeps at once; then 429
     image_bytes_per_tenant: int = 32 << 30      # what its images use (blobs + layers); 413
+    file_bytes_per_tenant: int = 1 << 30        # what its cached files hold; then 413
+    files_per_tenant: int = 10_000              # how many cached files it keeps; then 429
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class ServiceConfig:
     policy_limits: Mapping[str, PolicyLimits] = field(default_factory=dict)
     public_images: PublicNames = field(default_factory=PublicNames)
     build: BuildConfig = field(default_factory=BuildConfig)
+    files: FileCacheConfig = field(default_factory=FileCacheConfig)
     # Host names (besides localhost, IP addresses and `host`) that requests may name in their
     # Host header; any other is refused, which defeats DNS rebinding.
     allowed_hosts: tuple[str, ...] = ()
@@ -102,19 +111,25 @@ class ServiceConfig:
                             session_idle_s=self.session_idle_s,
                             default_policy=self.default_policy,
                             policy_limits=self.policy_limits,
-                            public_images=self.public_images, build=self.build)
+                            public_images=self.public_images, build=self.build,
+                            files=self.files)
 
     def tenant(self, token: TokenConfig | None) -> Tenant:
         """The tenant a token (None: the one of a service without tokens) acts as, with its
         quotas: its own where it sets them, else the [limits] defaults."""
+        limits = self.limits
         if token is None:
-            return Tenant(LOCAL_TENANT.id, self.limits.sessions_per_tenant,
-                          self.limits.image_bytes_per_tenant)
-        return Tenant(token.name,
-                      token.max_sessions if token.max_sessions is not None
-                      else self.limits.sessions_per_tenant,
-                      token.max_image_bytes if token.max_image_bytes is not None
-                      else self.limits.image_bytes_per_tenant)
+            return Tenant(LOCAL_TENANT.id, limits.sessions_per_tenant,
+                          limits.image_bytes_per_tenant, limits.file_bytes_per_tenant,
+                          limits.files_per_tenant)
+
+        def own(mine: int | None, default: int) -> int:
+            return default if mine is None else mine
+
+        return Tenant(token.name, own(token.max_sessions, limits.sessions_per_tenant),
+                      own(token.max_image_bytes, limits.image_bytes_per_tenant),
+                      own(token.max_file_bytes, limits.file_bytes_per_tenant),
+                      own(token.max_files, limits.files_per_tenant))
 
     def check_bind(self) -> None:
         """Without tokens anyone who can reach the port runs code: loopback only."""
@@ -137,6 +152,13 @@ def _int(value: Any, where: str, minimum: int = 0) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{where}: expected an integer of at least {minimum}")
     return value
+
+
+def _seconds(value: Any, where: str) -> float:
+    # `not > 0` refuses NaN too (TOML has nan), which no comparison would ever pass
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{where}: expected a positive number of seconds")
+    return float(value)
 
 
 def _str(value: Any, where: str) -> str:
@@ -164,7 +186,7 @@ def _token(raw: Any, where: str) -> TokenConfig:
         raise ConfigError(f"{where}: expected a table with token, name, max_concurrent_runs, "
                           "registries")
     known = ("token", "name", "max_concurrent_runs", "registries", "max_sessions",
-             "max_image_bytes")
+             "max_image_bytes", "max_file_bytes", "max_files")
     unknown = set(raw) - set(known)
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting; known: "
@@ -188,7 +210,9 @@ def _token(raw: Any, where: str) -> TokenConfig:
                        max_concurrent_runs=optional("max_concurrent_runs", 1),
                        registries=None if regs is None else tuple(regs),
                        max_sessions=optional("max_sessions", 0),
-                       max_image_bytes=optional("max_image_bytes", 0))
+                       max_image_bytes=optional("max_image_bytes", 0),
+                       max_file_bytes=optional("max_file_bytes", 0),
+                       max_files=optional("max_files", 0))
 
 
 def _public_images(raw: Mapping[str, Any]) -> PublicNames:
@@ -244,12 +268,9 @@ def _build(raw: Mapping[str, Any]) -> BuildConfig:
         raise ConfigError(f"build.{sorted(set(raw) - known)[0]}: unknown setting; known: "
                           f"{', '.join(sorted(known))}")
     default, context = BuildConfig(), ContextLimits()
-    timeout = raw.get("timeout_s", default.timeout_s)
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-        raise ConfigError("build.timeout_s: expected a positive number of seconds")
     return BuildConfig(
         policy=_str(raw.get("policy", default.policy), "build.policy"),
-        timeout_s=float(timeout),
+        timeout_s=_seconds(raw.get("timeout_s", default.timeout_s), "build.timeout_s"),
         context=ContextLimits(
             max_bytes=_int(raw.get("max_context_bytes", context.max_bytes),
                            "build.max_context_bytes", 1),
@@ -257,12 +278,24 @@ def _build(raw: Mapping[str, Any]) -> BuildConfig:
                              "build.max_context_entries", 1)))
 
 
+def _files(raw: Mapping[str, Any]) -> FileCacheConfig:
+    known = {"ttl_s", "max_file_bytes"}
+    if set(raw) - known:
+        raise ConfigError(f"files.{sorted(set(raw) - known)[0]}: unknown setting; known: "
+                          f"{', '.join(sorted(known))}")
+    default = FileCacheConfig()
+    return FileCacheConfig(
+        ttl_s=_seconds(raw.get("ttl_s", default.ttl_s), "files.ttl_s"),
+        max_file_bytes=_int(raw.get("max_file_bytes", default.max_file_bytes),
+                            "files.max_file_bytes", 1))
+
+
 def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
     unknown = set(data) - {"server", "tokens", "registries", "pools", "limits", "policies",
-                           "images", "build"}
+                           "images", "build", "files"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: server, tokens, "
-                          "registries, pools, limits, policies, images, build")
+                          "registries, pools, limits, policies, images, build, files")
     server = _table(data, "server")
     known_server = {"host", "port", "state_dir", "session_idle_s", "default_policy",
                     "shutdown_deadline_s", "allowed_hosts"}
@@ -294,10 +327,7 @@ def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
         raise ConfigError(f"port: {port} is out of range 0-65535")
 
     def seconds(key: str, default: float) -> float:
-        v = server.get(key, default)
-        if not isinstance(v, int | float) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"server.{key}: expected a positive number of seconds")
-        return float(v)
+        return _seconds(server.get(key, default), f"server.{key}")
 
     config = ServiceConfig(
         state_dir=Path(_str(state, "server.state_dir")).expanduser(),
@@ -310,6 +340,7 @@ def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
         policy_limits=_policy_limits(_table(data, "policies")),
         public_images=_public_images(_table(data, "images")),
         build=_build(_table(data, "build")),
+        files=_files(_table(data, "files")),
         allowed_hosts=_hosts(server.get("allowed_hosts", [])))
     if len({t.token for t in config.tokens}) != len(config.tokens):
         raise ConfigError("tokens: the same token appears twice")

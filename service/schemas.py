@@ -229,7 +229,7 @@ class Obj(Schema):
     name: str
     props: tuple[Prop, ...]
     not_both: tuple[tuple[str, str], ...] = ()      # at most one of each pair
-    one_of: tuple[tuple[str, str], ...] = ()        # exactly one of each pair
+    one_of: tuple[tuple[str, ...], ...] = ()        # exactly one of each group
     description: str = ""
 
     def validate(self, value: Any, path: str) -> dict[str, Any]:
@@ -251,10 +251,12 @@ class Obj(Schema):
         for a, b in self.not_both:
             if a in out and b in out:
                 raise bad_request(f"{path or 'body'}: give {a} or {b}, not both", _at(path, b))
-        for a, b in self.one_of:
-            if (a in out) == (b in out):
-                raise bad_request(f"{path or 'body'}: give exactly one of {a} and {b}",
-                                  _at(path, a))
+        for group in self.one_of:
+            given = [name for name in group if name in out]
+            if len(given) != 1:
+                raise bad_request(f"{path or 'body'}: give exactly one of {_names(group)}"
+                                  + (f"; {_names(tuple(given))} were given" if given else ""),
+                                  _at(path, given[-1] if given else group[0]))
         return out
 
     def openapi(self) -> dict[str, Any]:
@@ -266,11 +268,18 @@ class Obj(Schema):
         required = [p.name for p in self.props if p.required]
         if required:
             d["required"] = required
+        if self.one_of:
+            d["allOf"] = [{"oneOf": [{"required": [name]} for name in group]}
+                          for group in self.one_of]
         notes = [f"at most one of {a} and {b}" for a, b in self.not_both]
-        notes += [f"exactly one of {a} and {b}" for a, b in self.one_of]
+        notes += [f"exactly one of {_names(group)}" for group in self.one_of]
         if self.description or notes:
             d["description"] = " ".join([self.description, *(n + "." for n in notes)]).strip()
         return d
+
+
+def _names(names: tuple[str, ...]) -> str:
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 # Request bodies -------------------------------------------------------------------------
@@ -290,8 +299,11 @@ FILE = Obj("File", (
     Prop("path", Str(max_len=4096, min_len=1, absolute_path=True), required=True),
     Prop("content", Str(max_len=64 * MiB, allow_nul=True, description="UTF-8 text")),
     Prop("content_base64", Str(max_len=96 * MiB, description="exact bytes, base64")),
+    Prop("file_id", Str(max_len=128, min_len=1, description='a file of your file cache, '
+                        'by the id POST /v1/files gave: "sha256:" and 64 hex digits')),
     Prop("mode", Int(minimum=0, maximum=0o7777, description="permission bits; 420 = 0o644")),
-), one_of=(("content", "content_base64"),))
+), one_of=(("content", "content_base64", "file_id"),))
+MAX_COPY_OUT_PATHS = 64
 OUTPUT_ENCODING = Str(max_len=16, enum=("utf-8", "base64"),
                       description="how stdout/stderr are given: UTF-8 with invalid bytes "
                                   "replaced (default) or base64 of the exact bytes")
@@ -307,6 +319,15 @@ EXEC_PROPS = (
     Prop("files", Arr(FILE, max_items=256)),
     Prop("limits", LIMITS),
     Prop("output_encoding", OUTPUT_ENCODING),
+    Prop("copy_out", Arr(Str(max_len=4096, min_len=1, absolute_path=True),
+                         max_items=MAX_COPY_OUT_PATHS,
+                         description="regular files to return in the result's `files` once "
+                                     "the command ends, encoded as output_encoding says")),
+    Prop("copy_out_cached", Arr(Str(max_len=4096, min_len=1, absolute_path=True),
+                                max_items=MAX_COPY_OUT_PATHS,
+                                description="regular files to store in your file cache once "
+                                            "the command ends; their ids come back in the "
+                                            "result's `file_ids`")),
 )
 EXEC_BODY = Obj("ExecRequest", EXEC_PROPS, not_both=(("stdin", "stdin_base64"),))
 RUN_BODY = Obj("RunRequest", (Prop("image", REFERENCE, required=True), *EXEC_PROPS,
@@ -365,10 +386,39 @@ _FIGURES = (
     Prop("warnings", Arr(Str(max_len=1 << 16)), required=True),
     Prop("error", _N(Str(max_len=1 << 16)), required=True),
 )
+CACHED_FILE = Obj("CachedFile", (
+    Prop("id", Str(description='"sha256:" and the hex SHA-256 of the content'), required=True),
+    Prop("size", Int(), required=True),
+    Prop("created", Num(description="when you first stored it (Unix time)"), required=True),
+    Prop("last_used", Num(description="when it was last stored, read or given to a run"),
+         required=True),
+    Prop("expires", Num(description="when it goes unless used before: every use moves it"),
+         required=True)))
+CACHED_FILE_LIST = Obj("CachedFileList", (Prop("files", Arr(CACHED_FILE, max_items=1 << 20),
+                                               required=True),))
+
+
+def _by_path(values: Schema, description: str) -> Map:
+    return Map(values, key_pattern="/.*", key_hint="an absolute path", description=description)
+
+
+_COPIED = (
+    Prop("files", _by_path(Str(max_len=1 << 40, allow_nul=True),
+                           "copy_out's files, encoded as output_encoding says (only when "
+                           "copy_out was given)")),
+    Prop("file_ids", _by_path(Obj("CachedFileRef", (Prop("id", Str(), required=True),
+                                                    Prop("size", Int(), required=True))),
+                              "copy_out_cached's files as stored in your file cache (only "
+                              "when copy_out_cached was given)")),
+    Prop("file_errors", _by_path(Str(max_len=1 << 16),
+                                 "why a path of copy_out or copy_out_cached was not copied "
+                                 "(missing, not a regular file, too large, over a quota); the "
+                                 "run's verdict stands (only when either was given)")),
+)
 RUN_RESULT = Obj("RunResult", (*_FIGURES, Prop("stdout", Str(max_len=1 << 40, allow_nul=True),
                                                required=True),
                                Prop("stderr", Str(max_len=1 << 40, allow_nul=True),
-                                    required=True)))
+                                    required=True), *_COPIED))
 STREAM_EVENT = Obj("StreamEvent", (
     Prop("event", Str(enum=("stdout", "stderr", "exit", "error", "progress", "done")),
          required=True),

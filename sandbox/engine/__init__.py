@@ -1,13 +1,15 @@
 """The engine: images on first use, warm pools, sessions and runs (`Engine`), over the
 runtime. Its modules: engine (the Engine), specs (what a caller asks to run), pool (warm
 containers lent per run), sessions (containers a tenant keeps, commit), builder (Dockerfile
-builds), records (container records in the state directory, the crash sweep)."""
+builds), filecache (a tenant's files by content id), copyout (files a run leaves, brought
+back), records (container records in the state directory, the crash sweep)."""
 
 from sandbox.engine.builder import BuildRequest
-from sandbox.engine.engine import BuildConfig, Engine, EngineConfig, PolicyLimits, RunOutcome
+from sandbox.engine.engine import BuildConfig, Engine, EngineConfig, PolicyLimits
+from sandbox.engine.filecache import CachedFile
 from sandbox.engine.pool import PoolConfig
 from sandbox.engine.sessions import Session
-from sandbox.engine.specs import FileSpec, RunSpec
+from sandbox.engine.specs import CopiedOut, FileSpec, RunOutcome, RunSpec
 
-__all__ = ["BuildConfig", "BuildRequest", "Engine", "EngineConfig", "FileSpec", "PolicyLimits",
-           "PoolConfig", "RunOutcome", "RunSpec", "Session"]
+__all__ = ["BuildConfig", "BuildRequest", "CachedFile", "CopiedOut", "Engine", "EngineConfig",
+           "FileSpec", "PolicyLimits", "PoolConfig", "RunOutcome", "RunSpec", "Session"]

@@ -23,10 +23,12 @@ from typing import Any
 
 from sandbox import statedir
 from sandbox.engine.builder import Builder, BuildRequest, Emit
+from sandbox.engine.copyout import copy_out, wanted
+from sandbox.engine.filecache import FileCache, FileCacheConfig
 from sandbox.engine.pool import PoolConfig, Pools
 from sandbox.engine.records import ContainerRecords
 from sandbox.engine.sessions import Session, Sessions
-from sandbox.engine.specs import RunSpec
+from sandbox.engine.specs import NOTHING, RunOutcome, RunSpec
 from sandbox.errors import BuildFailed, NotFound, PolicyError, WrongPlatform
 from sandbox.images import (
     Image,
@@ -47,7 +49,6 @@ from sandbox.runtime.output import OutputCallback
 from sandbox.runtime.policy import Policy
 from sandbox.runtime.profiles import Limits, Profile
 from sandbox.runtime.requests import ExecRequest
-from sandbox.runtime.results import RunResult
 from sandbox.runtime.runcontrol import RunControl
 from sandbox.runtime.spawnerclient import Runtime
 from sandbox.tenants import Tenant
@@ -90,6 +91,7 @@ class EngineConfig:
     policy_limits: Mapping[str, PolicyLimits] = field(default_factory=dict)  # by profile name
     public_images: PublicNames = field(default_factory=PublicNames)  # shared by every tenant
     build: BuildConfig = field(default_factory=BuildConfig)
+    files: FileCacheConfig = field(default_factory=FileCacheConfig)  # the file cache
 
 
 def known_policies() -> list[str]:
@@ -103,11 +105,6 @@ def _set_limits(limits: Limits) -> dict[str, Any]:
     return {k: v for k, v in asdict(limits).items() if v is not None}
 
 
-@dataclass(frozen=True)
-class RunOutcome:
-    result: RunResult
-    pool_hit: bool
-    image: str                           # the image digest the run used
 
 
 class Engine:
@@ -121,8 +118,10 @@ class Engine:
         self._native = Platform(images.platform.os, images.platform.architecture)
         self.records = ContainerRecords(config.state_dir)
         self.pools = Pools(runtime, config.pools, images, self.records)
-        self.sessions = Sessions(self.pools, images, self._request)
+        self.files = FileCache(config.state_dir / "files", config.files)
+        self.sessions = Sessions(self.pools, images, self.files, self._request)
         self._reaper: asyncio.Task[None] | None = None
+        self._expiry: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, config: EngineConfig) -> Engine:
@@ -147,17 +146,29 @@ class Engine:
             log.warning("removed what %d containers of a previous instance left: %s",
                         len(swept), ", ".join(swept))
         engine._reaper = asyncio.create_task(engine.sessions.expire(config.session_idle_s))
+        engine._expiry = asyncio.create_task(engine._expire_files())
         return engine
 
+    async def _expire_files(self) -> None:
+        """Forget, every so often and for ever, cached files unused for their TTL."""
+        while True:
+            await asyncio.sleep(min(600.0, max(1.0, self.config.files.ttl_s / 4)))
+            try:
+                await asyncio.to_thread(self.files.expire)
+            except OSError as e:  # the next round tries again; a full disk is not a crash
+                log.warning("expiring cached files failed: %s", e)
+
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._expiry):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.sessions.close()
         await self.pools.close()
         await self.runtime.close()
         await self.images.close()
+        self.files.close()
 
     # images
 
@@ -251,13 +262,19 @@ class Engine:
         found = await self._image(image, tenant)
         req = self._request(found, spec, resolved)
         loan = self.pools.lend(found, resolved, tenant)
+        copied = NOTHING
         async with loan as container:
             for f in spec.files:
                 await files.put_file(container, f.path, f.content, f.mode, uid=req.uid,
                                      gid=req.gid)
+            # Files to copy out are read before the reset that would take them away.
+            keep = wanted(spec)
             result = await container.exec(req, on_output=on_output, control=control,
-                                          reset_after=True)
-        return RunOutcome(result, loan.warm, found.digest)
+                                          reset_after=not keep)
+            if keep:
+                copied = await copy_out(container, spec, tenant, self.files)
+                await container.reset()
+        return RunOutcome(result, loan.warm, found.digest, copied)
 
     # builds
 

@@ -19,8 +19,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sandbox.engine.copyout import copy_out, wanted
+from sandbox.engine.filecache import FileCache
 from sandbox.engine.pool import Pools
-from sandbox.engine.specs import RunSpec
+from sandbox.engine.specs import NOTHING, RunOutcome, RunSpec
 from sandbox.errors import Busy, CapacityError, NotFound, SandboxError
 from sandbox.images import Image, ImageService
 from sandbox.runtime import files
@@ -30,7 +32,6 @@ from sandbox.runtime.output import OutputCallback
 from sandbox.runtime.policy import Policy
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.requests import ExecRequest
-from sandbox.runtime.results import RunResult
 from sandbox.runtime.runcontrol import RunControl
 from sandbox.tenants import Tenant
 
@@ -46,11 +47,15 @@ class Session:
     container: Container
     created: float
     last_used: float
-    owner: str                           # the tenant whose session it is
+    tenant: Tenant                       # whose session it is
     limits: Limits | None = None
     busy: int = 0                        # runs and copies in under way
     # Set while a commit reads the root; what would change the root waits for it.
     committing: asyncio.Event | None = field(default=None, repr=False)
+
+    @property
+    def owner(self) -> str:
+        return self.tenant.id
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "image": self.image.digest,
@@ -76,9 +81,11 @@ class Session:
 class Sessions:
     """Every tenant's sessions, by id."""
 
-    def __init__(self, pools: Pools, images: ImageService, make_request: MakeRequest) -> None:
+    def __init__(self, pools: Pools, images: ImageService, files: FileCache,
+                 make_request: MakeRequest) -> None:
         self.pools = pools
         self.images = images
+        self.files = files
         self._make_request = make_request
         self._by_id: dict[str, Session] = {}
         self._opening: Counter[str] = Counter()   # sessions being created, per tenant
@@ -103,7 +110,7 @@ class Sessions:
             self._opening[tenant.id] -= 1
         now = time.time()
         sid = secrets.token_hex(8)
-        session = Session(sid, image, policy, container, now, now, tenant.id, limits)
+        session = Session(sid, image, policy, container, now, now, tenant, limits)
         self.images.lease(image.digest, f"session-{sid}")
         self._by_id[sid] = session
         return session
@@ -120,16 +127,20 @@ class Sessions:
         return [s for s in self._by_id.values() if owner is None or s.owner == owner]
 
     async def exec(self, sid: str, spec: RunSpec, *, on_output: OutputCallback | None = None,
-                   control: RunControl | None = None, owner: str | None = None) -> RunResult:
+                   control: RunControl | None = None, owner: str | None = None) -> RunOutcome:
         s = self.get(sid, owner)
         if spec.limits is None and s.limits is not None:
             spec = replace(spec, limits=s.limits)
         req = self._make_request(s.image, spec, s.policy)
+        copied = NOTHING
         async with s.changing():
             for f in spec.files:
                 await files.put_file(s.container, f.path, f.content, f.mode, uid=req.uid,
                                      gid=req.gid)
-            return await s.container.exec(req, on_output=on_output, control=control)
+            result = await s.container.exec(req, on_output=on_output, control=control)
+            if wanted(spec):
+                copied = await copy_out(s.container, spec, s.tenant, self.files)
+        return RunOutcome(result, False, s.image.digest, copied)
 
     async def put_file(self, sid: str, path: str, content: bytes, mode: int = 0o644, *,
                        owner: str | None = None) -> None:

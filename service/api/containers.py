@@ -17,7 +17,7 @@ from sandbox import (
     Limits,
     OutputCallback,
     RunControl,
-    RunResult,
+    RunOutcome,
     RunSpec,
     SandboxError,
 )
@@ -94,15 +94,15 @@ def _exec_job(request: web.Request, body: dict[str, Any]) -> Job:
     eng = engine(request)
     sid = request.match_info["id"]
     owner = _owner(request)
-    session = eng.sessions.get(sid, owner)  # 404 before anything starts
-    spec, encoding = exec_spec(body, state(request).config.limits)
+    eng.sessions.get(sid, owner)  # 404 before anything starts
+    spec, encoding = exec_spec(request, body)
 
-    async def start(job: Job, spec: RunSpec, on_output: OutputCallback | None,
-                    control: RunControl | None) -> RunResult:
+    async def start(spec: RunSpec, on_output: OutputCallback | None,
+                    control: RunControl | None) -> RunOutcome:
         return await eng.sessions.exec(sid, spec, on_output=on_output, control=control,
                                        owner=owner)
 
-    return Job(start, spec, encoding, image=session.image.digest)
+    return Job(start, spec, encoding)
 
 
 async def exec_(request: web.Request) -> web.StreamResponse:

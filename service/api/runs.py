@@ -15,10 +15,19 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from sandbox import FileSpec, Limits, OutputCallback, RunControl, RunResult, RunSpec
+from sandbox import (
+    CopiedOut,
+    FileSpec,
+    Limits,
+    OutputCallback,
+    RunControl,
+    RunOutcome,
+    RunResult,
+    RunSpec,
+)
 from service.api import State, engine, json_response, parse_json, platform_of, read_json, state
+from service.api.files import about
 from service.auth import principal
-from service.config import ServiceLimits
 from service.errors import ApiError, bad_request, blame, to_api_error
 from service.metrics import PullWatcher
 from service.schemas import (
@@ -40,22 +49,48 @@ def _b64(text: str, field: str) -> bytes:
         raise bad_request(f"{field}: not valid base64", field) from None
 
 
-def exec_spec(body: dict[str, Any], caps: ServiceLimits) -> tuple[RunSpec, str]:
-    """A validated run body as the engine's RunSpec, and the output encoding asked for."""
+def _files(request: web.Request, body: dict[str, Any]) -> tuple[FileSpec, ...]:
+    """The body's files with their contents: given inline, or read from the caller's file
+    cache. `limits.files_bytes` bounds them together (what one request holds in memory)."""
+    caps = state(request).config.limits
     files = []
     total = 0
     if len(body.get("files", ())) > caps.files_count:
         raise bad_request(f"files: more than {caps.files_count} files (limits.files_count)",
                           "files")
     for i, f in enumerate(body.get("files", ())):
-        content = (f["content"].encode() if "content" in f
-                   else _b64(f["content_base64"], f"files[{i}].content_base64"))
+        if "file_id" in f:
+            content = _cached(request, f["file_id"], f"files[{i}].file_id",
+                              caps.files_bytes - total)
+        elif "content" in f:
+            content = f["content"].encode()
+        else:
+            content = _b64(f["content_base64"], f"files[{i}].content_base64")
         total += len(content)
         if total > caps.files_bytes:
             raise bad_request(f"files: over {caps.files_bytes} bytes in all "
                               "(limits.files_bytes); copy large files in with PUT "
                               "/v1/containers/{id}/files", f"files[{i}]")
         files.append(FileSpec(f["path"], content, f.get("mode", 0o644)))
+    return tuple(files)
+
+
+def _cached(request: web.Request, file_id: str, field: str, room: int) -> bytes:
+    """A file of the caller's cache, checked against the room left before it is read."""
+    files = engine(request).files
+    tenant = principal(request).tenant
+    with about(field):
+        size = files.get(tenant, file_id).size
+        if size > room:
+            cap = state(request).config.limits.files_bytes
+            raise bad_request(f"{field}: this cached file ({size} bytes) takes the run's "
+                              f"files over {cap} bytes in all (limits.files_bytes); give "
+                              "fewer or smaller files, or ask the operator to raise it", field)
+        return files.read(tenant, file_id)
+
+
+def exec_spec(request: web.Request, body: dict[str, Any]) -> tuple[RunSpec, str]:
+    """A validated run body as the engine's RunSpec, and the output encoding asked for."""
     if "stdin" in body:
         stdin: bytes | None = body["stdin"].encode()
     elif "stdin_base64" in body:
@@ -66,39 +101,53 @@ def exec_spec(body: dict[str, Any], caps: ServiceLimits) -> tuple[RunSpec, str]:
     if "limits" in body:
         with blame("limits"):
             limits = Limits.from_dict(body["limits"], "limits")
+    # Each path once, in the order given: the result holds them by path.
     spec = RunSpec(cmd=body.get("cmd"), env=body.get("env"), cwd=body.get("cwd"), stdin=stdin,
-                   files=tuple(files), limits=limits, user=body.get("user"))
+                   files=_files(request, body), limits=limits, user=body.get("user"),
+                   copy_out=tuple(dict.fromkeys(body.get("copy_out", ()))),
+                   copy_out_cached=tuple(dict.fromkeys(body.get("copy_out_cached", ()))))
     return spec, body.get("output_encoding", "utf-8")
 
 
-def result_json(result: RunResult, image: str, pool_hit: bool,
-                enc: OutputEncoder | None) -> dict[str, Any]:
-    """The API's result; without stdout and stderr when `enc` is None (the exit event)."""
+def result_json(outcome: RunOutcome, spec: RunSpec, enc: OutputEncoder,
+                output: bool = True) -> dict[str, Any]:
+    """The API's result; without stdout and stderr when not `output` (the exit event)."""
+    result = outcome.result
     out: dict[str, Any] = {
         "id": result.id, "status": str(result.status), "exit_code": result.exit_code,
         "signal": result.signal, "stdout_truncated": result.stdout_truncated,
         "stderr_truncated": result.stderr_truncated, "cpu_ms": result.cpu_ms,
         "user_ms": result.user_ms, "sys_ms": result.sys_ms, "wall_ms": result.wall_ms,
         "memory_peak_bytes": result.memory_peak_bytes, "setup_ms": result.setup_ms,
-        "measured_by": result.measured_by, "image": image, "pool_hit": pool_hit,
-        "warnings": list(result.warnings), "error": result.error}
-    if enc is not None:
+        "measured_by": result.measured_by, "image": outcome.image,
+        "pool_hit": outcome.pool_hit, "warnings": list(result.warnings), "error": result.error}
+    if output:
         out["stdout"] = enc.whole(result.stdout)
         out["stderr"] = enc.whole(result.stderr)
+    return out | _copied_json(outcome.copied, spec, enc)
+
+
+def _copied_json(copied: CopiedOut, spec: RunSpec, enc: OutputEncoder) -> dict[str, Any]:
+    """copy_out's and copy_out_cached's results, each only when the run asked for it."""
+    out: dict[str, Any] = {}
+    if spec.copy_out:
+        out["files"] = {path: enc.whole(data) for path, data in copied.files.items()}
+    if spec.copy_out_cached:
+        out["file_ids"] = {path: {"id": f.id, "size": f.size}
+                           for path, f in copied.cached.items()}
+    if spec.copy_out or spec.copy_out_cached:
+        out["file_errors"] = dict(copied.errors)
     return out
 
 
 @dataclass
 class Job:
     """One run to make: `start` runs it to its end (signalled through the RunControl, when
-    one is given). `image` and `pool_hit` are filled in as they become known."""
+    one is given)."""
 
-    start: Callable[[Job, RunSpec, OutputCallback | None, RunControl | None],
-                    Awaitable[RunResult]]
+    start: Callable[[RunSpec, OutputCallback | None, RunControl | None], Awaitable[RunOutcome]]
     spec: RunSpec
     encoding: str
-    image: str = ""
-    pool_hit: bool = False
 
 
 def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
@@ -110,34 +159,31 @@ def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
     if "policy" in body:
         with blame("policy"):
             policy = eng.policy(body["policy"])
-    spec, encoding = exec_spec(body, st.config.limits)
+    spec, encoding = exec_spec(request, body)
     platform = platform_of(body)
 
-    async def start(job: Job, spec: RunSpec, on_output: OutputCallback | None,
-                    control: RunControl | None) -> RunResult:
+    async def start(spec: RunSpec, on_output: OutputCallback | None,
+                    control: RunControl | None) -> RunOutcome:
         watcher = PullWatcher(st.metrics)
         with blame("image"):
             image = await eng.image(body["image"], tenant=who.tenant, platform=platform,
                                     on_progress=watcher)
         watcher.finish()
-        job.image = image.digest
-        outcome = await eng.run(image, spec, tenant=who.tenant, policy=policy,
-                                network=body.get("network"), on_output=on_output,
-                                control=control)
-        job.pool_hit = outcome.pool_hit
-        return outcome.result
+        return await eng.run(image, spec, tenant=who.tenant, policy=policy,
+                             network=body.get("network"), on_output=on_output,
+                             control=control)
 
     return Job(start, spec, encoding)
 
 
 async def _finish(st: State, pump: Pump, enc: OutputEncoder, job: Job,
-                  result: RunResult) -> None:
+                  outcome: RunOutcome) -> None:
     """The end of a streamed run: output still held back by the decoder, then the exit."""
-    _observe(st, result)
+    _observe(st, outcome.result)
     for name in ("stdout", "stderr"):
         if tail := enc.tail(name):
             pump.put(name, {"data": tail})
-    pump.put("exit", result_json(result, job.image, job.pool_hit, None))
+    pump.put("exit", result_json(outcome, job.spec, enc, output=False))
     await pump.drain()
 
 
@@ -153,18 +199,17 @@ async def execute(request: web.Request, job: Job) -> web.StreamResponse:
     kind = stream_kind(request)
     if kind is None:
         async with st.admission.slot(principal(request)):
-            result = await job.start(job, job.spec, None, None)
-        _observe(st, result)
-        return json_response(result_json(result, job.image, job.pool_hit,
-                                         OutputEncoder(job.encoding)))
+            outcome = await job.start(job.spec, None, None)
+        _observe(st, outcome.result)
+        return json_response(result_json(outcome, job.spec, OutputEncoder(job.encoding)))
     stream = EventStream(request, kind)
     enc = OutputEncoder(job.encoding)
     async with st.admission.slot(principal(request)):
         pump = Pump(stream.send, lambda: task.cancel())
-        task: asyncio.Task[RunResult] = asyncio.ensure_future(
-            job.start(job, job.spec, pump.output(enc), None))
+        task: asyncio.Task[RunOutcome] = asyncio.ensure_future(
+            job.start(job.spec, pump.output(enc), None))
         try:
-            result = await task
+            outcome = await task
         except asyncio.CancelledError:
             await pump.cancel()
             if pump.broken:  # the client went away; the run was killed with its task
@@ -176,7 +221,7 @@ async def execute(request: web.Request, job: Job) -> web.StreamResponse:
                 raise  # nothing sent yet: an ordinary JSON error response
             await _send_quietly(stream, "error", to_api_error(e).body())
             return await stream.close()
-    await _finish(st, pump, enc, job, result)
+    await _finish(st, pump, enc, job, outcome)
     return await stream.close()
 
 
@@ -292,11 +337,11 @@ async def _interactive(request: web.Request, ws: web.WebSocketResponse,
         control = RunControl()
         async with st.admission.slot(principal(request)):
             pump = Pump(send, lambda: task.cancel())
-            task: asyncio.Task[RunResult] = asyncio.ensure_future(
-                job.start(job, spec, pump.output(enc), control))
+            task: asyncio.Task[RunOutcome] = asyncio.ensure_future(
+                job.start(spec, pump.output(enc), control))
             await _feed(ws, task, stdin, control)
             try:
-                result = await task
+                outcome = await task
             except asyncio.CancelledError:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
@@ -306,12 +351,12 @@ async def _interactive(request: web.Request, ws: web.WebSocketResponse,
             except Exception:
                 await pump.drain()
                 raise
-        await _finish(st, pump, enc, job, result)
+        await _finish(st, pump, enc, job, outcome)
     finally:
         stdin.release()
 
 
-async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunResult], stdin: _Stdin,
+async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunOutcome], stdin: _Stdin,
                 control: RunControl) -> None:
     """Relay the client's messages (stdin, signals) until the run ends."""
     receive: asyncio.Task[Any] | None = None
@@ -364,7 +409,8 @@ async def ws_run(request: web.Request) -> web.StreamResponse:
 
 _ERRORS = (Reply(400, "bad input; `field` names the culprit", ERROR),
            Reply(401, "no or wrong token", ERROR), Reply(403, "registry not allowed", ERROR),
-           Reply(404, "unknown image", ERROR), Reply(429, "over capacity", ERROR),
+           Reply(404, "unknown image, or no such file in your file cache", ERROR),
+           Reply(429, "over capacity", ERROR),
            Reply(502, "registry failed", ERROR))
 RUN_REPLIES = (Reply(200, "the result, or its events with Accept: application/x-ndjson or "
                      "text/event-stream", RUN_RESULT, streams=(NDJSON, SSE)), *_ERRORS)

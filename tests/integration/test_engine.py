@@ -159,7 +159,7 @@ def test_sessions_exec_many_times_and_expire(tmp_path: Path, images: Any) -> Non
     try:
         s = r.run(r.engine.create_session(images.oci, policy="default", tenant=T))
         r.run(r.engine.sessions.exec(s.id, sh("echo kept > /tmp/f")))
-        out = r.run(r.engine.sessions.exec(s.id, sh("cat /tmp/f")))
+        out = r.run(r.engine.sessions.exec(s.id, sh("cat /tmp/f"))).result
         assert out.stdout == b"kept\n"
         assert [x.describe()["id"] for x in r.engine.sessions.list()] == [s.id]
         r.run(asyncio.sleep(3.5))
@@ -168,7 +168,7 @@ def test_sessions_exec_many_times_and_expire(tmp_path: Path, images: Any) -> Non
         assert not s.container.alive
         # A run longer than the idle time keeps its session: it is in use, not idle.
         s = r.run(r.engine.create_session(images.oci, policy="default", tenant=T))
-        out = r.run(r.engine.sessions.exec(s.id, sh("sleep 3.5; echo still here")))
+        out = r.run(r.engine.sessions.exec(s.id, sh("sleep 3.5; echo still here"))).result
         assert (out.status, out.stdout) == (Status.OK, b"still here\n")
         assert r.engine.sessions.get(s.id) is s
     finally:
@@ -179,7 +179,7 @@ def test_a_session_keeps_its_image_from_gc(eng: Running, images: Any) -> None:
     s = eng.run(eng.engine.create_session(images.shared_a, policy="judge", tenant=T))
     eng.engine.images.remove(images.shared_a, force=True, tenant=T)
     eng.engine.images.gc(budget_bytes=0, tenant=T)
-    out = eng.run(eng.engine.sessions.exec(s.id, sh("echo alive")))
+    out = eng.run(eng.engine.sessions.exec(s.id, sh("echo alive"))).result
     assert out.stdout == b"alive\n"
     eng.run(eng.engine.sessions.delete(s.id))
 
@@ -188,7 +188,7 @@ def test_session_files_in_and_out(eng: Running, images: Any) -> None:
     s = eng.run(eng.engine.create_session(images.oci, policy="judge", tenant=T))
     eng.run(eng.engine.sessions.put_file(s.id, "/tmp/job/input.txt", b"3 4\n"))
     out = eng.run(eng.engine.sessions.exec(s.id, sh("read a b < /tmp/job/input.txt; "
-                                           "echo $((a*b)) > /tmp/job/out.txt")))
+                                           "echo $((a*b)) > /tmp/job/out.txt"))).result
     assert out.status == Status.OK, out
 
     async def read(path: str) -> tuple[str, bytes]:

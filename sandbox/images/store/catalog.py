@@ -131,7 +131,7 @@ def _busy(e: BaseException) -> bool:
 # makes SQLite answer "database is locked" at once, without waiting out the busy timeout.
 @retry(retry=retry_if_exception(_busy), wait=wait_exponential(multiplier=0.005, max=0.2),
        stop=stop_after_delay(30), reraise=True)
-def _use_wal(db: sqlite3.Connection) -> None:
+def use_wal(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA journal_mode=WAL")
 
 
@@ -173,7 +173,7 @@ class Catalog:
                                    check_same_thread=False)
         self._lock = threading.RLock()
         self.generation = 0  # bumped by every change to images or names made here
-        _use_wal(self._db)
+        use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         _migrate(self._db)
