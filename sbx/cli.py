@@ -32,7 +32,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterable, Callable, Iterator
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -630,17 +630,23 @@ async def _ps(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _rm(client: Client, args: argparse.Namespace) -> int:
+async def _each(ids: list[str], act: Callable[[str], Awaitable[object]]) -> int:
+    """`act` on every id, each printed once done; one that fails is told on stderr, and the
+    rest still go (as `docker rm A B` does)."""
     failed = False
-    for container_id in args.containers:
+    for one in ids:
         try:
-            await client.delete_container(container_id)
+            await act(one)
         except ApiError as e:
-            print(f"sbx: {container_id}: {e}", file=sys.stderr)
+            print(f"sbx: {one}: {e}", file=sys.stderr)
             failed = True
         else:
-            print(container_id)
+            print(one)
     return FAILED if failed else 0
+
+
+async def _rm(client: Client, args: argparse.Namespace) -> int:
+    return await _each(args.containers, client.delete_container)
 
 
 # Copying
@@ -1100,16 +1106,7 @@ async def _file_get(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _file_rm(client: Client, args: argparse.Namespace) -> int:
-    failed = False
-    for file_id in args.file_ids:
-        try:
-            await client.delete_cached_file(file_id)
-        except ApiError as e:
-            print(f"sbx: {file_id}: {e}", file=sys.stderr)
-            failed = True
-        else:
-            print(file_id)
-    return FAILED if failed else 0
+    return await _each(args.file_ids, client.delete_cached_file)
 
 
 FILE_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {

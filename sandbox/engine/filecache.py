@@ -38,14 +38,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from sandbox.errors import CapacityError, NotFound, PolicyError, QuotaExceeded
 from sandbox.images import digests
-from sandbox.images.store.catalog import use_wal
+from sandbox.images.store.catalog import transaction, use_wal
 from sandbox.images.store.locks import remove_stale, temp_name
 from sandbox.tenants import Tenant
 
@@ -197,16 +197,8 @@ class FileCache:
         with self._lock:
             self._db.close()
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db, self._lock)
 
     def _rows(self, sql: str, args: tuple[object, ...]) -> list[tuple[Any, ...]]:
         with self._lock:

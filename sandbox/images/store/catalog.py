@@ -135,6 +135,21 @@ def use_wal(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA journal_mode=WAL")
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection,
+                lock: contextlib.AbstractContextManager[object]) -> Iterator[sqlite3.Connection]:
+    """A write transaction taken at once (BEGIN IMMEDIATE: no upgrade from a read that
+    another writer could deadlock), under `lock`, rolled back on any error."""
+    with lock:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
 _VERSION = 1
 
 
@@ -193,16 +208,8 @@ class Catalog:
         with self._lock:
             return self._db.execute(sql, args).rowcount
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db, self._lock)
 
     # images
 
