@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.engine import RunOutcome as RunOutcome
     from sandbox.engine import RunSpec as RunSpec
     from sandbox.engine.filecache import FileCacheConfig as FileCacheConfig
+    from sandbox.errors import AtQuota as AtQuota
     from sandbox.errors import AuthError as AuthError
     from sandbox.errors import BuildFailed as BuildFailed
     from sandbox.errors import Busy as Busy
@@ -78,6 +79,7 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
 # above say the same to type checkers, and tests/unit/test_layering.py that they agree.
 _HOMES = {
     "ALLOWED_SIGNALS": "sandbox.runtime.runcontrol",
+    "AtQuota": "sandbox.errors",
     "AuthError": "sandbox.errors",
     "BuildConfig": "sandbox.engine",
     "BuildFailed": "sandbox.errors",

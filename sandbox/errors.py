@@ -70,6 +70,11 @@ class CapacityError(SandboxError):
     """The engine is at its configured container cap; retry shortly."""
 
 
+class AtQuota(CapacityError):
+    """The tenant holds as many of something as its quota allows (max_sessions, max_files):
+    waiting does not help, deleting some does."""
+
+
 class Forbidden(SandboxError):
     """The caller may not do this (e.g. change a name the operator shares with everyone)."""
 

@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from sandbox import (
+    AtQuota,
     AuthError,
     Busy,
     CapacityError,
@@ -108,6 +109,8 @@ def from_sandbox(exc: SandboxError, field: str | None = None) -> ApiError:
         return ApiError(500, "runtime_error", f"the sandbox runtime failed: {msg}")
     if isinstance(exc, ValueError):  # configuration errors (e.g. registries) from a request
         return ApiError(400, "invalid_request", msg, _field_of(msg, field))
+    if isinstance(exc, AtQuota):  # no Retry-After: the count drops only when it deletes
+        return ApiError(429, "quota_exceeded", msg, field)
     if isinstance(exc, CapacityError):
         return ApiError(429, "over_capacity", msg, headers={"Retry-After": "1"})
     return ApiError(500, "sandbox_error", msg)

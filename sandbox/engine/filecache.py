@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from sandbox.errors import CapacityError, NotFound, PolicyError, QuotaExceeded
+from sandbox.errors import AtQuota, NotFound, PolicyError, QuotaExceeded
 from sandbox.images import digests
 from sandbox.images.store.catalog import transaction, use_wal
 from sandbox.images.store.locks import remove_stale, temp_name
@@ -317,7 +317,7 @@ class FileCache:
         what_to_do = ("delete files you no longer need (DELETE /v1/files/{id}) or let them "
                       f"expire (unused for {self.config.ttl_s:g} s), then retry")
         if too_many:
-            raise CapacityError(f"you have {count} stored files, your maximum (max_files): "
+            raise AtQuota(f"you have {count} stored files, your maximum (max_files): "
                                 + what_to_do)
         if too_big:
             raise QuotaExceeded(f"this file would bring your stored files to {used + size} "

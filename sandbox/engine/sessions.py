@@ -23,7 +23,7 @@ from sandbox.engine.copyout import copy_out, wanted
 from sandbox.engine.filecache import FileCache
 from sandbox.engine.pool import Pools
 from sandbox.engine.specs import NOTHING, RunOutcome, RunSpec
-from sandbox.errors import Busy, CapacityError, NotFound, SandboxError
+from sandbox.errors import AtQuota, Busy, NotFound, SandboxError
 from sandbox.images import Image, ImageService
 from sandbox.runtime import files
 from sandbox.runtime.container import Container
@@ -100,7 +100,7 @@ class Sessions:
         cap = tenant.max_sessions
         held = len(self.list(tenant.id)) + self._opening[tenant.id]
         if cap is not None and held >= cap:
-            raise CapacityError(f"you have {held} sessions, your maximum (max_sessions): "
+            raise AtQuota(f"you have {held} sessions, your maximum (max_sessions): "
                                 "delete one (DELETE /v1/containers/{id}) or let idle ones "
                                 "expire, then retry")
         self._opening[tenant.id] += 1

@@ -215,7 +215,9 @@ def test_quotas_are_per_tenant(quota_service: Service, images: Any) -> None:
             first = (await r.json())["id"]
         async with s.post("/v1/containers", json={"image": images.oci}, headers=quota) as r:
             assert r.status == 429, await r.text()
-            assert "max_sessions" in (await r.json())["error"]["message"]
+            err = (await r.json())["error"]
+            assert err["code"] == "quota_exceeded" and "max_sessions" in err["message"]
+            assert "Retry-After" not in r.headers
         async with s.post("/v1/containers", json={"image": images.oci}, headers=other) as r:
             assert r.status == 201, await r.text()
             others = (await r.json())["id"]
