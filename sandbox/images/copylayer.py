@@ -18,7 +18,7 @@ from __future__ import annotations
 import posixpath
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -28,6 +28,7 @@ from sandbox.images.store.merged import MergedTree
 
 CHUNK = 1 << 20
 _END = b"\0" * 1024
+Opener = Callable[[], BinaryIO]
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,9 @@ class _Placed:
 
 
 def plan_copy(selected: Sequence[Selected], target: CopyTarget, tree: MergedTree,
-              archives: Sequence[bool] = ()) -> tuple[list[_Placed], list[tuple[str, BinaryIO]]]:
-    """Where each source entry lands (and, for ADD, which archives unpack where)."""
+              archives: Sequence[bool] = ()) -> tuple[list[_Placed], list[tuple[str, Opener]]]:
+    """Where each source entry lands (and, for ADD, which archives unpack where: opened
+    only when their turn comes, so nothing is left open when the copy stops early)."""
     multiple = len(selected) > 1
     as_dir = target.dest.endswith("/") or target.dest.endswith("/.")
     if multiple and not as_dir:
@@ -58,12 +60,12 @@ def plan_copy(selected: Sequence[Selected], target: CopyTarget, tree: MergedTree
     dest = found.path if found is not None else posixpath.normpath("/" + target.dest)
     dest_is_dir = as_dir or (found is not None and found.kind == "dir")
     placed: list[_Placed] = []
-    unpack: list[tuple[str, BinaryIO]] = []
+    unpack: list[tuple[str, Opener]] = []
     for i, sel in enumerate(selected):
         if i < len(archives) and archives[i]:
             opener = sel.files[0].open
             assert opener is not None
-            unpack.append((dest, opener()))
+            unpack.append((dest, opener))
             continue
         if sel.kind == "dir":
             base = dest
@@ -98,8 +100,8 @@ def copy_tar(selected: Sequence[Selected], target: CopyTarget, tree: MergedTree,
         else:
             out.written.add(path)
             yield from _entry(path, p.source, target)
-    for dest, stream in unpack:
-        with stream:
+    for dest, opener in unpack:
+        with opener() as stream:
             yield from _unpack(dest.lstrip("/"), stream, target, out.written)
     yield _END
 

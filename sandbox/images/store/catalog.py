@@ -309,13 +309,9 @@ class Catalog:
 
     def cache_get(self, tenant: str, key: str) -> str | None:
         """The image the tenant's step `key` made, if cached (its use is recorded)."""
-        rows = self._rows("SELECT image FROM build_cache WHERE tenant=? AND key=?",
-                          (tenant, key))
-        if not rows:
-            return None
-        self._write("UPDATE build_cache SET last_used=? WHERE tenant=? AND key=?",
-                    (time.time(), tenant, key))
-        return str(rows[0][0])
+        rows = self._rows("UPDATE build_cache SET last_used=? WHERE tenant=? AND key=? "
+                          "RETURNING image", (time.time(), tenant, key))
+        return str(rows[0][0]) if rows else None
 
     def cache_clear(self, tenant: str) -> int:
         """Forget the tenant's build cache; the number of steps forgotten."""
