@@ -42,7 +42,11 @@ def state(request: web.Request) -> State:
 
 
 def engine(request: web.Request) -> Engine:
-    st = state(request)
+    return ready(state(request))
+
+
+def ready(st: State) -> Engine:
+    """The engine, or the 503 that says why there is none to serve with."""
     if st.stopping:
         raise ApiError(503, "unavailable", "sandboxd is shutting down; retry after it restarts",
                        headers={"Retry-After": "5"})

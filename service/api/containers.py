@@ -23,7 +23,7 @@ from sandbox import (
 )
 from service.api import engine, json_response, platform_of, read_json, state
 from service.api.images import image_json
-from service.api.runs import RUN_REPLIES, WS_REPLY, Job, exec_spec, execute, websocket
+from service.api.runs import RUN_REPLIES, WS_REPLY, PreparedRun, exec_spec, execute, websocket
 from service.auth import principal
 from service.errors import ApiError, bad_request, blame, from_sandbox, too_large
 from service.schemas import (
@@ -90,19 +90,19 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _exec_job(request: web.Request, body: dict[str, Any]) -> Job:
+def _exec_job(request: web.Request, body: dict[str, Any]) -> PreparedRun:
     eng = engine(request)
     sid = request.match_info["id"]
     owner = _owner(request)
     eng.sessions.get(sid, owner)  # 404 before anything starts
-    spec, encoding = exec_spec(request, body)
+    spec, encoding = exec_spec(state(request), principal(request), body)
 
     async def start(spec: RunSpec, on_output: OutputCallback | None,
                     control: RunControl | None) -> RunOutcome:
         return await eng.sessions.exec(sid, spec, on_output=on_output, control=control,
                                        owner=owner)
 
-    return Job(start, spec, encoding)
+    return PreparedRun(start, spec, encoding)
 
 
 async def exec_(request: web.Request) -> web.StreamResponse:

@@ -25,9 +25,18 @@ from sandbox import (
     RunResult,
     RunSpec,
 )
-from service.api import State, engine, json_response, parse_json, platform_of, read_json, state
+from service.api import (
+    State,
+    engine,
+    json_response,
+    parse_json,
+    platform_of,
+    read_json,
+    ready,
+    state,
+)
 from service.api.files import about
-from service.auth import principal
+from service.auth import Principal, principal
 from service.errors import ApiError, bad_request, blame, to_api_error
 from service.metrics import PullWatcher
 from service.schemas import (
@@ -49,10 +58,10 @@ def _b64(text: str, field: str) -> bytes:
         raise bad_request(f"{field}: not valid base64", field) from None
 
 
-def _files(request: web.Request, body: dict[str, Any]) -> tuple[FileSpec, ...]:
+def _files(st: State, who: Principal, body: dict[str, Any]) -> tuple[FileSpec, ...]:
     """The body's files with their contents: given inline, or read from the caller's file
     cache. `limits.files_bytes` bounds them together (what one request holds in memory)."""
-    caps = state(request).config.limits
+    caps = st.config.limits
     files = []
     total = 0
     if len(body.get("files", ())) > caps.files_count:
@@ -60,7 +69,7 @@ def _files(request: web.Request, body: dict[str, Any]) -> tuple[FileSpec, ...]:
                           "files")
     for i, f in enumerate(body.get("files", ())):
         if "file_id" in f:
-            content = _cached(request, f["file_id"], f"files[{i}].file_id",
+            content = _cached(st, who, f["file_id"], f"files[{i}].file_id",
                               caps.files_bytes - total)
         elif "content" in f:
             content = f["content"].encode()
@@ -75,21 +84,21 @@ def _files(request: web.Request, body: dict[str, Any]) -> tuple[FileSpec, ...]:
     return tuple(files)
 
 
-def _cached(request: web.Request, file_id: str, field: str, room: int) -> bytes:
+def _cached(st: State, who: Principal, file_id: str, field: str, room: int) -> bytes:
     """A file of the caller's cache, checked against the room left before it is read."""
     with about(field):  # one lookup (and one use recorded) per file
-        f = engine(request).files.open(principal(request).tenant, file_id)
+        f = ready(st).files.open(who.tenant, file_id)
     with f:
         size = os.fstat(f.fileno()).st_size
         if size > room:
-            cap = state(request).config.limits.files_bytes
+            cap = st.config.limits.files_bytes
             raise bad_request(f"{field}: this cached file ({size} bytes) takes the run's "
                               f"files over {cap} bytes in all (limits.files_bytes); give "
                               "fewer or smaller files, or ask the operator to raise it", field)
         return f.read()
 
 
-def exec_spec(request: web.Request, body: dict[str, Any]) -> tuple[RunSpec, str]:
+def exec_spec(st: State, who: Principal, body: dict[str, Any]) -> tuple[RunSpec, str]:
     """A validated run body as the engine's RunSpec, and the output encoding asked for."""
     if "stdin" in body:
         stdin: bytes | None = body["stdin"].encode()
@@ -103,7 +112,7 @@ def exec_spec(request: web.Request, body: dict[str, Any]) -> tuple[RunSpec, str]
             limits = Limits.from_dict(body["limits"], "limits")
     # Each path once, in the order given: the result holds them by path.
     spec = RunSpec(cmd=body.get("cmd"), env=body.get("env"), cwd=body.get("cwd"), stdin=stdin,
-                   files=_files(request, body), limits=limits, user=body.get("user"),
+                   files=_files(st, who, body), limits=limits, user=body.get("user"),
                    copy_out=tuple(dict.fromkeys(body.get("copy_out", ()))),
                    copy_out_cached=tuple(dict.fromkeys(body.get("copy_out_cached", ()))))
     return spec, body.get("output_encoding", "utf-8")
@@ -141,7 +150,7 @@ def _copied_json(copied: CopiedOut, spec: RunSpec, enc: OutputEncoder) -> dict[s
 
 
 @dataclass
-class Job:
+class PreparedRun:
     """One run to make: `start` runs it to its end (signalled through the RunControl, when
     one is given)."""
 
@@ -150,16 +159,21 @@ class Job:
     encoding: str
 
 
-def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
-    st = state(request)
-    eng = engine(request)
-    who = principal(request)
+def one_shot(request: web.Request, body: dict[str, Any]) -> PreparedRun:
+    return prepare_run(state(request), principal(request), body)
+
+
+def prepare_run(st: State, who: Principal, body: dict[str, Any]) -> PreparedRun:
+    """A validated run body (RUN_BODY) as a PreparedRun of `who`'s: checked (image allowed, policy,
+    limits, files read from the cache) before anything runs. Needs no request: batches
+    and jobs prepare their runs with it too."""
+    eng = ready(st)
     who.allow_image(body["image"], "image")
     policy = None
     if "policy" in body:
         with blame("policy"):
             policy = eng.policy(body["policy"])
-    spec, encoding = exec_spec(request, body)
+    spec, encoding = exec_spec(st, who, body)
     platform = platform_of(body)
 
     async def start(spec: RunSpec, on_output: OutputCallback | None,
@@ -173,10 +187,10 @@ def one_shot(request: web.Request, body: dict[str, Any]) -> Job:
                              network=body.get("network"), on_output=on_output,
                              control=control)
 
-    return Job(start, spec, encoding)
+    return PreparedRun(start, spec, encoding)
 
 
-async def _finish(st: State, pump: Pump, enc: OutputEncoder, job: Job,
+async def _finish(st: State, pump: Pump, enc: OutputEncoder, job: PreparedRun,
                   outcome: RunOutcome) -> None:
     """The end of a streamed run: output still held back by the decoder, then the exit."""
     _observe(st, outcome.result)
@@ -191,17 +205,23 @@ def _observe(st: State, result: RunResult) -> None:
     st.metrics.observe_run(str(result.status), result.setup_ms, result.wall_ms)
 
 
-async def execute(request: web.Request, job: Job) -> web.StreamResponse:
+async def run_result(st: State, who: Principal, job: PreparedRun) -> dict[str, Any]:
+    """Run `job` in one of `who`'s admission slots, to its result as the API gives it. The
+    slot is given back before the result is returned."""
+    async with st.admission.slot(who):
+        outcome = await job.start(job.spec, None, None)
+    _observe(st, outcome.result)
+    return result_json(outcome, job.spec, OutputEncoder(job.encoding))
+
+
+async def execute(request: web.Request, job: PreparedRun) -> web.StreamResponse:
     """Run `job` and answer with its result as JSON, or stream it as NDJSON or SSE. The
     run's admission slot is given back before the answer ends, so a client may start its
     next run as soon as it has read this one's result."""
     st = state(request)
     kind = stream_kind(request)
     if kind is None:
-        async with st.admission.slot(principal(request)):
-            outcome = await job.start(job.spec, None, None)
-        _observe(st, outcome.result)
-        return json_response(result_json(outcome, job.spec, OutputEncoder(job.encoding)))
+        return json_response(await run_result(st, principal(request), job))
     stream = EventStream(request, kind)
     enc = OutputEncoder(job.encoding)
     async with st.admission.slot(principal(request)):
@@ -293,7 +313,7 @@ class _Stdin:
 
 
 async def websocket(request: web.Request,
-                    make_job: Callable[[web.Request, dict[str, Any]], Job],
+                    make_job: Callable[[web.Request, dict[str, Any]], PreparedRun],
                     schema: Any) -> web.StreamResponse:
     """An interactive run: the first message is the run body, then stdin and signals."""
     st = state(request)
@@ -313,7 +333,7 @@ async def websocket(request: web.Request,
 
 
 async def _interactive(request: web.Request, ws: web.WebSocketResponse,
-                       make_job: Callable[[web.Request, dict[str, Any]], Job],
+                       make_job: Callable[[web.Request, dict[str, Any]], PreparedRun],
                        schema: Any) -> None:
     st = state(request)
     try:
