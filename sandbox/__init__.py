@@ -21,11 +21,19 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.engine import Engine as Engine
     from sandbox.engine import EngineConfig as EngineConfig
     from sandbox.engine import FileSpec as FileSpec
+    from sandbox.engine import PipelineOutcome as PipelineOutcome
+    from sandbox.engine import PipelineSpec as PipelineSpec
+    from sandbox.engine import PipeSpec as PipeSpec
     from sandbox.engine import PolicyLimits as PolicyLimits
     from sandbox.engine import PoolConfig as PoolConfig
+    from sandbox.engine import ProcessSpec as ProcessSpec
     from sandbox.engine import RunOutcome as RunOutcome
     from sandbox.engine import RunSpec as RunSpec
+    from sandbox.engine.cpuslots import TimingConfig as TimingConfig
     from sandbox.engine.filecache import FileCacheConfig as FileCacheConfig
+    from sandbox.engine.pipeline import MAX_CAPTURE_BYTES as MAX_PIPELINE_CAPTURE_BYTES  # noqa: F401
+    from sandbox.engine.pipeline import MAX_PROCESSES as MAX_PIPELINE_PROCESSES  # noqa: F401
+    from sandbox.engine.pipeline import check as check_pipeline  # noqa: F401
     from sandbox.errors import AtQuota as AtQuota
     from sandbox.errors import AuthError as AuthError
     from sandbox.errors import BuildFailed as BuildFailed
@@ -58,13 +66,17 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.images.changes import MAX_CHANGES as MAX_CHANGES
     from sandbox.images.reference import parse as parse_reference  # noqa: F401
     from sandbox.images.registry.hosts import is_local_address as is_local_address
+    from sandbox.images.registry.hosts import is_local_ip as is_local_ip
     from sandbox.images.registry.hosts import parse_ip as parse_ip
     from sandbox.images.registry.hosts import split_host as split_host
+    from sandbox.images.store.catalog import open_database as open_database
+    from sandbox.images.store.catalog import transaction as sqlite_transaction  # noqa: F401
     from sandbox.runtime.cgroups.hostsetup import setup_host as setup_host
     from sandbox.runtime.cgroups.hostsetup import undo_host_setup as undo_host_setup
     from sandbox.runtime.hostinfo import report as host_report  # noqa: F401
     from sandbox.runtime.output import OutputCallback as OutputCallback
     from sandbox.runtime.output import Streamed as Streamed
+    from sandbox.runtime.policy import Policy as Policy
     from sandbox.runtime.profiles import Limits as Limits
     from sandbox.runtime.profiles import load_profile as load_profile
     from sandbox.runtime.results import RunResult as RunResult
@@ -103,16 +115,23 @@ _HOMES = {
     "InvalidReference": "sandbox.errors",
     "LOCAL_TENANT": "sandbox.tenants:LOCAL",
     "MAX_CHANGES": "sandbox.images.changes",
+    "MAX_PIPELINE_CAPTURE_BYTES": "sandbox.engine.pipeline:MAX_CAPTURE_BYTES",
+    "MAX_PIPELINE_PROCESSES": "sandbox.engine.pipeline:MAX_PROCESSES",
     "MAX_CHANGE_BYTES": "sandbox.images.changes",
     "LayerError": "sandbox.errors",
     "Limits": "sandbox.runtime.profiles",
     "ManifestError": "sandbox.errors",
     "NotFound": "sandbox.errors",
     "OutputCallback": "sandbox.runtime.output",
+    "PipeSpec": "sandbox.engine",
+    "PipelineOutcome": "sandbox.engine",
+    "PipelineSpec": "sandbox.engine",
     "Platform": "sandbox.images",
+    "Policy": "sandbox.runtime.policy",
     "PolicyError": "sandbox.errors",
     "PolicyLimits": "sandbox.engine",
     "PoolConfig": "sandbox.engine",
+    "ProcessSpec": "sandbox.engine",
     "PublicNames": "sandbox.images",
     "PullProgress": "sandbox.images",
     "QuotaExceeded": "sandbox.errors",
@@ -127,15 +146,20 @@ _HOMES = {
     "Status": "sandbox.runtime.results",
     "Streamed": "sandbox.runtime.output",
     "Tenant": "sandbox.tenants",
+    "TimingConfig": "sandbox.engine.cpuslots",
     "WrongPlatform": "sandbox.errors",
+    "check_pipeline": "sandbox.engine.pipeline:check",
     "host_report": "sandbox.runtime.hostinfo:report",
     "is_digest": "sandbox.images",
     "is_local_address": "sandbox.images.registry.hosts",
+    "is_local_ip": "sandbox.images.registry.hosts",
     "load_profile": "sandbox.runtime.profiles",
     "parse_ip": "sandbox.images.registry.hosts",
+    "open_database": "sandbox.images.store.catalog",
     "parse_reference": "sandbox.images.reference:parse",
     "prepare_state_dir": "sandbox.statedir:prepare",
     "setup_host": "sandbox.runtime.cgroups.hostsetup",
+    "sqlite_transaction": "sandbox.images.store.catalog:transaction",
     "split_host": "sandbox.images.registry.hosts",
     "undo_host_setup": "sandbox.runtime.cgroups.hostsetup",
 }

@@ -3,6 +3,7 @@
     sbx run [OPTIONS] IMAGE [-- CMD...]    run a command, streaming its output
     sbx create [OPTIONS] IMAGE             keep a container (a session); prints its id
     sbx exec [OPTIONS] ID -- CMD...        run a command in a kept container
+    sbx batch FILE|-                       run a batch of cases (POST /v1/batches's JSON)
     sbx ps | rm ID... | cp SRC DST         list, remove, copy files in and out
     sbx commit [OPTIONS] ID NAME:TAG       make an image of a kept container's changes
     sbx pull | images | rmi | tag | push | import    images
@@ -48,6 +49,7 @@ from sbx.client import (
     BuildStep,
     BuildWarning,
     Built,
+    CaseDone,
     Client,
     Exit,
     File,
@@ -236,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("container", metavar="ID")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
 
+    p = command("batch", "Run a batch: FILE (or '-' for stdin) is the JSON body of POST "
+                "/v1/batches (the shared part of a run and its cases). Prints a line per case "
+                "as it finishes (index, id, status, wall time) and a summary on stderr; exits "
+                "0 when every case is ok, 1 otherwise.")
+    p.add_argument("--json", action="store_true",
+                   help="print the service's events as they come, one JSON object a line")
+    p.add_argument("body", metavar="FILE|-")
+
     p = command("create", "Create a kept container; prints its id.")
     p.add_argument("--policy")
     p.add_argument("--network", choices=["none"])
@@ -327,6 +337,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file_id", metavar="ID")
     p = file_command("rm", "Delete cached files.")
     p.add_argument("file_ids", nargs="+", metavar="ID")
+    p = command("job", "Async jobs: a run or batch the service runs later, kept with its "
+                "result (and POSTed to a callback URL when it ends).")
+    jobs = p.add_subparsers(dest="job_command", required=True, metavar="COMMAND")
+
+    def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp = jobs.add_parser(name, help=help_text, description=help_text)
+        _common(sp, defaults=False)
+        return sp
+
+    p = job_command("submit", "Submit FILE (or '-' for stdin), the JSON body of POST /v1/jobs "
+                    '({"run": ...} or {"batch": ...}); prints the job\'s id, or with --wait '
+                    "the finished job (exit 0 when done, 1 otherwise).")
+    p.add_argument("--callback", metavar="URL", help="POST the finished job to URL (a host "
+                   "the operator listed; signed, see `sbx job secret`)")
+    p.add_argument("--key", metavar="KEY", help="an idempotency key: submitting the same "
+                   "body with it again gives the same job")
+    p.add_argument("--wait", action="store_true", help="wait for the job's end")
+    p.add_argument("body", metavar="FILE|-")
+    for name, text in (("get", "Show a job (JSON)."),
+                       ("wait", "Wait for a job's end, then show it (exit 0 when done, 1 "
+                        "otherwise)."),
+                       ("cancel", "Cancel a job (a running one is killed)."),
+                       ("events", "Print a job's events as NDJSON until it ends.")):
+        job_command(name, text).add_argument("job_id", metavar="ID")
+    p = job_command("ls", "List your jobs, newest first.")
+    p.add_argument("--status", help="only jobs of this status")
+    p.add_argument("--json", action="store_true", help="the service's JSON")
+    p = job_command("rm", "Forget finished jobs.")
+    p.add_argument("job_ids", nargs="+", metavar="ID")
+    p = job_command("secret", "Print the key your callbacks are signed with.")
+    p.add_argument("--rotate", action="store_true", help="make a new one (the old one stops "
+                   "signing at once)")
     p = command("builder", "Manage the build cache.")
     builder = p.add_subparsers(dest="builder_command", required=True, metavar="COMMAND")
     prune_help = "Empty your build cache; prints how much it removed and freed."
@@ -1117,6 +1159,102 @@ async def _file_cache(client: Client, args: argparse.Namespace) -> int:
     return int(await FILE_COMMANDS[args.file_command](client, args))
 
 
+# Jobs
+
+async def _job_submit(client: Client, args: argparse.Namespace) -> int:
+    job = await client.submit_job(_body_file(args.body, "POST /v1/jobs"),
+                                  callback_url=args.callback, idempotency_key=args.key)
+    if not args.wait:
+        print(job.get("id", ""))
+        return 0
+    return _job_end(await client.wait_job(str(job.get("id", ""))))
+
+
+def _job_end(job: dict[str, Any]) -> int:
+    _dump(job)
+    return 0 if job.get("status") == "done" else 1
+
+
+async def _job_ls(client: Client, args: argparse.Namespace) -> int:
+    found = await client.list_jobs(args.status)
+    if args.json:
+        _dump(found)
+        return 0
+    rows = [["ID", "KIND", "STATUS", "CREATED", "FINISHED"]]
+    rows += [[str(j.get("id", "")), str(j.get("kind", "")), str(j.get("status", "")),
+              _when(j.get("created")), _when(j.get("finished"))] for j in found]
+    _table(rows)
+    return 0
+
+
+async def _job_events(client: Client, args: argparse.Namespace) -> int:
+    async for event in client.job_events(args.job_id):
+        print(orjson.dumps(event).decode(), flush=True)
+    return 0
+
+
+async def _job_secret(client: Client, args: argparse.Namespace) -> int:
+    print(await client.job_secret(rotate=args.rotate))
+    return 0
+
+
+JOB_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
+    "submit": _job_submit, "ls": _job_ls, "events": _job_events, "secret": _job_secret,
+    "get": lambda c, a: _shown(c.get_job(a.job_id)),
+    "cancel": lambda c, a: _shown(c.cancel_job(a.job_id)),
+    "wait": lambda c, a: _waited(c, a.job_id),
+    "rm": lambda c, a: _each(a.job_ids, c.delete_job)}
+
+
+async def _shown(answer: Awaitable[dict[str, Any]]) -> int:
+    _dump(await answer)
+    return 0
+
+
+async def _waited(client: Client, job_id: str) -> int:
+    return _job_end(await client.wait_job(job_id))
+
+
+async def _job(client: Client, args: argparse.Namespace) -> int:
+    return int(await JOB_COMMANDS[args.job_command](client, args))
+
+
+# Batches
+
+def _body_file(source: str, endpoint: str) -> dict[str, Any]:
+    """The JSON object in `source` (a path, or '-' for stdin): `endpoint`'s body."""
+    try:
+        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as e:
+        raise CliError(f"cannot read {source}: {e.strerror}") from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise CliError(f"{source} is not JSON ({e}); give the body of {endpoint}") from None
+    if not isinstance(body, dict):
+        raise CliError(f"{source} must hold one JSON object, the body of {endpoint}")
+    return body
+
+
+async def _batch(client: Client, args: argparse.Namespace) -> int:
+    all_ok = True
+    async for event in client.batch_body(_body_file(args.body, "POST /v1/batches")):
+        if args.json:
+            print(orjson.dumps(event.raw).decode(), flush=True)
+        if isinstance(event, CaseDone):
+            all_ok = all_ok and event.result is not None and event.result.status == "ok"
+            if not args.json:
+                what = (f"{event.result.status}\t{event.result.wall_ms} ms" if event.result
+                        else f"error\t{event.error}")
+                print(f"{event.index}\t{event.id or '-'}\t{what}", flush=True)
+        else:
+            counts = ", ".join(f"{n} {status}" for status, n in sorted(event.by_status.items()))
+            print(f"{event.cases} cases: {counts or 'none ran'}; {event.errors} could not run, "
+                  f"{event.skipped} skipped ({event.wall_ms:.0f} ms)", file=sys.stderr)
+            all_ok = all_ok and event.skipped == 0
+    return 0 if all_ok else 1
+
+
 # Builds
 
 def _short_id(digest: str) -> str:
@@ -1277,6 +1415,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
     "run": _run, "exec": _exec, "create": _create, "ps": _ps, "rm": _rm, "cp": _cp,
     "commit": _commit, "pull": _pull, "images": _images, "rmi": _rmi, "tag": _tag, "push": _push,
     "import": _import, "info": _info, "build": _build, "builder": _builder, "file": _file_cache,
+    "batch": _batch, "job": _job,
 }
 
 

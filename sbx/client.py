@@ -11,6 +11,10 @@
                             copy_out_cached=["/tmp/a"])
         binary = FromCache("/a", built.file_ids["/tmp/a"]["id"], 0o755)
         case = await c.run("gcc:13", ["/a"], files=[binary], stdin="1 2\n")
+        # Every case at once, results as they finish (a bad case: ApiError, nothing ran):
+        async for event in c.batch("gcc:13", [Case("t1", stdin="1 2\n"), Case("t2", stdin="3 4\n")],
+                                   ["/a"], files=[binary], policy="judge"):
+            ...  # CaseDone(index, id, result or error) per case, then BatchSummary
 
 Every error the service reports (and every failure to reach it) is raised as `ApiError`.
 """
@@ -281,6 +285,67 @@ class FileData:
     is_tar: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One case of a batch: its fields over the batch's (files merged by path, env and
+    limits key by key, cmd replaced); id is given back in its event."""
+
+    id: str | None = None
+    stdin: str | bytes | None = None  # bytes travel as stdin_base64
+    files: Sequence[File | FromCache] = ()
+    limits: Mapping[str, int] | None = None
+    cmd: Sequence[str] | None = None
+    env: Mapping[str, str] | None = None
+
+    def to_json(self) -> Json:
+        body: Json = {}
+        if self.id is not None:
+            body["id"] = self.id
+        if isinstance(self.stdin, bytes):
+            body["stdin_base64"] = base64.b64encode(self.stdin).decode()
+        elif self.stdin is not None:
+            body["stdin"] = self.stdin
+        if self.files:
+            body["files"] = [f.to_json() for f in self.files]
+        for key, value in (("limits", self.limits), ("env", self.env)):
+            if value is not None:
+                body[key] = dict(value)
+        if self.cmd is not None:
+            body["cmd"] = list(self.cmd)
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class CaseDone:
+    """A batch's case finished: its result, or (error) why it could not run; elapsed_ms is
+    its time in the service (its wait for a run slot included)."""
+
+    index: int
+    id: str | None
+    result: RunResult | None
+    error: ApiError | None
+    elapsed_ms: float | None
+    raw: Json = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSummary:
+    """The last event of a batch: cases = ran + errors + skipped; stopped when some were
+    never started (stop_on_failure, or the service stopping)."""
+
+    cases: int
+    ran: int
+    errors: int
+    skipped: int
+    by_status: dict[str, int]
+    wall_ms: float
+    stopped: bool
+    raw: Json = field(repr=False)
+
+
+BatchEvent = CaseDone | BatchSummary
+
+
 def _clip(obj: object, limit: int = 200) -> str:
     text = repr(obj)
     return text if len(text) <= limit else text[:limit] + "…"
@@ -442,6 +507,27 @@ def _run_event(event: Json, binary: bool) -> RunEvent | None:
         return Output(str(kind), _decode_output(event.get("data", ""), binary))
     if kind == "exit":
         return Exit(RunResult.from_json(event, binary=binary))
+    if kind == "error":
+        raise _stream_error(event)
+    return None  # an event this client does not know yet (a newer service)
+
+
+def _batch_event(event: Json, binary: bool) -> BatchEvent | None:
+    kind = event.get("event")
+    if kind == "case":
+        case_id, result, took = event.get("id"), event.get("result"), event.get("elapsed_ms")
+        return CaseDone(_int(event.get("index")), case_id if isinstance(case_id, str) else None,
+                        RunResult.from_json(result, binary=binary)
+                        if isinstance(result, dict) else None,
+                        None if isinstance(result, dict) else _stream_error(event),
+                        float(took) if isinstance(took, int | float) else None, event)
+    if kind == "summary":
+        wall = event.get("wall_ms")
+        return BatchSummary(_int(event.get("cases")), _int(event.get("ran")),
+                            _int(event.get("errors")), _int(event.get("skipped")),
+                            {str(k): _int(v) for k, v in _object(event, "by_status").items()},
+                            float(wall) if isinstance(wall, int | float) else 0.0,
+                            event.get("stopped") is True, event)
     if kind == "error":
         raise _stream_error(event)
     return None  # an event this client does not know yet (a newer service)
@@ -654,6 +740,34 @@ class Client:
         body = _image_body(image, policy, network, platform) | _run_body(cmd, options)
         return self._run_events("/v1/runs", body, sse, bool(options.get("binary")))
 
+    def batch(self, image: str, cases: Sequence[Case], cmd: Sequence[str] | None = None, *,
+              policy: str | None = None, network: str | None = None,
+              platform: str | None = None, parallelism: int | None = None,
+              stop_on_failure: bool = False,
+              **options: Unpack[RunOptions]) -> AsyncIterator[BatchEvent]:
+        """Run `cmd` once per case (POST /v1/batches): a CaseDone per case in the order they
+        finish, then a BatchSummary. `options` are the batch's shared part (files, limits,
+        env, ...; stdin belongs to the cases). A bad case is an ApiError before any runs."""
+        body = _image_body(image, policy, network, platform) | _run_body(cmd, options)
+        body["cases"] = [c.to_json() for c in cases]
+        if parallelism is not None:
+            body["parallelism"] = parallelism
+        if stop_on_failure:
+            body["stop_on_failure"] = True
+        return self.batch_body(body)
+
+    async def batch_body(self, body: Json) -> AsyncIterator[BatchEvent]:
+        """batch() from a whole request body, as POST /v1/batches takes it (JSON)."""
+        binary = body.get("output_encoding") == "base64"
+        async for raw in self._events("/v1/batches", body, False):
+            event = _batch_event(raw, binary)
+            if event is not None:
+                yield event
+                if isinstance(event, BatchSummary):
+                    return
+        raise ApiError(0, "stream_ended", "the service closed the stream before the batch's "
+                       "summary; see the service's log")
+
     # Sessions
 
     async def create_container(self, image: str, *, policy: str | None = None,
@@ -772,6 +886,56 @@ class Client:
     async def delete_cached_file(self, file_id: str) -> None:
         async with self._open("DELETE", f"/v1/files/{_seg(file_id)}"):
             pass
+
+    # Jobs
+
+    async def submit_job(self, body: Json, *, callback_url: str | None = None,
+                         idempotency_key: str | None = None) -> Json:
+        """Submit a job (POST /v1/jobs): `body` is {"run": ...} or {"batch": ...}, as that
+        endpoint takes it. The job as queued: {"id", "status", ...}. The same
+        idempotency_key and body again give the same job (safe to retry)."""
+        if callback_url is not None:
+            body = {**body, "callback_url": callback_url}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return await self._json("POST", "/v1/jobs", body=body, headers=headers)
+
+    async def get_job(self, job_id: str) -> Json:
+        return await self._json("GET", f"/v1/jobs/{_seg(job_id)}")
+
+    async def list_jobs(self, status: str | None = None, limit: int | None = None
+                        ) -> list[Json]:
+        params = {k: str(v) for k, v in (("status", status), ("limit", limit)) if v is not None}
+        return list((await self._json("GET", "/v1/jobs", params=params)).get("jobs", []))
+
+    async def cancel_job(self, job_id: str) -> Json:
+        return await self._json("POST", f"/v1/jobs/{_seg(job_id)}/cancel")
+
+    async def delete_job(self, job_id: str) -> None:
+        async with self._open("DELETE", f"/v1/jobs/{_seg(job_id)}"):
+            pass
+
+    async def job_events(self, job_id: str, after: int = 0) -> AsyncIterator[Json]:
+        """The job's events (SSE) after number `after`, then the new ones until it ends:
+        {"event": "status"|"result"|"case"|"summary"|"error", ...}."""
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(after)}
+        async with self._open("GET", f"/v1/jobs/{_seg(job_id)}/events", headers=headers,
+                              stream=True) as resp:
+            async for event in _read_events(resp):
+                yield event
+
+    async def wait_job(self, job_id: str) -> Json:
+        """The job once it has ended (its events followed until then)."""
+        while True:
+            async for _ in self.job_events(job_id):
+                pass
+            job = await self.get_job(job_id)
+            if job.get("status") not in ("queued", "running"):
+                return job
+
+    async def job_secret(self, *, rotate: bool = False) -> str:
+        """The key your jobs' callbacks are signed with (rotate: a new one from now on)."""
+        answer = await self._json("POST" if rotate else "GET", "/v1/jobs/secret")
+        return str(answer.get("secret", ""))
 
     # Interactive (WebSocket)
 
@@ -1060,6 +1224,17 @@ class SyncClient:
                    **options: Unpack[RunOptions]) -> Iterator[RunEvent]:
         return self._iterate(self._client.run_stream(image, cmd, policy=policy,
                                                      network=network, sse=sse, **options))
+
+    def batch(self, image: str, cases: Sequence[Case], cmd: Sequence[str] | None = None, *,
+              policy: str | None = None, network: str | None = None,
+              parallelism: int | None = None, stop_on_failure: bool = False,
+              **options: Unpack[RunOptions]) -> Iterator[BatchEvent]:
+        return self._iterate(self._client.batch(
+            image, cases, cmd, policy=policy, network=network, parallelism=parallelism,
+            stop_on_failure=stop_on_failure, **options))
+
+    def batch_body(self, body: Json) -> Iterator[BatchEvent]:
+        return self._iterate(self._client.batch_body(body))
 
     def create_container(self, image: str, *, policy: str | None = None,
                          network: str | None = None,

@@ -58,6 +58,11 @@ run cpu-shared-session bash -c '
     trap "kill %1 %2" EXIT
     '"$py"' -m loadtest --spawn --workload cpu --concurrency 4 --requests 60 --peers none \
         --json-out '"$out"'/cpu-shared-session.json'
+# Judge workflows (issue #13): a submission (compile once, its cases as a batch), a batch of
+# 1,000 cases from a cached binary, an interactor and its solution, 50 repeats of a 1 s loop;
+# then the verdicts of 64 CPU-bound runs at once, without and with CPU slots.
+run judge $py -m loadtest.judge
+run timing $py -m loadtest.timing
 # 20,000 runs whose verdicts are known in advance: any wrong one is a failure.
 run soak $py -m loadtest.soak --spawn --runs 20000 --concurrency 16
 echo "== done: $out"

@@ -15,10 +15,24 @@ from aiohttp import WSCloseCode, web
 
 from sandbox import Engine, parse_ip, prepare_state_dir, split_host
 from service.admission import Admission
-from service.api import STATE, VERSION, State, build, containers, files, images, runs, system
+from service.api import (
+    STATE,
+    VERSION,
+    State,
+    batches,
+    build,
+    containers,
+    files,
+    gojudge,
+    images,
+    jobs,
+    runs,
+    system,
+)
 from service.auth import Tokens, auth_middleware
 from service.config import ServiceConfig
 from service.errors import ApiError, Handler, error_middleware
+from service.jobs.runner import JOBS, Jobs
 from service.metrics import Gauge, Labels
 from service.schemas import Route, openapi
 
@@ -32,8 +46,9 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 def routes() -> list[Route]:
-    return [*runs.ROUTES, *containers.ROUTES, *files.ROUTES, *images.ROUTES, *build.ROUTES,
-            *system.ROUTES]
+    return [*runs.ROUTES, *batches.ROUTES, *containers.ROUTES, *files.ROUTES,
+            *images.ROUTES, *build.ROUTES, *system.ROUTES, *gojudge.ROUTES,
+            *jobs.ROUTES]
 
 
 def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.Application:
@@ -49,6 +64,7 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
     st = State(config=config, tokens=tokens,
                admission=Admission(config.limits.max_running, config.limits.max_queued))
     app[STATE] = st
+    app[JOBS] = job_runner = Jobs(st)
     app[system.OPENAPI] = openapi(table, VERSION)
     for r in table:
         app.router.add_route(r.method, r.path, r.handler)
@@ -99,8 +115,14 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
             await st.engine.close()
             st.engine = None
 
+    # Jobs start before the engine (queued ones wait for it) and stop first: none starts
+    # any more and their event streams end rather than wait out the deadline, which running
+    # jobs get as requests do.
+    app.on_startup.append(job_runner.start)
     app.on_startup.append(start)
+    app.on_shutdown.append(job_runner.close)
     app.on_shutdown.append(shutdown)
+    app.on_cleanup.append(job_runner.cleanup)
     app.on_cleanup.append(cleanup)
     return app
 

@@ -78,6 +78,13 @@ class Tokens:
     def enabled(self) -> bool:
         return bool(self._tokens)
 
+    def of_tenant(self, tenant_id: str) -> Principal | None:
+        """The caller a tenant's requests come as (its caps counted on the same object), for
+        work done after the request has gone (a job); None once its token is unconfigured."""
+        if not self._tokens:
+            return self.anonymous if tenant_id == self.anonymous.tenant.id else None
+        return next((p for _, p in self._tokens if p.tenant.id == tenant_id), None)
+
     def authenticate(self, header: str | None) -> Principal:
         if not self._tokens:
             return self.anonymous

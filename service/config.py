@@ -10,9 +10,15 @@
     [limits]   json_body_bytes, import_body_bytes, file_body_bytes, files_count,
                files_bytes, max_running, max_queued, sessions_per_tenant,
                image_bytes_per_tenant, file_bytes_per_tenant, files_per_tenant (a
-               tenant's quotas unless its token sets its own)
+               tenant's quotas unless its token sets its own), batch_cases
     [files]    ttl_s, max_file_bytes: the file cache (sandbox.engine.filecache.FileCacheConfig)
+    [jobs]     callback_hosts (the hosts callbacks may reach), callback_attempts,
+               callback_timeout_s, callback_backoff_s, callback_backoff_max_s, workers,
+               max_queued_per_tenant, max_kept_per_tenant, ttl_s (JobsConfig)
+    [timing]   cpus (CPUs reserved for runs of `policies`, one run per CPU), policies
+               (default ["judge"]), max_repeat (a run's `repeat` at most) (TimingConfig)
     [images]   public: image names shared with every tenant (sandbox.tenants.PublicNames)
+    [gojudge]  enabled, image, policy, workdir: go-judge's API (/run, /file), off by default
     [build]    policy (the profile of RUN steps), timeout_s, max_context_bytes,
                max_context_entries (sandbox.engine.BuildConfig)
     [policies.<profile>.defaults] / [policies.<profile>.maxima]  a run's limits (the keys of
@@ -47,7 +53,9 @@ from sandbox import (
     RegistriesConfig,
     SandboxError,
     Tenant,
+    TimingConfig,
     load_profile,
+    split_host,
 )
 
 MiB = 1 << 20
@@ -82,6 +90,38 @@ class ServiceLimits:
     image_bytes_per_tenant: int = 32 << 30      # what its images use (blobs + layers); 413
     file_bytes_per_tenant: int = 1 << 30        # what its cached files hold; then 413
     files_per_tenant: int = 10_000              # how many cached files it keeps; then 429
+    batch_cases: int = 10_000                   # cases in one batch (POST /v1/batches)
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """Async jobs (service/jobs): how many run at once, what a tenant may keep, and where
+    and how their callbacks go."""
+
+    # host, host:port, IP address or [IPv6]:port; a callback_url must name one of them. A
+    # name must resolve to public addresses: a receiver on a local or private address is
+    # listed by its address.
+    callback_hosts: tuple[str, ...] = ()
+    callback_attempts: int = 6                  # deliveries tried, the first included
+    callback_timeout_s: float = 10.0            # one attempt, connect to answer
+    callback_backoff_s: float = 1.0             # the wait before a retry: random, up to
+    callback_backoff_max_s: float = 60.0        # backoff_s * 2^(attempt-1), at most this
+    workers: int = 4                            # jobs running at once, service-wide
+    max_queued_per_tenant: int = 1000           # queued or running; then 429
+    max_kept_per_tenant: int = 10_000           # any status, until deleted or expired; 429
+    ttl_s: float = 86400.0                      # a finished job is kept this long
+
+
+@dataclass(frozen=True)
+class GojudgeConfig:
+    """go-judge's API (service/api/gojudge.py). go-judge has no images: every /run of it
+    runs in `image` under `policy`, its relative paths below `workdir` (a directory every
+    run may write: /tmp is a tmpfs of every profile)."""
+
+    enabled: bool = False
+    image: str | None = None                    # required when enabled
+    policy: str | None = None                   # None: server.default_policy
+    workdir: str = "/tmp"
 
 
 @dataclass(frozen=True)
@@ -100,6 +140,9 @@ class ServiceConfig:
     public_images: PublicNames = field(default_factory=PublicNames)
     build: BuildConfig = field(default_factory=BuildConfig)
     files: FileCacheConfig = field(default_factory=FileCacheConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    gojudge: GojudgeConfig = field(default_factory=GojudgeConfig)
     # Host names (besides localhost, IP addresses and `host`) that requests may name in their
     # Host header; any other is refused, which defeats DNS rebinding.
     allowed_hosts: tuple[str, ...] = ()
@@ -112,7 +155,7 @@ class ServiceConfig:
                             default_policy=self.default_policy,
                             policy_limits=self.policy_limits,
                             public_images=self.public_images, build=self.build,
-                            files=self.files)
+                            files=self.files, timing=self.timing)
 
     def tenant(self, token: TokenConfig | None) -> Tenant:
         """The tenant a token (None: the one of a service without tokens) acts as, with its
@@ -278,6 +321,30 @@ def _build(raw: Mapping[str, Any]) -> BuildConfig:
                              "build.max_context_entries", 1)))
 
 
+def _timing(raw: Mapping[str, Any]) -> TimingConfig:
+    known = {"cpus", "policies", "max_repeat"}
+    if set(raw) - known:
+        raise ConfigError(f"timing.{sorted(set(raw) - known)[0]}: unknown setting; known: "
+                          f"{', '.join(sorted(known))}")
+    default = TimingConfig()
+    policies = raw.get("policies", list(default.policies))
+    if not isinstance(policies, list) or not all(isinstance(p, str) and p for p in policies):
+        raise ConfigError('timing.policies: expected a list of policy names, e.g. ["judge"]')
+    for name in policies:
+        try:
+            load_profile(name)
+        except PolicyError as e:
+            raise ConfigError(f"timing.policies: {e}") from None
+    cpus = raw.get("cpus")
+    try:
+        return TimingConfig(
+            cpus=None if cpus is None else _str(cpus, "timing.cpus"),
+            policies=tuple(policies),
+            max_repeat=_int(raw.get("max_repeat", default.max_repeat), "timing.max_repeat", 1))
+    except PolicyError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _files(raw: Mapping[str, Any]) -> FileCacheConfig:
     known = {"ttl_s", "max_file_bytes"}
     if set(raw) - known:
@@ -290,12 +357,74 @@ def _files(raw: Mapping[str, Any]) -> FileCacheConfig:
                             "files.max_file_bytes", 1))
 
 
+def _jobs(raw: Mapping[str, Any]) -> JobsConfig:
+    default = JobsConfig()
+    known = {f.name for f in fields(JobsConfig)}
+    if set(raw) - known:
+        raise ConfigError(f"jobs.{sorted(set(raw) - known)[0]}: unknown setting; known: "
+                          f"{', '.join(sorted(known))}")
+    hosts = raw.get("callback_hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError('jobs.callback_hosts: expected a list of hosts, e.g. '
+                          '["hooks.example.com", "10.0.0.5:8080"]')
+    for h in hosts:
+        try:
+            split_host(h)
+        except ValueError as e:
+            raise ConfigError(f"jobs.callback_hosts: {e}") from None
+
+    def num(key: str) -> float:
+        return _seconds(raw.get(key, getattr(default, key)), f"jobs.{key}")
+
+    def count(key: str) -> int:
+        return _int(raw.get(key, getattr(default, key)), f"jobs.{key}", 1)
+
+    return JobsConfig(
+        callback_hosts=tuple(h.lower().rstrip(".") for h in hosts),
+        callback_attempts=count("callback_attempts"),
+        callback_timeout_s=num("callback_timeout_s"),
+        callback_backoff_s=num("callback_backoff_s"),
+        callback_backoff_max_s=num("callback_backoff_max_s"), workers=count("workers"),
+        max_queued_per_tenant=count("max_queued_per_tenant"),
+        max_kept_per_tenant=count("max_kept_per_tenant"), ttl_s=num("ttl_s"))
+
+
+def _gojudge(raw: Mapping[str, Any]) -> GojudgeConfig:
+    known = {"enabled", "image", "policy", "workdir"}
+    if set(raw) - known:
+        raise ConfigError(f"gojudge.{sorted(set(raw) - known)[0]}: unknown setting; known: "
+                          f"{', '.join(sorted(known))}")
+    enabled = raw.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError("gojudge.enabled: expected true or false")
+    image = raw.get("image")
+    if image is not None:
+        image = _str(image, "gojudge.image")
+    elif enabled:
+        raise ConfigError('gojudge.image: required when gojudge.enabled is true (go-judge has '
+                          'no images: every /run runs in this one), e.g. '
+                          '"docker.io/library/gcc:13"')
+    policy = raw.get("policy")
+    if policy is not None:
+        try:
+            load_profile(_str(policy, "gojudge.policy"))
+        except PolicyError as e:
+            raise ConfigError(f"gojudge.policy: {e}") from None
+    workdir = _str(raw.get("workdir", "/tmp"), "gojudge.workdir")
+    if not workdir.startswith("/") or ".." in workdir.split("/"):
+        raise ConfigError(f"gojudge.workdir: {workdir!r} must be an absolute path without "
+                          "'..', e.g. \"/tmp\"")
+    return GojudgeConfig(enabled=enabled, image=image, policy=policy,
+                         workdir=workdir.rstrip("/") or "/")
+
+
 def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
     unknown = set(data) - {"server", "tokens", "registries", "pools", "limits", "policies",
-                           "images", "build", "files"}
+                           "images", "build", "files", "jobs", "gojudge", "timing"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: server, tokens, "
-                          "registries, pools, limits, policies, images, build, files")
+                          "registries, pools, limits, policies, images, build, files, jobs, "
+                          "gojudge, timing")
     server = _table(data, "server")
     known_server = {"host", "port", "state_dir", "session_idle_s", "default_policy",
                     "shutdown_deadline_s", "allowed_hosts"}
@@ -341,6 +470,9 @@ def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
         public_images=_public_images(_table(data, "images")),
         build=_build(_table(data, "build")),
         files=_files(_table(data, "files")),
+        timing=_timing(_table(data, "timing")),
+        jobs=_jobs(_table(data, "jobs")),
+        gojudge=_gojudge(_table(data, "gojudge")),
         allowed_hosts=_hosts(server.get("allowed_hosts", [])))
     if len({t.token for t in config.tokens}) != len(config.tokens):
         raise ConfigError("tokens: the same token appears twice")

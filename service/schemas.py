@@ -14,8 +14,14 @@ from typing import Any
 
 from aiohttp import web
 
-from sandbox import ALLOWED_SIGNALS, MAX_CHANGE_BYTES, MAX_CHANGES
-from service.errors import bad_request
+from sandbox import (
+    ALLOWED_SIGNALS,
+    MAX_CHANGE_BYTES,
+    MAX_CHANGES,
+    MAX_PIPELINE_CAPTURE_BYTES,
+    MAX_PIPELINE_PROCESSES,
+)
+from service.errors import ApiError, bad_request
 
 MiB = 1 << 20
 
@@ -218,6 +224,24 @@ class Nullable(Schema):
 
 
 @dataclass(frozen=True)
+class OneOf(Schema):
+    """A value of one of several object schemas (a reply that differs with its request)."""
+
+    options: tuple[Obj, ...]
+
+    def validate(self, value: Any, path: str) -> Any:
+        for option in self.options[:-1]:
+            try:
+                return option.validate(value, path)
+            except ApiError:
+                continue
+        return self.options[-1].validate(value, path)
+
+    def openapi(self) -> dict[str, Any]:
+        return {"oneOf": [option.openapi() for option in self.options]}
+
+
+@dataclass(frozen=True)
 class Prop:
     name: str
     schema: Schema
@@ -302,6 +326,9 @@ FILE = Obj("File", (
     Prop("file_id", Str(max_len=128, min_len=1, description='a file of your file cache, '
                         'by the id POST /v1/files gave: "sha256:" and 64 hex digits')),
     Prop("mode", Int(minimum=0, maximum=0o7777, description="permission bits; 420 = 0o644")),
+    Prop("copy", Bool(description="with file_id: a writable copy of the cached file, owned "
+                      "by the run user, instead of a read-only bind of it (default false: "
+                      "bound, no copy; executable when mode has an exec bit)")),
 ), one_of=(("content", "content_base64", "file_id"),))
 MAX_COPY_OUT_PATHS = 64
 OUTPUT_ENCODING = Str(max_len=16, enum=("utf-8", "base64"),
@@ -330,10 +357,46 @@ EXEC_PROPS = (
                                             "result's `file_ids`")),
 )
 EXEC_BODY = Obj("ExecRequest", EXEC_PROPS, not_both=(("stdin", "stdin_base64"),))
+TIMING_PROPS = (
+    Prop("repeat", Int(minimum=1, description="run it this many times (each in a reset warm "
+                       "container; at most the service's timing.max_repeat): the result is "
+                       "the median run's by CPU time, with `repeats` giving the spread")),
+    Prop("rerun_near_limit", Bool(description="a time_limit (always near its limit: it was "
+                                  "killed there) is run once more and that run's result "
+                                  "given, with the first's figures in `rerun`")),
+)
+# Pipelines (service/api/pipelines.py): a run body with `processes` and `pipes` in place of
+# `cmd`.
+_PROCESS_KEYS = ("cmd", "env", "cwd", "user", "stdin", "stdin_base64", "files", "limits",
+                 "copy_out", "copy_out_cached")
+PROCESS = Obj("PipelineProcess", tuple(
+    Prop(p.name, p.schema, required=p.name == "cmd") for p in EXEC_PROPS
+    if p.name in _PROCESS_KEYS), not_both=(("stdin", "stdin_base64"),),
+    description="One process of a pipeline: the body's env, files and limits apply to it, "
+                "its own over them (env and limits key by key, files by path).")
+_PIPE_END = Arr(Int(minimum=0), min_items=2, max_items=2,
+                description="[process index, fd]")
+PIPE = Obj("Pipe", (
+    Prop("from", _PIPE_END, required=True), Prop("to", _PIPE_END, required=True),
+    Prop("capture_bytes", Int(minimum=0, maximum=MAX_PIPELINE_CAPTURE_BYTES,
+                              description="relay the pipe through the service and keep its "
+                                          "first N bytes in the result (0: a direct pipe; "
+                                          "a pipeline's pipes keep at most the maximum in "
+                                          "all)"))),
+    description="A pipe from fd 1 or 2 of one process to fd 0 of another.")
+PIPELINE_PROPS = (
+    Prop("processes", Arr(PROCESS, min_items=2, max_items=MAX_PIPELINE_PROCESSES,
+                          description="in place of cmd: processes wired by `pipes`, each a "
+                                      "run with its own limits, verdict and figures")),
+    Prop("pipes", Arr(PIPE, max_items=MAX_PIPELINE_PROCESSES)),
+    Prop("container", Str(max_len=16, enum=("shared", "own"),
+                          description="the processes share one container (default) or each "
+                                      "has its own")),
+)
 RUN_BODY = Obj("RunRequest", (Prop("image", REFERENCE, required=True), *EXEC_PROPS,
                               Prop("policy", POLICY), Prop("network", NETWORK),
-                              Prop("platform", PLATFORM)),
-               not_both=(("stdin", "stdin_base64"),))
+                              Prop("platform", PLATFORM), *TIMING_PROPS, *PIPELINE_PROPS),
+               not_both=(("stdin", "stdin_base64"), ("cmd", "processes")))
 CONTAINER_BODY = Obj("ContainerRequest", (Prop("image", REFERENCE, required=True),
                                           Prop("policy", POLICY), Prop("network", NETWORK),
                                           Prop("platform", PLATFORM), Prop("limits", LIMITS)))
@@ -385,6 +448,38 @@ _FIGURES = (
     Prop("image", Str(), required=True), Prop("pool_hit", Bool(), required=True),
     Prop("warnings", Arr(Str(max_len=1 << 16)), required=True),
     Prop("error", _N(Str(max_len=1 << 16)), required=True),
+    Prop("cpus", _N(Str(description='the CPUs the run was kept on, e.g. "1"')), required=True),
+    Prop("host_load", _N(Num(description="the part of the run's time (0 to 1) during which "
+                                         "a task waited for a CPU (PSI): the run's own on "
+                                         "cgroup v2, the host's on v1 (measured_by says); "
+                                         "null without PSI")), required=True),
+    Prop("dedicated_cpu", Bool(description="the run had a reserved CPU to itself, kept by "
+                                           "its cgroup's cpuset"), required=True),
+    Prop("near_limit", Bool(description="cpu_ms or wall_ms reached the last 10 % of its "
+                                        "limit (or the limit): a verdict that may go either "
+                                        "way"), required=True),
+)
+_SPREAD = Obj("Spread", (Prop("min", Num(), required=True), Prop("median", Num(), required=True),
+                         Prop("max", Num(), required=True),
+                         Prop("spread", Num(description="(max - min) / median"),
+                              required=True),
+                         Prop("cv", Num(description="standard deviation / mean (0 for one "
+                                        "run)"), required=True)))
+_TIMING = (
+    Prop("repeats", Obj("Repeats", (
+        Prop("n", Int(), required=True), Prop("cpu_ms", _N(_SPREAD), required=True),
+        Prop("wall_ms", _SPREAD, required=True),
+        Prop("statuses", Map(Int(), key_pattern="[a-z_]+", key_hint="a status"),
+             required=True),
+        Prop("main", Int(description="which run (from 0) the result is: the median's"),
+             required=True)), description="only when repeat was given")),
+    Prop("rerun", Obj("Rerun", (
+        Prop("first", Obj("FirstRun", (
+            Prop("status", _STATUS, required=True), Prop("cpu_ms", _N(Num()), required=True),
+            Prop("wall_ms", Num(), required=True), Prop("cpus", _N(Str()), required=True),
+            Prop("host_load", _N(Num()), required=True),
+            Prop("dedicated_cpu", Bool(), required=True))), required=True),),
+        description="only when rerun_near_limit ran it again: the first run's figures")),
 )
 CACHED_FILE = Obj("CachedFile", (
     Prop("id", Str(description='"sha256:" and the hex SHA-256 of the content'), required=True),
@@ -418,7 +513,18 @@ _COPIED = (
 RUN_RESULT = Obj("RunResult", (*_FIGURES, Prop("stdout", Str(max_len=1 << 40, allow_nul=True),
                                                required=True),
                                Prop("stderr", Str(max_len=1 << 40, allow_nul=True),
-                                    required=True), *_COPIED))
+                                    required=True), *_COPIED, *_TIMING))
+PIPELINE_RESULT = Obj("PipelineResult", (
+    Prop("status", _STATUS, required=True),
+    Prop("processes", Arr(RUN_RESULT, max_items=MAX_PIPELINE_PROCESSES), required=True),
+    Prop("pipes", Arr(Obj("PipeResult", (
+        Prop("captured", _N(Str(max_len=1 << 40, allow_nul=True)), required=True),
+        Prop("truncated", Bool(), required=True))), max_items=MAX_PIPELINE_PROCESSES),
+        required=True),
+    Prop("image", Str(), required=True)),
+    description="A pipeline's result: `status` is the first process's status that is not "
+                "ok (else ok); `pipes[i].captured` is what a pipe with capture_bytes kept, "
+                "encoded as output_encoding says (null for a direct pipe).")
 STREAM_EVENT = Obj("StreamEvent", (
     Prop("event", Str(enum=("stdout", "stderr", "exit", "error", "progress", "done")),
          required=True),
@@ -458,6 +564,9 @@ BUILD_PRUNED = Obj("BuildPruned", (
 INFO = Obj("Info", (Prop("version", Str(), required=True), Prop("host", Any_(), required=True),
                     Prop("pools", Arr(Any_(), max_items=1 << 20), required=True),
                     Prop("sessions", Int(), required=True),
+                    Prop("timing", Any_(description="CPU slots: the reserved cpus (null: "
+                                        "none), policies, enforced_by (cpuset or affinity), "
+                                        "and your own runs in slots or waiting")),
                     Prop("policies", Map(Obj("PolicyLimits", (
                         Prop("defaults", Any_(description="a run's limits when it asks for "
                                               "none"), required=True),
@@ -524,6 +633,8 @@ def _components(schemas: list[Schema], out: dict[str, Any]) -> None:
             _components([s.values], out)
         elif isinstance(s, Nullable):
             _components([s.inner], out)
+        elif isinstance(s, OneOf):
+            _components(list(s.options), out)
 
 
 def openapi(routes: list[Route], version: str) -> dict[str, Any]:

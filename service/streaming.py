@@ -11,8 +11,8 @@ import asyncio
 import base64
 import codecs
 import contextlib
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -64,14 +64,17 @@ class EventStream:
             "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.started = False
 
-    async def send(self, event: str, payload: dict[str, Any]) -> None:
+    async def send(self, event: str, payload: dict[str, Any], seq: int | None = None) -> None:
+        """`seq`: the event's number, SSE's `id:` (a client reconnecting sends the last one
+        it saw as Last-Event-ID)."""
         if not self.started:
             self.started = True
             await self.response.prepare(self.request)
         if self.kind == NDJSON:
             line = orjson.dumps({"event": event, **payload}) + b"\n"
         else:
-            line = b"event: " + event.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+            line = (b"" if seq is None else b"id: %d\n" % seq) + b"event: " + event.encode() \
+                + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
         await self.response.write(line)
 
     async def close(self) -> web.StreamResponse:
@@ -165,3 +168,35 @@ class Pump:
         if self._below is not None:
             self._below.set_result(None)
             self._below = None
+
+
+# How often a stream that may stay silent for long (a build's step, a batch's cases) looks
+# whether its client is still there.
+GONE_POLL_S = 0.5
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client closed its connection: nobody is left to tell."""
+
+
+async def unless_gone(request: web.Request, work: Coroutine[Any, Any, T]) -> T:
+    """`work`, cancelled when the client's connection closes: a build's steps or a batch's
+    cases may say nothing for minutes, and work nobody waits for must not hold its slots
+    and containers until its limits end it."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=GONE_POLL_S)
+            transport = request.transport
+            if not task.done() and (transport is None or transport.is_closing()):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise ClientGone
+        return task.result()
+    finally:
+        if not task.done():  # we were cancelled: so is the work
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,11 +1,11 @@
 """The code judge with a compiler (workload judge-c): one request is one submission, run the
 way go-judge or Judge0 clients run theirs.
 
-Sandboxed: a session of the compiler image (POST /v1/containers), the C source copied in
-and compiled by one exec (its `files`), the binary copied out (GET .../files), the session
-deleted; then each case is a POST /v1/runs of the binary (a `files` entry, mode 0755) in the
-busybox image with the case's stdin, its output checked. The first failure ends the
-submission: compile_error, wrong_answer, or the failing run's status.
+Sandboxed: one run of the compiler image (POST /v1/runs) compiles the C source (its
+`files`) and keeps the binary in the file cache (`copy_out_cached`); then every case is one
+batch (POST /v1/batches) of the binary (a `files` entry by `file_id`, mode 0755) in the
+busybox image, each case with its stdin, every output checked. The first failure ends the
+submission (`stop_on_failure`): compile_error, wrong_answer, or the failing case's status.
 
 Bare: the host's gcc with the same command, then the cases posix_spawned one after another.
 
@@ -16,7 +16,6 @@ The submission's latency is the request's; compile and per-case times are kept b
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
 import shutil
 import time
@@ -73,16 +72,6 @@ class SubmissionTimes:
                 "case_ms": percentiles_ms(self.case)}
 
 
-def _refusal(status: int, raw: bytes, expected: int) -> Outcome | None:
-    """None when an answer whose body is not JSON (a file, or nothing) has the expected
-    status, else the failed Outcome it is."""
-    if status == expected:
-        return None
-    failed = answer(status, raw, expected)
-    assert isinstance(failed, Outcome)  # answer() fails every status but the expected one
-    return failed
-
-
 def _compile_failure(outcome: Outcome) -> Outcome:
     status = "compile_error" if outcome.status == "nonzero_exit" else outcome.status
     return Outcome(False, outcome.http, status, outcome.error)
@@ -106,63 +95,75 @@ class JudgeHttpTarget(HttpTarget):
             return answer(resp.status, await resp.read(), expected)
 
     async def send(self, seq: int) -> Outcome:
-        created = await self._json("POST", "/v1/containers", {
-            "image": self.compiler_image, "policy": self.workload.policy,
-            "limits": self.workload.limits}, 201)
-        if isinstance(created, Outcome):
-            return created
-        sid = str(created["id"])
-        try:
-            built = await self._compile(sid, seq)
-        finally:
-            async with self.session.delete(f"{self.base}/v1/containers/{sid}") as resp:
-                raw = await resp.read()
+        built = await self._compile(seq)
         if isinstance(built, Outcome):
             return built
-        binary, compile_s = built
-        if refused := _refusal(resp.status, raw, 204):
-            return refused
-        outcome, cases_s = await self._cases(binary, seq)
+        file_id, compile_s = built
+        outcome, cases_s = await self._cases(file_id, seq)
         self.times.add(compile_s, cases_s)
         return outcome
 
-    async def _compile(self, sid: str, seq: int) -> tuple[bytes, float] | Outcome:
-        """The binary compiled in session `sid`, and the compile exec's time."""
+    async def _compile(self, seq: int) -> tuple[str, float] | Outcome:
+        """The binary compiled by one run of the compiler image and kept in the file cache
+        (`copy_out_cached`): its id, and the compile request's time."""
         source = [{"path": p, "content": c, "mode": m} for p, c, m in self.workload.files]
         start = time.monotonic()
-        done = await self._json("POST", f"/v1/containers/{sid}/exec", {
+        done = await self._json("POST", "/v1/runs", {
+            "image": self.compiler_image, "policy": self.workload.policy,
             "cmd": judge_compile(source[0]["path"], JUDGE_BINARY), "env": COMPILER_ENV,
-            "files": source, "limits": self.workload.limits})
+            "files": source, "limits": self.workload.limits,
+            "copy_out_cached": [JUDGE_BINARY]})
         compile_s = time.monotonic() - start
         if isinstance(done, Outcome):
             return done
         compiled = run_outcome(done, lambda _: True, f"request {seq}: gcc")
         if not compiled.ok:
             return _compile_failure(compiled)
-        async with self.session.get(f"{self.base}/v1/containers/{sid}/files",
-                                    params={"path": JUDGE_BINARY}) as resp:
-            raw = await resp.read()
-        return _refusal(resp.status, raw, 200) or (raw, compile_s)
+        kept = done.get("file_ids", {}).get(JUDGE_BINARY)
+        if kept is None:
+            return Outcome(False, "200", "internal_error", f"request {seq}: the binary was "
+                           f"not kept: {done.get('file_errors')}")
+        return str(kept["id"]), compile_s
 
-    async def _cases(self, binary: bytes, seq: int) -> tuple[Outcome, list[float]]:
-        files = [{"path": JUDGE_BINARY, "content_base64": base64.b64encode(binary).decode(),
-                  "mode": 0o755}]
+    async def _cases(self, file_id: str, seq: int) -> tuple[Outcome, list[float]]:
+        """Every case as one batch (POST /v1/batches, stopping at the first failure), the
+        binary bound from the file cache; each case's time in the service."""
         w = self.workload
         assert w.stdin is not None and w.expect is not None
+        body = {"image": self.image, "cmd": [JUDGE_BINARY], "policy": w.policy,
+                "env": {"PATH": "/bin"}, "limits": w.limits, "stop_on_failure": True,
+                "files": [{"path": JUDGE_BINARY, "file_id": file_id, "mode": 0o755}],
+                "cases": [{"stdin": w.stdin(case)} for case in range(JUDGE_CASES)]}
         times: list[float] = []
-        for case in range(JUDGE_CASES):
-            start = time.monotonic()
-            done = await self._json("POST", "/v1/runs", {
-                "image": self.image, "cmd": [JUDGE_BINARY], "policy": w.policy,
-                "env": {"PATH": "/bin"}, "files": files, "stdin": w.stdin(case),
-                "limits": w.limits})
-            times.append(time.monotonic() - start)
-            if isinstance(done, Outcome):
-                return done, times
-            outcome = run_outcome(done, lambda out, c=case: w.check(c, out),
-                                  f"request {seq} case {case}")
-            if not outcome.ok:
-                return outcome, times
+        failures: dict[int, Outcome] = {}   # the first by case number is the verdict
+        async with self.session.post(self.base + "/v1/batches",
+                                     data=orjson.dumps(body)) as resp:
+            if resp.status != 200:
+                failed = answer(resp.status, await resp.read(), 200)
+                assert isinstance(failed, Outcome)
+                return failed, times
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                event = orjson.loads(line)
+                if event.get("event") != "case":
+                    continue
+                case = int(event["index"])
+                if "error" in event:
+                    failures[case] = Outcome(False, "200",
+                                             str(event["error"].get("code", "error")),
+                                             f"request {seq} case {case}: {event['error']}")
+                    continue
+                times.append(float(event.get("elapsed_ms", 0.0)) / 1000)
+                outcome = run_outcome(event["result"], lambda out, c=case: w.check(c, out),
+                                      f"request {seq} case {case}")
+                if not outcome.ok:
+                    failures[case] = outcome
+        if failures:
+            return failures[min(failures)], times
+        if len(times) != JUDGE_CASES:
+            return Outcome(False, "200", "internal_error",
+                           f"request {seq}: {len(times)} of {JUDGE_CASES} cases came back"), times
         return Outcome(True, "200", "ok"), times
 
 

@@ -150,23 +150,25 @@ class Spawned:
 
 
 @contextlib.contextmanager
-def spawned(pool_idle: int, *, min_idle: int = 0, compiler: bool = False) -> Iterator[Spawned]:
+def spawned(pool_idle: int, *, min_idle: int = 0, compiler: bool = False,
+            config: str = "") -> Iterator[Spawned]:
     """A registry with a busybox image (and a gcc image with `compiler`) and a `sandboxd
-    serve` using it, then nothing left."""
+    serve` using it, then nothing left. `config`: more TOML for its config file."""
     work = Path(tempfile.mkdtemp(prefix="sandboxd-loadtest-"))
     try:
         with start_registry(work / "registry") as registry:
             image, compiler_image = _push(work, registry.host, compiler)
             port = _free_port()
-            config = work / "sandboxd.toml"
+            config_file = work / "sandboxd.toml"
             # Enough warm containers for every concurrent request of one workload.
-            config.write_text(f"[pools]\nmax_idle = {pool_idle}\nmin_idle = {min_idle}\n")
+            config_file.write_text(f"[pools]\nmax_idle = {pool_idle}\nmin_idle = {min_idle}\n"
+                                   + config)
             log = work / "sandboxd.log"
             with open(log, "wb") as out:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
                      "--port", str(port), "--state-dir", str(work / "state"),
-                     "--config", str(config)],
+                     "--config", str(config_file)],
                     stdout=out, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig)
             url = f"http://127.0.0.1:{port}"
             try:

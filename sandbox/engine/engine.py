@@ -22,13 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from sandbox import statedir
+from sandbox.engine import pipeline, runfiles
 from sandbox.engine.builder import Builder, BuildRequest, Emit
 from sandbox.engine.copyout import copy_out, wanted
+from sandbox.engine.cpuslots import AFFINITY, CPUSET, CpuSlots, Slot, TimingConfig
 from sandbox.engine.filecache import FileCache, FileCacheConfig
 from sandbox.engine.pool import PoolConfig, Pools
 from sandbox.engine.records import ContainerRecords
+from sandbox.engine.repeats import summarize
 from sandbox.engine.sessions import Session, Sessions
-from sandbox.engine.specs import NOTHING, RunOutcome, RunSpec
+from sandbox.engine.specs import NOTHING, PipelineOutcome, PipelineSpec, RunOutcome, RunSpec
 from sandbox.errors import BuildFailed, NotFound, PolicyError, WrongPlatform
 from sandbox.images import (
     Image,
@@ -43,12 +46,14 @@ from sandbox.images import (
     platform_serves,
 )
 from sandbox.images.buildcontext import BuildContext, ContextLimits
-from sandbox.runtime import files
+from sandbox.runtime.container import Container
 from sandbox.runtime.hostinfo import report as host_report
 from sandbox.runtime.output import OutputCallback
-from sandbox.runtime.policy import Policy
-from sandbox.runtime.profiles import Limits, Profile
+from sandbox.runtime.policy import Policy, RunLimits
+from sandbox.runtime.profiles import Limits, Profile, host_cpus, parse_cpuset
 from sandbox.runtime.requests import ExecRequest
+from sandbox.runtime.results import Status
+from sandbox.runtime.run import FALLBACK_CPUSET
 from sandbox.runtime.runcontrol import RunControl
 from sandbox.runtime.spawnerclient import Runtime
 from sandbox.tenants import Tenant
@@ -92,6 +97,7 @@ class EngineConfig:
     public_images: PublicNames = field(default_factory=PublicNames)  # shared by every tenant
     build: BuildConfig = field(default_factory=BuildConfig)
     files: FileCacheConfig = field(default_factory=FileCacheConfig)  # the file cache
+    timing: TimingConfig = field(default_factory=TimingConfig)       # CPU slots (cpuslots.py)
 
 
 def known_policies() -> list[str]:
@@ -119,7 +125,15 @@ class Engine:
         self.records = ContainerRecords(config.state_dir)
         self.pools = Pools(runtime, config.pools, images, self.records)
         self.files = FileCache(config.state_dir / "files", config.files)
+        # Every container made from now on can bind cached files (runfiles.py).
+        runtime.files = str(self.files.blob_dir)
         self.sessions = Sessions(self.pools, images, self.files, self._request)
+        driver = runtime.cgroups.driver
+        self.cpuset_by = CPUSET if driver and "cpuset" in driver.controllers else AFFINITY
+        timing = config.timing
+        self.slots = None if timing.cpus is None else CpuSlots(
+            parse_cpuset(timing.cpus, "timing.cpus"), host_cpus(), self.cpuset_by,
+            timing.policies)
         self._reaper: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
 
@@ -244,11 +258,28 @@ class Engine:
     def _request(self, image: Image, spec: RunSpec, policy: Policy) -> ExecRequest:
         """The run's request, its limits resolved (checked against the policy's maxima
         before any container is taken for it): no layer below resolves them again."""
-        limits = policy.limits(spec.limits)
+        limits = self._placed(policy.limits(spec.limits))
         argv, env, cwd = apply_run(image.defaults, cmd=spec.cmd, env=spec.env, cwd=spec.cwd)
         uid, gid = self.images.user_ids(image, spec.user)
         return ExecRequest(argv=argv, env=env, cwd=cwd, stdin=spec.stdin, limits=limits,
                            uid=uid, gid=gid)
+
+    def _placed(self, limits: RunLimits) -> RunLimits:
+        """With CPUs reserved, every run (a session's exec too) stays off them unless a slot
+        gives it one (`_cpus`): a run asking no cpuset gets the others, one asking reserved
+        CPUs is refused (PolicyError naming limits.cpuset)."""
+        slots = self.slots
+        if slots is None:
+            return limits
+        if limits.cpuset is None:
+            return replace(limits, cpuset=slots.shared_cpus)
+        if not parse_cpuset(limits.cpuset, "limits.cpuset") <= parse_cpuset(
+                slots.shared_cpus, "timing"):
+            raise PolicyError(f"limits.cpuset: {limits.cpuset} names CPUs reserved for the "
+                              f"runs of the {', '.join(sorted(slots.policies))} policies, "
+                              f"which get one of them each; ask for a subset of "
+                              f"{slots.shared_cpus}, or for no cpuset")
+        return limits
 
     # one-shot runs
 
@@ -259,22 +290,115 @@ class Engine:
         """One run in a warm container. `image` is a reference, or an Image the caller
         already resolved for `tenant` (`image()`); `policy` a name, or a `policy()`."""
         resolved = self._policy(policy, network)
+        self.check_timing(spec, streamed=on_output is not None or control is not None)
         found = await self._image(image, tenant)
         req = self._request(found, spec, resolved)
+        if spec.repeat > 1:
+            results = [await self._run_once(found, spec, req, resolved, tenant, None, None)
+                       for _ in range(spec.repeat)]
+            repeats = summarize([o.result for o in results])
+            return replace(results[repeats.main], repeats=repeats)
+        outcome = await self._run_once(found, spec, req, resolved, tenant, on_output, control)
+        first = outcome.result
+        if spec.rerun_near_limit and first.status == Status.TIME_LIMIT and first.near_limit:
+            again = await self._run_once(found, spec, req, resolved, tenant, None, None)
+            outcome = replace(again, rerun=first)
+        return outcome
+
+    def check_timing(self, spec: RunSpec, *, streamed: bool = False) -> None:
+        """PolicyError, naming the field, for a `repeat` or `rerun_near_limit` no run can
+        honour; before anything runs."""
+        cap = self.config.timing.max_repeat
+        if spec.repeat > cap:
+            raise PolicyError(f"repeat: {spec.repeat} is above this service's maximum of "
+                              f"{cap} (timing.max_repeat); ask for at most {cap}")
+        if spec.repeat > 1 and spec.rerun_near_limit:
+            raise PolicyError("rerun_near_limit: not with repeat above 1, whose spread says "
+                              "it already; give one or the other")
+        if streamed and (spec.repeat > 1 or spec.rerun_near_limit):
+            field = "repeat" if spec.repeat > 1 else "rerun_near_limit"
+            raise PolicyError(f"{field}: a run made more than once gives one result, not a "
+                              "stream: ask for the JSON result (no NDJSON, SSE or WebSocket)")
+
+    @contextlib.asynccontextmanager
+    async def _cpus(self, policy: Policy, limits: Limits,
+                    tenant: Tenant) -> AsyncIterator[tuple[str | None, Slot | None]]:
+        """The CPUs of one run: a reserved one of its own for the timing policies (waiting
+        for it first), whatever it asked; for the rest, those `_placed` gave it."""
+        slots = self.slots
+        if slots is None:
+            yield limits.cpuset, None
+        elif slots.takes_slot(policy.name):
+            async with slots.slot(tenant.id) as slot:
+                yield str(slot.cpu), slot
+        else:
+            with slots.shared():
+                yield limits.cpuset, None
+
+    async def _run_once(self, found: Image, spec: RunSpec, req: ExecRequest, policy: Policy,
+                        tenant: Tenant, on_output: OutputCallback | None,
+                        control: RunControl | None) -> RunOutcome:
+        """One run of `run`, in a warm container, on the CPUs `_cpus` gives it."""
+        assert req.limits is not None  # resolved by _request
+        async with self._cpus(policy, req.limits, tenant) as (cpus, slot):
+            if cpus != req.limits.cpuset:
+                req = replace(req, limits=replace(req.limits, cpuset=cpus))
+            outcome = await self._exec(found, spec, req, policy, tenant, on_output, control)
+            if slot is not None and self.slots is not None:
+                outcome.result.dedicated_cpu = self.slots.dedicated(slot)
+        return outcome
+
+    async def _exec(self, found: Image, spec: RunSpec, req: ExecRequest, resolved: Policy,
+                    tenant: Tenant, on_output: OutputCallback | None,
+                    control: RunControl | None) -> RunOutcome:
         loan = self.pools.lend(found, resolved, tenant)
         copied = NOTHING
         async with loan as container:
-            for f in spec.files:
-                await files.put_file(container, f.path, f.content, f.mode, uid=req.uid,
-                                     gid=req.gid)
+            bound = await runfiles.place(container, spec.files, self.files, uid=req.uid,
+                                         gid=req.gid, exec_follows=True)
             # Files to copy out are read before the reset that would take them away.
             keep = wanted(spec)
             result = await container.exec(req, on_output=on_output, control=control,
                                           reset_after=not keep)
+            await bound()  # a bind that failed refused the run: its error, not the run's
             if keep:
                 copied = await copy_out(container, spec, tenant, self.files)
                 await container.reset()
         return RunOutcome(result, loan.warm, found.digest, copied)
+
+    async def _put_files(self, container: Container, spec: RunSpec, req: ExecRequest) -> None:
+        """A run's files into its container, owned by its user (runs and pipelines): cached
+        ones bound read-only, the rest copied (runfiles.py)."""
+        bound = await runfiles.place(container, spec.files, self.files, uid=req.uid,
+                                     gid=req.gid)
+        await bound()
+
+    async def pipeline(self, image: Image | str, spec: PipelineSpec, *, tenant: Tenant,
+                       policy: Policy | str | None = None,
+                       network: str | None = None) -> PipelineOutcome:
+        """Processes of one image wired by pipes, each a run of its own in a warm container
+        of `tenant`'s, shared or each its own (see pipeline.py); `image` and `policy` as
+        for `run`. PolicyError, naming the field, before anything runs for a pipeline that
+        cannot be wired."""
+        pipeline.check(spec)
+        resolved = self._policy(policy, network)
+        found = await self._image(image, tenant)
+        reqs = pipeline.requests_of(spec, lambda p: self._request(found, p, resolved))
+        pipeline.check_requests(reqs, self.runtime.mapping,
+                                resolved.profile.maxima.output_bytes)
+        first = reqs[0].limits
+        assert first is not None  # resolved by _request
+        # One CPU slot for the whole pipeline under a timing policy: its processes mostly
+        # take turns, and each one's CPU time is its own whatever CPU it shares.
+        async with self._cpus(resolved, first, tenant) as (cpus, slot):
+            reqs = [r if r.limits is None or r.limits.cpuset == cpus
+                    else replace(r, limits=replace(r.limits, cpuset=cpus)) for r in reqs]
+            outcome = await pipeline.run(self.pools, self.files, self._put_files, found,
+                                         resolved, tenant, spec, reqs)
+            if slot is not None and self.slots is not None:
+                for p in outcome.processes:
+                    p.result.dedicated_cpu = self.slots.dedicated(slot)
+        return outcome
 
     # builds
 
@@ -351,6 +475,16 @@ class Engine:
     def info(self, tenant: Tenant) -> dict[str, Any]:
         """What `tenant` may know: the host, its own pools and sessions, the policies."""
         return {"host": self.host, "pools": self.pools.stats(tenant),
-                "sessions": len(self.sessions.list(tenant.id)), "policies": self.policies()}
+                "sessions": len(self.sessions.list(tenant.id)), "policies": self.policies(),
+                "timing": self.timing_info(tenant)}
+
+    def timing_info(self, tenant: Tenant) -> dict[str, Any]:
+        """The CPU slots (none unless [timing] cpus reserves some), how a run's CPUs are
+        kept here, and `tenant`'s own runs in slots or waiting for one."""
+        info = ({"cpus": None, "enforced_by": self.cpuset_by} if self.slots is None
+                else self.slots.info(tenant.id))
+        if self.cpuset_by == AFFINITY:
+            info["warning"] = FALLBACK_CPUSET
+        return info
 
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sandbox.engine import runfiles
 from sandbox.engine.copyout import copy_out, wanted
 from sandbox.engine.filecache import FileCache
 from sandbox.engine.pool import Pools
@@ -134,10 +135,11 @@ class Sessions:
         req = self._make_request(s.image, spec, s.policy)
         copied = NOTHING
         async with s.changing():
-            for f in spec.files:
-                await files.put_file(s.container, f.path, f.content, f.mode, uid=req.uid,
-                                     gid=req.gid)
+            # Cached files are bound until the session ends (it is never reset).
+            bound = await runfiles.place(s.container, spec.files, self.files, uid=req.uid,
+                                         gid=req.gid, exec_follows=True)
             result = await s.container.exec(req, on_output=on_output, control=control)
+            await bound()
             if wanted(spec):
                 copied = await copy_out(s.container, spec, s.tenant, self.files)
         return RunOutcome(result, False, s.image.digest, copied)

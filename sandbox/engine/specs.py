@@ -6,17 +6,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sandbox.engine.filecache import CachedFile
+from sandbox.engine.repeats import Repeats
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.results import RunResult
 
 
 @dataclass(frozen=True)
 class FileSpec:
-    """A file to put into the container before the run (absolute path inside it)."""
+    """A file to put into the container before the run (absolute path inside it): `content`
+    copied in, or a file of the tenant's cache (`cached`, looked up for the tenant) bound
+    read-only, executable when `mode` has an exec bit (runfiles.py)."""
 
     path: str
-    content: bytes
+    content: bytes = b""
     mode: int = 0o644
+    cached: CachedFile | None = None
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class RunSpec:
     user: str | None = None              # default: the image's User
     copy_out: tuple[str, ...] = ()       # files to return, read after the run (absolute)
     copy_out_cached: tuple[str, ...] = ()  # files to keep in the tenant's file cache
+    repeat: int = 1                      # run it this many times (repeats.py)
+    rerun_near_limit: bool = False       # a time_limit near its limit is run once more
 
 
 @dataclass(frozen=True)
@@ -50,3 +56,37 @@ class RunOutcome:
     pool_hit: bool                       # a warm container (a session's run: False)
     image: str                           # the image digest the run used
     copied: CopiedOut = NOTHING          # what copy_out and copy_out_cached brought back
+    repeats: Repeats | None = None       # a `repeat` run's spread; the result is its median
+    rerun: RunResult | None = None       # the first run's, when rerun_near_limit reran it
+
+
+# A pipeline's process asks what a run asks (its stdin: bytes or nothing; an fd is the
+# pipeline's to give).
+ProcessSpec = RunSpec
+
+
+@dataclass(frozen=True)
+class PipeSpec:
+    """A pipe from one process's descriptor (1 or 2) to another's stdin (0), by (process
+    index, fd). With `capture_bytes`, the host relays it and keeps its first N bytes."""
+
+    src: tuple[int, int]
+    dst: tuple[int, int]
+    capture_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Processes of one image wired by pipes (an interactor and a solution): in one
+    container (`shared_container`) or each in its own of the same tenant's pool."""
+
+    processes: tuple[RunSpec, ...]
+    pipes: tuple[PipeSpec, ...] = ()
+    shared_container: bool = True
+
+
+@dataclass(frozen=True)
+class PipelineOutcome:
+    processes: tuple[RunOutcome, ...]     # each process's, in the order given
+    captured: tuple[bytes, ...]           # per pipe: its first capture_bytes (b"" if none)
+    truncated: tuple[bool, ...]           # per pipe: it carried more than it kept

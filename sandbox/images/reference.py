@@ -216,7 +216,7 @@ def _domain_problem(domain: str) -> str:
         return (f"{domain!r} is not a registry host: an IPv6 address must be written in "
                 "brackets, hex digits and ':' only, as in '[::1]:5000'")
     host, _, port = domain.partition(":")
-    if port and not port.isdigit():
+    if port and not (port.isascii() and port.isdigit()):
         return f"{domain!r}: the port {port!r} after ':' must be a number, as in 'host:5000'"
     return (f"{host!r} is not a registry host name: use letters, digits, '-' and '.', "
             "with no '-' or '.' at the start or end of a label")

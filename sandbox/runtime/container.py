@@ -1,5 +1,5 @@
 """A running container as the host sees it (Container): the control channel to its init,
-its runs (each a Run), the cgroups made ahead for them, reset, destroy and open_path."""
+its runs (each a Run), the cgroups made ahead for them, reset, destroy, open_path and bind."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import select
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,53 @@ def container_limits(profile: Profile, spec: RootfsSpec, has: frozenset[str]) ->
         memory_bytes=(run_memory + mounts + CONTAINER_OVERHEAD_BYTES
                       if run_memory and "memory" in has else None),
         pids=run_pids + CONTAINER_OVERHEAD_PIDS if run_pids and "pids" in has else None)
+
+
+@dataclass(frozen=True)
+class CachedBind:
+    """A file of the file cache to bind at `path` (inside the container): `blob` is its
+    name in the blob directory (the hex digits of its sha256)."""
+
+    path: str
+    blob: str
+    executable: bool
+
+
+class BindError(SandboxError):
+    """Init could not bind `index`'s file: its blob (`blob_failed`: gone from the cache) or
+    its path (`error`, as an open of the path would fail)."""
+
+    def __init__(self, index: int, blob_failed: bool, error: OSError) -> None:
+        super().__init__(str(error))
+        self.index, self.blob_failed, self.error = index, blob_failed, error
+
+
+@dataclass(frozen=True)
+class PendingBind:
+    """A bind request sent to init (Container.send_bind), its answer still to come; with
+    `exec_follows`, init answers only a failure, before the exec's end."""
+
+    container: Container
+    op_id: int
+    future: asyncio.Future[dict[str, Any]]
+    binds: tuple[CachedBind, ...]
+    exec_follows: bool
+
+    async def answer(self) -> None:
+        """Raises BindError (which one failed, and init's OSError) when one could not be
+        made; those before it stay until the reset. With `exec_follows`, call it once the
+        exec behind the request has ended: no failure told by then is none."""
+        if self.exec_follows and not self.future.done():
+            self.container._waiters.pop(("bound", self.op_id), None)
+            self.future.cancel()
+            return
+        msg = await self.future
+        if msg.get("errno"):
+            index = int(msg.get("index") or 0)
+            code = int(msg["errno"])
+            path = self.binds[index].path if index < len(self.binds) else None
+            raise BindError(index, bool(msg.get("blob")),
+                            OSError(code, str(msg.get("error") or os.strerror(code)), path))
 
 
 @dataclass(eq=False)
@@ -370,8 +417,37 @@ class Container:
             raise
         return PendingOpen(self, op_id, fut, path)
 
+    def send_bind(self, binds: Sequence[CachedBind], owner: tuple[int, int], *,
+                  exec_follows: bool = False) -> PendingBind:
+        """Bind cached files into the container's root, in one request to init (see
+        native/scratch.c): each read-only, nosuid, nodev, and noexec unless it says
+        `executable`, at its path (missing parents and the mount point made as a put makes
+        them, owned by `owner`; never through a symbolic link). No copy: the blob itself is
+        mounted. The next reset undoes every bind. Sent now, its answer awaited later:
+        with `exec_follows`, the caller sends the run's exec right after, without a
+        suspension between (so no other request comes between them), init refuses that
+        exec if a bind failed and tells only a failure, and the caller awaits the answer
+        once the exec has ended."""
+        if not self.rootfs.files:
+            raise SandboxError(f"container {self.id} was made without the file cache; "
+                               "copy the files in instead")
+        op_id = next(self._ids)
+        fut = self._expect("bound", op_id)
+        # Its answer may never be awaited (the exec behind it raised first): not an error to log.
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            self._send({"op": "bind", "id": op_id, "owner": list(owner),
+                        "exec_follows": exec_follows,
+                        "binds": [{"path": b.path, "blob": b.blob, "exec": b.executable}
+                                  for b in binds]})
+        except BaseException:
+            self._waiters.pop(("bound", op_id), None)
+            raise
+        return PendingBind(self, op_id, fut, tuple(binds), exec_follows)
+
     async def reset(self, *, remount: bool = True) -> None:
-        """Kill every process but init and give /tmp and /dev/shm back empty."""
+        """Kill every process but init, give /tmp and /dev/shm back empty and undo the
+        binds of cached files (not with `remount` false: a kill only)."""
         if self._active > (0 if remount else 1):
             raise SandboxError(f"container {self.id} has runs in progress; wait for them first")
         fut = self._expect("reset")

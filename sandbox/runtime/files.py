@@ -27,12 +27,12 @@ import stat
 import struct
 import tarfile
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
 
 from sandbox.errors import NotFound, PolicyError
-from sandbox.runtime.container import Container, PendingOpen
+from sandbox.runtime.container import BindError, CachedBind, Container, PendingOpen
 from sandbox.runtime.idmap import IdRange
 from sandbox.runtime.protocol import Base, Entry, Opened
 
@@ -184,6 +184,34 @@ async def put_file(container: Container, path: str, content: bytes, mode: int = 
         raise _open_error(e, container, norm, writing=True) from e
     finally:
         os.close(fd)
+
+
+def bind_files(container: Container, binds: Sequence[CachedBind], *,
+               uid: int | None = None, gid: int | None = None,
+               exec_follows: bool = False) -> Callable[[], Awaitable[None]]:
+    """Send a request to bind cached files at their paths (Container.send_bind: read-only,
+    no copy); returns what awaits its answer. Paths follow put_file's rules (never through a
+    symbolic link; missing parents made, owned by `uid`/`gid`, the run user by default) and
+    fail as a put would; a bind goes over an existing regular file (hiding it until the
+    next reset) or a new empty one. The answer raises BindError when a blob is gone from
+    the cache."""
+    owner = _check_owner(container, uid, gid)
+    binds = [replace(b, path=_normalise(b.path, allow_root=False)) for b in binds]
+    pending = container.send_bind(binds, owner, exec_follows=exec_follows)
+
+    async def answer() -> None:
+        try:
+            await pending.answer()
+        except BindError as e:
+            if e.blob_failed:
+                raise
+            path = binds[e.index].path
+            if e.error.errno == errno.EINVAL:
+                raise PolicyError(f"{path} exists and is not a regular file; a cached file "
+                                  "is bound over a regular file or at a new path only") from e
+            raise _open_error(e.error, container, path, writing=True) from e
+
+    return answer
 
 
 async def _in_thread(work: Callable[..., _T], *args: Any) -> _T:

@@ -100,12 +100,13 @@ class PipeReader:
 
 
 def open_output(readers: list[PipeReader], cap: int | None, on_output: OutputCallback | None,
-                on_overflow: Callable[[], None]) -> list[int]:
-    """Pipes for stdout and stderr, read by the event loop, their readers added to
+                on_overflow: Callable[[], None],
+                names: tuple[str, ...] = ("stdout", "stderr")) -> list[int]:
+    """Pipes for `names` (stdout and stderr), read by the event loop, their readers added to
     `readers` as they are made; returns the write ends."""
     loop = asyncio.get_running_loop()
     ends = []
-    for name in ("stdout", "stderr"):
+    for name in names:
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(r, False)
         ends.append(w)

@@ -39,6 +39,12 @@ class ExecRequest:
     limits: Limits | None = None       # as asked, or as the container's Policy.limits resolved
     uid: int | None = None             # inside the container; default: the mapping's run id
     gid: int | None = None
+    # Descriptors a run's 0, 1 or 2 take instead of what the runtime gives them (`stdin`,
+    # the output pipes it reads), by number: pipes to other runs (a pipeline). The run
+    # takes them: the host's copies are closed once init has its own (or the exec failed),
+    # so when the run's processes are gone the other end sees EOF or SIGPIPE. Once the
+    # request is given to exec, its caller neither uses nor closes them.
+    stdio: dict[int, int] = field(default_factory=dict)
 
 
 def validate(req: ExecRequest, mapping: idmap.IdMapping) -> None:
@@ -59,6 +65,8 @@ def validate(req: ExecRequest, mapping: idmap.IdMapping) -> None:
     if sum(len(b) + 1 for b in strings) > MAX_ARGV_ENV_BYTES:
         raise PolicyError(f"argv/env: over {MAX_ARGV_ENV_BYTES} bytes in all; pass large "
                           "data through stdin or a file")
+    if any(n not in (0, 1, 2) for n in req.stdio):
+        raise PolicyError("stdio: only descriptors 0, 1 and 2 of a run can be given")
     if not req.cwd.startswith("/") or "\0" in req.cwd:
         raise PolicyError("cwd: must be an absolute path inside the container")
     for name, value in (("uid", req.uid), ("gid", req.gid)):

@@ -40,6 +40,11 @@ class RunResult:
     oom_killed: bool = False
     error: str | None = None            # why an exec failed before the program ran
     warnings: list[str] = field(default_factory=list)
+    # How far its times can be trusted (see "Trusted timing" in docs/architecture.md):
+    cpus: str | None = None             # the CPUs it was confined to, e.g. "1"
+    host_load: float | None = None      # share of its window it (v2) or the host waited for CPU
+    dedicated_cpu: bool = False         # a reserved CPU of its own, kept by its cpuset
+    near_limit: bool = False            # cpu_ms or wall_ms in the last 10 % of its limit
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,17 @@ class Observed:
     cpu_limit_ms: int | None
     oom_kills: int
     exec_error: str | None             # "<code>:<stage>: <message>" from init's child
+
+
+NEAR_LIMIT = 0.1   # a time this close to its limit may go either way on a rerun
+
+
+def near_limit(cpu_ms: float | None, cpu_limit_ms: int | None, wall_ms: float,
+               wall_limit_ms: int | None) -> bool:
+    """Whether a time reached the last 10 % of its limit. A run killed at its limit is
+    there too, whatever the watchdog's delay added: what it would have needed is unknown."""
+    return any(t is not None and limit and t >= (1 - NEAR_LIMIT) * limit
+               for t, limit in ((cpu_ms, cpu_limit_ms), (wall_ms, wall_limit_ms)))
 
 
 def decode_wait(status: int) -> tuple[int | None, int | None]:

@@ -38,6 +38,7 @@ RW = "/rw"                        # a writable root's upper and work directories
 LAYERS = "/layers"                # the image's layers, /layers/0 the lowest
 SKELETON = "/skeleton"            # mount points the image lacks, as a topmost layer
 NEXT_ROOT, NEXT_RW = "/next", "/next-rw"   # a reset's new writable root, before it moves in
+FILES = "/files"                  # the file cache's blobs (read-only), bound into runs' roots
 
 # Docker's defaults (moby daemon/pkg/oci/defaults.go): hidden, and read-only, parts of /proc.
 MASKED_PATHS = (
@@ -77,6 +78,7 @@ class RootfsSpec:
     upper_size: int = 256 << 20
     tmpfs: tuple[TmpfsMount, ...] = DEFAULT_TMPFS
     sys: str = "none"                # "none" (absent) or "ro" (read-only sysfs)
+    files: str | None = None         # the file cache's blob directory, for init's binds
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ class Bind:
 
 @dataclass(frozen=True)
 class Layer:
-    """A layer directory bound read-only into init's root, where overlayfs can reach it
-    again for a reset."""
+    """A directory bound read-only into init's root: a layer, where overlayfs can reach it
+    again for a reset; the file cache's blobs, which init binds one by one into runs'
+    roots."""
 
     source: str                      # /proc/self/fd/N
     target: str                      # in init's root
@@ -187,8 +190,9 @@ class Plan:
         return [op for op in self.ops if isinstance(op, Tmpfs) and op.resettable]
 
 
-def plan(spec: RootfsSpec, sources: list[str]) -> Plan:
-    """Operations for `spec`; `sources[i]` is how to reach `spec.layers[i]` (e.g. an fd path)."""
+def plan(spec: RootfsSpec, sources: list[str], files: str | None = None) -> Plan:
+    """Operations for `spec`; `sources[i]` is how to reach `spec.layers[i]` (e.g. an fd path),
+    `files` how to reach `spec.files`."""
     if not sources:
         raise RuntimeSetupError("a container needs a root directory or at least one layer")
     p = Plan()
@@ -199,6 +203,9 @@ def plan(spec: RootfsSpec, sources: list[str]) -> Plan:
     for i, source in enumerate(sources):
         add(Mkdir(f"{LAYERS}/{i}", staging=True))
         add(Layer(source, f"{LAYERS}/{i}"))
+    if files is not None:
+        add(Mkdir(FILES, staging=True))
+        add(Layer(files, FILES))
     lowers = tuple(f"{LAYERS}/{i}" for i in reversed(range(len(sources))))
     in_dev = [m for m in spec.tmpfs if m.target.startswith("/dev/")]
     mountpoints = ("/proc", "/dev", *(m.target for m in spec.tmpfs if m not in in_dev),

@@ -14,14 +14,16 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sandbox.errors import SandboxError
+from sandbox.runtime import hostload
 from sandbox.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, Lease
 from sandbox.runtime.output import OutputCallback, PipeReader, drain, open_output
-from sandbox.runtime.profiles import Limits
+from sandbox.runtime.profiles import Limits, format_cpuset, host_cpus, parse_cpuset
 from sandbox.runtime.requests import ExecRequest
-from sandbox.runtime.results import Observed, RunResult, Status, verdict
+from sandbox.runtime.results import Observed, RunResult, Status, near_limit, verdict
 from sandbox.runtime.runcontrol import RunControl
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
 _CPU_POLL_MIN_S = 0.005
 _CPU_POLL_MAX_S = 0.1
+_OUTPUTS = ((1, "stdout"), (2, "stderr"))   # a run's output descriptors, by number
 
 # What a result without cgroup figures cannot say; run `sandboxd setup` to get them.
 FALLBACK_CPU = ("no cpu cgroup: the CPU limit is RLIMIT_CPU, per process and in whole "
@@ -36,15 +39,21 @@ FALLBACK_CPU = ("no cpu cgroup: the CPU limit is RLIMIT_CPU, per process and in 
 FALLBACK_MEMORY = ("no memory cgroup: peak memory is ru_maxrss, which also counts the "
                    "runtime's own pages at exec, and a memory limit (RLIMIT_AS) makes an "
                    "allocation fail rather than report memory_limit")
+FALLBACK_CPUSET = ("no cpuset cgroup: the run's CPUs are only its affinity, which it may "
+                   "widen with sched_setaffinity")
+_HOST_CPUS = format_cpuset(host_cpus())   # the service's CPUs: a run's without a cpuset
+CGROUP_PSI = "psi:cgroup-v2:cpu.pressure"  # measured_by["host_load"]: the run's own waiting
 
 
 def run_cgroup_limits(limits: Limits, has: frozenset[str]) -> CgroupLimits:
-    """What the cgroup enforces; the rest falls back to rlimits (see rlimits)."""
+    """What the cgroup enforces; the rest falls back to rlimits (see rlimits). A run
+    without a cpuset gets every CPU written out: a recycled cgroup may come from a run
+    that had one."""
     quota = int(limits.cpu_quota_cores * 100_000) if limits.cpu_quota_cores else None
     return CgroupLimits(memory_bytes=limits.memory_bytes if "memory" in has else None,
                         pids=limits.pids if "pids" in has else None,
                         cpu_quota_us=quota if "cpu" in has else None,
-                        cpuset_cpus=limits.cpuset if "cpuset" in has else None)
+                        cpuset_cpus=(limits.cpuset or _HOST_CPUS) if "cpuset" in has else None)
 
 
 def rlimits(limits: Limits, has: frozenset[str]) -> list[tuple[int, int, int]]:
@@ -85,6 +94,8 @@ class Run:
         self.readers: list[PipeReader] = []
         self.killed_for: Status | None = None   # the first limit enforced by a kill
         self.timers: list[asyncio.TimerHandle] = []
+        self.host_load: float | None = None
+        self.host_load_by = hostload.HOST
 
     def kill(self, reason: Status) -> None:
         if self.killed_for is None:
@@ -96,7 +107,9 @@ class Run:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic_ns()
         finished = False          # the run ended and was measured: its cgroup may be reused
-        own: list[int] = []       # descriptors to close once init has its copies
+        # Descriptors to close once init has its copies: the request's own (ExecRequest.stdio)
+        # among them.
+        own: list[int] = list(self.req.stdio.values())
         exited = c._expect("exited", self.id)
         try:
             if c.cgroup is not None:
@@ -104,19 +117,30 @@ class Run:
                 own += cg_fds
             else:
                 cg_fds = []
-            stdin_fd = self._stdin_fd(self.req.stdin)
-            if stdin_fd not in (self.req.stdin, c.runtime.devnull):
-                own.append(stdin_fd)
+            stdio = self.req.stdio
+            if 0 in stdio:
+                stdin_fd = stdio[0]
+            else:
+                stdin_fd = self._stdin_fd(self.req.stdin)
+                if stdin_fd not in (self.req.stdin, c.runtime.devnull):
+                    own.append(stdin_fd)
             pipes = open_output(self.readers, limits.output_bytes, self.on_output,
-                                lambda: self.kill(Status.OUTPUT_LIMIT))
+                                lambda: self.kill(Status.OUTPUT_LIMIT),
+                                tuple(name for n, name in _OUTPUTS if n not in stdio))
             own += pipes
+            made = iter(pipes)
+            outputs = [stdio[n] if n in stdio else next(made) for n, _ in _OUTPUTS]
             mapping = c.runtime.mapping
+            pressure_of = self._pressure_source()
+            pressure = pressure_of()
+            sent = time.monotonic_ns()
             c._send({"op": "exec", "id": self.id, "argv": self.req.argv, "env": self.req.env,
                      "cwd": self.req.cwd,
                      "uid": mapping.run_uid if self.req.uid is None else self.req.uid,
                      "gid": mapping.run_gid if self.req.gid is None else self.req.gid,
-                     "rlimits": rlimits(limits, self.has), "reset_after": self.reset_after},
-                    [stdin_fd, *pipes, *cg_fds])
+                     "rlimits": rlimits(limits, self.has), "reset_after": self.reset_after,
+                     "cpus": self._affinity()},
+                    [stdin_fd, *outputs, *cg_fds])
             for fd in own:
                 os.close(fd)
             own.clear()
@@ -133,6 +157,8 @@ class Run:
             if limits.cpu_ms and self.lease is not None:
                 self._watch_cpu(self.lease.cgroup, limits.cpu_ms)
             done_msg = await exited
+            self.host_load = hostload.share(pressure, pressure_of(),
+                                            time.monotonic_ns() - sent)
             for t in self.timers:
                 t.cancel()
             setup_ms = max(0.0, (int(done_msg.get("start_ns") or 0) - t0) / 1e6)
@@ -168,6 +194,21 @@ class Run:
                 cg, applied, reusable = self.lease.cgroup, self.cgroup_limits, finished
                 c._housekeep(lambda: c._retire(cg, applied, reusable))
         return self._result(done_msg, stats, setup_ms)
+
+    def _pressure_source(self) -> Callable[[], int | None]:
+        """The run cgroup's own CPU pressure where it keeps one (v2), else the host's."""
+        if self.lease is not None and self.lease.cgroup.cpu_pressure_us() is not None:
+            self.host_load_by = CGROUP_PSI
+            return self.lease.cgroup.cpu_pressure_us
+        return hostload.cpu_pressure_us
+
+    def _affinity(self) -> list[int] | None:
+        """The CPUs init's child sets as its affinity when no cpuset cgroup keeps the run
+        on its cpuset (None: init's own, as before any run)."""
+        if self.limits.cpuset is None or "cpuset" in self.has:
+            return None
+        self.warnings.append(FALLBACK_CPUSET)
+        return sorted(parse_cpuset(self.limits.cpuset, "limits.cpuset"))
 
     def _stdin_fd(self, stdin: bytes | int | None) -> int:
         if isinstance(stdin, int):
@@ -239,15 +280,21 @@ class Run:
             exec_error=msg.get("error")))
         error = msg.get("error")
         wall_ns = max(0, int(msg.get("end_ns", 0)) - int(msg.get("start_ns", 0)))
-        out, err = self.readers
+        # An output given to another run (ExecRequest.stdio) has no reader here: empty.
+        got = {r.name: r for r in self.readers}
+        out, err = got.get("stdout"), got.get("stderr")
         return RunResult(
             id=f"{self.container.id}-{self.id}", status=status, exit_code=code, signal=sig,
-            stdout=bytes(out.buf), stderr=bytes(err.buf),
-            stdout_truncated=out.truncated, stderr_truncated=err.truncated,
+            stdout=bytes(out.buf) if out else b"", stderr=bytes(err.buf) if err else b"",
+            stdout_truncated=bool(out and out.truncated),
+            stderr_truncated=bool(err and err.truncated),
             cpu_ms=None if cpu_ns is None else cpu_ns / 1e6,
             user_ms=None if user_ns is None else user_ns / 1e6,
             sys_ms=None if sys_ns is None else sys_ns / 1e6,
             wall_ms=wall_ns / 1e6, memory_peak_bytes=peak, setup_ms=setup_ms,
-            measured_by={"cpu": cpu_source, "memory": mem_source, "wall": "init:CLOCK_MONOTONIC"},
+            measured_by={"cpu": cpu_source, "memory": mem_source, "wall": "init:CLOCK_MONOTONIC",
+                         "host_load": None if self.host_load is None else self.host_load_by},
             oom_killed=oom > 0, error=error.split(":", 1)[1] if error else None,
-            warnings=warnings)
+            warnings=warnings, cpus=limits.cpuset or _HOST_CPUS, host_load=self.host_load,
+            near_limit=near_limit(None if cpu_ns is None else cpu_ns / 1e6, limits.cpu_ms,
+                                  wall_ns / 1e6, limits.wall_ms))

@@ -73,12 +73,15 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
         # the lookup, where container root may be an id that cannot traverse its directories.
         sources = [os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                    for layer in spec.layers]
+        files = (None if spec.files is None else
+                 os.open(spec.files, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         os.write(to_spawner, b"u")
         if os.read(from_spawner, 1) != b"m":
             os._exit(1)
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
-        plan = rootfs.plan(spec, [f"/proc/self/fd/{fd}" for fd in sources])
+        plan = rootfs.plan(spec, [f"/proc/self/fd/{fd}" for fd in sources],
+                           None if files is None else f"/proc/self/fd/{files}")
         init_mounts, writable = rootfs.execute(plan)
         sc.sethostname(req.get("hostname") or "sandbox")
         if not req["host_network"]:
@@ -104,6 +107,7 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
             "init_id": (None if mapping.shares_init_id
                         else [mapping.init_uid, mapping.init_gid]),
             "mounts": init_mounts, "root": rootfs.ROOT,
+            "files": None if files is None else rootfs.FILES,
             "writable": writable.message() if writable is not None else None,
             "resettable": [{"target": op.target, "size": op.size, "mode": op.mode,
                             "inodes": op.inodes, "flags": op.flags}

@@ -41,6 +41,9 @@ class Runtime:
         # The stdin of every run without one: init receives its own copy with each run.
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.housekeeper = Housekeeper()
+        # The file cache's blob directory (its owner sets it): bound read-only into every
+        # container made from then on, out of runs' sight, for Container.bind.
+        self.files: str | None = None
 
     _end_spawner: weakref.finalize  # set by start(): see _end_spawner()
 
@@ -120,7 +123,7 @@ class Runtime:
         rootfs = RootfsSpec(
             layers=tuple(str(Path(p).resolve()) for p in spec.layers),
             writable=shape.writable if spec.writable is None else spec.writable,
-            upper_size=shape.upper_size, tmpfs=shape.tmpfs, sys=shape.sys)
+            upper_size=shape.upper_size, tmpfs=shape.tmpfs, sys=shape.sys, files=self.files)
         cid = secrets.token_hex(6)
         cgroup: Cgroup | None = None
         fds: list[int] = []

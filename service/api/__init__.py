@@ -10,12 +10,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sandbox import Engine, Platform
+from sandbox import Engine, Image, Platform, Policy
 from service.admission import Admission
-from service.auth import Tokens
+from service.auth import Principal, Tokens
 from service.config import ServiceConfig
 from service.errors import ApiError, bad_request, blame, too_large
-from service.metrics import Metrics
+from service.metrics import Metrics, PullWatcher
 from service.schemas import Obj, validate_json
 
 VERSION = "0.1.0"
@@ -97,9 +97,30 @@ async def read_json(request: web.Request, schema: Obj) -> dict[str, Any]:
     return parse_json(await request.read(), schema)
 
 
+def policy_of(eng: Engine, body: dict[str, Any]) -> Policy | None:
+    """The body's `policy` (runs, pipelines, sessions), resolved once; None when it names
+    none (the engine's default then)."""
+    if "policy" not in body:
+        return None
+    with blame("policy"):
+        return eng.policy(body["policy"])
+
+
 def platform_of(body: dict[str, Any]) -> Platform | None:
     """The body's `platform` (pull, run, session), parsed; None when it names none."""
     if "platform" not in body:
         return None
     with blame("platform"):
         return Platform.parse(body["platform"])
+
+
+async def image_of(st: State, who: Principal, body: dict[str, Any]) -> Image:
+    """The image a run, pipeline or batch body names, as its tenant sees it: pulled the
+    first time (counted in the metrics), for the body's `platform`; errors name `image`."""
+    platform = platform_of(body)
+    watcher = PullWatcher(st.metrics)
+    with blame("image"):
+        image = await ready(st).image(body["image"], tenant=who.tenant, platform=platform,
+                                      on_progress=watcher)
+    watcher.finish()
+    return image

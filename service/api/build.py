@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -26,11 +25,9 @@ from service.schemas import (
     Str,
     query_params,
 )
-from service.streaming import NDJSON, EventStream
+from service.streaming import NDJSON, ClientGone, EventStream, unless_gone
 
 MAX_TAGS = 32
-GONE_POLL_S = 0.5
-T = TypeVar("T")
 MAX_BUILD_ARGS = 256
 TAG = Param("tag", "query", REFERENCE)
 BUILD_ARG = Param("build_arg", "query", Str(max_len=64 << 10, min_len=1,
@@ -101,7 +98,7 @@ async def build(request: web.Request) -> web.StreamResponse:
     try:
         # A build is one of the tenant's runs while it lasts (its RUN steps are).
         async with state(request).admission.slot(who):
-            await _unless_gone(request, eng.build(
+            await unless_gone(request, eng.build(
                 request.content.iter_chunked(1 << 20), req, tenant=who.tenant, emit=emit,
                 allow=allow))
     except ClientGone:
@@ -124,32 +121,6 @@ async def build(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await stream.send("error", {"error": error})
     return await stream.close()
-
-
-class ClientGone(Exception):
-    """The client closed its connection: nobody is left to tell."""
-
-
-async def _unless_gone(request: web.Request, work: Coroutine[Any, Any, T]) -> T:
-    """`work`, cancelled when the client's connection closes: a build's steps may say
-    nothing for minutes, and one nobody waits for must not hold its slot and containers
-    until its limits end it."""
-    task = asyncio.ensure_future(work)
-    try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=GONE_POLL_S)
-            transport = request.transport
-            if not task.done() and (transport is None or transport.is_closing()):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                raise ClientGone
-        return task.result()
-    finally:
-        if not task.done():  # we were cancelled: so is the build
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 async def prune(request: web.Request) -> web.Response:

@@ -21,7 +21,7 @@ from sandbox import (
     RunSpec,
     SandboxError,
 )
-from service.api import engine, json_response, platform_of, read_json, state
+from service.api import engine, json_response, platform_of, policy_of, read_json, state
 from service.api.images import image_json
 from service.api.runs import RUN_REPLIES, WS_REPLY, PreparedRun, exec_spec, execute, websocket
 from service.auth import principal
@@ -53,10 +53,7 @@ async def create(request: web.Request) -> web.Response:
     eng = engine(request)
     body = await read_json(request, CONTAINER_BODY)
     principal(request).allow_image(body["image"], "image")
-    policy = None
-    if "policy" in body:
-        with blame("policy"):
-            policy = eng.policy(body["policy"])
+    policy = policy_of(eng, body)
     limits = None
     if "limits" in body:
         with blame("limits"):

@@ -9,7 +9,7 @@ import binascii
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
@@ -28,9 +28,12 @@ from sandbox import (
 from service.api import (
     State,
     engine,
+    image_of,
     json_response,
     parse_json,
+    pipelines,
     platform_of,
+    policy_of,
     read_json,
     ready,
     state,
@@ -38,13 +41,14 @@ from service.api import (
 from service.api.files import about
 from service.auth import Principal, principal
 from service.errors import ApiError, bad_request, blame, to_api_error
-from service.metrics import PullWatcher
 from service.schemas import (
     ERROR,
+    PIPELINE_RESULT,
     RUN_BODY,
     RUN_RESULT,
     SIGNALS,
     WS_MESSAGE,
+    OneOf,
     Reply,
     Route,
 )
@@ -59,8 +63,9 @@ def _b64(text: str, field: str) -> bytes:
 
 
 def _files(st: State, who: Principal, body: dict[str, Any]) -> tuple[FileSpec, ...]:
-    """The body's files with their contents: given inline, or read from the caller's file
-    cache. `limits.files_bytes` bounds them together (what one request holds in memory)."""
+    """The body's files: contents given inline, or files of the caller's cache, bound
+    read-only (no copy) unless the entry asks for a `copy`, which is read here.
+    `limits.files_bytes` bounds the contents together (what one request holds in memory)."""
     caps = st.config.limits
     files = []
     total = 0
@@ -68,6 +73,12 @@ def _files(st: State, who: Principal, body: dict[str, Any]) -> tuple[FileSpec, .
         raise bad_request(f"files: more than {caps.files_count} files (limits.files_count)",
                           "files")
     for i, f in enumerate(body.get("files", ())):
+        mode = f.get("mode", 0o644)
+        if "file_id" in f and not f.get("copy"):
+            with about(f"files[{i}].file_id"):  # one lookup (and one use recorded)
+                cached = ready(st).files.get(who.tenant, f["file_id"])
+            files.append(FileSpec(f["path"], mode=mode, cached=cached))
+            continue
         if "file_id" in f:
             content = _cached(st, who, f["file_id"], f"files[{i}].file_id",
                               caps.files_bytes - total)
@@ -80,12 +91,13 @@ def _files(st: State, who: Principal, body: dict[str, Any]) -> tuple[FileSpec, .
             raise bad_request(f"files: over {caps.files_bytes} bytes in all "
                               "(limits.files_bytes); copy large files in with PUT "
                               "/v1/containers/{id}/files", f"files[{i}]")
-        files.append(FileSpec(f["path"], content, f.get("mode", 0o644)))
+        files.append(FileSpec(f["path"], content, mode))
     return tuple(files)
 
 
 def _cached(st: State, who: Principal, file_id: str, field: str, room: int) -> bytes:
-    """A file of the caller's cache, checked against the room left before it is read."""
+    """A copy of a file of the caller's cache, checked against the room left before it is
+    read."""
     with about(field):  # one lookup (and one use recorded) per file
         f = ready(st).files.open(who.tenant, file_id)
     with f:
@@ -94,7 +106,8 @@ def _cached(st: State, who: Principal, file_id: str, field: str, room: int) -> b
             cap = st.config.limits.files_bytes
             raise bad_request(f"{field}: this cached file ({size} bytes) takes the run's "
                               f"files over {cap} bytes in all (limits.files_bytes); give "
-                              "fewer or smaller files, or ask the operator to raise it", field)
+                              "fewer or smaller files, bind it (leave out copy), or ask the "
+                              "operator to raise it", field)
         return f.read()
 
 
@@ -114,7 +127,9 @@ def exec_spec(st: State, who: Principal, body: dict[str, Any]) -> tuple[RunSpec,
     spec = RunSpec(cmd=body.get("cmd"), env=body.get("env"), cwd=body.get("cwd"), stdin=stdin,
                    files=_files(st, who, body), limits=limits, user=body.get("user"),
                    copy_out=tuple(dict.fromkeys(body.get("copy_out", ()))),
-                   copy_out_cached=tuple(dict.fromkeys(body.get("copy_out_cached", ()))))
+                   copy_out_cached=tuple(dict.fromkeys(body.get("copy_out_cached", ()))),
+                   repeat=body.get("repeat", 1),
+                   rerun_near_limit=body.get("rerun_near_limit", False))
     return spec, body.get("output_encoding", "utf-8")
 
 
@@ -129,11 +144,28 @@ def result_json(outcome: RunOutcome, spec: RunSpec, enc: OutputEncoder,
         "user_ms": result.user_ms, "sys_ms": result.sys_ms, "wall_ms": result.wall_ms,
         "memory_peak_bytes": result.memory_peak_bytes, "setup_ms": result.setup_ms,
         "measured_by": result.measured_by, "image": outcome.image,
-        "pool_hit": outcome.pool_hit, "warnings": list(result.warnings), "error": result.error}
+        "pool_hit": outcome.pool_hit, "warnings": list(result.warnings), "error": result.error,
+        "cpus": result.cpus, "host_load": result.host_load,
+        "dedicated_cpu": result.dedicated_cpu, "near_limit": result.near_limit}
     if output:
         out["stdout"] = enc.whole(result.stdout)
         out["stderr"] = enc.whole(result.stderr)
-    return out | _copied_json(outcome.copied, spec, enc)
+    return out | _copied_json(outcome.copied, spec, enc) | _timing_json(outcome)
+
+
+def _timing_json(outcome: RunOutcome) -> dict[str, Any]:
+    """`repeats` and `rerun`, each only when the run was repeated or rerun."""
+    out: dict[str, Any] = {}
+    if (rep := outcome.repeats) is not None:
+        out["repeats"] = {"n": rep.n, "cpu_ms": None if rep.cpu_ms is None else asdict(rep.cpu_ms),
+                          "wall_ms": asdict(rep.wall_ms), "statuses": rep.statuses,
+                          "main": rep.main}
+    if (first := outcome.rerun) is not None:
+        out["rerun"] = {"first": {"status": str(first.status), "cpu_ms": first.cpu_ms,
+                                  "wall_ms": first.wall_ms, "cpus": first.cpus,
+                                  "host_load": first.host_load,
+                                  "dedicated_cpu": first.dedicated_cpu}}
+    return out
 
 
 def _copied_json(copied: CopiedOut, spec: RunSpec, enc: OutputEncoder) -> dict[str, Any]:
@@ -159,33 +191,35 @@ class PreparedRun:
     encoding: str
 
 
-def one_shot(request: web.Request, body: dict[str, Any]) -> PreparedRun:
+def one_shot(request: web.Request,
+             body: dict[str, Any]) -> PreparedRun | pipelines.PreparedPipeline:
     return prepare_run(state(request), principal(request), body)
 
 
-def prepare_run(st: State, who: Principal, body: dict[str, Any]) -> PreparedRun:
+def prepare_run(st: State, who: Principal,
+                body: dict[str, Any]) -> PreparedRun | pipelines.PreparedPipeline:
     """A validated run body (RUN_BODY) as a PreparedRun of `who`'s: checked (image allowed, policy,
     limits, files read from the cache) before anything runs. Needs no request: batches
-    and jobs prepare their runs with it too."""
+    and jobs prepare their runs with it too. A body with `processes` is a pipeline."""
+    if "processes" in body:
+        return pipelines.prepare(st, who, body)
+    for key in ("pipes", "container"):
+        if key in body:
+            raise bad_request(f"{key}: only for a pipeline; give `processes` in place of "
+                              "`cmd`, or leave it out", key)
     eng = ready(st)
     who.allow_image(body["image"], "image")
-    policy = None
-    if "policy" in body:
-        with blame("policy"):
-            policy = eng.policy(body["policy"])
+    policy = policy_of(eng, body)
     spec, encoding = exec_spec(st, who, body)
-    platform = platform_of(body)
+    with blame("repeat"):
+        eng.check_timing(spec)
+    platform_of(body)  # a malformed platform is a 400 before anything runs
 
     async def start(spec: RunSpec, on_output: OutputCallback | None,
                     control: RunControl | None) -> RunOutcome:
-        watcher = PullWatcher(st.metrics)
-        with blame("image"):
-            image = await eng.image(body["image"], tenant=who.tenant, platform=platform,
-                                    on_progress=watcher)
-        watcher.finish()
-        return await eng.run(image, spec, tenant=who.tenant, policy=policy,
-                             network=body.get("network"), on_output=on_output,
-                             control=control)
+        return await eng.run(await image_of(st, who, body), spec, tenant=who.tenant,
+                             policy=policy, network=body.get("network"),
+                             on_output=on_output, control=control)
 
     return PreparedRun(start, spec, encoding)
 
@@ -205,9 +239,12 @@ def _observe(st: State, result: RunResult) -> None:
     st.metrics.observe_run(str(result.status), result.setup_ms, result.wall_ms)
 
 
-async def run_result(st: State, who: Principal, job: PreparedRun) -> dict[str, Any]:
+async def run_result(st: State, who: Principal,
+                     job: PreparedRun | pipelines.PreparedPipeline) -> dict[str, Any]:
     """Run `job` in one of `who`'s admission slots, to its result as the API gives it. The
     slot is given back before the result is returned."""
+    if isinstance(job, pipelines.PreparedPipeline):
+        return await pipelines.result(st, who, job)
     async with st.admission.slot(who):
         outcome = await job.start(job.spec, None, None)
     _observe(st, outcome.result)
@@ -252,7 +289,13 @@ async def _send_quietly(stream: EventStream, event: str, payload: dict[str, Any]
 
 async def post_run(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, RUN_BODY)
-    return await execute(request, one_shot(request, body))
+    job = one_shot(request, body)
+    if isinstance(job, pipelines.PreparedPipeline):
+        if stream_kind(request) is not None:
+            raise bad_request("processes: a pipeline's result is one JSON object, not a "
+                              "stream; ask for application/json", "processes")
+        return json_response(await run_result(state(request), principal(request), job))
+    return await execute(request, job)
 
 
 # WebSocket ------------------------------------------------------------------------------
@@ -343,6 +386,9 @@ async def _interactive(request: web.Request, ws: web.WebSocketResponse,
     if first.type != WSMsgType.TEXT:
         raise bad_request("the first message must be the run body, as JSON text")
     job = make_job(request, parse_json(first.data, schema))
+    if isinstance(job, pipelines.PreparedPipeline):
+        raise bad_request("processes: a pipeline runs through POST /v1/runs, not over a "
+                          "WebSocket", "processes")
     enc = OutputEncoder(job.encoding)
     stdin = _Stdin()
     try:
@@ -434,13 +480,18 @@ _ERRORS = (Reply(400, "bad input; `field` names the culprit", ERROR),
            Reply(502, "registry failed", ERROR))
 RUN_REPLIES = (Reply(200, "the result, or its events with Accept: application/x-ndjson or "
                      "text/event-stream", RUN_RESULT, streams=(NDJSON, SSE)), *_ERRORS)
+# POST /v1/runs: a body with `processes` (a pipeline) answers a PipelineResult.
+POST_RUN_REPLIES = (Reply(200, "the result (a PipelineResult for a body with `processes`), or "
+                          "a run's events with Accept: application/x-ndjson or "
+                          "text/event-stream", OneOf((RUN_RESULT, PIPELINE_RESULT)),
+                          streams=(NDJSON, SSE)), *_ERRORS)
 WS_REPLY = (Reply(101, "switching to WebSocket: first client message is the run body; then "
                   "{type: stdin|close_stdin|signal}; server sends stdout/stderr/exit/error "
                   "events"),)
 
 ROUTES = [
     Route("POST", "/v1/runs", post_run, "Run a command in a fresh or warm container",
-          body=RUN_BODY, replies=RUN_REPLIES, tags=("runs",)),
+          body=RUN_BODY, replies=POST_RUN_REPLIES, tags=("runs",)),
     Route("GET", "/v1/runs/ws", ws_run, "An interactive run over WebSocket", replies=WS_REPLY,
           tags=("runs",)),
 ]

@@ -76,6 +76,12 @@ name = "main"
 min_idle = 0
 max_idle = 1
 
+# go-judge's endpoints (off by default) are fuzzed too: never a 5xx, as documented.
+[gojudge]
+enabled = true
+image = "{images.oci}"
+policy = "judge"
+
 [limits]
 json_body_bytes = {256 << 10}
 file_body_bytes = {256 << 10}
@@ -125,7 +131,34 @@ def _bounded(case: schemathesis.Case, target: Target) -> None:
     """Keep a generated request cheap and local without making it valid: only values of the
     right type are replaced, so type errors still reach the service."""
     label = case.operation.label
-    body = case.body
+    if isinstance(case.body, dict) and label == "POST /v1/jobs":
+        # A job's run or batch is bounded as a run is (an image pulled from the internet or
+        # a long sleep would outlast the module).
+        for kind in ("run", "batch"):
+            if isinstance(case.body.get(kind), dict):
+                case.body[kind].setdefault("limits", {"wall_ms": RUN_LIMIT_MS})
+                _bounded_body(case.body[kind], label, target)
+                for each in case.body[kind].get("cases", ()) if kind == "batch" else ():
+                    _bounded_body(each, label, target)
+    if isinstance(case.body, dict) and label == "POST /v1/batches":
+        # Every case is a run: bounded as one (the batch's limits, and each case's own).
+        case.body.setdefault("limits", {"wall_ms": RUN_LIMIT_MS})
+        cases = case.body.get("cases")
+        for each in cases if isinstance(cases, list) else ():
+            _bounded_body(each, label, target)
+    _bounded_body(case.body, label, target)
+    # go-judge's /run takes its image from the query: the test registry's, not Docker Hub's.
+    query = case.query
+    if label == "POST /run" and query is not None and isinstance(query.get("image"), str):
+        query["image"] = target.image
+    params = case.path_parameters
+    if (params is not None and isinstance(params.get("id"), str)
+            and case.operation.path.startswith("/v1/containers/{id}")
+            and label != "DELETE /v1/containers/{id}"):
+        params["id"] = target.session_id
+
+
+def _bounded_body(body: Any, label: str, target: Target) -> None:
     if isinstance(body, dict):
         if isinstance(body.get("image"), str):
             body["image"] = target.image
@@ -142,11 +175,10 @@ def _bounded(case: schemathesis.Case, target: Target) -> None:
                 limits["wall_ms"] = RUN_LIMIT_MS
         elif label in ("POST /v1/runs", "POST /v1/containers/{id}/exec") and limits is None:
             body["limits"] = {"wall_ms": RUN_LIMIT_MS}
-    params = case.path_parameters
-    if (params is not None and isinstance(params.get("id"), str)
-            and case.operation.path.startswith("/v1/containers/{id}")
-            and label != "DELETE /v1/containers/{id}"):
-        params["id"] = target.session_id
+        # A pipeline's processes: each bounded as a run (its limits go over the body's).
+        processes = body.get("processes")
+        for each in processes if isinstance(processes, list) else ():
+            _bounded_body(each, label, target)
 
 
 @schema.parametrize()

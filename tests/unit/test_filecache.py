@@ -75,10 +75,48 @@ def test_put_get_read_open_list_delete(cache: FileCache) -> None:
 def test_files_are_the_services_own(cache: FileCache) -> None:
     e = _put(cache, A, b"private")
     blob = cache.root / "blobs" / "sha256" / e.id.removeprefix("sha256:")
-    assert stat.S_IMODE(blob.stat().st_mode) == 0o600
+    # Readable by runs' ids through a bind (containers bind the blob directory), which only
+    # the blob directory's own 0711 lets them reach: every directory above it is 0700.
+    assert stat.S_IMODE(blob.stat().st_mode) == 0o444
+    assert stat.S_IMODE(blob.parent.stat().st_mode) == 0o711
     assert stat.S_IMODE((cache.root / "files.db").stat().st_mode) == 0o600
-    for d in (cache.root, blob.parent, blob.parent.parent, cache.root / "tmp"):
+    for d in (cache.root, blob.parent.parent, cache.root / "tmp"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_an_executable_variant_is_made_once_and_goes_with_its_blob(cache: FileCache) -> None:
+    e = _put(cache, A, b"#!/bin/sh\n")
+    hexpart = e.id.removeprefix("sha256:")
+    assert cache.bindable(e.id, False) == hexpart
+    assert cache.bindable(e.id, True) is None
+    assert cache.make_executable(e.id) == hexpart + ".x"
+    variant = cache.blob_dir / (hexpart + ".x")
+    assert stat.S_IMODE(variant.stat().st_mode) == 0o555
+    assert variant.read_bytes() == b"#!/bin/sh\n"
+    assert cache.bindable(e.id, True) == hexpart + ".x"
+    assert _temps(cache) == []
+    cache.delete(A, e.id)
+    assert not variant.exists()
+    with pytest.raises(NotFound):
+        cache.make_executable(e.id)
+    assert _temps(cache) == []
+
+
+def test_blobs_stored_before_binds_are_made_readable_at_start(tmp_path: Path) -> None:
+    first = FileCache(tmp_path / "files")
+    e = _put(first, A, b"old")
+    first.close()
+    blob = tmp_path / "files" / "blobs" / "sha256" / e.id.removeprefix("sha256:")
+    blob.chmod(0o600)
+    (blob.parent / (blob.name + ".x")).write_bytes(b"old")  # kept: its blob is held
+    (blob.parent / ("0" * 64 + ".x")).write_bytes(b"orphan")  # its blob is not
+    again = FileCache(tmp_path / "files")
+    try:
+        assert stat.S_IMODE(blob.stat().st_mode) == 0o444
+        assert sorted(p.name for p in blob.parent.iterdir()) == sorted(
+            [blob.name, blob.name + ".x"])
+    finally:
+        again.close()
 
 
 def test_a_stream_in_many_chunks_is_stored_whole(cache: FileCache) -> None:
@@ -209,7 +247,8 @@ def test_a_tenants_quota_below_the_file_cap_stops_the_stream_too(cache: FileCach
     assert "(max_file_bytes)" in str(err.value) and "[files]" not in str(err.value)
 
 
-def test_use_moves_the_expiry_and_expire_drops_only_stale_entries(cache: FileCache) -> None:
+def test_use_moves_the_expiry_and_expire_drops_only_stale_entries(tmp_path: Path) -> None:
+    cache = FileCache(tmp_path / "files", FileCacheConfig(refresh_s=0))
     old = _put(cache, A, b"old")
     used = _put(cache, A, b"used")
     shared = _put(cache, A, b"shared")
@@ -225,6 +264,14 @@ def test_use_moves_the_expiry_and_expire_drops_only_stale_entries(cache: FileCac
     assert cache.read(B, shared.id) == b"shared"  # B still holds it
     assert cache.read(A, used.id) == b"used"
     assert cache.expire(now) == 0
+    cache.close()
+
+
+def test_uses_close_together_are_recorded_once(cache: FileCache) -> None:
+    stored = _put(cache, A, b"case after case")
+    assert cache.get(A, stored.id).last_used == stored.last_used
+    cache.config = FileCacheConfig(refresh_s=0)
+    assert cache.get(A, stored.id).last_used > stored.last_used
 
 
 def test_an_expired_entry_is_gone_before_expire_runs(tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def test_split_host(text: str, parts: tuple[str, int | None]) -> None:
     assert split_host(text) == parts
 
 
-@pytest.mark.parametrize("text", ["", "[::1", "[::1]x", "h:0", "h:port", ":5000"])
+@pytest.mark.parametrize("text", ["", "[::1", "[::1]x", "h:0", "h:port", ":5000", "h:\u00b3"])
 def test_split_host_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         split_host(text)

@@ -25,7 +25,7 @@ NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 @pytest.mark.parametrize(("value", "seconds"), [
     ("7", 7.0), (" 0 ", 0.0), ("Thu, 01 Jan 2026 12:00:09 GMT", 9.0),
     ("Thu, 01 Jan 2026 11:00:00 GMT", 0.0), ("soon", None), ("", None), (None, None),
-    ("-5", None),
+    ("-5", None), ("\u00b3", None), ("\u0663", None),  # digits to isdigit(), not to float()
 ])
 def test_retry_after(value: str | None, seconds: float | None) -> None:
     assert parse_retry_after(value, NOW) == seconds

@@ -610,7 +610,7 @@ class RegistryClient:
         length = reply.headers.get("Content-Length", "")
         media_type = reply.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         return ManifestHead(media_type=media_type, digest=digest,
-                            size=int(length) if length.isdigit() else None)
+                            size=int(length) if length.isascii() and length.isdigit() else None)
 
     @asynccontextmanager
     async def _open_blob(self, host: _Host, ref: Reference, digest: str,

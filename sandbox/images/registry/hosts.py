@@ -27,7 +27,7 @@ def split_host(hostport: str) -> tuple[str, int | None]:
         raise ValueError(f"{hostport!r}: the host name is empty")
     if port is None:
         return host, None
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"{hostport!r}: the port must be a number from 1 to 65535")
     return host, int(port)
 

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,8 +131,18 @@ def _busy(e: BaseException) -> bool:
 # makes SQLite answer "database is locked" at once, without waiting out the busy timeout.
 @retry(retry=retry_if_exception(_busy), wait=wait_exponential(multiplier=0.005, max=0.2),
        stop=stop_after_delay(30), reraise=True)
-def use_wal(db: sqlite3.Connection) -> None:
+def open_database(path: Path, schema: Sequence[str] = ()) -> sqlite3.Connection:
+    """A connection for the event loop and worker threads alike (its owner serialises it
+    with a lock, and takes write transactions with `transaction`): autocommit, WAL,
+    synchronous=NORMAL, `schema`'s statements run. The file is made 0600 first: SQLite
+    gives its -wal and -shm files the database's mode."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    for statement in schema:
+        db.execute(statement)
+    return db
 
 
 @contextlib.contextmanager
@@ -184,12 +194,9 @@ class Catalog:
     serialises every statement and transaction on the connection."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
+        self._db = open_database(path)
         self._lock = threading.RLock()
         self.generation = 0  # bumped by every change to images or names made here
-        use_wal(self._db)
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         _migrate(self._db)
         for statement in _SCHEMA:

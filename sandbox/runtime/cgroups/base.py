@@ -109,6 +109,11 @@ class Cgroup(ABC):
     def cpu_ns(self) -> int | None:
         """The cheapest current CPU total, for watchdogs."""
 
+    def cpu_pressure_us(self) -> int | None:
+        """µs during which some process of this cgroup waited for a CPU (PSI's some
+        total), where the cgroup keeps it (v2); None on v1, which keeps none per cgroup."""
+        return None
+
     @abstractmethod
     def kill(self) -> None:
         """SIGKILL everything in this cgroup and its children; return once it is empty.

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from sandbox.errors import CgroupError
+from sandbox.runtime import hostload
 from sandbox.runtime.cgroups import base
 from sandbox.runtime.cgroups.base import Cgroup, CgroupDriver, CgroupLimits, CgroupStats
 
@@ -118,6 +119,12 @@ class V2Cgroup(Cgroup):
         except OSError as e:
             raise CgroupError(f"cannot read {self._dir}/cpu.stat: {e.strerror}") from e
         return None if usec is None else usec * 1000
+
+    def cpu_pressure_us(self) -> int | None:
+        try:
+            return hostload.some_total(base.read_bytes(f"{self._dir}/cpu.pressure"))
+        except OSError:
+            return None  # a kernel without PSI
 
     def _populated(self) -> bool:
         try:

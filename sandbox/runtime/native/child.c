@@ -116,11 +116,12 @@ static void reset_scheduling(const struct plan *p)
         if (sched_setscheduler(0, b->policy, &b->param) < 0)
             fail(p, 125, "scheduler", errno);
     /* After the cgroup join, which set the mask to the run's cpuset; the kernel narrows
-     * the baseline's to it. */
+     * the baseline's (or the run's own, without a cpuset cgroup) to it. */
+    unsigned int want_len = p->affinity_len ? p->affinity_len : b->affinity_len;
+    const unsigned long *want = p->affinity_len ? p->affinity : b->affinity;
     len = syscall(SYS_sched_getaffinity, 0, sizeof(mask), mask);
-    if (b->affinity_len > 0 &&
-        (len != (long)b->affinity_len || memcmp(mask, b->affinity, b->affinity_len) != 0) &&
-        syscall(SYS_sched_setaffinity, 0, b->affinity_len, b->affinity) < 0)
+    if (want_len > 0 && (len != (long)want_len || memcmp(mask, want, want_len) != 0) &&
+        syscall(SYS_sched_setaffinity, 0, want_len, want) < 0)
         fail(p, 125, "affinity", errno);
     if (syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, b->ioprio) < 0)
         fail(p, 125, "ioprio", errno);

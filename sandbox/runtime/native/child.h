@@ -40,6 +40,9 @@ struct plan {
     int rl_set[RLIMIT_NLIMITS];
     struct rlimit rl[RLIMIT_NLIMITS];
     const struct baseline *base; /* NULL: only the rlimits given, nothing else reset */
+    /* The run's CPUs where no cpuset cgroup keeps them (0 words: the baseline's). */
+    unsigned int affinity_len;
+    const unsigned long *affinity;
     int new_ipc;
     int stdio[3];
     int ncgroup;

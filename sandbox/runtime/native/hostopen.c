@@ -236,17 +236,21 @@ static int walk(int root, const struct parts *p, int k, const uid_t *owner, cons
 /* Open `name` in `parent`; with O_CREAT, an existing entry is opened without it and a new
  * one made with O_EXCL: on someone else's link in a sticky directory (/tmp) O_CREAT gets
  * EACCES (the kernel's rule for creating in sticky directories) before O_NOFOLLOW gets the
- * ELOOP that lets the error name the link. -1 with errno. */
-static int open_entry(int parent, const char *name, int flags)
+ * ELOOP that lets the error name the link. `*made`: whether it made the file. -1 with
+ * errno. */
+static int open_entry(int parent, const char *name, int flags, int *made)
 {
     int i, fd;
+    *made = 0;
     if (!(flags & O_CREAT))
         return open_in(parent, name, flags, 0);
     for (i = 0; i < 8; i++) {
         if ((fd = open_in(parent, name, flags & ~O_CREAT, 0)) >= 0 || errno != ENOENT)
             return fd;
-        if ((fd = open_in(parent, name, flags | O_EXCL, 0600)) >= 0 || errno != EEXIST)
+        if ((fd = open_in(parent, name, flags | O_EXCL, 0600)) >= 0 || errno != EEXIST) {
+            *made = fd >= 0;
             return fd;
+        }
         /* made meanwhile: open that one */
     }
     errno = EAGAIN;
@@ -322,7 +326,7 @@ int open_for_host(const struct mp_value *msg, const struct open_bases *bases, in
     const char *name = NULL;
     char shown[PATH_MAX + 2], namebuf[NAME_MAX + 1];
     int64_t flags, mode = 0644, x, dev = 0, ino = 0;
-    int has_entry, in_upper = 0, root, parent, fd;
+    int has_entry, in_upper = 0, root, parent, fd, made;
     struct stat st;
 
     *opaque = -1;
@@ -410,7 +414,7 @@ int open_for_host(const struct mp_value *msg, const struct open_bases *bases, in
     if (name == NULL)
         fd = openat(parent, ".", ((int)flags & ~O_CREAT) | O_CLOEXEC);
     else
-        fd = open_entry(parent, name, ((int)flags & ~O_TRUNC) | O_NOFOLLOW);
+        fd = open_entry(parent, name, ((int)flags & ~O_TRUNC) | O_NOFOLLOW, &made);
     close(parent);
     if (fd < 0) {
         int err = errno;
@@ -432,4 +436,66 @@ int open_for_host(const struct mp_value *msg, const struct open_bases *bases, in
         return -1;
     }
     return fd;
+}
+
+int open_mount_point(const char *root_path, const char *path, size_t len, const uid_t owner[2],
+                     struct failure *f)
+{
+    struct parts p;
+    struct stat st;
+    char shown[PATH_MAX + 2];
+    const char *name;
+    int root, parent, fd, made;
+
+    if (components(path, len, &p, f) < 0)
+        return -1;
+    if (p.n == 0)
+        return fail(f, EISDIR, "/ is a directory; give the path of a file");
+    name = p.part[--p.n];
+    join(&p, p.n, shown + 1, sizeof(shown) - 1);
+    shown[0] = '/';
+    snprintf(shown + strlen(shown), sizeof(shown) - strlen(shown), "%s%s", p.n ? "/" : "",
+             name);
+    if ((root = open(root_path, DIR_FLAGS | O_CLOEXEC)) < 0)
+        return fail_errno(f, errno);
+    if ((parent = walk(root, &p, p.n, owner, shown, f)) < 0) {
+        close(root);
+        return -1;
+    }
+    /* Non-blocking: an existing FIFO there opens at once, and is refused below. */
+    fd = open_entry(parent, name, O_RDONLY | O_CREAT | O_NONBLOCK | O_NOCTTY | O_NOFOLLOW,
+                    &made);
+    close(parent);
+    if (fd < 0) {
+        int err = errno;
+        if (err == ELOOP) {
+            p.part[p.n] = name;
+            link_error(root, &p, p.n + 1, shown, f);
+        } else {
+            fail_errno(f, err);
+        }
+        close(root);
+        return -1;
+    }
+    close(root);
+    if (finish(fd, shown, O_RDONLY, NULL, 0, f) < 0)
+        goto bad;
+    if (fstat(fd, &st) < 0) {
+        fail_errno(f, errno);
+        goto bad;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        fail(f, EINVAL, "%s is not a regular file", shown);
+        goto bad;
+    }
+    /* Made just now: the run user's, as a put makes it. An existing file (the image's, a
+     * run's, a bind's) stays as it is. */
+    if (made && (fchown(fd, owner[0], owner[1]) < 0 || fchmod(fd, 0644) < 0)) {
+        fail_errno(f, errno);
+        goto bad;
+    }
+    return fd;
+bad:
+    close(fd);
+    return -1;
 }

@@ -36,6 +36,7 @@
 #define SBX_HOSTOPEN_H
 
 #include <stddef.h>
+#include <sys/types.h>
 
 #include "mp.h"
 
@@ -54,5 +55,12 @@ struct open_bases {
  * 1 or 0 for a directory opened under the base "upper" (whether it is opaque), else -1. */
 int open_for_host(const struct mp_value *msg, const struct open_bases *bases, int *opaque,
                   struct failure *f);
+
+/* A regular file at `path` (len bytes, inside the container) below `root` (in init's root),
+ * to mount a cached file over: opened as a put opens it (every component without following
+ * a link, missing parents made 0755 and given to `owner`), made empty and given to `owner`
+ * when missing, never truncated. The descriptor, or -1 with `f` filled. */
+int open_mount_point(const char *root, const char *path, size_t len, const uid_t owner[2],
+                     struct failure *f);
 
 #endif

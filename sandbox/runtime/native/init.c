@@ -9,7 +9,8 @@
  * root, moves to its own id (where the map has more than one), captures the state every
  * child starts from, reports "ready" and serves its control socket (SOCK_SEQPACKET, one
  * MessagePack map per datagram, descriptors as SCM_RIGHTS; see sandbox/runtime/protocol.py):
- * exec, signal, reset and open, answered by the events exited, reset and opened.
+ * exec, signal, reset, open and bind, answered by the events exited, reset, opened and
+ * bound.
  *
  * Init is hostile ground: it is non-dumpable, holds no host file, handles no signal but
  * SIGCHLD and, where the id map has more than one id, runs under an id that no run may
@@ -77,6 +78,7 @@ static int ctl = -1;
 static struct config cfg;
 static struct scratch scratch;
 static int tidy_failed;          /* idle work failed once: told, not tried again */
+static int bind_failed;          /* a bind whose exec followed it failed: refuse that exec */
 static struct run *runs;
 static int nruns, runs_cap;
 static volatile sig_atomic_t child_exited;
@@ -293,6 +295,7 @@ struct exec_req {
     void *block;
     char *cwd;
     char *program;
+    unsigned long affinity[AFFINITY_WORDS]; /* the plan's, when the exec names its cpus */
 };
 
 static char *copy_str(char **at, const uint8_t *s, size_t n)
@@ -361,6 +364,20 @@ static const char *parse_exec(const struct mp_value *msg, const int *fds, int nf
 
     e->plan.base = &cfg.base;
     plan_rlimits_from_baseline(&e->plan);
+    /* "cpus": the host has no cpuset cgroup to keep the run on them (see run.py). */
+    if (mp_get(msg, "cpus", &v) == 0 && v.type != MP_NIL) {
+        int64_t cpu;
+        if (v.type != MP_ARRAY || v.len == 0 || cfg.base.affinity_len == 0)
+            return "'cpus' must be a non-empty list of CPU numbers";
+        for (i = 0; i < v.len; i++) {
+            if (mp_item(&v, i, &item) < 0 ||
+                mp_int(&item, 0, (int64_t)cfg.base.affinity_len * 8 - 1, &cpu) < 0)
+                return "'cpus' must be a non-empty list of CPU numbers this host has";
+            e->affinity[cpu / (8 * sizeof(long))] |= 1UL << (cpu % (8 * sizeof(long)));
+        }
+        e->plan.affinity = e->affinity;
+        e->plan.affinity_len = cfg.base.affinity_len;
+    }
     if (mp_get(msg, "rlimits", &v) == 0 && v.type != MP_NIL) {
         if (v.type != MP_ARRAY)
             return "'rlimits' must be a list of [resource, soft, hard]";
@@ -505,6 +522,9 @@ static void do_exec(const struct mp_value *msg, const int *fds, int nfds)
     scratch_touching(&scratch);
     start = now_ns();
     bad = parse_exec(msg, fds, nfds, &e);
+    if (bad == NULL && bind_failed)
+        bad = "a file for the run could not be bound (see the bind's answer)";
+    bind_failed = 0;
     if (bad == NULL && pipe2(pipefd, O_CLOEXEC) < 0) {
         snprintf(why, sizeof(why), "[Errno %d] %s", errno, strerror(errno));
         bad = why;
@@ -574,6 +594,9 @@ static void do_reset(const struct mp_value *msg)
     int remount = 1;
     if (mp_get(msg, "remount", &v) == 0 && v.type == MP_BOOL)
         remount = (int)v.u;
+    /* The host asks for a reset with no run under way: an exec that never came behind a
+     * failed bind (its sender raised first) is not waited for any more. */
+    bind_failed = 0;
     send_reset(reset_container(remount));
 }
 
@@ -609,6 +632,126 @@ static void do_open(const struct mp_value *msg)
     send_msg(&w, fd);
     if (fd >= 0)
         close(fd);
+}
+
+/* A blob's name: 64 lowercase hex digits, and ".x" for its executable variant (see
+ * sandbox/engine/filecache.py); nothing that could lead elsewhere. */
+static int is_blob_name(const struct mp_value *v)
+{
+    uint32_t i;
+    if (v->type != MP_STR || (v->len != 64 && (v->len != 66 || memcmp(v->data + 64, ".x", 2))))
+        return 0;
+    for (i = 0; i < 64; i++)
+        if (!((v->data[i] >= '0' && v->data[i] <= '9') || (v->data[i] >= 'a' && v->data[i] <= 'f')))
+            return 0;
+    return 1;
+}
+
+/* {op: bind, id, owner: [uid, gid], binds: [{path, blob, exec}], exec_follows}: each cached
+ * file bound at its path (scratch_bind), in order, until one fails; answered once, "bound"
+ * with the failure's index, errno and reason, and whether the blob (rather than the path)
+ * failed. What was bound before a failure stays until the next reset, as a put's file
+ * would. With exec_follows, the host sent the run's exec right behind this request without
+ * waiting for the answer (a round trip less per run): after a failure that exec is refused,
+ * and a success is not answered at all. */
+static void do_bind(const struct mp_value *msg)
+{
+    static struct failure f;
+    struct mp_writer w = {.len = 0};
+    struct mp_value v, list, item, path, blob, ex;
+    char name[67];
+    uid_t owner[2];
+    int64_t id = 0, x;
+    int has_id, fd, blob_failed = 0, k;
+    uint32_t i = 0;
+
+    scratch_touching(&scratch);
+    f.err = 0;
+    has_id = mp_get(msg, "id", &v) == 0 && mp_int(&v, INT64_MIN, INT64_MAX, &id) == 0;
+    /* Whatever is wrong with the request, an exec sent behind it must not run; set until
+     * every bind is made. */
+    bind_failed = mp_get(msg, "exec_follows", &v) == 0 && v.type == MP_BOOL && v.u;
+    if (mp_get(msg, "owner", &v) < 0 || v.type != MP_ARRAY || v.len != 2) {
+        snprintf(f.why, sizeof(f.why), "bad bind request: 'owner' must be [uid, gid]");
+        f.err = EINVAL;
+        goto answer;
+    }
+    for (k = 0; k < 2; k++) {
+        if (mp_item(&v, (uint32_t)k, &item) < 0 || mp_int(&item, 0, UINT32_MAX - 1, &x) < 0) {
+            snprintf(f.why, sizeof(f.why), "bad bind request: 'owner' must be [uid, gid]");
+            f.err = EINVAL;
+            goto answer;
+        }
+        owner[k] = (uid_t)x;
+    }
+    if (mp_get(msg, "binds", &list) < 0 || list.type != MP_ARRAY) {
+        snprintf(f.why, sizeof(f.why), "bad bind request: 'binds' must be a list");
+        f.err = EINVAL;
+        goto answer;
+    }
+    for (i = 0; i < list.len; i++) {
+        if (mp_item(&list, i, &item) < 0 || mp_get(&item, "path", &path) < 0 ||
+            !mp_is_bytes(&path) || mp_get(&item, "blob", &blob) < 0 || !is_blob_name(&blob) ||
+            mp_get(&item, "exec", &ex) < 0 || ex.type != MP_BOOL) {
+            snprintf(f.why, sizeof(f.why), "bad bind request: each bind is {path, blob: 64 "
+                     "lowercase hex digits (and .x), exec: bool}");
+            f.err = EINVAL;
+            goto answer;
+        }
+        fd = open_mount_point(scratch_root(&scratch), (const char *)path.data, path.len, owner,
+                              &f);
+        if (fd < 0)
+            goto answer;
+        /* The same path bound again (a session's execs are not reset between them): the
+         * new bind replaces the old, rather than piling mounts up. */
+        if ((k = scratch_unbind_at(&scratch, fd, f.why, sizeof(f.why))) != 0) {
+            close(fd);
+            if (k < 0) {
+                f.err = errno ? errno : EIO;
+                goto answer;
+            }
+            fd = open_mount_point(scratch_root(&scratch), (const char *)path.data, path.len,
+                                  owner, &f);
+            if (fd < 0)
+                goto answer;
+        }
+        memcpy(name, blob.data, blob.len);
+        name[blob.len] = 0;
+        if (scratch_bind(&scratch, name, fd, (int)ex.u, f.why, sizeof(f.why)) < 0) {
+            f.err = errno ? errno : EIO;
+            blob_failed = 1;
+        }
+        close(fd);
+        if (blob_failed)
+            goto answer;
+    }
+answer:
+    if (!f.err && bind_failed) {
+        /* Behind a request whose exec follows, success goes untold: the exec's own answer
+         * says it (a failure comes first, on the same socket), a message and a wake-up of
+         * the host less per run. */
+        bind_failed = 0;
+        return;
+    }
+    mp_w_map(&w, f.err ? 6 : 2);
+    put_key(&w, "ev");
+    mp_w_cstr(&w, "bound");
+    put_key(&w, "id");
+    if (has_id)
+        mp_w_int(&w, id);
+    else
+        mp_w_nil(&w);
+    if (f.err) {
+        put_key(&w, "index");
+        mp_w_int(&w, i);
+        put_key(&w, "errno");
+        mp_w_int(&w, f.err);
+        put_key(&w, "error");
+        mp_w_cstr(&w, f.why);
+        put_key(&w, "blob");
+        mp_w_bool(&w, blob_failed);
+    }
+    send_msg(&w, -1);
 }
 
 /* ------------------------------------------------------------------------ the channel */
@@ -707,6 +850,8 @@ static int serve_one(void)
         do_reset(&msg);
     else if (op.len == 4 && memcmp(op.data, "open", 4) == 0)
         do_open(&msg);
+    else if (op.len == 4 && memcmp(op.data, "bind", 4) == 0)
+        do_bind(&msg);
 drop:
     close_fds(fds, nfds);
     free(body);

@@ -2,6 +2,7 @@
 #include "scratch.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -170,6 +171,10 @@ int scratch_init(struct scratch *s, const struct mp_value *config, char *err, si
         snprintf(err, n, "root: the container's root in init's is missing");
         return -1;
     }
+    if (mp_get(config, "files", &v) == 0 && v.type != MP_NIL && !(s->files = str_of(&v))) {
+        snprintf(err, n, "files: where the file cache's blobs are in init's root, or nil");
+        return -1;
+    }
     if (mp_get(config, "resettable", &v) < 0 || init_tmpfs(s, &v, err, n) < 0)
         return -1;
     if (mp_get(config, "writable", &v) == 0 && v.type != MP_NIL &&
@@ -289,6 +294,90 @@ static int replace_root(struct scratch *s, char *err, size_t n)
     return 0;
 }
 
+int scratch_bind(struct scratch *s, const char *blob, int target, int exec, char *err, size_t n)
+{
+    struct mount_attr attr = {.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID |
+                                          MOUNT_ATTR_NODEV | (exec ? 0 : MOUNT_ATTR_NOEXEC)};
+    char src[PATH_MAX];
+    int tree, saved;
+
+    if (!s->files) {
+        errno = ENOTSUP;
+        snprintf(err, n, "this container was made without the file cache's blobs");
+        return -1;
+    }
+    if (s->nbinds == s->binds_cap) {
+        int cap = s->binds_cap ? s->binds_cap * 2 : 8;
+        int *more = realloc(s->binds, sizeof(int) * (size_t)cap);
+        if (!more)
+            return fail(err, n, "realloc", "binds");
+        s->binds = more;
+        s->binds_cap = cap;
+    }
+    snprintf(src, sizeof(src), "%s/%s", s->files, blob);
+    /* A detached copy of the blob's mount, its flags set before anyone can reach it. */
+    tree = (int)open_tree(AT_FDCWD, src, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC |
+                                         AT_SYMLINK_NOFOLLOW);
+    if (tree < 0)
+        return fail(err, n, "open_tree", src);
+    if (mount_setattr(tree, "", AT_EMPTY_PATH, &attr, sizeof(attr)) < 0 ||
+        move_mount(tree, "", target, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) < 0) {
+        saved = errno;
+        close(tree);
+        errno = saved;
+        return fail(err, n, "bind", src);
+    }
+    s->binds[s->nbinds++] = tree;
+    return 0;
+}
+
+int scratch_unbind_at(struct scratch *s, int target, char *err, size_t n)
+{
+    struct statx at, bound;
+    char path[PATH_MAX];
+    int i, fd;
+
+    if (s->nbinds == 0)  /* a run's first: nothing to compare (no system call per run) */
+        return 0;
+    if (statx(target, "", AT_EMPTY_PATH, STATX_MNT_ID, &at) < 0)
+        return fail(err, n, "statx", "the bind's target");
+    for (i = 0; i < s->nbinds; i++) {
+        fd = s->binds[i];
+        if (statx(fd, "", AT_EMPTY_PATH, STATX_MNT_ID, &bound) < 0)
+            return fail(err, n, "statx", "a bind");
+        if (bound.stx_mnt_id != at.stx_mnt_id)
+            continue;
+        snprintf(path, sizeof(path), "%s/proc/self/fd/%d", scratch_root(s), fd);
+        if (umount2(path, MNT_DETACH) < 0)
+            return fail(err, n, "umount2", path);
+        close(fd);
+        s->binds[i] = s->binds[--s->nbinds];
+        return 1;
+    }
+    return 0;
+}
+
+/* Every bind since the last reset not gone yet, detached through its descriptor: by path, a
+ * run could have moved the mount point (renaming a directory above it). A bind in a tmpfs
+ * just mounted anew went with it, in the same RCU grace period (which every detach waits
+ * for): EINVAL, its mount is no longer in this namespace. */
+static int unbind_all(struct scratch *s, char *err, size_t n)
+{
+    char path[PATH_MAX];
+    int fd, failed;
+    while (s->nbinds > 0) {
+        fd = s->binds[--s->nbinds];
+        /* The container's /proc is init's pid namespace's: self is init. */
+        snprintf(path, sizeof(path), "%s/proc/self/fd/%d", scratch_root(s), fd);
+        failed = umount2(path, MNT_DETACH) < 0 && errno != EINVAL ?
+                 fail(err, n, "umount2", path) : 0;
+        close(fd);
+        if (failed)
+            return -1;
+    }
+    return 0;
+}
+
 int scratch_reset(struct scratch *s, char *err, size_t n)
 {
     char path[PATH_MAX];
@@ -312,6 +401,10 @@ int scratch_reset(struct scratch *s, char *err, size_t n)
         if (mount_tmpfs(path, m->size, m->mode, m->inodes, m->flags, err, n) < 0)
             return -1;
     }
+    /* Last: the binds left, over an image's file say (in a tmpfs mounted anew they are gone
+     * already; in a replaced writable root's old slot they are detached here). */
+    if (unbind_all(s, err, n) < 0)
+        return -1;
     if (read_marks(s, err, n) < 0)
         return -1;
     s->doubt = 0;

@@ -61,9 +61,12 @@ struct scratch {
     int doubt;             /* something began within the tick of a mark */
     char *root;            /* the container's root in init's, for a read-only root */
     struct writable_root *writable;   /* NULL: the root is read-only */
+    char *files;           /* the file cache's blobs in init's root; NULL: none bound */
+    int *binds;            /* cached files bound into the root since the last reset: */
+    int nbinds, binds_cap; /* their mounts, held open (each is found by its descriptor) */
 };
 
-/* From the config's "root", "resettable" (an array of {target, size, mode, inodes, flags})
+/* From the config's "root", "files" (nil, or where the file cache's blobs are), "resettable" (an array of {target, size, mode, inodes, flags})
  * and "writable" (nil, or {lowers, upper_size, carried, slots}), and their marks as they are
  * now. 0, or -1 with `err` filled. */
 int scratch_init(struct scratch *s, const struct mp_value *config, char *err, size_t n);
@@ -80,7 +83,18 @@ const char *scratch_upper(const struct scratch *s);
 /* A run starts, or a file is opened for the host: what it changes must show. */
 void scratch_touching(struct scratch *s);
 
-/* Give back what may have changed; 0, or -1 with `err` filled. */
+/* Mount the cached file `blob` (its name under `files`: checked by the caller) over the
+ * regular file `target` (a descriptor: hostopen.h's open_mount_point), read-only, nosuid,
+ * nodev, and noexec unless `exec`: no copy, whatever its size. The next reset undoes it
+ * (the bind's mount is found by the descriptor kept, wherever a run moved its mount point).
+ * 0, or -1 with errno set and `err` filled. */
+int scratch_bind(struct scratch *s, const char *blob, int target, int exec, char *err, size_t n);
+
+/* If `target` (a descriptor) is a bind made since the last reset (a session binds the same
+ * path again), undo it: 1 if so, 0 if not, -1 with `err` filled. */
+int scratch_unbind_at(struct scratch *s, int target, char *err, size_t n);
+
+/* Give back what may have changed, every bind included; 0, or -1 with `err` filled. */
 int scratch_reset(struct scratch *s, char *err, size_t n);
 
 /* Whether work for an idle moment is waiting, and doing it (detaching a writable root's
