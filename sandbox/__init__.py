@@ -86,6 +86,7 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.statedir import prepare as prepare_state_dir  # noqa: F401
     from sandbox.tenants import LOCAL as LOCAL_TENANT  # noqa: F401
     from sandbox.tenants import Tenant as Tenant
+    from sandbox.tenants import Turns as Turns
 
 # Where each name lives at run time ("module" or "module:its name there"); the imports
 # above say the same to type checkers, and tests/unit/test_layering.py that they agree.
@@ -146,6 +147,7 @@ _HOMES = {
     "Status": "sandbox.runtime.results",
     "Streamed": "sandbox.runtime.output",
     "Tenant": "sandbox.tenants",
+    "Turns": "sandbox.tenants",
     "TimingConfig": "sandbox.engine.cpuslots",
     "WrongPlatform": "sandbox.errors",
     "check_pipeline": "sandbox.engine.pipeline:check",

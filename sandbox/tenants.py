@@ -12,9 +12,14 @@ that content itself.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from sandbox.errors import PolicyError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,3 +39,59 @@ class Tenant:
 
 
 LOCAL = Tenant("local")
+
+
+class Turns(Generic[T]):
+    """What tenants wait with, served in turn: each tenant's items in the order they came,
+    the tenants round robin (one served goes to the back while it has more waiting), so
+    one tenant's burst delays another's item by at most one item per waiting tenant. The
+    admission of runs, the CPU slots and the job runner each keep one."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, deque[T]] = {}
+        self._order: deque[str] = deque()   # tenants with items waiting, the next first
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def waiting(self, tenant: str) -> int:
+        return len(self._queues.get(tenant, ()))
+
+    def push(self, tenant: str, item: T) -> None:
+        queue = self._queues.get(tenant)
+        if queue is None:
+            queue = self._queues[tenant] = deque()
+            self._order.append(tenant)
+        queue.append(item)
+        self._count += 1
+
+    def pop(self, eligible: Callable[[str], bool] | None = None) -> T | None:
+        """The first item of the first tenant in turn (that is `eligible`), or None."""
+        tenant = next((t for t in self._order if eligible is None or eligible(t)), None)
+        if tenant is None:
+            return None
+        if tenant == self._order[0]:
+            self._order.popleft()
+        else:
+            self._order.remove(tenant)
+        queue = self._queues[tenant]
+        item = queue.popleft()
+        if queue:
+            self._order.append(tenant)
+        else:
+            del self._queues[tenant]
+        self._count -= 1
+        return item
+
+    def remove(self, tenant: str, item: T) -> bool:
+        """Take `item` out of `tenant`'s queue (given up while waiting); False if absent."""
+        queue = self._queues.get(tenant)
+        if queue is None or item not in queue:
+            return False
+        queue.remove(item)
+        if not queue:
+            del self._queues[tenant]
+            self._order.remove(tenant)
+        self._count -= 1
+        return True

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import AsyncIterator
 
+from sandbox import Turns
 from service.auth import Principal
 from service.errors import ApiError
 
@@ -28,10 +28,7 @@ class Admission:
         self.running = 0
         self.waiting = 0
         self.closed = False
-        self._queues: dict[str, deque[asyncio.Future[None]]] = {}
-        # Tenants with waiting runs, the next to be served first; a tenant served goes to
-        # the back while it still has runs waiting.
-        self._turns: deque[str] = deque()
+        self._turns: Turns[asyncio.Future[None]] = Turns()
 
     @contextlib.asynccontextmanager
     async def slot(self, who: Principal) -> AsyncIterator[None]:
@@ -61,11 +58,7 @@ class Admission:
     async def _wait(self, tenant: str) -> None:
         """Until a freed slot is handed to this run (`running` already counts it then)."""
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue = self._queues.get(tenant)
-        if queue is None:
-            queue = self._queues[tenant] = deque()
-            self._turns.append(tenant)
-        queue.append(turn)
+        self._turns.push(tenant, turn)
         self.waiting += 1
         try:
             await turn
@@ -74,23 +67,14 @@ class Admission:
                 self._release()  # handed a slot as the caller gave up: pass it on
             else:
                 self.waiting -= 1
-                queue.remove(turn)
-                if not queue:
-                    del self._queues[tenant]
-                    self._turns.remove(tenant)
+                self._turns.remove(tenant, turn)
             raise
 
     def _release(self) -> None:
         self.running -= 1
-        if not self._turns:
+        turn = self._turns.pop()
+        if turn is None:
             return
-        tenant = self._turns.popleft()
-        queue = self._queues[tenant]
-        turn = queue.popleft()
-        if queue:
-            self._turns.append(tenant)
-        else:
-            del self._queues[tenant]
         self.waiting -= 1
         self.running += 1
         turn.set_result(None)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from sandbox.errors import PolicyError
 from sandbox.runtime.profiles import format_cpuset, host_cpus, parse_cpuset
+from sandbox.tenants import Turns
 
 # How a slot's CPU is kept: by the run cgroup's cpuset, or (no cpuset controller here) by
 # the affinity init's child sets itself, which the run may widen.
@@ -69,8 +70,7 @@ class CpuSlots:
         # A stack: the CPU freed last is taken first, so runs one after another stay on one
         # CPU (its caches warm, and the run cgroup's cpuset already written: ~0.1 ms a write).
         self._free: list[int] = sorted(reserved, reverse=True)
-        self._queues: dict[str, deque[asyncio.Future[int]]] = {}   # waiting, by tenant
-        self._turns: deque[str] = deque()   # tenants with runs waiting, the next first
+        self._turns: Turns[asyncio.Future[int]] = Turns()   # runs waiting, by tenant
         self._held: Counter[str] = Counter()      # by tenant
         self._shared_active = 0
         self._shared_started = 0
@@ -115,32 +115,18 @@ class CpuSlots:
         if self._free and not self._turns:
             return self._free.pop()
         turn: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        queue = self._queues.get(tenant)
-        if queue is None:
-            queue = self._queues[tenant] = deque()
-            self._turns.append(tenant)
-        queue.append(turn)
+        self._turns.push(tenant, turn)
         try:
             return await turn
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():
                 self._give(turn.result())  # handed a CPU as the caller gave up: pass it on
-            elif turn in (queue := self._queues.get(tenant, deque())):
-                queue.remove(turn)
-                if not queue:
-                    del self._queues[tenant]
-                    self._turns.remove(tenant)
+            else:
+                self._turns.remove(tenant, turn)
             raise
 
     def _give(self, cpu: int) -> None:
-        while self._turns:
-            tenant = self._turns.popleft()
-            queue = self._queues[tenant]
-            turn = queue.popleft()
-            if queue:
-                self._turns.append(tenant)
-            else:
-                del self._queues[tenant]
+        while (turn := self._turns.pop()) is not None:
             if not turn.done():  # cancelled, its task not yet told: the next one
                 turn.set_result(cpu)
                 return
@@ -152,4 +138,4 @@ class CpuSlots:
         return {"cpus": format_cpuset(self.reserved), "policies": sorted(self.policies),
                 "enforced_by": self.enforced_by, "shared_cpus": self.shared_cpus,
                 "yours": {"running": self._held.get(tenant, 0),
-                          "waiting": len(self._queues.get(tenant, ()))}}
+                          "waiting": self._turns.waiting(tenant)}}

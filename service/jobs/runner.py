@@ -18,13 +18,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from sandbox import Turns
 from service.api import VERSION, State
 from service.api.batches import batch_events
 from service.api.runs import prepare_run, run_result
@@ -49,8 +50,7 @@ class Jobs:
         self.config = st.config.jobs
         self._store: JobStore | None = None
         self.deliverer = Deliverer(self.config, f"sandboxd/{VERSION}")
-        self._queues: dict[str, deque[str]] = {}
-        self._turns: deque[str] = deque()    # tenants with queued jobs, next first
+        self._turns: Turns[tuple[str, str]] = Turns()   # queued jobs: (tenant, job id)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._per_tenant: Counter[str] = Counter()
         self._cancelled: set[str] = set()
@@ -62,7 +62,7 @@ class Jobs:
         self._closing = False
         st.metrics.gauges += [
             Gauge("sandboxd_jobs_queued", "Jobs waiting for a worker.",
-                  lambda: [((), float(sum(map(len, self._queues.values()))))]),
+                  lambda: [((), float(len(self._turns)))]),
             Gauge("sandboxd_jobs_running", "Jobs running now.",
                   lambda: [((), float(len(self._running)))]),
             Gauge("sandboxd_job_callbacks_delivering", "Callbacks being delivered (retries "
@@ -131,11 +131,7 @@ class Jobs:
         return job, replayed
 
     def _enqueue(self, job_id: str, tenant: str) -> None:
-        queue = self._queues.get(tenant)
-        if queue is None:
-            queue = self._queues[tenant] = deque()
-            self._turns.append(tenant)
-        queue.append(job_id)
+        self._turns.push(tenant, (tenant, job_id))
 
     def _cap(self, tenant: str) -> int:
         who = self.st.tokens.of_tenant(tenant)
@@ -146,16 +142,10 @@ class Jobs:
     def _dispatch(self) -> None:
         """Start queued jobs while workers are free, tenants in turn."""
         while not self._closing and len(self._running) < self.config.workers:
-            tenant = next((t for t in self._turns if self._per_tenant[t] < self._cap(t)), None)
-            if tenant is None:
+            queued = self._turns.pop(lambda t: self._per_tenant[t] < self._cap(t))
+            if queued is None:
                 return
-            self._turns.remove(tenant)
-            queue = self._queues[tenant]
-            job_id = queue.popleft()
-            if queue:
-                self._turns.append(tenant)
-            else:
-                del self._queues[tenant]
+            tenant, job_id = queued
             self._per_tenant[tenant] += 1
             task = self._running[job_id] = asyncio.ensure_future(self._execute(job_id, tenant))
             task.add_done_callback(_log_failure)
@@ -228,12 +218,7 @@ class Jobs:
         """Cancel a queued or running job (a running one's run is killed); a finished one
         stays as it is."""
         if job.status == "queued" and self.store.finish(job.id, "cancelled", time.time()):
-            queue = self._queues.get(job.tenant)
-            if queue is not None and job.id in queue:
-                queue.remove(job.id)
-                if not queue:
-                    del self._queues[job.tenant]
-                    self._turns.remove(job.tenant)
+            self._turns.remove(job.tenant, (job.tenant, job.id))
             self._notify(job.id)
             self._deliver_later(job.id)
             return

@@ -12,7 +12,25 @@ from pathlib import Path
 
 import psutil
 
-from tests.service.conftest import start_service, stop, wait_ready
+from tests.service.conftest import LIMITED_TOKEN, MAIN_TOKEN, start_service, stop, wait_ready
+
+
+def two_tenants(registry_host: str, b: str = "") -> str:
+    """The [[tokens]] of two tenants: "a" (MAIN_TOKEN) and "b" (LIMITED_TOKEN, with `b`'s
+    lines), both allowed the test registry: the config of every tenant-against-tenant
+    test."""
+    return f"""
+[[tokens]]
+token = "{MAIN_TOKEN}"
+name = "a"
+registries = ["{registry_host}"]
+
+[[tokens]]
+token = "{LIMITED_TOKEN}"
+name = "b"
+registries = ["{registry_host}"]
+{b}
+"""
 
 
 @dataclass

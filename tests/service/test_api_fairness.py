@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from tests.service.conftest import LIMITED_TOKEN, MAIN_TOKEN
-from tests.service.own_service import OwnService, own_service
+from tests.service.own_service import OwnService, own_service, two_tenants
 
 A_RUNS = 10
 
@@ -23,18 +23,7 @@ A_RUNS = 10
 @pytest.fixture(scope="module")
 def one_slot(registry: Any, images: Any, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[OwnService]:
-    config = f"""
-[[tokens]]
-token = "{MAIN_TOKEN}"
-name = "a"
-registries = ["{registry.host}"]
-
-[[tokens]]
-token = "{LIMITED_TOKEN}"
-name = "b"
-max_concurrent_runs = 1
-registries = ["{registry.host}"]
-
+    config = two_tenants(registry.host, "max_concurrent_runs = 1") + """
 [limits]
 max_running = 1
 """

@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 
 from tests.service.conftest import LIMITED_TOKEN, MAIN_TOKEN
-from tests.service.own_service import OwnService, own_service
+from tests.service.own_service import OwnService, own_service, two_tenants
 
 A = {"Authorization": f"Bearer {MAIN_TOKEN}"}
 B = {"Authorization": f"Bearer {LIMITED_TOKEN}"}
@@ -123,20 +123,9 @@ def receiver() -> Iterator[Receiver]:
 def _config(registry: Any, receiver: Receiver, workers: int = 1,
             shutdown_deadline_s: int = 10, max_queued: int = MAX_QUEUED, attempts: int = 4,
             attempt_timeout_s: int = 10) -> str:
-    return f"""
+    return two_tenants(registry.host, "max_concurrent_runs = 1") + f"""
 [server]
 shutdown_deadline_s = {shutdown_deadline_s}
-
-[[tokens]]
-token = "{MAIN_TOKEN}"
-name = "a"
-registries = ["{registry.host}"]
-
-[[tokens]]
-token = "{LIMITED_TOKEN}"
-name = "b"
-registries = ["{registry.host}"]
-max_concurrent_runs = 1
 
 [jobs]
 callback_hosts = ["127.0.0.1:{receiver.port}"]

@@ -15,25 +15,8 @@ import pytest
 
 from service.schemas import PIPELINE_RESULT, validate_json
 from tests.service.conftest import LIMITED_TOKEN, MAIN_TOKEN, Service
+from tests.support.interactive import INTERACTOR, SOLUTION
 
-SECRET = 37
-INTERACTOR = f"""
-n=0
-while read g; do
-  n=$((n+1))
-  if [ "$g" -lt {SECRET} ]; then echo higher
-  elif [ "$g" -gt {SECRET} ]; then echo lower
-  else echo correct; echo "found in $n" >&2; exit 0; fi
-done
-echo "the solution stopped guessing" >&2; exit 1
-"""
-SOLUTION = """
-lo=1; hi=100
-while :; do
-  g=$(((lo+hi)/2)); echo $g; read r
-  case $r in higher) lo=$((g+1));; lower) hi=$((g-1));; correct) exit 0;; *) exit 3;; esac
-done
-"""
 FLOOD = "while :; do echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done"
 BOTH_WAYS = [{"from": [0, 1], "to": [1, 0]}, {"from": [1, 1], "to": [0, 0]}]
 

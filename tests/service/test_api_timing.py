@@ -15,7 +15,7 @@ import pytest
 from sandbox.runtime.profiles import format_cpuset, host_cpus
 from service.config import ConfigError, from_dict
 from tests.service.conftest import LIMITED_TOKEN, MAIN_TOKEN
-from tests.service.own_service import OwnService, own_service
+from tests.service.own_service import OwnService, own_service, two_tenants
 
 ALL = format_cpuset(host_cpus())
 MAX_REPEAT = 5
@@ -25,17 +25,7 @@ BUSY = "while :; do :; done"
 @pytest.fixture(scope="module")
 def slots(registry: Any, images: Any, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[OwnService]:
-    config = f"""
-[[tokens]]
-token = "{MAIN_TOKEN}"
-name = "a"
-registries = ["{registry.host}"]
-
-[[tokens]]
-token = "{LIMITED_TOKEN}"
-name = "b"
-registries = ["{registry.host}"]
-
+    config = two_tenants(registry.host) + f"""
 [timing]
 cpus = "{ALL}"
 max_repeat = {MAX_REPEAT}
