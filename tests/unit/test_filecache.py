@@ -274,6 +274,24 @@ def test_uses_close_together_are_recorded_once(cache: FileCache) -> None:
     assert cache.get(A, stored.id).last_used > stored.last_used
 
 
+def test_a_lookup_remembered_for_the_next_case_goes_with_a_delete_or_an_expiry(
+        cache: FileCache) -> None:
+    # get() remembers an entry for refresh_s (no query per case): a delete or an expiry
+    # must still make the very next lookup fail, other tenants' entries kept.
+    first, second = _put(cache, A, b"first"), _put(cache, A, b"second")
+    kept = _put(cache, B, b"first")
+    for e in (first, second, kept):
+        cache.get(A if e is not kept else B, e.id)
+    cache.delete(A, first.id)
+    with pytest.raises(NotFound):
+        cache.get(A, first.id)
+    assert cache.get(B, kept.id).id == first.id
+    assert cache.expire(second.expires + 1) == 2
+    for tenant, e in ((A, second), (B, kept)):
+        with pytest.raises(NotFound):
+            cache.get(tenant, e.id)
+
+
 def test_an_expired_entry_is_gone_before_expire_runs(tmp_path: Path) -> None:
     c = FileCache(tmp_path / "files", FileCacheConfig(ttl_s=0.05))
     try:
