@@ -131,8 +131,7 @@ class Run:
             made = iter(pipes)
             outputs = [stdio[n] if n in stdio else next(made) for n, _ in _OUTPUTS]
             mapping = c.runtime.mapping
-            pressure_of = self._pressure_source()
-            pressure = pressure_of()
+            pressure_of, pressure = self._pressure_source()
             sent = time.monotonic_ns()
             c._send({"op": "exec", "id": self.id, "argv": self.req.argv, "env": self.req.env,
                      "cwd": self.req.cwd,
@@ -195,12 +194,13 @@ class Run:
                 c._housekeep(lambda: c._retire(cg, applied, reusable))
         return self._result(done_msg, stats, setup_ms)
 
-    def _pressure_source(self) -> Callable[[], int | None]:
-        """The run cgroup's own CPU pressure where it keeps one (v2), else the host's."""
-        if self.lease is not None and self.lease.cgroup.cpu_pressure_us() is not None:
+    def _pressure_source(self) -> tuple[Callable[[], int | None], int | None]:
+        """The run cgroup's own CPU pressure where it keeps one (v2), else the host's: what
+        reads it, and its reading now (the probe is the first reading, not a read more)."""
+        if self.lease is not None and (now := self.lease.cgroup.cpu_pressure_us()) is not None:
             self.host_load_by = CGROUP_PSI
-            return self.lease.cgroup.cpu_pressure_us
-        return hostload.cpu_pressure_us
+            return self.lease.cgroup.cpu_pressure_us, now
+        return hostload.cpu_pressure_us, hostload.cpu_pressure_us()
 
     def _affinity(self) -> list[int] | None:
         """The CPUs init's child sets as its affinity when no cpuset cgroup keeps the run
