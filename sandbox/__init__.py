@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
+    from sandbox.doctor.examine import diagnose as diagnose_host  # noqa: F401
     from sandbox.engine import BuildConfig as BuildConfig
     from sandbox.engine import BuildRequest as BuildRequest
     from sandbox.engine import CachedFile as CachedFile
@@ -52,8 +53,10 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.errors import PolicyError as PolicyError
     from sandbox.errors import QuotaExceeded as QuotaExceeded
     from sandbox.errors import RegistryError as RegistryError
+    from sandbox.errors import RuntimeRestarting as RuntimeRestarting
     from sandbox.errors import RuntimeSetupError as RuntimeSetupError
     from sandbox.errors import SandboxError as SandboxError
+    from sandbox.errors import StoreFull as StoreFull
     from sandbox.errors import WrongPlatform as WrongPlatform
     from sandbox.images import Image as Image
     from sandbox.images import Platform as Platform
@@ -142,15 +145,18 @@ _HOMES = {
     "RunResult": "sandbox.runtime.results",
     "RunOutcome": "sandbox.engine",
     "RunSpec": "sandbox.engine",
+    "RuntimeRestarting": "sandbox.errors",
     "RuntimeSetupError": "sandbox.errors",
     "SandboxError": "sandbox.errors",
     "Status": "sandbox.runtime.results",
+    "StoreFull": "sandbox.errors",
     "Streamed": "sandbox.runtime.output",
     "Tenant": "sandbox.tenants",
     "Turns": "sandbox.tenants",
     "TimingConfig": "sandbox.engine.cpuslots",
     "WrongPlatform": "sandbox.errors",
     "check_pipeline": "sandbox.engine.pipeline:check",
+    "diagnose_host": "sandbox.doctor.examine:diagnose",
     "host_report": "sandbox.runtime.hostinfo:report",
     "is_digest": "sandbox.images",
     "is_local_address": "sandbox.images.registry.hosts",

@@ -17,6 +17,16 @@ class RuntimeSetupError(SandboxError):
     """A container could not be created (namespaces, id mapping, mounts, pivot_root)."""
 
 
+class RuntimeRestarting(RuntimeSetupError):
+    """The spawner process died and is being started again (spawnerclient's supervision):
+    no container can be made until it is back, and those it had made died with it. The
+    same request succeeds once it is back, in about `retry_after_s`."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ContainerGoneError(SandboxError):
     """The container's init died or its control socket closed."""
 
@@ -64,6 +74,18 @@ class LayerError(ImageError):
 
 class ImageInUse(ImageError):
     """An image a live container uses cannot be removed (without force)."""
+
+
+class StoreFull(SandboxError):
+    """A store's filesystem (the image store, the file cache) has no space or quota left
+    for what was being written; `path` is the store. The message says what to free, and is
+    for any tenant: `detail` (the store's path, its filesystem's room, what fills it, over
+    every tenant) is for the operator's log. Nothing half-written is left behind."""
+
+    def __init__(self, message: str, *, path: str, detail: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.detail = detail
 
 
 class CapacityError(SandboxError):

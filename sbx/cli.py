@@ -11,8 +11,10 @@
     sbx build [OPTIONS] PATH|-             build an image from a Dockerfile
     sbx builder prune                      empty the build cache
     sbx info                               the service's host, pools and sessions
+    sbx completion bash|zsh                a shell completion script
 
-Every command takes --url (env SANDBOXD_URL) and --token (env SANDBOXD_TOKEN).
+Every command takes --url (env SANDBOXD_URL) and --token (env SANDBOXD_TOKEN); `sbx
+COMMAND --help` is its manual page (sbx/manual.py), examples and exit statuses included.
 """
 
 from __future__ import annotations
@@ -69,19 +71,23 @@ from sbx.contexttar import (
     read_fd,
     tar_directory,
 )
+from sbx.manual import Example, Manual, ManualParser, summary
 
 PLATFORM_HELP = ("os/arch[/variant] of a multi-platform image (default: the service's); "
                  "only the service's own architecture runs")
-EXIT_CODES_HELP = """\
-exit status:
-  the command's own exit status, or 128+N when a signal N ended it;
-  120  the command made a system call its policy forbids (syscall_blocked)
-  121  its output exceeded the output limit (output_limit)
-  122  it exceeded its memory limit (memory_limit)
-  124  it exceeded its CPU time or wall-clock limit (time_limit, wall_limit)
-  125  sbx or sandboxd failed (internal_error, an error the service reported, no service)
-A command may exit with 120-125 itself: -v prints the verdict on stderr.
-"""
+# The exit statuses of sbx run and sbx exec (exit_code_of), for their manual pages
+RUN_EXITS = (
+    ("N", "the command's own exit status (0: it succeeded)"),
+    ("128+N", "a signal N ended the command"),
+    ("120", "the command made a system call its policy forbids (syscall_blocked)"),
+    ("121", "its output exceeded the output limit (output_limit)"),
+    ("122", "it exceeded its memory limit (memory_limit)"),
+    ("124", "it exceeded its CPU time or wall-clock limit (time_limit, wall_limit)"),
+    ("120-125", "may also be the command's own status: -v prints the verdict on stderr"),
+)
+REMOVE_EXITS = (("0", "every one was removed; one that cannot be is told on stderr, the "
+                      "others still go, and sbx exits 125"),)
+SHELLS = ("bash", "zsh")
 
 FAILED = 125  # Docker's code for "the daemon or the CLI failed", not the command
 STATUS_EXIT = {"syscall_blocked": 120, "output_limit": 121, "memory_limit": 122,
@@ -105,7 +111,7 @@ class CliError(Exception):
 
 
 def exit_code_of(result: RunResult) -> int:
-    """The exit status of `sbx run` for a run's result (see EXIT_CODES_HELP)."""
+    """The exit status of `sbx run` for a run's result (see RUN_EXITS)."""
     if result.status in ("ok", "nonzero_exit"):
         if result.exit_code is None:
             return 0 if result.status == "ok" else 1
@@ -211,20 +217,53 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                         help="print the verdict and figures on stderr")
 
 
+def _completes(action: argparse.Action, kind: str) -> None:
+    """Shell completion offers local paths for `action`: kind "file" or "directory" (shtab
+    reads the attribute `complete`)."""
+    action.complete = kind  # type: ignore[attr-defined]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sbx", description="Run untrusted code in sandboxd containers.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ManualParser(
+        prog="sbx", description="Run untrusted code in sandboxd containers. Each command's "
+        "manual is `sbx COMMAND --help`; every command takes --url and --token.",
+        manual=Manual((
+            Example("sbx pull busybox", "Pull busybox (from Docker Hub, or the mirror the "
+                    "service's registry config names)."),
+            Example("sbx run busybox -- echo hello", "Print hello from a new container."),
+            Example("source <(sbx completion bash)", "Complete sbx's commands and options "
+                    "in this bash (see sbx completion --help to keep it)."),
+        ), exits=(("0", "it worked; sbx run and sbx exec exit with the command's own status "
+                         "(see sbx run --help)"),),
+            sections=(("ENVIRONMENT", f"SANDBOXD_URL: the service (default: {DEFAULT_URL}); "
+                       "--url overrides it. SANDBOXD_TOKEN: the bearer token; --token "
+                       "overrides it."),)))
     _common(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str, **kw: Any) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    def command(name: str, text: str, manual: Manual | None, **kw: Any) -> ManualParser:
+        p = sub.add_parser(name, help=summary(text), description=text, manual=manual, **kw)
         _common(p, defaults=False)
         return p
 
-    p = command("run", "Run a command in a new container of IMAGE.", epilog=EXIT_CODES_HELP)
+    p = command("run", "Run a command in a new container of IMAGE, streaming its output; "
+                "sbx exits with the command's status.", Manual((
+                    Example("sbx run busybox -- echo hello", "Print hello."),
+                    Example("sbx run -v --limit wall_ms=1000 busybox -- sleep 5",
+                            "Stopped after a second: exit status 124, and the verdict "
+                            "(wall_limit) and figures on stderr."),
+                    Example("echo 'one two three' | sbx run -i busybox -- wc -w",
+                            "Feed stdin to the command: prints 3."),
+                    Example("sbx run -e GREETING=hi -w /tmp busybox -- sh -c 'echo $GREETING "
+                            "from $PWD'", "Set a variable and the working directory."),
+                    Example("sbx run --file /etc/hostname:/tmp/host busybox -- cat /tmp/host",
+                            "Copy a local file in before the command."),
+                    Example("sbx run --copy-out /tmp/out.txt busybox -- sh -c 'date > "
+                            "/tmp/out.txt'", "Copy /tmp/out.txt out to ./out.txt after it."),
+                    Example("sbx run --policy judge --limit cpu_ms=500 --limit "
+                            "memory_bytes=64m busybox -- echo judged", "A read-only root "
+                            "(the judge profile) and limits on CPU time and memory."),
+                ), exits=RUN_EXITS))
     _run_options(p)
     p.add_argument("--policy", help="profile: default (writable root) or judge (read-only)")
     p.add_argument("--network", choices=["none"], help="network (only none)")
@@ -233,41 +272,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD",
                    help="the command (default: the image's entrypoint and cmd)")
 
-    p = command("exec", "Run a command in a kept container.", epilog=EXIT_CODES_HELP)
+    p = command("exec", "Run a command in a kept container (sbx create made it); sbx exits "
+                "with the command's status.", Manual((
+                    Example("id=$(sbx create busybox)", "Keep a container; its id in $id."),
+                    Example("sbx exec \"$id\" -- sh -c 'echo kept > /tmp/note'",
+                            "Run a command in it."),
+                    Example("sbx exec \"$id\" -- cat /tmp/note",
+                            "A later command sees what an earlier one left: prints kept."),
+                    Example("sbx rm \"$id\"", "Remove the container."),
+                ), exits=RUN_EXITS))
     _run_options(p)
     p.add_argument("container", metavar="ID")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
 
     p = command("batch", "Run a batch: FILE (or '-' for stdin) is the JSON body of POST "
                 "/v1/batches (the shared part of a run and its cases). Prints a line per case "
-                "as it finishes (index, id, status, wall time) and a summary on stderr; exits "
-                "0 when every case is ok, 1 otherwise.")
+                "as it finishes (index, id, status, wall time) and a summary on stderr.",
+                Manual((
+                    Example("""echo '{"image": "busybox", "cmd": ["wc", "-w"], "cases": """
+                            """[{"id": "a", "stdin": "1 2"}, {"id": "b", "stdin": "3"}]}' """
+                            """> batch.json""", "Write a batch of two cases."),
+                    Example("sbx batch batch.json", "Run it: a line per case, then the "
+                            "summary on stderr."),
+                    Example("sbx batch --json - < batch.json", "The same from stdin, printing "
+                            "the service's events as JSON lines."),
+                ), exits=(("0", "every case is ok"),
+                          ("1", "a case was not ok, could not run, or was skipped"))))
     p.add_argument("--json", action="store_true",
                    help="print the service's events as they come, one JSON object a line")
-    p.add_argument("body", metavar="FILE|-")
+    _completes(p.add_argument("body", metavar="FILE|-"), "file")
 
-    p = command("create", "Create a kept container; prints its id.")
-    p.add_argument("--policy")
-    p.add_argument("--network", choices=["none"])
+    p = command("create", "Create a kept container (a session); prints its id.", Manual((
+        Example("id=$(sbx create --limit memory_bytes=64m busybox)",
+                "Keep a container whose runs may use 64 MiB each; its id in $id."),
+        Example("sbx exec \"$id\" -- uname -a", "Run commands in it (see sbx exec --help)."),
+        Example("sbx rm \"$id\"", "Remove it."),
+    )))
+    p.add_argument("--policy", help="profile: default (writable root) or judge (read-only)")
+    p.add_argument("--network", choices=["none"], help="network (only none)")
     p.add_argument("--platform", help=PLATFORM_HELP)
-    p.add_argument("--limit", type=_limit, action="append", default=[], metavar="KEY=N")
+    p.add_argument("--limit", type=_limit, action="append", default=[], metavar="KEY=N",
+                   help="a limit of its runs, as sbx run's --limit")
     p.add_argument("image")
 
-    p = command("ps", "List the kept containers.")
+    p = command("ps", "List the kept containers.", Manual((
+        Example("sbx ps", "A table of your kept containers."),
+        Example("sbx ps --json", "The service's JSON."),
+    )))
     p.add_argument("--json", action="store_true", help="the service's JSON")
-    p = command("rm", "Remove kept containers.")
+    p = command("rm", "Remove kept containers; prints each id once removed.", Manual((
+        Example("sbx rm $(sbx create busybox)", "Create a container and remove it."),
+    ), exits=REMOVE_EXITS))
     p.add_argument("containers", nargs="+", metavar="ID")
     p = command("cp", "Copy a file into a container (LOCAL ID:/PATH) or out of it "
                       "(ID:/PATH LOCAL). A directory comes as a tar of DIR/..., unpacked "
                       "into LOCAL (created if missing) without following or creating links "
-                      "out of it; LOCAL '-' writes to stdout.")
+                      "out of it; LOCAL '-' writes to stdout.", Manual((
+                          Example("id=$(sbx create busybox)", "A kept container."),
+                          Example("sbx cp /etc/hostname \"$id\":/tmp/hostname",
+                                  "Copy a local file in."),
+                          Example("sbx cp \"$id\":/tmp/hostname hostname.copy",
+                                  "Copy it back out."),
+                          Example("sbx cp \"$id\":/etc ./etc.copy",
+                                  "Copy a directory out, unpacked into ./etc.copy."),
+                          Example("sbx cp --tar \"$id\":/etc etc.tar",
+                                  "The same directory as a tar."),
+                          Example("sbx rm \"$id\"", "Remove the container."),
+                      )))
     p.add_argument("--tar", action="store_true",
                    help="write a directory's tar to LOCAL ('-': stdout) instead of unpacking")
-    p.add_argument("source")
-    p.add_argument("destination")
+    _completes(p.add_argument("source"), "file")
+    _completes(p.add_argument("destination"), "file")
 
     p = command("commit", "Make an image of what a kept container changed in its root "
-                "(its tmpfs mounts such as /tmp are left out); prints the image's digest.")
+                "(its tmpfs mounts such as /tmp are left out); prints the image's digest.",
+                Manual((
+                    Example("id=$(sbx create busybox)", "A kept container."),
+                    Example("sbx exec -u 0 \"$id\" -- sh -c 'echo hello > /greeting'",
+                            "Change its root, as its root (the image's user may not "
+                            "write there)."),
+                    Example("sbx commit -c 'CMD [\"cat\", \"/greeting\"]' -m greeting \"$id\" "
+                            "greeting:1", "Make the image greeting:1, whose command prints "
+                            "the file."),
+                    Example("sbx run greeting:1", "Prints hello."),
+                    Example("sbx rm \"$id\"", "Remove the container."),
+                )))
     p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
                    help="a Dockerfile instruction for the image's config: CMD, ENTRYPOINT, "
                         "ENV, EXPOSE, LABEL, ONBUILD, STOPSIGNAL, USER, VOLUME, WORKDIR "
@@ -276,33 +365,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--author", help='e.g. "Jane Doe <jane@example.com>"')
     p.add_argument("container", metavar="ID")
     p.add_argument("reference", metavar="NAME:TAG")
-    p = command("pull", "Pull an image, showing progress per layer; prints its digest.")
+    p = command("pull", "Pull an image, showing progress per layer; prints its digest.",
+                Manual((
+                    Example("sbx pull busybox", "Pull busybox:latest."),
+                    Example("sbx pull --platform linux/arm64/v8 busybox",
+                            "Pull the arm64 image of a multi-platform one (kept, but only "
+                            "the service's own architecture runs)."),
+                )))
     p.add_argument("--platform", help=PLATFORM_HELP)
     p.add_argument("image")
-    p = command("images", "List the images.")
+    p = command("images", "List the images.", Manual((
+        Example("sbx images", "A table: name, digest, size, created."),
+        Example("sbx images --json", "The service's JSON."),
+    )))
     p.add_argument("--json", action="store_true", help="the service's JSON")
-    p = command("rmi", "Remove images (names or digests).")
+    p = command("rmi", "Remove images (names or digests).", Manual((
+        Example("sbx tag busybox mybox:1", "Give busybox another name."),
+        Example("sbx rmi mybox:1", "Remove that name."),
+    ), exits=REMOVE_EXITS))
     p.add_argument("-f", "--force", action="store_true", help="even when a container uses it")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p = command("tag", "Give an image another name.")
+    p = command("tag", "Give an image another name.", Manual((
+        Example("sbx tag busybox mybox:1", "busybox is also mybox:1."),
+    )))
     p.add_argument("source")
     p.add_argument("target")
-    p = command("push", "Push an image to a registry (to DST, or to its own name).")
+    p = command("push", "Push an image to a registry (to DST, or to its own name).", Manual((
+        Example("sbx push busybox localhost:5000/busybox:1", "Push busybox to the registry "
+                "at localhost:5000 (one the service's registry config lets it reach)."),
+    )))
     p.add_argument("source", metavar="SRC")
     p.add_argument("target", metavar="DST", nargs="?")
-    p = command("import", "Import a root-filesystem tar (plain, gzip or zstd) as an image.")
-    p.add_argument("tar", type=Path, metavar="TAR")
+    p = command("import", "Import a root-filesystem tar (plain, gzip or zstd) as an image.",
+                Manual((
+                    Example("id=$(sbx create busybox)", "A kept container."),
+                    Example("sbx cp --tar \"$id\":/bin rootfs.tar", "A root filesystem as a "
+                            "tar: here busybox's /bin alone (its programs are static)."),
+                    Example("sbx import rootfs.tar mybase:1", "Make it the image mybase:1."),
+                    Example("sbx run mybase:1 -- /bin/echo imported", "Prints imported."),
+                    Example("sbx rm \"$id\"", "Remove the container."),
+                )))
+    _completes(p.add_argument("tar", type=Path, metavar="TAR"), "file")
     p.add_argument("reference", metavar="NAME:TAG")
     p = command("build", "Build an image from a Dockerfile and a context: PATH, a directory "
                 "(sent whole; the service applies its .dockerignore), or '-': a context tar "
                 "(plain or gzip), or a lone Dockerfile, on stdin. Shows the steps as "
-                "Docker's classic builder does; exits 1 when the build fails.")
+                "Docker's classic builder does.", Manual((
+                    Example("printf 'FROM busybox\\nRUN echo hello > /hello\\nCMD [\"cat\", "
+                            "\"/hello\"]\\n' > Dockerfile", "Write a Dockerfile."),
+                    Example("sbx build -t hello:1 .", "Build it with the current directory "
+                            "as the context."),
+                    Example("sbx run hello:1", "Prints hello."),
+                    Example("sbx build -q --no-cache -t hello:2 - < Dockerfile",
+                            "The Dockerfile alone on stdin, no step from the cache; prints "
+                            "only the image id."),
+                ), exits=(("0", "the image is built"),
+                          ("1", "the build failed, or could not start (the reason on "
+                                "stderr)"))))
     p.add_argument("-t", "--tag", action="append", default=[], metavar="NAME:TAG",
                    help="a name for the image (repeatable)")
-    p.add_argument("-f", "--file", metavar="FILE",
-                   help="the Dockerfile, a path from the current directory (default: "
-                        "PATH/Dockerfile; with PATH '-', a path inside the tar); '-' reads "
-                        "it from stdin")
+    _completes(p.add_argument(
+        "-f", "--file", metavar="FILE",
+        help="the Dockerfile, a path from the current directory (default: PATH/Dockerfile; "
+             "with PATH '-', a path inside the tar); '-' reads it from stdin"), "file")
     p.add_argument("--build-arg", type=_build_arg, action="append", default=[],
                    metavar="KEY[=VALUE]", help="a build argument (repeatable); KEY alone "
                    "takes this shell's $KEY, and is left out when that is unset")
@@ -314,74 +439,145 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print only the image id; the build's output only if it fails, on "
                         "stderr")
-    p.add_argument("context", metavar="PATH|-",
-                   help="the build context: a directory, or '-' for stdin")
+    _completes(p.add_argument("context", metavar="PATH|-",
+                              help="the build context: a directory, or '-' for stdin"),
+               "directory")
     p = command("file", "Manage your file cache: files kept on the service by their content's "
                 "hash, which runs take by id (--cached-file) instead of receiving them again; "
-                "each goes when unused for the service's time to live.")
+                "each goes when unused for the service's time to live.", Manual((
+                    Example("sbx file ls", "List your cached files (see sbx file put --help "
+                            "for the rest)."),
+                )))
     cache = p.add_subparsers(dest="file_command", required=True, metavar="COMMAND")
 
-    def file_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sp = cache.add_parser(name, help=help_text, description=help_text)
+    def file_command(name: str, text: str, manual: Manual) -> ManualParser:
+        sp = cache.add_parser(name, help=summary(text), description=text, manual=manual)
         _common(sp, defaults=False)
         return sp
 
     p = file_command("put", "Store a file (PATH, or '-' for stdin); prints its id. The same "
-                     "bytes give the same id.")
-    p.add_argument("path", metavar="PATH")
-    p = file_command("ls", "List your cached files.")
+                     "bytes give the same id.", Manual((
+                         Example("printf '#!/bin/sh\\necho hello from the cache\\n' > hello.sh",
+                                 "A small program."),
+                         Example("id=$(sbx file put hello.sh)", "Store it; its id in $id."),
+                         Example("sbx run --cached-file \"$id\":/tmp/hello busybox -- "
+                                 "/tmp/hello", "A run takes it by id (placed at /tmp/hello, "
+                                 "mode 0755)."),
+                     )))
+    _completes(p.add_argument("path", metavar="PATH"), "file")
+    p = file_command("ls", "List your cached files.", Manual((
+        Example("sbx file ls", "A table: id, size, created, expires."),
+        Example("sbx file ls --json", "The service's JSON."),
+    )))
     p.add_argument("--json", action="store_true", help="the service's JSON")
-    p = file_command("get", "Download a cached file to stdout, or to OUT.")
-    p.add_argument("-o", "--output", type=Path, metavar="OUT",
-                   help="the file to write (replaced only once the download is complete)")
+    p = file_command("get", "Download a cached file to stdout, or to OUT.", Manual((
+        Example("id=$(echo hello | sbx file put -)", "Store a file from stdin."),
+        Example("sbx file get -o hello.txt \"$id\"", "Download it to hello.txt."),
+        Example("sbx file get \"$id\" | wc -c", "Or to stdout: prints 6."),
+    )))
+    _completes(p.add_argument("-o", "--output", type=Path, metavar="OUT",
+                              help="the file to write (replaced only once the download is "
+                                   "complete)"), "file")
     p.add_argument("file_id", metavar="ID")
-    p = file_command("rm", "Delete cached files.")
+    p = file_command("rm", "Delete cached files; prints each id once deleted.", Manual((
+        Example("sbx file rm $(echo bye | sbx file put -)", "Store a file and delete it."),
+    ), exits=REMOVE_EXITS))
     p.add_argument("file_ids", nargs="+", metavar="ID")
     p = command("job", "Async jobs: a run or batch the service runs later, kept with its "
-                "result (and POSTed to a callback URL when it ends).")
+                "result (and POSTed to a callback URL when it ends).", Manual((
+                    Example("sbx job ls", "List your jobs (see sbx job submit --help for "
+                            "the rest)."),
+                )))
     jobs = p.add_subparsers(dest="job_command", required=True, metavar="COMMAND")
 
-    def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sp = jobs.add_parser(name, help=help_text, description=help_text)
+    def job_command(name: str, text: str, manual: Manual) -> ManualParser:
+        sp = jobs.add_parser(name, help=summary(text), description=text, manual=manual)
         _common(sp, defaults=False)
         return sp
 
+    # The examples of the commands that take a job's id start from this one
+    submitted = Example("""job=$(echo '{"run": {"image": "busybox", "cmd": ["echo", "hi"]}}' """
+                        """| sbx job submit -)""", "Submit a run; the job's id in $job.")
+    waits = (("0", "the job is done"), ("1", "the job ended otherwise (failed, cancelled)"))
     p = job_command("submit", "Submit FILE (or '-' for stdin), the JSON body of POST /v1/jobs "
                     '({"run": ...} or {"batch": ...}); prints the job\'s id, or with --wait '
-                    "the finished job (exit 0 when done, 1 otherwise).")
+                    "the finished job.", Manual((
+                        submitted,
+                        Example("""echo '{"run": {"image": "busybox", "cmd": ["true"]}}' > """
+                                """job.json""", "A job's body in a file."),
+                        Example("sbx job submit --wait --key nightly-1 job.json",
+                                "Submit it and wait for its end; submitting it again with the "
+                                "same key gives the same job."),
+                    ), exits=(("0", "submitted (with --wait: the job is done)"),
+                              ("1", "with --wait: the job ended otherwise (failed, "
+                                    "cancelled)"))))
     p.add_argument("--callback", metavar="URL", help="POST the finished job to URL (a host "
                    "the operator listed; signed, see `sbx job secret`)")
     p.add_argument("--key", metavar="KEY", help="an idempotency key: submitting the same "
                    "body with it again gives the same job")
     p.add_argument("--wait", action="store_true", help="wait for the job's end")
-    p.add_argument("body", metavar="FILE|-")
-    for name, text in (("get", "Show a job (JSON)."),
-                       ("wait", "Wait for a job's end, then show it (exit 0 when done, 1 "
-                        "otherwise)."),
-                       ("cancel", "Cancel a job (a running one is killed)."),
-                       ("events", "Print a job's events as NDJSON until it ends.")):
-        job_command(name, text).add_argument("job_id", metavar="ID")
-    p = job_command("ls", "List your jobs, newest first.")
+    _completes(p.add_argument("body", metavar="FILE|-"), "file")
+    for name, text, example, exits in (
+            ("get", "Show a job (JSON).",
+             Example("sbx job get \"$job\"", "Its status, then its result."), None),
+            ("wait", "Wait for a job's end, then show it.",
+             Example("sbx job wait \"$job\"", "The finished job, as JSON."), waits),
+            ("cancel", "Cancel a job (a running one is killed).",
+             Example("sbx job cancel \"$job\"", "Cancel it (a finished job stays as it "
+                     "ended)."), None),
+            ("events", "Print a job's events as NDJSON until it ends.",
+             Example("sbx job events \"$job\"", "Its events from the start, one JSON object "
+                     "a line."), None)):
+        manual = Manual((submitted, example), exits=exits or (("0", "it worked"),))
+        job_command(name, text, manual).add_argument("job_id", metavar="ID")
+    p = job_command("ls", "List your jobs, newest first.", Manual((
+        Example("sbx job ls", "A table: id, kind, status, created, finished."),
+        Example("sbx job ls --status done --json", "The finished ones, as the service's "
+                "JSON."),
+    )))
     p.add_argument("--status", help="only jobs of this status")
     p.add_argument("--json", action="store_true", help="the service's JSON")
-    p = job_command("rm", "Forget finished jobs.")
+    p = job_command("rm", "Forget finished jobs; prints each id once forgotten.", Manual((
+        submitted,
+        Example("sbx job wait \"$job\"", "Wait for its end."),
+        Example("sbx job rm \"$job\"", "Forget it."),
+    ), exits=REMOVE_EXITS))
     p.add_argument("job_ids", nargs="+", metavar="ID")
-    p = job_command("secret", "Print the key your callbacks are signed with.")
+    p = job_command("secret", "Print the key your callbacks are signed with.", Manual((
+        Example("sbx job secret", "The key a callback receiver checks the signature with."),
+        Example("sbx job secret --rotate", "A new key, from now on."),
+    )))
     p.add_argument("--rotate", action="store_true", help="make a new one (the old one stops "
                    "signing at once)")
-    p = command("builder", "Manage the build cache.")
+    p = command("builder", "Manage the build cache.", Manual((
+        Example("sbx builder prune", "Empty your build cache."),
+    )))
     builder = p.add_subparsers(dest="builder_command", required=True, metavar="COMMAND")
     prune_help = "Empty your build cache; prints how much it removed and freed."
-    p = builder.add_parser("prune", help=prune_help, description=prune_help)
+    p = builder.add_parser("prune", help=summary(prune_help), description=prune_help,
+                           manual=Manual((Example("sbx builder prune", "Empty it."),)))
     _common(p, defaults=False)
     p.add_argument("-a", "--all", action="store_true",
                    help="accepted as docker's: the whole cache goes anyway")
     p.add_argument("-f", "--force", action="store_true",
                    help="accepted as docker's: sbx does not ask before pruning")
-    command("info", "Show the service's host capabilities, pools and sessions.")
+    command("info", "Show the service's host capabilities, pools and sessions (JSON).",
+            Manual((Example("sbx info", "The service's report."),)))
+    p = command("completion", "Print the shell completion script of sbx for SHELL: its "
+                "commands, subcommands and options, and local paths where one is taken.",
+                Manual((
+                    Example("source <(sbx completion bash)", "Completion in this bash."),
+                    Example("mkdir -p ~/.local/share/bash-completion/completions && sbx "
+                            "completion bash > ~/.local/share/bash-completion/completions/sbx",
+                            "In every new bash (with the bash-completion package)."),
+                    Example("mkdir -p ~/.zfunc && sbx completion zsh > ~/.zfunc/_sbx",
+                            "For zsh: with fpath+=(~/.zfunc) before compinit in ~/.zshrc."),
+                )))
+    p.add_argument("shell", choices=SHELLS, metavar="SHELL", help="bash or zsh")
+    # Its help is `python -m loadtest`'s own, so it has no manual of sbx's
     command("loadtest", "Load-test the service: `python -m loadtest`'s options (`sbx "
                         "loadtest --help` lists them), with --url and --token from sbx's.",
-            add_help=False)
+            None, add_help=False)
     return parser
 
 
@@ -403,6 +599,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "loadtest":
         return _loadtest(args, extra)
+    if args.command == "completion":
+        from sbx.completion import script  # shtab takes ~0.15 s to import: only here
+
+        print(script(parser, args.shell), end="")
+        return 0
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -10,7 +10,7 @@ bash scripts/setup.sh
 # The image tests meet a real registry and images made by independent tools (builds are
 # compared with buildah's); the load test runs its workloads through the peers too.
 source scripts/lib.sh
-apt_install_missing docker-registry skopeo umoci apache2-utils openssl bubblewrap crun runc buildah
+apt_install_missing docker-registry skopeo umoci apache2-utils openssl bubblewrap crun runc buildah haproxy iproute2
 
 test_user=sbx-test
 prepare_user "$test_user" 300000

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from service.api import (
     system,
 )
 from service.auth import Tokens, auth_middleware
+from service.cluster import NODE_HEADER, Forwarder, cluster_middleware
 from service.config import ServiceConfig
 from service.errors import ApiError, Handler, error_middleware
 from service.jobs.runner import JOBS, Jobs
@@ -57,21 +59,30 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
     table = routes()
     tokens = Tokens(config)
     open_paths = frozenset(r.path for r in table if not r.auth)
+    forwarder = Forwarder(config)
+    # A request for another node's session or job is forwarded once its token is known
+    # good: the owner checks it again, and the tenancy.
     app = web.Application(
         client_max_size=config.limits.json_body_bytes,
         middlewares=[handlers_middleware, error_middleware, browser_middleware(config),
-                     auth_middleware(tokens, open_paths)])
+                     auth_middleware(tokens, open_paths), cluster_middleware(forwarder)])
     st = State(config=config, tokens=tokens,
                admission=Admission(config.limits.max_running, config.limits.max_queued))
     app[STATE] = st
     app[JOBS] = job_runner = Jobs(st)
+    if config.cluster.node is not None:
+        st.metrics.gauges.append(forwarder.metric())
     app[system.OPENAPI] = openapi(table, VERSION)
     for r in table:
         app.router.add_route(r.method, r.path, r.handler)
     _gauges(st)
 
+    node = config.cluster.node
+
     async def count(request: web.Request, response: web.StreamResponse) -> None:
-        st.metrics.requests.inc(status=str(response.status))
+        st.metrics.requests.labels(status=str(response.status)).inc()
+        if node is not None:  # a forwarded answer keeps its owner's
+            response.headers.setdefault(NODE_HEADER, node)
 
     app.on_response_prepare.append(count)
 
@@ -83,6 +94,10 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
         async def starting() -> None:
             try:
                 st.engine = await engine()
+                # What startup made lives as long as the service: frozen, a full collection
+                # no longer walks it (one over its ~50,000 objects stalled every run in
+                # flight for 20-30 ms, measured).
+                gc.freeze()
             except Exception as e:
                 st.start_error = str(e) or type(e).__name__
                 log.error("the engine failed to start: %s", st.start_error,
@@ -118,12 +133,14 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
     # Jobs start before the engine (queued ones wait for it) and stop first: none starts
     # any more and their event streams end rather than wait out the deadline, which running
     # jobs get as requests do.
+    app.on_startup.append(forwarder.start)
     app.on_startup.append(job_runner.start)
     app.on_startup.append(start)
     app.on_shutdown.append(job_runner.close)
     app.on_shutdown.append(shutdown)
     app.on_cleanup.append(job_runner.cleanup)
     app.on_cleanup.append(cleanup)
+    app.on_cleanup.append(forwarder.close)
     return app
 
 
@@ -144,7 +161,9 @@ def browser_middleware(config: ServiceConfig) -> Middleware:
     """Refuses what only a web page would send: a Host this service is not reached by (a
     DNS name rebound to it) and a cross-origin Origin (a page's fetch, form or WebSocket).
     Without tokens a page's requests would otherwise run code as any local caller."""
-    names = {"localhost", *config.allowed_hosts, config.host.lower().strip("[]").rstrip(".")}
+    # Peers forward requests under the name they reach this node by.
+    names = {"localhost", *config.allowed_hosts, *config.cluster.own_hosts(),
+             config.host.lower().strip("[]").rstrip(".")}
 
     @functools.lru_cache(maxsize=64)  # a service is called by a handful of names
     def allowed(hostport: str) -> bool:
@@ -202,6 +221,10 @@ def _gauges(st: State) -> None:
         Gauge("sandboxd_pool_misses_total", "Runs that had to start a container.",
               total("misses"), "counter"),
         Gauge("sandboxd_live_containers", "Containers alive: pools, runs and sessions.", live),
+        Gauge("sandboxd_spawner_deaths_total", "Times the spawner process died (and was "
+              "started again): each took every container with it.",
+              lambda: [((), float(st.engine.runtime.spawner.generation if st.engine else 0))],
+              "counter"),
         Gauge("sandboxd_sessions", "Containers kept by callers (sessions).",
               lambda: [((), float(len(st.engine.sessions) if st.engine else 0))]),
         Gauge("sandboxd_runs_running", "Runs executing now.",

@@ -2,6 +2,7 @@
 
     sandboxd setup [--user NAME [--remove]] as root, once: cgroup tuning, delegation to NAME
     sandboxd info                           what this host can enforce, as JSON
+    sandboxd doctor [--state-dir D] [--json]  what this host lacks, each problem's fix
     sandboxd serve --state-dir D [--host H] [--port P] [--config FILE]   the REST API
 """
 
@@ -42,6 +43,19 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from sandbox import diagnose_host
+
+    state_dir = args.state_dir or os.environ.get("SANDBOXD_STATE_DIR")
+    if args.config:
+        from service.config import load
+
+        state_dir = load(Path(args.config), overrides={"state_dir": state_dir}).state_dir
+    report = diagnose_host(Path(state_dir) if state_dir else None)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+    return report.exit_status
+
+
 def _serve(args: argparse.Namespace) -> int:
     from service.app import serve
     from service.config import load
@@ -80,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     setup.add_argument("--remove", action="store_true", help="undo the delegation")
     setup.set_defaults(func=_setup)
     sub.add_parser("info", help="print what this host can enforce").set_defaults(func=_info)
+    doctor = sub.add_parser("doctor", help="check this host or pod for sandboxd; exit status "
+                            "1 when something blocks runs")
+    doctor.add_argument("--state-dir", help="the state directory to check (space, owner)")
+    doctor.add_argument("--config", help="take the state directory from this TOML file")
+    doctor.add_argument("--json", action="store_true", help="one JSON document")
+    doctor.set_defaults(func=_doctor)
     serve = sub.add_parser("serve", help="serve the REST API")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8643; 0 picks a free one)")

@@ -23,9 +23,12 @@
                max_context_entries (sandbox.engine.BuildConfig)
     [policies.<profile>.defaults] / [policies.<profile>.maxima]  a run's limits (the keys of
                sandbox.runtime.profiles.Limits), each replacing the profile file's own
+    [cluster]  node (this node's name: ids of its sessions and jobs begin with it), peers
+               (a table: node name -> base URL), peer_url (a template with {node}),
+               connect_timeout_s (ClusterConfig; service/cluster/)
 
 Environment: SANDBOXD_TOKENS (comma-separated), SANDBOXD_STATE_DIR, SANDBOXD_HOST,
-SANDBOXD_PORT override the file.
+SANDBOXD_PORT, SANDBOXD_NODE (cluster.node: e.g. a pod's name) override the file.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -124,6 +128,37 @@ class GojudgeConfig:
     workdir: str = "/tmp"
 
 
+# A node's name: a DNS label (a pod's name fits), so that it can name the node's host in
+# cluster.peer_url, and has no '.', which ends it in the ids it begins.
+NODE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Many nodes (service/cluster/): a session or job lives on the node that made it, its id
+    begins with that node's name and a '.', and a request for it that reaches another node
+    is forwarded to the owner, found in `peers` or else through `peer_url`."""
+
+    node: str | None = None                     # None: a single node, ids without a node
+    peers: Mapping[str, str] = field(default_factory=dict)  # node name -> its base URL
+    peer_url: str | None = None                 # e.g. "http://{node}.sandboxd-nodes:8643"
+    connect_timeout_s: float = 2.0              # a peer not connected by then is gone (410)
+
+    def url_of(self, node: str) -> str | None:
+        """The base URL of node `node`, None when this cluster has no way to reach it."""
+        if node in self.peers:
+            return self.peers[node]
+        if self.peer_url is not None and NODE_NAME.fullmatch(node):
+            return self.peer_url.replace("{node}", node)
+        return None
+
+    def own_hosts(self) -> tuple[str, ...]:
+        """The host names peers reach this node by: requests they forward name them."""
+        url = None if self.node is None else self.url_of(self.node)
+        host = None if url is None else _url_host(url)
+        return () if host is None else (host,)
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     state_dir: Path
@@ -143,6 +178,7 @@ class ServiceConfig:
     timing: TimingConfig = field(default_factory=TimingConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     gojudge: GojudgeConfig = field(default_factory=GojudgeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Host names (besides localhost, IP addresses and `host`) that requests may name in their
     # Host header; any other is refused, which defeats DNS rebinding.
     allowed_hosts: tuple[str, ...] = ()
@@ -155,7 +191,7 @@ class ServiceConfig:
                             default_policy=self.default_policy,
                             policy_limits=self.policy_limits,
                             public_images=self.public_images, build=self.build,
-                            files=self.files, timing=self.timing)
+                            files=self.files, timing=self.timing, node=self.cluster.node)
 
     def tenant(self, token: TokenConfig | None) -> Tenant:
         """The tenant a token (None: the one of a service without tokens) acts as, with its
@@ -418,13 +454,69 @@ def _gojudge(raw: Mapping[str, Any]) -> GojudgeConfig:
                          workdir=workdir.rstrip("/") or "/")
 
 
+def _url_host(url: str) -> str | None:
+    """The host name of an http(s) URL that has nothing but a scheme, host and port."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or "/" in rest.rstrip("/") \
+            or "@" in rest or "?" in rest or "#" in rest:
+        return None
+    try:
+        return split_host(rest.rstrip("/").lower())[0].rstrip(".")
+    except ValueError:
+        return None
+
+
+def _node(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not NODE_NAME.fullmatch(value):
+        raise ConfigError(f"{where}: {value!r} is not a node name: 1 to 63 lower-case letters, "
+                          "digits and '-', beginning and ending with a letter or digit (a "
+                          "pod's name fits), e.g. \"sandboxd-0\"")
+    return value
+
+
+def _base_url(value: Any, where: str) -> str:
+    if not isinstance(value, str) or _url_host(value) is None:
+        raise ConfigError(f"{where}: {value!r} is not a base URL: http(s)://host:port and "
+                          "nothing more, e.g. \"http://10.0.0.2:8643\"")
+    return value.rstrip("/")
+
+
+def _cluster(raw: Mapping[str, Any], env: Mapping[str, str]) -> ClusterConfig:
+    known = {f.name for f in fields(ClusterConfig)}
+    if set(raw) - known:
+        raise ConfigError(f"cluster.{sorted(set(raw) - known)[0]}: unknown setting; known: "
+                          f"{', '.join(sorted(known))}")
+    node = env.get("SANDBOXD_NODE") or raw.get("node")
+    peers = raw.get("peers", {})
+    if not isinstance(peers, Mapping):
+        raise ConfigError('cluster.peers: expected a table of node names and base URLs, e.g. '
+                          '{ n1 = "http://10.0.0.1:8643", n2 = "http://10.0.0.2:8643" }')
+    template = raw.get("peer_url")
+    if template is not None:
+        sample = template.replace("{node}", "n1") if isinstance(template, str) else None
+        if sample is None or "{node}" not in template or _url_host(sample) is None:
+            raise ConfigError(f"cluster.peer_url: {template!r} is not a base URL with {{node}} "
+                              "in its host, e.g. \"http://{node}.sandboxd-nodes:8643\"")
+    if node is None and (peers or template is not None):
+        raise ConfigError("cluster.node: required with cluster.peers or cluster.peer_url: "
+                          "name this node (or set SANDBOXD_NODE, e.g. to the pod's name)")
+    default = ClusterConfig()
+    return ClusterConfig(
+        node=None if node is None else _node(node, "cluster.node"),
+        peers={_node(name, "cluster.peers"): _base_url(url, f"cluster.peers.{name}")
+               for name, url in peers.items()},
+        peer_url=None if template is None else template.rstrip("/"),
+        connect_timeout_s=_seconds(raw.get("connect_timeout_s", default.connect_timeout_s),
+                                   "cluster.connect_timeout_s"))
+
+
 def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
     unknown = set(data) - {"server", "tokens", "registries", "pools", "limits", "policies",
-                           "images", "build", "files", "jobs", "gojudge", "timing"}
+                           "images", "build", "files", "jobs", "gojudge", "timing", "cluster"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: server, tokens, "
                           "registries, pools, limits, policies, images, build, files, jobs, "
-                          "gojudge, timing")
+                          "gojudge, timing, cluster")
     server = _table(data, "server")
     known_server = {"host", "port", "state_dir", "session_idle_s", "default_policy",
                     "shutdown_deadline_s", "allowed_hosts"}
@@ -473,6 +565,7 @@ def from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> ServiceConfig:
         timing=_timing(_table(data, "timing")),
         jobs=_jobs(_table(data, "jobs")),
         gojudge=_gojudge(_table(data, "gojudge")),
+        cluster=_cluster(_table(data, "cluster"), env),
         allowed_hosts=_hosts(server.get("allowed_hosts", [])))
     if len({t.token for t in config.tokens}) != len(config.tokens):
         raise ConfigError("tokens: the same token appears twice")

@@ -30,8 +30,10 @@ from sandbox import (
     PolicyError,
     QuotaExceeded,
     RegistryError,
+    RuntimeRestarting,
     RuntimeSetupError,
     SandboxError,
+    StoreFull,
 )
 
 log = logging.getLogger("sandboxd.service")
@@ -54,6 +56,13 @@ class ApiError(Exception):
         self.field = field
         self.headers = headers or {}
 
+    @property
+    def passing(self) -> bool:
+        """The service cannot take the request now and the same request succeeds a moment
+        later (no run slot free, the runtime restarting): a batch's case or a job waits
+        and asks again instead of failing."""
+        return self.code in _PASSING
+
     def body(self) -> dict[str, Any]:
         err: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.field is not None:
@@ -63,6 +72,9 @@ class ApiError(Exception):
     def response(self) -> web.Response:
         return web.Response(status=self.status, body=orjson.dumps(self.body()),
                             content_type="application/json", headers=self.headers)
+
+
+_PASSING = frozenset(("over_capacity", "runtime_restarting"))
 
 
 def bad_request(message: str, field: str | None = None) -> ApiError:
@@ -83,6 +95,9 @@ def _field_of(message: str, default: str | None) -> str | None:
 def from_sandbox(exc: SandboxError, field: str | None = None) -> ApiError:
     """The HTTP form of an error the sandbox layer raised on purpose."""
     msg = str(exc) or type(exc).__name__
+    if isinstance(exc, StoreFull):  # no Retry-After: waiting frees nothing, deleting does
+        log.warning("%s", exc.detail)
+        return ApiError(507, "store_full", msg)
     if isinstance(exc, PolicyError):
         return ApiError(400, "invalid_request", msg, _field_of(msg, field))
     if isinstance(exc, InvalidReference):
@@ -105,6 +120,9 @@ def from_sandbox(exc: SandboxError, field: str | None = None) -> ApiError:
         return ApiError(409, "conflict", msg, field)
     if isinstance(exc, ImageError):
         return ApiError(400, "image_error", msg, _field_of(msg, field))
+    if isinstance(exc, RuntimeRestarting):  # the same request succeeds once it is back
+        return ApiError(503, "runtime_restarting", msg,
+                        headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, RuntimeSetupError | ContainerGoneError | CgroupError):
         return ApiError(500, "runtime_error", f"the sandbox runtime failed: {msg}")
     if isinstance(exc, ValueError):  # configuration errors (e.g. registries) from a request

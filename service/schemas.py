@@ -573,7 +573,8 @@ INFO = Obj("Info", (Prop("version", Str(), required=True), Prop("host", Any_(), 
                         Prop("maxima", Any_(description="the most a run may ask for"),
                              required=True))), key_pattern=r"[a-z0-9][a-z0-9_-]*",
                         key_hint="a profile name"), required=True)))
-HEALTH = Obj("Health", (Prop("status", Str(), required=True), Prop("error", Str(max_len=1 << 16))))
+HEALTH = Obj("Health", (Prop("status", Str(), required=True), Prop("error", Str(max_len=1 << 16)),
+                        Prop("reason", Str(max_len=1 << 16))))
 
 
 def validate_json(value: Any, schema: Obj) -> dict[str, Any]:

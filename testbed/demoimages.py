@@ -48,7 +48,7 @@ def _package_files(packages: Iterable[str], image: str) -> list[Path]:
     return [Path(line) for line in out.splitlines() if line.startswith("/")]
 
 
-def _copy(src: Path, root: Path) -> None:
+def copy_into_root(src: Path, root: Path) -> None:
     """Copy one host path into root at the same place, symlinks as symlinks, and the
     targets of symlinks too (a library is usually reached through one)."""
     dest = root / src.relative_to("/")
@@ -60,12 +60,12 @@ def _copy(src: Path, root: Path) -> None:
         dest.symlink_to(target)
         # The target at the path the link names (not resolved through the host's own
         # usr-merge links), which is where the loader will look inside the image.
-        _copy(Path(os.path.normpath(src.parent / target)), root)
+        copy_into_root(Path(os.path.normpath(src.parent / target)), root)
     elif src.is_file():
         shutil.copy2(src, dest)
 
 
-def _loadable_elf(path: Path) -> bool:
+def loadable_elf(path: Path) -> bool:
     """An executable or shared library (not a symlink, an object file or a script)."""
     if path.is_symlink() or not path.is_file():
         return False
@@ -75,14 +75,14 @@ def _loadable_elf(path: Path) -> bool:
             and int.from_bytes(head[16:18], "little") in _ELF_LOADABLE)
 
 
-def _shared_libraries(binaries: Sequence[Path]) -> set[Path]:
+def shared_libraries(binaries: Sequence[Path]) -> set[Path]:
     if not binaries:
         return set()
     out = subprocess.run(["ldd", *map(str, binaries)], capture_output=True, text=True).stdout
     return {Path(m) for m in _LDD_PATH.findall(out)}
 
 
-def _packages_rootfs(dest: Path, packages: Sequence[str], image: str,
+def packages_rootfs(dest: Path, packages: Sequence[str], image: str,
                      left_out: re.Pattern[str] | None = None) -> Path:
     """busybox plus the files of Debian's `packages` (but those `left_out` matches) and
     every shared library their executables and libraries load."""
@@ -91,22 +91,22 @@ def _packages_rootfs(dest: Path, packages: Sequence[str], image: str,
              if (p.is_file() or p.is_symlink())
              and (left_out is None or not left_out.search(str(p)))]
     for path in files:
-        _copy(path, dest)
-    for lib in _shared_libraries([p for p in files if _loadable_elf(p)]):
-        _copy(lib, dest)
+        copy_into_root(path, dest)
+    for lib in shared_libraries([p for p in files if loadable_elf(p)]):
+        copy_into_root(lib, dest)
     return dest
 
 
 def python_rootfs(dest: Path) -> Path:
     """busybox plus Debian's python3.11 (about 30 MB): `python3 -c ...` runs in it."""
-    return _packages_rootfs(dest, PYTHON_PACKAGES, "python demo")
+    return packages_rootfs(dest, PYTHON_PACKAGES, "python demo")
 
 
 def gcc_rootfs(dest: Path) -> Path:
     """busybox plus Debian's gcc 12, binutils and the libc headers, static and shared libc:
     `gcc -O2 [-static] -o /tmp/a /tmp/a.c` works in it with a read-only root (gcc writes
     only to $TMPDIR, default /tmp, and its output)."""
-    return _packages_rootfs(dest, GCC_PACKAGES, "compiler", GCC_LEFT_OUT)
+    return packages_rootfs(dest, GCC_PACKAGES, "compiler", GCC_LEFT_OUT)
 
 
 def write_tar(root: Path, dest: Path) -> Path:

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 from sandbox.engine.pool import Pools
-from sandbox.errors import BuildFailed, ImageError, SandboxError
+from sandbox.errors import BuildFailed, ImageError, SandboxError, StoreFull
 from sandbox.images import Image, ImageService, Platform, buildplan, platform_serves
 from sandbox.images.buildcontext import BuildContext, is_archive
 from sandbox.images.buildfiles import Selected, SourceFile
@@ -182,6 +182,8 @@ class _Run:
             try:
                 image = await self.b.resolve(stage.base, self.tenant, platform)
                 layers, config = self.b.images.build_base(image, self.tenant)
+            except StoreFull:
+                raise  # the store's fault, not the Dockerfile's: 507, what to free
             except SandboxError as e:
                 raise BuildFailed(f"{stage.where}: FROM {stage.base}: {e}", line=stage.line,
                                   step=self.step) from e
@@ -205,7 +207,7 @@ class _Run:
                 layer, cached = await self._copy(ins, state, done)
             else:
                 layer, cached = await self._config(ins, state)
-        except BuildFailed:
+        except (BuildFailed, StoreFull):
             raise
         except SandboxError as e:
             said = str(e)

@@ -98,6 +98,7 @@ class EngineConfig:
     build: BuildConfig = field(default_factory=BuildConfig)
     files: FileCacheConfig = field(default_factory=FileCacheConfig)  # the file cache
     timing: TimingConfig = field(default_factory=TimingConfig)       # CPU slots (cpuslots.py)
+    node: str | None = None              # the cluster node: its session ids begin "<node>."
 
 
 def known_policies() -> list[str]:
@@ -127,7 +128,8 @@ class Engine:
         self.files = FileCache(config.state_dir / "files", config.files)
         # Every container made from now on can bind cached files (runfiles.py).
         runtime.files = str(self.files.blob_dir)
-        self.sessions = Sessions(self.pools, images, self.files, self._request)
+        self.sessions = Sessions(self.pools, images, self.files, self._request,
+                                 node=config.node)
         driver = runtime.cgroups.driver
         self.cpuset_by = CPUSET if driver and "cpuset" in driver.controllers else AFFINITY
         timing = config.timing
@@ -457,6 +459,11 @@ class Engine:
     def pool_stats(self) -> list[dict[str, Any]]:
         """Every tenant's pools: for the operator's metrics, never for a tenant."""
         return self.pools.stats()
+
+    def health(self) -> tuple[bool, str]:
+        """Whether runs can start now, and why not when they cannot (for /readyz)."""
+        down = self.runtime.down()
+        return (False, down) if down is not None else (True, "")
 
     @property
     def live_containers(self) -> int:

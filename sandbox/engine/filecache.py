@@ -53,8 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from sandbox.errors import AtQuota, NotFound, PolicyError, QuotaExceeded
+from sandbox.errors import AtQuota, NotFound, PolicyError, QuotaExceeded, StoreFull
 from sandbox.images import digests
+from sandbox.images.store import space
 from sandbox.images.store.catalog import open_database, transaction
 from sandbox.images.store.locks import remove_stale, temp_name
 from sandbox.tenants import Tenant
@@ -179,9 +180,11 @@ class _Upload:
     def discard(self) -> None:
         """Close and remove the temp file (gone already once renamed into blobs/)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
-            self.path.unlink(missing_ok=True)
+            f, self._file = self._file, None
+            try:
+                f.close()  # flushes what is buffered: fails on a full disk, still closes
+            finally:
+                self.path.unlink(missing_ok=True)
 
 
 def _copy_executable(source: Path, dest: Path) -> None:
@@ -216,6 +219,8 @@ class FileCache:
         # take back from the runtime's housekeeping thread (~0.15 ms per run, measured).
         # Emptied by every delete.
         self._seen: dict[tuple[str, str], CachedFile] = {}
+        # Executable variants known to exist, for the same reason (a stat per run).
+        self._executables: set[str] = set()
         self._sweep()
 
     def close(self) -> None:
@@ -260,11 +265,29 @@ class FileCache:
         endless body costs nothing more. Storing content the tenant holds again refreshes
         its entry and uses no more quota; content another tenant stored is not written
         twice, but counts against this tenant's quota all the same. A stream that fails
-        (or a caller cancelled) leaves neither a temp file nor an entry.
+        (or a caller cancelled) leaves neither a temp file nor an entry. A full filesystem
+        is StoreFull, once expired entries are dropped to make room for a retry.
         """
         cap = self.config.max_file_bytes
         if tenant.max_file_bytes is not None:
             cap = min(cap, tenant.max_file_bytes)
+        try:
+            with space.reported(self._full):
+                return await self._put(tenant, chunks, cap)
+        except StoreFull:
+            # The stream cannot be read again: room is made for the caller's retry (if the
+            # disk lets even that be written: the failure to report is the full store).
+            with contextlib.suppress(sqlite3.Error, OSError):
+                await asyncio.to_thread(self.expire)
+            raise
+
+    def _full(self) -> StoreFull:
+        files, nbytes = self._rows("SELECT COALESCE(SUM(files), 0), COALESCE(SUM(bytes), 0) "
+                                   "FROM usage", ())[0]
+        return space.full_error("file cache", self.root,
+                                f"{space.count(files, 'stored file')}, {space.mib(nbytes)}")
+
+    async def _put(self, tenant: Tenant, chunks: AsyncIterator[bytes], cap: int) -> CachedFile:
         upload = _Upload(self._tmp / temp_name("put"))
         try:
             size, batched = 0, 0
@@ -318,14 +341,21 @@ class FileCache:
                                  ).fetchone()
                 if row is None:
                     self._make_room(db, tenant, size, now)
-                if not blob.exists():
+                renamed = not blob.exists()
+                if renamed:
                     if not stored:  # expire() deleted it since the look above
                         upload.store(rest)
                     os.rename(upload.path, blob)
                 created = now if row is None else float(row[0])
-                db.execute("INSERT INTO files VALUES (?,?,?,?,?) ON CONFLICT (tenant, id) DO "
-                           "UPDATE SET created=excluded.created, last_used=excluded.last_used",
-                           (tenant.id, file_id, size, created, now))
+                try:
+                    db.execute("INSERT INTO files VALUES (?,?,?,?,?) ON CONFLICT (tenant, id) "
+                               "DO UPDATE SET created=excluded.created, "
+                               "last_used=excluded.last_used",
+                               (tenant.id, file_id, size, created, now))
+                except BaseException:  # (a full disk): the rollback leaves the blob unheld
+                    if renamed:
+                        blob.unlink()
+                    raise
             return self._entry(file_id, size, created, now)
         finally:
             upload.discard()
@@ -403,7 +433,12 @@ class FileCache:
         (`make_executable`, in a worker thread). Either may be gone by the time it is bound
         (deleted, expired): the bind then fails as a missing file."""
         name = digests.hex_part(_check_id(file_id)) + (EXEC_SUFFIX if executable else "")
-        return name if not executable or (self._blobs / name).exists() else None
+        if not executable or name in self._executables:
+            return name
+        if not (self._blobs / name).exists():
+            return None
+        self._executables.add(name)
+        return name
 
     def make_executable(self, file_id: str) -> str:
         """Make `file_id`'s executable variant (a copy, 0555) if it is missing; its name. The
@@ -416,7 +451,8 @@ class FileCache:
         tmp = self._tmp / temp_name("exec")
         try:
             try:
-                _copy_executable(self._path(file_id), tmp)
+                with space.reported(self._full):
+                    _copy_executable(self._path(file_id), tmp)
             except FileNotFoundError:
                 raise self.missing(file_id) from None
             with self._tx() as db:
@@ -489,8 +525,31 @@ class FileCache:
         for file_id in ids:
             if db.execute("SELECT 1 FROM files WHERE id=? LIMIT 1", (file_id,)).fetchone() is None:
                 self._path(file_id).unlink(missing_ok=True)
-                self._blobs.joinpath(digests.hex_part(file_id) + EXEC_SUFFIX).unlink(
-                    missing_ok=True)
+                variant = digests.hex_part(file_id) + EXEC_SUFFIX
+                self._executables.discard(variant)
+                self._blobs.joinpath(variant).unlink(missing_ok=True)
+
+    def verify(self) -> list[str]:
+        """What is wrong with the cache, one sentence each (empty: consistent): an entry
+        whose blob is missing or does not hash to its id, a blob or executable variant no
+        entry holds, a temp file left over. Reads every blob: call it in a worker thread,
+        when no upload is under way (its temp file counts as left over)."""
+        found: list[str] = []
+        held = {str(r[0]) for r in self._rows("SELECT DISTINCT id FROM files", ())}
+        for file_id in sorted(held):
+            try:
+                with open(self._path(file_id), "rb") as f:
+                    got = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+            except FileNotFoundError:
+                found.append(f"file {file_id} has entries but no blob")
+                continue
+            if got != file_id:
+                found.append(f"file {file_id} hashes to {got}")
+        found += [f"{self._blobs / name} is held by no entry"
+                  for name in sorted(os.listdir(self._blobs))
+                  if "sha256:" + name.removesuffix(EXEC_SUFFIX) not in held]
+        found += [f"{self._tmp / name} is left over" for name in sorted(os.listdir(self._tmp))]
+        return found
 
     def _sweep(self) -> None:
         """What a crashed process left: its temp files, and blobs it renamed into place

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from sandbox.engine.records import ContainerRecords
-from sandbox.errors import CapacityError, PolicyError, SandboxError
+from sandbox.errors import CapacityError, ContainerGoneError, PolicyError, SandboxError
 from sandbox.images import Image, ImageService
 from sandbox.runtime.container import Container
 from sandbox.runtime.policy import Policy
@@ -89,6 +89,7 @@ class Pools:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle_since: dict[str, float] = {}   # container id -> when it was parked
         self._live = 0
+        runtime.on_restart(self._replace_lost)
 
     @property
     def live(self) -> int:
@@ -188,9 +189,24 @@ class Pools:
             self._spawn(self.destroy(container))
 
     def _discard(self, pool: _Pool, container: Container) -> None:
-        """A run failed in a way that leaves the container suspect: never reuse it."""
+        """A run failed in a way that leaves the container suspect (or dead: its init
+        killed): never reuse it, and warm another in its place."""
         pool.busy -= 1
         self._spawn(self.destroy(container))
+        self._refill(pool)
+
+    def _replace_lost(self) -> None:
+        """A new spawner serves in place of one that died: the idle containers it had made
+        died with it (their inits' PDEATHSIG). Destroy them (their cgroups, records and
+        image leases go) and warm new ones; those lent out are discarded as their runs
+        fail."""
+        for pool in self._pools.values():
+            lost = [c for c in pool.idle if not c.alive or self.runtime.lost(c)]
+            for container in lost:
+                pool.idle.remove(container)
+                self._idle_since.pop(container.id, None)
+                self._spawn(self.destroy(container))
+            self._refill(pool)
 
     async def drop_idle(self, image: Image, tenant: Tenant) -> None:
         """Destroy the idle containers of `tenant` for `image` (every policy), and those
@@ -289,5 +305,16 @@ class Loan:
         assert container is not None
         if exc_type is None:
             self._pools._give_back(self._pool, container)
-        else:
-            self._pools._discard(self._pool, container)
+            return
+        self._pools._discard(self._pool, container)
+        if not isinstance(exc, ContainerGoneError):
+            return
+        # Neither the run's fault nor a lasting one: the same request succeeds once its
+        # container is replaced (and, for a spawner that died, a new one serves).
+        runtime = self._pools.runtime
+        if runtime.lost(container):
+            raise runtime.spawner.error("the run did not finish: its container died with "
+                                        "the runtime's spawner") from exc
+        raise ContainerGoneError(f"the run did not finish: {exc} (killed from outside the "
+                                 "sandbox, or out of memory); another container takes its "
+                                 "place: retry the run") from exc

@@ -24,7 +24,7 @@ from sandbox.engine.copyout import copy_out, wanted
 from sandbox.engine.filecache import FileCache
 from sandbox.engine.pool import Pools
 from sandbox.engine.specs import NOTHING, RunOutcome, RunSpec
-from sandbox.errors import AtQuota, Busy, NotFound, SandboxError
+from sandbox.errors import AtQuota, Busy, ContainerGoneError, NotFound, SandboxError
 from sandbox.images import Image, ImageService
 from sandbox.runtime import files
 from sandbox.runtime.container import Container
@@ -79,12 +79,21 @@ class Session:
             self.last_used = time.time()
 
 
+def _ended(sid: str) -> NotFound:
+    """A session whose container has died: the expiry sweep deletes it soon."""
+    return NotFound(f"container {sid} has ended (killed, out of memory, or the runtime "
+                    "restarted): its processes and files are gone; start a new session")
+
+
 class Sessions:
     """Every tenant's sessions, by id."""
 
     def __init__(self, pools: Pools, images: ImageService, files: FileCache,
-                 make_request: MakeRequest) -> None:
+                 make_request: MakeRequest, *, node: str | None = None) -> None:
         self.pools = pools
+        # In a cluster an id names the node that holds the session, so that any node can
+        # send a request for it there.
+        self._id_prefix = "" if node is None else node + "."
         self.images = images
         self.files = files
         self._make_request = make_request
@@ -110,7 +119,7 @@ class Sessions:
         finally:
             self._opening[tenant.id] -= 1
         now = time.time()
-        sid = secrets.token_hex(8)
+        sid = self._id_prefix + secrets.token_hex(8)
         session = Session(sid, image, policy, container, now, now, tenant, limits)
         self.images.lease(image.digest, f"session-{sid}")
         self._by_id[sid] = session
@@ -135,10 +144,15 @@ class Sessions:
         req = self._make_request(s.image, spec, s.policy)
         copied = NOTHING
         async with s.changing():
+            if not s.container.alive:
+                raise _ended(sid)
             # Cached files are bound until the session ends (it is never reset).
             bound = await runfiles.place(s.container, spec.files, self.files, uid=req.uid,
                                          gid=req.gid, exec_follows=True)
-            result = await s.container.exec(req, on_output=on_output, control=control)
+            try:
+                result = await s.container.exec(req, on_output=on_output, control=control)
+            except ContainerGoneError as e:
+                raise _ended(sid) from e
             await bound()
             if wanted(spec):
                 copied = await copy_out(s.container, spec, s.tenant, self.files)
@@ -172,8 +186,7 @@ class Sessions:
             raise Busy(f"container {sid} has {what} in progress: commit it when they are "
                        "done")
         if not s.container.alive:
-            raise NotFound(f"container {sid} has ended (killed or out of memory): its root "
-                           "is gone; start a new session")
+            raise _ended(sid)
         s.committing = asyncio.Event()
         s.last_used = time.time()
         try:

@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 
@@ -33,6 +34,7 @@ from sandbox.errors import (
     ManifestError,
     NotFound,
     QuotaExceeded,
+    StoreFull,
 )
 from sandbox.images import digests
 from sandbox.images.changes import apply_changes, parse_changes
@@ -76,7 +78,7 @@ from sandbox.images.public import PUBLIC, PublicNames
 from sandbox.images.reference import Reference, parse
 from sandbox.images.registry.client import RegistryClient
 from sandbox.images.registry.config import RegistriesConfig
-from sandbox.images.store import gc
+from sandbox.images.store import gc, space, verify
 from sandbox.images.store.blobs import BlobStore
 from sandbox.images.store.catalog import Catalog, ImageRecord, LayerRecord
 from sandbox.images.store.layers import LayerStore
@@ -91,6 +93,9 @@ from sandbox.images.store.unpack import (
     detect_compression,
 )
 from sandbox.tenants import Tenant
+
+log = logging.getLogger("sandboxd.images")
+T = TypeVar("T")
 
 MANIFEST_MAX = 4 << 20
 CONFIG_MAX = 4 << 20
@@ -175,8 +180,58 @@ class ImageService:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _collect(self) -> gc.GcReport:
-        return gc.collect(self.catalog, self.blobs, self.layers, self._pins)
+    def _collect(self, only: set[str] | None = None) -> gc.GcReport:
+        return gc.collect(self.catalog, self.blobs, self.layers, self._pins, only)
+
+    def _full(self) -> StoreFull:
+        images, blob_bytes, layer_bytes = self.catalog.totals()
+        return space.full_error(
+            "image store", self.blobs.root.parent,
+            f"{space.count(images, 'image')} ({space.mib(blob_bytes)} compressed), "
+            f"{space.mib(layer_bytes)} of unpacked layers")
+
+    def _prune_flat(self) -> int:
+        """Remove the flat roots (overlay=False) of images no longer recorded; how many."""
+        # Listed before the records are read: a flat root is made only for an image already
+        # recorded, so one made after that read is not among those listed.
+        flat = list(self.layers.flat.iterdir())
+        keep = {chain_ids([lr.diff_id for lr in rec.layers])[-1]
+                for rec in self.catalog.images() if rec.layers}
+        gone = [entry for entry in flat if "sha256:" + entry.name not in keep]
+        for entry in gone:
+            self.layers.remove_flat("sha256:" + entry.name)
+        return len(gone)
+
+    async def _reclaim(self) -> bool:
+        """Collect, in a worker thread, what nothing names, leases or pins (blobs, layers,
+        flat roots): whether anything went."""
+        def reclaim() -> bool:
+            report = self._collect()
+            return bool(report.blobs + report.layers + self._prune_flat())
+        return await asyncio.to_thread(reclaim)
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """Work that stores content (a pull, an import, a commit, a build step): a full
+        filesystem is StoreFull, and when the work fails, what it stored that nothing needs
+        (what it pinned: its manifests, blobs and layers, unpinned by then) is collected at
+        once, so a failed pull holds no space for the next one. A cancelled one leaves it to
+        the next gc."""
+        with self._pins.recording() as touched:
+            try:
+                with space.reported(self._full):
+                    yield
+            except Exception:
+                try:
+                    await asyncio.to_thread(self._collect, set(touched))
+                except Exception:  # the failure the caller gets is the work's, not this
+                    log.warning("collecting what a failed write left failed", exc_info=True)
+                raise
+
+    def verify(self) -> list[str]:
+        """What is wrong with the store (store/verify.py), one sentence each; empty when it
+        is consistent. Reads every blob: call it in a worker thread."""
+        return verify.problems(self.catalog, self.blobs, self.layers, self._pins)
 
     def _namespace(self, tenant: Tenant, ref: Reference) -> str:
         """Where the name `ref` lives for `tenant`: the operator's shared names, or its own."""
@@ -223,12 +278,13 @@ class ImageService:
         report(PullProgress("", "resolving"))
         fetched = await self.client.get_manifest(ref)
         target = fetched.digest
-        with self._pins.holding() as pin:
-            pin(target)
-            digest, manifest, media_type = await self._platform_manifest(
-                ref, fetched.body, fetched.media_type, target, want, pin)
-            return await self._pull_content(ref, ns, tenant, target, digest, media_type,
-                                            manifest, report)
+        async with self._writing():
+            with self._pins.holding() as pin:
+                pin(target)
+                digest, manifest, media_type = await self._platform_manifest(
+                    ref, fetched.body, fetched.media_type, target, want, pin)
+                return await self._pull_content(ref, ns, tenant, target, digest, media_type,
+                                                manifest, report)
 
     async def _pull_content(self, ref: Reference, ns: str, tenant: Tenant, target: str,
                             digest: str, media_type: str, manifest: ImageManifest,
@@ -303,7 +359,8 @@ class ImageService:
         any layer is fetched (from the manifest's sizes) and again once the layers' sizes
         are known. Until the name is given, no image name holds what this brings: gc keeps
         it because it is pinned, before it is fetched or looked for (the manifest itself
-        is the caller's to pin before storing it)."""
+        is the caller's to pin before storing it). A full store gets one more try once
+        what nothing needs is collected (`_with_room`)."""
         if manifest.config.size > CONFIG_MAX:
             raise ManifestError(f"image config {manifest.config.digest} claims "
                                 f"{manifest.config.size} bytes, over the {CONFIG_MAX} cap")
@@ -317,7 +374,7 @@ class ImageService:
         with contextlib.ExitStack() as pins:
             pins.enter_context(self._pins.hold(digest, manifest.config.digest,
                                                *(d.digest for d in manifest.layers)))
-            await blob(manifest.config)
+            await self._with_room(lambda: blob(manifest.config))
             config = parse_config(self.blobs.read(manifest.config.digest, CONFIG_MAX))
             if len(config.diff_ids) != len(manifest.layers):
                 raise ManifestError(f"image {digest}: the manifest lists "
@@ -327,7 +384,7 @@ class ImageService:
             pairs = list(zip(manifest.layers, config.diff_ids, strict=True))
             if ns != PUBLIC:
                 self._check_quota(tenant, [(i, d.size) for d, i in pairs])
-            await asyncio.gather(*(self._layer(ns, d, i, blob, report) for d, i in pairs))
+            await self._with_room(lambda: self._layers_in(ns, pairs, blob, report))
             now = time.time()
             self.catalog.add_image(ImageRecord(
                 digest, media_type, manifest.config.digest, _platform_of(config),
@@ -339,6 +396,32 @@ class ImageService:
             ref, tag, target = name
             self.catalog.set_name(ns, str(ref), ref.repository, tag, target, digest)
         return digest
+
+    async def _with_room(self, work: Callable[[], Awaitable[T]]) -> T:
+        """`work()`, run once more if the store's filesystem was full and collecting what
+        nothing names, leases or pins freed some of it (the caller's pins keep what it has
+        stored so far, so the second run takes up where the first stopped)."""
+        try:
+            with space.reported(self._full):
+                return await work()
+        except StoreFull:
+            if not await self._reclaim():
+                raise
+            log.info("the image store was full: unused content collected; trying again")
+        with space.reported(self._full):
+            return await work()
+
+    async def _layers_in(self, ns: str, pairs: list[tuple[Descriptor, str]],
+                         blob: Callable[[Descriptor], Awaitable[Path]],
+                         report: ProgressCallback) -> None:
+        """Every layer of `pairs` (blob descriptor, diff_id). Each runs to its end even when
+        another fails: once this returns or raises, nothing of it is still writing, so its
+        failure can be handled (collected, retried) without a straggler storing more."""
+        results = await asyncio.gather(*(self._layer(ns, d, i, blob, report)
+                                         for d, i in pairs), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:  # a full store first: it is what the caller can act on
+            raise next((f for f in failures if space.is_full(f)), failures[0])
 
     async def _layer(self, ns: str, desc: Descriptor, diff_id: str,
                      blob: Callable[[Descriptor], Awaitable[Path]],
@@ -448,8 +531,9 @@ class ImageService:
             layers = tuple(self.layers.path(lr.diff_id) for lr in rec.layers)
         else:
             top = chain_ids([lr.diff_id for lr in rec.layers])[-1]
-            layers = (await self.layers.ensure_flat(
-                top, [self.blobs.path(lr.blob) for lr in rec.layers]),)
+            with space.reported(self._full):
+                layers = (await self.layers.ensure_flat(
+                    top, [self.blobs.path(lr.blob) for lr in rec.layers]),)
         return Image(digest, rec.config, config, rec.platform, rec.size, layers,
                      run_defaults(config), self._names(digest, tenant))
 
@@ -546,14 +630,7 @@ class ImageService:
                 self.catalog.remove_name(tenant.id, n.name)
             evicted.append(rec.digest)
         report = self._collect()
-        # Listed before the records are read: a flat root is made only for an image already
-        # recorded, so one made after that read is not among those listed.
-        flat = list(self.layers.flat.iterdir())
-        keep = {chain_ids([lr.diff_id for lr in rec.layers])[-1]
-                for rec in self.catalog.images() if rec.layers}
-        for entry in flat:
-            if "sha256:" + entry.name not in keep:
-                self.layers.remove_flat("sha256:" + entry.name)
+        self._prune_flat()
         # What the caller may learn: its own evictions and its own usage, not the store's.
         return dataclasses.replace(report, images=evicted,
                                    kept_bytes=self.catalog.usage(tenant.id))
@@ -576,27 +653,28 @@ class ImageService:
         `docker import` makes."""
         ref = _tag_reference(reference)
         ns = self._writable(tenant, ref, "reference")
-        with self._pins.holding() as pin:
-            if isinstance(src, Path):
-                with open(src, "rb") as f:
-                    layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, f,
+        async with self._writing():
+            with self._pins.holding() as pin:
+                if isinstance(src, Path):
+                    with open(src, "rb") as f:
+                        layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, f,
+                                                                     on_digest=pin)
+                else:
+                    layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, src,
                                                                  on_digest=pin)
-            else:
-                layer_digest, size = await asyncio.to_thread(self.blobs.put_stream, src,
-                                                             on_digest=pin)
-            path = self.blobs.path(layer_digest)
-            with open(path, "rb") as f:
-                kind = detect_compression(f.read(8))
-            media_type = {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}.get(kind, OCI_LAYER)
-            self._check_quota(tenant, [(layer_digest, size)])
-            diff_id, _, rep = await self.layers.add(path, on_digest=pin)
-            digest = self._add_layer_image(
-                ns, tenant, ref, (), LayerRecord(diff_id, layer_digest, media_type, size),
-                rep, str(self.platform),
-                lambda diff_ids: build_config(diff_ids=diff_ids, cmd=cmd,
-                                              entrypoint=entrypoint, env=env,
-                                              working_dir=working_dir, user=user,
-                                              history_comment="imported"))
+                path = self.blobs.path(layer_digest)
+                with open(path, "rb") as f:
+                    kind = detect_compression(f.read(8))
+                media_type = {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}.get(kind, OCI_LAYER)
+                self._check_quota(tenant, [(layer_digest, size)])
+                diff_id, _, rep = await self.layers.add(path, on_digest=pin)
+                digest = self._add_layer_image(
+                    ns, tenant, ref, (), LayerRecord(diff_id, layer_digest, media_type, size),
+                    rep, str(self.platform),
+                    lambda diff_ids: build_config(diff_ids=diff_ids, cmd=cmd,
+                                                  entrypoint=entrypoint, env=env,
+                                                  working_dir=working_dir, user=user,
+                                                  history_comment="imported"))
         return await self._image(digest, tenant)
 
     def _add_layer_image(self, ns: str, tenant: Tenant, ref: Reference | None,
@@ -691,20 +769,21 @@ class ImageService:
         if layer is not None and len(below) >= MAX_LAYERS:
             raise ImageError(f"the image would have more than {MAX_LAYERS} layers: merge "
                              "steps (one RUN with &&, one COPY of a directory)")
-        with (self._pins.hold(*(lr.blob for lr in below), *(lr.diff_id for lr in below)),
-              self._pins.holding() as pin):
-            new = report = None
-            if layer is not None:
-                taken = await take_layer(layer, self.blobs, self.layers, on_digest=pin)
-                new = LayerRecord(taken.diff_id, taken.blob, OCI_LAYER_GZIP, taken.size)
-                report = taken.report
-            digest = self._add_layer_image(tenant.id, tenant, None, below, new, report,
-                                           platform, make_config, holder=holder)
-            if key is not None:
-                self.catalog.cache_put(tenant.id, key, digest)
-            for ref in names:
-                self.catalog.set_name(tenant.id, str(ref), ref.repository, ref.tag, digest,
-                                      digest)
+        async with self._writing():
+            with (self._pins.hold(*(lr.blob for lr in below), *(lr.diff_id for lr in below)),
+                  self._pins.holding() as pin):
+                new = report = None
+                if layer is not None:
+                    taken = await take_layer(layer, self.blobs, self.layers, on_digest=pin)
+                    new = LayerRecord(taken.diff_id, taken.blob, OCI_LAYER_GZIP, taken.size)
+                    report = taken.report
+                digest = self._add_layer_image(tenant.id, tenant, None, below, new, report,
+                                               platform, make_config, holder=holder)
+                if key is not None:
+                    self.catalog.cache_put(tenant.id, key, digest)
+                for ref in names:
+                    self.catalog.set_name(tenant.id, str(ref), ref.repository, ref.tag, digest,
+                                          digest)
         return await self._image(digest, tenant)
 
     def name(self, image: Image, names: Sequence[Reference], tenant: Tenant) -> Image:
@@ -758,14 +837,15 @@ class ImageService:
         # A config that would be refused (too large) is refused before the stream is read.
         make_config([*config.diff_ids, digests.of_bytes(b"")])
         self._check_quota(tenant, [], image=rec.digest)
-        with (self._pins.hold(*(lr.blob for lr in rec.layers),
-                              *(lr.diff_id for lr in rec.layers)),
-              self._pins.holding() as pin):
-            taken = await take_layer(layer, self.blobs, self.layers, on_digest=pin)
-            digest = self._add_layer_image(
-                ns, tenant, ref, rec.layers,
-                LayerRecord(taken.diff_id, taken.blob, OCI_LAYER_GZIP, taken.size),
-                taken.report, rec.platform, make_config)
+        async with self._writing():
+            with (self._pins.hold(*(lr.blob for lr in rec.layers),
+                                  *(lr.diff_id for lr in rec.layers)),
+                  self._pins.holding() as pin):
+                taken = await take_layer(layer, self.blobs, self.layers, on_digest=pin)
+                digest = self._add_layer_image(
+                    ns, tenant, ref, rec.layers,
+                    LayerRecord(taken.diff_id, taken.blob, OCI_LAYER_GZIP, taken.size),
+                    taken.report, rec.platform, make_config)
         return await self._image(digest, tenant)
 
     def _base_record(self, base: Image, tenant: Tenant) -> ImageRecord:
@@ -815,23 +895,24 @@ class ImageService:
         body = _read_layout_file(_layout_blob(layout, desc.digest), MANIFEST_MAX)
         if digests.of_bytes(body) != desc.digest:
             raise ManifestError(f"{layout}: blob {desc.digest} does not match its digest")
-        with self._pins.holding() as pin:  # the manifests, until the image is named
-            self.blobs.put_bytes(body, expected=desc.digest, on_digest=pin)
-            digest, manifest, media_type = desc.digest, None, desc.media_type
-            for _ in range(MAX_INDEX_DEPTH + 1):
-                parsed = parse_manifest(body, media_type)
-                if isinstance(parsed, ImageManifest):
-                    manifest = parsed
-                    break
-                child = select_platform(parsed, platform or self.platform)
-                body = _read_layout_file(_layout_blob(layout, child.digest), MANIFEST_MAX)
-                self.blobs.put_bytes(body, expected=child.digest, on_digest=pin)
-                digest, media_type = child.digest, child.media_type
-            if manifest is None:
-                raise ManifestError(f"{layout}: indexes nest more than {MAX_INDEX_DEPTH} "
-                                    "deep")
-            image = await self._install(ns, tenant, digest, media_type, manifest, fetch,
-                                        report, name=(ref, ref.tag, digest))
+        async with self._writing():
+            with self._pins.holding() as pin:  # the manifests, until the image is named
+                self.blobs.put_bytes(body, expected=desc.digest, on_digest=pin)
+                digest, manifest, media_type = desc.digest, None, desc.media_type
+                for _ in range(MAX_INDEX_DEPTH + 1):
+                    parsed = parse_manifest(body, media_type)
+                    if isinstance(parsed, ImageManifest):
+                        manifest = parsed
+                        break
+                    child = select_platform(parsed, platform or self.platform)
+                    body = _read_layout_file(_layout_blob(layout, child.digest), MANIFEST_MAX)
+                    self.blobs.put_bytes(body, expected=child.digest, on_digest=pin)
+                    digest, media_type = child.digest, child.media_type
+                if manifest is None:
+                    raise ManifestError(f"{layout}: indexes nest more than {MAX_INDEX_DEPTH} "
+                                        "deep")
+                image = await self._install(ns, tenant, digest, media_type, manifest, fetch,
+                                            report, name=(ref, ref.tag, digest))
         return await self._image(image, tenant)
 
     # push

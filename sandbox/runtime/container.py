@@ -180,7 +180,7 @@ class Container:
         # anyone waits, two ahead so that back-to-back runs always find one: a finished
         # run's is reset and kept when it can be, else removed and a new one made, by the
         # runtime's housekeeping thread after the run.
-        self._spares: list[tuple[Cgroup, CgroupLimits, list[int]]] = []
+        self._spares: list[tuple[Cgroup, CgroupLimits]] = []
         self._housework = Pending()
         self._kills: set[asyncio.Future[None]] = set()   # under way
         self._spares_lock = threading.Lock()  # one chore at a time makes new ones
@@ -284,16 +284,17 @@ class Container:
 
     def _take_run_cgroup(self, run_id: int, limits: CgroupLimits) -> tuple[Lease, list[int]]:
         """The run's use of a cgroup, limits applied, and the cgroup.procs fds its child
-        joins by. A spare is past its recycling, so the lease names this run's use only."""
+        joins by (the cgroup's own: not the run's to close). A spare is past its recycling,
+        so the lease names this run's use only."""
         assert self.cgroup is not None
         if not self._spares:
             cg = self.cgroup.child(f"r-{run_id}")
             cg.apply(limits)
-            return cg.lease(), cg.open_procs_fds()
-        cg, applied, fds = self._spares.pop()
+            return cg.lease(), cg.procs_fds()
+        cg, applied = self._spares.pop()
         if applied != limits:
             cg.apply(limits)
-        return cg.lease(), fds
+        return cg.lease(), cg.procs_fds()
 
     def _make_spares(self, target: int = _SPARES) -> None:
         assert self.cgroup is not None and self.runtime.cgroups.driver is not None
@@ -308,7 +309,8 @@ class Container:
             while self.alive and len(self._spares) + self._active < target:
                 cg = self.cgroup.child(f"s-{secrets.token_hex(4)}")
                 cg.apply(limits)
-                self._spares.append((cg, limits, cg.open_procs_fds()))
+                cg.procs_fds()  # opened here, off the path of the run that takes it
+                self._spares.append((cg, limits))
         finally:
             self._spares_lock.release()
 
@@ -319,7 +321,8 @@ class Container:
         try:
             if reusable and self.alive and len(self._spares) < _SPARES \
                     and cg.recycle(applied):
-                self._spares.append((cg, applied, cg.open_procs_fds()))
+                cg.procs_fds()
+                self._spares.append((cg, applied))
                 kept = True
         except (SandboxError, OSError):
             pass  # removed below, as one that cannot be recycled
@@ -331,9 +334,8 @@ class Container:
 
     def _drop_spares(self) -> None:
         spares, self._spares = self._spares, []
-        for _cg, _limits, fds in spares:
-            for fd in fds:
-                os.close(fd)
+        for cg, _limits in spares:
+            cg.close_procs_fds()
 
     def _housekeep(self, work: Callable[[], None]) -> None:
         """Cgroup housekeeping in the runtime's housekeeping thread, off the path of any

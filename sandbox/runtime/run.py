@@ -114,7 +114,6 @@ class Run:
         try:
             if c.cgroup is not None:
                 self.lease, cg_fds = c._take_run_cgroup(self.id, self.cgroup_limits)
-                own += cg_fds
             else:
                 cg_fds = []
             stdio = self.req.stdio

@@ -229,11 +229,17 @@ class Spawner:
             if got is None:
                 break
             req, fds = got
-            if req.get("op") == "create":
+            if req.get("op") == "ping":  # the supervisor's: started, and serving
+                protocol.send(self.sock, {"ok": True})
+            elif req.get("op") == "create":
                 try:
                     self.create(req, fds)
                 except (KeyError, TypeError, ValueError) as e:
                     protocol.send(self.sock, {"ok": False, "error": f"bad create request: {e}"})
+            else:  # answered all the same: the host waits for an answer to each request
+                for fd in fds:
+                    os.close(fd)
+                protocol.send(self.sock, {"ok": False, "error": f"unknown op {req.get('op')!r}"})
             self.reap()
         for pid in list(self.inits):
             with contextlib.suppress(ProcessLookupError):

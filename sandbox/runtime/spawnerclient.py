@@ -1,6 +1,6 @@
-"""The spawner client (Runtime): starts the spawner process, asks it for containers, and
-closes it; one per service, holding what every container shares (the id map, cgroups, the
-registry of policies)."""
+"""The spawner client (Runtime): asks the spawner process (kept running by supervisor.py)
+for containers, and closes it; one per service, holding what every container shares (the
+id map, cgroups, the registry of policies)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,14 @@ import asyncio
 import os
 import secrets
 import socket
-import subprocess
-import sys
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from sandbox.errors import RuntimeSetupError
-from sandbox.runtime import idmap, protocol
+from sandbox.errors import ContainerGoneError, RuntimeSetupError
+from sandbox.runtime import idmap
 from sandbox.runtime.cgroups import Cgroup, Detection, detect
 from sandbox.runtime.container import Container, container_limits
 from sandbox.runtime.housekeeping import Housekeeper
@@ -25,16 +23,20 @@ from sandbox.runtime.policy import PolicyRegistry
 from sandbox.runtime.profiles import HOST_NETWORK
 from sandbox.runtime.requests import ContainerSpec
 from sandbox.runtime.rootfs import RootfsSpec
+from sandbox.runtime.supervisor import Supervisor
 
 
 class Runtime:
     """One per service: the spawner process, the id map, cgroups, the policies."""
 
-    def __init__(self, spawner: subprocess.Popen[bytes], sock: socket.socket,
-                 mapping: idmap.IdMapping, cgroups: Detection) -> None:
-        self._spawner, self._sock = spawner, sock
+    def __init__(self, spawner: Supervisor, mapping: idmap.IdMapping,
+                 cgroups: Detection) -> None:
+        self.spawner = spawner
         self.mapping, self.cgroups = mapping, cgroups
-        self._lock = asyncio.Lock()
+        # Which spawner made each container (Supervisor.generation): one made by a spawner
+        # that has died since died with it.
+        self._made_by: weakref.WeakKeyDictionary[Container, int] = \
+            weakref.WeakKeyDictionary()
         self.policies = PolicyRegistry(own_process_only=mapping.shares_init_id)
         self.containers: dict[str, Container] = {}
         self._undoing: set[asyncio.Task[None]] = set()  # creations cancelled by callers
@@ -45,50 +47,31 @@ class Runtime:
         # container made from then on, out of runs' sight, for Container.bind.
         self.files: str | None = None
 
-    _end_spawner: weakref.finalize  # set by start(): see _end_spawner()
-
     @classmethod
     async def start(cls, *, mapping: idmap.IdMapping | None = None,
                     cgroups: Detection | None = None) -> Runtime:
         mapping = mapping or idmap.plan()
         cgroups = cgroups if cgroups is not None else detect()
-        ours, theirs = protocol.socketpair()
-        # The spawner is exec'd fresh (not forked from this threaded process).
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.runtime.spawner", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-            cwd=str(Path(__file__).resolve().parents[2]))
-        theirs.close()
-        runtime = cls(proc, ours, mapping, cgroups)
-        # close() ends and reaps the spawner; so does this if the owner never calls it (an
-        # engine that failed to start), when the runtime is collected or at exit. A spawner
-        # outliving this process dies of PDEATHSIG, a zombie for pid 1 with its inits.
-        runtime._end_spawner = weakref.finalize(runtime, _end_spawner, proc, ours)
-        return runtime
+        return cls(await Supervisor.start(), mapping, cgroups)
 
     @property
     def warnings(self) -> list[str]:
         return list(self.cgroups.warnings)
 
-    async def _ask_spawner(self, req: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any],
-                                                                               list[int]]:
-        loop = asyncio.get_running_loop()
-        async with self._lock:
-            try:
-                protocol.send(self._sock, req, fds)
-            except OSError as e:
-                raise RuntimeSetupError(f"the spawner process died ({e.strerror}); "
-                                        "restart the runtime") from e
-            ready: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(self._sock, lambda: ready.done() or ready.set_result(None))
-            try:
-                await ready
-            finally:
-                loop.remove_reader(self._sock)
-            got = protocol.recv(self._sock)
-        if got is None:
-            raise RuntimeSetupError("the spawner process died; restart the runtime")
-        return got
+    def down(self) -> str | None:
+        """Why no container can be made now (the spawner is being restarted), or None."""
+        return self.spawner.check()
+
+    def on_restart(self, callback: Callable[[], None]) -> None:
+        """Call `callback` each time a new spawner has replaced one that died: the
+        containers made before are gone (`lost`)."""
+        self.spawner.on_restart(callback)
+
+    def lost(self, container: Container) -> bool:
+        """Whether `container` died with its spawner (made by one that has died since)."""
+        self.spawner.check()
+        return self._made_by.get(container, self.spawner.generation) \
+            < self.spawner.generation
 
     async def create_container(self, spec: ContainerSpec) -> Container:
         """A new container, ready for execs. Cancelling the caller does not cut the
@@ -138,7 +121,8 @@ class Runtime:
                 # there) and init moves on to this leaf; on v2 the container's cgroup hands
                 # controllers down only later, to runs, once no process is left in it.
                 fds += cgroup.child("init", limitable=False).open_procs_fds()
-            reply, got = await self._ask_spawner(
+            generation = self.spawner.generation
+            reply, got = await self.spawner.ask(
                 {"op": "create", "id": cid, "rootfs": asdict(rootfs),
                  "mapping": self.mapping.describe(), "seccomp_bpf": policy.program.bpf,
                  "caps": profile.capability_mask,
@@ -159,8 +143,15 @@ class Runtime:
             raise RuntimeSetupError(f"container setup failed: {reply.get('error')}")
         container = Container(self, cid, int(reply["pid"]), socket.socket(fileno=got[0]),
                               policy, rootfs, cgroup)
+        self._made_by[container] = generation
         try:
             await container._wait_ready()
+        except ContainerGoneError as e:
+            await container.destroy()
+            if self.lost(container):
+                raise self.spawner.error("a new container died with the runtime's spawner "
+                                         "before it was ready") from e
+            raise
         except BaseException:
             await container.destroy()
             raise
@@ -178,22 +169,9 @@ class Runtime:
                 await c.destroy()
         finally:
             # Whatever failed above: the spawner kills what is left and exits, reaped here.
-            await asyncio.to_thread(self._end_spawner)
+            await self.spawner.close()
             await asyncio.to_thread(self.housekeeper.close)
         if self.cgroups.driver is not None:
             self.cgroups.driver.close()
         os.close(self.devnull)
 
-
-_SPAWNER_EXIT_S = 10.0
-
-
-def _end_spawner(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
-    """Close the spawner's socket (it then kills its containers' inits, reaps them and
-    exits) and reap it; killed if it takes longer than _SPAWNER_EXIT_S."""
-    sock.close()
-    try:
-        proc.wait(_SPAWNER_EXIT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()

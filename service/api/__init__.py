@@ -16,7 +16,11 @@ from service.auth import Principal, Tokens
 from service.config import ServiceConfig
 from service.errors import ApiError, bad_request, blame, too_large
 from service.metrics import Metrics, PullWatcher
-from service.schemas import Obj, validate_json
+from service.schemas import ERROR, Obj, Reply, validate_json
+
+# What every route that writes to the image store or the file cache may answer.
+STORE_FULL = Reply(507, "store_full: the store has no room left; the message says what to "
+                   "free", ERROR)
 
 VERSION = "0.1.0"
 

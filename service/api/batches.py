@@ -25,7 +25,7 @@ from aiohttp import web
 
 from sandbox import FileSpec, Limits
 from service.api import State, image_of, read_json, ready, state
-from service.api.runs import PreparedRun, prepare_run, run_result
+from service.api.runs import PreparedRun, prepare_run, run_result, stdin_of
 from service.auth import Principal, principal
 from service.errors import ApiError, bad_request, blame, to_api_error
 from service.schemas import (
@@ -202,9 +202,21 @@ def _case_body(shared: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+# A case that gives no more than its stdin (a judge's mostly do) is the shared run with
+# that stdin: checking it whole again (image, policy, limits) took ~0.3 ms a case, a fifth
+# of the service's time for one (measured in a batch of 1,000).
+_STDIN_ONLY = frozenset(("id", "stdin", "stdin_base64"))
+
+
 def _prepare_case(st: State, who: Principal, batch: PreparedBatch, i: int) -> PreparedRun:
+    case = batch.cases[i]
+    if case.keys() <= _STDIN_ONLY:
+        with _in_case(i):
+            stdin = stdin_of(case)
+        return dataclasses.replace(batch.shared,
+                                   spec=dataclasses.replace(batch.shared.spec, stdin=stdin))
     with _in_case(i):
-        job = _prepared(st, who, _case_body(batch.body, batch.cases[i]))
+        job = _prepared(st, who, _case_body(batch.body, case))
         _check_limits(st, batch.policy, job.spec.limits)
         files = _merged(st, batch.shared.spec.files, job.spec.files)
     return dataclasses.replace(job, spec=dataclasses.replace(job.spec, files=files))
@@ -318,13 +330,11 @@ async def _case(st: State, who: Principal, batch: PreparedBatch, i: int) -> dict
             batch.prepared[i] = None  # what it holds (its stdin) goes with its run
             outcome = {"result": await run_result(st, who, job)}
             break
-        except ApiError as e:
-            if e.code != "over_capacity":
-                outcome = e.body()
-                break
         except Exception as e:  # a fault of ours is logged there, and the batch goes on
-            outcome = to_api_error(e).body()
-            break
+            error = to_api_error(e)
+            if not error.passing:
+                outcome = error.body()
+                break
         await asyncio.sleep(wait)
         wait = min(wait * 2, BUSY_WAIT_S[1])
     return event | outcome | {"elapsed_ms": round((time.monotonic() - started) * 1000, 3)}

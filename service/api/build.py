@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from sandbox import BuildFailed, BuildRequest, Forbidden, Platform, SandboxError
-from service.api import engine, json_response, state
+from service.api import STORE_FULL, engine, json_response, state
 from service.auth import principal
 from service.errors import ApiError, bad_request, blame, from_sandbox, to_api_error
 from service.schemas import (
@@ -139,7 +139,7 @@ ROUTES = [
                          content_type=NDJSON),
                    Reply(400, "bad input; `field` names the culprit", ERROR),
                    Reply(403, "a tag or base image this token may not use", ERROR),
-                   Reply(413, "the context is too large", ERROR)), tags=_TAGS),
+                   Reply(413, "the context is too large", ERROR), STORE_FULL), tags=_TAGS),
     Route("POST", "/v1/build/prune", prune, "Empty your build cache",
           replies=(Reply(200, "what was removed", BUILD_PRUNED),), tags=_TAGS),
 ]

@@ -21,10 +21,19 @@ from sandbox import (
     RunSpec,
     SandboxError,
 )
-from service.api import engine, json_response, platform_of, policy_of, read_json, state
+from service.api import (
+    STORE_FULL,
+    engine,
+    image_of,
+    json_response,
+    policy_of,
+    read_json,
+    state,
+)
 from service.api.images import image_json
 from service.api.runs import RUN_REPLIES, WS_REPLY, PreparedRun, exec_spec, execute, websocket
 from service.auth import principal
+from service.cluster.routing import NODE_GONE
 from service.errors import ApiError, bad_request, blame, from_sandbox, too_large
 from service.schemas import (
     COMMIT_BODY,
@@ -43,10 +52,11 @@ from service.schemas import (
 )
 
 log = logging.getLogger("sandboxd.service")
-ID = Param("id", "path", Str(max_len=64, description="the container's id"))
+ID = Param("id", "path", Str(max_len=128, description="the container's id"))
 PATH = Param("path", "query", Str(max_len=4096, min_len=1, absolute_path=True), required=True)
 MODE = Param("mode", "query", Str(max_len=6, description="octal permission bits, e.g. 0644"))
 NOT_FOUND = Reply(404, "no such container (deleted or expired) or path", ERROR)
+OWNED = (NOT_FOUND, NODE_GONE)   # the replies of every route of one session
 
 
 async def create(request: web.Request) -> web.Response:
@@ -59,9 +69,8 @@ async def create(request: web.Request) -> web.Response:
         with blame("limits"):
             limits = Limits.from_dict(body["limits"], "limits")
     tenant = principal(request).tenant
-    platform = platform_of(body)
-    with blame("image"):
-        image = await eng.image(body["image"], tenant=tenant, platform=platform)
+    # As a run's: a pull it makes counts in the metrics.
+    image = await image_of(state(request), principal(request), body)
     session = await eng.create_session(image, tenant=tenant, policy=policy,
                                        network=body.get("network"), limits=limits)
     return json_response(session.describe(), status=201)
@@ -212,27 +221,27 @@ ROUTES = [
     Route("GET", "/v1/containers", list_, "List sessions",
           replies=(Reply(200, "the sessions", SESSION_LIST),), tags=_TAGS),
     Route("GET", "/v1/containers/{id}", get, "One session", params=(ID,),
-          replies=(Reply(200, "the session", SESSION), NOT_FOUND), tags=_TAGS),
+          replies=(Reply(200, "the session", SESSION), *OWNED), tags=_TAGS),
     Route("DELETE", "/v1/containers/{id}", delete, "Delete a session and its container",
-          params=(ID,), replies=(Reply(204, "deleted"), NOT_FOUND), tags=_TAGS),
+          params=(ID,), replies=(Reply(204, "deleted"), *OWNED), tags=_TAGS),
     Route("POST", "/v1/containers/{id}/exec", exec_, "Run a command in a session",
-          body=EXEC_BODY, params=(ID,), replies=(*RUN_REPLIES, NOT_FOUND), tags=_TAGS),
+          body=EXEC_BODY, params=(ID,), replies=(*RUN_REPLIES, *OWNED), tags=_TAGS),
     Route("GET", "/v1/containers/{id}/exec/ws", exec_ws, "An interactive run in a session",
-          params=(ID,), replies=WS_REPLY, tags=_TAGS),
+          params=(ID,), replies=(*WS_REPLY, *OWNED), tags=_TAGS),
     Route("POST", "/v1/containers/{id}/commit", commit,
           "Make an image of a session's container (`docker commit`)", body=COMMIT_BODY,
           params=(ID,), replies=(
               Reply(201, "the new image, named `reference` among the caller's images", IMAGE),
-              _BAD, Reply(403, "`reference` is a name the operator shares", ERROR), NOT_FOUND,
+              _BAD, Reply(403, "`reference` is a name the operator shares", ERROR), *OWNED,
               Reply(409, "the session has runs in progress", ERROR),
-              Reply(413, "over the caller's image quota", ERROR)), tags=_TAGS),
+              Reply(413, "over the caller's image quota", ERROR), STORE_FULL), tags=_TAGS),
     Route("PUT", "/v1/containers/{id}/files", put_file, "Write a file into a session",
           body=Str(max_len=1 << 40, allow_nul=True, description="the file's bytes"),
           body_type="application/octet-stream", params=(ID, PATH, MODE),
-          replies=(Reply(204, "written"), _BAD, NOT_FOUND), tags=_TAGS),
+          replies=(Reply(204, "written"), _BAD, *OWNED), tags=_TAGS),
     Route("GET", "/v1/containers/{id}/files", get_file,
           "Read a file (raw bytes) or a directory (a tar) from a session",
           params=(ID, PATH), replies=(
               Reply(200, "the file's bytes, or a tar of the directory",
-                    content_type="application/octet-stream"), _BAD, NOT_FOUND), tags=_TAGS),
+                    content_type="application/octet-stream"), _BAD, *OWNED), tags=_TAGS),
 ]

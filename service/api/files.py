@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from sandbox import CachedFile, SandboxError
-from service.api import engine, json_response
+from service.api import STORE_FULL, engine, json_response
 from service.auth import principal
 from service.errors import bad_request, from_sandbox
 from service.schemas import CACHED_FILE, CACHED_FILE_LIST, ERROR, Param, Reply, Route, Str
@@ -114,7 +114,7 @@ ROUTES = [
           body_type="application/octet-stream",
           replies=(Reply(201, "stored (or already there: its expiry moves on)", CACHED_FILE),
                    _BAD, Reply(413, "over the size of a file or your bytes quota", ERROR),
-                   Reply(429, "over your number of files", ERROR)), tags=_TAGS),
+                   Reply(429, "over your number of files", ERROR), STORE_FULL), tags=_TAGS),
     Route("GET", "/v1/files", list_, "List your cached files",
           replies=(Reply(200, "your files", CACHED_FILE_LIST),), tags=_TAGS),
     Route("GET", "/v1/files/{id}", get, "Download a cached file", params=(ID,),

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from sandbox import Image, LayerError, PullProgress, SandboxError
-from service.api import engine, json_response, platform_of, read_json, state
+from service.api import STORE_FULL, engine, json_response, platform_of, read_json, state
 from service.auth import principal
 from service.errors import ApiError, bad_request, blame, from_sandbox, to_api_error, too_large
 from service.metrics import PullWatcher
@@ -179,7 +179,7 @@ _404 = Reply(404, "no such image", ERROR)
 ROUTES = [
     Route("POST", "/v1/images/pull", pull, "Pull an image (NDJSON progress when asked)",
           body=PULL_BODY, replies=(Reply(200, "the image", IMAGE, streams=(NDJSON,)), _BAD,
-                                   _404, Reply(502, "the registry failed", ERROR)),
+                                   _404, Reply(502, "the registry failed", ERROR), STORE_FULL),
           tags=_TAGS),
     Route("GET", "/v1/images", list_, "List local images",
           replies=(Reply(200, "the images", IMAGE_LIST),), tags=_TAGS),
@@ -192,7 +192,7 @@ ROUTES = [
           body=Str(max_len=1 << 40, allow_nul=True, description="a tar (plain, gzip, zstd)"),
           body_type="application/x-tar", params=(IMPORT_REF,),
           replies=(Reply(201, "imported", IMAGE), _BAD,
-                   Reply(413, "the tar is too large", ERROR)), tags=_TAGS),
+                   Reply(413, "the tar is too large", ERROR), STORE_FULL), tags=_TAGS),
     Route("POST", "/v1/images/gc", gc, "Remove unused images until the store fits a budget",
           body=GC_BODY, replies=(Reply(200, "what was removed", GC_REPORT),), tags=_TAGS),
     Route("GET", "/v1/images/{ref:.+}", inspect, "Inspect a local image", params=(REF,),

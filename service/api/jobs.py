@@ -17,6 +17,8 @@ from service.api import json_response, read_json, state
 from service.api.batches import BATCH_BODY, BATCH_EVENT, prepare_batch
 from service.api.runs import prepare_run
 from service.auth import Principal, principal
+from service.cluster.routing import NODE_GONE
+from service.config import NODE_NAME
 from service.errors import ApiError, bad_request
 from service.jobs.callbacks import IDEMPOTENCY_KEY, SIGNATURE, TIMESTAMP, target
 from service.jobs.runner import JOBS, Jobs, within
@@ -91,8 +93,9 @@ SECRET = Obj("CallbackSecret", (
     Prop("timestamp_header", Str(), required=True),
     Prop("signed", Str(description="what is signed"), required=True)))
 
-ID = Param("id", "path", Str(max_len=64, description="the job's id, as POST /v1/jobs gave it"))
-_ID_FORM = re.compile(r"job_[0-9a-f]{32}")
+ID = Param("id", "path", Str(max_len=128, description="the job's id, as POST /v1/jobs gave it"))
+# In a cluster the id begins with its node's name (service/cluster).
+_ID_FORM = re.compile(rf"(?:{NODE_NAME.pattern}\.)?job_[0-9a-f]{{32}}")
 _KEY_FORM = re.compile(r"[\x21-\x7e]{1,255}")
 LIST_PARAMS = (Param("status", "query", Str(max_len=16, enum=STATUSES)),
                Param("limit", "query", Str(max_len=8, description="at most this many, newest "
@@ -236,6 +239,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
 _TAGS = ("jobs",)
 _BAD = Reply(400, "bad input; `field` names the culprit", ERROR)
 _404 = Reply(404, "no such job among yours (never submitted, deleted or expired)", ERROR)
+_OWNED = (_404, NODE_GONE)   # the replies of every route of one job
 # Before /v1/jobs/{id}: the router tries resources in the order they were added.
 ROUTES = [
     Route("GET", "/v1/jobs/secret", get_secret, "Your callback secret (made on first use)",
@@ -256,15 +260,15 @@ ROUTES = [
     Route("GET", "/v1/jobs", list_, "List your jobs, newest first", params=LIST_PARAMS,
           replies=(Reply(200, "your jobs, without results", JOB_LIST), _BAD), tags=_TAGS),
     Route("GET", "/v1/jobs/{id}", get, "A job: status, result or events, callback",
-          params=(ID,), replies=(Reply(200, "the job", JOB), _404), tags=_TAGS),
+          params=(ID,), replies=(Reply(200, "the job", JOB), *_OWNED), tags=_TAGS),
     Route("GET", "/v1/jobs/{id}/events", events, "A job's events as Server-Sent Events: "
           "those so far, then the new ones until it ends", params=(ID,),
-          replies=(Reply(200, "the events", JOB_EVENT, content_type=SSE), _BAD, _404),
+          replies=(Reply(200, "the events", JOB_EVENT, content_type=SSE), _BAD, *_OWNED),
           tags=_TAGS),
     Route("POST", "/v1/jobs/{id}/cancel", cancel, "Cancel a job (a running one's run is "
           "killed); a finished one is left as it is", params=(ID,),
-          replies=(Reply(200, "the job after it", JOB), _404), tags=_TAGS),
+          replies=(Reply(200, "the job after it", JOB), *_OWNED), tags=_TAGS),
     Route("DELETE", "/v1/jobs/{id}", delete, "Forget a finished job", params=(ID,),
-          replies=(Reply(204, "deleted"), _404,
+          replies=(Reply(204, "deleted"), *_OWNED,
                    Reply(409, "still queued or running: cancel it first", ERROR)), tags=_TAGS),
 ]

@@ -111,14 +111,18 @@ def _cached(st: State, who: Principal, file_id: str, field: str, room: int) -> b
         return f.read()
 
 
+def stdin_of(body: dict[str, Any]) -> bytes | None:
+    """A validated run body's stdin (or a batch case's), its bytes."""
+    if "stdin" in body:
+        return body["stdin"].encode()
+    if "stdin_base64" in body:
+        return _b64(body["stdin_base64"], "stdin_base64")
+    return None
+
+
 def exec_spec(st: State, who: Principal, body: dict[str, Any]) -> tuple[RunSpec, str]:
     """A validated run body as the engine's RunSpec, and the output encoding asked for."""
-    if "stdin" in body:
-        stdin: bytes | None = body["stdin"].encode()
-    elif "stdin_base64" in body:
-        stdin = _b64(body["stdin_base64"], "stdin_base64")
-    else:
-        stdin = None
+    stdin = stdin_of(body)
     limits = None
     if "limits" in body:
         with blame("limits"):

@@ -28,11 +28,14 @@ async def readyz(request: web.Request) -> web.Response:
         # else it would tell internal paths and host details.
         return json_response({"status": "failed" if st.start_error else "starting"},
                              status=503)
+    ready, reason = st.engine.health()
+    if not ready:  # it serves what needs no new container; runs wait for it to recover
+        return json_response({"status": "degraded", "reason": reason}, status=503)
     return json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(text=state(request).metrics.render(),
+    return web.Response(body=state(request).metrics.render(),
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 

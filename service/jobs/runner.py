@@ -36,7 +36,8 @@ from service.jobs.store import FINISHED, Caps, Job, JobStore, NewJob
 from service.metrics import Gauge
 
 log = logging.getLogger("sandboxd.service")
-# A job whose run found no slot free (429) asks again after this.
+# A job whose run found no slot free (429) or the runtime restarting (503) asks again
+# after this.
 SLOT_RETRY_S = 0.5
 # Callbacks being delivered at once (the others wait their turn), and of one tenant: one
 # whose receiver hangs holds at most its share, never every other tenant's deliveries.
@@ -77,7 +78,8 @@ class Jobs:
 
     async def start(self, app: web.Application) -> None:
         now = time.time()
-        self._store = JobStore(self.st.config.state_dir / "jobs", self.config.ttl_s)
+        self._store = JobStore(self.st.config.state_dir / "jobs", self.config.ttl_s,
+                               self.st.config.cluster.node)
         self.store.expire(now)
         self.store.interrupt_running(now)
         for job_id, tenant in self.store.queued():
@@ -209,8 +211,8 @@ class Jobs:
             try:
                 # Prepared again: the request's preparation (its cached files read) is gone.
                 return await run_result(self.st, who, prepare_run(self.st, who, body))
-            except ApiError as e:
-                if (e.status, e.code) != (429, "over_capacity"):
+            except Exception as e:
+                if not to_api_error(e).passing:
                     raise
             await asyncio.sleep(SLOT_RETRY_S)
 

@@ -140,16 +140,18 @@ class Caps:
     kept: int                   # any status, unexpired
 
 
-def new_id() -> str:
-    return "job_" + secrets.token_hex(16)
+def new_id(node: str | None) -> str:
+    """In a cluster the id begins with the node that holds the job (see service/cluster)."""
+    return ("" if node is None else node + ".") + "job_" + secrets.token_hex(16)
 
 
 class JobStore:
     """Used from the event loop only (each statement is short); the lock keeps the one
     connection to one transaction at a time all the same."""
 
-    def __init__(self, root: Path, ttl_s: float) -> None:
+    def __init__(self, root: Path, ttl_s: float, node: str | None = None) -> None:
         self.ttl_s = ttl_s
+        self.node = node
         root.mkdir(0o700, parents=True, exist_ok=True)
         self._db = open_database(root / "jobs.db", _SCHEMA)
         self._lock = threading.RLock()
@@ -202,7 +204,7 @@ class JobStore:
                 self._drop(db, "tenant = ? AND idempotency_key = ?",
                            (new.tenant, new.idempotency_key))
             self._check_caps(db, new.tenant, caps, now)
-            job_id = new_id()
+            job_id = new_id(self.node)
             db.execute("INSERT INTO jobs (id, tenant, kind, body, body_hash, idempotency_key, "
                        "callback_url, status, created) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
                        (job_id, new.tenant, new.kind, orjson.dumps(new.body), new.body_hash,

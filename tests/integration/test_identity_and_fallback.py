@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from collections.abc import Iterator
@@ -130,29 +129,3 @@ def test_container_spec_validation(session: Session, busybox_root: Path) -> None
         session.run(session.runtime.create_container(
             ContainerSpec(layers=(str(busybox_root),), policy="nope")))
 
-
-def test_a_dead_spawner_takes_its_containers_with_it(busybox_root: Path) -> None:
-    import signal
-    import time
-
-    from sandbox.errors import ContainerGoneError, RuntimeSetupError
-
-    s = Session.__new__(Session)
-    s.loop = asyncio.new_event_loop()
-    s.runtime = s.run(Runtime.start())
-    s.containers = []
-    try:
-        c = s.container(busybox_root, profile="judge")
-        s.runtime._spawner.send_signal(signal.SIGKILL)
-        s.runtime._spawner.wait()
-        for _ in range(200):  # PDEATHSIG reaches init as soon as the spawner is gone
-            if not Path(f"/proc/{c.pid}").exists():
-                break
-            time.sleep(0.01)
-        assert not Path(f"/proc/{c.pid}").exists(), "init outlived its spawner"
-        with pytest.raises(ContainerGoneError):
-            s.exec(c, ["true"])
-        with pytest.raises(RuntimeSetupError, match="spawner"):
-            s.container(busybox_root, profile="judge")
-    finally:
-        s.close()

@@ -1,47 +1,63 @@
-"""The soak in CI: thousands of runs of a mix whose verdicts are known in advance (plain
-`true`, a nonzero exit, an output flood, a CPU-time loop, a memory bomb, a fork bomb under
-pids, a sleep past its wall limit), at concurrency 16, through the REST API of a real
-`sandboxd serve` on the judge policy, and every result must be exactly its verdict.
+"""The soak in CI: 2,000 requests after a warm-up, of the soak's mix (loadtest/soakmix.py:
+runs whose verdicts are known in advance, files in and out, sessions, pulls) at
+concurrency 16, through the REST API of a real `sandboxd serve` on the judge policy; then
+the service looked at as `python -m loadtest.soak` does (loadtest/soakcheck.py) and stopped.
 
-The runs the service kills for a limit share warm containers with the innocent ones: a kill
-meant for one run that reached the next one in its container (issue #10: plain `true` came
-back `signaled`) is a wrong verdict here. The longer soak is `python -m loadtest.soak`.
+Every request must be answered, every answer well-formed (the service's own response
+schemas) and exactly its verdict; nothing may grow or be left between the look after the
+warm-up and the one at the end (RSS and descriptors within 5 %, processes, mounts,
+cgroups, store, temporary files, sessions); and once stopped, none of its processes,
+container cgroups or temporary files remain. The runs the service kills for a limit share
+warm containers with the innocent ones: a kill meant for one run that reached the next
+one in its container (issue #10) is a wrong verdict here. The p99 goal is the
+benchmark's (a timing, not a test); the 100,000-request soak is `python -m loadtest.soak`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 
-from loadtest.soak import MIX, soak
+from loadtest.soak import soak
+from loadtest.soakcheck import cgroups_left
+from loadtest.soakmix import MIX
 from tests.service.conftest import start_service, stop, wait_ready
 
-RUNS = 3000
 CONCURRENCY = 16
+# Every warm container has served runs (its run cgroups made ahead), the service's worker
+# threads are all started and its RSS has come to its level (it rises ~3 MiB over the first
+# ~2,000 requests while its Python heap does not: allocator high-water marks, see
+# docs/reliability.md): the level the end is compared with.
+WARMUP = 1000
+RUNS = WARMUP + 2000
 
 
-@pytest.fixture(scope="module")
-def soak_url(images: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A service of its own that keeps a warm container for every run at once, as a judge
-    service would (the session's keeps two)."""
+def test_soak_answers_every_request_exactly_and_leaks_nothing(
+        images: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
     workdir = tmp_path_factory.mktemp("sandboxd-soak")
-    proc, log = start_service(workdir, f"[pools]\nmax_idle = {CONCURRENCY}\n")
+    proc, log = start_service(workdir, f"[pools]\nmin_idle = {CONCURRENCY}\n"
+                                       f"max_idle = {CONCURRENCY}\n")
     try:
-        yield wait_ready(proc, log)
+        url = wait_ready(proc, log)
+        fig = asyncio.run(soak(url, None, images.oci, proc.pid, RUNS, CONCURRENCY,
+                               warmup=WARMUP, idle=CONCURRENCY))
+        children = psutil.Process(proc.pid).children(recursive=True)
     finally:
         stop(proc, log)
+    _, alive = psutil.wait_procs(children, timeout=5)
 
-
-def test_every_run_of_the_mix_gets_exactly_its_verdict(soak_url: str, images: Any) -> None:
-    fig = asyncio.run(soak(soak_url, None, images.oci, RUNS, CONCURRENCY))
-    assert fig["runs"] == RUNS
-    assert fig["errors"] == 0, fig["error_samples"]
-    assert fig["wrong_verdicts"] == 0, (
-        f"{fig['wrong_verdicts']} of {RUNS} runs got a verdict that was not theirs:\n"
-        + "\n".join(fig["wrong_samples"]))
+    assert fig["runs"] == RUNS and fig["answered"] == RUNS, fig["samples"]
+    for what in ("wrong_verdicts", "malformed", "errors"):
+        assert fig[what] == 0, f"{fig[what]} of {RUNS} requests: {what}: {fig['samples']}"
+    assert fig["leaks"] == [], "\n".join(fig["leaks"])
     assert set(fig["mix"]) == {c.name for c in MIX}
     # Warm containers, reused run after run: where a late kill would land.
     assert fig["pool"].get("hit", 0) > RUNS // 2, fig["pool"]
+    # Stopped: nothing of it remains.
+    assert not alive, f"processes of sandboxd left behind: {alive}"
+    left = cgroups_left(fig["service"]["cgroup_base"], fig["service"]["containers_at_end"])
+    assert left == [], f"container cgroups left after the service stopped: {left}"
+    assert sorted(p.name for p in (workdir / "tmp").iterdir()) == []

@@ -105,7 +105,17 @@ class NoRange:
     """Drop the request's Range header: the upstream answers 200 with the whole body."""
 
 
-Fault = Status | Redirect | ResetAfter | Truncate | Pad | Shorten | Corrupt | NoRange
+@dataclass(frozen=True)
+class Slow:
+    """Pass the upstream's answer `nbytes` at a time, pausing `pause_s` before each piece: a
+    slow link, or a registry slow to serve (combined with a registry stopped meanwhile, a
+    download cut off midway)."""
+
+    nbytes: int
+    pause_s: float
+
+
+Fault = Status | Redirect | ResetAfter | Truncate | Pad | Shorten | Corrupt | NoRange | Slow
 
 
 @dataclass
@@ -322,13 +332,16 @@ class FaultProxy:
         limit = fault.nbytes if isinstance(fault, ResetAfter | Truncate | Shorten) else length
         flip_at = length // 2 if isinstance(fault, Corrupt) else -1
         chunks = [body] if body is not None else None
+        step = fault.nbytes if isinstance(fault, Slow) else CHUNK
         while counted.sent < limit:
             if chunks is not None:
                 chunk = chunks.pop() if chunks else b""
             else:
-                chunk = await resp.content.read(CHUNK)
+                chunk = await resp.content.read(step)
             if not chunk:
                 break
+            if isinstance(fault, Slow):
+                await asyncio.sleep(fault.pause_s)
             chunk = chunk[:limit - counted.sent]
             if counted.sent <= flip_at < counted.sent + len(chunk):
                 i = flip_at - counted.sent

@@ -291,7 +291,7 @@ def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit) as e:
         main([*argv, "--help"])
     assert e.value.code == 0
-    assert capsys.readouterr().out.startswith(f"usage: sbx {' '.join(argv)}")
+    assert f"SYNOPSIS\n    sbx {' '.join(argv)} [-h]" in capsys.readouterr().out
 
 
 def test_bad_option_values_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -352,6 +352,12 @@ class Catalog:
     def record_layer(self, diff_id: str, nbytes: int, entries: int) -> None:
         self._write("INSERT OR REPLACE INTO layers VALUES (?,?,?)", (diff_id, nbytes, entries))
 
+    def totals(self) -> tuple[int, int, int]:
+        """(images, bytes of their blobs as the manifests say, bytes of unpacked layers)."""
+        images, blob_bytes = self._rows("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM images")[0]
+        layer_bytes = self._rows("SELECT COALESCE(SUM(bytes), 0) FROM layers")[0][0]
+        return int(images), int(blob_bytes), int(layer_bytes)
+
     def layer_bytes(self, diff_id: str) -> int:
         rows = self._rows("SELECT bytes FROM layers WHERE diff_id=?", (diff_id,))
         return int(rows[0][0]) if rows else 0

@@ -24,15 +24,21 @@ Pins are this process's: a store shared by several processes is not covered.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandbox.images.store.blobs import BlobStore
 from sandbox.images.store.catalog import Catalog, ImageRecord
 from sandbox.images.store.layers import LayerStore, remove_tree
+
+# The digests pinned by the work under `Pins.recording` (its tasks and worker threads inherit
+# the context, hence the set).
+_recording: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
+    "pins_recording", default=None)
 
 
 @dataclass
@@ -58,6 +64,21 @@ class Pins:
         self._count[digest] += 1
         if self._sweeps:
             self._seen.add(digest)
+        touched = _recording.get()
+        if touched is not None:
+            touched.add(digest)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[set[str]]:
+        """The set of every digest pinned within the block by this task, the tasks and the
+        worker threads it starts (they inherit its context): what a piece of work touched,
+        for `collect(only=...)` when it fails."""
+        touched: set[str] = set()
+        token = _recording.set(touched)
+        try:
+            yield touched
+        finally:
+            _recording.reset(token)
 
     def _unpin(self, digests: list[str]) -> None:
         with self._lock:
@@ -90,6 +111,10 @@ class Pins:
             yield pin
         finally:
             self._unpin(taken)
+
+    def pinned(self, digest: str) -> bool:
+        with self._lock:
+            return self._count[digest] > 0
 
     @contextlib.contextmanager
     def sweep(self) -> Iterator[None]:
@@ -130,8 +155,11 @@ def _size(blobs: BlobStore, digest: str) -> int:
 
 
 def collect(catalog: Catalog, blobs: BlobStore, layers: LayerStore,
-            pins: Pins | None = None) -> GcReport:
-    """Remove what nothing names, leases or pins (see the module's docstring)."""
+            pins: Pins | None = None, only: Collection[str] | None = None) -> GcReport:
+    """Remove what nothing names, leases or pins (see the module's docstring). With `only`,
+    just what of those digests nothing needs (what a failed pull touched): no other blob or
+    layer is looked at, nor, with them, another process's work under way on other content.
+    `kept_bytes` then counts only those kept."""
     pins = pins or Pins()
     report = GcReport()
     withdrawn: list[Path] = []
@@ -142,7 +170,8 @@ def collect(catalog: Catalog, blobs: BlobStore, layers: LayerStore,
             named = {n.image for n in names} | catalog.cached_images()
             kept = []
             for rec in catalog.images():
-                keep = rec.digest in named or rec.digest in leased
+                keep = (rec.digest in named or rec.digest in leased
+                        or (only is not None and rec.digest not in only))
                 if not keep:
                     with pins.deciding(rec.digest) as keep:  # pinned: about to be named
                         if not keep:
@@ -153,9 +182,11 @@ def collect(catalog: Catalog, blobs: BlobStore, layers: LayerStore,
             keep_blobs = set().union(*(_blobs_of(rec) for rec in kept))
             keep_blobs |= {n.target for n in names}  # an index a tag points at
             keep_layers = set().union(*(_layers_of(rec) for rec in kept))
-            for digest in blobs.digests():
+            for digest in (blobs.digests() if only is None
+                           else [d for d in only if blobs.has(d)]):
                 _blob(catalog, blobs, pins, digest, digest in keep_blobs, report)
-            for diff_id in layers.diff_ids():
+            for diff_id in (layers.diff_ids() if only is None
+                            else [d for d in only if layers.has(d)]):
                 out = _layer(catalog, layers, pins, diff_id, diff_id in keep_layers, report)
                 if out is not None:
                     withdrawn.append(out)

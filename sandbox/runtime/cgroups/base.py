@@ -24,6 +24,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 # exit and a just-emptied cgroup may briefly refuse rmdir with EBUSY.
 KILL_TIMEOUT_S = 5.0
 RMDIR_TIMEOUT_S = 2.0
+_READ_SIZE = 65536
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Cgroup(ABC):
         # end the current use: a kill either finishes before its use ends or finds it over.
         self._guard = threading.Lock()
         self._use = 0
+        self._procs: list[int] | None = None
 
     def lease(self) -> Lease:
         """The current use of this cgroup, for the run it is handed to; call it when handing
@@ -86,6 +88,19 @@ class Cgroup(ABC):
     @abstractmethod
     def open_procs_fds(self) -> list[int]:
         """Write-only cgroup.procs fds, one per hierarchy; a process joins by writing b"0"."""
+
+    def procs_fds(self) -> list[int]:
+        """This cgroup's own open_procs_fds, opened once and kept for every use (each run's
+        child joins through them) until destroy or close_procs_fds: opening and closing
+        them at every run cost a dozen system calls of the run's path."""
+        if self._procs is None:
+            self._procs = self.open_procs_fds()
+        return self._procs
+
+    def close_procs_fds(self) -> None:
+        procs, self._procs = self._procs, None
+        for fd in procs or ():
+            os.close(fd)
 
     @abstractmethod
     def add_pid(self, pid: int) -> None: ...
@@ -126,6 +141,7 @@ class Cgroup(ABC):
         with self._guard:
             self._use += 1
             self._destroy(empty=empty)
+        self.close_procs_fds()
 
     @abstractmethod
     def _destroy(self, *, empty: bool) -> None: ...
@@ -211,8 +227,14 @@ def check_path(path: str) -> str:
 def read_bytes(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
+        chunk = os.read(fd, _READ_SIZE)
+        # cgroupfs fills a read as far as the file goes, and so do regular files (test
+        # trees): a short read is the end, no second read to see it. Figures are read at
+        # every run's end, and each read lets the housekeeping thread take the GIL.
+        if len(chunk) < _READ_SIZE:
+            return chunk
+        chunks = [chunk]
+        while chunk := os.read(fd, _READ_SIZE):
             chunks.append(chunk)
         return b"".join(chunks)
     finally:

@@ -77,12 +77,18 @@ class V1Cgroup(Cgroup):
         fds: list[int] = []
         try:
             for d in self._hier:
-                fds.append(os.open(f"{d}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
-        except OSError as e:
+                fds.append(self._open_procs(d))
+        except CgroupError:
             for fd in fds:
                 os.close(fd)
-            raise CgroupError(f"cannot open cgroup.procs of {self.path}: {e.strerror}") from e
+            raise
         return fds
+
+    def _open_procs(self, d: str) -> int:
+        try:
+            return os.open(f"{d}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise CgroupError(f"cannot open cgroup.procs of {self.path}: {e.strerror}") from e
 
     def add_pid(self, pid: int) -> None:
         for d in self._hier:
@@ -211,6 +217,10 @@ class V1Cgroup(Cgroup):
                 os.mkdir(mem)
             except OSError as e:
                 raise CgroupError(f"cannot renew memory cgroup {mem}: {e.strerror}") from e
+            if self._procs is not None:  # the kept one names the removed directory's file
+                i = self._hier.index(mem)
+                old, self._procs[i] = self._procs[i], self._open_procs(mem)
+                os.close(old)
             if limits.memory_bytes is not None:
                 self._apply_memory(mem, limits.memory_bytes)
         return True
