@@ -213,12 +213,7 @@ shutdown_deadline_s = 5
 [pools]
 min_idle = 0
 """)
-        try:
-            url = wait_ready(proc, log)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
+        url = wait_ready(proc, log)
         svc = RunningService(url, proc, log, state, registry.host)
         try:
             yield svc, state

@@ -78,6 +78,17 @@ def start_service(workdir: Path, config: str, *args: str,
 
 
 def wait_ready(proc: subprocess.Popen[bytes], log: Path) -> str:
+    """The service's URL once /readyz answers 200; a service that exits or is not ready in
+    time is killed and reaped before the error is raised (nothing of it is left)."""
+    try:
+        return _ready_url(proc, log)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _ready_url(proc: subprocess.Popen[bytes], log: Path) -> str:
     deadline = time.monotonic() + START_TIMEOUT_S
     url = None
     while time.monotonic() < deadline:
@@ -94,7 +105,6 @@ def wait_ready(proc: subprocess.Popen[bytes], log: Path) -> str:
             except OSError:
                 pass
         time.sleep(0.05)
-    proc.kill()
     raise AssertionError(f"sandboxd was not ready in {START_TIMEOUT_S} s:\n{log.read_text()}")
 
 
@@ -137,12 +147,7 @@ file_body_bytes = {JSON_CAP}
 import_body_bytes = {64 << 20}
 """
     proc, log = start_service(workdir, config)
-    try:
-        url = wait_ready(proc, log)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+    url = wait_ready(proc, log)
     svc = Service(url, proc, log, workdir / "state", registry.host)
     yield svc
     stop_service(svc, workdir)

@@ -51,12 +51,7 @@ min_idle = 0
 max_idle = 1
 """
         proc, log = start_service(workdir, config)
-        try:
-            url = wait_ready(proc, log)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
+        url = wait_ready(proc, log)
         yield url
         stop_service(Service(url, proc, log, workdir / "state", hub.host), workdir)
 

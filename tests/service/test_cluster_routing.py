@@ -67,12 +67,7 @@ class Cluster:
     def start(self, node: str) -> Service:
         proc, log = start_service(self.workdirs[node], self.config[node], "--port",
                                   str(self.ports[node]))
-        try:
-            url = wait_ready(proc, log)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
+        url = wait_ready(proc, log)
         svc = Service(url, proc, log, self.workdirs[node] / "state", "")
         self.nodes[node] = svc
         return svc
