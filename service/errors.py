@@ -123,7 +123,12 @@ def from_sandbox(exc: SandboxError, field: str | None = None) -> ApiError:
     if isinstance(exc, RuntimeRestarting):  # the same request succeeds once it is back
         return ApiError(503, "runtime_restarting", msg,
                         headers={"Retry-After": str(exc.retry_after_s)})
-    if isinstance(exc, RuntimeSetupError | ContainerGoneError | CgroupError):
+    if isinstance(exc, ContainerGoneError):
+        # Its init was killed (from outside the sandbox, or by the host's OOM killer): not
+        # the request's fault nor a bug, and the same request runs in the container that
+        # takes its place.
+        return ApiError(503, "container_lost", msg, headers={"Retry-After": "1"})
+    if isinstance(exc, RuntimeSetupError | CgroupError):
         return ApiError(500, "runtime_error", f"the sandbox runtime failed: {msg}")
     if isinstance(exc, ValueError):  # configuration errors (e.g. registries) from a request
         return ApiError(400, "invalid_request", msg, _field_of(msg, field))

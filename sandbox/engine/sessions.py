@@ -163,13 +163,20 @@ class Sessions:
         s = self.get(sid, owner)
         uid, gid = self.images.user_ids(s.image)
         async with s.changing():
-            await files.put_file(s.container, path, content, mode, uid=uid, gid=gid)
+            if not s.container.alive:
+                raise _ended(sid)
+            try:
+                await files.put_file(s.container, path, content, mode, uid=uid, gid=gid)
+            except ContainerGoneError as e:
+                raise _ended(sid) from e
 
     def get_path(self, sid: str, path: str, *, owner: str | None = None
                  ) -> contextlib.AbstractAsyncContextManager[files.Fetched]:
         """A file or a directory's tar from session `sid`, streamed (`files.get_path`):
         `async with sessions.get_path(...) as got`, then iterate `got.chunks`."""
         s = self.get(sid, owner)
+        if not s.container.alive:
+            raise _ended(sid)
         s.last_used = time.time()
         return files.get_path(s.container, path)
 

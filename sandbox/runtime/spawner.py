@@ -223,23 +223,30 @@ class Spawner:
                     continue
             raise
 
+    def _answer(self, req: dict[str, Any], fds: list[int]) -> None:
+        if req.get("op") == "ping":  # the supervisor's: started, and serving
+            protocol.send(self.sock, {"ok": True})
+        elif req.get("op") == "create":
+            try:
+                self.create(req, fds)
+            except (KeyError, TypeError, ValueError) as e:
+                protocol.send(self.sock, {"ok": False, "error": f"bad create request: {e}"})
+        else:  # answered all the same: the host waits for an answer to each request
+            for fd in fds:
+                os.close(fd)
+            protocol.send(self.sock, {"ok": False, "error": f"unknown op {req.get('op')!r}"})
+
     def serve(self) -> None:
         while True:
             got = protocol.recv(self.sock)
             if got is None:
                 break
-            req, fds = got
-            if req.get("op") == "ping":  # the supervisor's: started, and serving
-                protocol.send(self.sock, {"ok": True})
-            elif req.get("op") == "create":
-                try:
-                    self.create(req, fds)
-                except (KeyError, TypeError, ValueError) as e:
-                    protocol.send(self.sock, {"ok": False, "error": f"bad create request: {e}"})
-            else:  # answered all the same: the host waits for an answer to each request
-                for fd in fds:
-                    os.close(fd)
-                protocol.send(self.sock, {"ok": False, "error": f"unknown op {req.get('op')!r}"})
+            try:
+                self._answer(*got)
+            except (BrokenPipeError, ConnectionResetError):
+                # The host closed its socket before the answer (a service stopping while
+                # it started this spawner): the same end as its EOF.
+                break
             self.reap()
         for pid in list(self.inits):
             with contextlib.suppress(ProcessLookupError):

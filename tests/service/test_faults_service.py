@@ -202,7 +202,7 @@ def test_runs_in_flight_when_the_spawner_or_an_init_dies_end_with_an_error(
             f"/proc/{busy[0].pid}/cgroup").read_text()))
         busy[0].kill()
         last = _last_event(resp)
-        assert (last["event"], last["error"]["code"]) == ("error", "runtime_error"), last
+        assert (last["event"], last["error"]["code"]) == ("error", "container_lost"), last
         assert "init exited" in last["error"]["message"], last
         assert "retry the run" in last["error"]["message"], last
         assert _ready(svc)
@@ -329,3 +329,23 @@ def test_a_batch_waits_out_a_spawner_restart_and_every_case_ends_ok(
     wrong = [e for e in events[:-1]
              if (e.get("result") or {}).get("stdout") != f"case {e['index']}\n"]
     assert wrong == [] and summary["ran"] == cases, (wrong, summary)
+
+
+def test_a_session_whose_container_died_has_ended_for_every_operation(
+        images: Any, tmp_path: Path) -> None:
+    """Its container died with the spawner: an exec, a file put in or read out is a 404
+    saying the session has ended (start a new one), never a retry that cannot succeed."""
+    with own_service(tmp_path, CONFIG) as svc:
+        status, _, body = _request(svc.url, "POST", "/v1/containers", {"image": images.oci})
+        assert status == 201, body
+        sid = body["id"]
+        _spawner(svc.pid).kill()
+        _until("a new spawner serves", lambda: _ready(svc) and svc.metric(
+            "sandboxd_spawner_deaths_total") == 1)
+        for method, path, raw, json_body in (
+                ("POST", f"/v1/containers/{sid}/exec", None, {"cmd": ["true"]}),
+                ("PUT", f"/v1/containers/{sid}/files?path=/tmp/a", b"x", None),
+                ("GET", f"/v1/containers/{sid}/files?path=/etc/passwd", None, None)):
+            status, _, body = _request(svc.url, method, path, json_body, raw=raw)
+            assert (status, body["error"]["code"]) == (404, "not_found"), (method, body)
+            assert "has ended" in body["error"]["message"], (method, body)
