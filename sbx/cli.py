@@ -223,6 +223,16 @@ def _completes(action: argparse.Action, kind: str) -> None:
     action.complete = kind  # type: ignore[attr-defined]
 
 
+def _subcommand(group: Any, name: str, text: str, manual: Manual | None,
+                **kw: Any) -> ManualParser:
+    """A command of `group` (sbx's subparsers, or a command's own): its one-line summary,
+    its page, and the options every command takes."""
+    p: ManualParser = group.add_parser(name, help=summary(text), description=text,
+                                       manual=manual, **kw)
+    _common(p, defaults=False)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ManualParser(
         prog="sbx", description="Run untrusted code in sandboxd containers. Each command's "
@@ -242,9 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str, manual: Manual | None, **kw: Any) -> ManualParser:
-        p = sub.add_parser(name, help=summary(text), description=text, manual=manual, **kw)
-        _common(p, defaults=False)
-        return p
+        return _subcommand(sub, name, text, manual, **kw)
 
     p = command("run", "Run a command in a new container of IMAGE, streaming its output; "
                 "sbx exits with the command's status.", Manual((
@@ -451,9 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = p.add_subparsers(dest="file_command", required=True, metavar="COMMAND")
 
     def file_command(name: str, text: str, manual: Manual) -> ManualParser:
-        sp = cache.add_parser(name, help=summary(text), description=text, manual=manual)
-        _common(sp, defaults=False)
-        return sp
+        return _subcommand(cache, name, text, manual)
 
     p = file_command("put", "Store a file (PATH, or '-' for stdin); prints its id. The same "
                      "bytes give the same id.", Manual((
@@ -491,9 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = p.add_subparsers(dest="job_command", required=True, metavar="COMMAND")
 
     def job_command(name: str, text: str, manual: Manual) -> ManualParser:
-        sp = jobs.add_parser(name, help=summary(text), description=text, manual=manual)
-        _common(sp, defaults=False)
-        return sp
+        return _subcommand(jobs, name, text, manual)
 
     # The examples of the commands that take a job's id start from this one
     submitted = Example("""job=$(echo '{"run": {"image": "busybox", "cmd": ["echo", "hi"]}}' """
@@ -554,9 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     )))
     builder = p.add_subparsers(dest="builder_command", required=True, metavar="COMMAND")
     prune_help = "Empty your build cache; prints how much it removed and freed."
-    p = builder.add_parser("prune", help=summary(prune_help), description=prune_help,
-                           manual=Manual((Example("sbx builder prune", "Empty it."),)))
-    _common(p, defaults=False)
+    p = _subcommand(builder, "prune", prune_help,
+                    Manual((Example("sbx builder prune", "Empty it."),)))
     p.add_argument("-a", "--all", action="store_true",
                    help="accepted as docker's: the whole cache goes anyway")
     p.add_argument("-f", "--force", action="store_true",

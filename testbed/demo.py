@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 from sbx import ApiError, RunResult, SyncClient
 from testbed import busybox
 from testbed.demoimages import TarImage, push_images, python_rootfs, write_tar
+from testbed.ports import free_port, stop_process
 from testbed.registry import start_registry
 
 HELLO = """
@@ -53,12 +53,6 @@ for what, attempt in [
 FORK_BOMB = "import os\nwhile True:\n    os.fork()\n"
 MEMORY_HOG = "x = []\nwhile True:\n    x.append(bytearray(16 << 20))\n"
 SPIN = "while True:\n    pass\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _figures(r: RunResult) -> str:
@@ -94,12 +88,7 @@ def _service(state: Path, port: int, log: Path) -> Iterator[str]:
                 time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
 
 
 def _push_images(work: Path, registry_host: str) -> tuple[str, str]:
@@ -125,7 +114,7 @@ def run_demo() -> int:
         with start_registry(work / "registry") as registry:
             busybox_ref, python_ref = _push_images(work, registry.host)
             print(f"   {busybox_ref}\n   {python_ref}")
-            port = _free_port()
+            port = free_port()
             print(f"== 2. sandboxd serve on 127.0.0.1:{port} as uid {os.geteuid()}")
             with _service(work / "state", port, work / "sandboxd.log") as url, \
                     SyncClient(url) as client:

@@ -1,11 +1,12 @@
-"""Small helpers for the throwaway servers the tests and benchmarks start: a free port, and
-a child that dies with its parent."""
+"""Small helpers for the throwaway servers the tests and benchmarks start: a free port, a
+child that dies with its parent, and stopping one."""
 
 from __future__ import annotations
 
 import ctypes
 import signal
 import socket
+import subprocess
 
 PR_SET_PDEATHSIG = 1
 
@@ -21,3 +22,13 @@ def free_port(address: str = "127.0.0.1") -> int:
 def die_with_parent() -> None:
     """As a Popen preexec_fn: the child gets SIGTERM when its parent dies, even by SIGKILL."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -14,7 +14,6 @@ import itertools
 import re
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -26,6 +25,7 @@ from types import TracebackType
 from typing import IO, Literal
 
 from sandbox.errors import SandboxError
+from testbed.ports import free_port, stop_process
 
 REGISTRY_PROGRAM = "docker-registry"
 START_TIMEOUT_S = 20.0
@@ -92,12 +92,7 @@ class LocalRegistry:
     def stop(self) -> None:
         """Stop the registry (SIGTERM, then SIGKILL) and close its logs; idempotent."""
         if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=STOP_TIMEOUT_S)
+            stop_process(self.process, STOP_TIMEOUT_S)
         for f in self._log_files:
             f.close()
         self._log_files = []
@@ -194,7 +189,7 @@ def start_registry(workdir: Path, *, auth: AuthMode = "none", tls: bool = False,
 
     last_error = ""
     for attempt in range(PORT_ATTEMPTS):
-        port = _free_port()
+        port = free_port()  # may be taken again before it binds: retried below
         config = workdir / "config.yml"
         config.write_text(
             "version: 0.1\n"
@@ -239,13 +234,6 @@ def _pdeathsig_wrapper() -> list[str]:
         raise SandboxError("die_with_parent needs `setpriv`; install it with "
                            "`apt-get install util-linux`")
     return ["setpriv", "--pdeathsig", "TERM", "--"]
-
-
-def _free_port() -> int:
-    # The port may be taken again before the registry binds it; start_registry retries.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _probe(url: str, context: ssl.SSLContext | None) -> int:

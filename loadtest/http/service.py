@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import ipaddress
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,11 +27,11 @@ from urllib.parse import urlsplit
 
 from testbed import busybox
 from testbed.demoimages import TarImage, gcc_rootfs, push_images, write_tar
+from testbed.ports import die_with_parent, free_port, stop_process
 from testbed.registry import start_registry
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
-PR_SET_PDEATHSIG = 1
 # Counters whose change over a phase is reported; the rest are shown as read.
 KEPT = ("sandboxd_runs_total", "sandboxd_pool_hits_total", "sandboxd_pool_misses_total",
         "sandboxd_pool_idle", "sandboxd_live_containers", "sandboxd_http_requests_total",
@@ -101,17 +99,6 @@ def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str
             if after.get(k, 0.0) != before.get(k, 0.0)}
 
 
-def _pdeathsig() -> None:
-    """In the child: SIGTERM when the load test dies, even by SIGKILL."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
@@ -158,7 +145,7 @@ def spawned(pool_idle: int, *, min_idle: int = 0, compiler: bool = False,
     try:
         with start_registry(work / "registry") as registry:
             image, compiler_image = _push(work, registry.host, compiler)
-            port = _free_port()
+            port = free_port()
             config_file = work / "sandboxd.toml"
             # Enough warm containers for every concurrent request of one workload.
             config_file.write_text(f"[pools]\nmax_idle = {pool_idle}\nmin_idle = {min_idle}\n"
@@ -169,7 +156,7 @@ def spawned(pool_idle: int, *, min_idle: int = 0, compiler: bool = False,
                     [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
                      "--port", str(port), "--state-dir", str(work / "state"),
                      "--config", str(config_file)],
-                    stdout=out, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig)
+                    stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
             url = f"http://127.0.0.1:{port}"
             try:
                 deadline = time.monotonic() + START_TIMEOUT_S
@@ -180,11 +167,6 @@ def spawned(pool_idle: int, *, min_idle: int = 0, compiler: bool = False,
                     time.sleep(0.1)
                 yield Spawned(url, image, log, proc.pid, compiler_image)
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc, STOP_TIMEOUT_S)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import tomllib
@@ -24,6 +23,7 @@ import pytest
 from sbx.client import ApiError, SyncClient
 from testbed import busybox
 from testbed.demoimages import write_tar
+from testbed.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "a-token-for-the-pod-test-0123456789"
@@ -125,12 +125,6 @@ def image_root(archives: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def busybox_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("busybox")
     return write_tar(busybox.build_rootfs(work / "root"), work / "busybox.tar.gz")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_pod(image_root: Path, work: Path, *, mask: bool) -> tuple[subprocess.Popen[bytes],

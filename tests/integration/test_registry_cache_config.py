@@ -6,7 +6,6 @@ upstream's images: manifests and blobs fetched through it."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,17 +13,12 @@ from pathlib import Path
 
 import yaml
 
+from testbed.ports import free_port
 from testbed.registry import LocalRegistry
 from tests.support.images import PushedImages
 
 CONFIG = (Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "registry-cache"
           / "config.yml")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def status_of(url: str) -> int:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.ports import die_with_parent, free_port
+from testbed.ports import die_with_parent, free_port, stop_process
 from testbed.registry import REGISTRY_PROGRAM, LocalRegistry
 
 START_TIMEOUT_S = 20.0
@@ -74,9 +74,4 @@ def pull_cache(workdir: Path, upstream: LocalRegistry, address: str) -> Iterator
             time.sleep(0.02)
         yield PullCache(f"{address}:{port}", log, storage)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, STOP_TIMEOUT_S)
