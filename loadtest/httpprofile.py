@@ -51,7 +51,9 @@ class Layer:
 # First match from the leaf frame up. Worker threads are told apart first (WORKER).
 LAYERS = (
     Layer("logging", ("logging/",)),
-    Layer("body validation (service/schemas.py)", ("service/schemas.py",)),
+    # msgspec decodes and checks a run body in one C call, made from service/schemas.py.
+    Layer("body validation (service/schemas.py)",
+          ("service/schemas.py", "service/bodies.py", "sandbox/validation.py")),
     Layer("JSON decode (orjson, in parse_json)", ("service/api/__init__.py",), ("parse_json",)),
     Layer("JSON encode (orjson, in json_response)", ("service/api/__init__.py",),
           ("json_response",)),

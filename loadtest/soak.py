@@ -63,6 +63,7 @@ BARE_RUNS = 2_000            # at most: the baseline's figures settle long befor
 P99_WINDOWS = 10             # p99 after warm-up: the first tenth of the rest; at the end: the last
 P99_GOAL = 1.10
 USAGE_EVERY_S = 5.0          # the service's RSS and descriptors, sampled during the soak
+LOAD_SETTLE_S = 60.0         # RSS under load is compared from this far into the load
 KINDS = ("unanswered", "wrong_verdict", "malformed", "error")
 
 
@@ -158,6 +159,12 @@ def _client(token: str | None, connections: int, timeout_s: float) -> aiohttp.Cl
                                  connector=aiohttp.TCPConnector(limit=connections))
 
 
+def _under_load(samples: list[list[float]]) -> list[float] | None:
+    """RSS (MiB) a minute into the load after warm-up and at its end."""
+    settled = [s for s in samples if s[0] >= LOAD_SETTLE_S]
+    return [settled[0][1], settled[-1][1]] if len(settled) > 1 else None
+
+
 def _level_figures(service: Service, a: Level, b: Level) -> dict[str, Any]:
     return {"after_warmup": a.figures(), "end": b.figures(),
             "cgroup_base": str(service.cgroup_base) if service.cgroup_base else None,
@@ -221,6 +228,9 @@ async def soak(url: str, token: str | None, image: str, pid: int, runs: int,
         **timing,
         "service": _level_figures(service, after_warmup, end),
         "usage": usage.samples,
+        # The service trims only at rest, where the looks are: under load, the creep the
+        # looks do not see (from a minute in: the trim's pages come back in the first).
+        "rss_under_load_mib": _under_load(usage.samples),
         "rss_max_mib": max((s[1] for s in usage.samples), default=None),
         "fds_max": max((s[2] for s in usage.samples), default=None),
     }
@@ -272,6 +282,10 @@ def _report(fig: dict[str, Any]) -> None:
           f"warm-up: {fig['answered']} answered, {fig['wrong_verdicts']} wrong, "
           f"{fig['malformed']} malformed, {fig['errors']} errors; "
           f"leaks: {len(fig['leaks'])}")
+    if fig["rss_under_load_mib"]:
+        first, last = fig["rss_under_load_mib"]
+        print(f"service RSS under load (from a minute in): {first} -> {last} MiB "
+              f"({last / first - 1:+.2%})")
     print(f"service RSS {a['rss_mib']} -> {b['rss_mib']} MiB ({svc['rss_change']:+.2%}), "
           f"fds {a['fds']} -> {b['fds']} ({svc['fds_change']:+.2%}); p99 "
           f"{fig['p99_after_warmup_ms']} -> {fig['p99_end_ms']} ms "

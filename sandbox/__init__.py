@@ -14,6 +14,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
+    from sandbox.configfile import Table as ConfigTable  # noqa: F401
+    from sandbox.configfile import read as read_config  # noqa: F401
+    from sandbox.configfile import table_of as config_table_of  # noqa: F401
     from sandbox.doctor.examine import diagnose as diagnose_host  # noqa: F401
     from sandbox.engine import BuildConfig as BuildConfig
     from sandbox.engine import BuildRequest as BuildRequest
@@ -77,11 +80,17 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.runtime.cgroups.hostsetup import setup_host as setup_host
     from sandbox.runtime.cgroups.hostsetup import undo_host_setup as undo_host_setup
     from sandbox.runtime.hostinfo import report as host_report  # noqa: F401
+    from sandbox.runtime.network import Allowlist as Allowlist
+    from sandbox.runtime.network import NetworkRequest as NetworkRequest
+    from sandbox.runtime.network import Traffic as Traffic
+    from sandbox.runtime.network.rules import DEFAULT_BLOCKED as DEFAULT_BLOCKED
+    from sandbox.runtime.network.slirp import problem as full_network_problem  # noqa: F401
     from sandbox.runtime.output import OutputCallback as OutputCallback
     from sandbox.runtime.output import Streamed as Streamed
     from sandbox.runtime.policy import Policy as Policy
     from sandbox.runtime.profiles import Limits as Limits
     from sandbox.runtime.profiles import load_profile as load_profile
+    from sandbox.runtime.pty import TtySize as TtySize
     from sandbox.runtime.results import RunResult as RunResult
     from sandbox.runtime.results import Status as Status
     from sandbox.runtime.runcontrol import ALLOWED_SIGNALS as ALLOWED_SIGNALS
@@ -90,11 +99,28 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.tenants import LOCAL as LOCAL_TENANT  # noqa: F401
     from sandbox.tenants import Tenant as Tenant
     from sandbox.tenants import Turns as Turns
+    from sandbox.validation import Grouped as Grouped
+    from sandbox.validation import Invalid as Invalid
+    from sandbox.validation import convert as convert
+    from sandbox.validation import group_rules as group_rules
+    from sandbox.validation import hinted as hinted
+    from sandbox.validation import mismatch as mismatch
 
 # Where each name lives at run time ("module" or "module:its name there"); the imports
 # above say the same to type checkers, and tests/unit/test_layering.py that they agree.
 _HOMES = {
+    "ConfigTable": "sandbox.configfile:Table",
+    "read_config": "sandbox.configfile:read",
+    "config_table_of": "sandbox.configfile:table_of",
+    "DEFAULT_BLOCKED": "sandbox.runtime.network.rules",
+    "Grouped": "sandbox.validation",
+    "Invalid": "sandbox.validation",
+    "convert": "sandbox.validation",
+    "group_rules": "sandbox.validation",
+    "hinted": "sandbox.validation",
+    "mismatch": "sandbox.validation",
     "ALLOWED_SIGNALS": "sandbox.runtime.runcontrol",
+    "Allowlist": "sandbox.runtime.network",
     "AtQuota": "sandbox.errors",
     "AuthError": "sandbox.errors",
     "BuildConfig": "sandbox.engine",
@@ -125,6 +151,7 @@ _HOMES = {
     "LayerError": "sandbox.errors",
     "Limits": "sandbox.runtime.profiles",
     "ManifestError": "sandbox.errors",
+    "NetworkRequest": "sandbox.runtime.network",
     "NotFound": "sandbox.errors",
     "OutputCallback": "sandbox.runtime.output",
     "PipeSpec": "sandbox.engine",
@@ -152,11 +179,14 @@ _HOMES = {
     "StoreFull": "sandbox.errors",
     "Streamed": "sandbox.runtime.output",
     "Tenant": "sandbox.tenants",
+    "TtySize": "sandbox.runtime.pty",
+    "Traffic": "sandbox.runtime.network",
     "Turns": "sandbox.tenants",
     "TimingConfig": "sandbox.engine.cpuslots",
     "WrongPlatform": "sandbox.errors",
     "check_pipeline": "sandbox.engine.pipeline:check",
     "diagnose_host": "sandbox.doctor.examine:diagnose",
+    "full_network_problem": "sandbox.runtime.network.slirp:problem",
     "host_report": "sandbox.runtime.hostinfo:report",
     "is_digest": "sandbox.images",
     "is_local_address": "sandbox.images.registry.hosts",

@@ -42,6 +42,7 @@ from typing import Any, BinaryIO, TextIO
 
 import orjson
 
+from sbx import terminal
 from sbx.client import (
     DEFAULT_URL,
     ApiError,
@@ -213,6 +214,10 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                         "its id is printed on stderr")
     parser.add_argument("-i", "--interactive", action="store_true",
                         help="feed this terminal's stdin to the command (a WebSocket)")
+    parser.add_argument("-t", "--tty", action="store_true",
+                        help="give the command a terminal (stderr merged into stdout); with "
+                        "-i, this terminal in raw mode: every key goes to the command, "
+                        "Ctrl-C too, as with docker run -it")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print the verdict and figures on stderr")
 
@@ -262,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(wall_limit) and figures on stderr."),
                     Example("echo 'one two three' | sbx run -i busybox -- wc -w",
                             "Feed stdin to the command: prints 3."),
+                    Example("sbx run -it busybox sh", "A shell on this terminal, as with "
+                            "docker run -it: Ctrl-C goes to the program, `exit 3` makes sbx "
+                            "exit 3, the terminal is restored after."),
                     Example("sbx run -e GREETING=hi -w /tmp busybox -- sh -c 'echo $GREETING "
                             "from $PWD'", "Set a variable and the working directory."),
                     Example("sbx run --file /etc/hostname:/tmp/host busybox -- cat /tmp/host",
@@ -274,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                 ), exits=RUN_EXITS))
     _run_options(p)
     p.add_argument("--policy", help="profile: default (writable root) or judge (read-only)")
-    p.add_argument("--network", choices=["none"], help="network (only none)")
+    p.add_argument("--network", choices=["none", "proxy", "full"],
+                   help="none (default), proxy (HTTP(S) to the hosts the operator allows) or "
+                   "full (when the operator enables it)")
     p.add_argument("--platform", help=PLATFORM_HELP)
     p.add_argument("image")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD",
@@ -317,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
         Example("sbx rm \"$id\"", "Remove it."),
     )))
     p.add_argument("--policy", help="profile: default (writable root) or judge (read-only)")
-    p.add_argument("--network", choices=["none"], help="network (only none)")
+    p.add_argument("--network", choices=["none", "proxy", "full"],
+                   help="none (default), proxy (HTTP(S) to the hosts the operator allows) or "
+                   "full (when the operator enables it)")
     p.add_argument("--platform", help=PLATFORM_HELP)
     p.add_argument("--limit", type=_limit, action="append", default=[], metavar="KEY=N",
                    help="a limit of its runs, as sbx run's --limit")
@@ -616,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         return FAILED
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+    except terminal.Ended as e:
+        return 128 + e.signum
     except BrokenPipeError:
         # `sbx run ... | head`: the reader left. Point stdout at /dev/null so the flush at
         # exit does not fail again, and exit as a program killed by SIGPIPE would.
@@ -676,7 +690,20 @@ def _options(args: argparse.Namespace) -> RunOptions:
         options["copy_out"] = [remote for remote, _ in args.copy_out]
     if args.copy_out_cached:
         options["copy_out_cached"] = args.copy_out_cached
+    if args.tty:
+        options["tty"] = True
+        options["tty_size"] = terminal.size()
     return options
+
+
+def _attached(args: argparse.Namespace) -> bool:
+    """-it: the run takes this terminal, which must be one."""
+    if not (args.interactive and args.tty):
+        return False
+    if not os.isatty(sys.stdin.fileno()):
+        raise CliError("the input device is not a TTY: leave out -t (sbx run -i), or run "
+                       "sbx from a terminal")
+    return True
 
 
 def _cmd(args: argparse.Namespace) -> list[str] | None:
@@ -772,6 +799,8 @@ async def _run(client: Client, args: argparse.Namespace) -> int:
     if args.interactive:
         session = client.interactive(args.image, _cmd(args), policy=args.policy,
                                      network=args.network, platform=args.platform, **options)
+        if _attached(args):
+            return _finish(await terminal.attach(session), args)
         return _finish(await _interact(session), args)
     events = client.run_stream(args.image, _cmd(args), policy=args.policy,
                                network=args.network, platform=args.platform, **options)
@@ -784,6 +813,8 @@ async def _exec(client: Client, args: argparse.Namespace) -> int:
     options = _options(args)
     if args.interactive:
         session = client.interactive(None, _cmd(args), container=args.container, **options)
+        if _attached(args):
+            return _finish(await terminal.attach(session), args)
         return _finish(await _interact(session), args)
     events = client.exec_stream(args.container, _cmd(args), **options)
     return _finish(await _print_events(events), args)

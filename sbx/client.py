@@ -135,6 +135,8 @@ class RunOptions(TypedDict, total=False):
     binary: bool  # output as exact bytes (output_encoding "base64") instead of UTF-8 text
     copy_out: Sequence[str]  # files to bring back in the result's `files`
     copy_out_cached: Sequence[str]  # files to store in the file cache: the result's `file_ids`
+    tty: bool  # a terminal in the container is the command's stdin, stdout and stderr
+    tty_size: tuple[int, int]  # (rows, cols) of that terminal (default 24 x 80)
 
 
 @dataclass(frozen=True, slots=True)
@@ -616,6 +618,11 @@ def _run_body(cmd: Sequence[str] | None, options: RunOptions) -> Json:
     for key in ("copy_out", "copy_out_cached"):
         if key in options:
             body[key] = list(options[key])  # type: ignore[literal-required]
+    if options.get("tty"):
+        body["tty"] = True
+        if "tty_size" in options:
+            rows, cols = options["tty_size"]
+            body["tty_size"] = {"rows": rows, "cols": cols}
     return body
 
 
@@ -1134,7 +1141,17 @@ class Interactive:
             await self._send({"type": "stdin", "data": data})
 
     async def close_stdin(self) -> None:
+        """End the input: on a terminal (tty), its end-of-file character (Ctrl-D)."""
         await self._send({"type": "close_stdin"})
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Raw input as a binary frame: no JSON, no base64 (a keystroke on a terminal)."""
+        if not self._ws.closed:
+            await self._ws.send_bytes(data)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """The run's terminal (tty) is now rows x cols: its programs get SIGWINCH."""
+        await self._send({"type": "resize", "rows": rows, "cols": cols})
 
     async def signal(self, name: str = "SIGKILL") -> None:
         await self._send({"type": "signal", "signal": name})

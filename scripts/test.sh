@@ -8,9 +8,14 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
 # The image tests meet a real registry and images made by independent tools (builds are
-# compared with buildah's); the load test runs its workloads through the peers too.
+# compared with buildah's); the load test runs its workloads through the peers too; tmux
+# is the real terminal that drives `sbx run -it`.
 source scripts/lib.sh
-apt_install_missing docker-registry skopeo umoci apache2-utils openssl bubblewrap crun runc buildah haproxy iproute2
+apt_install_missing docker-registry skopeo umoci apache2-utils openssl bubblewrap crun runc buildah haproxy iproute2 passt slirp4netns systemd tmux
+
+# Rootless `network = "full"` (slirp4netns) opens /dev/net/tun: Debian's udev rules make it
+# 0666, a machine without udev leaves it 0600 (root's only).
+[ -c /dev/net/tun ] && chmod 0666 /dev/net/tun
 
 test_user=sbx-test
 prepare_user "$test_user" 300000

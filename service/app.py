@@ -10,11 +10,13 @@ import functools
 import gc
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
-from sandbox import Engine, parse_ip, prepare_state_dir, split_host
+from sandbox import Engine, full_network_problem, parse_ip, prepare_state_dir, split_host
+from service import logs
 from service.admission import Admission
 from service.api import (
     STATE,
@@ -30,19 +32,22 @@ from service.api import (
     runs,
     system,
 )
-from service.auth import Tokens, auth_middleware
+from service.auth import PRINCIPAL, Principal, Tokens, auth_middleware
 from service.cluster import NODE_HEADER, Forwarder, cluster_middleware
 from service.config import ServiceConfig
 from service.errors import ApiError, Handler, error_middleware
+from service.idletrim import IdleTrim
 from service.jobs.runner import JOBS, Jobs
 from service.metrics import Gauge, Labels
 from service.schemas import Route, openapi
 
 log = logging.getLogger("sandboxd.service")
+access = logging.getLogger("sandboxd.access")
 
 EngineFactory = Callable[[], Awaitable[Engine]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 START_TASK = web.AppKey("start_task", asyncio.Task)
+REQUEST_ID = web.RequestKey("request_id", str)
 # After the deadline: for cancelled requests to end (aiohttp's own timeout is this later).
 SHUTDOWN_GRACE_S = 5.0
 
@@ -64,8 +69,10 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
     # good: the owner checks it again, and the tenancy.
     app = web.Application(
         client_max_size=config.limits.json_body_bytes,
-        middlewares=[handlers_middleware, error_middleware, browser_middleware(config),
-                     auth_middleware(tokens, open_paths), cluster_middleware(forwarder)])
+        middlewares=[request_middleware(config.log_format == "json"), handlers_middleware,
+                     error_middleware, browser_middleware(config),
+                     auth_middleware(tokens, open_paths), documented_methods_middleware(table),
+                     cluster_middleware(forwarder)])
     st = State(config=config, tokens=tokens,
                admission=Admission(config.limits.max_running, config.limits.max_queued))
     app[STATE] = st
@@ -73,6 +80,7 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
     if config.cluster.node is not None:
         st.metrics.gauges.append(forwarder.metric())
     app[system.OPENAPI] = openapi(table, VERSION)
+    jobs.narrow_document(app[system.OPENAPI], config.jobs.callback_hosts)
     for r in table:
         app.router.add_route(r.method, r.path, r.handler)
     _gauges(st)
@@ -81,10 +89,20 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
 
     async def count(request: web.Request, response: web.StreamResponse) -> None:
         st.metrics.requests.labels(status=str(response.status)).inc()
+        # Here, not in the middleware: a stream's or a WebSocket's headers are sent before
+        # its handler returns.
+        if (request_id := request.get(REQUEST_ID)) is not None:
+            response.headers[logs.HEADER] = request_id
         if node is not None:  # a forwarded answer keeps its owner's
             response.headers.setdefault(NODE_HEADER, node)
 
     app.on_response_prepare.append(count)
+    # The allocator's free memory back to the system once no request is in flight (the
+    # soak's RSS creep was free memory in glibc's heap: docs/reliability.md).
+    trim = IdleTrim(lambda: bool(st.handlers))
+    app.on_response_prepare.append(trim.note)
+    app.on_startup.append(trim.start)
+    app.on_cleanup.append(trim.close)
 
     async def start(app: web.Application) -> None:
         if isinstance(engine, Engine):
@@ -144,6 +162,41 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
     return app
 
 
+def request_middleware(access_log: bool) -> Middleware:
+    """The request's id (the client's X-Request-Id if it is a fair one, else a new one) on
+    its log lines, results and response; with `access_log`, a line per request when it
+    ends (off in the text log, as it always was: a line per run costs the warm path)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request[REQUEST_ID] = logs.request_id_of(request.headers.get(logs.HEADER))
+        with logs.scope(request_id, lambda: _tenant(request)):
+            if not access_log:
+                return await handler(request)
+            started, status = time.monotonic(), 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as e:
+                status = e.status
+                raise
+            finally:
+                duration_ms = round((time.monotonic() - started) * 1000, 3)
+                access.info("%s %s %d %.1f ms", request.method, request.path, status,
+                            duration_ms, extra={"method": request.method,
+                                                "path": request.path, "status": status,
+                                                "duration_ms": duration_ms})
+    return middleware
+
+
+def _tenant(request: web.Request) -> str | None:
+    """The token's name (its tenant), "anonymous" without tokens or on an open path, None
+    before authentication."""
+    who = request.get(PRINCIPAL)
+    return who.name if isinstance(who, Principal) else None
+
+
 @web.middleware
 async def handlers_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request being served is known (State.handlers), for the shutdown's deadline."""
@@ -155,6 +208,25 @@ async def handlers_middleware(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)
     finally:
         handlers.discard(task)
+
+
+def documented_methods_middleware(table: list[Route]) -> Middleware:
+    """A path the document has as it is (`/v1/images/gc`) takes the methods it lists there
+    only, though a templated route (`/v1/images/{ref}`) matches it too: any other method is
+    a 405 whose Allow header is what the document lists (aiohttp's would add the templated
+    route's methods)."""
+    methods: dict[str, set[str]] = {}
+    for r in table:
+        if "{" not in r.path:
+            methods.setdefault(r.path, set()).add(r.method)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        allowed = methods.get(request.path)
+        if allowed is not None and request.method not in allowed:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+        return await handler(request)
+    return middleware
 
 
 def browser_middleware(config: ServiceConfig) -> Middleware:
@@ -240,7 +312,10 @@ async def serve(config: ServiceConfig) -> int:
     prepare_state_dir(config.state_dir)
 
     async def factory() -> Engine:
-        return await Engine.start(config.engine_config())
+        engine = await Engine.start(config.engine_config())
+        if config.network.full and (problem := full_network_problem()) is not None:
+            log.warning("[network] full is on, but its runs will fail: %s", problem)
+        return engine
 
     app = create_app(factory, config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,

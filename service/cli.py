@@ -1,19 +1,25 @@
 """`sandboxd`: the engine's command line.
 
-    sandboxd setup [--user NAME [--remove]] as root, once: cgroup tuning, delegation to NAME
+    sandboxd setup [--user NAME [--systemd | --user-unit] [--remove]]
+                                            as root, once: cgroup tuning, delegation to NAME,
+                                            a systemd service run as NAME
     sandboxd info                           what this host can enforce, as JSON
     sandboxd doctor [--state-dir D] [--json]  what this host lacks, each problem's fix
-    sandboxd serve --state-dir D [--host H] [--port P] [--config FILE]   the REST API
+    sandboxd serve --state-dir D [--host H] [--port P] [--config FILE] [--log-format json]
+                                            the REST API
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import itertools
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -23,6 +29,7 @@ from sandbox import SandboxError
 
 def _setup(args: argparse.Namespace) -> int:
     from sandbox import setup_host, undo_host_setup
+    from service import systemd
 
     if os.geteuid() != 0:
         print("sandboxd setup changes cgroup mounts and ownership: run it as root",
@@ -31,8 +38,27 @@ def _setup(args: argparse.Namespace) -> int:
     if args.remove and not args.user:
         print("--remove undoes a delegation: name it with --user", file=sys.stderr)
         return 2
-    for line in undo_host_setup(args.user) if args.remove else setup_host(args.user):
-        print(line)
+    unit = args.systemd or args.user_unit
+    if unit and not args.user:
+        print("--systemd runs sandboxd as an ordinary user: name it with --user",
+              file=sys.stderr)
+        return 2
+    layout = None
+    if unit:
+        layout = (systemd.user_layout if args.user_unit else systemd.system_layout)(args.user)
+    steps: Iterable[str]
+    if args.remove:
+        # The service first: it runs in the delegated cgroups.
+        steps = itertools.chain(systemd.remove(layout) if layout is not None else (),
+                                undo_host_setup(args.user))
+    elif layout is None:
+        steps = setup_host(args.user)
+    else:
+        steps = itertools.chain(setup_host(args.user),
+                                systemd.install(layout, systemd.executable()),
+                                systemd.start(layout))
+    for line in steps:  # each as it is done: a step that fails shows where it stopped
+        print(line, flush=True)
     return 0
 
 
@@ -57,13 +83,15 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service import logs
     from service.app import serve
     from service.config import load
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
     config = load(Path(args.config) if args.config else None,
                   overrides={"host": args.host, "port": args.port, "state_dir": args.state_dir})
+    if args.log_format is not None:
+        config = dataclasses.replace(config, log_format=args.log_format)
+    logs.configure(config.log_format)
     config.check_bind()
     # aiohttp logs a request its parser refuses (a request line over 8 KiB, say) with a
     # traceback, before any handler or middleware can answer: one line says it all.
@@ -91,7 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("setup", help="as root: tune cgroups, delegate a subtree to a user")
     setup.add_argument("--user", help="the ordinary user the service will run as")
-    setup.add_argument("--remove", action="store_true", help="undo the delegation")
+    setup.add_argument("--remove", action="store_true", help="undo the delegation (and with "
+                       "--systemd, the unit and the files it wrote)")
+    setup.add_argument("--systemd", action="store_true",
+                       help="also run sandboxd as a systemd service as --user: writes "
+                       "/etc/systemd/system/sandboxd.service, /etc/sandboxd/sandboxd.toml and "
+                       "/etc/sandboxd/tokens.toml (a token of its own), and starts it")
+    setup.add_argument("--user-unit", action="store_true",
+                       help="as --systemd, but a user service of --user's own (systemctl "
+                       "--user, lingering), its files under that user's ~/.config")
     setup.set_defaults(func=_setup)
     sub.add_parser("info", help="print what this host can enforce").set_defaults(func=_info)
     doctor = sub.add_parser("doctor", help="check this host or pod for sandboxd; exit status "
@@ -105,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (default 8643; 0 picks a free one)")
     serve.add_argument("--state-dir", help="images, records and temporary files")
     serve.add_argument("--config", help="a TOML file (see service/config.py)")
+    serve.add_argument("--log-format", choices=("text", "json"),
+                       help="text lines (default), or one JSON object per line with the "
+                       "request id and an access log ([server] log_format)")
     serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     try:

@@ -15,7 +15,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import Metric
 
-from sandbox import PullProgress
+from sandbox import PullProgress, Traffic
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -77,6 +77,10 @@ class Metrics:
                                   registry=r)
         self.requests = Counter("sandboxd_http_requests", "HTTP requests, by status.",
                                 ["status"], registry=r)
+        self.network_bytes = Counter("sandboxd_network_bytes", "Bytes proxy and full runs "
+                                     "sent and received.", ["direction", "mode"], registry=r)
+        self.proxy_denied = Counter("sandboxd_proxy_denied", "Connections the proxy refused.",
+                                    registry=r)
         self.gauges: list[Gauge] = []
         r.register(_Readings(self.gauges))
 
@@ -86,6 +90,12 @@ class Metrics:
             self.setup.observe(setup_ms / 1000)
         if wall_ms is not None:
             self.run.observe(wall_ms / 1000)
+
+    def observe_network(self, traffic: Traffic) -> None:
+        self.network_bytes.labels(direction="sent", mode=traffic.mode).inc(traffic.bytes_sent)
+        self.network_bytes.labels(direction="received", mode=traffic.mode).inc(
+            traffic.bytes_received)
+        self.proxy_denied.inc(traffic.denied)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,7 +1,10 @@
-"""Request and response schemas: the one definition that validates every body and query
-parameter and generates /openapi.json, so the document cannot drift from the code.
+"""The route table and /openapi.json, built from the same declarations that check what
+comes in, so the document cannot drift from the code: JSON bodies are msgspec types
+(service/bodies.py, wrapped here as Typed), as is the run's result (service/results.py);
+query and path parameters, and the other replies, are this module's small schemas (Str,
+Int, Obj...), which validate and document themselves.
 
-A schema validates hostile JSON: exact types (a bool is not an int), unknown fields, sizes,
+Either refuses hostile JSON: exact types (a bool is not an int), unknown fields, sizes,
 NUL bytes in strings, absolute paths without `..`. Errors name the field as a JSON path
 (`files[2].path`)."""
 
@@ -12,15 +15,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
-from sandbox import (
-    ALLOWED_SIGNALS,
-    MAX_CHANGE_BYTES,
-    MAX_CHANGES,
-    MAX_PIPELINE_CAPTURE_BYTES,
-    MAX_PIPELINE_PROCESSES,
-)
+from sandbox import MAX_PIPELINE_PROCESSES, Invalid, Status, convert, group_rules, mismatch
+from service import bodies, results
 from service.errors import ApiError, bad_request
 
 MiB = 1 << 20
@@ -59,7 +58,7 @@ class Str(Schema):
     min_len: int = 0
     enum: tuple[str, ...] | None = None
     allow_nul: bool = False
-    absolute_path: bool = False
+    pattern: str | None = None      # one of service/bodies.py's, which say what fails them
     description: str = ""
 
     def validate(self, value: Any, path: str) -> str:
@@ -75,8 +74,8 @@ class Str(Schema):
         if self.enum is not None and value not in self.enum:
             raise bad_request(f"{path}: {value[:64]!r} is not one of "
                               f"{', '.join(self.enum)}", path)
-        if self.absolute_path:
-            check_path(value, path)
+        if self.pattern is not None and re.search(self.pattern, value) is None:
+            raise bad_request(f"{path}: {value[:64]!r} {mismatch(self.pattern, value)}", path)
         return value
 
     def openapi(self) -> dict[str, Any]:
@@ -85,22 +84,9 @@ class Str(Schema):
             d["minLength"] = self.min_len
         if self.enum is not None:
             d["enum"] = list(self.enum)
-        if self.absolute_path:
-            d["pattern"] = "^/"
+        elif self.pattern is not None or not self.allow_nul:
+            d["pattern"] = self.pattern or bodies.NO_NUL
         return self._doc(d)
-
-
-def check_path(value: str, where: str) -> str:
-    """An absolute path inside a container, with no `..` component and no NUL byte."""
-    if "\0" in value:
-        raise bad_request(f"{where}: contains a NUL byte", where)
-    if not value.startswith("/"):
-        raise bad_request(f"{where}: {value[:200]!r} must be an absolute path inside the "
-                          "container (start with /)", where)
-    if ".." in value.split("/"):
-        raise bad_request(f"{where}: {value[:200]!r} has a '..' component; give the path "
-                          "without it", where)
-    return value
 
 
 @dataclass(frozen=True)
@@ -110,6 +96,8 @@ class Int(Schema):
     description: str = ""
 
     def validate(self, value: Any, path: str) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 2.0 is an integer to JSON Schema (and to OpenAPI 3.1)
         if not isinstance(value, int) or isinstance(value, bool):
             raise _type_error(path, "an integer", value)
         if not self.minimum <= value <= self.maximum:
@@ -195,6 +183,7 @@ class Map(Schema):
 
     def openapi(self) -> dict[str, Any]:
         return self._doc({"type": "object", "additionalProperties": self.values.openapi(),
+                          "propertyNames": {"pattern": f"^(?:{self.key_pattern})$"},
                           "maxProperties": self.max_items})
 
 
@@ -220,7 +209,7 @@ class Nullable(Schema):
         return None if value is None else self.inner.validate(value, path)
 
     def openapi(self) -> dict[str, Any]:
-        return {**self.inner.openapi(), "nullable": True}
+        return {"anyOf": [self.inner.openapi(), {"type": "null"}]}
 
 
 @dataclass(frozen=True)
@@ -252,9 +241,10 @@ class Prop:
 class Obj(Schema):
     name: str
     props: tuple[Prop, ...]
-    not_both: tuple[tuple[str, str], ...] = ()      # at most one of each pair
-    one_of: tuple[tuple[str, ...], ...] = ()        # exactly one of each group
     description: str = ""
+    # JSON Schema for what its handler checks between fields (e.g. an index into another
+    # array): documented here, checked there.
+    rules: tuple[dict[str, Any], ...] = ()
 
     def validate(self, value: Any, path: str) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -272,15 +262,6 @@ class Obj(Schema):
                 out[p.name] = p.schema.validate(value[p.name], _at(path, p.name))
             elif p.required:
                 raise bad_request(f"{_at(path, p.name)}: required", _at(path, p.name))
-        for a, b in self.not_both:
-            if a in out and b in out:
-                raise bad_request(f"{path or 'body'}: give {a} or {b}, not both", _at(path, b))
-        for group in self.one_of:
-            given = [name for name in group if name in out]
-            if len(given) != 1:
-                raise bad_request(f"{path or 'body'}: give exactly one of {_names(group)}"
-                                  + (f"; {_names(tuple(given))} were given" if given else ""),
-                                  _at(path, given[-1] if given else group[0]))
         return out
 
     def openapi(self) -> dict[str, Any]:
@@ -292,195 +273,69 @@ class Obj(Schema):
         required = [p.name for p in self.props if p.required]
         if required:
             d["required"] = required
-        if self.one_of:
-            d["allOf"] = [{"oneOf": [{"required": [name]} for name in group]}
-                          for group in self.one_of]
-        notes = [f"at most one of {a} and {b}" for a, b in self.not_both]
-        notes += [f"exactly one of {_names(group)}" for group in self.one_of]
-        if self.description or notes:
-            d["description"] = " ".join([self.description, *(n + "." for n in notes)]).strip()
+        if self.rules:
+            d["allOf"] = list(self.rules)
+        if self.description:
+            d["description"] = self.description
         return d
 
 
-def _names(names: tuple[str, ...]) -> str:
-    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+# Request bodies: msgspec types (service/bodies.py) ---------------------------------------
+
+@dataclass(frozen=True)
+class Typed(Schema):
+    """A body declared as a msgspec Struct: validated by msgspec, documented by its JSON
+    Schema (see _typed_components); handlers get the given fields as a dict."""
+
+    type: type[msgspec.Struct]
+    decoder: msgspec.json.Decoder[Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decoder", msgspec.json.Decoder(self.type))
+
+    def parse(self, raw: bytes | str) -> dict[str, Any] | None:
+        """The body straight from its JSON (the warm path: no dict is made to be checked),
+        or None when it does not fit, for `validate` to say why."""
+        try:
+            return bodies.as_dict(self.decoder.decode(raw))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+
+    def validate(self, value: Any, path: str) -> dict[str, Any]:
+        try:
+            return bodies.as_dict(convert(value, self.type, prefix=path, whole_floats=True))
+        except Invalid as e:
+            raise bad_request(e.message, e.field or None) from None
+
+    def openapi(self) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{self.type.__name__}"}
 
 
-# Request bodies -------------------------------------------------------------------------
-
-REFERENCE = Str(max_len=1024, min_len=1,
-                description="an image reference: name[:tag][@digest], or a digest")
-POLICY = Str(max_len=64, min_len=1, description='a profile name: "default" (writable root, '
-             'used once) or "judge" (read-only root, reused)')
-NETWORK = Str(max_len=16, enum=("none",), description="only 'none' is supported")
-PLATFORM = Str(max_len=64, min_len=1, description="os/arch[/variant], e.g. linux/arm64/v8 "
-               "(default: this machine's)")
-POSITIVE = Int(minimum=1)
-LIMITS = Obj("Limits", tuple(Prop(n, POSITIVE) for n in (
-    "cpu_ms", "wall_ms", "memory_bytes", "pids", "output_bytes", "file_size_bytes",
-    "open_files")), description="Per-run limits; each must be within the policy's maxima.")
-FILE = Obj("File", (
-    Prop("path", Str(max_len=4096, min_len=1, absolute_path=True), required=True),
-    Prop("content", Str(max_len=64 * MiB, allow_nul=True, description="UTF-8 text")),
-    Prop("content_base64", Str(max_len=96 * MiB, description="exact bytes, base64")),
-    Prop("file_id", Str(max_len=128, min_len=1, description='a file of your file cache, '
-                        'by the id POST /v1/files gave: "sha256:" and 64 hex digits')),
-    Prop("mode", Int(minimum=0, maximum=0o7777, description="permission bits; 420 = 0o644")),
-    Prop("copy", Bool(description="with file_id: a writable copy of the cached file, owned "
-                      "by the run user, instead of a read-only bind of it (default false: "
-                      "bound, no copy; executable when mode has an exec bit)")),
-), one_of=(("content", "content_base64", "file_id"),))
-MAX_COPY_OUT_PATHS = 64
-OUTPUT_ENCODING = Str(max_len=16, enum=("utf-8", "base64"),
-                      description="how stdout/stderr are given: UTF-8 with invalid bytes "
-                                  "replaced (default) or base64 of the exact bytes")
-EXEC_PROPS = (
-    Prop("cmd", Arr(Str(max_len=128 << 10, min_len=0), min_items=1, max_items=4096,
-                    description="argv; replaces the image's Cmd (its Entrypoint is kept)")),
-    Prop("env", Map(Str(max_len=128 << 10), description="merged over the image's Env")),
-    Prop("cwd", Str(max_len=4096, min_len=1, absolute_path=True)),
-    Prop("user", Str(max_len=256, min_len=1, description='"1000", "1000:1000" or a name from '
-                     "the image's /etc/passwd")),
-    Prop("stdin", Str(max_len=64 * MiB, allow_nul=True)),
-    Prop("stdin_base64", Str(max_len=96 * MiB)),
-    Prop("files", Arr(FILE, max_items=256)),
-    Prop("limits", LIMITS),
-    Prop("output_encoding", OUTPUT_ENCODING),
-    Prop("copy_out", Arr(Str(max_len=4096, min_len=1, absolute_path=True),
-                         max_items=MAX_COPY_OUT_PATHS,
-                         description="regular files to return in the result's `files` once "
-                                     "the command ends, encoded as output_encoding says")),
-    Prop("copy_out_cached", Arr(Str(max_len=4096, min_len=1, absolute_path=True),
-                                max_items=MAX_COPY_OUT_PATHS,
-                                description="regular files to store in your file cache once "
-                                            "the command ends; their ids come back in the "
-                                            "result's `file_ids`")),
-)
-EXEC_BODY = Obj("ExecRequest", EXEC_PROPS, not_both=(("stdin", "stdin_base64"),))
-TIMING_PROPS = (
-    Prop("repeat", Int(minimum=1, description="run it this many times (each in a reset warm "
-                       "container; at most the service's timing.max_repeat): the result is "
-                       "the median run's by CPU time, with `repeats` giving the spread")),
-    Prop("rerun_near_limit", Bool(description="a time_limit (always near its limit: it was "
-                                  "killed there) is run once more and that run's result "
-                                  "given, with the first's figures in `rerun`")),
-)
-# Pipelines (service/api/pipelines.py): a run body with `processes` and `pipes` in place of
-# `cmd`.
-_PROCESS_KEYS = ("cmd", "env", "cwd", "user", "stdin", "stdin_base64", "files", "limits",
-                 "copy_out", "copy_out_cached")
-PROCESS = Obj("PipelineProcess", tuple(
-    Prop(p.name, p.schema, required=p.name == "cmd") for p in EXEC_PROPS
-    if p.name in _PROCESS_KEYS), not_both=(("stdin", "stdin_base64"),),
-    description="One process of a pipeline: the body's env, files and limits apply to it, "
-                "its own over them (env and limits key by key, files by path).")
-_PIPE_END = Arr(Int(minimum=0), min_items=2, max_items=2,
-                description="[process index, fd]")
-PIPE = Obj("Pipe", (
-    Prop("from", _PIPE_END, required=True), Prop("to", _PIPE_END, required=True),
-    Prop("capture_bytes", Int(minimum=0, maximum=MAX_PIPELINE_CAPTURE_BYTES,
-                              description="relay the pipe through the service and keep its "
-                                          "first N bytes in the result (0: a direct pipe; "
-                                          "a pipeline's pipes keep at most the maximum in "
-                                          "all)"))),
-    description="A pipe from fd 1 or 2 of one process to fd 0 of another.")
-PIPELINE_PROPS = (
-    Prop("processes", Arr(PROCESS, min_items=2, max_items=MAX_PIPELINE_PROCESSES,
-                          description="in place of cmd: processes wired by `pipes`, each a "
-                                      "run with its own limits, verdict and figures")),
-    Prop("pipes", Arr(PIPE, max_items=MAX_PIPELINE_PROCESSES)),
-    Prop("container", Str(max_len=16, enum=("shared", "own"),
-                          description="the processes share one container (default) or each "
-                                      "has its own")),
-)
-RUN_BODY = Obj("RunRequest", (Prop("image", REFERENCE, required=True), *EXEC_PROPS,
-                              Prop("policy", POLICY), Prop("network", NETWORK),
-                              Prop("platform", PLATFORM), *TIMING_PROPS, *PIPELINE_PROPS),
-               not_both=(("stdin", "stdin_base64"), ("cmd", "processes")))
-CONTAINER_BODY = Obj("ContainerRequest", (Prop("image", REFERENCE, required=True),
-                                          Prop("policy", POLICY), Prop("network", NETWORK),
-                                          Prop("platform", PLATFORM), Prop("limits", LIMITS)))
-COMMIT_BODY = Obj("CommitRequest", (
-    Prop("reference", REFERENCE, required=True),
-    Prop("changes", Arr(Str(max_len=MAX_CHANGE_BYTES, min_len=1), max_items=MAX_CHANGES,
-                        description="Dockerfile instructions applied to the new image's "
-                                    "config, as `docker commit --change` takes: CMD, "
-                                    "ENTRYPOINT, ENV, EXPOSE, LABEL, ONBUILD, STOPSIGNAL, "
-                                    "USER, VOLUME, WORKDIR")),
-    Prop("message", Str(max_len=64 << 10, description="the new layer's history comment")),
-    Prop("author", Str(max_len=1024, description='e.g. "Jane Doe <jane@example.com>"'))))
-PULL_BODY = Obj("PullRequest", (Prop("reference", REFERENCE, required=True),
-                                Prop("platform", PLATFORM)))
-TAG_BODY = Obj("TagRequest", (Prop("source", REFERENCE, required=True),
-                              Prop("target", REFERENCE, required=True)))
-PUSH_BODY = Obj("PushRequest", (Prop("source", REFERENCE, required=True),
-                                Prop("target", REFERENCE)))
-GC_BODY = Obj("GcRequest", (Prop("budget_bytes", Int(minimum=0)),))
-SIGNALS = tuple(s.name for s in ALLOWED_SIGNALS)   # what a client may send a running exec
-WS_MESSAGE = Obj("WebSocketMessage", (
-    Prop("type", Str(max_len=16, enum=("stdin", "close_stdin", "signal")), required=True),
-    Prop("data", Str(max_len=16 * MiB, allow_nul=True)),
-    Prop("data_base64", Str(max_len=24 * MiB)),
-    Prop("signal", Str(max_len=16, enum=SIGNALS)),
-), not_both=(("data", "data_base64"),))
+REFERENCE = Str(max_len=bodies.REFERENCE_MAX, min_len=1, pattern=bodies.REFERENCE_PATTERN,
+                description="an image reference: name[:tag][@digest]")
+PLATFORM = Str(max_len=64, min_len=1, pattern=bodies.PLATFORM_PATTERN,
+               description="os/arch[/variant], e.g. linux/arm64/v8 (default: this machine's)")
+RUN_BODY = Typed(bodies.RunRequest)
+EXEC_BODY = Typed(bodies.ExecRequest)
+CONTAINER_BODY = Typed(bodies.ContainerRequest)
+COMMIT_BODY = Typed(bodies.CommitRequest)
+PULL_BODY = Typed(bodies.PullRequest)
+TAG_BODY = Typed(bodies.TagRequest)
+PUSH_BODY = Typed(bodies.PushRequest)
+GC_BODY = Typed(bodies.GcRequest)
+WS_MESSAGE = Typed(bodies.WebSocketMessage)
+BATCH_BODY = Typed(bodies.BatchRequest)
+JOB_BODY = Typed(bodies.JobRequest)
 
 # Responses ------------------------------------------------------------------------------
 
 ERROR = Obj("Error", (Prop("error", Obj("ErrorDetail", (
     Prop("code", Str(max_len=64), required=True),
-    Prop("message", Str(max_len=1 << 16), required=True),
-    Prop("field", Str(max_len=4096)))), required=True),))
+    # Both may quote what was sent: a field's name is any JSON key.
+    Prop("message", Str(max_len=1 << 16, allow_nul=True), required=True),
+    Prop("field", Str(max_len=1 << 40, allow_nul=True)))), required=True),))
 _N = Nullable
-_STATUS = Str(max_len=32, enum=("ok", "nonzero_exit", "signaled", "time_limit", "wall_limit",
-                                "memory_limit", "output_limit", "syscall_blocked",
-                                "internal_error"))
-_FIGURES = (
-    Prop("id", _N(Str()), required=True), Prop("status", _STATUS, required=True),
-    Prop("exit_code", _N(Int(minimum=-(1 << 31), maximum=1 << 31)), required=True),
-    Prop("signal", _N(Int(maximum=128)), required=True),
-    Prop("stdout_truncated", Bool(), required=True),
-    Prop("stderr_truncated", Bool(), required=True),
-    Prop("cpu_ms", _N(Num()), required=True), Prop("user_ms", _N(Num()), required=True),
-    Prop("sys_ms", _N(Num()), required=True), Prop("wall_ms", _N(Num()), required=True),
-    Prop("memory_peak_bytes", _N(Int()), required=True),
-    Prop("setup_ms", _N(Num()), required=True),
-    Prop("measured_by", Map(_N(Str()), key_pattern=".+", key_hint="a name"), required=True),
-    Prop("image", Str(), required=True), Prop("pool_hit", Bool(), required=True),
-    Prop("warnings", Arr(Str(max_len=1 << 16)), required=True),
-    Prop("error", _N(Str(max_len=1 << 16)), required=True),
-    Prop("cpus", _N(Str(description='the CPUs the run was kept on, e.g. "1"')), required=True),
-    Prop("host_load", _N(Num(description="the part of the run's time (0 to 1) during which "
-                                         "a task waited for a CPU (PSI): the run's own on "
-                                         "cgroup v2, the host's on v1 (measured_by says); "
-                                         "null without PSI")), required=True),
-    Prop("dedicated_cpu", Bool(description="the run had a reserved CPU to itself, kept by "
-                                           "its cgroup's cpuset"), required=True),
-    Prop("near_limit", Bool(description="cpu_ms or wall_ms reached the last 10 % of its "
-                                        "limit (or the limit): a verdict that may go either "
-                                        "way"), required=True),
-)
-_SPREAD = Obj("Spread", (Prop("min", Num(), required=True), Prop("median", Num(), required=True),
-                         Prop("max", Num(), required=True),
-                         Prop("spread", Num(description="(max - min) / median"),
-                              required=True),
-                         Prop("cv", Num(description="standard deviation / mean (0 for one "
-                                        "run)"), required=True)))
-_TIMING = (
-    Prop("repeats", Obj("Repeats", (
-        Prop("n", Int(), required=True), Prop("cpu_ms", _N(_SPREAD), required=True),
-        Prop("wall_ms", _SPREAD, required=True),
-        Prop("statuses", Map(Int(), key_pattern="[a-z_]+", key_hint="a status"),
-             required=True),
-        Prop("main", Int(description="which run (from 0) the result is: the median's"),
-             required=True)), description="only when repeat was given")),
-    Prop("rerun", Obj("Rerun", (
-        Prop("first", Obj("FirstRun", (
-            Prop("status", _STATUS, required=True), Prop("cpu_ms", _N(Num()), required=True),
-            Prop("wall_ms", Num(), required=True), Prop("cpus", _N(Str()), required=True),
-            Prop("host_load", _N(Num()), required=True),
-            Prop("dedicated_cpu", Bool(), required=True))), required=True),),
-        description="only when rerun_near_limit ran it again: the first run's figures")),
-)
+_STATUS = Str(max_len=32, enum=tuple(map(str, Status)))
 CACHED_FILE = Obj("CachedFile", (
     Prop("id", Str(description='"sha256:" and the hex SHA-256 of the content'), required=True),
     Prop("size", Int(), required=True),
@@ -493,27 +348,7 @@ CACHED_FILE_LIST = Obj("CachedFileList", (Prop("files", Arr(CACHED_FILE, max_ite
                                                required=True),))
 
 
-def _by_path(values: Schema, description: str) -> Map:
-    return Map(values, key_pattern="/.*", key_hint="an absolute path", description=description)
-
-
-_COPIED = (
-    Prop("files", _by_path(Str(max_len=1 << 40, allow_nul=True),
-                           "copy_out's files, encoded as output_encoding says (only when "
-                           "copy_out was given)")),
-    Prop("file_ids", _by_path(Obj("CachedFileRef", (Prop("id", Str(), required=True),
-                                                    Prop("size", Int(), required=True))),
-                              "copy_out_cached's files as stored in your file cache (only "
-                              "when copy_out_cached was given)")),
-    Prop("file_errors", _by_path(Str(max_len=1 << 16),
-                                 "why a path of copy_out or copy_out_cached was not copied "
-                                 "(missing, not a regular file, too large, over a quota); the "
-                                 "run's verdict stands (only when either was given)")),
-)
-RUN_RESULT = Obj("RunResult", (*_FIGURES, Prop("stdout", Str(max_len=1 << 40, allow_nul=True),
-                                               required=True),
-                               Prop("stderr", Str(max_len=1 << 40, allow_nul=True),
-                                    required=True), *_COPIED, *_TIMING))
+RUN_RESULT = Typed(results.RunResult)
 PIPELINE_RESULT = Obj("PipelineResult", (
     Prop("status", _STATUS, required=True),
     Prop("processes", Arr(RUN_RESULT, max_items=MAX_PIPELINE_PROCESSES), required=True),
@@ -577,7 +412,7 @@ HEALTH = Obj("Health", (Prop("status", Str(), required=True), Prop("error", Str(
                         Prop("reason", Str(max_len=1 << 16))))
 
 
-def validate_json(value: Any, schema: Obj) -> dict[str, Any]:
+def validate_json(value: Any, schema: Schema) -> dict[str, Any]:
     return schema.validate(value, "")
 
 
@@ -615,6 +450,8 @@ class Route:
     replies: tuple[Reply, ...] = ()
     auth: bool = True
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # A WebSocket: `body` is its first message, `messages` the client's later ones.
+    messages: Schema | None = None
 
 
 def doc_path(path: str) -> str:
@@ -623,7 +460,9 @@ def doc_path(path: str) -> str:
 
 def _components(schemas: list[Schema], out: dict[str, Any]) -> None:
     for s in schemas:
-        if isinstance(s, Obj):
+        if isinstance(s, Typed):
+            out.setdefault(_TYPED, []).append(s.type)
+        elif isinstance(s, Obj):
             if s.name in out:
                 continue
             out[s.name] = s.component()
@@ -636,6 +475,55 @@ def _components(schemas: list[Schema], out: dict[str, Any]) -> None:
             _components([s.inner], out)
         elif isinstance(s, OneOf):
             _components(list(s.options), out)
+
+
+_TYPED = "\0typed"   # where _components gathers the msgspec types, for _typed_components
+
+
+def _typed_components(types: list[type[msgspec.Struct]]) -> dict[str, Any]:
+    """The msgspec types' JSON Schema (2020-12, as OpenAPI 3.1 has it) as components: each
+    Grouped class's rules added (msgspec cannot say them), no empty `required`."""
+    if not types:
+        return {}
+    _, components = msgspec.json.schema_components(
+        dict.fromkeys(types), ref_template="#/components/schemas/{name}")
+    by_name = {t.__name__: t for t in _struct_types(types)}
+    for name, schema in components.items():
+        schema.pop("title", None)
+        if not schema.get("required", True):
+            del schema["required"]
+        cls = by_name.get(name)
+        if cls is not None and issubclass(cls, bodies.Body):
+            rules, notes = group_rules(cls)
+            if rules:
+                schema["allOf"] = rules
+                schema["description"] = " ".join([schema.get("description", ""), *notes]
+                                                  ).strip()
+    return components
+
+
+def _struct_types(types: list[type[msgspec.Struct]]) -> list[type[msgspec.Struct]]:
+    """`types` and every Struct type their fields hold."""
+    seen: dict[type[msgspec.Struct], None] = {}
+
+    def walk(info: Any) -> None:
+        if isinstance(info, msgspec.inspect.StructType):
+            if info.cls in seen:
+                return
+            seen[info.cls] = None
+            for f in info.fields:
+                walk(f.type)
+        elif isinstance(info, msgspec.inspect.Metadata):
+            walk(info.type)
+        elif isinstance(info, msgspec.inspect.UnionType):
+            for t in info.types:
+                walk(t)
+        elif isinstance(info, msgspec.inspect.ListType | msgspec.inspect.DictType):
+            walk(info.item_type if isinstance(info, msgspec.inspect.ListType)
+                 else info.value_type)
+    for t in types:
+        walk(msgspec.inspect.type_info(t))
+    return list(seen)
 
 
 def openapi(routes: list[Route], version: str) -> dict[str, Any]:
@@ -651,8 +539,15 @@ def openapi(routes: list[Route], version: str) -> dict[str, Any]:
             op["parameters"] = [{"name": p.name, "in": p.where,
                                  "required": p.required or p.where == "path",
                                  "schema": p.schema.openapi()} for p in r.params]
+        if r.messages is not None:
+            used.append(r.messages)
         if r.body is not None:
             used.append(r.body)
+        if r.body is not None and r.messages is not None:
+            op["x-first-message"] = r.body.openapi()
+            op["x-messages"] = r.messages.openapi()
+            op["x-events"] = STREAM_EVENT.openapi()
+        elif r.body is not None:
             op["requestBody"] = {"required": True, "content": {r.body_type: {
                 "schema": r.body.openapi()}}}
         responses: dict[str, Any] = {}
@@ -673,11 +568,15 @@ def openapi(routes: list[Route], version: str) -> dict[str, Any]:
         op["responses"] = responses
         if not r.auth:
             op["security"] = []
-        paths.setdefault(doc_path(r.path), {})[r.method.lower()] = op
+        # OpenAPI has no WebSocket: one is an `x-websocket` of its path (an HTTP client
+        # would send its GET without the handshake, or take the 101 for a failure).
+        method = "x-websocket" if r.messages is not None else r.method.lower()
+        paths.setdefault(doc_path(r.path), {})[method] = op
     components: dict[str, Any] = {}
     _components(used, components)
+    components.update(_typed_components(components.pop(_TYPED, [])))
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "sandboxd", "version": version,
                  "description": "Run untrusted code in rootless containers from OCI images."},
         "paths": paths,

@@ -48,6 +48,8 @@ from sandbox.images import (
 from sandbox.images.buildcontext import BuildContext, ContextLimits
 from sandbox.runtime.container import Container
 from sandbox.runtime.hostinfo import report as host_report
+from sandbox.runtime.network import MODES, NO_NETWORK, NONE, PROXY, NetworkRequest, proxy_env
+from sandbox.runtime.network.rules import DEFAULT_BLOCKED, Blocked
 from sandbox.runtime.output import OutputCallback
 from sandbox.runtime.policy import Policy, RunLimits
 from sandbox.runtime.profiles import Limits, Profile, host_cpus, parse_cpuset
@@ -58,7 +60,9 @@ from sandbox.runtime.runcontrol import RunControl
 from sandbox.runtime.spawnerclient import Runtime
 from sandbox.tenants import Tenant
 
-NETWORKS = ("none",)
+# What a caller may give as a run's network: a mode's name, or the service's request with
+# the tenant's allowlist (a bare "proxy" reaches no host).
+NetworkAsked = str | NetworkRequest | None
 log = logging.getLogger(__name__)
 
 
@@ -99,6 +103,8 @@ class EngineConfig:
     files: FileCacheConfig = field(default_factory=FileCacheConfig)  # the file cache
     timing: TimingConfig = field(default_factory=TimingConfig)       # CPU slots (cpuslots.py)
     node: str | None = None              # the cluster node: its session ids begin "<node>."
+    # What `proxy` and `full` never reach (with the host's own addresses)
+    network_blocked: tuple[str, ...] = DEFAULT_BLOCKED   # CIDRs
 
 
 def known_policies() -> list[str]:
@@ -128,6 +134,7 @@ class Engine:
         self.files = FileCache(config.state_dir / "files", config.files)
         # Every container made from now on can bind cached files (runfiles.py).
         runtime.files = str(self.files.blob_dir)
+        runtime.proxy.blocked = Blocked.parse(config.network_blocked)
         self.sessions = Sessions(self.pools, images, self.files, self._request,
                                  node=config.node)
         driver = runtime.cgroups.driver
@@ -240,31 +247,45 @@ class Engine:
                               "sessions; choose another (GET /v1/policies lists them)")
         return self.runtime.policies.get(name or self.config.default_policy)
 
-    def _policy(self, policy: Policy | str | None, network: str | None) -> Policy:
+    def _policy(self, policy: Policy | str | None, network: NetworkAsked) -> Policy:
         resolved = policy if isinstance(policy, Policy) else self.policy(policy)
-        if network not in (None, *NETWORKS):
-            raise PolicyError(f"network: {network!r} is not supported; use one of "
-                              f"{', '.join(NETWORKS)}")
-        if network is not None and network != resolved.profile.network:
+        mode = network.mode if isinstance(network, NetworkRequest) else network
+        if mode not in (None, *MODES):
+            raise PolicyError(f"network: {mode!r} is not supported; use one of "
+                              f"{', '.join(MODES)}")
+        if mode is not None and resolved.profile.network != NONE:
             # The operator's policy decides; a request must not believe it got otherwise.
             raise PolicyError(f"network: policy {resolved.name!r} runs with network "
-                              f"{resolved.profile.network!r}, not {network!r}; choose a "
+                              f"{resolved.profile.network!r}, not {mode!r}; choose a "
                               "policy whose network is what you need, or leave network out")
         return resolved
+
+    @staticmethod
+    def _network(network: NetworkAsked) -> NetworkRequest:
+        return (network if isinstance(network, NetworkRequest)
+                else NO_NETWORK if network in (None, NONE) else NetworkRequest(network))
 
     async def _image(self, image: Image | str, tenant: Tenant) -> Image:
         """`image` as `tenant` names it, unless the caller resolved it already (with
         `image()`, which checked that it runs here)."""
         return image if isinstance(image, Image) else await self.image(image, tenant=tenant)
 
-    def _request(self, image: Image, spec: RunSpec, policy: Policy) -> ExecRequest:
+    def _request(self, image: Image, spec: RunSpec, policy: Policy,
+                 net: NetworkRequest | None = None) -> ExecRequest:
         """The run's request, its limits resolved (checked against the policy's maxima
-        before any container is taken for it): no layer below resolves them again."""
+        before any container is taken for it): no layer below resolves them again. A
+        proxy run's environment names the proxy (the image's and the run's env over it)."""
         limits = self._placed(policy.limits(spec.limits))
         argv, env, cwd = apply_run(image.defaults, cmd=spec.cmd, env=spec.env, cwd=spec.cwd)
+        if net is not None and net.mode == PROXY:
+            env = proxy_env() | env
+        if spec.tty is not None:
+            # As Docker gives a run with a terminal (the image's and the run's env win):
+            # programs that draw on it (vi, less, top) need to know what it is.
+            env = {"TERM": "xterm"} | env
         uid, gid = self.images.user_ids(image, spec.user)
         return ExecRequest(argv=argv, env=env, cwd=cwd, stdin=spec.stdin, limits=limits,
-                           uid=uid, gid=gid)
+                           uid=uid, gid=gid, tty=spec.tty)
 
     def _placed(self, limits: RunLimits) -> RunLimits:
         """With CPUs reserved, every run (a session's exec too) stays off them unless a slot
@@ -286,24 +307,27 @@ class Engine:
     # one-shot runs
 
     async def run(self, image: Image | str, spec: RunSpec, *, tenant: Tenant,
-                  policy: Policy | str | None = None, network: str | None = None,
+                  policy: Policy | str | None = None, network: NetworkAsked = None,
                   on_output: OutputCallback | None = None,
                   control: RunControl | None = None) -> RunOutcome:
         """One run in a warm container. `image` is a reference, or an Image the caller
-        already resolved for `tenant` (`image()`); `policy` a name, or a `policy()`."""
+        already resolved for `tenant` (`image()`); `policy` a name, or a `policy()`;
+        `network` a mode, or the service's NetworkRequest (its allowlist for `proxy`)."""
         resolved = self._policy(policy, network)
+        net = self._network(network)
         self.check_timing(spec, streamed=on_output is not None or control is not None)
         found = await self._image(image, tenant)
-        req = self._request(found, spec, resolved)
+        req = self._request(found, spec, resolved, net)
         if spec.repeat > 1:
-            results = [await self._run_once(found, spec, req, resolved, tenant, None, None)
-                       for _ in range(spec.repeat)]
+            results = [await self._run_once(found, spec, req, resolved, tenant, net, None,
+                                            None) for _ in range(spec.repeat)]
             repeats = summarize([o.result for o in results])
             return replace(results[repeats.main], repeats=repeats)
-        outcome = await self._run_once(found, spec, req, resolved, tenant, on_output, control)
+        outcome = await self._run_once(found, spec, req, resolved, tenant, net, on_output,
+                                       control)
         first = outcome.result
         if spec.rerun_near_limit and first.status == Status.TIME_LIMIT and first.near_limit:
-            again = await self._run_once(found, spec, req, resolved, tenant, None, None)
+            again = await self._run_once(found, spec, req, resolved, tenant, net, None, None)
             outcome = replace(again, rerun=first)
         return outcome
 
@@ -338,22 +362,23 @@ class Engine:
                 yield limits.cpuset, None
 
     async def _run_once(self, found: Image, spec: RunSpec, req: ExecRequest, policy: Policy,
-                        tenant: Tenant, on_output: OutputCallback | None,
+                        tenant: Tenant, net: NetworkRequest, on_output: OutputCallback | None,
                         control: RunControl | None) -> RunOutcome:
         """One run of `run`, in a warm container, on the CPUs `_cpus` gives it."""
         assert req.limits is not None  # resolved by _request
         async with self._cpus(policy, req.limits, tenant) as (cpus, slot):
             if cpus != req.limits.cpuset:
                 req = replace(req, limits=replace(req.limits, cpuset=cpus))
-            outcome = await self._exec(found, spec, req, policy, tenant, on_output, control)
+            outcome = await self._exec(found, spec, req, policy, tenant, net, on_output,
+                                       control)
             if slot is not None and self.slots is not None:
                 outcome.result.dedicated_cpu = self.slots.dedicated(slot)
         return outcome
 
     async def _exec(self, found: Image, spec: RunSpec, req: ExecRequest, resolved: Policy,
-                    tenant: Tenant, on_output: OutputCallback | None,
+                    tenant: Tenant, net: NetworkRequest, on_output: OutputCallback | None,
                     control: RunControl | None) -> RunOutcome:
-        loan = self.pools.lend(found, resolved, tenant)
+        loan = self.pools.lend(found, resolved, tenant, net)
         copied = NOTHING
         async with loan as container:
             bound = await runfiles.place(container, spec.files, self.files, uid=req.uid,
@@ -366,7 +391,7 @@ class Engine:
             if keep:
                 copied = await copy_out(container, spec, tenant, self.files)
                 await container.reset()
-        return RunOutcome(result, loan.warm, found.digest, copied)
+        return RunOutcome(result, loan.warm, found.digest, copied, network=loan.traffic)
 
     async def _put_files(self, container: Container, spec: RunSpec, req: ExecRequest) -> None:
         """A run's files into its container, owned by its user (runs and pipelines): cached
@@ -377,15 +402,16 @@ class Engine:
 
     async def pipeline(self, image: Image | str, spec: PipelineSpec, *, tenant: Tenant,
                        policy: Policy | str | None = None,
-                       network: str | None = None) -> PipelineOutcome:
+                       network: NetworkAsked = None) -> PipelineOutcome:
         """Processes of one image wired by pipes, each a run of its own in a warm container
         of `tenant`'s, shared or each its own (see pipeline.py); `image` and `policy` as
         for `run`. PolicyError, naming the field, before anything runs for a pipeline that
         cannot be wired."""
         pipeline.check(spec)
         resolved = self._policy(policy, network)
+        net = self._network(network)
         found = await self._image(image, tenant)
-        reqs = pipeline.requests_of(spec, lambda p: self._request(found, p, resolved))
+        reqs = pipeline.requests_of(spec, lambda p: self._request(found, p, resolved, net))
         pipeline.check_requests(reqs, self.runtime.mapping,
                                 resolved.profile.maxima.output_bytes)
         first = reqs[0].limits
@@ -396,7 +422,7 @@ class Engine:
             reqs = [r if r.limits is None or r.limits.cpuset == cpus
                     else replace(r, limits=replace(r.limits, cpuset=cpus)) for r in reqs]
             outcome = await pipeline.run(self.pools, self.files, self._put_files, found,
-                                         resolved, tenant, spec, reqs)
+                                         resolved, tenant, spec, reqs, net)
             if slot is not None and self.slots is not None:
                 for p in outcome.processes:
                     p.result.dedicated_cpu = self.slots.dedicated(slot)
@@ -445,7 +471,7 @@ class Engine:
     # sessions
 
     async def create_session(self, image: Image | str, *, tenant: Tenant,
-                             policy: Policy | str | None = None, network: str | None = None,
+                             policy: Policy | str | None = None, network: NetworkAsked = None,
                              limits: Limits | None = None) -> Session:
         """A container `tenant` keeps (see sessions.py); only calls naming the same tenant
         find it. `image` and `policy` as for `run`; `limits`, the default of the session's
@@ -454,7 +480,7 @@ class Engine:
         if limits is not None:
             limits = resolved.limits(limits)
         return await self.sessions.open(await self._image(image, tenant), resolved, tenant,
-                                        limits)
+                                        limits, self._network(network))
 
     def pool_stats(self) -> list[dict[str, Any]]:
         """Every tenant's pools: for the operator's metrics, never for a tenant."""

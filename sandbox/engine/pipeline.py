@@ -34,6 +34,7 @@ from sandbox.errors import ImageError, PolicyError
 from sandbox.images import Image
 from sandbox.runtime.container import Container
 from sandbox.runtime.idmap import IdMapping
+from sandbox.runtime.network import NO_NETWORK, NetworkRequest
 from sandbox.runtime.policy import Policy
 from sandbox.runtime.requests import ExecRequest, validate
 from sandbox.runtime.results import RunResult
@@ -123,12 +124,14 @@ def check(spec: PipelineSpec) -> None:
 
 async def run(pools: Pools, cache: FileCache, put_files: PutFiles, image: Image,
               policy: Policy, tenant: Tenant, spec: PipelineSpec,
-              requests: list[ExecRequest]) -> PipelineOutcome:
+              requests: list[ExecRequest],
+              network: NetworkRequest = NO_NETWORK) -> PipelineOutcome:
     """Run the pipeline (checked by `check`) to its end: every process's outcome, and what
-    each captured pipe kept."""
+    each captured pipe kept. A process's network figures are its container's (in a shared
+    container, every process shows the same)."""
     n = len(spec.processes)
     async with contextlib.AsyncExitStack() as stack:
-        loans = [pools.lend(image, policy, tenant)
+        loans = [pools.lend(image, policy, tenant, network)
                  for _ in range(1 if spec.shared_container else n)]
         held = [await stack.enter_async_context(loan) for loan in loans]
         containers = held * n if spec.shared_container else held
@@ -153,9 +156,10 @@ async def run(pools: Pools, cache: FileCache, put_files: PutFiles, image: Image,
                 if wanted(process):
                     await c.reset()
     warm = [loan.warm for loan in loans] * (n if spec.shared_container else 1)
+    traffic = [loan.traffic for loan in loans] * (n if spec.shared_container else 1)
     return PipelineOutcome(
-        processes=tuple(RunOutcome(r, w, image.digest, cp)
-                        for r, w, cp in zip(results, warm, copied, strict=True)),
+        processes=tuple(RunOutcome(r, w, image.digest, cp, network=t)
+                        for r, w, cp, t in zip(results, warm, copied, traffic, strict=True)),
         captured=tuple(bytes(r.captured) if r else b"" for r in relays),
         truncated=tuple(bool(r and r.truncated) for r in relays))
 

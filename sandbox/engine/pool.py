@@ -1,11 +1,13 @@
-"""Warm containers per (tenant, image digest, policy): a run borrows one (a hit) or starts
-one (a miss) through `async with pools.lend(...) as container`; afterwards it goes back at
-once, read-only root or writable (its init resets it as the run ends, before it reads the
-next request: see Container.exec's reset_after; a writable root is made anew when the run
-changed it), unless its run failed, which destroys it. Refills happen off the
+"""Warm containers per (tenant, image digest, policy, network mode): a run borrows one (a
+hit) or starts one (a miss) through `async with pools.lend(...) as container`; afterwards it
+goes back at once, read-only root or writable (its init resets it as the run ends, before
+it reads the next request: see Container.exec's reset_after; a writable root is made anew
+when the run changed it), unless its run failed, which destroys it. Refills happen off the
 request's path, in background tasks; each key keeps at least `min_idle` idle containers
 once used, and grows with demand up to `max_idle`. A warm container serves one tenant only:
-nothing a run leaves can reach another tenant even if a reset missed it.
+nothing a run leaves can reach another tenant even if a reset missed it. A proxy or full
+container's network (sandbox/runtime/network) is made with it, so the mode is part of the
+key; a loan starts the run's use of it (its allowlist, its figures) and ends it.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Annotated, Any
 
+from msgspec import Meta
+
+from sandbox.configfile import Table
 from sandbox.engine.records import ContainerRecords
-from sandbox.errors import CapacityError, ContainerGoneError, PolicyError, SandboxError
+from sandbox.errors import CapacityError, ContainerGoneError, SandboxError
 from sandbox.images import Image, ImageService
 from sandbox.runtime.container import Container
+from sandbox.runtime.network import NO_NETWORK, NONE, NetworkRequest, Traffic
 from sandbox.runtime.policy import Policy
 from sandbox.runtime.requests import ContainerSpec
 from sandbox.runtime.spawnerclient import Runtime
@@ -31,29 +37,18 @@ from sandbox.tenants import Tenant
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PoolConfig:
-    min_idle: int = 1            # idle containers kept per (image, policy) once it ran
-    max_idle: int = 4            # never more idle than this per key
-    max_live: int = 256          # every container of the engine: pools, runs and sessions
+class PoolConfig(Table):
+    """The [pools] table of the service's config (sandbox.configfile reads it)."""
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "pools") -> PoolConfig:
-        if not isinstance(data, dict):
-            raise PolicyError(f"{where}: expected a table")
-        values: dict[str, int] = {}
-        for key, value in data.items():
-            if key not in ("min_idle", "max_idle", "max_live"):
-                raise PolicyError(f"{where}.{key}: unknown setting; known: min_idle, "
-                                  "max_idle, max_live")
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise PolicyError(f"{where}.{key}: expected a non-negative integer")
-            values[key] = value
-        config = cls(**values)
-        if config.min_idle > config.max_idle:
-            raise PolicyError(f"{where}.min_idle ({config.min_idle}) is above max_idle "
-                              f"({config.max_idle})")
-        return config
+    min_idle: Annotated[int, Meta(ge=0)] = 1   # idle containers kept per key once it ran
+    max_idle: Annotated[int, Meta(ge=0)] = 4   # never more idle than this per key
+    max_live: Annotated[int, Meta(ge=0)] = 256  # every container: pools, runs and sessions
+
+    def __post_init__(self) -> None:
+        # msgspec reports this ValueError with the table's path, as it does a key's
+        if self.min_idle > self.max_idle:
+            raise ValueError(f"min_idle ({self.min_idle}) is above max_idle "
+                             f"({self.max_idle}): lower min_idle or raise max_idle")
 
 
 @dataclass
@@ -61,6 +56,7 @@ class _Pool:
     tenant: str
     image: Image
     policy: Policy
+    network: str = NONE
     idle: deque[Container] = field(default_factory=deque)
     busy: int = 0
     hits: int = 0
@@ -85,7 +81,7 @@ class Pools:
         self.config = config
         self.images = images
         self.records = records
-        self._pools: dict[tuple[str, str, str], _Pool] = {}
+        self._pools: dict[tuple[str, str, str, str], _Pool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle_since: dict[str, float] = {}   # container id -> when it was parked
         self._live = 0
@@ -95,14 +91,16 @@ class Pools:
     def live(self) -> int:
         return self._live
 
-    def _pool(self, tenant: Tenant, image: Image, policy: Policy) -> _Pool:
-        key = (tenant.id, image.digest, policy.name)
+    def _pool(self, tenant: Tenant, image: Image, policy: Policy,
+              network: str = NONE) -> _Pool:
+        key = (tenant.id, image.digest, policy.name, network)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = _Pool(tenant.id, image, policy)
+            pool = self._pools[key] = _Pool(tenant.id, image, policy, network)
         return pool
 
-    async def _create(self, image: Image, policy: Policy, *, evict: bool = False) -> Container:
+    async def _create(self, image: Image, policy: Policy, *, evict: bool = False,
+                      network: str = NONE) -> Container:
         if self._live >= self.config.max_live and evict:
             # A run that finds no warm container of its own takes the place of an idle one of
             # another key (another tenant's, say), the longest idle first: idle containers
@@ -116,7 +114,7 @@ class Pools:
         self._live += 1
         try:
             container = await self.runtime.create_container(ContainerSpec(
-                layers=tuple(str(p) for p in image.layers), policy=policy))
+                layers=tuple(str(p) for p in image.layers), policy=policy, network=network))
         except BaseException:
             self._live -= 1
             raise
@@ -138,16 +136,22 @@ class Pools:
             if self.records is not None:
                 self.records.remove(container.id)
 
-    def lend(self, image: Image, policy: Policy, tenant: Tenant) -> Loan:
+    def lend(self, image: Image, policy: Policy, tenant: Tenant,
+             network: NetworkRequest | None = None) -> Loan:
         """A container for one run of `tenant`, for `async with`: see Loan."""
-        return Loan(self, self._pool(tenant, image, policy))
+        net = network or NO_NETWORK
+        return Loan(self, self._pool(tenant, image, policy, net.mode), net)
 
-    async def fresh(self, image: Image, policy: Policy, tenant: Tenant) -> Container:
+    async def fresh(self, image: Image, policy: Policy, tenant: Tenant,
+                    network: NetworkRequest = NO_NETWORK) -> Container:
         """A container `tenant` keeps (a session); a warm one of its own if there is one.
-        It is this pool's to destroy (`destroy`), never to take back."""
-        pool = self._pool(tenant, image, policy)
+        It is this pool's to destroy (`destroy`), never to take back. Its network, if any,
+        is the session's from now on."""
+        pool = self._pool(tenant, image, policy, network.mode)
         container, _ = await self._take(pool)
         pool.busy -= 1
+        if container.network is not None:
+            container.network.begin(network.allow)
         return container
 
     async def single(self, image: Image, policy: Policy) -> Container:
@@ -171,7 +175,8 @@ class Pools:
             self._spawn(self.destroy(container))
         pool.misses += 1
         try:
-            container = await self._create(pool.image, pool.policy, evict=True)
+            container = await self._create(pool.image, pool.policy, evict=True,
+                                           network=pool.network)
         except BaseException:
             pool.busy -= 1
             raise
@@ -250,7 +255,8 @@ class Pools:
     async def _fill(self, pool: _Pool) -> None:
         try:
             while pool.expected < self._target(pool) and self._live < self.config.max_live:
-                container = await self._create(pool.image, pool.policy)
+                container = await self._create(pool.image, pool.policy,
+                                               network=pool.network)
                 pool.created += 1
                 self._park(pool, container)
         except SandboxError as e:
@@ -286,23 +292,29 @@ class Loan:
     """One run's use of a container of the pools: `async with pools.lend(...) as container`.
     Leaving the block gives the container back (parked again when its root is read-only and
     it is alive, else destroyed); leaving it with an exception destroys it, as a container a
-    run failed in may be suspect. `warm` tells, once entered, whether it was an idle one."""
+    run failed in may be suspect. `warm` tells, once entered, whether it was an idle one;
+    `traffic`, once left, a proxy or full run's network figures (its connections closed)."""
 
-    def __init__(self, pools: Pools, pool: _Pool) -> None:
-        self._pools, self._pool = pools, pool
+    def __init__(self, pools: Pools, pool: _Pool, network: NetworkRequest) -> None:
+        self._pools, self._pool, self._network = pools, pool, network
         self._container: Container | None = None
         self.warm = False
+        self.traffic: Traffic | None = None
 
     async def __aenter__(self) -> Container:
         if self._container is not None:
             raise SandboxError("a Loan lends one container once; call lend() again")
         self._container, self.warm = await self._pools._take(self._pool)
+        if self._container.network is not None:
+            self._container.network.begin(self._network.allow)
         return self._container
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         container = self._container
         assert container is not None
+        if container.network is not None:
+            self.traffic = container.network.end()
         if exc_type is None:
             self._pools._give_back(self._pool, container)
             return

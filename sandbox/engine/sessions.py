@@ -29,6 +29,7 @@ from sandbox.images import Image, ImageService
 from sandbox.runtime import files
 from sandbox.runtime.container import Container
 from sandbox.runtime.diff import layer_tar
+from sandbox.runtime.network import NO_NETWORK, NetworkRequest
 from sandbox.runtime.output import OutputCallback
 from sandbox.runtime.policy import Policy
 from sandbox.runtime.profiles import Limits
@@ -37,7 +38,7 @@ from sandbox.runtime.runcontrol import RunControl
 from sandbox.tenants import Tenant
 
 # How the engine turns a RunSpec into the request a container runs (Engine._request).
-MakeRequest = Callable[[Image, RunSpec, Policy], ExecRequest]
+MakeRequest = Callable[[Image, RunSpec, Policy, NetworkRequest], ExecRequest]
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Session:
     last_used: float
     tenant: Tenant                       # whose session it is
     limits: Limits | None = None
+    network: NetworkRequest = NO_NETWORK  # begun when the session is made, for its life
     busy: int = 0                        # runs and copies in under way
     # Set while a commit reads the root; what would change the root waits for it.
     committing: asyncio.Event | None = field(default=None, repr=False)
@@ -104,7 +106,7 @@ class Sessions:
         return len(self._by_id)
 
     async def open(self, image: Image, policy: Policy, tenant: Tenant,
-                   limits: Limits | None) -> Session:
+                   limits: Limits | None, network: NetworkRequest = NO_NETWORK) -> Session:
         """A new session of `tenant`, at most `tenant.max_sessions` at once; `image`,
         `policy` and `limits` (the default of its execs) already resolved."""
         cap = tenant.max_sessions
@@ -115,12 +117,12 @@ class Sessions:
                                 "expire, then retry")
         self._opening[tenant.id] += 1
         try:
-            container = await self.pools.fresh(image, policy, tenant)
+            container = await self.pools.fresh(image, policy, tenant, network)
         finally:
             self._opening[tenant.id] -= 1
         now = time.time()
         sid = self._id_prefix + secrets.token_hex(8)
-        session = Session(sid, image, policy, container, now, now, tenant, limits)
+        session = Session(sid, image, policy, container, now, now, tenant, limits, network)
         self.images.lease(image.digest, f"session-{sid}")
         self._by_id[sid] = session
         return session
@@ -141,7 +143,7 @@ class Sessions:
         s = self.get(sid, owner)
         if spec.limits is None and s.limits is not None:
             spec = replace(spec, limits=s.limits)
-        req = self._make_request(s.image, spec, s.policy)
+        req = self._make_request(s.image, spec, s.policy, s.network)
         copied = NOTHING
         async with s.changing():
             if not s.container.alive:
@@ -149,6 +151,9 @@ class Sessions:
             # Cached files are bound until the session ends (it is never reset).
             bound = await runfiles.place(s.container, spec.files, self.files, uid=req.uid,
                                          gid=req.gid, exec_follows=True)
+            net = s.container.network
+            # The session's figures around this exec (those of execs at the same time too).
+            before = net.figures() if net is not None else None
             try:
                 result = await s.container.exec(req, on_output=on_output, control=control)
             except ContainerGoneError as e:
@@ -156,7 +161,9 @@ class Sessions:
             await bound()
             if wanted(spec):
                 copied = await copy_out(s.container, spec, s.tenant, self.files)
-        return RunOutcome(result, False, s.image.digest, copied)
+        traffic = (net.figures().since(before)
+                   if net is not None and before is not None else None)
+        return RunOutcome(result, False, s.image.digest, copied, network=traffic)
 
     async def put_file(self, sid: str, path: str, content: bytes, mode: int = 0o644, *,
                        owner: str | None = None) -> None:

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 from sandbox.engine.filecache import CachedFile
 from sandbox.engine.repeats import Repeats
+from sandbox.runtime.network import Traffic
 from sandbox.runtime.profiles import Limits
+from sandbox.runtime.pty import TtySize
 from sandbox.runtime.results import RunResult
 
 
@@ -36,6 +38,7 @@ class RunSpec:
     copy_out_cached: tuple[str, ...] = ()  # files to keep in the tenant's file cache
     repeat: int = 1                      # run it this many times (repeats.py)
     rerun_near_limit: bool = False       # a time_limit near its limit is run once more
+    tty: TtySize | None = None           # a terminal of this size is the run's 0-2 (pty.py)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class RunOutcome:
     copied: CopiedOut = NOTHING          # what copy_out and copy_out_cached brought back
     repeats: Repeats | None = None       # a `repeat` run's spread; the result is its median
     rerun: RunResult | None = None       # the first run's, when rerun_near_limit reran it
+    network: Traffic | None = None       # a proxy or full run's figures
 
 
 # A pipeline's process asks what a run asks (its stdin: bytes or nothing; an fd is the

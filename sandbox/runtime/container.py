@@ -21,6 +21,7 @@ from sandbox.errors import ContainerGoneError, RuntimeSetupError, SandboxError
 from sandbox.runtime import protocol
 from sandbox.runtime.cgroups import Cgroup, CgroupLimits, Lease
 from sandbox.runtime.housekeeping import Pending
+from sandbox.runtime.network import Attachment
 from sandbox.runtime.output import OutputCallback
 from sandbox.runtime.policy import Policy
 from sandbox.runtime.profiles import Profile
@@ -165,6 +166,9 @@ class Container:
         self.rootfs, self.cgroup = rootfs, cgroup
         self.setup_ms = 0.0
         self.alive = True
+        self._destroying: asyncio.Task[None] | None = None
+        # A proxy or full network's host side (set by the runtime when it makes one).
+        self.network: Attachment | None = None
         try:
             self._pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -209,10 +213,10 @@ class Container:
             return None
         msg, fds = got
         ev = msg.get("ev")
-        if ev == "opened":
+        if ev in ("opened", "pty"):
             msg["fds"] = fds
         else:
-            for fd in fds:  # only an "opened" reply carries a descriptor; drop any other
+            for fd in fds:  # only these carry a descriptor (a run's pty: its master)
                 os.close(fd)
         if ev in ("ready", "error"):
             if not self._ready.done():
@@ -459,10 +463,22 @@ class Container:
             raise SandboxError(f"container {self.id} reset failed: {msg['error']}")
 
     async def destroy(self) -> None:
-        """Kill init (and so every process of the container), then remove its cgroups."""
-        self.runtime.containers.pop(self.id, None)
+        """Kill init (and so every process of the container), then remove its cgroups.
+        Once begun it runs to its end even when the caller is cancelled, and the runtime
+        forgets the container only then (its close waits for it): a destroy cut short (an
+        engine closing cancels its session reaper mid-delete) left the cgroups behind."""
+        if self._destroying is None:
+            self._destroying = asyncio.ensure_future(self._destroy())
+            self._destroying.add_done_callback(
+                lambda _: self.runtime.containers.pop(self.id, None))
+        await asyncio.shield(self._destroying)
+
+    async def _destroy(self) -> None:
         if self.alive:
             self._gone("destroyed")
+        if self.network is not None:
+            self.network.close()
+            self.network = None
         with contextlib.suppress(OSError):
             self._ctl.close()
         ended = False

@@ -1,6 +1,7 @@
-"""A run's output: the pipes its stdout and stderr write to, read by this process's event
-loop as bytes arrive (so the output limit is exact and the partial output is kept), and
-handed to the caller's callback, whose pace holds back the run and not this process."""
+"""A run's output: the pipes its stdout and stderr write to (or its terminal's master, see
+pty.py), read by this process's event loop as bytes arrive (so the output limit is exact and
+the partial output is kept), and handed to the caller's callback, whose pace holds back the
+run and not this process."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from collections.abc import Awaitable, Callable
 OutputCallback = Callable[[str, bytes], Awaitable[object] | None]
 
 _DRAIN_TIMEOUT_S = 2.0
+# What a pty's master may still hold once the run is over (its flip buffers, 64 KiB at most,
+# and the line discipline's 4 KiB), read to the end whatever the consumer's pace.
+_PTY_HELD = 128 << 10
 
 
 class Streamed:
@@ -30,8 +34,9 @@ class Streamed:
 
 
 class PipeReader:
-    """Collects one output pipe, up to a cap, as the event loop sees data, and pauses while
-    the consumer asks it to (see OutputCallback)."""
+    """Collects one output pipe (or a terminal's master), up to a cap, as the event loop sees
+    data, and pauses while the consumer asks it to (see OutputCallback). EOF, or EIO from a
+    master whose slave every process has closed, is the end."""
 
     def __init__(self, name: str, fd: int, cap: int | None, on_data: OutputCallback | None,
                  on_overflow: Callable[[], None], done: asyncio.Future[None]) -> None:
@@ -89,7 +94,10 @@ class PipeReader:
         """The run is over: what its pipe still holds (at most the pipe's size) is read to
         EOF whatever the consumer says, so a slow one still gets the end of the output."""
         if not self.done.done():
-            self._free = fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ)
+            try:
+                self._free = fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ)
+            except OSError:  # not a pipe: a terminal's master
+                self._free = _PTY_HELD
             self._resume()
 
     def finish(self) -> None:
@@ -104,16 +112,22 @@ def open_output(readers: list[PipeReader], cap: int | None, on_output: OutputCal
                 names: tuple[str, ...] = ("stdout", "stderr")) -> list[int]:
     """Pipes for `names` (stdout and stderr), read by the event loop, their readers added to
     `readers` as they are made; returns the write ends."""
-    loop = asyncio.get_running_loop()
     ends = []
     for name in names:
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(r, False)
         ends.append(w)
-        reader = PipeReader(name, r, cap, on_output, on_overflow, loop.create_future())
-        readers.append(reader)
-        loop.add_reader(r, reader.readable)
+        read_output(readers, name, r, cap, on_output, on_overflow)
     return ends
+
+
+def read_output(readers: list[PipeReader], name: str, fd: int, cap: int | None,
+                on_output: OutputCallback | None, on_overflow: Callable[[], None]) -> None:
+    """Read `fd` (non-blocking; the reader closes it at its end) as the output `name`."""
+    loop = asyncio.get_running_loop()
+    reader = PipeReader(name, fd, cap, on_output, on_overflow, loop.create_future())
+    readers.append(reader)
+    loop.add_reader(fd, reader.readable)
 
 
 async def drain(readers: list[PipeReader], warnings: list[str]) -> None:

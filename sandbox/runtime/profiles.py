@@ -1,6 +1,11 @@
 """Run profiles as data: policies/profiles/<name>.json names a seccomp policy, the root
 filesystem's shape, the network and the limits (defaults and maxima) of every run.
 
+Each part of a file is declared once: `Limits` (a dataclass, its fields' types with their
+ranges), and the Tables below for the rest; sandbox.configfile reads them. What a key alone
+cannot say (defaults within maxima, a tmpfs target twice, sysfs without a network
+namespace of its own) is checked in code once they are read.
+
 CPUs: a file cannot know the host's, so a profile without `maxima.cpuset` gets the CPUs
 this service may run on (its affinity), and one without `maxima.cpu_quota_cores` as many
 cores; whatever the maxima, a run's cpuset must name CPUs that exist here.
@@ -15,57 +20,65 @@ import re
 from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
+from msgspec import Meta
+
+from sandbox.configfile import Table, read, table_of
 from sandbox.errors import PolicyError
 from sandbox.runtime.rootfs import DEFAULT_TMPFS, TmpfsMount
 from sandbox.runtime.seccomp import builtin_profile_path
+from sandbox.validation import Invalid
 
 # Operator choices that take a layer away, by Docker's names (--security-opt
 # seccomp=unconfined, --network host); see "Policies" in docs/architecture.md for the risk.
 UNCONFINED = "unconfined"    # seccomp: no filter at all
 HOST_NETWORK = "host"        # network: no network namespace, the host's interfaces
-NETWORKS = ("none", HOST_NETWORK)
+
+
+# A cgroup's CPU bandwidth period is 100 ms and its quota at least 1 ms: 0.01 of a core.
+MIN_QUOTA_CORES = 0.01
+MAX_QUOTA_CORES = 4096
+_MAX_CPU = 1 << 16
+_CPU_RANGE = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
+_CPUS = "a list of CPUs such as '0', '0-1' or '0,2'"
+
+Positive = Annotated[int, Meta(gt=0, description="a positive integer")]
+Cores = Annotated[float, Meta(ge=MIN_QUOTA_CORES, le=MAX_QUOTA_CORES, description=(
+    f"a number of cores from {MIN_QUOTA_CORES} to {MAX_QUOTA_CORES}, such as 0.5"))]
+CpuList = Annotated[str, Meta(pattern=rf"^{_CPU_RANGE.pattern}(?:,{_CPU_RANGE.pattern})*$",
+                              description=_CPUS)]
 
 
 @dataclass(frozen=True)
 class Limits:
     """Per-run limits; None means "not limited" (or the profile's default once resolved)."""
 
-    cpu_ms: int | None = None            # user + system CPU time of every process of the run
-    wall_ms: int | None = None           # monotonic wall time from fork to exit
-    memory_bytes: int | None = None      # peak resident memory of the run, swap off
-    pids: int | None = None              # processes and threads at once
-    output_bytes: int | None = None      # per stream (stdout, stderr), counted as it arrives
-    file_size_bytes: int | None = None   # largest file a process may write (RLIMIT_FSIZE)
-    open_files: int | None = None        # RLIMIT_NOFILE
-    stack_bytes: int | None = None       # RLIMIT_STACK
-    address_space_bytes: int | None = None  # RLIMIT_AS, only when asked
-    cpu_quota_cores: float | None = None    # cpu bandwidth, e.g. 0.5 of one core
-    cpuset: str | None = None               # e.g. "0" or "0-1"
+    cpu_ms: Positive | None = None       # user + system CPU time of every process of the run
+    wall_ms: Positive | None = None      # monotonic wall time from fork to exit
+    memory_bytes: Positive | None = None  # peak resident memory of the run, swap off
+    pids: Positive | None = None         # processes and threads at once
+    output_bytes: Positive | None = None  # per stream (stdout, stderr), counted as it arrives
+    file_size_bytes: Positive | None = None  # largest file a process may write (RLIMIT_FSIZE)
+    open_files: Positive | None = None   # RLIMIT_NOFILE
+    stack_bytes: Positive | None = None  # RLIMIT_STACK
+    address_space_bytes: Positive | None = None  # RLIMIT_AS, only when asked
+    cpu_quota_cores: Cores | None = None  # cpu bandwidth, e.g. 0.5 of one core
+    cpuset: CpuList | None = None        # e.g. "0" or "0-1"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "limits") -> Limits:
-        if not isinstance(data, dict):
-            raise PolicyError(f"{where}: expected an object of limits")
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            if key not in known:
-                raise PolicyError(f"{where}.{key}: unknown limit; known: {', '.join(known)}")
-            if value is None:
-                continue
-            if key == "cpuset":
-                value = format_cpuset(parse_cpuset(value, f"{where}.cpuset"))
-            elif key == "cpu_quota_cores":
-                if not isinstance(value, int | float) or isinstance(value, bool) \
-                        or not MIN_QUOTA_CORES <= value <= MAX_QUOTA_CORES:
-                    raise PolicyError(f"{where}.{key}: expected a number of cores from "
-                                      f"{MIN_QUOTA_CORES} to {MAX_QUOTA_CORES}, such as 0.5")
-            elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise PolicyError(f"{where}.{key}: expected a positive integer, got {value!r}")
-            values[key] = value
-        return cls(**values)
+    def from_dict(cls, data: Any, where: str = "limits") -> Limits:
+        try:
+            table = read(data, _LimitsTable, where, json=True)
+        except Invalid as e:
+            raise PolicyError(str(e)) from None
+        limits = cls(*msgspec.structs.astuple(table))   # the same fields, in order
+        if limits.cpuset is None:
+            return limits
+        # the pattern has the form; the numbers' order and range, and the canonical spelling
+        return replace(limits, cpuset=format_cpuset(parse_cpuset(limits.cpuset,
+                                                                 f"{where}.cpuset")))
 
     def over(self, defaults: Limits) -> Limits:
         """These limits, with every unset one taken from `defaults`."""
@@ -83,11 +96,7 @@ class Limits:
                                   f"of {top}; ask for at most {top}")
 
 
-# A cgroup's CPU bandwidth period is 100 ms and its quota at least 1 ms: 0.01 of a core.
-MIN_QUOTA_CORES = 0.01
-MAX_QUOTA_CORES = 4096
-_MAX_CPU = 1 << 16
-_CPU_RANGE = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
+_LimitsTable = table_of(Limits, "limit")
 
 
 def parse_cpuset(text: Any, where: str) -> frozenset[int]:
@@ -98,8 +107,7 @@ def parse_cpuset(text: Any, where: str) -> frozenset[int]:
         m = _CPU_RANGE.fullmatch(part)
         first, last = (int(m[1]), int(m[2] or m[1])) if m else (1, 0)
         if not m or first > last or last >= _MAX_CPU:
-            raise PolicyError(f"{where}: expected a list of CPUs such as '0', '0-1' or '0,2', "
-                              f"got {text!r}")
+            raise PolicyError(f"{where}: expected {_CPUS}, got {text!r}")
         cpus.update(range(first, last + 1))
     return frozenset(cpus)
 
@@ -132,70 +140,67 @@ def _check_cpuset(value: str, top: str | None, where: str) -> None:
                           f"{format_cpuset(allowed)}")
 
 
+class TmpfsTarget(str):
+    """Where a tmpfs goes: one of the container's own directories; not the root, not through
+    .., not over the kernel's views (proc, sys) and, in /dev, only one level down."""
+
+    @classmethod
+    def from_config(cls, target: Any) -> TmpfsTarget:
+        if not isinstance(target, str) or not target.startswith("/") \
+                or target != posixpath.normpath(target) or target == "/" \
+                or target.startswith(("/proc", "/sys")) or "\0" in target \
+                or (target.startswith("/dev/") and target.count("/") != 2) or target == "/dev":
+            raise ValueError(f"{target!r} is not a place a tmpfs may go; use a normalised "
+                             "absolute path outside /proc and /sys")
+        return cls(target)
+
+
+class TmpfsTable(Table):
+    config_word = "key"
+
+    target: TmpfsTarget
+    size: Positive
+    inodes: Positive | None = None
+    noexec: bool = False
+
+
+class RootfsTable(Table):
+    config_word = "key"
+
+    writable: bool = False
+    upper_size: Positive = 256 << 20
+    tmpfs: tuple[TmpfsTable, ...] | None = None     # None: DEFAULT_TMPFS
+    sys: Literal["none", "ro"] = "none"
+
+
+_ROOTFS = RootfsTable()
+
+
 @dataclass(frozen=True)
 class RootfsShape:
-    writable: bool = False
-    upper_size: int = 256 << 20
+    """A profile's root filesystem (the `rootfs` object of its file: RootfsTable)."""
+
+    writable: bool = _ROOTFS.writable
+    upper_size: int = _ROOTFS.upper_size
     tmpfs: tuple[TmpfsMount, ...] = DEFAULT_TMPFS
-    sys: str = "none"
+    sys: str = _ROOTFS.sys
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> RootfsShape:
-        if not isinstance(data, dict):
-            raise PolicyError(f"{where}: expected an object")
-        unknown = set(data) - {"writable", "upper_size", "tmpfs", "sys"}
-        if unknown:
-            raise PolicyError(f"{where}.{sorted(unknown)[0]}: unknown key; known: writable, "
-                              "upper_size, tmpfs, sys")
-        writable = data.get("writable", False)
-        if not isinstance(writable, bool):
-            raise PolicyError(f"{where}.writable: expected true or false")
-        sys = data.get("sys", "none")
-        if sys not in ("none", "ro"):
-            raise PolicyError(f"{where}.sys: must be 'none' or 'ro'")
-        raw = data.get("tmpfs", None)
-        if raw is None:
-            mounts = DEFAULT_TMPFS
-        elif isinstance(raw, list):
-            mounts = tuple(_tmpfs(m, f"{where}.tmpfs[{i}]") for i, m in enumerate(raw))
-        else:
-            raise PolicyError(f"{where}.tmpfs: expected a list of mounts")
+        try:
+            return cls.of(read(data, RootfsTable, where, json=True), where)
+        except Invalid as e:
+            raise PolicyError(str(e)) from None
+
+    @classmethod
+    def of(cls, table: RootfsTable, where: str) -> RootfsShape:
+        mounts = DEFAULT_TMPFS if table.tmpfs is None else tuple(
+            TmpfsMount(m.target, m.size, m.inodes, m.noexec) for m in table.tmpfs)
         targets = [m.target for m in mounts]
         if len(set(targets)) != len(targets):
             raise PolicyError(f"{where}.tmpfs: a target appears twice")
-        return cls(writable=writable,
-                   upper_size=_positive(data.get("upper_size", 256 << 20),
-                                        f"{where}.upper_size"),
-                   tmpfs=mounts, sys=sys)
-
-
-def _positive(value: Any, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise PolicyError(f"{where}: expected a positive integer, got {value!r}")
-    return value
-
-
-def _tmpfs(raw: Any, where: str) -> TmpfsMount:
-    if not isinstance(raw, dict) or not isinstance(raw.get("target"), str):
-        raise PolicyError(f"{where}: expected {{\"target\": \"/path\", \"size\": bytes}}")
-    unknown = set(raw) - {"target", "size", "inodes", "noexec"}
-    if unknown:
-        raise PolicyError(f"{where}.{sorted(unknown)[0]}: unknown key")
-    target = raw["target"]
-    # One of the container's own directories: not the root, not through .., not over the
-    # kernel's views (proc, sys) and, in /dev, only one level down.
-    if (not target.startswith("/") or target != posixpath.normpath(target) or target == "/"
-            or target.startswith(("/proc", "/sys")) or "\0" in target
-            or (target.startswith("/dev/") and target.count("/") != 2)
-            or target == "/dev"):
-        raise PolicyError(f"{where}.target: {target!r} is not a place a tmpfs may go; use a "
-                          "normalised absolute path outside /proc and /sys")
-    inodes = raw.get("inodes")
-    noexec = raw.get("noexec", False)
-    if not isinstance(noexec, bool):
-        raise PolicyError(f"{where}.noexec: expected true or false")
-    return TmpfsMount(target, _positive(raw.get("size"), f"{where}.size"),
-                      None if inodes is None else _positive(inodes, f"{where}.inodes"), noexec)
+        return cls(writable=table.writable, upper_size=table.upper_size, tmpfs=mounts,
+                   sys=table.sys)
 
 
 @dataclass(frozen=True)
@@ -232,29 +237,54 @@ CAPABILITIES = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL":
                 "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29, "SETFCAP": 31}
 
 
-def _capabilities(value: Any, profile: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise PolicyError(f"profile {profile!r}: capabilities must be a list of names such as "
-                          "[\"CHOWN\", \"FOWNER\"]")
-    names = tuple(v.upper().removeprefix("CAP_") for v in value)
-    for name in names:
+class Capability(str):
+    """A capability's name, upper case, without CAP_."""
+
+    @classmethod
+    def from_config(cls, value: Any) -> Capability:
+        name = value.upper().removeprefix("CAP_") if isinstance(value, str) else value
         if name not in CAPABILITIES:
-            raise PolicyError(f"profile {profile!r}: capability {name!r} is not one a profile "
-                              f"may keep; choose among {', '.join(sorted(CAPABILITIES))}")
-    return names
+            raise ValueError(f"capability {name!r} is not one a profile may keep; choose "
+                             f"among {', '.join(sorted(CAPABILITIES))}")
+        return cls(name)
 
 
-def _seccomp_policy(value: Any, profile: str) -> str:
+class SeccompPolicy(str):
     """A built-in seccomp policy's name, or "unconfined"."""
-    if not isinstance(value, str):
-        raise PolicyError(f"profile {profile!r}: seccomp must be the name of a policy in "
-                          f"policies/seccomp or {UNCONFINED!r}, got {value!r}")
-    if value != UNCONFINED:
-        try:
-            builtin_profile_path(value)
-        except PolicyError as e:
-            raise PolicyError(f"profile {profile!r}: {e}, or {UNCONFINED!r}") from None
-    return value
+
+    @classmethod
+    def from_config(cls, value: Any) -> SeccompPolicy:
+        if not isinstance(value, str):
+            raise ValueError(f"expected the name of a policy in policies/seccomp or "
+                             f"{UNCONFINED!r}, got {value!r}")
+        if value != UNCONFINED:
+            try:
+                builtin_profile_path(value)
+            except PolicyError as e:
+                raise ValueError(f"{e}, or {UNCONFINED!r}") from None
+        return cls(value)
+
+
+class LimitsTables(Table):
+    config_word = "key"
+
+    defaults: dict[str, Any] = msgspec.field(default_factory=dict)   # Limits reads each
+    maxima: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ProfileFile(Table):
+    """policies/profiles/<name>.json."""
+
+    config_word = "key"
+
+    description: str = ""
+    seccomp: SeccompPolicy = SeccompPolicy("default")
+    network: Annotated[Literal["none", "host"], Meta(description=(
+        "'none' (a network namespace of its own, only lo) or 'host' (no namespace)"))] = "none"
+    rootfs: RootfsTable = _ROOTFS
+    limits: LimitsTables = LimitsTables()
+    capabilities: Annotated[tuple[Capability, ...], Meta(description=(
+        'a list of names such as ["CHOWN", "FOWNER"]'))] = ()
 
 
 def profile_path(name: str) -> Path:
@@ -273,31 +303,21 @@ def load_profile(name: str, path: Path | None = None) -> Profile:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise PolicyError(f"profile {name!r} ({path}) cannot be read: {e}") from e
-    if not isinstance(data, dict):
-        raise PolicyError(f"profile {name!r}: expected a JSON object")
-    network = data.get("network", "none")
-    if network not in NETWORKS:
-        raise PolicyError(f"profile {name!r}: network {network!r} is not one of 'none' (a "
-                          "network namespace of its own, only lo) or 'host' (no namespace)")
-    rootfs = RootfsShape.from_dict(data.get("rootfs", {}), f"{name}.rootfs")
-    if network == HOST_NETWORK and rootfs.sys != "none":
+    try:
+        file = read(data, ProfileFile, json=True)
+    except Invalid as e:
+        raise PolicyError(f"profile {name!r}: {e}") from None
+    rootfs = RootfsShape.of(file.rootfs, f"{name}.rootfs")
+    if file.network == HOST_NETWORK and rootfs.sys != "none":
         # The kernel mounts sysfs only for the owner of the network namespace.
         raise PolicyError(f"profile {name!r}: rootfs.sys 'ro' needs a network namespace of "
                           "the container's own; use network 'none' or rootfs.sys 'none'")
-    limits = data.get("limits", {})
-    maxima = Limits.from_dict(limits.get("maxima", {}), f"{name}.limits.maxima")
+    maxima = Limits.from_dict(file.limits.maxima, f"{name}.limits.maxima")
     cpus = host_cpus()
     maxima = replace(maxima, cpuset=maxima.cpuset or format_cpuset(cpus),
                      cpu_quota_cores=maxima.cpu_quota_cores or float(len(cpus)))
-    defaults = Limits.from_dict(limits.get("defaults", {}), f"{name}.limits.defaults")
+    defaults = Limits.from_dict(file.limits.defaults, f"{name}.limits.defaults")
     defaults.check_within(maxima, f"{name}.limits.defaults")
-    return Profile(
-        name=name,
-        description=str(data.get("description", "")),
-        seccomp=_seccomp_policy(data.get("seccomp", "default"), name),
-        network=network,
-        rootfs=rootfs,
-        defaults=defaults,
-        maxima=maxima,
-        capabilities=_capabilities(data.get("capabilities", []), name),
-    )
+    return Profile(name=name, description=file.description, seccomp=file.seccomp,
+                   network=file.network, rootfs=rootfs, defaults=defaults, maxima=maxima,
+                   capabilities=file.capabilities)

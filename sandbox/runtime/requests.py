@@ -9,6 +9,7 @@ from sandbox.errors import PolicyError
 from sandbox.runtime import idmap
 from sandbox.runtime.policy import Policy
 from sandbox.runtime.profiles import Limits
+from sandbox.runtime.pty import TtySize
 
 # Docker's default when an image sets no PATH (moby oci/defaults.go, Linux), and a run's.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -28,6 +29,7 @@ class ContainerSpec:
     policy: Policy | str = "default"
     writable: bool | None = None     # None: as the profile says
     hostname: str = "sandbox"
+    network: str = "none"            # none, proxy or full (sandbox/runtime/network)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class ExecRequest:
     # so when the run's processes are gone the other end sees EOF or SIGPIPE. Once the
     # request is given to exec, its caller neither uses nor closes them.
     stdio: dict[int, int] = field(default_factory=dict)
+    # A terminal of this size is the run's 0-2 (stderr merged into stdout); `stdin` bytes
+    # are typed into it, then end-of-file unless a RunControl feeds it (pty.py).
+    tty: TtySize | None = None
 
 
 def validate(req: ExecRequest, mapping: idmap.IdMapping) -> None:
@@ -67,6 +72,9 @@ def validate(req: ExecRequest, mapping: idmap.IdMapping) -> None:
                           "data through stdin or a file")
     if any(n not in (0, 1, 2) for n in req.stdio):
         raise PolicyError("stdio: only descriptors 0, 1 and 2 of a run can be given")
+    if req.tty is not None and (req.stdio or isinstance(req.stdin, int)):
+        raise PolicyError("tty: a run with a terminal takes its input through the terminal "
+                          "(RunControl.write), not a descriptor of its own")
     if not req.cwd.startswith("/") or "\0" in req.cwd:
         raise PolicyError("cwd: must be an absolute path inside the container")
     for name, value in (("uid", req.uid), ("gid", req.gid)):

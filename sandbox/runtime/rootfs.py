@@ -47,6 +47,9 @@ MASKED_PATHS = (
     "/proc/timer_stats", "/sys/devices/virtual/powercap", "/sys/firmware",
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+# Every devpts instance but the host's draws on one pool of ptys (kernel.pty.max less its
+# reserve): a cap per container keeps one run from taking the terminals of all the others.
+PTYS_PER_CONTAINER = 16
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
@@ -321,7 +324,7 @@ def execute(p: Plan) -> tuple[list[dict[str, str]], WritableRoot | None]:
                          _SAFE | sc.MS_NOEXEC | sc.MS_RDONLY)
             case DevPts(target=target):
                 sc.mount("devpts", _in_root(target), "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-                         "newinstance,ptmxmode=0666,mode=0620")
+                         f"newinstance,ptmxmode=0666,mode=0620,max={PTYS_PER_CONTAINER}")
             case Touch(target=target):
                 os.close(os.open(_in_root(target), os.O_CREAT | os.O_WRONLY, 0o644))
             case Symlink(link_to=link_to, target=target):

@@ -1,5 +1,5 @@
-"""One exec in a container (Run): its cgroup lease, stdin and output pipes, the limits'
-timers, why it was killed, and its result.
+"""One exec in a container (Run): its cgroup lease, stdin and output pipes (or its
+terminal), the limits' timers, why it was killed, and its result.
 
 Limits that need a kill (wall time, CPU time, output) are enforced here through the run's
 cgroup; the run's figures come from that cgroup, or from init's wait4 rusage when there is
@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 from sandbox.errors import SandboxError
 from sandbox.runtime import hostload
 from sandbox.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, Lease
-from sandbox.runtime.output import OutputCallback, PipeReader, drain, open_output
+from sandbox.runtime.output import OutputCallback, PipeReader, drain, open_output, read_output
 from sandbox.runtime.profiles import Limits, format_cpuset, host_cpus, parse_cpuset
+from sandbox.runtime.pty import Terminal
 from sandbox.runtime.requests import ExecRequest
 from sandbox.runtime.results import Observed, RunResult, Status, near_limit, verdict
 from sandbox.runtime.runcontrol import RunControl
@@ -92,6 +93,8 @@ class Run:
         self.lease: Lease | None = None   # this run's use of its cgroup: its kills name it
         self.cgroup_limits = run_cgroup_limits(limits, self.has)
         self.readers: list[PipeReader] = []
+        self.terminal: Terminal | None = None   # the pty's input side, for a run with tty
+        self.over = False                        # execute() has returned or raised
         self.killed_for: Status | None = None   # the first limit enforced by a kill
         self.timers: list[asyncio.TimerHandle] = []
         self.host_load: float | None = None
@@ -111,34 +114,33 @@ class Run:
         # among them.
         own: list[int] = list(self.req.stdio.values())
         exited = c._expect("exited", self.id)
+        tty = self.req.tty
         try:
             if c.cgroup is not None:
                 self.lease, cg_fds = c._take_run_cgroup(self.id, self.cgroup_limits)
             else:
                 cg_fds = []
-            stdio = self.req.stdio
-            if 0 in stdio:
-                stdin_fd = stdio[0]
+            if tty is None:
+                std_fds = self._stdio(own)
             else:
-                stdin_fd = self._stdin_fd(self.req.stdin)
-                if stdin_fd not in (self.req.stdin, c.runtime.devnull):
-                    own.append(stdin_fd)
-            pipes = open_output(self.readers, limits.output_bytes, self.on_output,
-                                lambda: self.kill(Status.OUTPUT_LIMIT),
-                                tuple(name for n, name in _OUTPUTS if n not in stdio))
-            own += pipes
-            made = iter(pipes)
-            outputs = [stdio[n] if n in stdio else next(made) for n, _ in _OUTPUTS]
+                # Init makes the run's 0-2 (a pty) and sends its master before the run's
+                # end: the reader is attached when it comes.
+                std_fds = []
+                c._expect("pty", self.id).add_done_callback(
+                    lambda got: self._open_terminal(got, control))
             mapping = c.runtime.mapping
             pressure_of, pressure = self._pressure_source()
             sent = time.monotonic_ns()
-            c._send({"op": "exec", "id": self.id, "argv": self.req.argv, "env": self.req.env,
-                     "cwd": self.req.cwd,
-                     "uid": mapping.run_uid if self.req.uid is None else self.req.uid,
-                     "gid": mapping.run_gid if self.req.gid is None else self.req.gid,
-                     "rlimits": rlimits(limits, self.has), "reset_after": self.reset_after,
-                     "cpus": self._affinity()},
-                    [stdin_fd, *outputs, *cg_fds])
+            msg: dict[str, Any] = {
+                "op": "exec", "id": self.id, "argv": self.req.argv, "env": self.req.env,
+                "cwd": self.req.cwd,
+                "uid": mapping.run_uid if self.req.uid is None else self.req.uid,
+                "gid": mapping.run_gid if self.req.gid is None else self.req.gid,
+                "rlimits": rlimits(limits, self.has), "reset_after": self.reset_after,
+                "cpus": self._affinity()}
+            if tty is not None:
+                msg["tty"] = [tty.rows, tty.cols]
+            c._send(msg, [*std_fds, *cg_fds])
             for fd in own:
                 os.close(fd)
             own.clear()
@@ -160,6 +162,8 @@ class Run:
             for t in self.timers:
                 t.cancel()
             setup_ms = max(0.0, (int(done_msg.get("start_ns") or 0) - t0) / 1e6)
+            if tty is not None:  # no pty when init could not start the run
+                self._forget_terminal()
             if done_msg.get("status") is None:  # init could not start the child
                 for r in self.readers:
                     r.finish()
@@ -178,20 +182,71 @@ class Run:
             for reader in self.readers:
                 reader.finish()
             c._waiters.pop(("exited", self.id), None)
+            if tty is not None:
+                self._forget_terminal()
             if not exited.done():
                 exited.cancel()
             elif not exited.cancelled():
                 exited.exception()  # seen: the exception being raised says it already
             raise
         finally:
+            self.over = True
             if control is not None:
                 control._detach()
+            if self.terminal is not None:
+                self.terminal.close()
             if self.lease is not None:
                 # Handled at once rather than in batches: a batch of rmdirs holds the
                 # kernel's cgroup lock long enough to stall the runs starting meanwhile.
                 cg, applied, reusable = self.lease.cgroup, self.cgroup_limits, finished
                 c._housekeep(lambda: c._retire(cg, applied, reusable))
         return self._result(done_msg, stats, setup_ms)
+
+    def _stdio(self, own: list[int]) -> list[int]:
+        """The run's 0-2 for init: its stdin and the output pipes read here (or what the
+        request gives instead); those to close once init has its copies go to `own`."""
+        c, stdio = self.container, self.req.stdio
+        if 0 in stdio:
+            stdin_fd = stdio[0]
+        else:
+            stdin_fd = self._stdin_fd(self.req.stdin)
+            if stdin_fd not in (self.req.stdin, c.runtime.devnull):
+                own.append(stdin_fd)
+        pipes = open_output(self.readers, self.limits.output_bytes, self.on_output,
+                            lambda: self.kill(Status.OUTPUT_LIMIT),
+                            tuple(name for n, name in _OUTPUTS if n not in stdio))
+        own += pipes
+        made = iter(pipes)
+        return [stdin_fd, *(stdio[n] if n in stdio else next(made) for n, _ in _OUTPUTS)]
+
+    def _open_terminal(self, got: asyncio.Future[dict[str, Any]],
+                       control: RunControl | None) -> None:
+        """Init's pty event: its master is the run's stdout (stderr is merged into it by the
+        terminal) and takes the run's input: `stdin` typed, then end-of-file unless a
+        RunControl feeds it."""
+        if got.cancelled() or got.exception() is not None:
+            return
+        fds = got.result().get("fds", [])
+        # Init's answer can be taken in the same turn of the loop in which the run was
+        # cancelled: a run that is over keeps nothing.
+        for fd in fds[0 if self.over else 1:]:
+            os.close(fd)
+        if not fds or self.over:
+            return
+        self.terminal = Terminal(fds[0])
+        read_output(self.readers, "stdout", fds[0], self.limits.output_bytes, self.on_output,
+                    lambda: self.kill(Status.OUTPUT_LIMIT))
+        if isinstance(self.req.stdin, bytes):
+            self.terminal.write(self.req.stdin)
+        if control is None:
+            self.terminal.end_input()
+        else:
+            control._attach_terminal(self.terminal)
+
+    def _forget_terminal(self) -> None:
+        waiter = self.container._waiters.pop(("pty", self.id), None)
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
 
     def _pressure_source(self) -> tuple[Callable[[], int | None], int | None]:
         """The run cgroup's own CPU pressure where it keeps one (v2), else the host's: what

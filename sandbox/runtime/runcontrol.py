@@ -1,13 +1,19 @@
 """Signals a caller sends a run while its exec is awaited: which ones it may send, and the
-RunControl that carries them to the run."""
+RunControl that carries them to the run (and, to a run with a terminal, its input and
+size)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 from collections.abc import Callable
 
 from sandbox.errors import PolicyError, SandboxError
+from sandbox.runtime.pty import Terminal, TtySize
+
+# Input for a terminal the run has not opened yet held before writers must wait.
+_PENDING_INPUT = 64 << 10
 
 # Signals a caller may send a running exec: the ones a terminal or a supervisor sends. Others
 # (SIGSTOP, SIGSEGV, real-time ones...) would stop a run with no way to resume it, or fake a
@@ -36,6 +42,8 @@ class RunControl:
     Made by the caller and passed to Container.exec, which attaches the run to it. A signal
     given before the run has started is sent as soon as it starts; one given after it ended
     goes nowhere. Only the run's processes are signalled (its process group, through init).
+    The same holds for a terminal's input, end of input and size (`write`, `end_input`,
+    `resize`), which reach a run with `tty` and go nowhere for one without.
     """
 
     def __init__(self) -> None:
@@ -44,6 +52,10 @@ class RunControl:
         self._pending: list[int] = []
         self._used = False
         self._ended = False
+        self._terminal: Terminal | None = None
+        self._to_terminal: list[Callable[[Terminal], None]] = []
+        self._held = 0                      # bytes of input in _to_terminal
+        self._opened: asyncio.Future[None] | None = None
 
     def signal(self, sig: int | str) -> None:
         """Send `sig` (one of ALLOWED_SIGNALS, by number or name) to the run's processes."""
@@ -54,6 +66,51 @@ class RunControl:
             self._pending.append(signum)
         else:
             self._send(signum)
+
+    def write(self, data: bytes) -> None:
+        """Input for the run's terminal, as typed (a run with `tty`)."""
+        if self._terminal is not None:
+            self._terminal.write(data)
+        elif not self._ended:
+            self._held += len(data)
+            self._to_terminal.append(lambda t: t.write(data))
+
+    def end_input(self) -> None:
+        """The terminal's end-of-file character (see Terminal.end_input)."""
+        self._to_terminal_or_later(Terminal.end_input)
+
+    def resize(self, size: TtySize) -> None:
+        """The terminal's new size: the run's foreground processes get SIGWINCH."""
+        self._to_terminal_or_later(lambda t: t.resize(size))
+
+    @property
+    def input_full(self) -> asyncio.Future[None] | None:
+        """While set, the run is not taking its terminal's input: wait before writing."""
+        if self._terminal is not None:
+            return self._terminal.full
+        if self._held > _PENDING_INPUT and not self._ended:
+            if self._opened is None:
+                self._opened = asyncio.get_running_loop().create_future()
+            return self._opened
+        return None
+
+    def _to_terminal_or_later(self, op: Callable[[Terminal], None]) -> None:
+        if self._terminal is not None:
+            op(self._terminal)
+        elif not self._ended:
+            self._to_terminal.append(op)
+
+    def _attach_terminal(self, terminal: Terminal) -> None:
+        self._terminal = terminal
+        ops, self._to_terminal, self._held = self._to_terminal, [], 0
+        for op in ops:
+            op(terminal)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._opened is not None and not self._opened.done():
+            self._opened.set_result(None)
+        self._opened = None
 
     def _claim(self) -> None:
         if self._used:
@@ -67,4 +124,6 @@ class RunControl:
             send(signum)
 
     def _detach(self) -> None:
-        self._send, self._ended = None, True
+        self._send, self._ended, self._terminal = None, True, None
+        self._to_terminal.clear()
+        self._wake()

@@ -33,6 +33,7 @@ import msgpack
 from sandbox.errors import RuntimeSetupError
 from sandbox.runtime import idmap, protocol, rootfs
 from sandbox.runtime import syscalls as sc
+from sandbox.runtime.network import FULL, PROXY, PROXY_PORT, routes, slirp
 
 # Built with the package (setup.py). Opened once, when the spawner starts: after
 # pivot_root a container sees nothing of the host, so its init execs the binary by fd.
@@ -53,8 +54,23 @@ def _spec(d: dict[str, Any]) -> rootfs.RootfsSpec:
                                 "tmpfs": tuple(rootfs.TmpfsMount(**m) for m in d["tmpfs"])})
 
 
+def _network(req: dict[str, Any], to_spawner_fds: socket.socket | None) -> None:
+    """The container's network beyond lo (sandbox/runtime/network): for `proxy`, the
+    listener its runs reach the proxy through, handed to the spawner; for `full`, the
+    unreachable routes (slirp4netns is started by the spawner)."""
+    if req.get("network") == PROXY:
+        assert to_spawner_fds is not None
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+            listener.bind(("127.0.0.1", PROXY_PORT))
+            listener.listen(128)
+            socket.send_fds(to_spawner_fds, [b"l"], [listener.fileno()])
+    elif req.get("network") == FULL:
+        routes.add_unreachable(req["unreachable"])
+
+
 def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
-            to_spawner: int, from_spawner: int, init_binary: int) -> None:
+            to_spawner: int, from_spawner: int, init_binary: int,
+            to_spawner_fds: socket.socket | None) -> None:
     """The forked helper: namespaces, the container's filesystem, then init. Never returns."""
     started = time.monotonic_ns()
     try:
@@ -86,6 +102,7 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
         sc.sethostname(req.get("hostname") or "sandbox")
         if not req["host_network"]:
             sc.loopback_up()
+            _network(req, to_spawner_fds)
         join.send(b"j")
         answer = join.recv(256)
         if not answer.isdigit():
@@ -162,6 +179,9 @@ class Spawner:
     def create(self, req: dict[str, Any], fds: list[int]) -> None:
         mapping = _mapping(req["mapping"])
         host, child = protocol.socketpair()
+        # Descriptors the helper hands back (the proxy's listener): only for `proxy`.
+        fds_ours, fds_theirs = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                                if req.get("network") == PROXY else (None, None))
         to_spawner_r, to_spawner_w = os.pipe2(os.O_CLOEXEC)
         from_spawner_r, from_spawner_w = os.pipe2(os.O_CLOEXEC)
         gc.freeze()  # keeps the collector from dirtying shared pages in the children
@@ -171,48 +191,82 @@ class Spawner:
             host.close()
             os.close(to_spawner_r)
             os.close(from_spawner_w)
-            _helper(req, fds, child, to_spawner_w, from_spawner_r, self.init_binary)
+            if fds_ours is not None:
+                fds_ours.close()
+            _helper(req, fds, child, to_spawner_w, from_spawner_r, self.init_binary,
+                    fds_theirs)
         child.close()
+        if fds_theirs is not None:
+            fds_theirs.close()
         os.close(to_spawner_w)
         os.close(from_spawner_r)
         for fd in fds:
             os.close(fd)
+        extra: list[int] = []
         try:
-            init_pid = self._finish(pid, mapping, to_spawner_r, from_spawner_w)
+            init_pid = self._finish(pid, mapping, to_spawner_r, from_spawner_w, req, extra)
+            if fds_ours is not None:
+                _, got, _, _ = socket.recv_fds(fds_ours, 1, 1)
+                extra += got
+                if not got:
+                    raise RuntimeSetupError("the container's proxy listener did not arrive")
         except (RuntimeSetupError, OSError) as e:
             host.close()
+            for fd in extra:
+                os.close(fd)
             protocol.send(self.sock, {"ok": False, "error": str(e)})
             return
         finally:
             os.close(to_spawner_r)
             os.close(from_spawner_w)
+            if fds_ours is not None:
+                fds_ours.close()
         self.inits.add(init_pid)
-        protocol.send(self.sock, {"ok": True, "pid": init_pid}, [host.fileno()])
+        # The proxy's listener, or slirp4netns's exit pipe: the host's from now on.
+        protocol.send(self.sock, {"ok": True, "pid": init_pid}, [host.fileno(), *extra])
         host.close()
+        for fd in extra:
+            os.close(fd)
 
-    def _finish(self, helper: int, mapping: idmap.IdMapping, rd: int, wr: int) -> int:
+    def _finish(self, helper: int, mapping: idmap.IdMapping, rd: int, wr: int,
+                req: dict[str, Any], extra: list[int]) -> int:
         # Our SIGCHLD handler reaps any child; held back here so that it cannot take the
         # newuidmap helpers from under subprocess (which would then read their exit as 0).
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         try:
-            return self._finish_blocked(helper, mapping, rd, wr)
+            return self._finish_blocked(helper, mapping, rd, wr, req, extra)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
-    def _finish_blocked(self, helper: int, mapping: idmap.IdMapping, rd: int, wr: int) -> int:
+    def _finish_blocked(self, helper: int, mapping: idmap.IdMapping, rd: int, wr: int,
+                        req: dict[str, Any], extra: list[int]) -> int:
         """Init's pid, once the helper has said it; the helper is reaped by `reap` once it
-        has exited (SIGCHLD), or here when it failed."""
+        has exited (SIGCHLD), or here when it failed. For `full`, slirp4netns's exit pipe
+        is appended to `extra` once it is ready."""
         try:
             first = os.read(rd, 4096)
             if first != b"u":
                 raise RuntimeSetupError(first[1:].decode(errors="replace") or "helper died")
             idmap.apply(mapping, helper)
+            started = self._slirp(helper) if req.get("network") == FULL else None
+            if started is not None:
+                extra.append(started[1])
             os.write(wr, b"m")
             reply = os.read(rd, 4096)
+            if started is not None and reply.startswith(b"p"):
+                # On failure, init (running by now) ends when `create` closes its control
+                # socket, as for any failure after the helper's answer.
+                slirp.wait_ready(started[2], started[0])
+            elif started is not None:
+                os.close(started[2])
             if not reply.startswith(b"p"):
                 raise RuntimeSetupError(reply[1:].decode(errors="replace") or "helper died")
             return int(reply[1:])
         except BaseException:
+            # A helper still waiting for "m" (a step above failed) would never exit; one
+            # that has exited is a zombie until reaped below, so its pid is still its own.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(helper, signal.SIGKILL)
             while True:
                 try:
                     os.waitpid(helper, 0)
@@ -222,6 +276,20 @@ class Spawner:
                 except InterruptedError:
                     continue
             raise
+
+    @staticmethod
+    def _slirp(helper: int) -> tuple[int, int, int]:
+        """slirp4netns on the helper's new namespaces, once they are mapped (it needs
+        CAP_NET_ADMIN there). Opened here, the namespaces outlive the helper's exit."""
+        userns = os.open(f"/proc/{helper}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            netns = os.open(f"/proc/{helper}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return slirp.start(userns, netns)
+            finally:
+                os.close(netns)
+        finally:
+            os.close(userns)
 
     def _answer(self, req: dict[str, Any], fds: list[int]) -> None:
         if req.get("op") == "ping":  # the supervisor's: started, and serving

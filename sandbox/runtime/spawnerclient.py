@@ -13,12 +13,15 @@ import weakref
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from sandbox.errors import ContainerGoneError, RuntimeSetupError
 from sandbox.runtime import idmap
 from sandbox.runtime.cgroups import Cgroup, Detection, detect
 from sandbox.runtime.container import Container, container_limits
 from sandbox.runtime.housekeeping import Housekeeper
+from sandbox.runtime.network import FULL, NONE, PROXY, proxy, slirp
+from sandbox.runtime.network.rules import host_addresses
 from sandbox.runtime.policy import PolicyRegistry
 from sandbox.runtime.profiles import HOST_NETWORK
 from sandbox.runtime.requests import ContainerSpec
@@ -46,6 +49,9 @@ class Runtime:
         # The file cache's blob directory (its owner sets it): bound read-only into every
         # container made from then on, out of runs' sight, for Container.bind.
         self.files: str | None = None
+        # The forward proxy of `proxy` containers; its blocked ranges are `full`'s too
+        # (the engine sets them from its configuration).
+        self.proxy = proxy.Proxy()
 
     @classmethod
     async def start(cls, *, mapping: idmap.IdMapping | None = None,
@@ -107,6 +113,14 @@ class Runtime:
             layers=tuple(str(Path(p).resolve()) for p in spec.layers),
             writable=shape.writable if spec.writable is None else spec.writable,
             upper_size=shape.upper_size, tmpfs=shape.tmpfs, sys=shape.sys, files=self.files)
+        if spec.network != NONE and profile.network == HOST_NETWORK:
+            raise RuntimeSetupError(f"network {spec.network!r} needs a network namespace of "
+                                    f"the container's own; policy {policy.name!r} keeps the "
+                                    "host's")
+        net: dict[str, Any] = {"network": spec.network}
+        if spec.network == FULL:
+            slirp.program()  # its absence said before anything is made
+            net["unreachable"] = self.proxy.blocked.unreachable(host_addresses())
         cid = secrets.token_hex(6)
         cgroup: Cgroup | None = None
         fds: list[int] = []
@@ -127,7 +141,8 @@ class Runtime:
                  "mapping": self.mapping.describe(), "seccomp_bpf": policy.program.bpf,
                  "caps": profile.capability_mask,
                  "host_network": profile.network == HOST_NETWORK,
-                 "hostname": spec.hostname, "container_cgroup_fds": n_container}, fds)
+                 "hostname": spec.hostname, "container_cgroup_fds": n_container, **net},
+                fds)
         except BaseException:
             if cgroup is not None:
                 cgroup.destroy()
@@ -135,7 +150,8 @@ class Runtime:
         finally:
             for fd in fds:
                 os.close(fd)
-        if not reply.get("ok") or len(got) != 1:
+        wanted = 1 if spec.network == NONE else 2
+        if not reply.get("ok") or len(got) != wanted:
             for fd in got:
                 os.close(fd)
             if cgroup is not None:
@@ -143,6 +159,10 @@ class Runtime:
             raise RuntimeSetupError(f"container setup failed: {reply.get('error')}")
         container = Container(self, cid, int(reply["pid"]), socket.socket(fileno=got[0]),
                               policy, rootfs, cgroup)
+        if spec.network == PROXY:
+            container.network = proxy.Gate(self.proxy, socket.socket(fileno=got[1]))
+        elif spec.network == FULL:
+            container.network = slirp.Link(got[1], container.pid)
         self._made_by[container] = generation
         try:
             await container._wait_ready()

@@ -16,7 +16,7 @@ from service.auth import Principal, Tokens
 from service.config import ServiceConfig
 from service.errors import ApiError, bad_request, blame, too_large
 from service.metrics import Metrics, PullWatcher
-from service.schemas import ERROR, Obj, Reply, validate_json
+from service.schemas import ERROR, Obj, Reply, Typed, validate_json
 
 # What every route that writes to the image store or the file cache may answer.
 STORE_FULL = Reply(507, "store_full: the store has no room left; the message says what to "
@@ -67,7 +67,9 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
-def parse_json(raw: bytes | str, schema: Obj) -> dict[str, Any]:
+def parse_json(raw: bytes | str, schema: Obj | Typed) -> dict[str, Any]:
+    if isinstance(schema, Typed) and (body := schema.parse(raw)) is not None:
+        return body
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -85,7 +87,7 @@ def is_json(request: web.Request) -> bool:
     return kind == "application" and (sub == "json" or sub.endswith("+json"))
 
 
-async def read_json(request: web.Request, schema: Obj) -> dict[str, Any]:
+async def read_json(request: web.Request, schema: Obj | Typed) -> dict[str, Any]:
     """The body as JSON, checked against `schema` (size, type, fields)."""
     # A JSON body must say so: a browser sends a cross-site form or a text/plain body, or
     # one without a Content-Type, with no preflight, so reading those as JSON would let

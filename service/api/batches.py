@@ -27,12 +27,12 @@ from sandbox import FileSpec, Limits
 from service.api import State, image_of, read_json, ready, state
 from service.api.runs import PreparedRun, prepare_run, run_result, stdin_of
 from service.auth import Principal, principal
+from service.bodies import BATCH_SHARED
 from service.errors import ApiError, bad_request, blame, to_api_error
 from service.schemas import (
+    BATCH_BODY,
     ERROR,
-    RUN_BODY,
     RUN_RESULT,
-    Arr,
     Bool,
     Int,
     Map,
@@ -46,31 +46,6 @@ from service.schemas import (
 )
 from service.streaming import NDJSON, ClientGone, unless_gone
 
-_RUN = {p.name: p for p in RUN_BODY.props}
-# The fields every case shares; a case's own are in CASE.
-SHARED = ("image", "cmd", "env", "cwd", "user", "files", "limits", "output_encoding",
-          "copy_out", "copy_out_cached", "policy", "network", "platform")
-CASE = Obj("BatchCase", (
-    Prop("id", Str(max_len=256, min_len=1, description="your name for the case, given back "
-                   "in its event")),
-    *(_RUN[name] for name in ("stdin", "stdin_base64", "cmd", "env", "files", "limits"))),
-    not_both=(("stdin", "stdin_base64"),),
-    description="One case: its fields over the batch's (files merged by path, env and "
-                "limits key by key, cmd replaced).")
-# The schema's own ceiling; the service's is limits.batch_cases, checked after it.
-MAX_CASES = 1 << 20
-BATCH_BODY = Obj("BatchRequest", (
-    *(_RUN[name] for name in SHARED),
-    Prop("cases", Arr(CASE, min_items=1, max_items=MAX_CASES,
-                      description="at most the service's limits.batch_cases (default "
-                                  "10,000)"), required=True),
-    Prop("parallelism", Int(minimum=1, description="cases at once (default: the service's "
-                            "CPUs; at most your allowance, the token's max_concurrent_runs "
-                            "and the service's limits.max_running)")),
-    Prop("stop_on_failure", Bool(description="start no case after one whose status is not "
-                                 "ok (or that could not run); cases already running finish "
-                                 "and are reported"))),
-    description="The shared part of a run (as in RunRequest) and its cases.")
 BATCH_EVENT = Obj("BatchEvent", (
     Prop("event", Str(enum=("case", "summary", "error")), required=True),
     Prop("index", Int(description="case: its place in `cases`, from 0")),
@@ -141,7 +116,7 @@ def _shared_part(st: State, who: Principal, body: dict[str, Any]) -> PreparedBat
         raise bad_request(f"cases: {len(cases)} cases, more than this service takes in one "
                           f"batch ({cap}, limits.batch_cases); split them into batches of at "
                           "most that many", "cases")
-    shared = {k: v for k, v in body.items() if k in SHARED}
+    shared = {k: v for k, v in body.items() if k in BATCH_SHARED}
     job = _prepared(st, who, shared)
     _check_limits(st, body.get("policy"), job.spec.limits)
     allowance = st.config.limits.max_running

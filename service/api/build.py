@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from sandbox import BuildFailed, BuildRequest, Forbidden, Platform, SandboxError
+from service import bodies
 from service.api import STORE_FULL, engine, json_response, state
 from service.auth import principal
 from service.errors import ApiError, bad_request, blame, from_sandbox, to_api_error
@@ -30,15 +31,17 @@ from service.streaming import NDJSON, ClientGone, EventStream, unless_gone
 MAX_TAGS = 32
 MAX_BUILD_ARGS = 256
 TAG = Param("tag", "query", REFERENCE)
-BUILD_ARG = Param("build_arg", "query", Str(max_len=64 << 10, min_len=1,
+# A request line is at most 8190 bytes (aiohttp refuses longer ones before any handler),
+# and a character takes up to 12 once percent-encoded: the parameters' caps fit in it.
+BUILD_ARG = Param("build_arg", "query", Str(max_len=256, min_len=1, pattern=bodies.BUILD_ARG,
                                             description="KEY=VALUE (repeat for several)"))
 PARAMS = (
     TAG,
-    Param("dockerfile", "query", Str(max_len=4096, min_len=1,
+    Param("dockerfile", "query", Str(max_len=256, min_len=1,
                                      description="its path in the context (default "
                                                  "Dockerfile)")),
     BUILD_ARG,
-    Param("target", "query", Str(max_len=128, min_len=1, description="the stage to build")),
+    Param("target", "query", Str(max_len=64, min_len=1, description="the stage to build")),
     Param("no_cache", "query", Str(max_len=5, enum=("true", "false", "1", "0"))),
     Param("platform", "query", PLATFORM),
 )
@@ -58,11 +61,7 @@ def _request(request: web.Request) -> BuildRequest:
                           "build_arg")
     for pair in pairs:
         BUILD_ARG.schema.validate(pair, "build_arg")
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise bad_request(f"build_arg {pair[:64]!r} is not KEY=VALUE; give the value "
-                              "(the sbx CLI takes it from your environment for a bare KEY)",
-                              "build_arg")
+        key, _, value = pair.partition("=")
         args[key] = value
     platform = None
     if "platform" in query:
@@ -132,7 +131,7 @@ async def prune(request: web.Request) -> web.Response:
 _TAGS = ("images",)
 ROUTES = [
     Route("POST", "/v1/build", build, "Build an image from a Dockerfile (NDJSON progress)",
-          body=Str(max_len=1 << 40, allow_nul=True,
+          body=Str(max_len=1 << 40, min_len=1, allow_nul=True,
                    description="the build context: a tar (plain or gzip) with the Dockerfile"),
           body_type="application/x-tar", params=PARAMS,
           replies=(Reply(200, "the build's events, the image last", None,

@@ -21,6 +21,7 @@ from sandbox import (
     RunSpec,
     SandboxError,
 )
+from service import bodies
 from service.api import (
     STORE_FULL,
     engine,
@@ -31,10 +32,18 @@ from service.api import (
     state,
 )
 from service.api.images import image_json
-from service.api.runs import RUN_REPLIES, WS_REPLY, PreparedRun, exec_spec, execute, websocket
+from service.api.runs import (
+    RUN_REPLIES,
+    WS_REPLY,
+    PreparedRun,
+    exec_spec,
+    execute,
+    websocket,
+)
 from service.auth import principal
 from service.cluster.routing import NODE_GONE
 from service.errors import ApiError, bad_request, blame, from_sandbox, too_large
+from service.netproxy import network_of
 from service.schemas import (
     COMMIT_BODY,
     CONTAINER_BODY,
@@ -43,18 +52,21 @@ from service.schemas import (
     IMAGE,
     SESSION,
     SESSION_LIST,
+    WS_MESSAGE,
     Param,
     Reply,
     Route,
     Str,
-    check_path,
     query_params,
 )
 
 log = logging.getLogger("sandboxd.service")
 ID = Param("id", "path", Str(max_len=128, description="the container's id"))
-PATH = Param("path", "query", Str(max_len=4096, min_len=1, absolute_path=True), required=True)
-MODE = Param("mode", "query", Str(max_len=6, description="octal permission bits, e.g. 0644"))
+# At most 512 characters: a request line is at most 8190 bytes (aiohttp's cap), and a
+# character takes up to 12 once percent-encoded.
+PATH = Param("path", "query", Str(max_len=512, min_len=1, pattern=bodies.PATH), required=True)
+MODE = Param("mode", "query", Str(max_len=6, pattern=bodies.MODE,
+                                 description="octal permission bits, e.g. 0644"))
 NOT_FOUND = Reply(404, "no such container (deleted or expired) or path", ERROR)
 OWNED = (NOT_FOUND, NODE_GONE)   # the replies of every route of one session
 
@@ -64,6 +76,7 @@ async def create(request: web.Request) -> web.Response:
     body = await read_json(request, CONTAINER_BODY)
     principal(request).allow_image(body["image"], "image")
     policy = policy_of(eng, body)
+    network = network_of(state(request).config, principal(request), body)
     limits = None
     if "limits" in body:
         with blame("limits"):
@@ -72,7 +85,7 @@ async def create(request: web.Request) -> web.Response:
     # As a run's: a pull it makes counts in the metrics.
     image = await image_of(state(request), principal(request), body)
     session = await eng.create_session(image, tenant=tenant, policy=policy,
-                                       network=body.get("network"), limits=limits)
+                                       network=network, limits=limits)
     return json_response(session.describe(), status=201)
 
 
@@ -136,7 +149,7 @@ def _mode(text: str | None) -> int:
 async def put_file(request: web.Request) -> web.Response:
     eng = engine(request)
     query = query_params(request, (PATH, MODE))
-    path = check_path(query["path"], "path")
+    path = query["path"]
     mode = _mode(query.get("mode"))
     eng.sessions.get(request.match_info["id"], _owner(request))
     cap = state(request).config.limits.file_body_bytes
@@ -161,7 +174,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     mistakes a cut-short copy for a whole one, and the cause is logged."""
     eng = engine(request)
     query = query_params(request, (PATH,))
-    path = check_path(query["path"], "path")
+    path = query["path"]
     sid = request.match_info["id"]
     opened = eng.sessions.get_path(sid, path, owner=_owner(request))  # 404 for the container
     async with contextlib.AsyncExitStack() as stack:
@@ -227,7 +240,8 @@ ROUTES = [
     Route("POST", "/v1/containers/{id}/exec", exec_, "Run a command in a session",
           body=EXEC_BODY, params=(ID,), replies=(*RUN_REPLIES, *OWNED), tags=_TAGS),
     Route("GET", "/v1/containers/{id}/exec/ws", exec_ws, "An interactive run in a session",
-          params=(ID,), replies=(*WS_REPLY, *OWNED), tags=_TAGS),
+          body=EXEC_BODY, messages=WS_MESSAGE, params=(ID,), replies=(*WS_REPLY, *OWNED),
+          tags=_TAGS),
     Route("POST", "/v1/containers/{id}/commit", commit,
           "Make an image of a session's container (`docker commit`)", body=COMMIT_BODY,
           params=(ID,), replies=(

@@ -15,14 +15,16 @@ from typing import Any
 from aiohttp import web
 
 from sandbox import CachedFile, SandboxError
+from service import bodies
 from service.api import STORE_FULL, engine, json_response
 from service.auth import principal
 from service.errors import bad_request, from_sandbox
 from service.schemas import CACHED_FILE, CACHED_FILE_LIST, ERROR, Param, Reply, Route, Str
 
 log = logging.getLogger("sandboxd.service")
-ID = Param("id", "path", Str(max_len=128, description='the file\'s id: "sha256:" and 64 hex '
-                             "digits, as POST /v1/files gave it"))
+ID = Param("id", "path", Str(max_len=128, pattern=bodies.FILE_ID,
+                             description='the file\'s id: "sha256:" and 64 hex digits, as '
+                                         "POST /v1/files gave it"))
 UPLOAD_CHUNK = 1 << 16
 DOWNLOAD_CHUNK = 1 << 20
 
@@ -110,7 +112,7 @@ _404 = Reply(404, "no such file among yours (never stored, deleted or expired)",
 ROUTES = [
     Route("POST", "/v1/files", put, "Store a file in your file cache (its id is its SHA-256; "
           "the same bytes give the same id)",
-          body=Str(max_len=1 << 40, allow_nul=True, description="the file's bytes"),
+          body=Str(max_len=1 << 40, min_len=1, allow_nul=True, description="the file's bytes"),
           body_type="application/octet-stream",
           replies=(Reply(201, "stored (or already there: its expiry moves on)", CACHED_FILE),
                    _BAD, Reply(413, "over the size of a file or your bytes quota", ERROR),

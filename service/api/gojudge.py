@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from service import bodies
 from service.api import VERSION, State, json_response, read_json, ready, state
 from service.api.files import UPLOAD_CHUNK, about
 from service.api.files import get as get_cached
@@ -87,16 +88,32 @@ CMD = Obj("GojudgeCmd", (
     Prop("copyOutCached", Arr(Str(max_len=4096, min_len=1), max_items=64)),
     Prop("copyOutMax", _U64), Prop("copyOutDir", Str()), Prop("copyOutTruncate", Bool()),
 ), description="go-judge's Cmd: limits in nanoseconds and bytes.")
-_PIPE_END = Obj("GojudgePipeIndex", (Prop("index", Int(maximum=MAX_CMDS - 1), required=True),
-                                     Prop("fd", Int(maximum=2), required=True)))
+
+
+def _pipe_end(name: str, fd_from: int, fd_to: int) -> Obj:
+    return Obj(name, (Prop("index", Int(maximum=MAX_CMDS - 1), required=True),
+                      Prop("fd", Int(minimum=fd_from, maximum=fd_to), required=True)))
+
+
+# A pipe goes from fd 1 or 2 of one cmd to fd 0 of another.
 PIPE = Obj("GojudgePipeMap", (
-    Prop("in", _PIPE_END, required=True), Prop("out", _PIPE_END, required=True),
+    Prop("in", _pipe_end("GojudgePipeFrom", 1, 2), required=True),
+    Prop("out", _pipe_end("GojudgePipeTo", 0, 0), required=True),
     Prop("name", Str(max_len=4096)), Prop("max", _U64), Prop("proxy", Bool()),
     Prop("disableZeroCopy", Bool())))
+def _pipes_within(n: int) -> dict[str, Any]:
+    """With at most `n` cmds, a pipe's ends name cmd 0 to n - 1 (wiring_of's check)."""
+    end = {"properties": {"index": {"maximum": n - 1}}}
+    return {"if": {"properties": {"cmd": {"maxItems": n}}},
+            "then": {"properties": {"pipeMapping": {"items": {
+                "properties": {"in": end, "out": end}}}}}}
+
+
 REQUEST = Obj("GojudgeRequest", (
     Prop("requestId", Str(max_len=256)),
     Prop("cmd", Arr(CMD, min_items=1, max_items=MAX_CMDS), required=True),
-    Prop("pipeMapping", Arr(PIPE, max_items=64))))
+    Prop("pipeMapping", Arr(PIPE, max_items=64))),
+    rules=tuple(_pipes_within(n) for n in range(1, MAX_CMDS)))
 
 
 @dataclass(frozen=True)
@@ -176,7 +193,11 @@ def _go_errors(handler: Handler) -> Handler:
 async def run(request: web.Request) -> web.Response:
     st, who = state(request), principal(request)
     gj = _config(st)
-    image = query_params(request, (IMAGE,)).get("image")
+    try:
+        image = query_params(request, (IMAGE,)).get("image")
+    except ApiError as e:  # go-judge's errors say where a field came from
+        field = image_field("query")
+        raise bad_request(e.message.replace("image:", f"{field}:", 1), e.field) from None
     if image is not None:  # go-judge has no images: the query may name one
         gj = replace(gj, image=image)
     req = await read_json(request, LENIENT_REQUEST)
@@ -201,20 +222,24 @@ async def post_file(request: web.Request) -> web.Response:
     if request.content_type != "multipart/form-data":
         raise bad_request("file: send the file as multipart/form-data, in a part named "
                           f"file (not {request.content_type})", "file")
+    stored = None
     try:
         async for part in await request.multipart():
-            if getattr(part, "name", None) != "file":
-                await part.release()
-                continue
+            # What the schema says: one part, `file` (a form with more is refused whole).
+            if getattr(part, "name", None) != "file" or stored is not None:
+                name = str(getattr(part, "name", None))[:64]
+                raise bad_request(f"file: the form has another part ({name!r}); send the "
+                                  "file as its only part, named file", "file")
             with about("file"):
                 stored = await eng.files.put(who.tenant, _upload(part))
             FileNames(state(request)).remember(who, {stored.id: part.filename or stored.id})
-            return json_response(stored.id)
     except (ValueError, HttpProcessingError) as e:  # aiohttp's words for a malformed form
         why = getattr(e, "message", None) or str(e)
         raise bad_request(f"file: the multipart form is malformed: {why}", "file") from None
-    raise bad_request("file: no part named file in the form; send the file as the form "
-                      "field file", "file")
+    if stored is None:
+        raise bad_request("file: no part named file in the form; send the file as the form "
+                          "field file", "file")
+    return json_response(stored.id)
 
 
 @_go_errors
@@ -257,8 +282,9 @@ IMAGE = Param("image", "query", REFERENCE)
 _GO_400 = Reply(400, "bad input: go-judge's style, a JSON string naming the field",
                 Str(max_len=1 << 16))
 _GO_404 = Reply(404, "off on this service, or no such file among yours", ERROR)
-_ID = Param("id", "path", Str(max_len=128, description="the file's id, as POST /file or "
-                              "copyOutCached gave it"))
+_ID = Param("id", "path", Str(max_len=128, pattern=bodies.FILE_ID,
+                              description="the file's id, as POST /file or copyOutCached "
+                                          "gave it"))
 ROUTES = [
     Route("POST", "/run", run, "go-judge's /run: commands in the [gojudge] image, results "
           "in go-judge's units (ns, bytes) and status names", body=REQUEST, params=(IMAGE,),
@@ -266,7 +292,11 @@ ROUTES = [
                    Reply(401, "no or wrong token", ERROR),
                    Reply(429, "over capacity", ERROR)), tags=_TAGS),
     Route("POST", "/file", post_file, "go-judge's upload: a multipart form's `file` into "
-          "your file cache; its id", body=Any_(description="multipart/form-data, part `file`"),
+          "your file cache; its id",
+          body=Obj("GojudgeUpload", (Prop("file", Str(max_len=1 << 40, allow_nul=True,
+                                                      description="the file's bytes"),
+                                          required=True),),
+                   description="multipart/form-data: the file as its one part"),
           body_type="multipart/form-data",
           replies=(Reply(200, "the file's id", Str()), _GO_400,
                    Reply(413, "over the size of a file or your bytes quota", ERROR),

@@ -34,9 +34,10 @@ from service.api import State, ready
 from service.api.files import about
 from service.api.runs import PreparedRun, prepare_run
 from service.auth import Principal
+from service.bodies import LIMIT_NAMES, check_path
 from service.config import GojudgeConfig
 from service.errors import ApiError, bad_request, blame
-from service.schemas import LIMITS, RUN_BODY, check_path
+from service.schemas import RUN_BODY
 
 MiB = 1 << 20
 COPY_OUT_MAX = 64 * MiB     # go-judge's default copy-out-limit
@@ -53,7 +54,7 @@ ACCEPTED = STATUS[Status.OK]
 FILE_ERROR = "File Error"
 OUTPUT_LIMIT = STATUS[Status.OUTPUT_LIMIT]
 
-_RUN_LIMITS = {p.name for p in LIMITS.props}
+_RUN_LIMITS = set(LIMIT_NAMES)
 # Our run body's fields -> the go-judge field they came from (errors name the latter).
 _LIMIT_FIELDS = {"cpu_ms": "cpuLimit", "wall_ms": "clockLimit", "memory_bytes": "memoryLimit",
                  "stack_bytes": "stackLimit", "pids": "procLimit",

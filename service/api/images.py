@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from sandbox import Image, LayerError, PullProgress, SandboxError
+from service import bodies
 from service.api import STORE_FULL, engine, json_response, platform_of, read_json, state
 from service.auth import principal
 from service.errors import ApiError, bad_request, blame, from_sandbox, to_api_error, too_large
@@ -37,7 +38,8 @@ from service.schemas import (
 )
 from service.streaming import NDJSON, EventStream, Pump, stream_kind
 
-REF = Param("ref", "path", Str(max_len=1024, min_len=1,
+REF = Param("ref", "path", Str(max_len=bodies.REFERENCE_MAX, min_len=1,
+                               pattern=bodies.IMAGE_REF,
                                description="a digest, or a URL-encoded reference"))
 FORCE = Param("force", "query", Str(max_len=5, enum=("true", "false")))
 IMPORT_REF = Param("reference", "query", REFERENCE, required=True)
@@ -189,7 +191,8 @@ ROUTES = [
           replies=(Reply(200, "pushed", PUSHED), _BAD, _404,
                    Reply(502, "the registry failed", ERROR)), tags=_TAGS),
     Route("POST", "/v1/images/import", import_, "Import a root-filesystem tar as an image",
-          body=Str(max_len=1 << 40, allow_nul=True, description="a tar (plain, gzip, zstd)"),
+          body=Str(max_len=1 << 40, min_len=1, allow_nul=True,
+                   description="a tar (plain, gzip, zstd)"),
           body_type="application/x-tar", params=(IMPORT_REF,),
           replies=(Reply(201, "imported", IMAGE), _BAD,
                    Reply(413, "the tar is too large", ERROR), STORE_FULL), tags=_TAGS),

@@ -13,8 +13,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from sandbox import hinted, split_host
 from service.api import json_response, read_json, state
-from service.api.batches import BATCH_BODY, BATCH_EVENT, prepare_batch
+from service.api.batches import BATCH_EVENT, prepare_batch
 from service.api.runs import prepare_run
 from service.auth import Principal, principal
 from service.cluster.routing import NODE_GONE
@@ -23,10 +24,11 @@ from service.errors import ApiError, bad_request
 from service.jobs.callbacks import IDEMPOTENCY_KEY, SIGNATURE, TIMESTAMP, target
 from service.jobs.runner import JOBS, Jobs, within
 from service.jobs.store import FINISHED, Job, NewJob
+from service.logs import current_request_id
 from service.schemas import (
     ERROR,
+    JOB_BODY,
     PIPELINE_RESULT,
-    RUN_BODY,
     RUN_RESULT,
     Any_,
     Arr,
@@ -46,17 +48,6 @@ from service.streaming import SSE, ClientGone, EventStream, unless_gone
 
 _KINDS = ("run", "batch")
 STATUSES = ("queued", "running", *FINISHED)
-JOB_BODY = Obj("JobRequest", (
-    Prop("run", RUN_BODY),
-    Prop("batch", BATCH_BODY),
-    Prop("callback_url", Str(max_len=2048, min_len=1, description=(
-        "POSTed the job (as GET /v1/jobs/{id} gives it, without `callback`) once it ends, "
-        "signed: see GET /v1/jobs/secret. Its host must be one the operator listed in "
-        "jobs.callback_hosts")))),
-    one_of=(_KINDS,),
-    description="A run (a pipeline is a run with `processes`) or a batch, to run later. "
-                "Send an Idempotency-Key header to submit safely again after a network "
-                "error: the same key and body give the same job.")
 _ERROR_DETAIL = ERROR.props[0].schema
 _RESULT = OneOf((RUN_RESULT, PIPELINE_RESULT))   # a run's, or a pipeline's
 JOB = Obj("Job", (
@@ -97,9 +88,29 @@ ID = Param("id", "path", Str(max_len=128, description="the job's id, as POST /v1
 # In a cluster the id begins with its node's name (service/cluster).
 _ID_FORM = re.compile(rf"(?:{NODE_NAME.pattern}\.)?job_[0-9a-f]{{32}}")
 _KEY_FORM = re.compile(r"[\x21-\x7e]{1,255}")
+LIMIT = hinted(r"^0*(?:[1-9][0-9]{0,2}|1000)$", "is not a number from 1 to 1000")
 LIST_PARAMS = (Param("status", "query", Str(max_len=16, enum=STATUSES)),
-               Param("limit", "query", Str(max_len=8, description="at most this many, newest "
-                                           "first (1 to 1000; default 100)")))
+               Param("limit", "query", Str(max_len=8, pattern=LIMIT,
+                                           description="at most this many, newest first (1 "
+                                                       "to 1000; default 100)")))
+
+
+def narrow_document(doc: dict[str, Any], callback_hosts: tuple[str, ...]) -> None:
+    """The document (in place) as this service checks a job: a callback_url only to the
+    operator's jobs.callback_hosts (none listed: no callback_url at all)."""
+    props = doc["components"]["schemas"]["JobRequest"]["properties"]
+    if not callback_hosts:
+        del props["callback_url"]
+        return
+    hosts = []
+    for entry in callback_hosts:
+        name, port = split_host(entry)
+        host = "".join(f"[{c.upper()}{c}]" if c.isalpha() else re.escape(c) for c in name)
+        if ":" in name:
+            host = rf"\[{host}\]"
+        hosts.append(f"{host}:{port}" if port is not None else rf"{host}(?::[0-9]+)?")
+    props["callback_url"]["pattern"] = (rf"^[Hh][Tt][Tt][Pp][Ss]?://(?:{'|'.join(hosts)})"
+                                        r"(?:[/?#][^\s\x00]*)?$")
 
 
 def _jobs(request: web.Request) -> Jobs:
@@ -136,7 +147,7 @@ async def submit(request: web.Request) -> web.Response:
         target(url, st.config.jobs.callback_hosts)
     kind = next(k for k in _KINDS if k in body)
     digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    new = NewJob(who.tenant.id, kind, body[kind], digest, key, url)
+    new = NewJob(who.tenant.id, kind, body[kind], digest, key, url, current_request_id())
     jobs = _jobs(request)
     # A retried submission answers its job without being checked again: its cached files
     # may be gone by now, and it was checked when it was taken.

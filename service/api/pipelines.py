@@ -1,5 +1,5 @@
 """Pipelines through POST /v1/runs (and jobs): a run body with `processes` and `pipes` in
-place of `cmd` (schemas.PIPELINE_PROPS), run by Engine.pipeline. runs.prepare_run and
+place of `cmd` (bodies.RunRequest), run by Engine.pipeline. runs.prepare_run and
 runs.run_result hand such a body here; its answer is one JSON result (PIPELINE_RESULT), not a
 stream."""
 
@@ -13,13 +13,8 @@ from sandbox import PipelineOutcome, PipelineSpec, PipeSpec, PolicyError, RunSpe
 from service.api import State, image_of, platform_of, policy_of, ready, runs
 from service.auth import Principal
 from service.errors import ApiError, bad_request, blame
+from service.netproxy import network_of
 from service.streaming import OutputEncoder
-
-# The body's part shared by every process (each process's own over it); the rest of a run
-# body is either a process's own or not for a pipeline.
-_SHARED = ("image", "policy", "network", "platform", "env", "cwd", "user", "files", "limits",
-           "output_encoding", "processes", "pipes", "container")
-_PER_PROCESS = ("stdin", "stdin_base64", "copy_out", "copy_out_cached")
 
 
 @dataclass
@@ -33,13 +28,8 @@ class PreparedPipeline:
 
 def prepare(st: State, who: Principal, body: dict[str, Any]) -> PreparedPipeline:
     """A validated run body with `processes` as a pipeline of `who`'s, checked as a run's body
-    is (image allowed, policy, limits, cached files) before anything runs."""
-    for key in body:
-        if key in _PER_PROCESS:
-            raise bad_request(f"{key}: a pipeline's processes each have their own; give it "
-                              f"as processes[i].{key}", key)
-        if key not in _SHARED:
-            raise bad_request(f"{key}: not offered for pipelines; leave it out", key)
+    is (image allowed, policy, limits, cached files) before anything runs. What a pipeline
+    does not take (cmd, stdin, copy_out, repeat, tty...) its schema refuses: RunRequest."""
     eng = ready(st)
     who.allow_image(body["image"], "image")
     policy = policy_of(eng, body)
@@ -55,13 +45,14 @@ def prepare(st: State, who: Principal, body: dict[str, Any]) -> PreparedPipeline
         message = str(e).replace(".src:", ".from:").replace(".dst:", ".to:")
         raise bad_request(message, message.split(":", 1)[0]) from None
     platform_of(body)  # a malformed platform is a 400 before anything runs
+    network = network_of(st.config, who, body)
 
     async def start() -> PipelineOutcome:
         image = await image_of(st, who, body)
         # What only the image can tell (a process's user, cmd) is a processes[i] error.
         with blame("processes"):
             return await eng.pipeline(image, spec, tenant=who.tenant, policy=policy,
-                                      network=body.get("network"))
+                                      network=network)
 
     return PreparedPipeline(start, spec, body.get("output_encoding", "utf-8"))
 
@@ -93,6 +84,10 @@ async def result(st: State, who: Principal, job: PreparedPipeline) -> dict[str, 
         outcome = await job.start()
     for p in outcome.processes:
         st.metrics.observe_run(str(p.result.status), p.result.setup_ms, p.result.wall_ms)
+    # Each container's figures once (a shared container's processes show the same).
+    for traffic in {id(p.network): p.network for p in outcome.processes
+                    if p.network is not None}.values():
+        st.metrics.observe_network(traffic)
     return result_json(outcome, job.spec, OutputEncoder(job.encoding))
 
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import msgspec
 import orjson
 from aiohttp import WSMsgType, web
 
@@ -22,8 +23,8 @@ from sandbox import (
     OutputCallback,
     RunControl,
     RunOutcome,
-    RunResult,
     RunSpec,
+    TtySize,
 )
 from service.api import (
     State,
@@ -40,13 +41,16 @@ from service.api import (
 )
 from service.api.files import about
 from service.auth import Principal, principal
+from service.bodies import SIGNALS
 from service.errors import ApiError, bad_request, blame, to_api_error
+from service.logs import current_request_id
+from service.netproxy import network_of
+from service.results import ENGINE_FIGURES, FIRST_RUN_FIGURES, engine_figures
 from service.schemas import (
     ERROR,
     PIPELINE_RESULT,
     RUN_BODY,
     RUN_RESULT,
-    SIGNALS,
     WS_MESSAGE,
     OneOf,
     Reply,
@@ -133,27 +137,33 @@ def exec_spec(st: State, who: Principal, body: dict[str, Any]) -> tuple[RunSpec,
                    copy_out=tuple(dict.fromkeys(body.get("copy_out", ()))),
                    copy_out_cached=tuple(dict.fromkeys(body.get("copy_out_cached", ()))),
                    repeat=body.get("repeat", 1),
-                   rerun_near_limit=body.get("rerun_near_limit", False))
+                   rerun_near_limit=body.get("rerun_near_limit", False), tty=tty_of(body))
     return spec, body.get("output_encoding", "utf-8")
+
+
+def tty_of(body: dict[str, Any]) -> TtySize | None:
+    """A validated body's terminal (`tty`, `tty_size`), or None."""
+    if not body.get("tty"):
+        if "tty_size" in body:
+            raise bad_request("tty_size: only with tty: true", "tty_size")
+        return None
+    size = body.get("tty_size")
+    return TtySize(size["rows"], size["cols"]) if size else TtySize()
 
 
 def result_json(outcome: RunOutcome, spec: RunSpec, enc: OutputEncoder,
                 output: bool = True) -> dict[str, Any]:
-    """The API's result; without stdout and stderr when not `output` (the exit event)."""
+    """The API's result (service/results.py's RunResult); without stdout and stderr when
+    not `output` (the exit event)."""
     result = outcome.result
-    out: dict[str, Any] = {
-        "id": result.id, "status": str(result.status), "exit_code": result.exit_code,
-        "signal": result.signal, "stdout_truncated": result.stdout_truncated,
-        "stderr_truncated": result.stderr_truncated, "cpu_ms": result.cpu_ms,
-        "user_ms": result.user_ms, "sys_ms": result.sys_ms, "wall_ms": result.wall_ms,
-        "memory_peak_bytes": result.memory_peak_bytes, "setup_ms": result.setup_ms,
-        "measured_by": result.measured_by, "image": outcome.image,
-        "pool_hit": outcome.pool_hit, "warnings": list(result.warnings), "error": result.error,
-        "cpus": result.cpus, "host_load": result.host_load,
-        "dedicated_cpu": result.dedicated_cpu, "near_limit": result.near_limit}
+    out: dict[str, Any] = dict(zip(ENGINE_FIGURES, engine_figures(result), strict=True))
+    out.update(status=str(result.status), image=outcome.image, pool_hit=outcome.pool_hit,
+               request_id=current_request_id())
     if output:
         out["stdout"] = enc.whole(result.stdout)
         out["stderr"] = enc.whole(result.stderr)
+    if outcome.network is not None:
+        out["network"] = asdict(outcome.network)
     return out | _copied_json(outcome.copied, spec, enc) | _timing_json(outcome)
 
 
@@ -161,14 +171,10 @@ def _timing_json(outcome: RunOutcome) -> dict[str, Any]:
     """`repeats` and `rerun`, each only when the run was repeated or rerun."""
     out: dict[str, Any] = {}
     if (rep := outcome.repeats) is not None:
-        out["repeats"] = {"n": rep.n, "cpu_ms": None if rep.cpu_ms is None else asdict(rep.cpu_ms),
-                          "wall_ms": asdict(rep.wall_ms), "statuses": rep.statuses,
-                          "main": rep.main}
+        out["repeats"] = msgspec.to_builtins(rep)  # the engine's Repeats is the API's
     if (first := outcome.rerun) is not None:
-        out["rerun"] = {"first": {"status": str(first.status), "cpu_ms": first.cpu_ms,
-                                  "wall_ms": first.wall_ms, "cpus": first.cpus,
-                                  "host_load": first.host_load,
-                                  "dedicated_cpu": first.dedicated_cpu}}
+        out["rerun"] = {"first": msgspec.to_builtins(
+            {name: getattr(first, name) for name in FIRST_RUN_FIGURES})}
     return out
 
 
@@ -219,10 +225,12 @@ def prepare_run(st: State, who: Principal,
         eng.check_timing(spec)
     platform_of(body)  # a malformed platform is a 400 before anything runs
 
+    network = network_of(st.config, who, body)
+
     async def start(spec: RunSpec, on_output: OutputCallback | None,
                     control: RunControl | None) -> RunOutcome:
         return await eng.run(await image_of(st, who, body), spec, tenant=who.tenant,
-                             policy=policy, network=body.get("network"),
+                             policy=policy, network=network,
                              on_output=on_output, control=control)
 
     return PreparedRun(start, spec, encoding)
@@ -231,7 +239,7 @@ def prepare_run(st: State, who: Principal,
 async def _finish(st: State, pump: Pump, enc: OutputEncoder, job: PreparedRun,
                   outcome: RunOutcome) -> None:
     """The end of a streamed run: output still held back by the decoder, then the exit."""
-    _observe(st, outcome.result)
+    _observe(st, outcome)
     for name in ("stdout", "stderr"):
         if tail := enc.tail(name):
             pump.put(name, {"data": tail})
@@ -239,8 +247,11 @@ async def _finish(st: State, pump: Pump, enc: OutputEncoder, job: PreparedRun,
     await pump.drain()
 
 
-def _observe(st: State, result: RunResult) -> None:
+def _observe(st: State, outcome: RunOutcome) -> None:
+    result = outcome.result
     st.metrics.observe_run(str(result.status), result.setup_ms, result.wall_ms)
+    if outcome.network is not None:
+        st.metrics.observe_network(outcome.network)
 
 
 async def run_result(st: State, who: Principal,
@@ -251,7 +262,7 @@ async def run_result(st: State, who: Principal,
         return await pipelines.result(st, who, job)
     async with st.admission.slot(who):
         outcome = await job.start(job.spec, None, None)
-    _observe(st, outcome.result)
+    _observe(st, outcome)
     return result_json(outcome, job.spec, OutputEncoder(job.encoding))
 
 
@@ -358,6 +369,38 @@ class _Stdin:
         with contextlib.suppress(OSError):
             os.close(self.read_fd)
 
+    async def take(self, spec: RunSpec) -> RunSpec:
+        """`spec` with this pipe as its stdin, the body's own stdin first in it."""
+        await self.open()
+        if spec.stdin is not None:
+            self.write(bytes(spec.stdin))  # type: ignore[arg-type]
+        return RunSpec(**{**spec.__dict__, "stdin": self.read_fd})
+
+
+class _TerminalInput:
+    """A run's input when it has a terminal: through its RunControl to the pty (the body's
+    own stdin is typed first by the run itself); the end of input is the terminal's
+    end-of-file character."""
+
+    def __init__(self, control: RunControl) -> None:
+        self.control = control
+
+    @property
+    def full(self) -> asyncio.Future[None] | None:
+        return self.control.input_full
+
+    def write(self, data: bytes) -> None:
+        self.control.write(data)
+
+    def close(self) -> None:
+        self.control.end_input()
+
+    def release(self) -> None:
+        pass
+
+    async def take(self, spec: RunSpec) -> RunSpec:
+        return spec
+
 
 async def websocket(request: web.Request,
                     make_job: Callable[[web.Request, dict[str, Any]], PreparedRun],
@@ -394,22 +437,19 @@ async def _interactive(request: web.Request, ws: web.WebSocketResponse,
         raise bad_request("processes: a pipeline runs through POST /v1/runs, not over a "
                           "WebSocket", "processes")
     enc = OutputEncoder(job.encoding)
-    stdin = _Stdin()
+    control = RunControl()
+    stdin = _Stdin() if job.spec.tty is None else _TerminalInput(control)
     try:
-        await stdin.open()
-        if job.spec.stdin is not None:
-            stdin.write(bytes(job.spec.stdin))  # type: ignore[arg-type]
-        spec = RunSpec(**{**job.spec.__dict__, "stdin": stdin.read_fd})
+        spec = await stdin.take(job.spec)
 
         async def send(event: str, payload: dict[str, Any]) -> None:
             await ws.send_str(orjson.dumps({"event": event, **payload}).decode())
 
-        control = RunControl()
         async with st.admission.slot(principal(request)):
             pump = Pump(send, lambda: task.cancel())
             task: asyncio.Task[RunOutcome] = asyncio.ensure_future(
                 job.start(spec, pump.output(enc), control))
-            await _feed(ws, task, stdin, control)
+            await _feed(ws, task, stdin, control, tty=spec.tty is not None)
             try:
                 outcome = await task
             except asyncio.CancelledError:
@@ -426,9 +466,10 @@ async def _interactive(request: web.Request, ws: web.WebSocketResponse,
         stdin.release()
 
 
-async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunOutcome], stdin: _Stdin,
-                control: RunControl) -> None:
-    """Relay the client's messages (stdin, signals) until the run ends."""
+async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunOutcome],
+                stdin: _Stdin | _TerminalInput, control: RunControl, *, tty: bool) -> None:
+    """Relay the client's messages (stdin as JSON or binary frames, signals, a terminal's
+    size) until the run ends."""
     receive: asyncio.Task[Any] | None = None
     try:
         while not task.done():
@@ -445,9 +486,12 @@ async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunOutcome], stdin
                             WSMsgType.ERROR):
                 task.cancel()  # the client left: the run must not outlive it
                 return
+            if msg.type == WSMsgType.BINARY:  # raw stdin: a keystroke costs no JSON
+                stdin.write(msg.data)
+                continue
             if msg.type != WSMsgType.TEXT:
                 task.cancel()
-                raise bad_request("messages must be JSON text")
+                raise bad_request("messages must be JSON text or binary stdin")
             try:
                 m = parse_json(msg.data, WS_MESSAGE)
             except ApiError:
@@ -466,6 +510,12 @@ async def _feed(ws: web.WebSocketResponse, task: asyncio.Task[RunOutcome], stdin
                 # The run goes on until the signal ends it (or not: it may be handled); the
                 # exit event then carries its status and figures as for any other run.
                 control.signal(m["signal"])
+            elif m["type"] == "resize":
+                if not tty or "rows" not in m or "cols" not in m:
+                    task.cancel()
+                    raise bad_request("resize: give rows and cols, for a run with tty: true",
+                                      "type" if not tty else "rows")
+                control.resize(TtySize(m["rows"], m["cols"]))
     finally:
         if receive is not None:
             receive.cancel()
@@ -490,12 +540,12 @@ POST_RUN_REPLIES = (Reply(200, "the result (a PipelineResult for a body with `pr
                           "text/event-stream", OneOf((RUN_RESULT, PIPELINE_RESULT)),
                           streams=(NDJSON, SSE)), *_ERRORS)
 WS_REPLY = (Reply(101, "switching to WebSocket: first client message is the run body; then "
-                  "{type: stdin|close_stdin|signal}; server sends stdout/stderr/exit/error "
-                  "events"),)
+                  "{type: stdin|close_stdin|signal|resize} or binary frames (raw stdin); "
+                  "server sends stdout/stderr/exit/error events"),)
 
 ROUTES = [
     Route("POST", "/v1/runs", post_run, "Run a command in a fresh or warm container",
           body=RUN_BODY, replies=POST_RUN_REPLIES, tags=("runs",)),
-    Route("GET", "/v1/runs/ws", ws_run, "An interactive run over WebSocket", replies=WS_REPLY,
-          tags=("runs",)),
+    Route("GET", "/v1/runs/ws", ws_run, "An interactive run over WebSocket", body=RUN_BODY,
+          messages=WS_MESSAGE, replies=WS_REPLY, tags=("runs",)),
 ]

@@ -20,6 +20,8 @@ from service.api import STATE
 from service.cluster.routing import Owner, owner_of
 from service.config import ServiceConfig
 from service.errors import ApiError, Handler
+from service.logs import HEADER as REQUEST_ID_HEADER
+from service.logs import current_request_id
 from service.metrics import Gauge, Labels
 from service.streaming import NDJSON, SSE, ClientGone, unless_gone
 
@@ -146,6 +148,10 @@ class Forwarder:
         headers = _end_to_end(request.headers)
         assert self.cluster.node is not None
         headers[FORWARDED_BY] = self.cluster.node
+        # One id follows the request: the owner takes this node's (the client's, or made
+        # here when the client's was missing or refused).
+        if (request_id := current_request_id()) is not None:
+            headers[REQUEST_ID_HEADER] = request_id
         return headers
 
     async def forward(self, request: web.Request, owner: Owner) -> web.StreamResponse:

@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from sandbox import Turns
+from service import logs
 from service.api import VERSION, State
 from service.api.batches import batch_events
 from service.api.runs import prepare_run, run_result
@@ -183,7 +184,9 @@ class Jobs:
             if who is None:
                 raise ApiError(403, "forbidden", "the token that submitted this job is no "
                                "longer configured")
-            with within(job.kind):
+            # Its results and log lines carry the id of the request that submitted it.
+            with within(job.kind), logs.scope(logs.request_id_of(job.request_id),
+                                              lambda: tenant):
                 if job.kind == "run":
                     result = await self._run(who, job.body)
                     return self.store.finish(job_id, "done", time.time(), result=result)

@@ -46,7 +46,8 @@ _SCHEMA = (
     callback_status TEXT,               -- NULL (none asked), pending, delivered, failed
     callback_attempts INTEGER NOT NULL DEFAULT 0,
     callback_error TEXT,
-    events INTEGER NOT NULL DEFAULT 0   -- the number of the last event
+    events INTEGER NOT NULL DEFAULT 0,  -- the number of the last event
+    request_id TEXT                     -- the submitting request's (service/logs.py)
 )""",
     """CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs(tenant, idempotency_key)
     WHERE idempotency_key IS NOT NULL""",
@@ -87,7 +88,7 @@ END""",
 )
 _COLUMNS = ("id, tenant, kind, body, body_hash, idempotency_key, callback_url, status, "
             "created, started, finished, result, error, callback_status, callback_attempts, "
-            "callback_error")
+            "callback_error, request_id")
 
 
 @dataclass(frozen=True)
@@ -113,15 +114,17 @@ class Job:
     result: dict[str, Any] | None
     error: dict[str, Any] | None
     callback: Callback | None
+    request_id: str | None              # None: taken before jobs kept it
 
     @classmethod
     def _from_row(cls, row: tuple[Any, ...]) -> Job:
         (id_, tenant, kind, body, body_hash, key, url, status, created, started, finished,
-         result, error, cb_status, cb_attempts, cb_error) = row
+         result, error, cb_status, cb_attempts, cb_error, request_id) = row
         return cls(id_, tenant, kind, orjson.loads(body), body_hash, key, url, status, created,
                    started, finished, None if result is None else orjson.loads(result),
                    None if error is None else orjson.loads(error),
-                   None if cb_status is None else Callback(cb_status, cb_attempts, cb_error))
+                   None if cb_status is None else Callback(cb_status, cb_attempts, cb_error),
+                   request_id)
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ class NewJob:
     body_hash: str
     idempotency_key: str | None
     callback_url: str | None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,9 @@ class JobStore:
         self.node = node
         root.mkdir(0o700, parents=True, exist_ok=True)
         self._db = open_database(root / "jobs.db", _SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "request_id" not in columns:  # a store from before request ids
+            self._db.execute("ALTER TABLE jobs ADD COLUMN request_id TEXT")
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -206,9 +213,10 @@ class JobStore:
             self._check_caps(db, new.tenant, caps, now)
             job_id = new_id(self.node)
             db.execute("INSERT INTO jobs (id, tenant, kind, body, body_hash, idempotency_key, "
-                       "callback_url, status, created) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                       "callback_url, status, created, request_id) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
                        (job_id, new.tenant, new.kind, orjson.dumps(new.body), new.body_hash,
-                        new.idempotency_key, new.callback_url, now))
+                        new.idempotency_key, new.callback_url, now, new.request_id))
             self._append(db, job_id, {"event": "status", "status": "queued"})
             row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job._from_row(row), False

@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import orjson
 import psutil
 import pytest
 
 from sbx import Case, CaseDone, FromCache, SyncClient
 from sbx.cli import main as sbx_main
-from service.schemas import RUN_RESULT
+from service.results import RunResult
 from tests.service.conftest import (
     JUDGE_WALL_MAX,
     LIMITED_TOKEN,
@@ -38,7 +39,7 @@ LIMITED = {"Authorization": f"Bearer {LIMITED_TOKEN}"}
 OCTETS = {"Content-Type": "application/octet-stream"}
 PATH = {"PATH": "/bin"}
 UNKNOWN = "sha256:" + "0" * 64
-RESULT_FIELDS = {p.name for p in RUN_RESULT.props if p.required}
+RESULT_FIELDS = {f.name for f in msgspec.structs.fields(RunResult) if f.required}
 # Bounds the waits for what must happen (a run killed, a process gone): no speed is judged.
 SETTLE_S = 30
 

@@ -7,13 +7,14 @@ import base64
 from typing import Any
 
 import aiohttp
+import msgspec
 import orjson
 
-from service.schemas import RUN_RESULT
+from service.results import RunResult
 from tests.service.conftest import Service
 
 # The fields of every result (copy_out's come only when asked for: test_api_filecache).
-RESULT_FIELDS = {p.name for p in RUN_RESULT.props if p.required}
+RESULT_FIELDS = {f.name for f in msgspec.structs.fields(RunResult) if f.required}
 
 
 def sh(image: str, script: str, **kw: Any) -> dict[str, Any]:

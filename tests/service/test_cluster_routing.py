@@ -255,6 +255,26 @@ def test_a_job_is_served_by_its_node_through_another(cluster: Cluster, images: A
     _go(go())
 
 
+def test_one_request_id_follows_a_forwarded_request(cluster: Cluster, images: Any) -> None:
+    """The client's X-Request-Id, or the one the first node made, is the owner's too."""
+    n1, n2 = cluster.url("n1"), cluster.url("n2")
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as s:
+            sid = await _create(s, n1, images.oci)
+            try:
+                for sent in ({"X-Request-Id": "client-chosen.1"}, {}):
+                    async with s.post(f"{n2}/v1/containers/{sid}/exec", headers={**A, **sent},
+                                      json={"cmd": ["true"], **CMD}) as r:
+                        result, header = await _json(r), r.headers["X-Request-Id"]
+                    assert r.headers[NODE] == "n1"
+                    assert result["request_id"] == header == sent.get("X-Request-Id", header)
+            finally:
+                async with s.delete(f"{n1}/v1/containers/{sid}", headers=A) as r:
+                    assert r.status == 204
+    _go(go())
+
+
 def test_an_id_of_no_node_of_the_cluster_is_unknown(cluster: Cluster) -> None:
     n1 = cluster.url("n1")
 

@@ -44,7 +44,7 @@ def test_hub_aliases_share_one_entry_and_unknown_hosts_get_defaults() -> None:
 
 
 @pytest.mark.parametrize(("data", "named"), [
-    ({"h.io": {"colour": 1}}, "'colour'"),
+    ({"h.io": {"colour": 1}}, r"\.colour: unknown setting"),
     ({"h.io": {"insecure": "yes"}}, "insecure"),
     ({"h.io": {"mirrors": "m.io"}}, "mirrors"),
     ({"h.io": {"mirrors": ["ftp://m.io"]}}, "mirrors"),
@@ -54,7 +54,7 @@ def test_hub_aliases_share_one_entry_and_unknown_hosts_get_defaults() -> None:
     ({"h.io": {"ca_file": "/nonexistent/ca.pem"}}, "ca_file"),
     ({"h.io": {"max_concurrency": 0}}, "max_concurrency"),
     ({"h.io": {"max_concurrency": True}}, "max_concurrency"),
-    ({"h.io": []}, "must be a table"),
+    ({"h.io": []}, "expected a table"),
     ({"h.io:99999": {}}, "port"),
     ({"bad host": {}}, "not a host name"),
     ({"docker_config": 5}, "docker_config"),

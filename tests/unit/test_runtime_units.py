@@ -231,10 +231,10 @@ def test_plan_read_only_sys_masks_its_sensitive_parts() -> None:
     ([{"target": "/proc/x", "size": 1}], "not a place a tmpfs may go"),
     ([{"target": "/a/../etc", "size": 1}], "not a place a tmpfs may go"),
     ([{"target": "/dev/a/b", "size": 1}], "not a place a tmpfs may go"),
-    ([{"target": "/work"}], r"tmpfs\[0\]\.size: expected a positive integer"),
+    ([{"target": "/work"}], r"tmpfs\[0\]\.size: required"),
     ([{"target": "/work", "size": 1, "mode": 7}], r"tmpfs\[0\]\.mode: unknown key"),
     ([{"target": "/w", "size": 1}, {"target": "/w", "size": 2}], "appears twice"),
-    ({"target": "/w"}, "expected a list"),
+    ({"target": "/w"}, "expected an array"),
 ])
 def test_profile_tmpfs_mounts_are_validated(tmpfs: object, match: str) -> None:
     from sandbox.runtime.profiles import RootfsShape

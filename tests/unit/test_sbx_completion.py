@@ -95,7 +95,8 @@ def test_bash_completes_prefixes_choices_and_local_paths(
                         ("job", "s"), ("completion", ""), ("file", "put", "hel"),
                         ("build", "con"), ("run", "busybox", "--", "ls", "-"))
     assert answers[:6] == [{"run", "rm", "rmi"}, {"--copy-out", "--copy-out-cached"},
-                           {"none"}, {"get"}, {"submit", "secret"}, {"bash", "zsh"}]
+                           {"none", "proxy", "full"}, {"get"}, {"submit", "secret"},
+                           {"bash", "zsh"}]
     assert answers[6] == {"hello.sh"}
     assert answers[7] in ({"context"}, {"context/"})
     assert not {"--url", "--limit"} & answers[8]  # after `--` the words are the command's

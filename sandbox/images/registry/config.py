@@ -15,6 +15,10 @@
     max_concurrency = 4
     [registries."auth.internal"]   # a token server or storage host: trusted, nothing to set
 
+Each host's table is a `RegistryConfig` (a msgspec Struct: its fields are the keys, with
+their ranges and defaults), the two settings beside them a `RegistriesTable`;
+sandbox.configfile reads both.
+
 Naming a host here declares it one of yours: it (and only it) may live on a local or private
 network. Any other name that resolves to such an address is refused when it is connected to,
 whether it is a registry, a redirect target or a token realm (SSRF).
@@ -28,15 +32,20 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
+from msgspec import Meta
+
+from sandbox.configfile import Table, read
 from sandbox.errors import SandboxError
 from sandbox.images.manifest import MAX_BLOB_BYTES
 from sandbox.images.registry.hosts import DOCKER_HUB_ALIASES, hub_key, is_loopback, split_host
+from sandbox.validation import Invalid
 
 MAX_CONCURRENCY_LIMIT = 64
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9a-fA-F:.]+")
-_FIELDS = ("mirrors", "insecure", "username", "password", "ca_file", "max_concurrency")
+Text = Annotated[str, Meta(min_length=1)]
 
 
 class ConfigError(SandboxError, ValueError):
@@ -51,17 +60,30 @@ class Mirror:
     scheme: str | None
 
 
-@dataclass(frozen=True)
-class RegistryConfig:
-    """Settings for one naming domain ("docker.io", "127.0.0.1:5000")."""
+class MirrorText(str):
+    """A mirror as configured: `host[:port]` or `http(s)://host[:port][/]`."""
+
+    @classmethod
+    def from_config(cls, value: Any) -> MirrorText:
+        _mirror(value)
+        return cls(value)
+
+
+class RegistryConfig(Table, kw_only=False):
+    """Settings for one naming domain ("docker.io", "127.0.0.1:5000"): its table's keys,
+    and `host`, the table's name."""
 
     host: str
-    mirrors: tuple[str, ...] = ()  # host[:port] or URL; pulls only; tried in order, then origin
+    mirrors: tuple[MirrorText, ...] = ()  # pulls only; tried in order, then the origin
     insecure: bool | None = None  # plain HTTP / unverified TLS allowed; None: loopback only
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: str | None = None
-    max_concurrency: int = 6  # concurrent requests to this registry
+    username: Text | None = None
+    password: Text | None = None
+    ca_file: Text | None = None
+    max_concurrency: Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY_LIMIT)] = 6  # at once
+
+    def __repr__(self) -> str:
+        shown = (f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__ if f != "password")
+        return f"RegistryConfig({', '.join(shown)})"
 
     @property
     def allows_plain_http(self) -> bool:
@@ -104,25 +126,26 @@ class RegistriesConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RegistriesConfig:
+        """The [registries] table: its own settings (RegistriesTable), and a table for each
+        host (RegistryConfig)."""
         if not isinstance(data, Mapping):
             raise ConfigError("registries must be a table of registry hosts")
-        docker_config = None
-        max_blob_bytes = MAX_BLOB_BYTES
-        registries: dict[str, RegistryConfig] = {}
-        for host, table in data.items():
-            if host == "docker_config":
-                if not isinstance(table, str) or not table:
-                    raise ConfigError("registries.docker_config must be a path (a string)")
-                docker_config = Path(table).expanduser()
-            elif host == "max_blob_bytes":
-                if isinstance(table, bool) or not isinstance(table, int) or table < 1:
-                    raise ConfigError("registries.max_blob_bytes must be a whole number of "
-                                      f"bytes, at least 1 (default {MAX_BLOB_BYTES})")
-                max_blob_bytes = table
-            else:
-                registries[host] = _registry_from_dict(host, table)
-        return cls(registries=MappingProxyType(registries), docker_config=docker_config,
-                   max_blob_bytes=max_blob_bytes)
+        own = {k: v for k, v in data.items() if k in RegistriesTable.__struct_fields__}
+        try:
+            table = read(own, RegistriesTable, "registries")
+        except Invalid as e:
+            raise ConfigError(str(e)) from None
+        registries = {host: _registry(host, value) for host, value in data.items()
+                      if host not in own}
+        return cls(registries=MappingProxyType(registries),
+                   docker_config=None if table.docker_config is None
+                   else Path(table.docker_config).expanduser(),
+                   max_blob_bytes=table.max_blob_bytes)
+
+
+class RegistriesTable(Table):
+    docker_config: Text | None = None       # a path; None: Docker's own places
+    max_blob_bytes: Annotated[int, Meta(ge=1)] = MAX_BLOB_BYTES
 
 
 def _name_of(hostport: str) -> str:
@@ -134,66 +157,53 @@ def _name_of(hostport: str) -> str:
 
 def parse_mirror(text: str, where: str) -> Mirror:
     """`host[:port]` or `http(s)://host[:port][/]` (a mirror serves /v2/ at its root)."""
+    try:
+        return _mirror(text)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _mirror(text: Any) -> Mirror:
     if not isinstance(text, str) or not text:
-        raise ConfigError(f"{where}: each mirror must be a non-empty string")
+        raise ValueError("each mirror must be a non-empty string")
     scheme, sep, rest = text.partition("://")
     if not sep:
         scheme, rest = "", text
     elif scheme not in ("http", "https"):
-        raise ConfigError(f"{where}: mirror {text!r} must use http:// or https://")
+        raise ValueError(f"mirror {text!r} must use http:// or https://")
     host = rest.removesuffix("/")
     if "/" in host or "?" in host or "#" in host or "@" in host:
-        raise ConfigError(f"{where}: mirror {text!r} must be host[:port] or a URL with no path")
-    _check_host(host, where)
+        raise ValueError(f"mirror {text!r} must be host[:port] or a URL with no path")
+    _check_host(host)
     return Mirror(host=host, scheme=scheme or None)
 
 
-def _check_host(host: str, where: str) -> None:
+def _check_host(host: str) -> None:
+    name, _ = split_host(host)      # its ValueError says what is wrong
+    if not _HOST_NAME.fullmatch(name):
+        raise ValueError(f"{host!r} is not a host name or IP address")
+
+
+def _registry(host: str, table: Any) -> RegistryConfig:
+    """A host's table. What one key alone cannot say (the host, the two credentials
+    together, a CA file that exists) is checked here, once the keys are read."""
+    where = f'registries."{host}"'
     try:
-        name, _ = split_host(host)
+        _check_host(host)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    if not _HOST_NAME.fullmatch(name):
-        raise ConfigError(f"{where}: {host!r} is not a host name or IP address")
-
-
-def _registry_from_dict(host: object, table: object) -> RegistryConfig:
-    if not isinstance(host, str):
-        raise ConfigError("registries: each key must be a registry host such as 'docker.io'")
-    where = f"registries.{host!r}"
-    _check_host(host, where)
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"{where} must be a table")
-    unknown = sorted(str(k) for k in table if k not in _FIELDS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: "
-                          + ", ".join(_FIELDS))
-    mirrors = table.get("mirrors", [])
-    if not isinstance(mirrors, list | tuple):
-        raise ConfigError(f"{where}.mirrors must be a list of hosts or URLs")
-    for m in mirrors:
-        parse_mirror(m, f"{where}.mirrors")
-    insecure = table.get("insecure")
-    if insecure is not None and not isinstance(insecure, bool):
-        raise ConfigError(f"{where}.insecure must be true or false")
-    username, password = table.get("username"), table.get("password")
-    for key, value in (("username", username), ("password", password)):
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(f"{where}.{key} must be a non-empty string")
-    if (username is None) != (password is None):
+    if isinstance(table, Mapping) and "host" in table:
+        raise ConfigError(f"{where}.host: unknown setting; the table's name is the host")
+    try:
+        config = read({**table, "host": host} if isinstance(table, Mapping) else table,
+                      RegistryConfig, where)
+    except Invalid as e:
+        raise ConfigError(str(e)) from None
+    if (config.username is None) != (config.password is None):
         raise ConfigError(f"{where}: give both username and password, or neither")
-    ca_file = table.get("ca_file")
-    if ca_file is not None:
-        if not isinstance(ca_file, str) or not ca_file:
-            raise ConfigError(f"{where}.ca_file must be a path (a string)")
-        ca_file = str(Path(ca_file).expanduser())
+    if config.ca_file is not None:
+        ca_file = str(Path(config.ca_file).expanduser())
         if not Path(ca_file).is_file():
             raise ConfigError(f"{where}.ca_file: {ca_file} is not a readable file")
-    limit = table.get("max_concurrency", 6)
-    if isinstance(limit, bool) or not isinstance(limit, int) \
-            or not 1 <= limit <= MAX_CONCURRENCY_LIMIT:
-        raise ConfigError(f"{where}.max_concurrency must be a whole number from 1 to "
-                          f"{MAX_CONCURRENCY_LIMIT}")
-    return RegistryConfig(host=host, mirrors=tuple(mirrors), insecure=insecure,
-                          username=username, password=password, ca_file=ca_file,
-                          max_concurrency=limit)
+        config = msgspec.structs.replace(config, ca_file=ca_file)
+    return config

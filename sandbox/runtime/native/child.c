@@ -9,7 +9,8 @@
  * The child, in this order: default signal dispositions and an empty mask, setsid, the
  * run's cgroups (write "0" to each cgroup.procs descriptor), an IPC namespace of its own,
  * every rlimit, nice, scheduling policy, CPU affinity, I/O priority and personality as init
- * had them before any run, stdio on 0-2, chroot into the container's root, chdir, umask,
+ * had them before any run, stdio on 0-2 (a pty's slave made the controlling terminal, for
+ * a run with a terminal), chroot into the container's root, chdir, umask,
  * drop the bounding and ambient capability sets, setgroups/setresgid/setresuid, clear the remaining capability sets,
  * non-dumpable again (for the mm it still shares with init), no_new_privs, close every
  * other descriptor, load the seccomp BPF, execve each candidate path. A failure is written
@@ -31,6 +32,7 @@
 #include <string.h>
 #include <sys/personality.h>
 #include <sys/prctl.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -159,6 +161,11 @@ static __attribute__((noreturn)) void child(const struct plan *p)
     for (i = 0; i < 3; i++)
         if (dup2(p->stdio[i], i) < 0)
             fail(p, 125, "stdio", errno);
+    /* A session leader since setsid, with no terminal yet: the pty becomes its controlling
+     * terminal and the run's process group its foreground, so ^C, ^Z and SIGWINCH reach the
+     * run's processes (and only them). */
+    if (p->ctty && ioctl(0, TIOCSCTTY, 0) < 0)
+        fail(p, 125, "tty", errno);
     /* The container's root is below init's (which also holds the layers and what a reset
      * needs): the run enters it while it still has the capability to. */
     if (p->root && chroot(p->root) < 0)

@@ -45,6 +45,7 @@ struct plan {
     const unsigned long *affinity;
     int new_ipc;
     int stdio[3];
+    int ctty; /* stdio is a pty's slave: make it the new session's controlling terminal */
     int ncgroup;
     int cgroup_fd[MAX_CGROUP_FDS];
     struct sock_fprog prog;

@@ -10,7 +10,7 @@
  * child starts from, reports "ready" and serves its control socket (SOCK_SEQPACKET, one
  * MessagePack map per datagram, descriptors as SCM_RIGHTS; see sandbox/runtime/protocol.py):
  * exec, signal, reset, open and bind, answered by the events exited, reset, opened and
- * bound.
+ * bound (and pty, before exited, for an exec with a terminal: its master).
  *
  * Init is hostile ground: it is non-dumpable, holds no host file, handles no signal but
  * SIGCHLD and, where the id map has more than one id, runs under an id that no run may
@@ -33,10 +33,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -55,6 +58,8 @@
 static const uint8_t IN_MEMFD[] = {0x81, 0xa5, 'm', 'e', 'm', 'f', 'd', 0xc3};
 
 #define DEFAULT_PATH "/usr/local/bin:/usr/bin:/bin"
+#define DEVPTS_MAGIC 0x1cd1
+#define TTY_MAX 1000 /* rows and columns, as the API bounds them */
 
 struct config {
     struct sock_fprog prog;
@@ -291,6 +296,8 @@ struct exec_req {
     int64_t id;
     int has_id;
     int reset_after;
+    int tty;                     /* 0-2 are a new pty of this size (rows, cols) */
+    struct winsize size;
     struct plan plan;
     void *block;
     char *cwd;
@@ -336,7 +343,7 @@ static const char *parse_exec(const struct mp_value *msg, const int *fds, int nf
     char **ptrs, *at;
     int64_t x;
     uint32_t i;
-    int npaths, has_path = 0;
+    int npaths, has_path = 0, nstdio = 3;
 
     memset(e, 0, sizeof(*e));
     if (mp_get(msg, "id", &v) == 0 && mp_int(&v, INT64_MIN, INT64_MAX, &e->id) == 0)
@@ -345,9 +352,21 @@ static const char *parse_exec(const struct mp_value *msg, const int *fds, int nf
         e->reset_after = (int)v.u;
     if (!e->has_id)
         return "'id' must be an int";
-    if (nfds < 3)
+    /* "tty": [rows, cols]: the run's 0-2 are a pty init makes, so the host sends none. */
+    if (mp_get(msg, "tty", &v) == 0 && v.type != MP_NIL) {
+        int64_t rows, cols;
+        if (v.type != MP_ARRAY || v.len != 2 || mp_item(&v, 0, &item) < 0 ||
+            mp_int(&item, 1, TTY_MAX, &rows) < 0 || mp_item(&v, 1, &item) < 0 ||
+            mp_int(&item, 1, TTY_MAX, &cols) < 0)
+            return "'tty' must be [rows, cols], each 1..1000";
+        e->tty = 1;
+        e->size.ws_row = (unsigned short)rows;
+        e->size.ws_col = (unsigned short)cols;
+        nstdio = 0;
+    }
+    if (nfds < nstdio)
         return "an exec needs stdin, stdout and stderr descriptors";
-    if (nfds - 3 > MAX_CGROUP_FDS)
+    if (nfds - nstdio > MAX_CGROUP_FDS)
         return "too many cgroup descriptors";
     if (mp_get(msg, "argv", &argv) < 0 || argv.type != MP_ARRAY || argv.len == 0)
         return "'argv' must be a list of at least one string";
@@ -474,12 +493,11 @@ static const char *parse_exec(const struct mp_value *msg, const int *fds, int nf
     e->plan.cwd = e->cwd;
     e->plan.set_groups = cfg.set_groups;
     e->plan.new_ipc = 1;
-    e->plan.stdio[0] = fds[0];
-    e->plan.stdio[1] = fds[1];
-    e->plan.stdio[2] = fds[2];
-    e->plan.ncgroup = nfds - 3;
+    for (i = 0; i < (uint32_t)nstdio; i++)
+        e->plan.stdio[i] = fds[i];
+    e->plan.ncgroup = nfds - nstdio;
     for (i = 0; i < (uint32_t)e->plan.ncgroup; i++)
-        e->plan.cgroup_fd[i] = fds[3 + i];
+        e->plan.cgroup_fd[i] = fds[nstdio + i];
     e->plan.prog = cfg.prog;
     e->plan.last_cap = cfg.last_cap;
     e->plan.caps = cfg.caps;
@@ -510,12 +528,67 @@ static void send_spawn_failure(const struct exec_req *e, int64_t start, const ch
     send_msg(&w, -1);
 }
 
+/* The run's terminal: a new pty of the container's own devpts instance, its slave owned by
+ * the run's user (as login does), its size set. The ptmx is checked to be a devpts ptmx, so
+ * whatever a run did to the paths, init opens nothing else. Returns the master and the
+ * slave in *slave, or -1 with errno. */
+static int open_pty(const struct exec_req *e, int *slave)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    struct statfs fs;
+    int m, s, unlock = 0, err;
+
+    snprintf(path, sizeof(path), "%s/dev/pts/ptmx", scratch_root(&scratch));
+    /* Non-blocking: the host reads and writes the master from its event loop. */
+    if ((m = open(path, O_RDWR | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)) < 0)
+        return -1;
+    if (fstat(m, &st) < 0 || fstatfs(m, &fs) < 0)
+        goto failed;
+    if (!S_ISCHR(st.st_mode) || st.st_rdev != makedev(5, 2) || fs.f_type != DEVPTS_MAGIC) {
+        errno = ENODEV;
+        goto failed;
+    }
+    if (ioctl(m, TIOCSPTLCK, &unlock) < 0 || ioctl(m, TIOCSWINSZ, &e->size) < 0)
+        goto failed;
+    /* The slave through the master, not by path: no lookup a run could redirect. */
+    if ((s = ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0)
+        goto failed;
+    if (fchown(s, e->plan.uid, e->plan.gid) < 0) {
+        err = errno;
+        close(s);
+        errno = err;
+        goto failed;
+    }
+    *slave = s;
+    return m;
+failed:
+    err = errno;
+    close(m);
+    errno = err;
+    return -1;
+}
+
+/* {ev: pty, id} with the master: sent before the child exists, so the master is never
+ * among the descriptors the child inherits, and before the run's "exited". */
+static void send_pty(const struct exec_req *e, int master)
+{
+    struct mp_writer w = {.len = 0};
+    mp_w_map(&w, 2);
+    put_key(&w, "ev");
+    mp_w_cstr(&w, "pty");
+    put_key(&w, "id");
+    mp_w_int(&w, e->id);
+    send_msg(&w, master);
+}
+
 static void do_exec(const struct mp_value *msg, const int *fds, int nfds)
 {
     struct exec_req e;
     const char *bad;
     char why[256];
     int pipefd[2] = {-1, -1};
+    int slave = -1, master, i;
     int64_t start;
     pid_t pid = -1;
 
@@ -525,6 +598,19 @@ static void do_exec(const struct mp_value *msg, const int *fds, int nfds)
     if (bad == NULL && bind_failed)
         bad = "a file for the run could not be bound (see the bind's answer)";
     bind_failed = 0;
+    if (bad == NULL && e.tty) {
+        if ((master = open_pty(&e, &slave)) < 0) {
+            snprintf(why, sizeof(why), "opening the run's terminal: [Errno %d] %s", errno,
+                     strerror(errno));
+            bad = why;
+        } else {
+            send_pty(&e, master);
+            close(master);
+            for (i = 0; i < 3; i++)
+                e.plan.stdio[i] = slave;
+            e.plan.ctty = 1;
+        }
+    }
     if (bad == NULL && pipe2(pipefd, O_CLOEXEC) < 0) {
         snprintf(why, sizeof(why), "[Errno %d] %s", errno, strerror(errno));
         bad = why;
@@ -541,6 +627,8 @@ static void do_exec(const struct mp_value *msg, const int *fds, int nfds)
         prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
         close(pipefd[1]);
     }
+    if (slave >= 0)
+        close(slave);
     close_fds(fds, nfds);
     if (bad != NULL) {
         if (pipefd[0] >= 0)
