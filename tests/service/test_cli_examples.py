@@ -25,7 +25,9 @@ TOKEN = "examples-token-0123456789abcdef"
 # What an example exits with when it is not 0 (the page's text says so)
 STATUSES = {"sbx run -v --limit wall_ms=1000 busybox -- sleep 5": 124}
 # Examples that need what this test has not: they are only parsed (tests/unit/test_sbx_help)
-NOT_RUN = {"sbx push busybox localhost:5000/busybox:1": "no registry on localhost:5000 here"}
+NOT_RUN = {"sbx push busybox localhost:5000/busybox:1": "no registry on localhost:5000 here",
+           "sbx run -it busybox sh": "needs a terminal: test_tty_terminal.py types into it "
+                                     "in tmux"}
 # The pages that change what `busybox` names run last (a pull of another platform)
 LAST = {("pull",)}
 

@@ -129,6 +129,11 @@ def _exec_start(layout: systemd.Layout, log: Path) -> subprocess.Popen[bytes]:
     hardening = [(k, v[0]) for k, v in service.items() if k.startswith(("Protect", "Private"))]
     assert sorted(hardening) == sorted([*READ_ONLY, ("PrivateTmp", "yes")]), hardening
     pw = pwd.getpwnam(service["User"][0])
+    program = shlex.split(service["ExecStart"][0])[0]
+    if os.geteuid() == 0 and subprocess.run(["runuser", "-u", pw.pw_name, "--", "test", "-x",
+                                             program], check=False).returncode != 0:
+        pytest.skip(f"{pw.pw_name} cannot run {program}: this checkout lies where other users "
+                    "cannot reach it (e.g. under a 0700 directory); clone it where they can")
     tmp = layout.state_dir.parent / "tmp"
     tmp.mkdir(exist_ok=True)
     if os.geteuid() == 0:

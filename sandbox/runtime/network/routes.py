@@ -11,7 +11,7 @@ import socket
 import struct
 
 _RTM_NEWROUTE = 24
-_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_REPLACE, _NLM_F_CREATE = 0x1, 0x4, 0x100, 0x400
 _NLMSG_ERROR = 2
 _RTA_DST = 1
 _RT_TABLE_MAIN, _RTPROT_STATIC, _RT_SCOPE_UNIVERSE, _RTN_UNREACHABLE = 254, 4, 0, 7
@@ -25,7 +25,10 @@ def _request(seq: int, cidr: str) -> bytes:
     rtm = struct.pack("BBBBBBBBI", family, net.prefixlen, 0, 0, _RT_TABLE_MAIN,
                       _RTPROT_STATIC, _RT_SCOPE_UNIVERSE, _RTN_UNREACHABLE, 0)
     body = rtm + rta
-    flags = _NLM_F_REQUEST | _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_EXCL
+    # Replace, not fail on, a route of the same destination: slirp4netns configures tap0
+    # while these are added (EEXIST was seen for 10.0.0.0/8), and what must hold at the end
+    # is that the destination is unreachable.
+    flags = _NLM_F_REQUEST | _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_REPLACE
     return struct.pack("IHHII", 16 + len(body), _RTM_NEWROUTE, flags, seq, 0) + body
 
 
