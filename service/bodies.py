@@ -180,13 +180,12 @@ class TtySize(Body):
     cols: Annotated[int, Meta(ge=1, le=1000)]
 
 
-class PipelineProcess(Body):
-    """One process of a pipeline: the body's env, files and limits apply to it, its own over
-    them (env and limits key by key, files by path)."""
+class Command(Body):
+    """What a command is given and what it gives back: a pipeline's process and an exec
+    (a run's too) share them."""
 
     __not_both__ = (("stdin", "stdin_base64"),)
 
-    cmd: Cmd
     env: Env | UnsetType = UNSET
     cwd: ContainerPath | UnsetType = UNSET
     user: User | UnsetType = UNSET
@@ -196,6 +195,13 @@ class PipelineProcess(Body):
     limits: Limits | UnsetType = UNSET
     copy_out: CopyOut | UnsetType = UNSET
     copy_out_cached: CopyOutCached | UnsetType = UNSET
+
+
+class PipelineProcess(Command, kw_only=True):
+    """One process of a pipeline: the body's env, files and limits apply to it, its own over
+    them (env and limits key by key, files by path)."""
+
+    cmd: Cmd
 
 
 # [process index, fd]; which fds and processes a pipe may join, the pipeline's check says
@@ -216,24 +222,14 @@ class Pipe(Body, rename={"from_": "from"}):
                     "in all)")] | UnsetType = UNSET
 
 
-class ExecRequest(Body):
+class ExecRequest(Command, kw_only=True):
     """A command in a container: a session's (POST /v1/containers/{id}/exec) or, with
     `image`, a run's."""
 
-    __not_both__ = (("stdin", "stdin_base64"),)
     __only_with__ = (("tty_size", "tty"),)
 
     cmd: Cmd | UnsetType = UNSET
-    env: Env | UnsetType = UNSET
-    cwd: ContainerPath | UnsetType = UNSET
-    user: User | UnsetType = UNSET
-    stdin: Stdin | UnsetType = UNSET
-    stdin_base64: StdinBase64 | UnsetType = UNSET
-    files: Files | UnsetType = UNSET
-    limits: Limits | UnsetType = UNSET
     output_encoding: OutputEncoding | UnsetType = UNSET
-    copy_out: CopyOut | UnsetType = UNSET
-    copy_out_cached: CopyOutCached | UnsetType = UNSET
     tty: Annotated[bool, Meta(description="a terminal inside the container is the run's "
                                           "stdin, stdout and stderr (stderr is merged into "
                                           "stdout; the result's stderr is \"\"); not in "
