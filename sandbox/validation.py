@@ -13,30 +13,18 @@ Two additions to what msgspec declares, so that its messages can be plain:
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET
 
 T = TypeVar("T")
 
-_AT = re.compile(r" - at (?:`key` in )?`\$(?P<path>[^`]*)`$")
-_KEY = re.compile(r" - at `key` in `\$(?P<path>[^`]*)`$")
-_TYPES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "a boolean",
-          "array": "an array", "object": "an object", "null": "null"}
-_EXPECTED = re.compile(r"^Expected `(?P<want>[a-z]+)`, got `(?P<got>[a-z]+)`$")
-_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
-_MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]*)`$")
-_PATTERN = re.compile(r"^Expected `str` matching regex (?P<pattern>'.*'|\".*\")$", re.S)
-_BOUND = re.compile(r"^Expected `(?P<what>int|float|str|array|object)`(?: of length)? "
-                    r"(?P<op>[<>]=) (?P<n>-?[0-9.e+]+)$")
-_ENUM = re.compile(r"^Invalid enum value (?P<value>.*)$", re.S)
-# What a Grouped check says: the field to blame, then the words (see _culprit).
-_CULPRIT = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*)\x1f(?P<text>.*)$", re.S)
-
 Why = str | Callable[[str], str]
+DecHook = Callable[[type, Any], Any]
 _HINTS: dict[str, Why] = {}
 
 
@@ -65,139 +53,204 @@ class Invalid(Exception):
         return self.message
 
 
+@dataclass(frozen=True)
+class Words:
+    """How an error names what is wrong, for its reader: a JSON body's or a config file's."""
+
+    nouns: dict[str, str]       # msgspec's type names in the reader's terms
+    unknown: str                # an unknown key is an unknown <this> (a Table says its own)
+    describe: bool              # a key's description (its Meta) says what to give
+
+
+_JSON_NOUNS = {"int": "an integer", "float": "a number", "str": "a string",
+               "bool": "a boolean", "array": "an array", "object": "an object", "null": "null"}
+BODY = Words(_JSON_NOUNS, "field", describe=False)
+_FILE_NOUNS = {**_JSON_NOUNS, "bool": "true or false"}
+JSON_FILE = Words(_FILE_NOUNS, "setting", describe=True)
+# TOML has tables and lists, and no null.
+TOML_FILE = Words({**_FILE_NOUNS, "array": "a list", "object": "a table", "null": "nothing"},
+                  "setting", describe=True)
+
+_AT = re.compile(r" - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`$")
+_TYPE = re.compile(r"^Expected `(?P<want>[a-z |]+)`, got `(?P<got>[a-z]+)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`")
+_MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]*)`")
+_PATTERN = re.compile(r"^Expected `str` matching regex (?P<pattern>'.*'|\".*\")$", re.S)
+_BOUND = re.compile(r"^Expected `(?P<what>int|float|str|array|object)`(?: of length)? "
+                    r"(?P<op>[<>]=) (?P<n>-?[0-9.e+]+)$")
+_ENUM = re.compile(r"^Invalid enum value (?P<value>.*)$", re.S)
+_SEGMENT = re.compile(r"\[(?P<index>[^\]]*)\]|\.?(?P<name>[^.\[]+)")
+# What a Grouped check says: the field to blame, then the words (see _culprit).
+_CULPRIT = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*)\x1f(?P<text>.*)$", re.S)
+
+
 def _join(prefix: str, path: str) -> str:
-    path = path.lstrip(".")
-    if not prefix:
-        return path
-    return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}" if path else prefix
+    if not prefix or not path:
+        return prefix or path
+    return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
 
 
-_STEP = re.compile(r"\.([^.\[]+)|\[(-?\d+)\]|\[([^\]]*)\]")
+@dataclass(frozen=True)
+class _Spot:
+    """Where in a value msgspec's error points: the path with a table's key in place of
+    msgspec's `[...]`, the type declared there, its description, and the value given (the
+    key, when a key itself is wrong; UNSET when it is not at hand)."""
+
+    path: str
+    kind: Any
+    description: str
+    value: Any
 
 
-def _value_at(data: Any, path: str) -> Any:
-    """The value at a msgspec path (`.files[2].path`) in `data`, or UNSET."""
-    for name, index, key in _STEP.findall(path):
-        try:
-            data = data[int(index)] if index else data[name or key]
-        except (KeyError, IndexError, TypeError, ValueError):
-            return UNSET
-    return data
-
-
-def _literals(into: Any, path: str) -> tuple[Any, ...]:
-    """The values a Literal at `path` in the type `into` allows (errors only: not fast)."""
-    info = msgspec.inspect.type_info(into)
-    for name, index, key in [*_STEP.findall(path), ("", "", "")]:
-        while True:
-            if isinstance(info, msgspec.inspect.Metadata):
-                info = info.type
-            elif isinstance(info, msgspec.inspect.UnionType):
-                kinds = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
-                if len(kinds) != 1:
-                    return ()
-                info = kinds[0]
-            else:
-                break
-        if not (name or index or key):
-            break
-        if isinstance(info, msgspec.inspect.StructType) and name:
-            info = next((f.type for f in info.fields if f.encode_name == name), None)
-        elif isinstance(info, msgspec.inspect.ListType) and index:
-            info = info.item_type
-        elif isinstance(info, msgspec.inspect.TupleType) and index:
-            info = info.item_types[int(index)]
-        elif isinstance(info, msgspec.inspect.DictType):
-            info = info.value_type
+def _locate(into: Any, data: Any, raw: str, key: bool, dec_hook: DecHook | None) -> _Spot:
+    """Walk msgspec's path (`.files[2].path`, `.env[...]`) through the type and the data
+    together. A table's key is found by converting its entries one by one (errors only:
+    not fast), since msgspec's path leaves it out."""
+    path, kind = "", into
+    for m in _SEGMENT.finditer(raw):
+        kind, _ = _unwrap(kind)
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if m["name"] is not None:
+            struct = isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+            types = {f.encode_name: f.type for f in msgspec.structs.fields(kind)} \
+                if struct else {}
+            kind = types.get(m["name"], Any)
+            data = data.get(m["name"], UNSET) if isinstance(data, dict) else UNSET
+            path = _join(path, m["name"])
+        elif origin is dict or (m["index"] == "..." and isinstance(data, dict)):
+            kinds = args if origin is dict else (Any, Any)
+            if key and m.end() == len(raw):
+                # A key is wrong: the path stays the table's, the value is the key.
+                kind = kinds[0]
+                found = _failing_key(data, kinds, dec_hook)
+                data = UNSET if found is None else found
+                continue
+            found = _failing_key(data, kinds, dec_hook)
+            kind = kinds[1]
+            data = data.get(found, UNSET) if isinstance(data, dict) and found is not None \
+                else UNSET
+            path = _join(path, "<key>" if found is None else found)
         else:
-            return ()
-    return tuple(info.values) if isinstance(info, msgspec.inspect.LiteralType) else ()
+            index = int(m["index"]) if m["index"].isdigit() else -1
+            fixed = len(args) > 1 and args[-1] is not Ellipsis
+            kind = (args[index] if fixed and 0 <= index < len(args) else
+                    args[0] if args and not fixed else Any)
+            data = data[index] if isinstance(data, list) and 0 <= index < len(data) else UNSET
+            path = f"{path}[{m['index']}]"
+    kind, description = _unwrap(kind)
+    return _Spot(path, kind, description, data)
 
 
-def _key_of(data: Any, into: Any, raw: str) -> str:
-    """`raw` with its first `[...]` (msgspec's word for "some value of this dict") made the
-    key whose value is wrong: each entry is tried alone (errors only: not fast)."""
-    head, _, tail = raw.partition("[...]")
-    table = _value_at(data, head)
+_ABSENT = {type(None), msgspec.UnsetType}   # beside a value's type in a union: "not given"
+
+
+def _unwrap(kind: Any) -> tuple[Any, str]:
+    """The type under Annotated and Optional, and the last description on the way."""
+    description = ""
+    while True:
+        if typing.get_origin(kind) is typing.Annotated:
+            kind, *metas = typing.get_args(kind)
+            description = next((m.description for m in metas
+                                if isinstance(m, msgspec.Meta) and m.description),
+                               description)
+        elif isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+            return kind, description
+        elif set(typing.get_args(kind)) & _ABSENT:
+            rest = [a for a in typing.get_args(kind) if a not in _ABSENT]
+            if len(rest) != 1:
+                return kind, description
+            kind = rest[0]
+        else:
+            return kind, description
+
+
+def _failing_key(table: Any, kinds: tuple[Any, ...], dec_hook: DecHook | None) -> str | None:
     if not isinstance(table, dict):
-        return raw
-    items = dict(table)
-    try:
-        for key, value in items.items():
-            table.clear()
-            table[key] = value
-            try:
-                msgspec.convert(data, into, strict=True)
-            except msgspec.ValidationError as e:
-                m = _AT.search(str(e))
-                if m and m["path"].startswith(f"{head}[...]"):
-                    return f"{head}.{key}{tail}"
-    finally:
-        table.clear()
-        table.update(items)
-    return raw
+        return None
+    for key, value in table.items():
+        try:
+            msgspec.convert(key, kinds[0], strict=True, dec_hook=dec_hook)
+            msgspec.convert(value, kinds[1], strict=True, dec_hook=dec_hook)
+        except msgspec.ValidationError:
+            return str(key)
+    return None
 
 
 def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
     return repr(value[:64] if isinstance(value, str) else value)
 
 
-def explain(error: msgspec.ValidationError, prefix: str = "", whole: str = "body",
-            data: Any = UNSET, into: Any = None) -> Invalid:
-    """Our error for msgspec's: the field's path under `prefix`, and a plain message (with
-    the value that was given, when `data` holds it, and the values allowed, when `into`,
-    the type, lists them)."""
+def explain(error: msgspec.ValidationError, into: Any, data: Any = UNSET, *,
+            prefix: str = "", whole: str = "body", words: Words = BODY,
+            dec_hook: DecHook | None = None) -> Invalid:
+    """Our error for msgspec's, in `words`: the field's path under `prefix` (`whole` when
+    the whole value is wrong), the value that was given when `data` holds it, the known
+    keys of an object with an unknown one, the values a choice allows, and what a pattern
+    asks in words (`hinted`)."""
     text = str(error)
-    m = _AT.search(text)
-    raw = m["path"] if m else ""
-    if "[...]" in raw and into is not None and data is not UNSET:
-        raw = _key_of(data, into, raw)
-    path = _join(prefix, raw)
-    what = text[:m.start()] if m else text
-    at = path or whole
-    value = _value_at(data, raw) if data is not UNSET else UNSET
-    if _KEY.search(text):
-        value = UNSET  # the key is what is wrong, not the value under it
+    at_m = _AT.search(text)
+    what = text[:at_m.start()] if at_m else text
+    key = bool(at_m and at_m["key"])
+    raw = "" if at_m is None else at_m["path"] + ("[...]" if key else "")
+    spot = _locate(into, data, raw, key, dec_hook)
+    field = _join(prefix, spot.path)
+    at = field or whole
     if u := _UNKNOWN.match(what):
-        field = _join(path, u["name"])
-        return Invalid(field, f"{at}: unknown field {u['name'][:64]!r}; remove it or check "
-                              "its spelling")
+        struct = isinstance(spot.kind, type) and issubclass(spot.kind, msgspec.Struct)
+        known = ", ".join(sorted(f.encode_name for f in msgspec.structs.fields(spot.kind))) \
+            if struct else ""
+        field = _join(field, u["name"])
+        word = getattr(spot.kind, "config_word", words.unknown)
+        return Invalid(field, f"{field}: unknown {word}" + (f"; known: {known}" if known
+                                                             else "; remove it"))
     if r := _MISSING.match(what):
-        field = _join(path, r["name"])
+        field = _join(field, r["name"])
         return Invalid(field, f"{field}: required")
-    if e := _EXPECTED.match(what):
-        want, got = (_TYPES.get(e[k], e[k]) for k in ("want", "got"))
-        return Invalid(path, f"{at}: expected {want}, got {got}")
     if c := _CULPRIT.match(what):
-        return Invalid(_join(path, c["field"]), f"{at}: {c['text']}")
+        return Invalid(_join(field, c["field"]), f"{at}: {c['text']}")
+    detail = _detail(what, spot, words, key)
+    if key:
+        named = f"key {_shown(spot.value)}" if spot.value is not UNSET else "a key"
+        return Invalid(field, f"{at}: {named} {detail}")
+    return Invalid(field, f"{at}: {detail}")
+
+
+def _detail(what: str, spot: _Spot, words: Words, key: bool) -> str:
+    t = _TYPE.match(what)
+    got = "" if t is None else ", got a boolean" if t["got"] == "bool" else \
+        f", got {words.nouns.get(t['got'], t['got'])}"
+    if words.describe and spot.description:
+        shown = "" if got or key or spot.value is UNSET else f", got {_shown(spot.value)}"
+        return f"expected {spot.description}{got}{shown}"
+    if t:
+        wants = [words.nouns.get(w, w) for w in t["want"].split(" | ") if w != "null"]
+        return f"expected {' or '.join(wants)}{got}"
     if p := _PATTERN.match(what):
         why = _HINTS.get(p["pattern"], "is not in the form the schema gives")
         if callable(why):
-            why = why(value if isinstance(value, str) else "")
-        if _KEY.search(text):
-            return Invalid(path, f"{at}: a key {why}")
-        shown = f" {_shown(value)}" if value is not UNSET else ""
-        return Invalid(path, f"{at}:{shown} {why}")
+            why = why(spot.value if isinstance(spot.value, str) else "")
+        return f"{_shown(spot.value)} {why}" if spot.value is not UNSET and not key else why
     if b := _BOUND.match(what):
-        return Invalid(path, _bound(at, value, b["what"], b["op"], b["n"]))
+        return _bound(spot.value, b["what"], b["op"], b["n"])
     if n := _ENUM.match(what):
-        values = _literals(into, raw) if into is not None else ()
-        return Invalid(path, f"{at}: {n['value'][:80]} is not one of "
-                             f"{', '.join(map(str, values)) or 'the values the schema lists'}")
-    return Invalid(path, f"{at}: {what[0].lower()}{what[1:]}" if what else f"{at}: invalid")
+        values = typing.get_args(spot.kind) if typing.get_origin(spot.kind) is Literal else ()
+        return (f"{n['value'][:80]} is not one of "
+                f"{', '.join(sorted(map(str, values))) or 'the values the schema lists'}")
+    return f"{what[0].lower()}{what[1:]}" if what else "invalid"
 
 
-def _bound(at: str, value: Any, what: str, op: str, n: str) -> str:
+def _bound(value: Any, what: str, op: str, n: str) -> str:
     if what in ("int", "float"):
         shown = f"{value} " if value is not UNSET else ""
-        return (f"{at}: {shown}is out of range; give "
-                f"{'at least' if op == '>=' else 'at most'} {n}")
+        return f"{shown}is out of range; give {'at least' if op == '>=' else 'at most'} {n}"
     unit = {"str": "characters", "array": "item(s)", "object": "entries"}[what]
     if op == ">=":
         if what == "str" and n == "1":
-            return f"{at}: must not be empty"
-        return f"{at}: give at least {n} {unit}"
-    return f"{at}: more than {n} {unit}" if what != "str" else f"{at}: longer than {n} {unit}"
+            return "must not be empty"
+        return f"give at least {n} {unit}"
+    return f"more than {n} {unit}" if what != "str" else f"longer than {n} {unit}"
 
 
 def convert(data: Any, into: type[T], prefix: str = "", whole: str = "body",
@@ -211,7 +264,7 @@ def convert(data: Any, into: type[T], prefix: str = "", whole: str = "body",
     except msgspec.ValidationError as e:
         if whole_floats and _FLOAT_FOR_INT in str(e):
             return convert(_whole(data), into, prefix, whole)
-        raise explain(e, prefix, whole, data, into) from None
+        raise explain(e, into, data, prefix=prefix, whole=whole) from None
 
 
 _FLOAT_FOR_INT = "Expected `int`, got `float`"

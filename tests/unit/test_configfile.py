@@ -70,7 +70,7 @@ def test_values_are_read_with_their_own_types() -> None:
      "top.peers.b.timeout_s: expected a positive number of seconds, got 0"),
     ({"peers": {"a": {"url": "h"}, "b": {"url": "a b"}}},
      "top.peers.b.url: 'a b' is not a host name"),
-    ({"peers": {"a": {"url": "h"}, "B": {"url": "h"}}}, "top.peers.B: "),
+    ({"peers": {"a": {"url": "h"}, "B": {"url": "h"}}}, "top.peers: key 'B' "),
 ])
 def test_errors_name_the_key_and_say_what_to_give(data: Any, message: str) -> None:
     assert _error(data).startswith(message)
