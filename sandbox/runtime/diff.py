@@ -110,9 +110,15 @@ class _Layer(TreeTar):
     def __init__(self, container: Container, max_bytes: int, max_entries: int) -> None:
         super().__init__(container, max_bytes, max_entries)
         self.names: dict[tuple[int, int], str] = {}   # (dev, ino) -> its first name
+        # The runtime's own files (/etc/hosts...) are the container's, not the image's:
+        # what a run did to them stays out of the layer, as Docker's and buildah's binds
+        # keep it out of theirs.
+        self.provided = {path.lstrip("/") for path, _ in container.rootfs.provided}
 
     async def _enter(self, path: bytes, arcname: str, fd: int, st: os.stat_result) -> TreeDir:
         d = await super()._enter(path, arcname, fd, st)
+        d.entries = [(name, kind) for name, kind in d.entries
+                     if (f"{arcname}/{name}" if arcname else name) not in self.provided]
         for name, _kind in d.entries:
             if name.startswith(WHITEOUT):
                 shown = os.fsdecode(os.path.join(b"/", path, os.fsencode(name)))

@@ -82,6 +82,8 @@ class RootfsSpec:
     tmpfs: tuple[TmpfsMount, ...] = DEFAULT_TMPFS
     sys: str = "none"                # "none" (absent) or "ro" (read-only sysfs)
     files: str | None = None         # the file cache's blob directory, for init's binds
+    # (path, content) of files the runtime provides over the image's (network/names.py)
+    provided: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,12 +121,15 @@ class Root:
     the layers (read-only without an upper). Mount points the image lacks (or has as a
     symbolic link or a file) are provided by a skeleton layer on top, as runc and podman
     make their own: an image's shape never keeps /proc, /dev or /tmp from being mounted,
-    and a mount never follows a link the image planted."""
+    and a mount never follows a link the image planted. The skeleton also holds the files
+    the runtime provides (/etc/hosts...), as a layer rather than binds: a writable root's
+    reset keeps them, and a run that changes one changes its own copy."""
 
     lowers: tuple[str, ...]          # paths in init's root, topmost first (overlayfs's order)
     upper: str | None = None         # paths in init's root
     work: str | None = None
     mountpoints: tuple[str, ...] = ()
+    provided: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -219,9 +224,9 @@ def plan(spec: RootfsSpec, sources: list[str], files: str | None = None) -> Plan
         add(Tmpfs(RW, spec.upper_size, mode=0o755, staging=True))
         add(Mkdir(f"{RW}/upper", staging=True))
         add(Mkdir(f"{RW}/work", staging=True))
-        add(Root(lowers, f"{RW}/upper", f"{RW}/work", mountpoints))
+        add(Root(lowers, f"{RW}/upper", f"{RW}/work", mountpoints, spec.provided))
     else:
-        add(Root(lowers, mountpoints=mountpoints))
+        add(Root(lowers, mountpoints=mountpoints, provided=spec.provided))
     add(Proc("/proc"))
     add(Tmpfs("/dev", 64 << 10, mode=0o755, flags=_SAFE | sc.MS_NOEXEC | sc.MS_STRICTATIME))
     for dev in DEVICES:
@@ -342,15 +347,34 @@ def execute(p: Plan) -> tuple[list[dict[str, str]], WritableRoot | None]:
 
 def _root(r: Root, p: Plan) -> WritableRoot | None:
     """Mount the container's root; with a skeleton layer on top if the image lacks a mount
-    point (found by looking, so a shape the plan cannot know of is still served)."""
+    point (found by looking, so a shape the plan cannot know of is still served) or the
+    runtime provides files. A provided file goes where the image's directory is a real one
+    or absent: an image whose /etc is a link or a file keeps its own shape."""
     lowers = r.lowers
     _mount_root(lowers, r.upper, r.work)
-    missing = [t for t in r.mountpoints if not _is_real_dir(_staged(ROOT), t)]
-    if missing:
-        _make_skeleton(_staged(ROOT), missing, _staged(SKELETON))
-        sc.umount2(_staged(ROOT), sc.MNT_DETACH)
-        lowers = (SKELETON, *lowers)
-        _mount_root(lowers, r.upper, r.work)
+    root = _staged(ROOT)
+    missing = [t for t in r.mountpoints if not _is_real_dir(root, t)]
+    provided = [(path, content) for path, content in r.provided
+                if _is_real_dir(root, os.path.dirname(path))
+                or not _is_anything(root, os.path.dirname(path))]
+    if missing or provided:
+        skeleton = _staged(SKELETON)
+        _make_skeleton(root, [*missing, *{os.path.dirname(p) for p, _ in provided}], skeleton)
+        for path, content in provided:
+            with open(skeleton + path, "x", encoding="utf-8") as f:
+                f.write(content)
+            os.chmod(skeleton + path, 0o644)
+        sc.umount2(root, sc.MNT_DETACH)
+        try:
+            _mount_root((SKELETON, *lowers), r.upper, r.work)
+            lowers = (SKELETON, *lowers)
+        except OSError as e:
+            # overlayfs takes no layer with mounts locked below it (a directory root with
+            # the host's mounts under it, which only a bind can show): such a root goes
+            # without the provided files, as it went before they were.
+            if missing or e.errno != errno.EINVAL:
+                raise
+            _mount_root(lowers, r.upper, r.work)
     if r.upper is None:
         return None
     tmpfs_targets = [op.target for op in p.ops
@@ -386,6 +410,20 @@ def _is_real_dir(root: str, target: str) -> bool:
                 return False
         except FileNotFoundError:
             return False
+    return True
+
+
+def _is_anything(root: str, target: str) -> bool:
+    """Whether anything (a link included) is at `target` or on the way to it below `root`."""
+    path = root
+    for part in target.strip("/").split("/"):
+        path = f"{path}/{part}"
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            return True
     return True
 
 

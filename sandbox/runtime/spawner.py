@@ -51,7 +51,8 @@ def _mapping(d: dict[str, Any]) -> idmap.IdMapping:
 
 def _spec(d: dict[str, Any]) -> rootfs.RootfsSpec:
     return rootfs.RootfsSpec(**{**d, "layers": tuple(d["layers"]),
-                                "tmpfs": tuple(rootfs.TmpfsMount(**m) for m in d["tmpfs"])})
+                                "tmpfs": tuple(rootfs.TmpfsMount(**m) for m in d["tmpfs"]),
+                                "provided": tuple(tuple(f) for f in d["provided"])})
 
 
 def _network(req: dict[str, Any], to_spawner_fds: socket.socket | None) -> None:

@@ -20,7 +20,7 @@ from sandbox.runtime import idmap
 from sandbox.runtime.cgroups import Cgroup, Detection, detect
 from sandbox.runtime.container import Container, container_limits
 from sandbox.runtime.housekeeping import Housekeeper
-from sandbox.runtime.network import FULL, NONE, PROXY, proxy, slirp
+from sandbox.runtime.network import FULL, NONE, PROXY, names, proxy, slirp
 from sandbox.runtime.network.rules import host_addresses
 from sandbox.runtime.policy import PolicyRegistry
 from sandbox.runtime.profiles import HOST_NETWORK
@@ -112,7 +112,8 @@ class Runtime:
         rootfs = RootfsSpec(
             layers=tuple(str(Path(p).resolve()) for p in spec.layers),
             writable=shape.writable if spec.writable is None else spec.writable,
-            upper_size=shape.upper_size, tmpfs=shape.tmpfs, sys=shape.sys, files=self.files)
+            upper_size=shape.upper_size, tmpfs=shape.tmpfs, sys=shape.sys, files=self.files,
+            provided=names.etc_files(spec.hostname, spec.network))
         if spec.network != NONE and profile.network == HOST_NETWORK:
             raise RuntimeSetupError(f"network {spec.network!r} needs a network namespace of "
                                     f"the container's own; policy {policy.name!r} keeps the "

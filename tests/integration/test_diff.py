@@ -463,11 +463,14 @@ def test_umoci_unpacks_the_layer_to_what_the_container_saw(
         session: Session, container: Container, tmp_path: Path) -> None:
     """An OCI layout whose base layer is the container's image (umoci made it from the
     same files) and whose top layer is the container's changes: umoci unpacks it to the
-    tree the container sees, owners included where it may set them (as root)."""
+    tree the container sees, owners included where it may set them (as root), but for the
+    runtime's own files: what a run did to them is not the image's."""
     sh(session, container, """
         set -e
         echo new > /etc/new.txt
+        echo changed >> /etc/passwd
         echo changed > /etc/hostname
+        echo 198.51.100.1 elsewhere >> /etc/hosts
         rm /etc/group /bin/vi
         rm -r /usr
         mkdir -p /usr/local
@@ -532,5 +535,10 @@ def test_umoci_unpacks_the_layer_to_what_the_container_saw(
             return f"{mode} {what}"
         seen = {p: strip(e) for p, e in seen.items()}
         unpacked = {p: strip(e) for p, e in unpacked.items()}
-    assert unpacked == seen
+    provided = ("./etc/hosts", "./etc/hostname")
+    assert "./etc/hosts" in seen             # the container saw its own
+    assert "./etc/hosts" not in unpacked    # neither the image nor the layer has one
+    assert (rootfs / "etc/hostname").read_text() == "sandbox\n"   # the image's, unchanged
+    assert {p: e for p, e in unpacked.items() if p not in provided} == \
+        {p: e for p, e in seen.items() if p not in provided}
     assert (rootfs / "data/a").stat().st_ino == (rootfs / "data/b").stat().st_ino

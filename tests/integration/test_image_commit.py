@@ -151,8 +151,9 @@ def test_commit_onto_a_pulled_image(session: Session, svc: ImageService, images:
     assert run["ExposedPorts"] == {"8080/tcp": {}, "53/udp": {}}
     assert (image.platform, image.config.platform) == (base.platform, base.config.platform)
     assert image.names == ("docker.io/a/committed:1",)
-    # It runs at once, with its own config: the file, the whiteout and the opaque /etc.
-    assert _run(session, image) == "hello from the commit\npasswd\nno vi\n"
+    # It runs at once, with its own config: the file, the whiteout and the opaque /etc
+    # (which shows the runtime's own files beside the image's passwd).
+    assert _run(session, image) == "hello from the commit\nhostname\nhosts\npasswd\nno vi\n"
     # It is the tenant's: A resolves it, B does not, by name or digest.
     assert session.run(svc.resolve("a/committed:1", tenant=A)).digest == image.digest
     for ref in ("a/committed:1", image.digest, image.config_digest):

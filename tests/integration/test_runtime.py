@@ -259,14 +259,14 @@ def test_writable_root_is_private(session: Session, busybox_root: Path) -> None:
 def test_layers_stack_in_order(session: Session, busybox_root: Path, tmp_path: Path) -> None:
     top = tmp_path / "top"
     (top / "etc").mkdir(parents=True)
-    (top / "etc/hostname").write_text("from-top\n")
+    (top / "etc/group").write_text("from-top\n")
     (top / "etc/only-top").write_text("yes\n")
     m = session.runtime.mapping
-    for p in (top, top / "etc", top / "etc/hostname", top / "etc/only-top"):
+    for p in (top, top / "etc", top / "etc/group", top / "etc/only-top"):
         os.lchown(p, m.root_uid, m.root_gid)
     for writable in (False, True):
         c = session.container([busybox_root, top], profile="judge", writable=writable)
-        r = sh(session, c, "cat /etc/hostname /etc/only-top; echo x > /tmp/ok && echo tmp-ok")
+        r = sh(session, c, "cat /etc/group /etc/only-top; echo x > /tmp/ok && echo tmp-ok")
         assert r.stdout == b"from-top\nyes\ntmp-ok\n"
         session.run(c.destroy())
 

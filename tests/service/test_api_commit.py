@@ -61,7 +61,9 @@ def test_commit_makes_an_image_of_the_changes(service: Service, images: Any) -> 
     async def go(s: aiohttp.ClientSession) -> None:
         sid = await _session(s, images.oci)
         # Container root owns the image's files (runs hold no capabilities: no chown).
-        await _sh(s, sid, "echo new > /new.txt && echo changed > /etc/hostname"
+        # /etc/hostname is the runtime's: the image keeps its own.
+        await _sh(s, sid, "echo new > /new.txt && echo changed >> /etc/passwd"
+                          " && echo changed > /etc/hostname"
                           " && rm /etc/group && mkdir -p /data && chmod 777 /data"
                           " && ln -s / /data/up && echo t > /tmp/gone", user="0")
         # A file only its owner may read, in a directory only it may enter.
@@ -78,7 +80,8 @@ def test_commit_makes_an_image_of_the_changes(service: Service, images: Any) -> 
         assert (out["status"], out["stdout"]) == ("ok", "new\n"), out
         out = await _run(s, name, ["id", "-u"])
         assert out["stdout"] == "0\n", out
-        out = await _run(s, name, ["sh", "-c", "echo $GREETING $WHO; pwd; cat /etc/hostname;"
+        out = await _run(s, name, ["sh", "-c", "echo $GREETING $WHO; pwd; tail -1 /etc/passwd;"
+                                   " cat /etc/hostname;"
                                    " test -e /etc/group || echo no-group; readlink /data/up;"
                                    " stat -c '%u %a' /data/own;"
                                    " test -e /tmp/gone || echo tmp-left-out"], env=PATH)
@@ -86,7 +89,7 @@ def test_commit_makes_an_image_of_the_changes(service: Service, images: Any) -> 
         # so its images show every file as container root's (Ownership "squash").
         owner = "1000" if os.geteuid() == 0 else "0"
         assert out["stdout"].splitlines() == [
-            "hello the world", "/data", "changed", "no-group", "/", f"{owner} 700",
+            "hello the world", "/data", "changed", "sandbox", "no-group", "/", f"{owner} 700",
             "tmp-left-out"], out
         out = await _run(s, name, ["sh", "-c", "stat -c '%u %a' /data/own/s; cat /data/own/s"],
                          env=PATH, user=owner)
