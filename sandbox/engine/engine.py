@@ -275,7 +275,10 @@ class Engine:
         """The run's request, its limits resolved (checked against the policy's maxima
         before any container is taken for it): no layer below resolves them again. A
         proxy run's environment names the proxy (the image's and the run's env over it)."""
-        limits = self._placed(policy.limits(spec.limits))
+        asked = spec.limits
+        if isinstance(spec.stdin, int):
+            asked = _interactive(asked, policy.profile.maxima)
+        limits = self._placed(policy.limits(asked))
         argv, env, cwd = apply_run(image.defaults, cmd=spec.cmd, env=spec.env, cwd=spec.cwd)
         if net is not None and net.mode == PROXY:
             env = proxy_env() | env
@@ -521,3 +524,13 @@ class Engine:
         return info
 
 
+# What a run fed as it goes (the WebSocket: a person at a terminal, or a program talking to
+# it) spends waiting on its user: without its own, it gets the policy's most, not the
+# default meant for a batch run (`sbx run -it IMAGE sh` is not killed after 30 s).
+INTERACTIVE_AT_MAXIMUM = ("wall_ms", "cpu_ms", "output_bytes")
+
+
+def _interactive(asked: Limits | None, maxima: Limits) -> Limits:
+    asked = asked or Limits()
+    return replace(asked, **{key: getattr(maxima, key) for key in INTERACTIVE_AT_MAXIMUM
+                             if getattr(asked, key) is None})

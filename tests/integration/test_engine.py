@@ -138,6 +138,35 @@ def test_a_run_keeps_the_policy_it_was_given(eng: Running, images: Any) -> None:
     assert out.result.stdout == b"twelve bytes\n" and not out.result.stdout_truncated
 
 
+def test_an_interactive_run_waits_on_its_user_not_on_the_default_clock(
+        eng: Running, images: Any) -> None:
+    """A run fed as it goes (stdin a descriptor: the WebSocket, `sbx run -it`) gets the
+    policy's maxima for wall time, CPU time and output unless it asks; a batch run of the
+    same policy gets its defaults."""
+    engine = eng.engine
+    judge = engine.policy("judge").profile
+    engine.runtime.policies.register(dataclasses.replace(
+        judge, name="judge-short",
+        defaults=dataclasses.replace(judge.defaults, wall_ms=300, output_bytes=4)))
+    script = "sleep 1; echo twelve bytes"
+
+    def run(stdin: int | None, limits: Limits | None = None) -> Any:
+        return eng.run(engine.run(images.oci, sh(script, stdin=stdin, limits=limits),
+                                  policy="judge-short", tenant=T)).result
+
+    batch = run(None)
+    assert batch.status == Status.WALL_LIMIT, batch
+    r, w = os.pipe()
+    try:
+        typed = run(r)
+        asked = run(r, Limits(wall_ms=300))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert typed.status == Status.OK and typed.stdout == b"twelve bytes\n", typed
+    assert asked.status == Status.WALL_LIMIT, asked
+
+
 def test_files_and_image_defaults(eng: Running, images: Any) -> None:
     out = eng.run(eng.engine.run(images.oci, RunSpec(
         cmd=["cat", "/tmp/in.txt"], files=(FileSpec("/tmp/in.txt", b"given\n"),)),
