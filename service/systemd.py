@@ -84,6 +84,15 @@ class Layout:
     def account(self) -> pwd.struct_passwd:
         return _account(self.user)
 
+    @property
+    def manager_dropin(self) -> Path | None:
+        """For a user service on a cgroup v1 host: a drop-in for the system unit of NAME's
+        user manager (user@UID.service), root's work a user unit cannot do (see
+        `dropin_text`)."""
+        if not self.per_user:
+            return None
+        return Path(f"/etc/systemd/system/user@{self.account.pw_uid}.service.d") / "sandboxd.conf"
+
 
 def _account(user: str) -> pwd.struct_passwd:
     try:
@@ -112,9 +121,39 @@ def executable() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
 
 
-def unit_text(layout: Layout, command: list[str], shutdown_deadline_s: float) -> str:
+def cgroup_v1() -> bool:
+    """Whether this host's memory controller is on a cgroup v1 hierarchy. sandboxd then
+    makes its cgroups in the subtrees `sandboxd setup --user NAME` delegates at the top of
+    each hierarchy, which systemd neither made nor keeps: cgroupfs forgets them at every
+    boot, and a `systemctl daemon-reload` removes the empty ones in a hierarchy whose
+    controller no unit enables (seen under systemd 252: the cpu one, and with it each
+    pooled container's cpu cgroup, so that the next run on it failed with ENODEV)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fstype, _, options = line.split(" - ", 1)[1].split(" ")[:3]
+            if fstype == "cgroup" and "memory" in options.strip().split(","):
+                return True
+    return False
+
+
+# What keeps the v1 delegation (see cgroup_v1) as long as the service is installed:
+# `sandboxd setup --user NAME` again, as root ("+"), before each start; and the controllers
+# sandboxd uses (cpu and cpuacct, memory, pids) enabled on the service, so that systemd keeps
+# them in use from the root down and removes nothing there at a daemon-reload. (freezer and
+# cpuset are not systemd's on v1: it leaves them alone.)
+ACCOUNTING = "CPUAccounting=yes\nMemoryAccounting=yes\nTasksAccounting=yes\n"
+
+
+def _redelegate(layout: Layout, command: list[str]) -> str:
+    return shlex.join([*command, "setup", "--user", layout.user]).replace("%", "%%")
+
+
+def unit_text(layout: Layout, command: list[str], shutdown_deadline_s: float,
+              v1: bool = False) -> str:
     """The unit file. In its usual place (/var/lib, ~/.local/state) the state directory is
-    systemd's to make and give to NAME at each start (StateDirectory=)."""
+    systemd's to make and give to NAME at each start (StateDirectory=). `v1`: the host's
+    cgroups are v1 (a system unit then keeps the delegation itself, see ACCOUNTING; a user
+    unit cannot, its manager's drop-in does)."""
     # Quoted as systemd unquotes; a % would start a specifier.
     exec_start = shlex.join([*command, "serve", "--config", str(layout.config),
                              "--state-dir", str(layout.state_dir)]).replace("%", "%%")
@@ -139,6 +178,14 @@ ProtectSystem=full
 ProtectHome=read-only
 PrivateTmp=yes
 """
+    keep = ""
+    if v1 and not layout.per_user:
+        keep = (f"# cgroup v1: the cgroups `sandboxd setup` delegated to {layout.user}, made "
+                f"again at each start\n# (a boot forgets them) and kept at a daemon-reload "
+                f"(service/systemd.py ACCOUNTING).\nExecStartPre=+{_redelegate(layout, command)}"
+                f"\n{ACCOUNTING}")
+    # No UMask=: the state directory (0700) keeps others out. (Under 0077 every run once
+    # failed with "exec: Permission denied": the runtime now sets its own, spawner.py.)
     return f"""\
 {MARK}
 [Unit]
@@ -147,9 +194,9 @@ After=network.target
 
 [Service]
 Type=exec
-{who}ExecStart={exec_start}
-{state}UMask=0077
-# Its containers' cgroups are made below the service's own.
+{who}{keep}ExecStart={exec_start}
+{state}# Its containers' cgroups are made below the service's own on cgroup v2; on v1 in those
+# `sandboxd setup` delegated (cgroup_v1 in service/systemd.py).
 Delegate=yes
 # SIGTERM to sandboxd alone: it stops taking requests and lets runs finish within
 # shutdown_deadline_s, then kills them; only what is left after that is killed here.
@@ -175,6 +222,20 @@ tokens_file = "{layout.tokens}"
 host = "127.0.0.1"
 port = 8643
 """
+
+
+def dropin_text(layout: Layout, command: list[str]) -> str:
+    """The drop-in for NAME's user manager on a cgroup v1 host: the delegation made again
+    before it starts (at boot, through lingering) and kept at a daemon-reload (ACCOUNTING).
+    "-": a failure here must not keep NAME's manager, and with it their logins, from
+    starting (sandboxd's runs then say they have no cgroup)."""
+    return f"""\
+{MARK}
+# sandboxd (a user service of {layout.user}) runs in the cgroups `sandboxd setup` delegated to
+# {layout.user} (cgroup v1): made again before {layout.user}'s user manager starts, as root.
+[Service]
+ExecStartPre=-+{_redelegate(layout, command)}
+{ACCOUNTING}"""
 
 
 def tokens_text() -> str:
@@ -226,8 +287,12 @@ def install(layout: Layout, command: list[str]) -> Iterator[str]:
         yield (f"warning: {program} is in a directory other users cannot enter, so the "
                f"service (as {layout.user}) cannot start it: install sandboxd where "
                f"{layout.user} can run it (e.g. a virtualenv in /opt) and set up again")
-    unit = unit_text(layout, command, config.shutdown_deadline_s)
+    v1 = cgroup_v1()
+    unit = unit_text(layout, command, config.shutdown_deadline_s, v1)
     yield _write(layout.unit, unit, 0o644, pw if layout.per_user else None, keep=False)
+    if v1 and layout.manager_dropin is not None:
+        yield _write(layout.manager_dropin, dropin_text(layout, command), 0o644, None,
+                     keep=False)
 
 
 def _unit_user(unit: Path) -> str | None:
@@ -278,9 +343,16 @@ def _systemctl(layout: Layout) -> list[str]:
 
 
 def start_commands(layout: Layout) -> list[list[str]]:
-    linger = [["loginctl", "enable-linger", layout.user]] if layout.per_user else []
     ctl = _systemctl(layout)
-    return [*linger, [*ctl, "daemon-reload"], [*ctl, "enable", "--now", UNIT]]
+    if not layout.per_user:
+        return [[*ctl, "daemon-reload"], [*ctl, "enable", "--now", UNIT]]
+    # The system manager's reload first: it reads the drop-in of NAME's manager. Lingering
+    # starts that manager at boot, and now, but returns once the start is queued: `start`
+    # waits until it is up, so the user manager's commands do not race it.
+    manager = f"user@{layout.account.pw_uid}.service"
+    return [["systemctl", "daemon-reload"], ["loginctl", "enable-linger", layout.user],
+            ["systemctl", "start", manager], [*ctl, "daemon-reload"],
+            [*ctl, "enable", "--now", UNIT]]
 
 
 def start(layout: Layout) -> Iterator[str]:
@@ -315,7 +387,9 @@ def remove(layout: Layout) -> Iterator[str]:
     if systemd_running() and layout.unit.exists():
         _check([*_systemctl(layout), "disable", "--now", UNIT])
         yield f"stopped and disabled {UNIT}"
-    for path in (layout.unit, layout.config, layout.tokens):
+    for path in (layout.unit, layout.config, layout.tokens, layout.manager_dropin):
+        if path is None:
+            continue
         with contextlib.suppress(FileNotFoundError):
             with open(path) as f:
                 ours = f.readline().rstrip("\n") == MARK
@@ -324,10 +398,13 @@ def remove(layout: Layout) -> Iterator[str]:
                 continue
             path.unlink()
             yield f"removed {path}"
-    with contextlib.suppress(OSError):  # the configuration's directory, once empty
-        layout.config.parent.rmdir()
-        yield f"removed {layout.config.parent}"
-    if systemd_running() and not layout.per_user:
+    for d in (layout.config.parent, layout.manager_dropin and layout.manager_dropin.parent):
+        if d is None:
+            continue
+        with contextlib.suppress(OSError):  # the directory, once empty
+            d.rmdir()
+            yield f"removed {d}"
+    if systemd_running():  # for a user service: its manager's drop-in went
         _check(["systemctl", "daemon-reload"])
     if layout.per_user:
         yield (f"lingering stays on for {layout.user} (other services of theirs may need it): "

@@ -330,6 +330,10 @@ class Spawner:
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
+    # What it makes for runs (init's root, mount points, the runtime's files) has the modes
+    # it names, whatever the service's umask: under 0077 the container's root, a
+    # subordinate id, could not enter its own root ("exec: Permission denied").
+    os.umask(0o022)
     sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
     try:

@@ -1,7 +1,7 @@
 """`sandboxd setup --user NAME --systemd`: the unit passes `systemd-analyze verify`, and its
 ExecStart, run by hand as NAME the way systemd would start it, serves /readyz and a run
-with a token of the tokens file (the honest stand-in for `systemctl start` where PID 1 is not
-systemd); a tokens file others may read is refused; --remove leaves nothing behind."""
+with a token of the tokens file; a tokens file others may read is refused; --remove leaves
+nothing behind. The same under a running systemd: tests/integration/test_systemd_boot.py."""
 
 from __future__ import annotations
 
@@ -89,6 +89,11 @@ def test_the_unit_verifies_and_leaves_out_what_breaks_user_namespaces(
     assert service["KillMode"] == ["mixed"] and service["Restart"] == ["on-failure"]
     assert service["TasksMax"] == ["infinity"] and service["LimitNPROC"] == ["infinity"]
     assert not set(service) & set(systemd.FORBIDDEN), service
+    # Under UMask=0077 every run failed ("exec: Permission denied"), seen under systemd.
+    assert "UMask" not in service
+    # cgroup v1: the delegation is made again at each start, as root.
+    redelegate = ["+" + shlex.join([*systemd.executable(), "setup", "--user", USER])]
+    assert service.get("ExecStartPre") == (redelegate if systemd.cgroup_v1() else None)
     tokens = installed.tokens.stat()
     assert tokens.st_mode & 0o777 == 0o600 and tokens.st_uid == pwd.getpwnam(USER).pw_uid
 
@@ -218,6 +223,7 @@ def test_setup_writes_the_service_says_how_to_start_it_and_remove_leaves_nothing
     layout = (systemd.user_layout if scope == "--user-unit" else systemd.system_layout)(
         throwaway_user)
     before = _cgroup_dirs(throwaway_user)
+    dropin = layout.manager_dropin
     done = _setup("--user", throwaway_user, scope)
     try:
         assert done.returncode == 0, done.stderr
@@ -230,10 +236,13 @@ def test_setup_writes_the_service_says_how_to_start_it_and_remove_leaves_nothing
         assert layout.tokens.stat().st_uid == pw.pw_uid
         assert layout.state_dir.stat().st_uid == pw.pw_uid
         assert _cgroup_dirs(throwaway_user) - before, "no cgroup was delegated"
+        # cgroup v1: the user's manager makes the delegation again at each start.
+        assert dropin is None or dropin.exists() == systemd.cgroup_v1()
     finally:
         removed = _setup("--user", throwaway_user, scope, "--remove")
     assert removed.returncode == 0, removed.stderr
     assert not layout.unit.exists() and not layout.config.parent.exists()
+    assert dropin is None or not dropin.parent.exists()
     assert _cgroup_dirs(throwaway_user) == set()
     # The state directory (images, records) is kept, as package managers keep data, and
     # the output says how to drop it.
