@@ -86,12 +86,16 @@ def _frames(stack: str) -> list[tuple[str, str]]:
     for part in stack.split(";"):
         m = FRAME.match(part.strip())
         if m:
-            out.append((m["function"], m["file"]))
+            # py-spy 0.4 names a method by its qualified name (EpollSelector.select); the
+            # tables here name the function alone, as py-spy 0.3 did.
+            out.append((m["function"].rpartition(".")[2], m["file"]))
     return out
 
 
 # Leaf frames that are waits py-spy does not see as idle (a C call blocking in the kernel).
-IDLE = (("_worker", "concurrent/futures/thread.py"), ("select", "selectors.py"))
+# The housekeeping thread waits in its queue's get, a C call: its own frame is the leaf.
+IDLE = (("_worker", "concurrent/futures/thread.py"), ("select", "selectors.py"),
+        ("_serve", "sandbox/runtime/housekeeping.py"))
 
 
 def classify(stack: str) -> str | None:
