@@ -40,8 +40,13 @@ def test_localhost_and_the_hostname_resolve(session: Session, busybox_root: Path
             for i in $(seq 200); do echo "$1" | nc "$2" "$3" 2>/dev/null && return; sleep 0.05
             done
         }
-        nc -l -p 4242 > /tmp/got & send through-localhost localhost 4242; wait; cat /tmp/got
-        nc -l -p 4243 > /tmp/got2 & send through-hostname sandbox 4243; wait; cat /tmp/got2""")
+        # A listener's stdin that never ends (a FIFO it holds open for writing too): at the
+        # end of its stdin busybox's nc may close before it has read what came in.
+        mkfifo /tmp/quiet
+        nc -l -p 4242 > /tmp/got 0<>/tmp/quiet & send through-localhost localhost 4242
+        wait; cat /tmp/got
+        nc -l -p 4243 > /tmp/got2 0<>/tmp/quiet & send through-hostname sandbox 4243
+        wait; cat /tmp/got2""")
     lines = out.split("\n")
     assert lines[:3] == ["sandbox", "sandbox", "127.0.0.1\tlocalhost"], out
     assert "through-localhost" in lines and "through-hostname" in lines, out
