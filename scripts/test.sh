@@ -22,11 +22,11 @@ prepare_user "$test_user" 300000
 
 status=0
 echo "== tests as root"
-.venv/bin/pytest -q -p no:cacheprovider tests || status=1
+.venv/bin/pytest -q -p no:cacheprovider --durations=15 tests || status=1
 
 echo "== the suite again as the unprivileged user $test_user (cgroups delegated to it)"
 # Its own copy of the tree: nothing the root run left (caches, venv) can help or hide.
 SANDBOXD_SHARED=$(cd .. && pwd)/shared run_as_user "$test_user" \
-    ".venv/bin/pytest -q -p no:cacheprovider tests" copy || status=1
+    ".venv/bin/pytest -q -p no:cacheprovider --durations=15 tests" copy || status=1
 .venv/bin/sandboxd setup --user "$test_user" --remove >/dev/null
 exit $status
