@@ -9,11 +9,13 @@ no verdict. Per policy (`--policy`, both by default):
 
 - exec: container.exec of busybox `true` in a warm container, reset after each run as the
   service's pools do (host-side latency, from the call to the returned result),
-  sequential and 2 at once, beside the bare loops of the same binary at the same
+  sequential (back to back, and 30 ms apart: init then makes each next run's child
+  ahead) and 2 at once, beside the bare loops of the same binary at the same
   concurrency;
 - cold start: create_container until ready, beside the bare loops of a busybox `unshare`
   of the same namespaces;
-- idle memory: USS of idle containers' inits, beside the spawner that starts them.
+- idle memory: USS of idle containers' inits, each with the next run's child it holds after
+  a run (as a pool's container between runs), beside the spawner that starts them.
 
 Then, with `default` among the policies:
 
@@ -91,6 +93,10 @@ WRITE_ROOT = ["touch", "/work/touched"]
 # Long enough for the workloads, within the judge profile's maxima.
 LONG = Limits(cpu_ms=30_000, wall_ms=60_000)
 IDLE_WAIT_S = 1.0
+# Between the spaced runs: traffic sparse enough for init to make each next run's child
+# ahead (back to back, or at the rate of the HTTP benchmarks, it does not: native/init.c,
+# PREPARE_MIN_GAP_NS).
+SPACED_S = 0.03
 DEVNULL_STDIO = [
     (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
     (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
@@ -226,12 +232,24 @@ async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str,
         await exec_loop(c, n.warmup)
         results: list[RunResult] = []
         latency: list[float] = []
+        counted = c.prepared_runs, c.prepare_fallbacks
         t_all = time.monotonic_ns()
         for _ in range(n.runs):
             t0 = time.monotonic_ns()
             results.append(await checked_exec(c, TRUE, reset_after=True))
             latency.append(ms_since(t0))
         warm_rate = n.runs / (ms_since(t_all) / 1000)
+        prepared = c.prepared_runs - counted[0]
+        fallbacks = c.prepare_fallbacks - counted[1]
+        spaced_results: list[RunResult] = []
+        spaced: list[float] = []
+        counted = c.prepared_runs, c.prepare_fallbacks
+        for _ in range(half):
+            await asyncio.sleep(SPACED_S)
+            t0 = time.monotonic_ns()
+            spaced_results.append(await checked_exec(c, TRUE, reset_after=True))
+            spaced.append(ms_since(t0))
+        spaced_prepared = c.prepared_runs - counted[0]
     finally:
         await c.destroy()
 
@@ -254,6 +272,12 @@ async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str,
         "warm_exec_median_ms": median(latency), "warm_exec_p99_ms": percentile(latency, 99),
         "warm_exec_result_wall_median_ms": median([r.wall_ms for r in results]),
         "warm_exec_result_setup_median_ms": median([r.setup_ms for r in results]),
+        # Runs exec'd through the child init made ahead, and those that took the vfork
+        # path although they asked for it (see Container.prepared_runs).
+        "warm_exec_prepared": prepared, "warm_exec_prepare_fallbacks": fallbacks,
+        "warm_exec_spaced_median_ms": median(spaced),
+        "warm_exec_spaced_wall_median_ms": median([r.wall_ms for r in spaced_results]),
+        "warm_exec_spaced_prepared": spaced_prepared,
         "warm_exec_runs_per_s": warm_rate, "warm_exec_2_containers_runs_per_s": warm_rate2,
         "warm_exec_vs_bare_median": median(latency) / bare_median,
         "warm_exec_vs_bare_runs_per_s": warm_rate / bare_rate,
@@ -263,10 +287,17 @@ async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str,
             loop_bases(bare.exec_1, "p50")),
         Row(f"{policy}: exec `true` p99 (ms)", fig["warm_exec_p99_ms"],
             loop_bases(bare.exec_1, "p99")),
-        Row(f"{policy}:   result.wall_ms median (init: fork..reap)",
+        Row(f"{policy}:   result.wall_ms median (init: release or vfork..reap)",
             fig["warm_exec_result_wall_median_ms"], loop_bases(bare.exec_1, "p50")),
         Row(f"{policy}:   result.setup_ms median (call..started)",
             fig["warm_exec_result_setup_median_ms"]),
+        Row(f"{policy}:   runs through the child made ahead, of {n.runs}", prepared),
+        Row(f"{policy}:   asked for it, took the vfork path", fallbacks),
+        Row(f"{policy}: exec `true` {SPACED_S * 1000:g} ms apart, median (ms)",
+            fig["warm_exec_spaced_median_ms"], loop_bases(bare.exec_1, "p50")),
+        Row(f"{policy}:   result.wall_ms median", fig["warm_exec_spaced_wall_median_ms"],
+            loop_bases(bare.exec_1, "p50")),
+        Row(f"{policy}:   runs through the child made ahead, of {half}", spaced_prepared),
         Row(f"{policy}: exec `true` sequential (runs/s)", warm_rate,
             loop_bases(bare.exec_1, "runs_per_s")),
         Row(f"{policy}: exec `true` 2 loops, 2 containers (runs/s)", warm_rate2,
@@ -315,6 +346,26 @@ def _uss(pid: int) -> tuple[float, str]:
         return (info.rss - info.shared) / 2**20, "statm:rss-shared"
 
 
+def _tree(pid: int) -> list[psutil.Process]:
+    """Init and its children: between runs, the next run's child waiting (init.c)."""
+    p = psutil.Process(pid)
+    return [p, *p.children()]
+
+
+def _uss_tree(pid: int) -> tuple[float, str]:
+    measured = [_uss(p.pid) for p in _tree(pid)]
+    return sum(m for m, _ in measured), measured[0][1]
+
+
+def _pss_tree(pid: int) -> float | None:
+    """PSS in MiB of init and its child: the pages they share since the fork count in
+    neither's USS, and half in each one's PSS. None where smaps is unreadable."""
+    try:
+        return sum(p.memory_full_info().pss for p in _tree(pid)) / 2**20
+    except psutil.AccessDenied:
+        return None
+
+
 async def bench_idle(runtime: Runtime, root: Path, n: Counts,
                      policy: str) -> tuple[list[Row], dict[str, Any]]:
     spawners = [p for p in psutil.Process().children() if _is_spawner(p)]
@@ -324,21 +375,33 @@ async def bench_idle(runtime: Runtime, root: Path, n: Counts,
     try:
         for _ in range(n.idle):
             containers.append(await create(runtime, root, policy))
+            # As a pool's container between sparse runs: init then holds the next run's
+            # child (the first run finds no cgroup to set aside for the next yet, and init
+            # waits to see the runs come apart).
+            for _ in range(4):
+                await asyncio.sleep(2 * SPACED_S)
+                await checked_exec(containers[-1], TRUE, reset_after=True)
         await asyncio.sleep(IDLE_WAIT_S)
-        measured = [_uss(c.pid) for c in containers]
-        rss = [psutil.Process(c.pid).memory_info().rss / 2**20 for c in containers]
+        measured = [_uss_tree(c.pid) for c in containers]
+        pss = [_pss_tree(c.pid) for c in containers]
+        rss = [sum(p.memory_info().rss for p in _tree(c.pid)) / 2**20 for c in containers]
     finally:
         for c in containers:
             await c.destroy()
     spawner_uss, _ = _uss(spawners[0].pid)
     uss = [m for m, _ in measured]
+    known_pss = [p for p in pss if p is not None]
     fig = {"idle_container_uss_mib": median(uss), "idle_container_rss_mib": median(rss),
+           "idle_container_pss_mib": median(known_pss) if known_pss else None,
            "idle_container_memory_source": measured[0][1], "spawner_uss_mib": spawner_uss,
            "idle_containers": n.idle}
     what = "USS" if measured[0][1] == "uss" else "RSS-shared (USS unreadable)"
-    rows = [Row(f"{policy}: idle init {what}, median of {n.idle} (MiB)", median(uss),
-                (("the spawner's USS", spawner_uss),)),
-            Row(f"{policy}: idle init RSS median (MiB)", median(rss))]
+    rows = [Row(f"{policy}: idle init + waiting child {what}, median of {n.idle} (MiB)",
+                median(uss), (("the spawner's USS", spawner_uss),)),
+            Row(f"{policy}: idle init + waiting child RSS median (MiB)", median(rss))]
+    if known_pss:
+        rows.append(Row(f"{policy}: idle init + waiting child PSS median (MiB)",
+                        median(known_pss)))
     return rows, fig
 
 

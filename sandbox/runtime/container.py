@@ -67,6 +67,16 @@ def container_limits(profile: Profile, spec: RootfsSpec, has: frozenset[str]) ->
 
 
 @dataclass(frozen=True)
+class NextRun:
+    """The next run's cgroup and its limits as applied, given to init ahead with an exec
+    (its "prepare"); None for a container without cgroups. Init makes that run's child in
+    it as soon as the container is reset (see native/init.c, prepare), and the next exec
+    runs in it ("prepared")."""
+
+    cgroup: tuple[Cgroup, CgroupLimits] | None
+
+
+@dataclass(frozen=True)
 class CachedBind:
     """A file of the file cache to bind at `path` (inside the container): `blob` is its
     name in the blob directory (the hex digits of its sha256)."""
@@ -185,6 +195,15 @@ class Container:
         # run's is reset and kept when it can be, else removed and a new one made, by the
         # runtime's housekeeping thread after the run.
         self._spares: list[tuple[Cgroup, CgroupLimits]] = []
+        self._next: NextRun | None = None
+        self._prepares = False     # an exec gave init the next run's cgroup (_give_next)
+        # Runs exec'd through the child init made ahead, and runs that asked for it but
+        # took the vfork path (it died, or the request was too big for it).
+        self.prepared_runs = 0
+        self.prepare_fallbacks = 0
+        # Whether init loads the policy's filter in that child before the request (it lets
+        # through every call the child makes after it).
+        self.filter_ahead = False
         self._housework = Pending()
         self._kills: set[asyncio.Future[None]] = set()   # under way
         self._spares_lock = threading.Lock()  # one chore at a time makes new ones
@@ -251,6 +270,7 @@ class Container:
         msg = await self._ready
         if msg.get("ev") != "ready":
             raise RuntimeSetupError(str(msg.get("message")))
+        self.filter_ahead = msg.get("filter_ahead") is True
 
     def _expect(self, ev: str, run_id: int = 0) -> asyncio.Future[dict[str, Any]]:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -300,6 +320,42 @@ class Container:
             cg.apply(limits)
         return cg.lease(), cg.procs_fds()
 
+    def _take_next(self) -> NextRun | None:
+        """What the last exec gave init for this one; whatever this exec is, it is the next
+        one (init kills the child it made for it otherwise)."""
+        nxt, self._next = self._next, None
+        return nxt
+
+    def _give_next(self) -> tuple[NextRun, list[int]] | None:
+        """A cgroup set aside for the run after this one and its cgroup.procs fds, to go
+        with this run's exec; None when no spare is ready (that run then takes today's
+        path)."""
+        if self.cgroup is None:
+            return NextRun(None), []
+        self._prepares = True
+        if not self._spares:
+            return None
+        cg, applied = self._spares.pop()
+        return NextRun((cg, applied)), cg.procs_fds()
+
+    def _forget_next(self, nxt: NextRun, *, sent: bool) -> None:
+        """A NextRun init does not hold (its exec was refused, or never sent): its cgroup,
+        never joined, is a spare again."""
+        if self._next is nxt:
+            self._next = None
+        if nxt.cgroup is not None:
+            if sent:
+                cg, applied = nxt.cgroup
+                self._housekeep(lambda: self._retire(cg, applied, True))
+            else:
+                self._spares.append(nxt.cgroup)
+
+    def _counted(self, prepared: object) -> None:
+        if prepared is True:
+            self.prepared_runs += 1
+        elif prepared is False:
+            self.prepare_fallbacks += 1
+
     def _make_spares(self, target: int = _SPARES) -> None:
         assert self.cgroup is not None and self.runtime.cgroups.driver is not None
         if not self._spares_lock.acquire(blocking=False):
@@ -323,7 +379,7 @@ class Container:
         the cgroup can be reset exactly, else removed; then the spares are topped up."""
         kept = False
         try:
-            if reusable and self.alive and len(self._spares) < _SPARES \
+            if reusable and self.alive and len(self._spares) < self._spares_wanted() \
                     and cg.recycle(applied):
                 cg.procs_fds()
                 self._spares.append((cg, applied))
@@ -332,12 +388,22 @@ class Container:
             pass  # removed below, as one that cannot be recycled
         if not kept:
             cg.destroy()
-        # A container that runs again keeps two; after its first run one is enough (a
-        # container used once, destroyed after it, would only remove what it made).
-        self._make_spares(_SPARES if self._runs > 1 else 1)
+        # A container that runs again keeps two (three once its runs prepare the next);
+        # after its first run one is enough (a container used once, destroyed after it,
+        # would only remove what it made).
+        self._make_spares(self._spares_wanted() if self._runs > 1 else 1)
+
+    def _spares_wanted(self) -> int:
+        """Two ahead, and one more once runs give init the next run's cgroup (_next, which
+        is not a spare): each run then finds one to give, whatever the housekeeping still
+        has to recycle of the last run's."""
+        return _SPARES + self._prepares
 
     def _drop_spares(self) -> None:
         spares, self._spares = self._spares, []
+        nxt, self._next = self._next, None
+        if nxt is not None and nxt.cgroup is not None:
+            spares.append(nxt.cgroup)
         for cg, _limits in spares:
             cg.close_procs_fds()
 

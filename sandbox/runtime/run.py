@@ -28,7 +28,7 @@ from sandbox.runtime.results import Observed, RunResult, Status, near_limit, ver
 from sandbox.runtime.runcontrol import RunControl
 
 if TYPE_CHECKING:
-    from sandbox.runtime.container import Container
+    from sandbox.runtime.container import Container, NextRun
 
 _CPU_POLL_MIN_S = 0.005
 _CPU_POLL_MAX_S = 0.1
@@ -115,11 +115,20 @@ class Run:
         own: list[int] = list(self.req.stdio.values())
         exited = c._expect("exited", self.id)
         tty = self.req.tty
+        # The cgroup init made this run's child in ahead, if the last exec gave it one.
+        prepared = c._take_next()
+        given: tuple[NextRun, list[int]] | None = None
         try:
-            if c.cgroup is not None:
+            cg_fds: list[int] = []
+            if prepared is not None:
+                if prepared.cgroup is not None:
+                    # Leased before its limits change: a failure retires it (its child too).
+                    cg, applied = prepared.cgroup
+                    self.lease = cg.lease()
+                    if applied != self.cgroup_limits:
+                        cg.apply(self.cgroup_limits)
+            elif c.cgroup is not None:
                 self.lease, cg_fds = c._take_run_cgroup(self.id, self.cgroup_limits)
-            else:
-                cg_fds = []
             if tty is None:
                 std_fds = self._stdio(own)
             else:
@@ -140,7 +149,20 @@ class Run:
                 "cpus": self._affinity()}
             if tty is not None:
                 msg["tty"] = [tty.rows, tty.cols]
-            c._send(msg, [*std_fds, *cg_fds])
+            if prepared is not None:
+                msg["prepared"] = True
+            # After this run's reset, init makes the next run's child at once: in the
+            # cgroup given for it here (the last descriptors), off that run's path.
+            if self.reset_after and (given := c._give_next()) is not None:
+                msg["prepare"] = len(given[1])
+            try:
+                c._send(msg, [*std_fds, *cg_fds, *(given[1] if given else ())])
+            except BaseException:
+                if given is not None:
+                    c._forget_next(given[0], sent=False)
+                raise
+            if given is not None:
+                c._next = given[0]
             for fd in own:
                 os.close(fd)
             own.clear()
@@ -162,9 +184,12 @@ class Run:
             for t in self.timers:
                 t.cancel()
             setup_ms = max(0.0, (int(done_msg.get("start_ns") or 0) - t0) / 1e6)
+            c._counted(done_msg.get("prepared"))
             if tty is not None:  # no pty when init could not start the run
                 self._forget_terminal()
             if done_msg.get("status") is None:  # init could not start the child
+                if given is not None:   # nor kept the next run's cgroup
+                    c._forget_next(given[0], sent=True)
                 for r in self.readers:
                     r.finish()
                 stats = None

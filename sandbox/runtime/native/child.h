@@ -62,6 +62,20 @@ void plan_rlimits_from_baseline(struct plan *p);
  * to the memory they share. */
 pid_t child_spawn(const struct plan *p);
 
+/* The two halves of a child, for a child made ahead of its run (init.c's prepared child):
+ * child_prepare does what no request decides (of `p`: base, root, new_ipc, the cgroups,
+ * last_cap, caps and, with `load_filter`, prog); failures go to p->err_fd. child_release
+ * does the rest from the request's plan and execs; `filter_loaded` as given to prepare. */
+void child_prepare(const struct plan *p, int load_filter);
+__attribute__((noreturn)) void child_release(const struct plan *p, int filter_loaded);
+
+/* Whether `prog` lets through every system call child_release (and the end of
+ * child_prepare after the filter) makes, whatever their arguments that are not known
+ * ahead: then the filter can be loaded before the request comes. With `set_groups` and
+ * `tty`, as the runs will. Only RET_ALLOW counts; a program this check cannot follow
+ * (an instruction it does not know, the instruction pointer read) is not. */
+int child_filter_allows_release(const struct sock_fprog *prog, int set_groups);
+
 /* The calling process's rlimits, nice, scheduling, affinity and I/O priority; -1, errno. */
 int baseline_snapshot(struct baseline *b);
 

@@ -15,7 +15,9 @@
  * Init is hostile ground: it is non-dumpable, holds no host file, handles no signal but
  * SIGCHLD and, where the id map has more than one id, runs under an id that no run may
  * take (so no run can change what init's later children inherit). Untrusted code never
- * runs in it: each exec vforks a child (child.c). Init reaps everything (orphans are
+ * runs in it: each exec vforks a child (child.c), or releases the child init made ahead
+ * for it (prepare, below: a pool's container, reset after each run, has its next run's
+ * child waiting, made off that run's path). Init reaps everything (orphans are
  * re-parented to it) and reports each run's wait status and rusage. A malformed request is
  * dropped with its descriptors; init never ends but with its control socket.
  */
@@ -34,6 +36,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -66,6 +69,7 @@ struct config {
     int last_cap;
     uint64_t caps;               /* the profile's capabilities: a uid-0 run keeps these */
     int set_groups;              /* false under a "single" id map (setgroups is denied) */
+    int early_filter;            /* a prepared child loads the filter before its request */
     struct baseline base;        /* what children start from */
 };
 
@@ -77,8 +81,18 @@ struct run {
     int reset_after;
     char *cwd;                   /* what chdir and exec acted on, for error messages */
     char *program;
+    int prepared;                /* -1: not asked for; else whether the prepared child ran */
 };
 
+/* The next run's child, made ahead (see prepare): it waits on `sock` for its request. */
+struct prepared {
+    pid_t pid;                   /* 0: none */
+    int sock;                    /* init's end of their socketpair */
+    int err_r;                   /* as a run's: the child's error, or EOF at its execve */
+};
+
+struct exec_req;
+static void prepare(void);
 static int ctl = -1;
 static struct config cfg;
 static struct scratch scratch;
@@ -87,6 +101,29 @@ static int bind_failed;          /* a bind whose exec followed it failed: refuse
 static struct run *runs;
 static int nruns, runs_cap;
 static volatile sig_atomic_t child_exited;
+static struct prepared prep = {0, -1, -1};
+/* The next run's cgroup.procs descriptors, given by the host with an exec ("prepare");
+ * -1: none given. A prepared child is made into them; the next exec uses them. */
+static int next_fds[MAX_CGROUP_FDS];
+static int nnext = -1;
+/* A released prepared child's plan: written by init, read by the child, shared since
+ * before its fork (init's memory after the fork is not the child's). Used by one child at
+ * a time: a prepared child exists only while no run does (it is released, or killed, at
+ * the next exec). */
+#define REGION_SIZE (256 << 10)
+static struct exec_req *region;
+/* How long the host took, lately, from the end of a reset to the next exec: a moving
+ * average, each new gap weighing a quarter. A child made ahead needs ~0.6-0.8 ms of a CPU
+ * to be ready (the fork, being scheduled, the filter's load, the cgroup joins), and a fork
+ * costs more CPU than a vfork. It pays only when a CPU is idle between runs: measured on 2
+ * cores, runs 1-3 ms apart with idle CPUs took 0.7-1.0 ms less, but back to back the next
+ * exec found the child still preparing (no gain), and over HTTP, with the client and the
+ * service busy on both cores between runs, runs took 10-13 % longer and 8 clients got
+ * 13-17 % fewer runs/s. So the child is made only for a container whose runs come
+ * PREPARE_MIN_GAP_NS apart or more: traffic sparse enough to leave the CPUs idle. */
+#define PREPARE_MIN_GAP_NS 20000000
+static int64_t gap_avg_ns;      /* 0 until measured: a new container prepares nothing */
+static int64_t reset_done_ns;    /* the last reset's end, until the next exec (0: none) */
 
 static int64_t now_ns(void)
 {
@@ -172,6 +209,28 @@ static void kill_all_and_reap(void)
     }
 }
 
+/* Init's side of the prepared child, once it is gone (reaped, or killed with the rest). */
+static void prep_forget(void)
+{
+    if (prep.sock >= 0)
+        close(prep.sock);
+    if (prep.err_r >= 0)
+        close(prep.err_r);
+    prep = (struct prepared){0, -1, -1};
+}
+
+/* Kill the prepared child and wait for it (a run it was not made for is about to start:
+ * it must not be there, in the pids count of the cgroup it joined or in /proc). */
+static void prep_discard(void)
+{
+    if (prep.pid > 0) {
+        kill(prep.pid, SIGKILL);
+        while (waitpid(prep.pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+    }
+    prep_forget();
+}
+
 /* Everything a reset does, in order: every process but init ends (the runs with it, told
  * nothing more), then the scratch mounts a run may have changed come back empty. NULL, or
  * what failed (the container is then not reused). */
@@ -181,6 +240,7 @@ static const char *reset_container(int remount)
     while (nruns > 0)
         drop_run(&runs[0]);
     kill_all_and_reap();
+    prep_forget();
     if (remount && scratch_reset(&scratch, err, sizeof(err)) < 0)
         return err;
     return NULL;
@@ -206,8 +266,12 @@ static void send_reset(const char *error)
 static void reset_after(int wanted)
 {
     const char *error;
-    if (wanted && (error = reset_container(1)) != NULL)
+    if (!wanted)
+        return;
+    if ((error = reset_container(1)) != NULL)
         send_reset(error);
+    else
+        prepare();
 }
 
 /* The child's "<code>:<stage>:<errno>", made readable: "<code>:<stage> <what>: <message>".
@@ -247,9 +311,13 @@ static void read_error(struct run *r, struct mp_writer *w)
 static void send_exited(struct run *r, int status, const struct rusage *ru)
 {
     struct mp_writer w = {.len = 0};
-    mp_w_map(&w, 7);
+    mp_w_map(&w, r->prepared >= 0 ? 8 : 7);
     put_key(&w, "ev");
     mp_w_cstr(&w, "exited");
+    if (r->prepared >= 0) {
+        put_key(&w, "prepared");
+        mp_w_bool(&w, r->prepared);
+    }
     put_key(&w, "id");
     mp_w_int(&w, r->id);
     put_key(&w, "status");
@@ -279,6 +347,11 @@ static void reap(void)
     pid_t pid;
 
     while ((pid = wait4(-1, &status, WNOHANG, &ru)) > 0) {
+        if (pid == prep.pid) {
+            /* It failed before its request came: the next exec takes today's path. */
+            prep_forget();
+            continue;
+        }
         if ((r = find_run(pid)) == NULL)
             continue;
         send_exited(r, status, &ru);
@@ -300,6 +373,7 @@ struct exec_req {
     struct winsize size;
     struct plan plan;
     void *block;
+    int shared;                  /* the block is in the region (not to be freed) */
     char *cwd;
     char *program;
     unsigned long affinity[AFFINITY_WORDS]; /* the plan's, when the exec names its cpus */
@@ -333,8 +407,18 @@ static int count_paths(const char *program, size_t n, const uint8_t *path, size_
     return count;
 }
 
+static void exec_free(struct exec_req *e)
+{
+    if (!e->shared)
+        free(e->block);
+}
+
+/* Where the region's block starts: after the exec_req a released child reads. */
+#define REGION_BLOCK ((sizeof(struct exec_req) + 15) & ~(size_t)15)
+
+/* With `in_region`, the block goes in the region when it fits there (e->shared). */
 static const char *parse_exec(const struct mp_value *msg, const int *fds, int nfds,
-                              struct exec_req *e)
+                              struct exec_req *e, int in_region)
 {
     struct mp_value argv, env, cwd, v, item, k, val, path = {0};
     const uint8_t *p;
@@ -368,6 +452,8 @@ static const char *parse_exec(const struct mp_value *msg, const int *fds, int nf
         return "an exec needs stdin, stdout and stderr descriptors";
     if (nfds - nstdio > MAX_CGROUP_FDS)
         return "too many cgroup descriptors";
+    if (nfds > nstdio && mp_get(msg, "prepared", &v) == 0 && v.type == MP_BOOL && v.u)
+        return "an exec in the prepared cgroup carries no cgroup descriptors";
     if (mp_get(msg, "argv", &argv) < 0 || argv.type != MP_ARRAY || argv.len == 0)
         return "'argv' must be a list of at least one string";
     if (mp_get(msg, "env", &env) < 0 || env.type != MP_MAP)
@@ -444,8 +530,12 @@ static const char *parse_exec(const struct mp_value *msg, const int *fds, int nf
     bytes += item.len + 1;
     bytes += sizeof(char *) * ((size_t)argv.len + 1 + env.len + 1 + (size_t)npaths + 1);
 
-    if (!(e->block = malloc(bytes)))
+    if (in_region && bytes <= REGION_SIZE - REGION_BLOCK) {
+        e->block = (char *)region + REGION_BLOCK;
+        e->shared = 1;
+    } else if (!(e->block = malloc(bytes))) {
         return "out of memory";
+    }
     ptrs = e->block;
     e->plan.argv = ptrs;
     e->plan.envp = ptrs + argv.len + 1;
@@ -582,22 +672,194 @@ static void send_pty(const struct exec_req *e, int master)
     send_msg(&w, master);
 }
 
-static void do_exec(const struct mp_value *msg, const int *fds, int nfds)
+/* ------------------------------------------------------------------------ prepared */
+
+/* The prepared child: child_prepare, then nothing of init's held but what its wait and
+ * its run need, then a wait for its request: "g" with the run's 0-2 (three descriptors,
+ * or one: a pty's slave), its plan in the region. Init closing its end first (a reset
+ * killed it anyway) ends it. */
+static __attribute__((noreturn)) void prepared_child(const struct plan *p, int sock)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 3)];
+        struct cmsghdr align;
+    } u;
+    char go = 0;
+    struct iovec iov = {&go, 1};
+    struct msghdr mh;
+    struct cmsghdr *c;
+    struct plan q;
+    int fds[3], nfds = 0, lo = sock < p->err_fd ? sock : p->err_fd;
+    int hi = sock < p->err_fd ? p->err_fd : sock, i;
+    long n;
+
+    close(ctl);
+    child_prepare(p, cfg.early_filter);
+    if ((lo > 3 && syscall(SYS_close_range, 3, lo - 1, 0) < 0) ||
+        (hi > lo + 1 && syscall(SYS_close_range, lo + 1, hi - 1, 0) < 0) ||
+        syscall(SYS_close_range, hi + 1, ~0U, 0) < 0)
+        _exit(125);
+    memset(&mh, 0, sizeof(mh));
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = u.buf;
+    mh.msg_controllen = sizeof(u.buf);
+    do
+        n = syscall(SYS_recvmsg, sock, &mh, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n != 1 || go != 'g')
+        _exit(0);
+    for (c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            memcpy(fds + nfds, CMSG_DATA(c), sizeof(int) * (size_t)(k > 3 - nfds ? 3 - nfds : k));
+            nfds += k > 3 - nfds ? 3 - nfds : k;
+        }
+    if (nfds != 1 && nfds != 3)
+        _exit(125);
+    q = region->plan;
+    q.err_fd = p->err_fd;
+    for (i = 0; i < 3; i++)
+        q.stdio[i] = fds[nfds == 1 ? 0 : i];
+    child_release(&q, cfg.early_filter);
+}
+
+/*
+ * When the container is idle again after a reset (every process but init gone, the root
+ * and scratch mounts given back), the next run's child is made at once (while its runs
+ * come far enough apart: gap_avg_ns), off the next request's path, into the cgroups the
+ * host gave for the next run: fork (init goes on), then child_prepare. The next exec releases it (do_exec), or kills it first when it is not
+ * the one it was made for. So it exists only while no run does, no run can reach it before
+ * its own, and whatever it holds of init's memory is a copy of init's before the fork.
+ */
+static void prepare(void)
+{
+    struct plan p;
+    int sv[2], errp[2];
+    pid_t pid;
+
+    reset_done_ns = now_ns();
+    if (nnext < 0 || prep.pid > 0 || nruns > 0 || region == NULL ||
+        gap_avg_ns < PREPARE_MIN_GAP_NS)
+        return;
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+        return;
+    if (pipe2(errp, O_CLOEXEC) < 0) {
+        close(sv[0]);
+        close(sv[1]);
+        return;
+    }
+    memset(&p, 0, sizeof(p));
+    p.base = &cfg.base;
+    p.root = scratch_root(&scratch);
+    p.new_ipc = 1;
+    p.ncgroup = nnext;
+    memcpy(p.cgroup_fd, next_fds, sizeof(int) * (size_t)nnext);
+    p.prog = cfg.prog;
+    p.last_cap = cfg.last_cap;
+    p.caps = cfg.caps;
+    p.err_fd = errp[1];
+    pid = fork();
+    if (pid == 0)
+        prepared_child(&p, sv[1]);
+    close(sv[1]);
+    close(errp[1]);
+    if (pid < 0) {
+        close(sv[0]);
+        close(errp[0]);
+        return;
+    }
+    prep = (struct prepared){pid, sv[0], errp[0]};
+}
+
+/* The prepared child's request: its plan into the region, then "g" and its 0-2. Returns
+ * the child's pid (its error pipe in *err_r), or -1 when it is gone (then forgotten). */
+static pid_t release(const struct exec_req *e, int *err_r)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 3)];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = {"g", 1};
+    struct msghdr mh;
+    struct cmsghdr *c;
+    int n = e->plan.ctty ? 1 : 3;
+    pid_t pid;
+
+    memcpy(region, e, sizeof(*e));
+    region->plan.affinity = e->plan.affinity_len ? region->affinity : NULL;
+    memset(&mh, 0, sizeof(mh));
+    memset(&u, 0, sizeof(u));
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = u.buf;
+    mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n);
+    c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n);
+    memcpy(CMSG_DATA(c), e->plan.stdio, sizeof(int) * (size_t)n);
+    while (sendmsg(prep.sock, &mh, MSG_NOSIGNAL) < 0)
+        if (errno != EINTR) {
+            prep_discard();
+            return -1;
+        }
+    pid = prep.pid;
+    *err_r = prep.err_r;
+    prep.err_r = -1;
+    prep_forget();
+    return pid;
+}
+
+static void do_exec(const struct mp_value *msg, int *fds, int nfds)
 {
     struct exec_req e;
-    const char *bad;
+    struct mp_value v;
+    const char *bad = NULL;
     char why[256];
     int pipefd[2] = {-1, -1};
-    int slave = -1, master, i;
-    int64_t start;
+    int slave = -1, master, i, prepared, used = 0, keep[MAX_CGROUP_FDS], nkeep = -1;
+    int64_t start, k;
     pid_t pid = -1;
 
     scratch_touching(&scratch);
     start = now_ns();
-    bad = parse_exec(msg, fds, nfds, &e);
+    if (reset_done_ns != 0) {
+        gap_avg_ns = gap_avg_ns / 4 * 3 + (start - reset_done_ns) / 4;
+        reset_done_ns = 0;
+    }
+    /* "prepare": k, the last k descriptors are the next run's cgroups, kept for it. */
+    if (mp_get(msg, "prepare", &v) == 0 && v.type != MP_NIL) {
+        if (mp_int(&v, 0, MAX_CGROUP_FDS, &k) < 0 || k > nfds) {
+            bad = "'prepare' must be a number of cgroup descriptors";
+        } else {
+            nkeep = (int)k;
+            nfds -= nkeep;
+            memcpy(keep, fds + nfds, sizeof(int) * (size_t)nkeep);
+        }
+    }
+    /* "prepared": this run's cgroups are the ones kept for it. Whatever this exec is, it
+     * is the next one: what was kept is used by it or never, and the prepared child is
+     * released to it or killed before it starts. */
+    prepared = mp_get(msg, "prepared", &v) == 0 && v.type == MP_BOOL && v.u;
+    memset(&e, 0, sizeof(e));
+    if (bad == NULL)
+        bad = parse_exec(msg, fds, nfds, &e, prepared && prep.pid > 0);
+    if (bad == NULL && prepared) {
+        if (nnext < 0) {
+            bad = "'prepared' without a cgroup kept for it";
+        } else {
+            e.plan.ncgroup = nnext;
+            memcpy(e.plan.cgroup_fd, next_fds, sizeof(int) * (size_t)nnext);
+        }
+    }
     if (bad == NULL && bind_failed)
         bad = "a file for the run could not be bound (see the bind's answer)";
     bind_failed = 0;
+    /* Not made for this exec (it did not ask for it), too big for the region, or refused:
+     * the prepared child is killed before anything of this exec starts. */
+    if (prep.pid > 0 && (bad != NULL || !e.shared))
+        prep_discard();
     if (bad == NULL && e.tty) {
         if ((master = open_pty(&e, &slave)) < 0) {
             snprintf(why, sizeof(why), "opening the run's terminal: [Errno %d] %s", errno,
@@ -611,11 +873,16 @@ static void do_exec(const struct mp_value *msg, const int *fds, int nfds)
             e.plan.ctty = 1;
         }
     }
-    if (bad == NULL && pipe2(pipefd, O_CLOEXEC) < 0) {
+    if (bad == NULL && prep.pid > 0) {
+        start = now_ns();
+        if ((pid = release(&e, &pipefd[0])) > 0)
+            used = 1;
+    }
+    if (bad == NULL && !used && pipe2(pipefd, O_CLOEXEC) < 0) {
         snprintf(why, sizeof(why), "[Errno %d] %s", errno, strerror(errno));
         bad = why;
     }
-    if (bad == NULL) {
+    if (bad == NULL && !used) {
         e.plan.err_fd = pipefd[1];
         start = now_ns();
         pid = child_spawn(&e.plan);
@@ -630,13 +897,24 @@ static void do_exec(const struct mp_value *msg, const int *fds, int nfds)
     if (slave >= 0)
         close(slave);
     close_fds(fds, nfds);
+    if (nnext >= 0) {
+        close_fds(next_fds, nnext);
+        nnext = -1;
+    }
     if (bad != NULL) {
+        /* The host forgets the next cgroup it gave with a refused exec. */
+        if (nkeep > 0)
+            close_fds(keep, nkeep);
         if (pipefd[0] >= 0)
             close(pipefd[0]);
-        free(e.block);
+        exec_free(&e);
         send_spawn_failure(&e, start, bad);
         reset_after(e.reset_after); /* files copied in for the run may be there */
         return;
+    }
+    if (nkeep >= 0) {
+        memcpy(next_fds, keep, sizeof(int) * (size_t)nkeep);
+        nnext = nkeep;
     }
     if (nruns == runs_cap) {
         int cap = runs_cap ? runs_cap * 2 : 8;
@@ -645,7 +923,7 @@ static void do_exec(const struct mp_value *msg, const int *fds, int nfds)
             /* Unlikely; the run goes on unobserved rather than init ending. */
             kill(-pid, SIGKILL);
             close(pipefd[0]);
-            free(e.block);
+            exec_free(&e);
             send_spawn_failure(&e, start, "out of memory");
             return;
         }
@@ -653,8 +931,8 @@ static void do_exec(const struct mp_value *msg, const int *fds, int nfds)
         runs_cap = cap;
     }
     runs[nruns++] = (struct run){e.id, pid, start, pipefd[0], e.reset_after,
-                                 strdup(e.cwd), strdup(e.program)};
-    free(e.block);
+                                 strdup(e.cwd), strdup(e.program), prepared ? used : -1};
+    exec_free(&e);
 }
 
 /* ------------------------------------------------------------------------ other ops */
@@ -679,13 +957,17 @@ static void do_signal(const struct mp_value *msg)
 static void do_reset(const struct mp_value *msg)
 {
     struct mp_value v;
+    const char *error;
     int remount = 1;
     if (mp_get(msg, "remount", &v) == 0 && v.type == MP_BOOL)
         remount = (int)v.u;
     /* The host asks for a reset with no run under way: an exec that never came behind a
      * failed bind (its sender raised first) is not waited for any more. */
     bind_failed = 0;
-    send_reset(reset_container(remount));
+    error = reset_container(remount);
+    send_reset(error);
+    if (error == NULL && remount)
+        prepare();
 }
 
 static void do_open(const struct mp_value *msg)
@@ -1085,6 +1367,12 @@ static int init_main(int config_fd)
     close_host_descriptors();
     if (baseline_snapshot(&cfg.base) < 0)
         setup_failed("reading init's limits and scheduling", errno);
+    cfg.early_filter = child_filter_allows_release(&cfg.prog, cfg.set_groups);
+    /* Without it, no child is made ahead: every run takes the vfork path. */
+    region = mmap(NULL, REGION_SIZE, PROT_READ | PROT_WRITE,
+                  MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (region == MAP_FAILED)
+        region = NULL;
 
     /* As pid 1 of its namespace, init gets from inside only the signals it handles; exec
      * reset every handler the spawner had (ignored ones stay ignored). SIGCHLD is blocked
@@ -1098,11 +1386,13 @@ static int init_main(int config_fd)
     sigprocmask(SIG_SETMASK, &chld, NULL);
     sigemptyset(&none);
 
-    mp_w_map(&w, 2);
+    mp_w_map(&w, 3);
     put_key(&w, "ev");
     mp_w_cstr(&w, "ready");
     put_key(&w, "setup_ns");
     mp_w_int(&w, started ? now_ns() - started : 0);
+    put_key(&w, "filter_ahead");
+    mp_w_bool(&w, cfg.early_filter);
     send_msg(&w, -1);
 
     pfd.fd = ctl;
