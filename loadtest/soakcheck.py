@@ -187,7 +187,8 @@ class Service:
             else:
                 strays.append(_describe(child))
         for init in inits:
-            strays += (_describe(p) for p in init.children(recursive=True))
+            strays += (_describe(p) for p in init.children(recursive=True)
+                       if not _made_ahead(p, init))
         strays += (_describe(p) for p in proc.children(recursive=True)
                    if _status(p) == psutil.STATUS_ZOMBIE)
         return inits, tuple(strays)
@@ -364,6 +365,15 @@ def _status(p: psutil.Process) -> str:
         return str(p.status())
     except psutil.Error:
         return ""
+
+
+def _made_ahead(p: psutil.Process, init: psutil.Process) -> bool:
+    """Init's child made ahead for the next run (native/init.c prepare): init's own image,
+    waiting, not a run's process."""
+    try:
+        return p.ppid() == init.pid and p.name() == "sbx-init" and not p.children()
+    except psutil.Error:
+        return False
 
 
 def _describe(p: psutil.Process) -> str:

@@ -1,7 +1,7 @@
 """The soak's mix: the kinds of request a judge service gets, each with the one answer it
 must get. A run's answer must be its verdict (status and exit code) and, where the run
 carries files, exactly its files; every answer must pass the service's own response schema
-(service/schemas.py: no unknown field, every required one, every type), so a result that
+(service/replies.py, results.py: no unknown field, every required one, every type), so a result that
 is answered but malformed counts as much as one that is wrong.
 
 Each request's outcome names what went wrong: `wrong_verdict` (answered, well-formed, not
@@ -18,12 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import msgspec
 import orjson
 
 from loadtest.http.stats import Outcome
 from loadtest.http.targets import answer, clip
-from service.errors import ApiError
-from service.schemas import CACHED_FILE, IMAGE, RUN_RESULT, SESSION, Obj
+from sandbox import Invalid, convert
+from service.replies import CachedFile as CACHED_FILE
+from service.replies import Container as SESSION
+from service.replies import Image as IMAGE
+from service.results import RunResult as RUN_RESULT
+
+ReplyType = type[msgspec.Struct]
 
 MiB = 1 << 20
 # Room for every kill to be seen on a loaded 2-core machine, within the judge maxima.
@@ -61,15 +67,15 @@ class Context:
             self.containers.add(run_id.rsplit("-", 1)[0])
 
 
-def _malformed(doc: dict[str, Any], schema: Obj, what: str) -> Outcome | None:
+def _malformed(doc: dict[str, Any], schema: ReplyType, what: str) -> Outcome | None:
     try:
-        schema.validate(doc, "")
-    except ApiError as e:
+        convert(doc, schema)
+    except Invalid as e:
         return Outcome(False, "200", "malformed", f"{what}: {clip(e.message)}")
     return None
 
 
-async def _call(ctx: Context, method: str, path: str, expected: int, schema: Obj | None,
+async def _call(ctx: Context, method: str, path: str, expected: int, schema: ReplyType | None,
                 what: str, body: Any = None, data: bytes | None = None
                 ) -> dict[str, Any] | Outcome:
     """One request: its JSON object, when answered with `expected` and well-formed, else
@@ -287,7 +293,7 @@ def schedule(runs: int, seed: int) -> list[Case]:
     return plan
 
 
-async def _setup(ctx: Context, path: str, expected: int, schema: Obj, what: str,
+async def _setup(ctx: Context, path: str, expected: int, schema: ReplyType, what: str,
                  body: Any = None, data: bytes | None = None) -> dict[str, Any]:
     doc = await _call(ctx, "POST", path, expected, schema, what, body, data)
     if isinstance(doc, Outcome):

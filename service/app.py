@@ -81,6 +81,7 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
         st.metrics.gauges.append(forwarder.metric())
     app[system.OPENAPI] = openapi(table, VERSION)
     jobs.narrow_document(app[system.OPENAPI], config.jobs.callback_hosts)
+    gojudge.narrow_document(app[system.OPENAPI], config)
     for r in table:
         app.router.add_route(r.method, r.path, r.handler)
     _gauges(st)

@@ -54,9 +54,10 @@ def _reference_problem(value: str) -> str:
 # Patterns: what the server checks, in a form a client's generator can read too (ECMA
 # regex as JSON Schema has it, without lookbehind).
 NO_NUL = hinted(r"^[^\x00]*$", "contains a NUL byte")
+# A path's component other than `..` (empty: `//`), no NUL.
+PATH_COMPONENT = r"(?:[^./\x00][^/\x00]*|\.(?:[^./\x00][^/\x00]*)?|\.\.[^/\x00]+)"
 # An absolute path, each component other than `..`, no NUL.
-PATH = hinted(r"^(?:/(?:[^./\x00][^/\x00]*|\.(?:[^./\x00][^/\x00]*)?|\.\.[^/\x00]+)?)+$",
-              _path_problem)
+PATH = hinted(rf"^(?:/{PATH_COMPONENT}?)+$", _path_problem)
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _HUB_FIRST = r"[a-z0-9]+(?:(?:_|__|-+)[a-z0-9]+)*"   # no '.': that would make it a host
 _DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"

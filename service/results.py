@@ -19,11 +19,11 @@ Text = Annotated[str, Meta(max_length=1 << 16)]
 Output = Annotated[str, Meta(max_length=1 << 40)]   # encoded as output_encoding says
 
 
-class Reply(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+class Part(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     """A part of a reply: no field but its own (a client may check a reply against it)."""
 
 
-class Spread(Reply):
+class Spread(Part):
     min: float
     median: float
     max: float
@@ -31,7 +31,7 @@ class Spread(Reply):
     cv: Annotated[float, Meta(description="standard deviation / mean (0 for one run)")]
 
 
-class Repeats(Reply):
+class Repeats(Part):
     """Only when repeat was given."""
 
     n: int
@@ -41,7 +41,7 @@ class Repeats(Reply):
     main: Annotated[int, Meta(description="which run (from 0) the result is: the median's")]
 
 
-class FirstRun(Reply):
+class FirstRun(Part):
     status: Status
     cpu_ms: float | None
     wall_ms: float
@@ -50,18 +50,18 @@ class FirstRun(Reply):
     dedicated_cpu: bool
 
 
-class Rerun(Reply):
+class Rerun(Part):
     """Only when rerun_near_limit ran it again: the first run's figures."""
 
     first: FirstRun
 
 
-class CachedFileRef(Reply):
+class CachedFileRef(Part):
     id: str
     size: int
 
 
-class RunNetwork(Reply):
+class RunNetwork(Part):
     """Only when the run's network was not none: bytes as the sandbox sent and received
     them."""
 
@@ -75,7 +75,7 @@ class RunNetwork(Reply):
 ByPath = Annotated[str, Meta(pattern="^/")]
 
 
-class RunResult(Reply):
+class RunResult(Part):
     """A run's verdict, output and figures."""
 
     id: str | None

@@ -16,7 +16,7 @@ from service.auth import Principal, Tokens
 from service.config import ServiceConfig
 from service.errors import ApiError, bad_request, blame, too_large
 from service.metrics import Metrics, PullWatcher
-from service.schemas import ERROR, Obj, Reply, Typed, validate_json
+from service.schemas import ERROR, Reply, Typed
 
 # What every route that writes to the image store or the file cache may answer.
 STORE_FULL = Reply(507, "store_full: the store has no room left; the message says what to "
@@ -67,8 +67,8 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
-def parse_json(raw: bytes | str, schema: Obj | Typed) -> dict[str, Any]:
-    if isinstance(schema, Typed) and (body := schema.parse(raw)) is not None:
+def parse_json(raw: bytes | str, schema: Typed) -> dict[str, Any]:
+    if (body := schema.parse(raw)) is not None:
         return body
     try:
         value = orjson.loads(raw)
@@ -76,7 +76,7 @@ def parse_json(raw: bytes | str, schema: Obj | Typed) -> dict[str, Any]:
         raise bad_request(f"the body is not valid JSON: {e}; send one JSON object") from None
     if not isinstance(value, dict):
         raise bad_request("the body must be a JSON object")
-    return validate_json(value, schema)
+    return schema.validate(value, "")
 
 
 def is_json(request: web.Request) -> bool:
@@ -87,7 +87,7 @@ def is_json(request: web.Request) -> bool:
     return kind == "application" and (sub == "json" or sub.endswith("+json"))
 
 
-async def read_json(request: web.Request, schema: Obj | Typed) -> dict[str, Any]:
+async def read_json(request: web.Request, schema: Typed) -> dict[str, Any]:
     """The body as JSON, checked against `schema` (size, type, fields)."""
     # A JSON body must say so: a browser sends a cross-site form or a text/plain body, or
     # one without a Content-Type, with no preflight, so reading those as JSON would let

@@ -18,10 +18,11 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from aiohttp import web
+from msgspec import UNSET, Meta, UnsetType
 
 from sandbox import FileSpec, Limits
 from service.api import State, image_of, read_json, ready, state
@@ -29,40 +30,42 @@ from service.api.runs import PreparedRun, prepare_run, run_result, stdin_of
 from service.auth import Principal, principal
 from service.bodies import BATCH_SHARED
 from service.errors import ApiError, bad_request, blame, to_api_error
+from service.replies import Count, ErrorDetail, Text
+from service.results import Part, RunResult
 from service.schemas import (
     BATCH_BODY,
     ERROR,
-    RUN_RESULT,
-    Bool,
-    Int,
-    Map,
-    Nullable,
-    Num,
-    Obj,
-    Prop,
     Reply,
     Route,
-    Str,
 )
 from service.streaming import NDJSON, ClientGone, unless_gone
 
-BATCH_EVENT = Obj("BatchEvent", (
-    Prop("event", Str(enum=("case", "summary", "error")), required=True),
-    Prop("index", Int(description="case: its place in `cases`, from 0")),
-    Prop("id", Nullable(Str(description="case: its id, or null"))),
-    Prop("result", RUN_RESULT),
-    Prop("error", ERROR.props[0].schema),
-    Prop("elapsed_ms", Num(description="case: its time in the service, from the moment it "
-                           "was taken up (waiting for a run slot included) to its result")),
-    Prop("cases", Int()), Prop("ran", Int(description="cases with a result")),
-    Prop("errors", Int(description="cases that could not run (an `error` instead of a "
-                       "result)")),
-    Prop("skipped", Int(description="cases never started (stop_on_failure)")),
-    Prop("by_status", Map(Int(), key_pattern="[a-z_]+", key_hint="a status")),
-    Prop("parallelism", Int()), Prop("wall_ms", Num()), Prop("stopped", Bool())),
-    description="One NDJSON line: `case` (index, id, and result or error) per case in the "
-                "order they finish, then `summary` (cases = ran + errors + skipped); "
-                "`error` only for a fault of the service's.")
+
+class BatchEvent(Part):
+    """One NDJSON line: `case` (index, id, and result or error) per case in the order they
+    finish, then `summary` (cases = ran + errors + skipped); `error` only for a fault of the
+    service's."""
+
+    event: Literal["case", "summary", "error"]
+    index: Annotated[Count, Meta(description="case: its place in `cases`, from 0")] \
+        | UnsetType = UNSET
+    id: Annotated[Text, Meta(description="case: its id, or null")] | UnsetType | None = UNSET
+    result: RunResult | UnsetType = UNSET
+    error: ErrorDetail | UnsetType = UNSET
+    elapsed_ms: Annotated[float, Meta(description=(
+        "case: its time in the service, from the moment it was taken up (waiting for a run "
+        "slot included) to its result"))] | UnsetType = UNSET
+    cases: Count | UnsetType = UNSET
+    ran: Annotated[Count, Meta(description="cases with a result")] | UnsetType = UNSET
+    errors: Annotated[Count, Meta(description="cases that could not run (an `error` instead "
+                                              "of a result)")] | UnsetType = UNSET
+    skipped: Annotated[Count, Meta(description="cases never started "
+                                               "(stop_on_failure)")] | UnsetType = UNSET
+    by_status: Annotated[dict[Annotated[str, Meta(pattern="^(?:[a-z_]+)$")], Count],
+                         Meta(max_length=1024)] | UnsetType = UNSET
+    parallelism: Count | UnsetType = UNSET
+    wall_ms: float | UnsetType = UNSET
+    stopped: bool | UnsetType = UNSET
 
 
 @dataclass(frozen=True)
@@ -347,7 +350,7 @@ ROUTES = [
     Route("POST", "/v1/batches", post_batch, "Run many cases of one program (a judge's tests)",
           body=BATCH_BODY, replies=(
               Reply(200, "the cases' events as they finish, then a summary (NDJSON)",
-                    BATCH_EVENT, content_type=NDJSON),
+                    BatchEvent, content_type=NDJSON),
               Reply(400, "bad input, checked before any case runs; `field` names the "
                     "culprit (cases[i].field for a case's)", ERROR),
               Reply(401, "no or wrong token", ERROR),

@@ -6,24 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
+from msgspec import Meta
 
 from sandbox import BuildFailed, BuildRequest, Forbidden, Platform, SandboxError
 from service import bodies
 from service.api import STORE_FULL, engine, json_response, state
 from service.auth import principal
 from service.errors import ApiError, bad_request, blame, from_sandbox, to_api_error
+from service.replies import BuildPruned
 from service.schemas import (
-    BUILD_PRUNED,
     ERROR,
     PLATFORM,
     REFERENCE,
     Param,
     Reply,
     Route,
-    Str,
+    check_param,
     query_params,
 )
 from service.streaming import NDJSON, ClientGone, EventStream, unless_gone
@@ -33,16 +34,19 @@ MAX_BUILD_ARGS = 256
 TAG = Param("tag", "query", REFERENCE)
 # A request line is at most 8190 bytes (aiohttp refuses longer ones before any handler),
 # and a character takes up to 12 once percent-encoded: the parameters' caps fit in it.
-BUILD_ARG = Param("build_arg", "query", Str(max_len=256, min_len=1, pattern=bodies.BUILD_ARG,
-                                            description="KEY=VALUE (repeat for several)"))
+BUILD_ARG = Param("build_arg", "query", Annotated[str, Meta(
+    max_length=256, min_length=1, pattern=bodies.BUILD_ARG,
+    description="KEY=VALUE (repeat for several)")])
 PARAMS = (
     TAG,
-    Param("dockerfile", "query", Str(max_len=256, min_len=1,
-                                     description="its path in the context (default "
-                                                 "Dockerfile)")),
+    Param("dockerfile", "query", Annotated[str, Meta(
+        max_length=256, min_length=1, pattern=bodies.NO_NUL,
+        description="its path in the context (default Dockerfile)")]),
     BUILD_ARG,
-    Param("target", "query", Str(max_len=64, min_len=1, description="the stage to build")),
-    Param("no_cache", "query", Str(max_len=5, enum=("true", "false", "1", "0"))),
+    Param("target", "query", Annotated[str, Meta(max_length=64, min_length=1,
+                                                 pattern=bodies.NO_NUL,
+                                                 description="the stage to build")]),
+    Param("no_cache", "query", Literal["true", "false", "1", "0"]),
     Param("platform", "query", PLATFORM),
 )
 
@@ -53,14 +57,14 @@ def _request(request: web.Request) -> BuildRequest:
     if len(tags) > MAX_TAGS:
         raise bad_request(f"{len(tags)} tags, over the {MAX_TAGS} allowed", "tag")
     for tag in tags:
-        TAG.schema.validate(tag, "tag")
+        check_param(tag, TAG)
     args: dict[str, str] = {}
     pairs = request.query.getall("build_arg", [])
     if len(pairs) > MAX_BUILD_ARGS:
         raise bad_request(f"{len(pairs)} build args, over the {MAX_BUILD_ARGS} allowed",
                           "build_arg")
     for pair in pairs:
-        BUILD_ARG.schema.validate(pair, "build_arg")
+        check_param(pair, BUILD_ARG)
         key, _, value = pair.partition("=")
         args[key] = value
     platform = None
@@ -131,8 +135,8 @@ async def prune(request: web.Request) -> web.Response:
 _TAGS = ("images",)
 ROUTES = [
     Route("POST", "/v1/build", build, "Build an image from a Dockerfile (NDJSON progress)",
-          body=Str(max_len=1 << 40, min_len=1, allow_nul=True,
-                   description="the build context: a tar (plain or gzip) with the Dockerfile"),
+          body=Annotated[str, Meta(max_length=1 << 40, min_length=1, description=(
+              "the build context: a tar (plain or gzip) with the Dockerfile"))],
           body_type="application/x-tar", params=PARAMS,
           replies=(Reply(200, "the build's events, the image last", None,
                          content_type=NDJSON),
@@ -140,5 +144,5 @@ ROUTES = [
                    Reply(403, "a tag or base image this token may not use", ERROR),
                    Reply(413, "the context is too large", ERROR), STORE_FULL), tags=_TAGS),
     Route("POST", "/v1/build/prune", prune, "Empty your build cache",
-          replies=(Reply(200, "what was removed", BUILD_PRUNED),), tags=_TAGS),
+          replies=(Reply(200, "what was removed", BuildPruned),), tags=_TAGS),
 ]

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
+from msgspec import Meta
 
 from sandbox import (
     Forbidden,
@@ -44,29 +45,28 @@ from service.auth import principal
 from service.cluster.routing import NODE_GONE
 from service.errors import ApiError, bad_request, blame, from_sandbox, too_large
 from service.netproxy import network_of
+from service.replies import Container, ContainerList, Image
 from service.schemas import (
     COMMIT_BODY,
     CONTAINER_BODY,
     ERROR,
     EXEC_BODY,
-    IMAGE,
-    SESSION,
-    SESSION_LIST,
     WS_MESSAGE,
     Param,
     Reply,
     Route,
-    Str,
     query_params,
 )
 
 log = logging.getLogger("sandboxd.service")
-ID = Param("id", "path", Str(max_len=128, description="the container's id"))
+ID = Param("id", "path", Annotated[str, Meta(max_length=128, pattern=bodies.NO_NUL,
+                                              description="the container's id")])
 # At most 512 characters: a request line is at most 8190 bytes (aiohttp's cap), and a
 # character takes up to 12 once percent-encoded.
-PATH = Param("path", "query", Str(max_len=512, min_len=1, pattern=bodies.PATH), required=True)
-MODE = Param("mode", "query", Str(max_len=6, pattern=bodies.MODE,
-                                 description="octal permission bits, e.g. 0644"))
+PATH = Param("path", "query", Annotated[str, Meta(max_length=512, min_length=1,
+                                                  pattern=bodies.PATH)], required=True)
+MODE = Param("mode", "query", Annotated[str, Meta(
+    max_length=6, pattern=bodies.MODE, description="octal permission bits, e.g. 0644")])
 NOT_FOUND = Reply(404, "no such container (deleted or expired) or path", ERROR)
 OWNED = (NOT_FOUND, NODE_GONE)   # the replies of every route of one session
 
@@ -229,12 +229,12 @@ _TAGS = ("containers",)
 _BAD = Reply(400, "bad input; `field` names the culprit", ERROR)
 ROUTES = [
     Route("POST", "/v1/containers", create, "Create a container to keep (a session)",
-          body=CONTAINER_BODY, replies=(Reply(201, "created", SESSION), _BAD,
+          body=CONTAINER_BODY, replies=(Reply(201, "created", Container), _BAD,
                                         Reply(404, "unknown image", ERROR)), tags=_TAGS),
     Route("GET", "/v1/containers", list_, "List sessions",
-          replies=(Reply(200, "the sessions", SESSION_LIST),), tags=_TAGS),
+          replies=(Reply(200, "the sessions", ContainerList),), tags=_TAGS),
     Route("GET", "/v1/containers/{id}", get, "One session", params=(ID,),
-          replies=(Reply(200, "the session", SESSION), *OWNED), tags=_TAGS),
+          replies=(Reply(200, "the session", Container), *OWNED), tags=_TAGS),
     Route("DELETE", "/v1/containers/{id}", delete, "Delete a session and its container",
           params=(ID,), replies=(Reply(204, "deleted"), *OWNED), tags=_TAGS),
     Route("POST", "/v1/containers/{id}/exec", exec_, "Run a command in a session",
@@ -245,12 +245,12 @@ ROUTES = [
     Route("POST", "/v1/containers/{id}/commit", commit,
           "Make an image of a session's container (`docker commit`)", body=COMMIT_BODY,
           params=(ID,), replies=(
-              Reply(201, "the new image, named `reference` among the caller's images", IMAGE),
+              Reply(201, "the new image, named `reference` among the caller's images", Image),
               _BAD, Reply(403, "`reference` is a name the operator shares", ERROR), *OWNED,
               Reply(409, "the session has runs in progress", ERROR),
               Reply(413, "over the caller's image quota", ERROR), STORE_FULL), tags=_TAGS),
     Route("PUT", "/v1/containers/{id}/files", put_file, "Write a file into a session",
-          body=Str(max_len=1 << 40, allow_nul=True, description="the file's bytes"),
+          body=Annotated[str, Meta(max_length=1 << 40, description="the file's bytes")],
           body_type="application/octet-stream", params=(ID, PATH, MODE),
           replies=(Reply(204, "written"), _BAD, *OWNED), tags=_TAGS),
     Route("GET", "/v1/containers/{id}/files", get_file,

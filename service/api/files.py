@@ -10,21 +10,27 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
+from msgspec import Meta
 
 from sandbox import CachedFile, SandboxError
 from service import bodies
 from service.api import STORE_FULL, engine, json_response
 from service.auth import principal
 from service.errors import bad_request, from_sandbox
-from service.schemas import CACHED_FILE, CACHED_FILE_LIST, ERROR, Param, Reply, Route, Str
+from service.replies import CachedFile as CachedFileReply
+from service.replies import CachedFileList
+from service.schemas import ERROR, Param, Reply, Route
 
 log = logging.getLogger("sandboxd.service")
-ID = Param("id", "path", Str(max_len=128, pattern=bodies.FILE_ID,
-                             description='the file\'s id: "sha256:" and 64 hex digits, as '
-                                         "POST /v1/files gave it"))
+ID = Param("id", "path", Annotated[str, Meta(
+    max_length=128, pattern=bodies.FILE_ID,
+    description='the file\'s id: "sha256:" and 64 hex digits, as POST /v1/files gave it')])
+# A body of bytes, as the document says it.
+FILE_BYTES = Annotated[str, Meta(max_length=1 << 40, min_length=1,
+                                 description="the file's bytes")]
 UPLOAD_CHUNK = 1 << 16
 DOWNLOAD_CHUNK = 1 << 20
 
@@ -112,13 +118,13 @@ _404 = Reply(404, "no such file among yours (never stored, deleted or expired)",
 ROUTES = [
     Route("POST", "/v1/files", put, "Store a file in your file cache (its id is its SHA-256; "
           "the same bytes give the same id)",
-          body=Str(max_len=1 << 40, min_len=1, allow_nul=True, description="the file's bytes"),
+          body=FILE_BYTES,
           body_type="application/octet-stream",
-          replies=(Reply(201, "stored (or already there: its expiry moves on)", CACHED_FILE),
+          replies=(Reply(201, "stored (or already there: its expiry moves on)", CachedFileReply),
                    _BAD, Reply(413, "over the size of a file or your bytes quota", ERROR),
                    Reply(429, "over your number of files", ERROR), STORE_FULL), tags=_TAGS),
     Route("GET", "/v1/files", list_, "List your cached files",
-          replies=(Reply(200, "your files", CACHED_FILE_LIST),), tags=_TAGS),
+          replies=(Reply(200, "your files", CachedFileList),), tags=_TAGS),
     Route("GET", "/v1/files/{id}", get, "Download a cached file", params=(ID,),
           replies=(Reply(200, "the file's bytes", content_type="application/octet-stream"),
                    _BAD, _404), tags=_TAGS),

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sandbox import (
+    MAX_PIPELINE_CAPTURE_BYTES,
     Engine,
     Limits,
     NotFound,
@@ -111,6 +112,7 @@ def wiring_of(mapping: list[dict[str, Any]], n: int) -> Wiring:
     """A request's pipeMapping (of `n` cmds) checked and turned into the engine's pipes."""
     w = Wiring()
     pipes = []
+    budget = MAX_PIPELINE_CAPTURE_BYTES
     for k, p in enumerate(mapping):
         ends = []
         for end, fds in (("in", (1, 2)), ("out", (0,))):
@@ -129,7 +131,10 @@ def wiring_of(mapping: list[dict[str, Any]], n: int) -> Wiring:
             ends.append((i, fd))
         capture = 0
         if p.get("proxy") and p.get("name"):
-            capture = p.get("max") or COPY_OUT_MAX
+            # The pipeline keeps MAX_PIPELINE_CAPTURE_BYTES in all: a later pipe keeps less
+            # (go-judge has no such total; refusing the request would be a surprise).
+            capture = min(p.get("max") or COPY_OUT_MAX, budget)
+            budget -= capture
             w.names.setdefault(ends[0][0], {})[p["name"]] = k
         pipes.append(PipeSpec(ends[0], ends[1], capture_bytes=capture))
     return replace(w, pipes=tuple(pipes))
@@ -151,8 +156,10 @@ class _Translation:
 
     def path(self, name: str, field: str) -> str:
         """A go-judge path: relative ones are below the working directory."""
-        full = name if name.startswith("/") else f"{self.gj.workdir.rstrip('/')}/{name}"
-        return check_path(full, field)
+        return check_path(self.joined(name), field)
+
+    def joined(self, name: str) -> str:
+        return name if name.startswith("/") else f"{self.gj.workdir.rstrip('/')}/{name}"
 
     def file(self, path: str, f: dict[str, Any], field: str) -> None:
         if "src" in f:
@@ -177,13 +184,10 @@ class _Translation:
 
     def stdio(self) -> tuple[dict[str, Any] | None, tuple[Collector | None, ...]]:
         """files[0] (stdin: content or fileId) and the collectors of fds 1 and 2."""
-        given = self.cmd.get("files", [])
-        for fd, f in enumerate(given):
-            piped = self.wiring.piped.get((self.index, fd))
-            if piped is not None and f is not None:
-                where = f"{self.at}.files[{fd}]"
-                raise bad_request(f"{where}: this fd is piped ({piped}); give null here",
-                                  where)
+        # A piped fd's entry is the pipe's: what is given there is not used (refusing it
+        # would be a rule between two arrays that no JSON Schema of the document can say).
+        given = [None if (self.index, fd) in self.wiring.piped else f
+                 for fd, f in enumerate(self.cmd.get("files", []))]
         outs: list[Collector | None] = []
         for fd in (1, 2):
             f = given[fd] if fd < len(given) else None
@@ -283,8 +287,8 @@ class _Translation:
             self.copy_in.append(key)
         args = list(c["args"])
         # go-judge execs args[0] as a path, relative to the working directory.
-        if "/" not in args[0] and any(f["path"] == self.path(args[0], "args")
-                                      for f in self.files):
+        if "/" not in args[0] and any(
+                f["path"] == self.joined(args[0]) for f in self.files):
             args[0] = f"./{args[0]}"
         body: dict[str, Any] = {
             "image": self.gj.image, "cmd": args, "env": env, "cwd": self.gj.workdir,

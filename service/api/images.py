@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import dataclasses
 import tempfile
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
+from msgspec import Meta
 
 from sandbox import Image, LayerError, PullProgress, SandboxError
-from service import bodies
+from service import bodies, replies
 from service.api import STORE_FULL, engine, json_response, platform_of, read_json, state
 from service.auth import principal
 from service.errors import ApiError, bad_request, blame, from_sandbox, to_api_error, too_large
@@ -19,29 +20,21 @@ from service.metrics import PullWatcher
 from service.schemas import (
     ERROR,
     GC_BODY,
-    GC_REPORT,
-    IMAGE,
-    IMAGE_INSPECT,
-    IMAGE_LIST,
     PULL_BODY,
     PUSH_BODY,
-    PUSHED,
     REFERENCE,
-    REMOVED,
     TAG_BODY,
-    TAGGED,
     Param,
     Reply,
     Route,
-    Str,
     query_params,
 )
 from service.streaming import NDJSON, EventStream, Pump, stream_kind
 
-REF = Param("ref", "path", Str(max_len=bodies.REFERENCE_MAX, min_len=1,
-                               pattern=bodies.IMAGE_REF,
-                               description="a digest, or a URL-encoded reference"))
-FORCE = Param("force", "query", Str(max_len=5, enum=("true", "false")))
+REF = Param("ref", "path", Annotated[str, Meta(
+    max_length=bodies.REFERENCE_MAX, min_length=1, pattern=bodies.IMAGE_REF,
+    description="a digest, or a URL-encoded reference")])
+FORCE = Param("force", "query", Literal["true", "false"])
 IMPORT_REF = Param("reference", "query", REFERENCE, required=True)
 
 
@@ -180,28 +173,29 @@ _BAD = Reply(400, "bad input; `field` names the culprit", ERROR)
 _404 = Reply(404, "no such image", ERROR)
 ROUTES = [
     Route("POST", "/v1/images/pull", pull, "Pull an image (NDJSON progress when asked)",
-          body=PULL_BODY, replies=(Reply(200, "the image", IMAGE, streams=(NDJSON,)), _BAD,
+          body=PULL_BODY, replies=(Reply(200, "the image", replies.Image, streams=(NDJSON,)), _BAD,
                                    _404, Reply(502, "the registry failed", ERROR), STORE_FULL),
           tags=_TAGS),
     Route("GET", "/v1/images", list_, "List local images",
-          replies=(Reply(200, "the images", IMAGE_LIST),), tags=_TAGS),
+          replies=(Reply(200, "the images", replies.ImageList),), tags=_TAGS),
     Route("POST", "/v1/images/tag", tag, "Give a local image another name", body=TAG_BODY,
-          replies=(Reply(201, "tagged", TAGGED), _BAD, _404), tags=_TAGS),
+          replies=(Reply(201, "tagged", replies.Tagged), _BAD, _404), tags=_TAGS),
     Route("POST", "/v1/images/push", push, "Push a local image to a registry", body=PUSH_BODY,
-          replies=(Reply(200, "pushed", PUSHED), _BAD, _404,
+          replies=(Reply(200, "pushed", replies.Pushed), _BAD, _404,
                    Reply(502, "the registry failed", ERROR)), tags=_TAGS),
     Route("POST", "/v1/images/import", import_, "Import a root-filesystem tar as an image",
-          body=Str(max_len=1 << 40, min_len=1, allow_nul=True,
-                   description="a tar (plain, gzip, zstd)"),
+          body=Annotated[str, Meta(max_length=1 << 40, min_length=1,
+                                   description="a tar (plain, gzip, zstd)")],
           body_type="application/x-tar", params=(IMPORT_REF,),
-          replies=(Reply(201, "imported", IMAGE), _BAD,
+          replies=(Reply(201, "imported", replies.Image), _BAD,
                    Reply(413, "the tar is too large", ERROR), STORE_FULL), tags=_TAGS),
     Route("POST", "/v1/images/gc", gc, "Remove unused images until the store fits a budget",
-          body=GC_BODY, replies=(Reply(200, "what was removed", GC_REPORT),), tags=_TAGS),
+          body=GC_BODY, replies=(Reply(200, "what was removed", replies.GcReport),), tags=_TAGS),
     Route("GET", "/v1/images/{ref:.+}", inspect, "Inspect a local image", params=(REF,),
-          replies=(Reply(200, "the image", IMAGE_INSPECT), _BAD, _404), tags=_TAGS),
+          replies=(Reply(200, "the image", replies.ImageInspect), _BAD, _404), tags=_TAGS),
     Route("DELETE", "/v1/images/{ref:.+}", remove, "Remove a name, or an image by digest",
-          params=(REF, FORCE), replies=(Reply(200, "the names removed", REMOVED), _BAD, _404,
-                                        Reply(409, "the image is in use", ERROR)),
+          params=(REF, FORCE),
+          replies=(Reply(200, "the names removed", replies.Removed), _BAD, _404,
+                   Reply(409, "the image is in use", ERROR)),
           tags=_TAGS),
 ]

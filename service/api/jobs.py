@@ -8,91 +8,106 @@ import contextlib
 import hashlib
 import re
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from aiohttp import web
+from msgspec import UNSET, Meta, UnsetType
 
 from sandbox import hinted, split_host
+from service import bodies
 from service.api import json_response, read_json, state
-from service.api.batches import BATCH_EVENT, prepare_batch
+from service.api.batches import BatchEvent, prepare_batch
 from service.api.runs import prepare_run
 from service.auth import Principal, principal
 from service.cluster.routing import NODE_GONE
 from service.config import NODE_NAME
 from service.errors import ApiError, bad_request
+from service.jobs import store
 from service.jobs.callbacks import IDEMPOTENCY_KEY, SIGNATURE, TIMESTAMP, target
 from service.jobs.runner import JOBS, Jobs, within
-from service.jobs.store import FINISHED, Job, NewJob
 from service.logs import current_request_id
+from service.replies import Count, ErrorDetail, Message, PipelineResult, Text
+from service.results import Part, RunResult
 from service.schemas import (
     ERROR,
     JOB_BODY,
-    PIPELINE_RESULT,
-    RUN_RESULT,
-    Any_,
-    Arr,
-    Int,
-    Nullable,
-    Num,
-    Obj,
-    OneOf,
     Param,
-    Prop,
     Reply,
     Route,
-    Str,
     query_params,
 )
 from service.streaming import SSE, ClientGone, EventStream, unless_gone
 
 _KINDS = ("run", "batch")
-STATUSES = ("queued", "running", *FINISHED)
-_ERROR_DETAIL = ERROR.props[0].schema
-_RESULT = OneOf((RUN_RESULT, PIPELINE_RESULT))   # a run's, or a pipeline's
-JOB = Obj("Job", (
-    Prop("id", Str(), required=True),
-    Prop("kind", Str(enum=_KINDS), required=True),
-    Prop("status", Str(enum=STATUSES, description="interrupted: sandboxd stopped while it "
-                       "ran (its run was killed); submit it again"), required=True),
-    Prop("created", Num(), required=True), Prop("started", Nullable(Num()), required=True),
-    Prop("finished", Nullable(Num()), required=True),
-    Prop("expires", Nullable(Num(description="when a finished job is forgotten")),
-         required=True),
-    Prop("idempotency_key", Str()), Prop("callback_url", Str()),
-    Prop("callback", Nullable(Obj("JobCallback", (
-        Prop("status", Str(enum=("pending", "delivered", "failed")), required=True),
-        Prop("attempts", Int(), required=True),
-        Prop("last_error", Nullable(Str(max_len=1 << 16)), required=True))))),
-    Prop("error", _ERROR_DETAIL),
-    Prop("result", _RESULT),
-    Prop("events", Arr(BATCH_EVENT, max_items=1 << 21))),
-    description="`result`: a finished run's (a PipelineResult for a pipeline); `events`: a "
-                "batch's case and summary events so far; `error`: why it failed; none of "
-                "them in a listing.")
-JOB_LIST = Obj("JobList", (Prop("jobs", Arr(JOB, max_items=1 << 20), required=True),))
-JOB_EVENT = Obj("JobEvent", (
-    Prop("status", Str(enum=STATUSES)), Prop("result", _RESULT), Prop("error", Any_())),
-    description="One SSE event (its `id:` is the event's number; send the last one seen as "
-                "Last-Event-ID to resume): `status`, `result` (a run's), `case` and "
-                "`summary` (a batch's, as POST /v1/batches gives them), `error`. The last "
-                "is a `status` of a finished job.")
-SECRET = Obj("CallbackSecret", (
-    Prop("secret", Str(description="the HMAC-SHA256 key (its text, as UTF-8)"), required=True),
-    Prop("algorithm", Str(), required=True),
-    Prop("signature_header", Str(), required=True),
-    Prop("timestamp_header", Str(), required=True),
-    Prop("signed", Str(description="what is signed"), required=True)))
+STATUSES = ("queued", "running", *store.FINISHED)
+Status = Literal[STATUSES]  # type: ignore[valid-type]
+# A run's result or a pipeline's: msgspec cannot tell two Structs apart untagged, so the
+# field is documented as the one or the other (they are checked where they are made).
+_RESULT = Annotated[Any, Meta(extra_json_schema={"oneOf": [
+    {"$ref": f"#/components/schemas/{t.__name__}"} for t in (RunResult, PipelineResult)]})]
 
-ID = Param("id", "path", Str(max_len=128, description="the job's id, as POST /v1/jobs gave it"))
+
+class JobCallback(Part):
+    status: Literal["pending", "delivered", "failed"]
+    attempts: Count
+    last_error: Message | None
+
+
+class Job(Part, kw_only=True):
+    """`result`: a finished run's (a PipelineResult for a pipeline); `events`: a batch's
+    case and summary events so far; `error`: why it failed; none of them in a listing."""
+
+    id: Text
+    kind: Literal["run", "batch"]
+    status: Annotated[Status, Meta(description="interrupted: sandboxd stopped while it ran "
+                                               "(its run was killed); submit it again")]
+    created: float
+    started: float | None
+    finished: float | None
+    expires: Annotated[float, Meta(description="when a finished job is forgotten")] | None
+    idempotency_key: Text | UnsetType = UNSET
+    callback_url: Text | UnsetType = UNSET
+    callback: JobCallback | UnsetType | None = UNSET
+    error: ErrorDetail | UnsetType = UNSET
+    result: _RESULT | UnsetType = UNSET
+    events: Annotated[list[BatchEvent], Meta(max_length=1 << 21)] | UnsetType = UNSET
+
+
+class JobList(Part):
+    jobs: Annotated[list[Job], Meta(max_length=1 << 20)]
+
+
+class JobEvent(Part):
+    """One SSE event (its `id:` is the event's number; send the last one seen as
+    Last-Event-ID to resume): `status`, `result` (a run's), `case` and `summary` (a
+    batch's, as POST /v1/batches gives them), `error`. The last is a `status` of a finished
+    job."""
+
+    status: Status | UnsetType = UNSET
+    result: _RESULT | UnsetType = UNSET
+    error: dict[str, Any] | UnsetType = UNSET
+
+
+class CallbackSecret(Part):
+    secret: Annotated[Text, Meta(description="the HMAC-SHA256 key (its text, as UTF-8)")]
+    algorithm: Text
+    signature_header: Text
+    timestamp_header: Text
+    signed: Annotated[Text, Meta(description="what is signed")]
+
+
+ID = Param("id", "path", Annotated[str, Meta(max_length=128, pattern=bodies.NO_NUL,
+                                              description="the job's id, as POST /v1/jobs "
+                                                          "gave it")])
 # In a cluster the id begins with its node's name (service/cluster).
 _ID_FORM = re.compile(rf"(?:{NODE_NAME.pattern}\.)?job_[0-9a-f]{{32}}")
 _KEY_FORM = re.compile(r"[\x21-\x7e]{1,255}")
 LIMIT = hinted(r"^0*(?:[1-9][0-9]{0,2}|1000)$", "is not a number from 1 to 1000")
-LIST_PARAMS = (Param("status", "query", Str(max_len=16, enum=STATUSES)),
-               Param("limit", "query", Str(max_len=8, pattern=LIMIT,
-                                           description="at most this many, newest first (1 "
-                                                       "to 1000; default 100)")))
+LIST_PARAMS = (Param("status", "query", Status),
+               Param("limit", "query", Annotated[str, Meta(
+                   max_length=8, pattern=LIMIT,
+                   description="at most this many, newest first (1 to 1000; default 100)")]))
 
 
 def narrow_document(doc: dict[str, Any], callback_hosts: tuple[str, ...]) -> None:
@@ -147,7 +162,7 @@ async def submit(request: web.Request) -> web.Response:
         target(url, st.config.jobs.callback_hosts)
     kind = next(k for k in _KINDS if k in body)
     digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    new = NewJob(who.tenant.id, kind, body[kind], digest, key, url, current_request_id())
+    new = store.NewJob(who.tenant.id, kind, body[kind], digest, key, url, current_request_id())
     jobs = _jobs(request)
     # A retried submission answers its job without being checked again: its cached files
     # may be gone by now, and it was checked when it was taken.
@@ -163,7 +178,7 @@ async def submit(request: web.Request) -> web.Response:
     return response
 
 
-def _job(request: web.Request) -> Job:
+def _job(request: web.Request) -> store.Job:
     job_id = request.match_info["id"]
     job = None
     if _ID_FORM.fullmatch(job_id):
@@ -222,7 +237,7 @@ async def cancel(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     job = _job(request)
-    if job.status not in FINISHED:
+    if job.status not in store.FINISHED:
         raise ApiError(409, "conflict", f"id: job {job.id} is {job.status}; cancel it first "
                        f"(POST /v1/jobs/{job.id}/cancel), then delete it", "id")
     _jobs(request).store.delete(job.tenant, job.id)
@@ -254,14 +269,15 @@ _OWNED = (_404, NODE_GONE)   # the replies of every route of one job
 # Before /v1/jobs/{id}: the router tries resources in the order they were added.
 ROUTES = [
     Route("GET", "/v1/jobs/secret", get_secret, "Your callback secret (made on first use)",
-          replies=(Reply(200, "the key your callbacks are signed with", SECRET),), tags=_TAGS),
+          replies=(Reply(200, "the key your callbacks are signed with", CallbackSecret),),
+          tags=_TAGS),
     Route("POST", "/v1/jobs/secret", rotate_secret, "Replace your callback secret (the old "
           "one stops signing at once)",
-          replies=(Reply(200, "the new key", SECRET),), tags=_TAGS),
+          replies=(Reply(200, "the new key", CallbackSecret),), tags=_TAGS),
     Route("POST", "/v1/jobs", submit, "Submit a run or batch to run later",
           body=JOB_BODY, replies=(
               Reply(202, "queued (Location: /v1/jobs/{id}); the same Idempotency-Key and "
-                    "body again answer the first job (Idempotent-Replayed: true)", JOB),
+                    "body again answer the first job (Idempotent-Replayed: true)", Job),
               _BAD, Reply(401, "no or wrong token", ERROR),
               Reply(403, "registry not allowed", ERROR),
               Reply(404, "no such file in your file cache", ERROR),
@@ -269,16 +285,16 @@ ROUTES = [
               Reply(429, "too many jobs queued or kept (jobs.max_queued_per_tenant, "
                     "jobs.max_kept_per_tenant)", ERROR)), tags=_TAGS),
     Route("GET", "/v1/jobs", list_, "List your jobs, newest first", params=LIST_PARAMS,
-          replies=(Reply(200, "your jobs, without results", JOB_LIST), _BAD), tags=_TAGS),
+          replies=(Reply(200, "your jobs, without results", JobList), _BAD), tags=_TAGS),
     Route("GET", "/v1/jobs/{id}", get, "A job: status, result or events, callback",
-          params=(ID,), replies=(Reply(200, "the job", JOB), *_OWNED), tags=_TAGS),
+          params=(ID,), replies=(Reply(200, "the job", Job), *_OWNED), tags=_TAGS),
     Route("GET", "/v1/jobs/{id}/events", events, "A job's events as Server-Sent Events: "
           "those so far, then the new ones until it ends", params=(ID,),
-          replies=(Reply(200, "the events", JOB_EVENT, content_type=SSE), _BAD, *_OWNED),
+          replies=(Reply(200, "the events", JobEvent, content_type=SSE), _BAD, *_OWNED),
           tags=_TAGS),
     Route("POST", "/v1/jobs/{id}/cancel", cancel, "Cancel a job (a running one's run is "
           "killed); a finished one is left as it is", params=(ID,),
-          replies=(Reply(200, "the job after it", JOB), *_OWNED), tags=_TAGS),
+          replies=(Reply(200, "the job after it", Job), *_OWNED), tags=_TAGS),
     Route("DELETE", "/v1/jobs/{id}", delete, "Forget a finished job", params=(ID,),
           replies=(Reply(204, "deleted"), *_OWNED,
                    Reply(409, "still queued or running: cancel it first", ERROR)), tags=_TAGS),

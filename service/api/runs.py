@@ -52,7 +52,6 @@ from service.schemas import (
     RUN_BODY,
     RUN_RESULT,
     WS_MESSAGE,
-    OneOf,
     Reply,
     Route,
 )
@@ -537,7 +536,7 @@ RUN_REPLIES = (Reply(200, "the result, or its events with Accept: application/x-
 # POST /v1/runs: a body with `processes` (a pipeline) answers a PipelineResult.
 POST_RUN_REPLIES = (Reply(200, "the result (a PipelineResult for a body with `processes`), or "
                           "a run's events with Accept: application/x-ndjson or "
-                          "text/event-stream", OneOf((RUN_RESULT, PIPELINE_RESULT)),
+                          "text/event-stream", (RUN_RESULT, PIPELINE_RESULT),
                           streams=(NDJSON, SSE)), *_ERRORS)
 WS_REPLY = (Reply(101, "switching to WebSocket: first client message is the run body; then "
                   "{type: stdin|close_stdin|signal|resize} or binary frames (raw stdin); "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from service.api import VERSION, engine, json_response, state
 from service.auth import principal
-from service.schemas import ERROR, HEALTH, INFO, Any_, Reply, Route
+from service.replies import Health, Info
+from service.schemas import ERROR, Reply, Route
 
 
 async def info(request: web.Request) -> web.Response:
@@ -48,16 +51,16 @@ OPENAPI = web.AppKey("openapi", dict)
 _TAGS = ("system",)
 ROUTES = [
     Route("GET", "/v1/info", info, "Version, host capabilities and warnings, pools, sessions",
-          replies=(Reply(200, "about this service", INFO),
+          replies=(Reply(200, "about this service", Info),
                    Reply(503, "not ready", ERROR)), tags=_TAGS),
     Route("GET", "/healthz", healthz, "The process answers", auth=False,
-          replies=(Reply(200, "alive", HEALTH),), tags=_TAGS),
+          replies=(Reply(200, "alive", Health),), tags=_TAGS),
     Route("GET", "/readyz", readyz, "The engine has started and the service accepts runs",
-          auth=False, replies=(Reply(200, "ready", HEALTH), Reply(503, "not ready", HEALTH)),
+          auth=False, replies=(Reply(200, "ready", Health), Reply(503, "not ready", Health)),
           tags=_TAGS),
     Route("GET", "/metrics", metrics, "Prometheus metrics",
           replies=(Reply(200, "Prometheus text format", content_type="text/plain"),),
           tags=_TAGS),
     Route("GET", "/openapi.json", openapi, "This API as OpenAPI 3",
-          replies=(Reply(200, "the document", Any_()),), tags=_TAGS),
+          replies=(Reply(200, "the document", dict[str, Any]),), tags=_TAGS),
 ]

@@ -255,7 +255,8 @@ def test_go_clients_bodies_are_read_as_go_reads_them(gojudge: Service) -> None:
      "pipeMapping[0].out.fd"),
     ({}, [{"in": {"index": 3, "fd": 1}, "out": {"index": 0, "fd": 0}}],
      "pipeMapping[0].in.index"),
-    ({}, [{"in": {"index": 0, "fd": 1}, "out": {"index": 0, "fd": 0}}], "cmd[0].files[0]"),
+    ({}, [{"in": {"index": 0, "fd": 1}, "out": {"index": 0, "fd": 0}}] * 2,
+     "pipeMapping[1].in"),
 ])
 def test_a_bad_request_is_a_4xx_naming_the_go_judge_field(
         gojudge: Service, cmd: dict[str, Any], pipes: Any, field: str) -> None:
@@ -266,6 +267,33 @@ def test_a_bad_request_is_a_4xx_naming_the_go_judge_field(
         code, message = await _run(s, body)
         assert code == 400, message
         assert isinstance(message, str) and message.startswith(field + ":"), message
+    _call(gojudge, A_TOKEN, go)
+
+
+def test_a_piped_fd_takes_the_pipe_not_its_file(gojudge: Service) -> None:
+    """go-judge refuses a file given for a piped fd; here the pipe takes the fd and the file
+    is not used (a rule between the cmds and the pipes that /openapi.json could not say)."""
+    async def go(s: aiohttp.ClientSession) -> None:
+        code, results = await _run(s, {
+            "cmd": [_cmd(["/bin/echo", "piped"]),
+                    _cmd(["/bin/cat"], files=[{"content": "not used"}, *COLLECT],
+                         copyOut=["stdout"])],
+            "pipeMapping": [{"in": {"index": 0, "fd": 1}, "out": {"index": 1, "fd": 0}}]})
+        assert code == 200 and results[1]["files"] == {"stdout": "piped\n"}, results
+    _call(gojudge, A_TOKEN, go)
+
+
+def test_proxied_pipes_share_what_a_pipeline_keeps(gojudge: Service) -> None:
+    """Two proxied pipes of go-judge's default max (64 MiB each) are more than a pipeline
+    keeps in all: the request runs, the later pipe keeping what is left."""
+    async def go(s: aiohttp.ClientSession) -> None:
+        proxied = {"proxy": True, "name": "pipe"}
+        code, results = await _run(s, {
+            "cmd": [_cmd(["/bin/echo", "x"]), _cmd(["/bin/cat"]), _cmd(["/bin/cat"])],
+            "pipeMapping": [
+                {"in": {"index": 0, "fd": 1}, "out": {"index": 1, "fd": 0}, **proxied},
+                {"in": {"index": 1, "fd": 1}, "out": {"index": 2, "fd": 0}, **proxied}]})
+        assert code == 200 and [r["status"] for r in results] == ["Accepted"] * 3, results
     _call(gojudge, A_TOKEN, go)
 
 

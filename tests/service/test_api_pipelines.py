@@ -13,7 +13,8 @@ import aiohttp
 import psutil
 import pytest
 
-from service.schemas import PIPELINE_RESULT, validate_json
+from sandbox import convert
+from service.replies import PipelineResult
 from tests.service.conftest import LIMITED_TOKEN, MAIN_TOKEN, Service
 from tests.support.interactive import INTERACTOR, SOLUTION
 
@@ -42,7 +43,7 @@ def test_a_guessing_game_in_one_container_and_in_two(service: Service, images: A
     for where in ("shared", "own"):
         status, out = service.call(lambda s, w=where: post(s, game(images.oci, container=w)))
         assert status == 200, out
-        validate_json(out, PIPELINE_RESULT)
+        convert(out, PipelineResult)
         assert out["status"] == "ok", out
         inter, sol = out["processes"]
         assert (inter["status"], inter["stderr"]) == ("ok", "found in 3\n")
@@ -228,5 +229,5 @@ def test_a_pipeline_as_a_job(service: Service, images: Any) -> None:
     (refused_status, refused), status, job = service.call(go)
     assert refused_status == 400 and refused["error"]["field"] == "run.pipes[0].from", refused
     assert status == 200 and job["status"] == "done", job
-    validate_json(job["result"], PIPELINE_RESULT)
+    convert(job["result"], PipelineResult)
     assert job["result"]["processes"][0]["stderr"] == "found in 3\n"

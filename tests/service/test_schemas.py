@@ -118,3 +118,20 @@ def test_the_result_is_declared_once() -> None:
         "file_ids", "file_errors", "repeats", "rerun"}
     assert [f.name for f in msgspec.structs.fields(Repeats)] == \
         [f.name for f in dataclasses.fields(EngineRepeats)]
+
+
+def test_the_go_judge_document_has_the_configured_policy_maxima() -> None:
+    """/run's document is narrowed when the service starts: its limits are the [gojudge]
+    policy's maxima as the config leaves them, in go-judge's nanoseconds."""
+    from service.api import gojudge
+    from service.config import from_dict
+
+    config = from_dict({"gojudge": {"enabled": True, "image": "busybox", "policy": "judge"},
+                        "policies": {"judge": {"maxima": {"wall_ms": 7000}}}},
+                       {"SANDBOXD_STATE_DIR": "/nonexistent"})
+    doc = openapi(routes(), "test")
+    gojudge.narrow_document(doc, config)
+    limits = [rule["properties"] for rule in doc["components"]["schemas"]["GojudgeCmd"]["allOf"]
+              if "clockLimit" in rule.get("properties", {})]
+    assert limits == [limits[0]] and limits[0]["clockLimit"] == {"maximum": 7000 * 10 ** 6}
+    assert limits[0]["cpuLimit"] == {"maximum": 60_000 * 10 ** 6}   # the profile's own

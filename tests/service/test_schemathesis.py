@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import requests
 
@@ -108,3 +109,46 @@ def test_overlong_request_line(target: Target) -> None:
     assert r.status_code == 400
     new = target.log.read_text(errors="replace")[len(before):]
     assert "Traceback" not in new, new
+
+
+MS = 1_000_000
+# go-judge requests /run refuses with a 400 (a field of each beyond what the schema of the
+# whole request allows): the document must call each invalid, not only the server.
+GO_JUDGE_REFUSED = [
+    {"copyIn": {"a": {"src": "/etc/passwd"}}},
+    {"copyIn": {"a": {"name": "x"}}},
+    {"copyIn": {"../a": {"content": ""}}},
+    {"copyOut": ["/tmp/../x"]},
+    {"cpuLimit": 10 ** 15},                  # over the judge policy's maximum
+    {"clockLimit": 10 ** 15},
+    {"cpuRateLimit": 5},
+    {"cpuSetLimit": "4096"},                 # no host has it, nor the policy's maxima
+    {"tty": True},
+    {"env": ["NOEQUALS"]},
+    {"addressSpaceLimit": True},              # with no memoryLimit to limit it to
+    {"addressSpaceLimit": True, "memoryLimit": None},
+    {"files": [None, {"content": "x"}]},      # an output takes a collector
+    {"files": [{"content": "", "streamIn": True}]},
+]
+
+
+def test_the_document_says_what_go_judges_run_refuses(target: Target) -> None:
+    """Each request /run refuses is invalid by /openapi.json, and a request it runs is
+    valid: the rules of the translation and the [gojudge] policy's maxima are in the
+    document as the server checks them."""
+    headers = {"Authorization": f"Bearer {MAIN_TOKEN}"}
+    doc = requests.get(f"{target.url}/openapi.json", headers=headers, timeout=10).json()
+    schema = {**doc, "$ref": "#/components/schemas/GojudgeRequest"}
+    validator = jsonschema.Draft202012Validator(schema)
+    cmd = {"args": ["/bin/true"], "cpuLimit": 1000 * MS}
+    pipes = [{"in": {"index": 0, "fd": 1}, "out": {"index": 1, "fd": 0}}]
+    refused = [{"cmd": [{**cmd, **extra}]} for extra in GO_JUDGE_REFUSED]
+    refused.append({"cmd": [cmd, cmd], "pipeMapping": pipes * 2})   # fd 1 piped twice
+    for body in refused:
+        r = requests.post(f"{target.url}/run", json=body, headers=headers, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+        assert not validator.is_valid(body), (body, r.text)
+    for body in ({"cmd": [cmd]}, {"cmd": [cmd, cmd], "pipeMapping": pipes}):
+        r = requests.post(f"{target.url}/run", json=body, headers=headers, timeout=60)
+        assert r.status_code == 200, (body, r.text)
+        assert validator.is_valid(body), body
