@@ -262,12 +262,13 @@ def convert(data: Any, into: type[T], prefix: str = "", whole: str = "body",
     try:
         return msgspec.convert(data, into, strict=True)
     except msgspec.ValidationError as e:
-        if whole_floats and _FLOAT_FOR_INT in str(e):
+        if whole_floats and _FLOAT_FOR_INT.search(str(e)):
             return convert(_whole(data), into, prefix, whole)
         raise explain(e, into, data, prefix=prefix, whole=whole) from None
 
 
-_FLOAT_FOR_INT = "Expected `int`, got `float`"
+# An int, or an int in a union (`int | null`): msgspec names the union whole.
+_FLOAT_FOR_INT = re.compile(r"^Expected `int(?: \| [a-z]+)*`, got `float`")
 
 
 def _whole(data: Any) -> Any:
