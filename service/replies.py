@@ -98,15 +98,10 @@ class ImageList(Part):
     images: Annotated[list[Image], Meta(max_length=Many)]
 
 
-class ImageInspect(Part, kw_only=True):
-    digest: Text
+class ImageInspect(Image, kw_only=True):
+    """An image's listing, and what makes it: its manifest's media type, layers, config."""
+
     media_type: Text
-    config_digest: Text
-    platform: Text
-    size: Count
-    created: float | UnsetType = UNSET
-    last_used: float | UnsetType = UNSET
-    names: Names
     layers: Annotated[list[dict[str, Any]], Meta(max_length=1 << 16)]
     config: dict[str, Any]
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.runtime import idmap
 from sandbox.runtime.container import Container
 from sandbox.runtime.requests import ExecRequest
 from sandbox.runtime.results import RunResult
+from sandbox.runtime.spawnerclient import Runtime
 from testbed import busybox
 from tests.conftest import Session
 from tests.security.probes.build import build_probes
@@ -127,3 +129,15 @@ def host_marker() -> Iterator[Path]:
 @pytest.fixture
 def setuid_probe_path() -> str:
     return SETUID_PROBE
+
+
+@pytest.fixture(scope="module")
+def runtimes(session: Session) -> Iterator[dict[str, Runtime]]:
+    """The session's runtime, and one whose map holds a single id (container root, mapped
+    to the same host id, so the probe root is its own)."""
+    m = session.runtime.mapping
+    single = idmap.IdMapping("single", (idmap.IdRange(0, m.root_uid, 1),),
+                             (idmap.IdRange(0, m.root_gid, 1),), 0, 0)
+    rt = session.run(Runtime.start(mapping=single))
+    yield {"plan": session.runtime, "single": rt}
+    session.run(rt.close())

@@ -15,27 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.runtime import idmap
 from sandbox.runtime.container import Container
 from sandbox.runtime.requests import ContainerSpec, ExecRequest
 from sandbox.runtime.results import RunResult, Status
 from sandbox.runtime.spawnerclient import Runtime
 from tests.conftest import Session
 from tests.integration.test_prefork import PACE_S, prepared, run, wait_for_child
-from tests.security.test_state_between_runs import ENV, _lines
-
-POLICIES = ("judge", "default")
-MAPPINGS = ("plan", "single")
-
-
-@pytest.fixture(scope="module")
-def runtimes(session: Session) -> Iterator[dict[str, Runtime]]:
-    m = session.runtime.mapping
-    single = idmap.IdMapping("single", (idmap.IdRange(0, m.root_uid, 1),),
-                             (idmap.IdRange(0, m.root_gid, 1),), 0, 0)
-    rt = session.run(Runtime.start(mapping=single))
-    yield {"plan": session.runtime, "single": rt}
-    session.run(rt.close())
+from tests.security.test_state_between_runs import ENV, MAPPINGS, POLICIES, _lines
 
 
 @pytest.fixture(params=[(p, m) for p in POLICIES for m in MAPPINGS],

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.runtime import idmap
 from sandbox.runtime.container import Container
 from sandbox.runtime.requests import ContainerSpec, ExecRequest
 from sandbox.runtime.results import RunResult, Status
@@ -29,18 +28,6 @@ from tests.conftest import Session
 ENV = {"PATH": "/bin", "SBX_DECLARED": "only this"}
 POLICIES = ("judge", "default")
 MAPPINGS = ("plan", "single")
-
-
-@pytest.fixture(scope="module")
-def runtimes(session: Session) -> Iterator[dict[str, Runtime]]:
-    """The session's runtime, and one whose map holds a single id (container root, mapped
-    to the same host id, so the probe root is its own)."""
-    m = session.runtime.mapping
-    single = idmap.IdMapping("single", (idmap.IdRange(0, m.root_uid, 1),),
-                             (idmap.IdRange(0, m.root_gid, 1),), 0, 0)
-    rt = session.run(Runtime.start(mapping=single))
-    yield {"plan": session.runtime, "single": rt}
-    session.run(rt.close())
 
 
 class Slot:
