@@ -113,14 +113,16 @@ for d in etc home root; do
     mkdir "$M/upper/$d" "$M/work/$d"
     mount -t overlay overlay -o "lowerdir=/$d,upperdir=$M/upper/$d,workdir=$M/work/$d" "$R/$d"
 done
-# The checkout (its venv runs the service), wherever it lies, read-only.
-mount --bind "$CHECKOUT" "$R$CHECKOUT"
-mount -o remount,bind,ro "$R$CHECKOUT"
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$R/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R/tmp"
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$R/var"
 mkdir "$R/var/lib" "$R/var/log" "$R/var/cache" "$R/var/spool" "$R/var/tmp"
 chmod 1777 "$R/var/tmp"
+# The checkout (its venv runs the service), wherever it lies, read-only: after the tmpfs
+# mounts, which would hide a checkout below /tmp, /var or /run (a CI's clone).
+mkdir -p -m 0755 "$R$CHECKOUT"
+mount --bind "$CHECKOUT" "$R$CHECKOUT"
+mount -o remount,bind,ro "$R$CHECKOUT"
 ln -s /run "$R/var/run"
 ln -s /run/lock "$R/var/lock"
 mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
