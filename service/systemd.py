@@ -148,6 +148,16 @@ def _redelegate(layout: Layout, command: list[str]) -> str:
     return shlex.join([*command, "setup", "--user", layout.user]).replace("%", "%%")
 
 
+# The directories PrivateTmp= replaces for the service: a sandboxd installed below them (a
+# checkout cloned into /tmp) would be hidden from its own unit (203/EXEC).
+PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
+
+
+def hidden_by_private_tmp(program: str) -> bool:
+    path = Path(os.path.abspath(program))
+    return any(path.is_relative_to(d) for d in PRIVATE_TMP)
+
+
 def unit_text(layout: Layout, command: list[str], shutdown_deadline_s: float,
               v1: bool = False) -> str:
     """The unit file. In its usual place (/var/lib, ~/.local/state) the state directory is
@@ -166,9 +176,11 @@ def unit_text(layout: Layout, command: list[str], shutdown_deadline_s: float,
     who = "" if layout.per_user else f"User={layout.user}\nGroup={group}\n"
     # A user manager cannot raise a hard limit: the unit would fail to start (205/LIMITS).
     nproc = "" if layout.per_user else "LimitNPROC=infinity\n"
-    hardening = "" if layout.per_user else """\
+    private_tmp = "" if hidden_by_private_tmp(command[0]) else "PrivateTmp=yes\n"
+    hardening = "" if layout.per_user else f"""\
 # Hardening a nested rootless runtime survives: read-only /usr, /boot and /etc; home
-# directories read-only; a /tmp of its own. Left out on purpose (they break user
+# directories read-only; a /tmp of its own (unless sandboxd lies below /tmp or /var/tmp,
+# which it would hide). Left out on purpose (they break user
 # namespaces or every sandbox inherits them): NoNewPrivileges (newuidmap is setuid),
 # PrivateUsers, RestrictNamespaces, ProtectControlGroups, ProtectKernelTunables,
 # ProtectKernelLogs, ProtectProc, ProcSubset, SystemCallFilter, MemoryDenyWriteExecute,
@@ -176,8 +188,7 @@ def unit_text(layout: Layout, command: list[str], shutdown_deadline_s: float,
 # CapabilityBoundingSet (service/systemd.py says why for each).
 ProtectSystem=full
 ProtectHome=read-only
-PrivateTmp=yes
-"""
+{private_tmp}"""
     keep = ""
     if v1 and not layout.per_user:
         keep = (f"# cgroup v1: the cgroups `sandboxd setup` delegated to {layout.user}, made "
@@ -283,6 +294,10 @@ def install(layout: Layout, command: list[str]) -> Iterator[str]:
         yield (f"warning: {layout.config} names no tokens_file: add "
                f'tokens_file = "{layout.tokens}" to it, or the service takes no tokens from it')
     program = Path(command[0])
+    if not layout.per_user and hidden_by_private_tmp(command[0]):
+        yield (f"warning: {program} lies below /tmp or /var/tmp, which the unit's "
+               "PrivateTmp=yes would hide from it: the unit goes without it; install "
+               "sandboxd elsewhere (e.g. a virtualenv in /opt) and set up again to keep it")
     if program.is_absolute() and not all(d.stat().st_mode & 0o001 for d in program.parents):
         yield (f"warning: {program} is in a directory other users cannot enter, so the "
                f"service (as {layout.user}) cannot start it: install sandboxd where "
