@@ -32,7 +32,7 @@ from tests.service.conftest import MAIN_TOKEN, start_service, stop, wait_ready
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 MAX_EXAMPLES = 3
 SEED = 15
-MAX_TIME_S = 30
+MAX_TIME_S = 20
 RUN_TIMEOUT_S = 90
 
 
