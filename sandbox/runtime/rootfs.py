@@ -355,8 +355,7 @@ def _root(r: Root, p: Plan) -> WritableRoot | None:
     root = _staged(ROOT)
     missing = [t for t in r.mountpoints if not _is_real_dir(root, t)]
     provided = [(path, content) for path, content in r.provided
-                if _is_real_dir(root, os.path.dirname(path))
-                or not _is_anything(root, os.path.dirname(path))]
+                if _shape(root, os.path.dirname(path)) != "other"]
     if missing or provided:
         skeleton = _staged(SKELETON)
         _make_skeleton(root, [*missing, *{os.path.dirname(p) for p, _ in provided}], skeleton)
@@ -402,29 +401,21 @@ def _outermost(targets: list[str]) -> tuple[str, ...]:
 
 def _is_real_dir(root: str, target: str) -> bool:
     """Whether every component of `target` below `root` is a directory, not a link."""
+    return _shape(root, target) == "dir"
+
+
+def _shape(root: str, target: str) -> str:
+    """"dir" when every component of `target` below `root` is a directory; "absent" when
+    the first that is not does not exist; "other" when it is a link or a file."""
     path = root
     for part in target.strip("/").split("/"):
         path = f"{path}/{part}"
         try:
             if not stat.S_ISDIR(os.lstat(path).st_mode):
-                return False
+                return "other"
         except FileNotFoundError:
-            return False
-    return True
-
-
-def _is_anything(root: str, target: str) -> bool:
-    """Whether anything (a link included) is at `target` or on the way to it below `root`."""
-    path = root
-    for part in target.strip("/").split("/"):
-        path = f"{path}/{part}"
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return False
-        if not stat.S_ISDIR(st.st_mode):
-            return True
-    return True
+            return "absent"
+    return "dir"
 
 
 def _make_skeleton(root: str, targets: list[str], skeleton: str) -> None:
