@@ -89,10 +89,11 @@ def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.App
     node = config.cluster.node
 
     async def count(request: web.Request, response: web.StreamResponse) -> None:
-        st.metrics.requests.labels(status=str(response.status)).inc()
+        request_id = request.get(REQUEST_ID)
+        st.metrics.observe_request(response.status, request_id)
         # Here, not in the middleware: a stream's or a WebSocket's headers are sent before
         # its handler returns.
-        if (request_id := request.get(REQUEST_ID)) is not None:
+        if request_id is not None:
             response.headers[logs.HEADER] = request_id
         if node is not None:  # a forwarded answer keeps its owner's
             response.headers.setdefault(NODE_HEADER, node)

@@ -38,6 +38,9 @@ class Principal:
     # the one local user of a service without tokens, who may name any. Else a tenant could
     # make the service probe its own machine and network (SSRF).
     configured: Callable[[str], bool] | None = None
+    # May see what belongs to every tenant (request ids in /metrics): a token the operator
+    # marked `operator = true`, or the one local user of a service without tokens.
+    operator: bool = False
 
     def allow_image(self, reference: str, field: str) -> None:
         """403 unless this caller may use the registry `reference` lives in."""
@@ -70,9 +73,11 @@ class Tokens:
             digest = hashlib.sha256(t.token.encode()).digest()
             self._tokens.append((digest, Principal(t.name, config.tenant(t),
                                                    t.max_concurrent_runs, t.registries,
-                                                   configured=configured)))
+                                                   configured=configured,
+                                                   operator=t.operator)))
         # Every caller without tokens; with tokens, only the open paths (no tenant's things).
-        self.anonymous = Principal("anonymous", config.tenant(None))
+        self.anonymous = Principal("anonymous", config.tenant(None),
+                                   operator=not self._tokens)
 
     @property
     def enabled(self) -> bool:

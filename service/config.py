@@ -6,7 +6,8 @@
                log_format ("text" or "json")
     [[tokens]] token, name (the tenant: unique), max_concurrent_runs, registries (allowed
                registry hosts), max_sessions, max_image_bytes, max_file_bytes, max_files
-               (the tenant's quotas), proxy_hosts (added to network.proxy_hosts for it)
+               (the tenant's quotas), proxy_hosts (added to network.proxy_hosts for it),
+               operator (its /metrics scrapes carry request ids)
     [network]  full (the operator enables network = "full"), proxy_hosts (hosts every tenant
                may reach through the proxy: "host" or "*.domain", optional ":port"), blocked
                (CIDR ranges never reached; default the private, loopback, link-local, CGNAT)
@@ -114,6 +115,9 @@ class TokenConfig(ConfigTable):
     max_files: Quota | None = None              # None: limits.files_per_tenant
     # hosts this tenant may reach through the proxy, besides network.proxy_hosts
     proxy_hosts: tuple[ProxyHost, ...] = ()
+    # /metrics in OpenMetrics carries request ids (exemplars) to this token only: they are
+    # every tenant's, and a client may choose its own
+    operator: bool = False
 
     def __post_init__(self) -> None:
         # Unnamed, a token's tenant is named after the token's hash: stable when the list

@@ -11,11 +11,12 @@ from prometheus_client import (
     Counter,
     Histogram,
     disable_created_metrics,
-    generate_latest,
 )
 from prometheus_client.core import Metric
+from prometheus_client.exposition import choose_encoder
 
 from sandbox import PullProgress, Traffic
+from service.logs import current_request_id
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -85,11 +86,16 @@ class Metrics:
         r.register(_Readings(self.gauges))
 
     def observe_run(self, status: str, setup_ms: float | None, wall_ms: float | None) -> None:
-        self.runs.labels(status=status).inc()
+        """A run's figures, with the request (or job) it ran for as their exemplar."""
+        exemplar = _exemplar(current_request_id())
+        self.runs.labels(status=status).inc(exemplar=exemplar)
         if setup_ms is not None:
-            self.setup.observe(setup_ms / 1000)
+            self.setup.observe(setup_ms / 1000, exemplar)
         if wall_ms is not None:
-            self.run.observe(wall_ms / 1000)
+            self.run.observe(wall_ms / 1000, exemplar)
+
+    def observe_request(self, status: int, request_id: str | None) -> None:
+        self.requests.labels(status=str(status)).inc(exemplar=_exemplar(request_id))
 
     def observe_network(self, traffic: Traffic) -> None:
         self.network_bytes.labels(direction="sent", mode=traffic.mode).inc(traffic.bytes_sent)
@@ -97,8 +103,24 @@ class Metrics:
             traffic.bytes_received)
         self.proxy_denied.inc(traffic.denied)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition `accept` asks for, and its content type: OpenMetrics (with each
+        series' last request id as its exemplar) or, by default, Prometheus text (which
+        cannot carry exemplars)."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
+
+
+# OpenMetrics caps an exemplar's label names and values at 128 characters together, and a
+# client's X-Request-Id may be 128 long: such an id is left out rather than cut (a cut id
+# would name no request).
+_EXEMPLAR_CHARS = 128
+
+
+def _exemplar(request_id: str | None) -> dict[str, str] | None:
+    if request_id is None or len("request_id") + len(request_id) > _EXEMPLAR_CHARS:
+        return None
+    return {"request_id": request_id}
 
 
 class PullWatcher:

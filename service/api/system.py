@@ -38,9 +38,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=state(request).metrics.render(),
-                        content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    # Request ids (OpenMetrics exemplars) are every tenant's, and a client may choose its
+    # own: only the operator's scrape may ask for them; any other gets the plain text.
+    accept = request.headers.get("Accept", "") if principal(request).operator else ""
+    body, content_type = state(request).metrics.render(accept)
+    return web.Response(body=body, headers={"Content-Type": content_type,
+                                            "X-Content-Type-Options": "nosniff"})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -59,7 +62,10 @@ ROUTES = [
           auth=False, replies=(Reply(200, "ready", Health), Reply(503, "not ready", Health)),
           tags=_TAGS),
     Route("GET", "/metrics", metrics, "Prometheus metrics",
-          replies=(Reply(200, "Prometheus text format", content_type="text/plain"),),
+          replies=(Reply(200, "Prometheus text format; for an `operator` token that asks for "
+                         "it (Accept), OpenMetrics with request ids as exemplars",
+                         content_type="text/plain",
+                         streams=("application/openmetrics-text",)),),
           tags=_TAGS),
     Route("GET", "/openapi.json", openapi, "This API as OpenAPI 3",
           replies=(Reply(200, "the document", dict[str, Any]),), tags=_TAGS),

@@ -120,6 +120,7 @@ shutdown_deadline_s = 5
 [[tokens]]
 token = "{MAIN_TOKEN}"
 name = "main"
+operator = true
 
 [[tokens]]
 token = "{LIMITED_TOKEN}"

@@ -1,6 +1,7 @@
 """What the open and shared endpoints show: /readyz (no token) gives the state only, never
 why the engine failed (the log has it); /metrics (any tenant's token) aggregates the pools
-by policy, never naming images, which would tell one tenant what another runs."""
+by policy, never naming images, which would tell one tenant what another runs, and carries
+request ids (exemplars) to the operator's token only."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from service.app import create_app
 from service.config import load
-from tests.service.conftest import LIMITED_TOKEN, Service
+from tests.service.conftest import LIMITED_TOKEN, MAIN_TOKEN, Service
 
 SECRET = "/srv/secret/state: Permission denied by host policy 0xdeadbeef"
 
@@ -65,3 +66,41 @@ def test_metrics_name_no_image(service: Service, images: Any) -> None:
     assert any('policy="judge"' in line for line in idle), idle
     assert "sha256:" not in text and "image=" not in text
     assert images.host not in text and "busybox" not in text
+
+
+OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+
+
+def test_request_ids_reach_the_operators_metrics_only(service: Service, images: Any) -> None:
+    """The main token is `operator = true`: its OpenMetrics scrape names the request of a
+    run as the exemplar of the run series; the other tenant, asking the same way, gets the
+    plain text, which names no request."""
+    request_id = "tenant-a:case-17"
+
+    async def go(s: aiohttp.ClientSession) -> dict[str, tuple[str, str]]:
+        async with s.post("/v1/runs", json={"image": images.oci, "cmd": ["true"]},
+                          headers={"X-Request-Id": request_id}) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["status"] == "ok"
+        out = {}
+        for who, token in (("operator", MAIN_TOKEN), ("other", LIMITED_TOKEN)):
+            async with s.get("/metrics", headers={"Authorization": f"Bearer {token}",
+                                                  "Accept": OPENMETRICS}) as r:
+                assert r.status == 200
+                out[who] = (r.headers["Content-Type"], await r.text())
+        return out
+    scrapes = service.call(go)
+    kind, text = scrapes["operator"]
+    assert kind.startswith("application/openmetrics-text"), kind
+    exemplar = f'# {{request_id="{request_id}"}}'
+    runs = [line for line in text.splitlines()
+            if line.startswith('sandboxd_runs_total{status="ok"}')]
+    assert runs and exemplar in runs[0], runs
+    assert any(line.startswith("sandboxd_run_seconds_bucket") and exemplar in line
+               for line in text.splitlines()), text
+    assert text.rstrip().endswith("# EOF")
+    kind, text = scrapes["other"]
+    assert kind.startswith("text/plain"), kind
+    assert request_id not in text and "request_id" not in text
+    assert 'sandboxd_runs_total{status="ok"}' in text
+
