@@ -33,6 +33,7 @@ def quick_run(*args: str) -> tuple[list[str], dict[str, Any]]:
     return lines[:-1], json.loads(lines[-1])
 
 
+@pytest.mark.one_pass
 def test_quick_run_prints_every_figure_for_both_policies() -> None:
     lines, fig = quick_run()
     assert fig["policy_list"] == ["judge", "default"]

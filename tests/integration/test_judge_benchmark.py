@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.one_pass
 def test_quick_judge_run_prints_each_figure_beside_its_bare_baseline() -> None:
     done = subprocess.run([sys.executable, "-m", "loadtest.judge", "--quick"], cwd=REPO,
                           capture_output=True, text=True, timeout=900, check=False)

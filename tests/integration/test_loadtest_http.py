@@ -23,6 +23,7 @@ PERCENTILES = ("p50", "p90", "p99", "p99_9")
 REQUESTS = 3
 
 
+@pytest.mark.one_pass
 def test_every_workload_through_spawn_reports_figures_statuses_and_plots(
         tmp_path: Path) -> None:
     html, out = tmp_path / "report.html", tmp_path / "report.json"

@@ -81,6 +81,7 @@ def _run_page(url: str, workdir: Path,
     return list(zip(lines, codes, strict=True)), done.stderr
 
 
+@pytest.mark.one_pass
 def test_every_example_works_as_written(sandboxd: str, tmp_path: Path) -> None:
     pages = sorted(PAGES, key=lambda page: page[0] in LAST)
     failed = []

@@ -81,6 +81,7 @@ import_body_bytes = {1 << 20}
         stop(proc, log)
 
 
+@pytest.mark.one_pass
 def test_schemathesis_finds_nothing(target: Target) -> None:
     cwd = target.workdir / "schemathesis"   # its reports and cassettes, not the checkout's
     cwd.mkdir()

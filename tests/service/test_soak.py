@@ -35,6 +35,7 @@ WARMUP = 1000
 RUNS = WARMUP + 2000
 
 
+@pytest.mark.one_pass
 def test_soak_answers_every_request_exactly_and_leaks_nothing(
         images: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
     workdir = tmp_path_factory.mktemp("sandboxd-soak")

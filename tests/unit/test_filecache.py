@@ -380,6 +380,7 @@ def test_a_cancelled_put_leaves_no_temp_file_and_no_entry(cache: FileCache) -> N
     assert _temps(cache) == [] and _blobs(cache) == [] and cache.list(A) == []
 
 
+@pytest.mark.one_pass
 def test_ten_thousand_tiny_files(cache: FileCache) -> None:
     """The issue's hostile case: a tenant at its count quota of 10,000 tiny files. Quota
     checks do not grow with the count (a usage row kept by triggers); the time is noted

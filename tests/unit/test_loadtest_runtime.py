@@ -53,6 +53,7 @@ def row(lines: list[str], figure: str) -> str:
     return next(line for line in lines if line.startswith(figure + "  "))
 
 
+@pytest.mark.one_pass
 def test_quick_run_prints_every_figure_for_both_policies() -> None:
     lines, figures = quick_run()
     assert figures["policy_list"] == ["judge", "default"]
