@@ -227,15 +227,15 @@ def _limits(maxima: EngineLimits) -> list[dict[str, Any]]:
     cpus = {cpu for cpu in os.sched_getaffinity(0) if _allowed(str(cpu), maxima)}
     return [
         {"properties": {
-            "cpuLimit": {"maximum": top("cpu_ms", ns)}, "clockLimit": {"maximum": wall},
+            "cpuLimit": {"maximum": top("cpu_ms", ns)}, "realCpuLimit": {"maximum": wall},
             "memoryLimit": {"maximum": top("memory_bytes")},
             "stackLimit": {"maximum": top("stack_bytes")}, "procLimit": {"maximum": top("pids")},
             # go-judge's 1000 is one CPU; a cgroup's quota is 1 % of one at least.
             "cpuRateLimit": {"anyOf": [_FALSY, {"minimum": 10, "maximum": rate}]},
             "cpuSetLimit": {"anyOf": [_ABSENT, {"pattern": _cpu_list(frozenset(cpus))}]},
             "files": {"anyOf": [_ABSENT, {"prefixItems": [{}, collector, collector]}]}}},
-        {"if": {"properties": {"clockLimit": _FALSY}},
-         "then": {"properties": {"realCpuLimit": {"maximum": wall}}}},
+        {"if": {"properties": {"realCpuLimit": _FALSY}},
+         "then": {"properties": {"clockLimit": {"maximum": wall}}}},
         {"if": {"properties": {"clockLimit": _FALSY, "realCpuLimit": _FALSY}},
          "then": {"properties": {"cpuLimit": {"maximum": wall}}}},
         # RLIMIT_AS is set to memoryLimit.

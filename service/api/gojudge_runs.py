@@ -220,11 +220,12 @@ class _Translation:
         ms: dict[str, Any] = {}
         if c.get("cpuLimit"):
             ms["cpu_ms"] = max(1, math.ceil(c["cpuLimit"] / NS_PER_MS))
-        clock = c.get("clockLimit") or c.get("realCpuLimit")
+        # As go-judge: realCpuLimit, its older name for the clock limit, wins when set.
+        clock = c.get("realCpuLimit") or c.get("clockLimit")
         if clock:
             ms["wall_ms"] = max(1, math.ceil(clock / NS_PER_MS))
-            self.origin["limits.wall_ms"] = (f"{at}.clockLimit" if c.get("clockLimit")
-                                             else f"{at}.realCpuLimit")
+            self.origin["limits.wall_ms"] = (f"{at}.realCpuLimit" if c.get("realCpuLimit")
+                                             else f"{at}.clockLimit")
         elif "cpu_ms" in ms:  # go-judge: without a clock limit, the CPU limit is the clock's
             ms["wall_ms"] = ms["cpu_ms"]
             self.origin["limits.wall_ms"] = f"{at}.cpuLimit"

@@ -106,6 +106,18 @@ def test_compile_then_run_from_the_cached_binary(gojudge: Service) -> None:
     _call(gojudge, A_TOKEN, go)
 
 
+def test_real_cpu_limit_wins_over_clock_limit_as_in_go_judge(gojudge: Service) -> None:
+    """go-judge takes realCpuLimit, the older name of the clock limit, over clockLimit when
+    both are set: a 1 s sleep under realCpuLimit 300 ms and clockLimit 3 s is a TLE."""
+    async def go(s: aiohttp.ClientSession) -> None:
+        code, [r] = await _run(s, {"cmd": [_cmd(["/bin/sleep", "1"], cpuLimit=1000 * MS,
+                                                realCpuLimit=300 * MS, clockLimit=3000 * MS)]})
+        assert code == 200, r
+        assert r["status"] == "Time Limit Exceeded", r
+        assert 300 * MS <= r["runTime"] < 1000 * MS, r
+    _call(gojudge, A_TOKEN, go)
+
+
 @pytest.mark.parametrize(("args", "limits", "status", "exit_status"), [
     (["/bin/sh", "-c", "while :; do :; done"], {"cpuLimit": 200 * MS, "clockLimit": 5000 * MS},
      "Time Limit Exceeded", 9),

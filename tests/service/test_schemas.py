@@ -131,7 +131,11 @@ def test_the_go_judge_document_has_the_configured_policy_maxima() -> None:
                        {"SANDBOXD_STATE_DIR": "/nonexistent"})
     doc = openapi(routes(), "test")
     gojudge.narrow_document(doc, config)
-    limits = [rule["properties"] for rule in doc["components"]["schemas"]["GojudgeCmd"]["allOf"]
-              if "clockLimit" in rule.get("properties", {})]
-    assert limits == [limits[0]] and limits[0]["clockLimit"] == {"maximum": 7000 * 10 ** 6}
+    rules = doc["components"]["schemas"]["GojudgeCmd"]["allOf"]
+    limits = [rule["properties"] for rule in rules if "cpuLimit" in rule.get("properties", {})]
+    assert limits == [limits[0]] and limits[0]["realCpuLimit"] == {"maximum": 7000 * 10 ** 6}
     assert limits[0]["cpuLimit"] == {"maximum": 60_000 * 10 ** 6}   # the profile's own
+    # clockLimit is the clock only without a realCpuLimit (which go-judge lets win).
+    clock = [rule["then"]["properties"]["clockLimit"] for rule in rules
+             if "clockLimit" in rule.get("then", {}).get("properties", {})]
+    assert clock == [{"maximum": 7000 * 10 ** 6}]

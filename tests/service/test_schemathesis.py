@@ -122,6 +122,7 @@ GO_JUDGE_REFUSED = [
     {"copyOut": ["/tmp/../x"]},
     {"cpuLimit": 10 ** 15},                  # over the judge policy's maximum
     {"clockLimit": 10 ** 15},
+    {"realCpuLimit": 10 ** 15, "clockLimit": 1000 * MS},   # realCpuLimit wins, as in go-judge
     {"cpuRateLimit": 5},
     {"cpuSetLimit": "4096"},                 # no host has it, nor the policy's maxima
     {"tty": True},
