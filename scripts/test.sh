@@ -20,15 +20,25 @@ apt_install_missing docker-registry skopeo umoci apache2-utils openssl bubblewra
 test_user=sbx-test
 prepare_user "$test_user" 300000
 
+# Each pass has a temporary directory of its own: the suite's check that nothing was left
+# behind reads it, so another user of /tmp on the machine (a benchmark, another checkout's
+# tests) cannot fail it, and nothing the suite leaves is hidden among theirs.
+tmp_root=$(mktemp -d /tmp/suite-root.XXXXXX)
+tmp_user=$(mktemp -d /tmp/suite-user.XXXXXX)
+chown "$test_user:" "$tmp_user"
+trap 'rm -rf "$tmp_root" "$tmp_user"' EXIT
+
 status=0
 echo "== tests as root"
 # Tests marked one_pass (a tool's output, the schema, the README's examples) do not depend
 # on who runs the service: they run once, in the unprivileged pass, the product's own.
-.venv/bin/pytest -q -p no:cacheprovider --durations=15 -m "not one_pass" tests || status=1
+TMPDIR=$tmp_root .venv/bin/pytest -q -p no:cacheprovider --durations=15 -m "not one_pass" \
+    tests || status=1
 
 echo "== the suite again as the unprivileged user $test_user (cgroups delegated to it)"
 # Its own copy of the tree: nothing the root run left (caches, venv) can help or hide.
 SANDBOXD_SHARED=$(cd .. && pwd)/shared run_as_user "$test_user" \
-    ".venv/bin/pytest -q -p no:cacheprovider --durations=15 tests" copy || status=1
+    "TMPDIR=$tmp_user .venv/bin/pytest -q -p no:cacheprovider --durations=15 tests" copy \
+    || status=1
 .venv/bin/sandboxd setup --user "$test_user" --remove >/dev/null
 exit $status
