@@ -33,6 +33,7 @@ from sandbox.runtime.requests import ContainerSpec, ExecRequest
 from sandbox.runtime.results import RunResult
 from testbed.ports import free_port
 from tests.conftest import Session
+from tests.support.netns import NETNS_DIR, network_namespace
 
 OUTSIDE = "127.7.0.1"
 # The default ranges, with the host's loopback narrowed so that OUTSIDE is not in them.
@@ -201,10 +202,9 @@ def outside_host() -> Iterator[tuple[str, str]]:
     """A host elsewhere (root only): a network namespace behind a veth pair, with an address
     outside the blocked ranges (198.18.0.0/15, for benchmarks). Yields (its address, the
     host's end's address, which is this host's own)."""
-    name = f"sbxnet{os.getpid()}"
     here, there = "198.18.7.1", "198.18.7.2"
-    _ip("netns", "add", name)
-    try:
+    # Deleting the namespace deletes the veth pair whose end it holds.
+    with network_namespace(f"sbxnet{os.getpid()}") as name:
         _ip("link", "add", f"{name}h", "type", "veth", "peer", "name", "eth0", "netns", name)
         _ip("addr", "add", f"{here}/30", "dev", f"{name}h")
         _ip("link", "set", f"{name}h", "up")
@@ -212,20 +212,16 @@ def outside_host() -> Iterator[tuple[str, str]]:
                      ("link", "set", "eth0", "up"), ("link", "set", "lo", "up")):
             _ip("-n", name, *args)
         yield name, there, here
-    finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            _ip("link", "del", f"{name}h")
-        _ip("netns", "del", name)
 
 
 @contextlib.contextmanager
 def server_in(netns: str, address: str, port: int) -> Iterator[None]:
     proc = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{netns}", "--", "python3", "-m", "http.server",
+        ["nsenter", f"--net={NETNS_DIR}/{netns}", "--", "python3", "-m", "http.server",
          "--bind", address, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
-            done = subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "--", "python3",
+            done = subprocess.run(["nsenter", f"--net={NETNS_DIR}/{netns}", "--", "python3",
                                    "-c", f"import socket; socket.create_connection(('{address}',"
                                    f" {port}), 1)"], capture_output=True, timeout=30)
             if done.returncode == 0:

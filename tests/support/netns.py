@@ -19,12 +19,13 @@ import ipaddress
 import os
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from testbed.ports import free_port
 
 NODE_PORT = 8080
+NETNS_DIR = "/run/netns"
 _NETWORK_ATTEMPTS = 50
 
 
@@ -45,7 +46,7 @@ class Host:
     @property
     def launcher(self) -> list[str]:
         """What starts a program on this host (nothing: it is the caller's)."""
-        return ["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []
+        return ["nsenter", f"--net={NETNS_DIR}/{self.netns}", "--"] if self.netns else []
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ def _ip(*args: str) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
         raise NetnsError(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}")
+
+
+def _mounted(path: str) -> bool:
+    """Whether `path` is a mount point: from mountinfo, as os.path.ismount misses a
+    directory bound onto itself (what iproute2 makes of /run/netns)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
 
 
 def _free_network() -> ipaddress.IPv4Network:
@@ -85,6 +93,22 @@ def _free_network() -> ipaddress.IPv4Network:
 
 
 @contextmanager
+def network_namespace(name: str) -> Iterator[str]:
+    """A named network namespace (`ip netns add`; root only), deleted at the end with the
+    veth ends it holds. The first `ip netns add` since boot also makes /run/netns a mount
+    point of its own, which `ip netns del` keeps: that mount goes too, unless another's
+    namespaces are there by then."""
+    mounted = _mounted(NETNS_DIR)
+    _ip("netns", "add", name)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        if not mounted and _mounted(NETNS_DIR) and not os.listdir(NETNS_DIR):
+            subprocess.run(["umount", NETNS_DIR], capture_output=True, timeout=30)
+
+
+@contextmanager
 def netns_lab(count: int) -> Iterator[Lab]:
     """`count` node hosts in network namespaces on a bridge with the caller (root only).
     Everything made is removed at the end, whatever happened."""
@@ -95,18 +119,16 @@ def netns_lab(count: int) -> Iterator[Lab]:
     net = _free_network()
     hosts = [net.network_address + i for i in range(1, count + 1)]
     front = str(net.network_address + 254)
-    made_ns: list[str] = []
-    bridge_made = False
-    try:
+    with ExitStack() as made:
         _ip("link", "add", bridge, "type", "bridge")
-        bridge_made = True
+        made.callback(subprocess.run, ["ip", "link", "del", bridge], capture_output=True,
+                      timeout=30)
         _ip("addr", "add", f"{front}/{net.prefixlen}", "dev", bridge)
         _ip("link", "set", bridge, "up")
         nodes = []
         for i, address in enumerate(hosts, start=1):
-            ns, outside = f"sbx-{tag}-n{i}", f"sbxv{tag}n{i}"
-            _ip("netns", "add", ns)
-            made_ns.append(ns)
+            ns = made.enter_context(network_namespace(f"sbx-{tag}-n{i}"))
+            outside = f"sbxv{tag}n{i}"
             _ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", ns)
             _ip("link", "set", outside, "master", bridge, "up")
             _ip("-n", ns, "addr", "add", f"{address}/{net.prefixlen}", "dev", "eth0")
@@ -114,12 +136,6 @@ def netns_lab(count: int) -> Iterator[Lab]:
             _ip("-n", ns, "link", "set", "lo", "up")
             nodes.append(Host(f"n{i}", str(address), NODE_PORT, ns))
         yield Lab(Host("front", front), tuple(nodes))
-    finally:
-        # Deleting a namespace deletes the veth pair whose end it holds.
-        for ns in made_ns:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        if bridge_made:
-            subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
 
 
 @contextmanager
