@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.openmetrics import parser as openmetrics_parser
 
 from service.app import create_app
 from service.config import load
@@ -98,7 +99,12 @@ def test_request_ids_reach_the_operators_metrics_only(service: Service, images: 
     assert runs and exemplar in runs[0], runs
     assert any(line.startswith("sandboxd_run_seconds_bucket") and exemplar in line
                for line in text.splitlines()), text
-    assert text.rstrip().endswith("# EOF")
+    # A Prometheus that negotiated OpenMetrics drops a whole scrape that breaks its rules.
+    families = {f.name: f for f in openmetrics_parser.text_string_to_metric_families(text)}
+    assert families["sandboxd_runs"].type == "counter"
+    assert any(s.exemplar and s.exemplar.labels == {"request_id": request_id}
+               for s in families["sandboxd_run_seconds"].samples)
+    assert "sandboxd_pool_idle" in families
     kind, text = scrapes["other"]
     assert kind.startswith("text/plain"), kind
     assert request_id not in text and "request_id" not in text
