@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -93,6 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, log_format=args.log_format)
     logs.configure(config.log_format)
     config.check_bind()
+    _raise_open_files_limit()
     # aiohttp logs a request its parser refuses (a request line over 8 KiB, say) with a
     # traceback, before any handler or middleware can answer: one line says it all.
     logging.getLogger("aiohttp.server").addFilter(_one_line_parser_errors)
@@ -101,6 +103,28 @@ def _serve(args: argparse.Namespace) -> int:
     # poll handle for each add_reader of a run's output pipes: a FIONBIO and four more
     # epoll_ctl per pipe).
     return asyncio.run(serve(config))
+
+
+# Where the hard limit is unlimited (not Linux's way: nr_open caps it), what is asked.
+_OPEN_FILES_CAP = 1 << 20
+
+
+def _raise_open_files_limit() -> None:
+    """The soft limit on open files up to the hard one, as dockerd and Go programs do. Each
+    warm container keeps a dozen descriptors in the service (its control socket, its
+    cgroups' files): under Debian's soft limit of 1024 (a shell's and a systemd unit's) the
+    service could hold only some 70 before every new container failed. Runs are not given
+    it: each gets its policy's `open_files`."""
+    log = logging.getLogger("sandboxd.service")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _OPEN_FILES_CAP if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as e:
+            log.warning("open files: cannot raise the soft limit from %d to %d (%s), so "
+                        "fewer warm containers fit: raise it (ulimit -n, or LimitNOFILE= in "
+                        "a systemd unit)", soft, wanted, e)
 
 
 def _one_line_parser_errors(record: logging.LogRecord) -> bool:

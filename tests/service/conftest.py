@@ -56,8 +56,10 @@ class Service:
         return self.log.read_text(errors="replace")
 
 
-def start_service(workdir: Path, config: str, *args: str,
-                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+def start_service(workdir: Path, config: str, *args: str, env: dict[str, str] | None = None,
+                  launcher: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], Path]:
+    """`sandboxd serve` on a free port with `config`, its log in workdir; `launcher` is a
+    command that starts it (prlimit, say)."""
     cfg = workdir / "sandboxd.toml"
     cfg.write_text(config)
     log = workdir / "sandboxd.log"
@@ -71,8 +73,8 @@ def start_service(workdir: Path, config: str, *args: str,
     full_env.update(env or {})
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port",
-             "0", "--state-dir", str(workdir / "state"), "--config", str(cfg), *args],
+            [*launcher, sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+             "--port", "0", "--state-dir", str(workdir / "state"), "--config", str(cfg), *args],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=full_env)
     return proc, log
 
