@@ -27,6 +27,7 @@ from service.api import (
     containers,
     files,
     gojudge,
+    gojudge_ws,
     images,
     jobs,
     runs,
@@ -55,7 +56,7 @@ SHUTDOWN_GRACE_S = 5.0
 def routes() -> list[Route]:
     return [*runs.ROUTES, *batches.ROUTES, *containers.ROUTES, *files.ROUTES,
             *images.ROUTES, *build.ROUTES, *system.ROUTES, *gojudge.ROUTES,
-            *jobs.ROUTES]
+            *gojudge_ws.ROUTES, *jobs.ROUTES]
 
 
 def create_app(engine: Engine | EngineFactory, config: ServiceConfig) -> web.Application:

@@ -111,8 +111,10 @@ class Route:
     replies: tuple[Reply, ...] = ()
     auth: bool = True
     tags: tuple[str, ...] = field(default_factory=tuple)
-    # A WebSocket: `body` is its first message, `messages` the client's later ones.
+    # A WebSocket: `body` is its first message, `messages` the client's later ones,
+    # `events` what the server sends (None: a run's stream events).
     messages: Typed | None = None
+    events: Schema | None = None
 
 
 def doc_path(path: str) -> str:
@@ -190,7 +192,7 @@ def openapi(routes: list[Route], version: str) -> dict[str, Any]:
     declared: list[Schema] = [ERROR, STREAM_EVENT]
     for r in routes:
         declared += [p.type for p in r.params]
-        declared += [s for s in (r.body, r.messages) if s is not None]
+        declared += [s for s in (r.body, r.messages, r.events) if s is not None]
         declared += [rep.schema for rep in r.replies if rep.schema is not None]
     doc = _Document(declared)
     error = {"application/json": {"schema": doc.of(ERROR)}}
@@ -208,7 +210,7 @@ def openapi(routes: list[Route], version: str) -> dict[str, Any]:
         if r.body is not None and r.messages is not None:
             op["x-first-message"] = doc.of(r.body)
             op["x-messages"] = doc.of(r.messages)
-            op["x-events"] = doc.of(STREAM_EVENT)
+            op["x-events"] = doc.of(r.events or STREAM_EVENT)
         elif r.body is not None:
             op["requestBody"] = {"required": True, "content": {r.body_type: {
                 "schema": doc.of(r.body)}}}

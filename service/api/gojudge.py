@@ -39,7 +39,7 @@ from service.api.gojudge_runs import (
     run_wired,
     wiring_of,
 )
-from service.auth import principal
+from service.auth import Principal, principal
 from service.config import GojudgeConfig, ServiceConfig
 from service.errors import ApiError, Handler, bad_request
 from service.replies import Count, Message, Output, Text
@@ -345,7 +345,7 @@ def _config(st: State) -> GojudgeConfig:
 
 # Handlers --------------------------------------------------------------------------------
 
-def _go_errors(handler: Handler) -> Handler:
+def go_errors(handler: Handler) -> Handler:
     """The endpoint only when enabled (else 404 as for any unknown path); its 400 as
     go-judge gives it, the message as a JSON string. (go-judge's 404 has no body: ours is
     the service's JSON error, which its clients do not read.)"""
@@ -361,24 +361,35 @@ def _go_errors(handler: Handler) -> Handler:
     return wrapped
 
 
-@_go_errors
-async def run(request: web.Request) -> web.Response:
-    st, who = state(request), principal(request)
-    gj = _config(st)
+def image_of(request: web.Request) -> str | None:
+    """The image the query names (go-judge has none: the config's serves), or None."""
     try:
-        image = query_params(request, (IMAGE,)).get("image")
+        return query_params(request, (IMAGE,)).get("image")
     except ApiError as e:  # go-judge's errors say where a field came from
         field = image_field("query")
         raise bad_request(e.message.replace("image:", f"{field}:", 1), e.field) from None
-    if image is not None:  # go-judge has no images: the query may name one
+
+
+async def results(st: State, who: Principal, image: str | None,
+                  req: dict[str, Any]) -> list[dict[str, Any]]:
+    """A checked REQUEST run, in the query's image (None: the config's): one result per
+    cmd, in go-judge's words."""
+    gj = _config(st)
+    if image is not None:
         gj = replace(gj, image=image)
-    req = await read_json(request, REQUEST)
     wiring = wiring_of(req.get("pipeMapping", []), len(req["cmd"]))
     cmds = [prepare(st, who, gj, c, i, wiring, image_field(image))
             for i, c in enumerate(req["cmd"])]
     if wiring.pipes:
-        return json_response(await run_wired(st, who, gj, cmds, wiring, image_field(image)))
-    return json_response(await run_apart(st, who, cmds))
+        return await run_wired(st, who, gj, cmds, wiring, image_field(image))
+    return await run_apart(st, who, cmds)
+
+
+@go_errors
+async def run(request: web.Request) -> web.Response:
+    image = image_of(request)
+    req = await read_json(request, REQUEST)
+    return json_response(await results(state(request), principal(request), image, req))
 
 
 async def _upload(part: Any) -> AsyncIterator[bytes]:
@@ -386,7 +397,7 @@ async def _upload(part: Any) -> AsyncIterator[bytes]:
         yield chunk
 
 
-@_go_errors
+@go_errors
 async def post_file(request: web.Request) -> web.Response:
     """go-judge's upload: multipart/form-data with the file in a part named `file`."""
     who = principal(request)
@@ -414,19 +425,19 @@ async def post_file(request: web.Request) -> web.Response:
     return json_response(stored.id)
 
 
-@_go_errors
+@go_errors
 async def list_files(request: web.Request) -> web.Response:
     who = principal(request)
     ids = [f.id for f in ready(state(request)).files.list(who.tenant)]
     return json_response(FileNames(state(request)).listed(who, ids))
 
 
-@_go_errors
+@go_errors
 async def get_file(request: web.Request) -> web.StreamResponse:
     return await get_cached(request)
 
 
-@_go_errors
+@go_errors
 async def delete_file(request: web.Request) -> web.Response:
     with about("id"):
         ready(state(request)).files.delete(principal(request).tenant,
@@ -434,7 +445,7 @@ async def delete_file(request: web.Request) -> web.Response:
     return web.Response()  # go-judge's: 200, no body
 
 
-@_go_errors
+@go_errors
 async def version(request: web.Request) -> web.Response:
     machine = platform.machine()
     return json_response({"buildVersion": f"sandboxd {VERSION}",
@@ -444,7 +455,7 @@ async def version(request: web.Request) -> web.Response:
                           "os": "linux", **FEATURES})
 
 
-@_go_errors
+@go_errors
 async def config(request: web.Request) -> web.Response:
     return json_response({**FEATURES, "fileStorePath": "", "runnerConfig": {}})
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 
 from service.config import ConfigError, from_dict
@@ -389,3 +391,102 @@ def test_the_image_may_come_from_the_query(gojudge: Service, images: Any) -> Non
         async with s.post("/run", params={"images": "x"}, json=body) as r:
             assert r.status == 400 and "'images' is unknown" in await r.json()
     _call(gojudge, A_TOKEN, go)
+
+
+# /ws ---------------------------------------------------------------------------------------
+
+def _sleep_then(seconds: int, word: str) -> dict[str, Any]:
+    return _cmd(["/bin/sh", "-c", f"sleep {seconds}; echo {word}"], clockLimit=110_000 * MS,
+                copyOut=["stdout"])
+
+
+async def _answer(sock: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    msg = await sock.receive_json(timeout=60)
+    assert isinstance(msg, dict)
+    return msg
+
+
+def test_ws_runs_requests_at_once_and_cancels_one(gojudge: Service) -> None:
+    """A long request does not hold back a short one sent after it on the same connection;
+    a cancel ends the long one with go-judge's error; the answers name their requests."""
+    async def go(s: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        async with s.ws_connect("/ws") as sock:
+            await sock.send_json({"requestId": "long", "cmd": [_sleep_then(30, "late")]})
+            await sock.send_json({"requestId": "short", "cmd": [_cmd(["/bin/echo", "hi"],
+                                                                    copyOut=["stdout"])]})
+            first = await _answer(sock)
+            await sock.send_json({"cancelRequestId": "long"})
+            return [first, await _answer(sock)]
+    short, long = _call(gojudge, A_TOKEN, go)
+    assert short["requestId"] == "short" and "error" not in short, short
+    [r] = short["results"]
+    assert r["status"] == "Accepted" and r["files"]["stdout"] == "hi\n", r
+    assert long == {"requestId": "long", "results": [], "error": "request cancelled"}
+
+
+def test_ws_refuses_a_bad_request_and_goes_on(gojudge: Service) -> None:
+    """go-judge closes the connection on a request it cannot read; here that request gets
+    its error and the next is served. An id must be given, and unique while running."""
+    async def go(s: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        answers = []
+        async with s.ws_connect("/ws") as sock:
+            await sock.send_json({"requestId": "", "cmd": [_cmd(["/bin/true"])]})
+            answers.append(await _answer(sock))
+            await sock.send_json({"requestId": "bad", "cmd": [{"args": []}]})
+            answers.append(await _answer(sock))
+            await sock.send_json({"requestId": "twice", "cmd": [_sleep_then(30, "x")]})
+            await sock.send_json({"requestId": "twice", "cmd": [_cmd(["/bin/true"])]})
+            answers.append(await _answer(sock))
+            await sock.send_str("not json")
+            answers.append(await _answer(sock))
+            await sock.send_json({"requestId": "good",
+                                  "cmd": [_cmd(["/bin/echo", "ok"], copyOut=["stdout"])]})
+            answers.append(await _answer(sock))
+        return answers
+    empty, bad, twice, garbage, good = _call(gojudge, A_TOKEN, go)
+    assert empty["results"] == [] and "empty request id" in empty["error"], empty
+    assert bad["requestId"] == "bad" and bad["results"] == [], bad
+    assert "cmd[0].args" in bad["error"], bad
+    assert twice["requestId"] == "twice" and "duplicated request id" in twice["error"], twice
+    assert garbage["requestId"] == "" and "not valid JSON" in garbage["error"], garbage
+    assert good["results"][0]["files"]["stdout"] == "ok\n", good
+
+
+def _sleeping(seconds: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if p.info["cmdline"] == ["sleep", str(seconds)]:
+            found.append(p)
+    return found
+
+
+def _wait_for(predicate: Any, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_ws_a_closed_connection_ends_its_runs(gojudge: Service) -> None:
+    """The runs of a connection that closes are killed, not left to their clock."""
+    async def go(s: aiohttp.ClientSession) -> None:
+        async with s.ws_connect("/ws") as sock:
+            await sock.send_json({"requestId": "gone", "cmd": [_sleep_then(100, "x")]})
+            await asyncio.get_running_loop().run_in_executor(
+                None, _wait_for, lambda: _sleeping(100), "the run did not start")
+    _call(gojudge, A_TOKEN, go)
+    _wait_for(lambda: not _sleeping(100), "the run outlived its connection")
+
+
+def test_ws_another_tenant_cannot_cancel_a_request(gojudge: Service) -> None:
+    """Request ids belong to their connection: tenant B naming A's id cancels nothing."""
+    async def go() -> dict[str, Any]:
+        async with aiohttp.ClientSession(gojudge.url, headers=gojudge.headers(A_TOKEN)) as a, \
+                aiohttp.ClientSession(gojudge.url, headers=gojudge.headers(B_TOKEN)) as b, \
+                a.ws_connect("/ws") as mine, b.ws_connect("/ws") as theirs:
+            await mine.send_json({"requestId": "x", "cmd": [_sleep_then(2, "done")]})
+            await theirs.send_json({"cancelRequestId": "x"})
+            return await _answer(mine)
+    answer = asyncio.run(go())
+    assert "error" not in answer, answer
+    assert answer["results"][0]["files"]["stdout"] == "done\n", answer
