@@ -26,6 +26,8 @@ prepare_user "$test_user" 300000
 tmp_root=$(mktemp -d /tmp/suite-root.XXXXXX)
 tmp_user=$(mktemp -d /tmp/suite-user.XXXXXX)
 chown "$test_user:" "$tmp_user"
+# Open to others as /tmp is: tests start services as other users on files made below it.
+chmod 0755 "$tmp_root" "$tmp_user"
 trap 'rm -rf "$tmp_root" "$tmp_user"' EXIT
 
 status=0
