@@ -8,7 +8,11 @@ baselines beside each figure:
 - a warm run over HTTP: POST /v1/runs of busybox `true` (executed directly, no shell)
   with that policy (a warm container, reset after each run), one at a time: median and
   p99 from the client's side;
-- throughput: the same at concurrency 8 for `--seconds`;
+- throughput: the same at concurrency 8 for `--seconds`, from this Python client, and
+  again from ApacheBench (`ab -k`, Debian's apache2-utils) when it is installed: the
+  Python client's own CPU (~0.3 ms a request) shares the two cores with the service, so
+  its figure is partly the client's; ab's C loop costs a fraction of that. Every answer
+  ab counts must be a 200 and a run the service counted `ok`;
 - the bare baselines of both (loadtest.baseline): the tight fork+exec and posix_spawn
   loops of the same busybox `true`, 1 and 8 at once, while the service sits idle; the
   ratios are to the fastest of them. Beside them, `client_bare_*`: the same `true`
@@ -31,7 +35,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +46,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psutil
 
 from loadtest.baseline import BenchError, Command, Loops, fastest, flat, measure
@@ -127,6 +134,43 @@ async def _measure(url: str, image: str, workload: Workload, requests: int, seco
     }
 
 
+def _ok_runs(url: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(r'^sandboxd_runs_total\{status="ok"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _ab_rate(url: str, image: str, workload: Workload, seconds: float) -> float | None:
+    """Runs/s at THROUGHPUT clients from ApacheBench (keep-alive, one fixed body); None
+    without `ab`."""
+    ab = shutil.which("ab")
+    if ab is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".json") as body:
+        body.write(orjson.dumps(workload.run_body(image, 0)))
+        body.flush()
+        before = _ok_runs(url)
+        limit = str(max(1, round(seconds)))  # whole seconds: ab reads 0 as no limit
+        done = subprocess.run([ab, "-q", "-k", "-c", str(THROUGHPUT), "-t", limit, "-p",
+                               body.name, "-T", "application/json", url + "/v1/runs"],
+                              capture_output=True, text=True, timeout=seconds + 120,
+                              check=False)
+    if done.returncode != 0:
+        raise BenchError(f"ab failed: {done.stderr.strip()[-500:]}")
+
+    def figure(label: str) -> float:
+        found = re.search(rf"^{label}:\s+([\d.]+)", done.stdout, re.M)
+        return float(found.group(1)) if found else 0.0
+    complete, non_2xx = figure("Complete requests"), figure("Non-2xx responses")
+    ok = _ok_runs(url) - before
+    # ab counts a request it abandoned at its time limit; the service may have run it.
+    if non_2xx or not complete - THROUGHPUT <= ok <= complete + THROUGHPUT:
+        raise BenchError(f"ab: {complete:g} answers, {non_2xx:g} not 200, but {ok:g} runs "
+                         "ok by the service's count")
+    return round(figure("Requests per second"), 1)
+
+
 async def _profiled(url: str, image: str, workload: Workload, pid: int, n: int,
                     raw_out: Path | None) -> dict[str, Any]:
     async with HttpTarget(url, None, image, workload, 1, 60.0) as http:
@@ -161,6 +205,8 @@ def measure_policy(policy: str, n: Counts, bare_env: BareEnv,
         many = measure(true, THROUGHPUT * TIGHT_RUNS_PER_CLIENT, THROUGHPUT)
         fig = asyncio.run(_measure(svc.url, svc.image, workload, n.requests, n.seconds,
                                    bare_env))
+        if (ab_rate := _ab_rate(svc.url, svc.image, workload, n.seconds)) is not None:
+            fig["runs_per_s_ab"] = ab_rate
         # Warm means served by a pooled container: the pool's own count says so.
         pools = [p for p in _info(svc.url).get("pools", []) if p.get("policy") == policy]
         fig["pool_hits"] = sum(int(p.get("hits", 0)) for p in pools)
@@ -201,6 +247,9 @@ def policy_rows(policy: str, fig: dict[str, Any], n: Counts, one: Loops,
         Row(f"{policy}: warm runs/s, {THROUGHPUT} clients", fig["runs_per_s"],
             (*loop_bases(many, "runs_per_s", f" {THROUGHPUT} at once"),
              ("client loop", fig["client_bare_runs_per_s"]))),
+        *([Row(f"{policy}: warm runs/s, {THROUGHPUT} clients of ab (C)", fig["runs_per_s_ab"],
+               loop_bases(many, "runs_per_s", f" {THROUGHPUT} at once"))]
+          if "runs_per_s_ab" in fig else []),
         Row(f"{policy}: service + {fig['idle_containers']} idle containers, PSS (MiB)",
             fig[f"idle_rss_mib_{n.idle}"]),
     ]

@@ -67,8 +67,11 @@ def test_quick_run_prints_every_figure_for_both_policies() -> None:
                                (f"{policy}: warm run p99 (ms)", 3),
                                (f"{policy}: warm runs/s, 1 client", 2),
                                (f"{policy}: warm runs/s, 8 clients", 3),
+                               (f"{policy}: warm runs/s, 8 clients of ab (C)", 2),
                                (f"{policy}: service + 4 idle containers, PSS (MiB)", 0)):
             assert rows[figure].count("x)") == ratios, rows[figure]
+        # ApacheBench (scripts/test.sh installs apache2-utils): every answer a run ok.
+        assert per["runs_per_s_ab"] > 0
 
 
 def test_the_policy_option_measures_only_the_policies_named() -> None:
