@@ -1,12 +1,13 @@
 """The runtime's cgroup housekeeping, off the event loop and off every run's path.
 
-After each run its cgroup is recycled (or removed) and the container's spares are topped
-up. Handed to an executor, that cost the event loop a task, an executor future and a
-wake-up through the loop's self-pipe per run: ~0.2 ms of the loop's CPU under load, more
-than the work itself. One thread fed by a queue takes the work with a lock-free put and
-tells nobody when it is done; only a container being destroyed waits for its own work.
-Kills stay with the executor: one waits for a v1 freezer and must not queue behind, or hold
-up, the housekeeping of other containers.
+After a run, its cgroup is removed when it cannot be recycled (Container._release recycles
+the others on the event loop), and the container's spares are topped up. Handed to an
+executor, that cost the event loop a task, an executor future and a wake-up through the
+loop's self-pipe per run: ~0.2 ms of the loop's CPU under load, more than the work itself.
+One thread fed by a queue takes the work with a lock-free put and tells nobody when it is
+done; only a container being destroyed waits for its own work. Kills stay with the
+executor: one waits for a v1 freezer and must not queue behind, or hold up, the
+housekeeping of other containers.
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ FALLBACK_MEMORY = ("no memory cgroup: peak memory is ru_maxrss, which also count
 FALLBACK_CPUSET = ("no cpuset cgroup: the run's CPUs are only its affinity, which it may "
                    "widen with sched_setaffinity")
 _HOST_CPUS = format_cpuset(host_cpus())   # the service's CPUs: a run's without a cpuset
+# CPUs online, for the CPU-limit watchdog's pace: os.cpu_count() reads a sysfs file (an
+# open, a read and a close) at every call, which was at every run with a CPU limit.
+_NCPU = os.cpu_count() or 1
 CGROUP_PSI = "psi:cgroup-v2:cpu.pressure"  # measured_by["host_load"]: the run's own waiting
 
 
@@ -223,8 +226,7 @@ class Run:
             if self.lease is not None:
                 # Handled at once rather than in batches: a batch of rmdirs holds the
                 # kernel's cgroup lock long enough to stall the runs starting meanwhile.
-                cg, applied, reusable = self.lease.cgroup, self.cgroup_limits, finished
-                c._housekeep(lambda: c._retire(cg, applied, reusable))
+                c._release(self.lease.cgroup, self.cgroup_limits, finished)
         return self._result(done_msg, stats, setup_ms)
 
     def _stdio(self, own: list[int]) -> list[int]:
@@ -304,7 +306,7 @@ class Run:
 
     def _watch_cpu(self, cg: Cgroup, limit_ms: int) -> None:
         loop = asyncio.get_running_loop()
-        ncpu = os.cpu_count() or 1
+        ncpu = _NCPU
         limit_ns = limit_ms * 1_000_000
 
         def check() -> None:

@@ -699,6 +699,58 @@ def test_v1_recycle_resets_cpu_time_and_renews_the_memory_cgroup(
     assert (cg / "pids/sandboxd/c-1/r-1/pids.max").exists()  # the other hierarchies kept
 
 
+def test_v1_counters_kept_open_and_the_renewed_memory_cgroup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run's CPU figures are read through descriptors kept open (read_kept), each read
+    # giving the file's text now. The memory cgroup is made anew by each recycle: the
+    # next run's memory figures come from the new one, never from the removed one.
+    drv, cg = v1_driver(tmp_path)
+    c = drv.create("c-1").child("r-1")
+    new_v1_cgroup(drv, cg, "c-1/r-1")
+    mem = cg / "memory/sandboxd/c-1/r-1"
+    (mem / "memory.oom_control").write_text(MEMORY_OOM_CONTROL.format(n=1))
+    first = c.stats()
+    assert (first.memory_peak_bytes, first.oom_kills) == (7966720, 1)
+    kept = set(c._kept.values())
+    assert len(kept) == 3  # cpuacct.usage, usage_user and usage_sys
+    (cg / "cpuacct/sandboxd/c-1/r-1/cpuacct.usage").write_text("44208287621\n")
+    assert c.stats().cpu_total_ns == 44208287621
+    monkeypatch.setattr(base, "rmdir", shutil.rmtree)
+    real_mkdir = os.mkdir
+
+    def mkdir(path: str, mode: int = 0o777) -> None:  # as cgroupfs does: with control files
+        real_mkdir(path, mode)
+        if path == str(mem):
+            populate(mem, "memory", memory__max_usage_in_bytes="4096\n",
+                     memory__oom_control=MEMORY_OOM_CONTROL.format(n=0))
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    assert c.recycle(CgroupLimits())
+    again = c.stats()
+    assert (again.memory_peak_bytes, again.oom_kills) == (4096, 0)
+    kept |= set(c._kept.values())  # and pids.current, read by the recycle
+    c.close_procs_fds()
+    assert c._kept == {}
+    for fd in kept:  # every descriptor kept was closed, none leaked
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_v1_recycle_without_wait_leaves_a_kill_under_way_alone(
+        tmp_path: Path, writes: list[tuple[str, str]]) -> None:
+    # The event loop recycles without waiting (Container._release): while a kill of the
+    # last use holds the guard (a v1 kill may wait for a freezer), it does nothing at all,
+    # and the use is still the one the kill acts for.
+    drv, cg = v1_driver(tmp_path)
+    c = drv.create("c-1").child("r-1")
+    new_v1_cgroup(drv, cg, "c-1/r-1")
+    lease = c.lease()
+    writes.clear()
+    with c._guard:
+        assert c.recycle(CgroupLimits(), wait=False) is None
+    assert writes == [] and lease.current
+
+
 @pytest.mark.parametrize("left", ["process", "child"])
 def test_v1_recycle_refuses_a_cgroup_that_still_holds_something(
         tmp_path: Path, writes: list[tuple[str, str]], left: str) -> None:

@@ -25,6 +25,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 KILL_TIMEOUT_S = 5.0
 RMDIR_TIMEOUT_S = 2.0
 _READ_SIZE = 65536
+_KEPT_READ_SIZE = 4096  # a counter or a few keyed lines; a longer text is read again whole
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Cgroup(ABC):
         self._guard = threading.Lock()
         self._use = 0
         self._procs: list[int] | None = None
+        # Control files read at every run's end, kept open (read_kept): path -> descriptor.
+        self._kept: dict[str, int] = {}
 
     def lease(self) -> Lease:
         """The current use of this cgroup, for the run it is handed to; call it when handing
@@ -98,9 +101,32 @@ class Cgroup(ABC):
         return self._procs
 
     def close_procs_fds(self) -> None:
+        """Close what is kept open for this cgroup: its cgroup.procs descriptors and the
+        control files read_kept keeps."""
         procs, self._procs = self._procs, None
-        for fd in procs or ():
+        kept, self._kept = self._kept, {}
+        for fd in [*(procs or ()), *kept.values()]:
             os.close(fd)
+
+    def read_kept(self, path: str) -> bytes:
+        """The text of control file `path`, through a descriptor kept open from its first
+        read until close_procs_fds. cgroupfs (kernfs) makes a file's text anew at every
+        read from offset 0, so a pread there reads what a new open would (the value now),
+        in one system call rather than an open, a read and a close: a run's end reads four
+        of them in a cgroup that serves run after run (v1's pids and cpuacct; not a file
+        of a directory made anew for each run, as v1's memory cgroup is, which would be
+        opened as often as before). A removed cgroup's file reads ENODEV.
+
+        Kept files are closed only by destroy and close_procs_fds, once no run uses the
+        cgroup any more: a descriptor is never closed under a reader."""
+        fd = self._kept.get(path)
+        if fd is None:
+            opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._kept.setdefault(path, opened)
+            if fd != opened:  # another thread (a kill of the run's lease) kept one first
+                os.close(opened)
+        data = os.pread(fd, _KEPT_READ_SIZE, 0)
+        return data if len(data) < _KEPT_READ_SIZE else read_bytes(path)
 
     @abstractmethod
     def add_pid(self, pid: int) -> None: ...
@@ -146,16 +172,21 @@ class Cgroup(ABC):
     @abstractmethod
     def _destroy(self, *, empty: bool) -> None: ...
 
-    def recycle(self, limits: CgroupLimits) -> bool:
+    def recycle(self, limits: CgroupLimits, *, wait: bool = True) -> bool | None:
         """Make a finished run's emptied cgroup (with `limits` applied) fit for the next
         run, its figures starting from zero as a new one's would and `limits` in force;
         False when it cannot be (destroy it then). Making and removing a cgroup in every
         hierarchy costs more than resetting a few counters, and runs follow each other in
         a container. Ends the current use, even when it fails: its lease kills no more, and
-        a kill it is doing finishes first."""
-        with self._guard:
+        a kill it is doing finishes first. Without `wait`, a kill under way (which may wait
+        for a freezer) is not waited for: None, having done nothing."""
+        if not self._guard.acquire(blocking=wait):
+            return None
+        try:
             self._use += 1
             return self._renew(limits)
+        finally:
+            self._guard.release()
 
     def _renew(self, limits: CgroupLimits) -> bool:
         return False
@@ -263,8 +294,13 @@ def read_int(path: str) -> int:
 
 def read_keyed(path: str) -> dict[str, int]:
     """Parse 'key value' lines (cpu.stat, memory.events, memory.oom_control, cpuacct.stat)."""
+    return parse_keyed(read_bytes(path))
+
+
+def parse_keyed(text: bytes) -> dict[str, int]:
+    """read_keyed's parse of a text read otherwise."""
     out: dict[str, int] = {}
-    for line in read_bytes(path).split(b"\n"):
+    for line in text.split(b"\n"):
         key, _, value = line.partition(b" ")
         if value:
             try:

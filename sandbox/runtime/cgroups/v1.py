@@ -111,9 +111,11 @@ class V1Cgroup(Cgroup):
         # build a sorted pid list, freed later by a kernel worker, at every run's end.
         if (p := self._dirs.get("pids")) is not None:
             try:
-                return base.read_int(f"{p}/pids.current") == 0
-            except FileNotFoundError:
-                return True
+                return int(self.read_kept(f"{p}/pids.current")) == 0
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENODEV):  # removed (ENODEV: when kept)
+                    return True
+                raise
         return not base.read_pids(f"{self._hier[0]}/cgroup.procs")
 
     def stats(self) -> CgroupStats:
@@ -121,18 +123,20 @@ class V1Cgroup(Cgroup):
         cpu_source = memory_source = None
         oom = 0
         try:
+            read = self.read_kept
             if (d := self._dirs.get("cpuacct")) is not None:
-                total = base.read_int(f"{d}/cpuacct.usage")
+                total = int(read(f"{d}/cpuacct.usage"))
                 if self._driver.cpuacct_split:
-                    user = base.read_int(f"{d}/cpuacct.usage_user")
-                    sys_ = base.read_int(f"{d}/cpuacct.usage_sys")
+                    user = int(read(f"{d}/cpuacct.usage_user"))
+                    sys_ = int(read(f"{d}/cpuacct.usage_sys"))
                     cpu_source = "cgroup-v1:cpuacct.usage_user+usage_sys"
                 else:  # older kernels: only clock ticks for the split
-                    ticks = base.read_keyed(f"{d}/cpuacct.stat")
+                    ticks = base.parse_keyed(read(f"{d}/cpuacct.stat"))
                     tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
                     user, sys_ = ticks["user"] * tick_ns, ticks["system"] * tick_ns
                     cpu_source = "cgroup-v1:cpuacct.stat+usage"
             if (d := self._dirs.get("memory")) is not None:
+                # Read anew, not kept: the memory cgroup is made anew at every recycle.
                 peak = base.read_int(f"{d}/memory.max_usage_in_bytes")
                 memory_source = "cgroup-v1:memory.max_usage_in_bytes"
                 oom = self._oom_kills(d)
@@ -158,7 +162,7 @@ class V1Cgroup(Cgroup):
         if d is None:
             return None
         try:
-            return base.read_int(f"{d}/cpuacct.usage")
+            return int(self.read_kept(f"{d}/cpuacct.usage"))
         except OSError as e:
             raise CgroupError(f"cannot read {d}/cpuacct.usage: {e.strerror}") from e
 

@@ -66,7 +66,7 @@ static const uint8_t IN_MEMFD[] = {0x81, 0xa5, 'm', 'e', 'm', 'f', 'd', 0xc3};
 
 struct config {
     struct sock_fprog prog;
-    int last_cap;
+    int last_cap;                /* init drops its bounding set to caps (drop_bounding_set) */
     uint64_t caps;               /* the profile's capabilities: a uid-0 run keeps these */
     int set_groups;              /* false under a "single" id map (setgroups is denied) */
     int early_filter;            /* a prepared child loads the filter before its request */
@@ -589,7 +589,7 @@ static const char *parse_exec(const struct mp_value *msg, const int *fds, int nf
     for (i = 0; i < (uint32_t)e->plan.ncgroup; i++)
         e->plan.cgroup_fd[i] = fds[nstdio + i];
     e->plan.prog = cfg.prog;
-    e->plan.last_cap = cfg.last_cap;
+    e->plan.last_cap = -1; /* init's bounding set is the run's already */
     e->plan.caps = cfg.caps;
     return NULL;
 }
@@ -756,7 +756,7 @@ static void prepare(void)
     p.ncgroup = nnext;
     memcpy(p.cgroup_fd, next_fds, sizeof(int) * (size_t)nnext);
     p.prog = cfg.prog;
-    p.last_cap = cfg.last_cap;
+    p.last_cap = -1; /* init's bounding set is the run's already */
     p.caps = cfg.caps;
     p.err_fd = errp[1];
     pid = fork();
@@ -1271,6 +1271,19 @@ static void become(uid_t uid, gid_t gid)
         setup_failed("moving to init's own id", errno);
 }
 
+/* The bounding set every run starts with (the profile's capabilities), dropped once here
+ * and inherited by each child, rather than dropped by each run's child: one prctl per
+ * capability, each making a new set of credentials, was ~5 % of init's CPU per run of
+ * `true` (41 calls). Init never execs, and no run can change init's set, so each child
+ * starts from exactly this one. */
+static void drop_bounding_set(void)
+{
+    int i;
+    for (i = 0; i <= cfg.last_cap; i++)
+        if (!(i < 64 && (cfg.caps >> i & 1)) && prctl(PR_CAPBSET_DROP, i, 0, 0, 0) < 0)
+            setup_failed("dropping the capability bounding set", errno);
+}
+
 static int64_t read_config(int fd)
 {
     static char err[1024];
@@ -1362,6 +1375,7 @@ static int init_main(int config_fd)
         return 1;
     prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
     started = read_config(config_fd);
+    drop_bounding_set();
     /* Re-parented to the spawner by now (a child subreaper): die with it. */
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     close_host_descriptors();
