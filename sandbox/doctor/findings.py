@@ -60,9 +60,11 @@ class Report:
         width = max(len(f.check) for f in self.findings)
         indent = " " * (width + 8)
         for f in self.findings:
-            # Messages wrap; fixes stay whole, to be copied.
+            # Messages wrap between words only (a path stays whole, however long or
+            # hyphenated, to be copied); fixes stay whole too.
             lines.extend(textwrap.wrap(f"{_MARK[f.level]:<5} {f.check:<{width}}  {f.message}",
-                                       WIDTH, subsequent_indent=indent))
+                                       WIDTH, subsequent_indent=indent,
+                                       break_long_words=False, break_on_hyphens=False))
             if f.fix and f.level in (Level.WARN, Level.FAIL):
                 lines.extend(f"{indent}fix: {line}" for line in f.fix.splitlines())
         failures, warnings = self.count(Level.FAIL), self.count(Level.WARN)

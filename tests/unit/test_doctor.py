@@ -444,3 +444,11 @@ def test_a_state_dir_of_another_user_fails(tree: Path, tmp_path: Path) -> None:
     found = find(disk.state_dir(host(tree, state_dir=tmp_path)), Level.FAIL,
                  f"not to {USER}", f"chown -R {USER}: {tmp_path}")
     assert found.check == "state_dir"
+
+
+def test_a_long_path_in_a_message_stays_whole_in_the_text() -> None:
+    from sandbox.doctor.findings import Finding, Report
+    path = "/tmp/suite-root.1vU1l2/pytest-of-root/pytest-0/test-a-blocking-problem/" + "x" * 80
+    report = Report("root", 0, False, (Finding("state_dir", Level.FAIL,
+                                                f"{path} belongs to uid 65534, not to root"),))
+    assert any(path in line for line in report.text().splitlines()), report.text()
