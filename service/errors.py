@@ -4,6 +4,7 @@ middleware that guarantees no traceback ever reaches a client."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator
@@ -148,10 +149,30 @@ def blame(field: str) -> Iterator[None]:
         raise from_sandbox(e, field) from e
 
 
+def _out_of_descriptors(exc: BaseException) -> bool:
+    """Whether `exc`, or what caused it, is an open that found no descriptor free."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain of causes is short; a loop of them is not followed
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def to_api_error(exc: BaseException) -> ApiError:
     """Any exception as an ApiError; unexpected ones are logged and stay generic."""
     if isinstance(exc, ApiError):
         return exc
+    if _out_of_descriptors(exc):
+        # Capacity, not a fault: every warm container and run holds descriptors, and they
+        # come back as runs end. The operator's log says which limit.
+        log.warning("out of file descriptors: %s; raise the service's limit on open files "
+                    "(LimitNOFILE= in its unit, or ulimit -n), or keep fewer warm "
+                    "containers ([pools] max_idle)", exc)
+        return ApiError(503, "over_capacity", "the service has no file descriptors free "
+                        "for this request; retry shortly", headers={"Retry-After": "1"})
     if isinstance(exc, SandboxError):
         api = from_sandbox(exc)
         if api.status >= 500:

@@ -59,3 +59,41 @@ def test_many_warm_containers_under_a_low_soft_limit(images: Any, tmp_path: Path
         assert answers == [(200, "1024\n")] * SESSIONS, answers
     finally:
         stop(proc, log)
+
+
+def test_out_of_descriptors_is_a_503_to_retry_and_the_service_recovers(
+        images: Any, tmp_path: Path) -> None:
+    """Where the hard limit itself is low, the request that finds no descriptor free is a
+    503 over_capacity with Retry-After (not a 500), and the service serves again once
+    sessions are gone."""
+    low = 96
+    proc, log = start_service(tmp_path, "[server]\nshutdown_deadline_s = 2\n",
+                              launcher=("prlimit", f"--nofile={low}:{low}", "--"))
+    try:
+        url = wait_ready(proc, log)
+
+        async def go() -> tuple[list[int], dict[str, Any], str, int]:
+            async with aiohttp.ClientSession(url) as s:
+                ids, statuses = [], []
+                refused: dict[str, Any] = {}
+                retry = ""
+                for _ in range(SESSIONS * 2):
+                    async with s.post("/v1/containers", json={"image": images.oci}) as r:
+                        statuses.append(r.status)
+                        if r.status != 201:
+                            refused, retry = await r.json(), r.headers.get("Retry-After", "")
+                            break
+                        ids.append((await r.json())["id"])
+                for sid in ids:
+                    async with s.delete(f"/v1/containers/{sid}") as r:
+                        assert r.status == 204
+                async with s.post("/v1/runs", json={"image": images.oci, "cmd": ["true"]}) as r:
+                    after = r.status
+            return statuses, refused, retry, after
+
+        statuses, refused, retry, after = asyncio.run(go())
+        assert statuses[-1] == 503, statuses
+        assert refused["error"]["code"] == "over_capacity" and retry, refused
+        assert after == 200
+    finally:
+        stop(proc, log)
