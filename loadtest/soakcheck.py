@@ -24,6 +24,8 @@ from typing import Any
 import aiohttp
 import psutil
 
+from sandbox.runtime.cgroups.base import KEPT_FILES_MAX
+
 # Within this of the level after warm-up (the issue's standard).
 GROWTH = 0.05
 QUIET_POLL_S = 0.5
@@ -43,7 +45,7 @@ class Level:
 
     rss: int
     fds: int                           # every descriptor but the run cgroups' below
-    cgroup_fds: int                    # of the run cgroups made ahead (cgroup.procs)
+    cgroup_fds: int                    # of run cgroups: cgroup.procs, kept counters
     run_cgroups: int                   # those on disk, of every live container
     hierarchies: int                   # cgroup hierarchies a run cgroup has a fd in
     threads: int
@@ -255,9 +257,11 @@ def leaks(after_warmup: Level, end: Level) -> list[str]:
         if y > x * (1 + GROWTH):
             found.append(f"the service's {what} grew from {x} to {y} (+{(y - x) / x:.1%}, "
                          f"more than {GROWTH:.0%})")
-    if b.cgroup_fds > b.run_cgroups * b.hierarchies:
+    # Each run cgroup: a cgroup.procs per hierarchy, and the counter files it keeps open.
+    if b.cgroup_fds > b.run_cgroups * (b.hierarchies + KEPT_FILES_MAX):
         found.append(f"{b.cgroup_fds} descriptors of run cgroups open, for "
-                     f"{b.run_cgroups} run cgroups in {b.hierarchies} hierarchies")
+                     f"{b.run_cgroups} run cgroups in {b.hierarchies} hierarchies (and "
+                     f"{KEPT_FILES_MAX} counter files each at most)")
     if b.inits != b.live_containers or len(b.records) != b.live_containers:
         found.append(f"{b.live_containers} live containers by the service's count, "
                      f"{b.inits} container inits below its spawner, {len(b.records)} "
@@ -314,8 +318,8 @@ def _cgroup_bases(info: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _fds(pid: int, cgroup_bases: tuple[str, ...]) -> tuple[int, int]:
-    """The service's descriptors: those of cgroups below its bases (the run cgroups made
-    ahead keep their cgroup.procs open), and every other."""
+    """The service's descriptors: those of cgroups below its bases (a run cgroup keeps its
+    cgroup.procs and the counters read at a run's end open), and every other."""
     cgroups = other = 0
     fd_dir = Path(f"/proc/{pid}/fd")
     for fd in fd_dir.iterdir():

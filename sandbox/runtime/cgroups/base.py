@@ -26,6 +26,10 @@ KILL_TIMEOUT_S = 5.0
 RMDIR_TIMEOUT_S = 2.0
 _READ_SIZE = 65536
 _KEPT_READ_SIZE = 4096  # a counter or a few keyed lines; a longer text is read again whole
+# The most control files read_kept keeps open in one cgroup (v1: pids.current and cpuacct's
+# usage, usage_user and usage_sys): with a cgroup.procs per hierarchy, all a run cgroup
+# holds (a leak check's bound, loadtest/soakcheck.py).
+KEPT_FILES_MAX = 4
 
 
 @dataclass(frozen=True)
