@@ -13,6 +13,7 @@ memfd sent along as the last descriptor.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from dataclasses import dataclass
@@ -130,6 +131,12 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     data, fds, flags, _ = socket.recv_fds(sock, INLINE_MAX, MAX_FDS)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         _close_all(fds)
+        if not flags & socket.MSG_TRUNC:
+            # Room was made for MAX_FDS: the kernel could not install them in this process,
+            # which has no descriptor free (its want, not the peer's fault).
+            raise ProtocolError("a message's file descriptors were lost: this process has "
+                                "none free") from OSError(errno.EMFILE,
+                                                          os.strerror(errno.EMFILE))
         raise ProtocolError("message or its file descriptors were truncated")
     return decode(data, fds)
 

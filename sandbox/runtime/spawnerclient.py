@@ -126,6 +126,7 @@ class Runtime:
         cgroup: Cgroup | None = None
         fds: list[int] = []
         n_container = 0
+        asked = False
         try:
             if self.cgroups.driver is not None:
                 cgroup = self.cgroups.driver.create(f"c-{cid}")
@@ -137,6 +138,7 @@ class Runtime:
                 # controllers down only later, to runs, once no process is left in it.
                 fds += cgroup.child("init", limitable=False).open_procs_fds()
             generation = self.spawner.generation
+            asked = True
             reply, got = await self.spawner.ask(
                 {"op": "create", "id": cid, "rootfs": asdict(rootfs),
                  "mapping": self.mapping.describe(), "seccomp_bpf": policy.program.bpf,
@@ -145,8 +147,14 @@ class Runtime:
                  "hostname": spec.hostname, "container_cgroup_fds": n_container, **net},
                 fds)
         except BaseException:
+            # Its descriptors first: a create that ran out of them (EMFILE) must still be
+            # able to remove what it made. Before the spawner was asked, no process can be
+            # in the cgroup: removing it then needs no kill, and no descriptor at all.
+            for fd in fds:
+                os.close(fd)
+            fds = []
             if cgroup is not None:
-                cgroup.destroy()
+                cgroup.destroy(empty=not asked)
             raise
         finally:
             for fd in fds:

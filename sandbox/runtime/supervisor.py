@@ -112,7 +112,10 @@ class Supervisor:
             current = self._current
             if self.check() is not None or current is None:
                 raise self.error("no container can be made now")
-            got = await _exchange(current.sock, req, fds)
+            try:
+                got = await _exchange(current.sock, req, fds)
+            except protocol.ProtocolError as e:  # the spawner is well; its answer was lost
+                raise RuntimeSetupError(f"the spawner's answer could not be read: {e}") from e
         if got is None:
             # Its socket closes as it exits, a moment before it can be reaped; and a
             # spawner that closed it alive would serve no one either.
