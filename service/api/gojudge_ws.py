@@ -100,20 +100,19 @@ class _Connection:
         self.running[request_id] = asyncio.ensure_future(self._serve(request_id, req))
 
     async def _serve(self, request_id: str, req: dict[str, Any]) -> None:
+        found: list[dict[str, Any]] = []
+        error = None
         try:
             found = await results(self.st, self.who, self.image, req)
         except asyncio.CancelledError:
-            self.running.pop(request_id, None)
-            if self.sock.closed:
+            if self.sock.closed:  # the connection's end, not a cancel message
                 raise
-            await self.answer(request_id, [], "request cancelled")
-            return
+            error = "request cancelled"
         except Exception as e:  # a fault of ours is logged there; the connection goes on
+            error = go_words(to_api_error(e).message)
+        finally:
             self.running.pop(request_id, None)
-            await self.answer(request_id, [], go_words(to_api_error(e).message))
-            return
-        self.running.pop(request_id, None)
-        await self.answer(request_id, found)
+        await self.answer(request_id, found, error)
 
     async def close(self) -> None:
         """The client left: its requests' runs must not outlive it."""
