@@ -25,6 +25,8 @@ import aiohttp
 import psutil
 
 from sandbox.runtime.cgroups.base import KEPT_FILES_MAX
+from sandbox.runtime.idmap import MAPPER_NAME
+from sandbox.runtime.spawner import HELPER_NAME
 
 # Within this of the level after warm-up (the issue's standard).
 GROWTH = 0.05
@@ -179,13 +181,15 @@ class Service:
             files=frozenset(f["id"] for f in files["files"]))
 
     def _processes(self, proc: psutil.Process) -> tuple[list[psutil.Process], tuple[str, ...]]:
-        """The containers' inits (the spawner's children), and every other process below
-        the service that is neither them nor the spawner."""
+        """The containers' inits (the spawner's children, but for its own helpers made
+        ahead and its id mapper), and every other process below the service that is
+        neither them nor the spawner's."""
         strays: list[str] = []
         inits: list[psutil.Process] = []
         for child in proc.children():
             if SPAWNER_MODULE in " ".join(_cmdline(child)):
-                inits += child.children()
+                inits += (p for p in child.children()
+                          if _name(p) not in (HELPER_NAME, MAPPER_NAME))
             else:
                 strays.append(_describe(child))
         for init in inits:
@@ -362,6 +366,13 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return list(p.cmdline())
     except psutil.Error:
         return []
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return str(p.name())
+    except psutil.Error:
+        return ""
 
 
 def _status(p: psutil.Process) -> str:

@@ -11,13 +11,22 @@ Where the map holds more than one id, the container's init moves to the highest 
 (`init_uid`, `init_gid`), which no run may use: a process can change another's rlimits
 (prlimit) or signal it when their ids match, and init's children inherit its state. With a
 single id, init and runs share it and the seccomp policy refuses those calls instead.
+
+With `newuidmap`, the setuid helpers run once per spawner, not once per container: they
+map the user namespace of a `Mapper`, and every container's user namespace is made inside
+that one, its map written by the mapper (native/mapper.c). A container's namespace maps
+the same host ids either way; inside, /proc/self/uid_map shows them as the parent
+namespace's ids ("0 0 1", "1 1 65535"), as in any nested user namespace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
+import signal
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +34,7 @@ from pathlib import Path
 from sandbox.errors import PolicyError, RuntimeSetupError
 
 NOBODY = 65534
+MAPPER_NAME = "sbx-mapper"   # the mapper's process name, for whoever lists processes
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,64 @@ def plan(*, uid: int | None = None, gid: int | None = None, etc: Path = Path("/e
 
 def _fmt(ranges: tuple[IdRange, ...]) -> str:
     return "".join(f"{r.inside} {r.outside} {r.count}\n" for r in ranges)
+
+
+def _fmt_nested(ranges: tuple[IdRange, ...]) -> str:
+    """A child namespace's map of the same host ids as its parent's `ranges`: each of the
+    parent's ranges onto itself (one line each: a line must lie within one of the parent's)."""
+    return "".join(f"{r.inside} {r.inside} {r.count}\n" for r in ranges)
+
+
+class Mapper:
+    """A user namespace mapped once with newuidmap and newgidmap, and its owner, the
+    process `sbx-init mapper` (native/mapper.c): a container's user namespace made inside
+    it (`userns`, for setns) gets its map from the mapper, without a setuid exec.
+
+    Made by the spawner, whose SIGCHLD handler must be held back meanwhile (see `apply`)."""
+
+    def __init__(self, mapping: IdMapping, init_binary: str) -> None:
+        self.mapping = mapping
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        os.set_inheritable(theirs.fileno(), True)
+        try:
+            self.pid = os.posix_spawn(init_binary, [
+                MAPPER_NAME, "mapper", str(theirs.fileno()), _fmt_nested(mapping.uids),
+                _fmt_nested(mapping.gids)], {})
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.userns = -1
+        try:
+            said, fds, _, _ = socket.recv_fds(self.sock, 256, 1)
+            if fds:
+                self.userns = fds[0]
+            if said != b"u" or not fds:
+                raise RuntimeSetupError("the id mapper did not start: "
+                                        f"{said[1:].decode(errors='replace') or 'it died'}")
+            apply(mapping, self.pid)
+        except BaseException:
+            self.close()
+            raise
+
+    def map(self, pid: int) -> None:
+        """Write the maps of `pid`, which has just made its user namespace in `userns`."""
+        try:
+            self.sock.send(str(pid).encode())
+            answer = self.sock.recv(256)
+        except OSError as e:
+            answer = f"E{e}".encode()
+        if answer != b"ok":
+            raise RuntimeSetupError(f"writing the id map of pid {pid} failed: "
+                                    f"{answer[1:].decode(errors='replace') or 'the mapper died'}")
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.userns >= 0:
+            os.close(self.userns)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
 
 
 def apply(mapping: IdMapping, pid: int) -> None:

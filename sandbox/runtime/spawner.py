@@ -2,11 +2,13 @@
 
 Forking a threaded (asyncio) process is unsafe, so the service starts this process once,
 with every module already imported, and asks it over a SOCK_SEQPACKET socket for
-containers. For each one it forks a helper that joins the container's cgroup, starts the
-native init's joiner (`sbx-init join`, native/init.c) while it is still in the host's
-namespaces, unshares user, mount, ipc, uts, net (unless the profile's network is "host")
-and cgroup namespaces, waits while the spawner writes the id map and makes the container's
-filesystem (rootfs.execute). The joiner then joins those namespaces, makes the pid
+containers. For each one a helper, forked ahead (two wait, made like the last container),
+has started the native init's joiner (`sbx-init join`, native/init.c) while still in the
+host's namespaces, unshared user, mount, ipc, uts and net (unless the profile's network is
+"host") namespaces and waited while the spawner wrote its id map (with newuidmap's ranges,
+through idmap.Mapper). On the request it joins the container's cgroup, unshares the cgroup
+namespace and makes the container's filesystem (rootfs.execute). The joiner then joins
+those namespaces, makes the pid
 namespace and forks init (its pid 1), and both exit, so init is re-parented here (this
 process is a child subreaper) and dies with it (PDEATHSIG). Init mounts /proc, pivots into
 its own root (the staging tmpfs, holding the container's root at rootfs.ROOT), moves to an
@@ -21,10 +23,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import select
 import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,13 @@ INIT_BINARY = Path(__file__).with_name("sbx-init")
 
 NAMESPACES = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC
               | sc.CLONE_NEWUTS | sc.CLONE_NEWNET | sc.CLONE_NEWCGROUP)
+# Process names, for whoever lists processes: a helper (a fork of this process), the joiner.
+HELPER_NAME, JOINER_NAME = "sbx-helper", "sbx-joiner"
+# Helpers made ahead: two, so that containers asked for back to back find one ready.
+SPARES = 2
+# What a helper makes ahead: the pid namespace is the joiner's, for init, and the cgroup
+# namespace waits for the container's cgroup.
+_UNSHARED = NAMESPACES & ~sc.CLONE_NEWPID & ~sc.CLONE_NEWCGROUP
 
 
 def _mapping(d: dict[str, Any]) -> idmap.IdMapping:
@@ -55,55 +67,68 @@ def _spec(d: dict[str, Any]) -> rootfs.RootfsSpec:
                                 "provided": tuple(tuple(f) for f in d["provided"])})
 
 
-def _network(req: dict[str, Any], to_spawner_fds: socket.socket | None) -> None:
+def _network(req: dict[str, Any], link: socket.socket) -> None:
     """The container's network beyond lo (sandbox/runtime/network): for `proxy`, the
     listener its runs reach the proxy through, handed to the spawner; for `full`, the
     unreachable routes (slirp4netns is started by the spawner)."""
     if req.get("network") == PROXY:
-        assert to_spawner_fds is not None
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
             listener.bind(("127.0.0.1", PROXY_PORT))
             listener.listen(128)
-            socket.send_fds(to_spawner_fds, [b"l"], [listener.fileno()])
+            protocol.send(link, {"ev": "listener"}, [listener.fileno()])
     elif req.get("network") == FULL:
         routes.add_unreachable(req["unreachable"])
 
 
-def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
-            to_spawner: int, from_spawner: int, init_binary: int,
-            to_spawner_fds: socket.socket | None) -> None:
-    """The forked helper: namespaces, the container's filesystem, then init. Never returns."""
-    started = time.monotonic_ns()
+def _helper(link: socket.socket, ctl: socket.socket, init_binary: int,
+            host_network: bool, parent_userns: int | None) -> None:
+    """The forked helper: namespaces, the container's filesystem, then init. Never returns.
+
+    It is made ahead, before any container asks for it (`Spawner.spares`): the fork,
+    init's joiner, the namespaces and the id map are off a container's path. Until a
+    request comes it holds nothing of a container: no cgroup, no layer, no tenant's data;
+    its cgroup namespace is made once it has joined the container's cgroup, as the
+    namespace is rooted where it is made.
+    `parent_userns` is the namespace its user namespace is made in (idmap.Mapper), if not
+    the host's."""
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the spawner's reaper would take ours
-        n_container = req["container_cgroup_fds"]
-        for fd in fds[:n_container]:
-            os.write(fd, b"0")  # before CLONE_NEWCGROUP, so the namespace is rooted there
-        spec = _spec(req["rootfs"])
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(HELPER_NAME)
         joiner, join, config = _start_init(ctl, init_binary)
+        if parent_userns is not None:  # after the joiner: init's memory stays the host's
+            sc.setns(parent_userns, sc.CLONE_NEWUSER)
         # A profile with network "host" keeps the host's network: no namespace of its own.
         # The pid namespace is made by the joiner, for init.
-        sc.unshare((NAMESPACES & ~sc.CLONE_NEWNET if req["host_network"] else NAMESPACES)
-                   & ~sc.CLONE_NEWPID)
+        sc.unshare(_UNSHARED & ~sc.CLONE_NEWNET if host_network else _UNSHARED)
+        protocol.send(link, {"ev": "unshared"})
+        got = protocol.recv(link)
+        if got is None:
+            os._exit(0)  # a spare the spawner no longer wants
+        req, fds = got
+        n_container = req["container_cgroup_fds"]
+        for fd in fds[:n_container]:
+            # The joiner too: init, its child, starts in the container's cgroup.
+            os.write(fd, str(joiner).encode())
+            os.write(fd, b"0")
+        sc.unshare(sc.CLONE_NEWCGROUP)  # rooted at the container's cgroup
+        spec = _spec(req["rootfs"])
         # Opened in the new mount namespace (a bind source must be a mount of the caller's
-        # namespace) but before the id map is used: the service's own host uid still owns
-        # the lookup, where container root may be an id that cannot traverse its directories.
+        # namespace) and before setresuid: the service's own host uid still owns the
+        # lookup, where container root may be an id that cannot traverse its directories.
         sources = [os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                    for layer in spec.layers]
         files = (None if spec.files is None else
                  os.open(spec.files, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-        os.write(to_spawner, b"u")
-        if os.read(from_spawner, 1) != b"m":
-            os._exit(1)
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
         plan = rootfs.plan(spec, [f"/proc/self/fd/{fd}" for fd in sources],
                            None if files is None else f"/proc/self/fd/{files}")
         init_mounts, writable = rootfs.execute(plan)
         sc.sethostname(req.get("hostname") or "sandbox")
-        if not req["host_network"]:
+        if not host_network:
             sc.loopback_up()
-            _network(req, to_spawner_fds)
+            _network(req, link)
         join.send(b"j")
         answer = join.recv(256)
         if not answer.isdigit():
@@ -119,7 +144,7 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
             os.write(fd, b"0")
         mapping = _mapping(req["mapping"])
         os.write(config, msgpack.packb({
-            "started_ns": started, "seccomp_bpf": req["seccomp_bpf"],
+            "started_ns": req["started_ns"], "seccomp_bpf": req["seccomp_bpf"],
             "last_cap": sc.cap_last_cap(), "caps": int(req.get("caps") or 0),
             "set_groups": mapping.method != "single",
             "init_id": (None if mapping.shares_init_id
@@ -130,13 +155,31 @@ def _helper(req: dict[str, Any], fds: list[int], ctl: socket.socket,
             "resettable": [{"target": op.target, "size": op.size, "mode": op.mode,
                             "inodes": op.inodes, "flags": op.flags}
                            for op in plan.resettable()]}))
-        os.write(to_spawner, b"p" + answer)
+        protocol.send(link, {"ev": "started", "pid": int(answer)})
         os._exit(0)
     except BaseException as e:
         try:
-            os.write(to_spawner, f"E{e}".encode()[:4000])
+            protocol.send(link, {"ev": "failed", "error": str(e)[:4000]})
         finally:
             os._exit(1)  # init, given no configuration, exits too
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether a helper's or the mapper's socket has something to read: from one that only
+    answers, that is its end (EOF)."""
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+@contextlib.contextmanager
+def _sigchld_held() -> Iterator[None]:
+    """Our SIGCHLD handler reaps any child; held back while subprocess runs the newuidmap
+    helpers, so that it cannot take them from under subprocess (which would then read their
+    exit as 0)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
 
 def _start_init(ctl: socket.socket, init_binary: int) -> tuple[int, socket.socket, int]:
@@ -153,7 +196,7 @@ def _start_init(ctl: socket.socket, init_binary: int) -> tuple[int, socket.socke
     try:
         # posix_spawn: a vfork, where a fork of this process would copy its page tables.
         pid = os.posix_spawn(f"/proc/self/fd/{init_binary}",
-                             ["sbx-init", "join", str(theirs.fileno()), str(ctl.fileno()),
+                             [JOINER_NAME, "join", str(theirs.fileno()), str(ctl.fileno()),
                               str(cfg_r)], {})
     finally:
         theirs.close()
@@ -161,11 +204,34 @@ def _start_init(ctl: socket.socket, init_binary: int) -> tuple[int, socket.socke
     return pid, ours, cfg_w
 
 
+@dataclass
+class Helper:
+    """A forked helper (`_helper`), as the spawner holds it."""
+
+    pid: int
+    link: socket.socket            # requests to it, its answers
+    host: socket.socket            # the host's end of the container's control socket
+    mapping: dict[str, Any]        # the id map it was made for (a request's "mapping")
+    host_network: bool
+    mapper: idmap.Mapper | None    # whose namespace it made its own in, which maps it
+    mapped: bool = False           # its namespaces made and their id map written
+
+    def fits(self, req: dict[str, Any]) -> bool:
+        return req["mapping"] == self.mapping and req["host_network"] == self.host_network
+
+    def close(self) -> None:
+        self.link.close()
+        self.host.close()
+
+
 class Spawner:
     def __init__(self, sock: socket.socket, init_binary: int) -> None:
         self.sock = sock
         self.init_binary = init_binary   # an O_PATH descriptor of sbx-init
         self.inits: set[int] = set()
+        # Made like the last container, for the next ones: namespaces and id map ready.
+        self.spares: list[Helper] = []
+        self.mapper: idmap.Mapper | None = None
 
     def reap(self, *_: object) -> None:
         while True:
@@ -177,106 +243,166 @@ class Spawner:
                 return
             self.inits.discard(pid)
 
-    def create(self, req: dict[str, Any], fds: list[int]) -> None:
-        mapping = _mapping(req["mapping"])
+    def _mapper(self, mapping: idmap.IdMapping) -> idmap.Mapper | None:
+        """The mapper of `mapping`, made on first need (and again if it died); None where
+        a map is one write (`direct`, `single`)."""
+        if mapping.method != "newuidmap":
+            return None
+        if self.mapper is not None and (self.mapper.mapping != mapping
+                                        or _readable(self.mapper.sock)):
+            self.mapper.close()
+            self.mapper = None
+        if self.mapper is None:
+            with _sigchld_held():
+                self.mapper = idmap.Mapper(mapping, f"/proc/self/fd/{self.init_binary}")
+        return self.mapper
+
+    def _fork(self, req: dict[str, Any]) -> Helper:
+        mapper = self._mapper(_mapping(req["mapping"]))
         host, child = protocol.socketpair()
-        # Descriptors the helper hands back (the proxy's listener): only for `proxy`.
-        fds_ours, fds_theirs = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                                if req.get("network") == PROXY else (None, None))
-        to_spawner_r, to_spawner_w = os.pipe2(os.O_CLOEXEC)
-        from_spawner_r, from_spawner_w = os.pipe2(os.O_CLOEXEC)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gc.freeze()  # keeps the collector from dirtying shared pages in the children
         pid = os.fork()
         if pid == 0:
             self.sock.close()
             host.close()
-            os.close(to_spawner_r)
-            os.close(from_spawner_w)
-            if fds_ours is not None:
-                fds_ours.close()
-            _helper(req, fds, child, to_spawner_w, from_spawner_r, self.init_binary,
-                    fds_theirs)
+            ours.close()
+            for spare in self.spares:
+                spare.close()
+            _helper(theirs, child, self.init_binary, req["host_network"],
+                    None if mapper is None else mapper.userns)
         child.close()
-        if fds_theirs is not None:
-            fds_theirs.close()
-        os.close(to_spawner_w)
-        os.close(from_spawner_r)
-        for fd in fds:
-            os.close(fd)
+        theirs.close()
+        return Helper(pid, ours, host, req["mapping"], req["host_network"], mapper)
+
+    def _map(self, helper: Helper) -> None:
+        """Write the id map of `helper` once it has made its namespaces."""
+        got = protocol.recv(helper.link)
+        if got is None or got[0].get("ev") != "unshared":
+            raise RuntimeSetupError((got and got[0].get("error")) or "helper died")
+        if helper.mapper is not None:
+            try:
+                helper.mapper.map(helper.pid)
+            except RuntimeSetupError:
+                if self.mapper is helper.mapper:  # made anew for the next helper
+                    self.mapper.close()
+                    self.mapper = None
+                raise
+        else:
+            with _sigchld_held():
+                idmap.apply(_mapping(helper.mapping), helper.pid)
+        helper.mapped = True
+
+    def _end(self, helper: Helper) -> None:
+        """Kill a helper that will not finish, and reap it. One that exited is a zombie
+        until reaped here or by `reap`, so its pid is still its own."""
+        helper.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(helper.pid, 0)
+
+    def _take(self, req: dict[str, Any]) -> Helper:
+        """A helper mapped and waiting for `req`: a spare made for such a request, else
+        one made now. A spare that died meanwhile (or whose map cannot be written: its
+        mapper died) is passed over; spares made for another kind of request are ended, as
+        the next ones are made like this one."""
+        for spare in [s for s in self.spares if not s.fits(req)]:
+            self.spares.remove(spare)
+            self._end(spare)
+        while self.spares:
+            spare = self.spares.pop(0)
+            try:
+                if spare.mapped and _readable(spare.link):
+                    raise RuntimeSetupError("a spare helper died")  # it says nothing else
+                if not spare.mapped:
+                    self._map(spare)
+                return spare
+            except (RuntimeSetupError, OSError, protocol.ProtocolError):
+                self._end(spare)
+        helper = self._fork(req)
+        try:
+            self._map(helper)
+        except BaseException:
+            self._end(helper)
+            raise
+        return helper
+
+    def refill(self, req: dict[str, Any]) -> None:
+        """Spares made like `req`, after it was answered. One that cannot be made now is
+        made when a container asks for it, which then says why it failed."""
+        with contextlib.suppress(RuntimeSetupError, OSError, protocol.ProtocolError):
+            while len(self.spares) < SPARES:
+                self.spares.append(self._fork(req))
+
+    def prepare(self, spare: Helper) -> None:
+        """Write the id map of a spare that has made its namespaces (between requests)."""
+        try:
+            self._map(spare)
+        except (RuntimeSetupError, OSError, protocol.ProtocolError):
+            # Made again, and its failure reported, when a container asks for one.
+            self.spares.remove(spare)
+            self._end(spare)
+
+    def create(self, req: dict[str, Any], fds: list[int]) -> None:
+        req["started_ns"] = time.monotonic_ns()
+        helper: Helper | None = None
         extra: list[int] = []
         try:
-            init_pid = self._finish(pid, mapping, to_spawner_r, from_spawner_w, req, extra)
-            if fds_ours is not None:
-                _, got, _, _ = socket.recv_fds(fds_ours, 1, 1)
-                extra += got
-                if not got:
-                    raise RuntimeSetupError("the container's proxy listener did not arrive")
-        except (RuntimeSetupError, OSError) as e:
-            host.close()
+            try:
+                helper = self._take(req)
+                init_pid = self._finish(helper, req, fds, extra)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        except (RuntimeSetupError, OSError, protocol.ProtocolError) as e:
+            if helper is not None:
+                self._end(helper)
             for fd in extra:
                 os.close(fd)
             protocol.send(self.sock, {"ok": False, "error": str(e)})
             return
-        finally:
-            os.close(to_spawner_r)
-            os.close(from_spawner_w)
-            if fds_ours is not None:
-                fds_ours.close()
+        helper.link.close()  # it has exited, or is about to: `reap` takes it
         self.inits.add(init_pid)
         # The proxy's listener, or slirp4netns's exit pipe: the host's from now on.
-        protocol.send(self.sock, {"ok": True, "pid": init_pid}, [host.fileno(), *extra])
-        host.close()
+        protocol.send(self.sock, {"ok": True, "pid": init_pid},
+                      [helper.host.fileno(), *extra])
+        helper.host.close()
         for fd in extra:
             os.close(fd)
 
-    def _finish(self, helper: int, mapping: idmap.IdMapping, rd: int, wr: int,
-                req: dict[str, Any], extra: list[int]) -> int:
-        # Our SIGCHLD handler reaps any child; held back here so that it cannot take the
-        # newuidmap helpers from under subprocess (which would then read their exit as 0).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    def _finish(self, helper: Helper, req: dict[str, Any], fds: list[int],
+                extra: list[int]) -> int:
+        """Init's pid, once the helper has said it. For `proxy`, the listener the helper
+        hands over, and for `full` slirp4netns's exit pipe once it is ready, are appended
+        to `extra`."""
+        started = self._slirp(helper.pid) if req.get("network") == FULL else None
+        if started is not None:
+            extra.append(started[1])
         try:
-            return self._finish_blocked(helper, mapping, rd, wr, req, extra)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-
-    def _finish_blocked(self, helper: int, mapping: idmap.IdMapping, rd: int, wr: int,
-                        req: dict[str, Any], extra: list[int]) -> int:
-        """Init's pid, once the helper has said it; the helper is reaped by `reap` once it
-        has exited (SIGCHLD), or here when it failed. For `full`, slirp4netns's exit pipe
-        is appended to `extra` once it is ready."""
-        try:
-            first = os.read(rd, 4096)
-            if first != b"u":
-                raise RuntimeSetupError(first[1:].decode(errors="replace") or "helper died")
-            idmap.apply(mapping, helper)
-            started = self._slirp(helper) if req.get("network") == FULL else None
+            protocol.send(helper.link, req, fds)
+            if req.get("network") == PROXY:
+                got = protocol.recv(helper.link)
+                if got is not None:
+                    extra += got[1]
+                    if got[0].get("ev") == "listener" and len(got[1]) == 1:
+                        got = protocol.recv(helper.link)
+                    elif got[0].get("ev") == "started":
+                        raise RuntimeSetupError("the container's proxy listener did not "
+                                                "arrive")
+            else:
+                got = protocol.recv(helper.link)
+            if got is None or got[0].get("ev") != "started":
+                raise RuntimeSetupError((got and got[0].get("error")) or "helper died")
             if started is not None:
-                extra.append(started[1])
-            os.write(wr, b"m")
-            reply = os.read(rd, 4096)
-            if started is not None and reply.startswith(b"p"):
                 # On failure, init (running by now) ends when `create` closes its control
                 # socket, as for any failure after the helper's answer.
                 slirp.wait_ready(started[2], started[0])
-            elif started is not None:
+                started = None
+            return int(got[0]["pid"])
+        finally:
+            if started is not None:
                 os.close(started[2])
-            if not reply.startswith(b"p"):
-                raise RuntimeSetupError(reply[1:].decode(errors="replace") or "helper died")
-            return int(reply[1:])
-        except BaseException:
-            # A helper still waiting for "m" (a step above failed) would never exit; one
-            # that has exited is a zombie until reaped below, so its pid is still its own.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(helper, signal.SIGKILL)
-            while True:
-                try:
-                    os.waitpid(helper, 0)
-                    break
-                except ChildProcessError:
-                    break
-                except InterruptedError:
-                    continue
-            raise
 
     @staticmethod
     def _slirp(helper: int) -> tuple[int, int, int]:
@@ -300,6 +426,8 @@ class Spawner:
                 self.create(req, fds)
             except (KeyError, TypeError, ValueError) as e:
                 protocol.send(self.sock, {"ok": False, "error": f"bad create request: {e}"})
+                return
+            self.refill(req)
         else:  # answered all the same: the host waits for an answer to each request
             for fd in fds:
                 os.close(fd)
@@ -307,6 +435,15 @@ class Spawner:
 
     def serve(self) -> None:
         while True:
+            # A spare that has made its namespaces gets its id map while no request waits.
+            unmapped = {s.link.fileno(): s for s in self.spares if not s.mapped}
+            poller = select.poll()
+            for fd in (self.sock.fileno(), *unmapped):
+                poller.register(fd, select.POLLIN)
+            ready = {fd for fd, _ in poller.poll()}
+            if self.sock.fileno() not in ready:
+                self.prepare(unmapped[ready.pop()])
+                continue
             got = protocol.recv(self.sock)
             if got is None:
                 break
@@ -317,6 +454,10 @@ class Spawner:
                 # it started this spawner): the same end as its EOF.
                 break
             self.reap()
+        for spare in self.spares:
+            self._end(spare)
+        if self.mapper is not None:
+            self.mapper.close()
         for pid in list(self.inits):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -25,9 +25,13 @@ def _uid_map(session: Session, c: Container) -> list[list[int]]:
 
 
 def test_container_root_is_never_host_root(session: Session, container: Container) -> None:
-    rows = _uid_map(session, container)
-    assert rows, "no uid map inside the container"
-    assert all(outside != 0 for _, outside, _ in rows)
+    assert _uid_map(session, container), "no uid map inside the container"
+    # As the host sees it: inside, a map shows the ids of the namespace above (a container's
+    # is made inside the id mapper's, idmap.Mapper, whose root is container root).
+    host_view = [[int(x) for x in line.split()] for line in
+                 Path(f"/proc/{container.pid}/uid_map").read_text().splitlines()]
+    assert host_view[0][:2] == [0, session.runtime.mapping.root_uid]
+    assert all(outside != 0 for _, outside, _ in host_view)
     if os.geteuid() == 0:
         assert session.runtime.mapping.method == "direct"
 

@@ -183,19 +183,27 @@ def _tmp_mount_id(session: Session, c: Container) -> bytes:
     return r.stdout.split()[0]
 
 
+_INODE_PROBE = "touch /tmp/p && stat -c %i /tmp/p && rm /tmp/p"
+
+
 def test_reset_remounts_only_a_tmpfs_a_run_changed(session: Session,
                                                    judge_container: Container) -> None:
     c = judge_container
     session.run(c.reset())
+    # A tmpfs numbers its inodes from its mount on: the probe's is a fresh one's first.
+    fresh = sh(session, c, _INODE_PROBE).stdout
+    session.run(c.reset())
     time.sleep(0.03)  # past the clock tick of the mount: a change would show in its ctime
     before = _tmp_mount_id(session, c)
     session.run(c.reset())
+    # Kept, the mount keeps its id (a new mount may also reuse a freed one: the id cannot
+    # tell a new mount, the inode numbers below can).
     assert _tmp_mount_id(session, c) == before, "a run that changed nothing got a new /tmp"
     time.sleep(0.03)
     r = sh(session, c, "echo x > /tmp/f; rm /tmp/f")  # leaves nothing but a moved ctime
     assert r.status == Status.OK, r
     session.run(c.reset())
-    assert _tmp_mount_id(session, c) != before
+    assert sh(session, c, _INODE_PROBE).stdout == fresh, "a changed /tmp was kept"
 
 
 def test_reset_right_after_a_remount_gives_a_new_tmpfs(session: Session,
@@ -203,14 +211,13 @@ def test_reset_right_after_a_remount_gives_a_new_tmpfs(session: Session,
     """Made and removed within the clock tick of the mount, files leave the ctime as it was;
     the inode numbers they used would still tell the next run about them."""
     c = judge_container
-    probe = "touch /tmp/p && stat -c %i /tmp/p && rm /tmp/p"
     session.run(c.reset())
-    fresh = sh(session, c, probe).stdout
+    fresh = sh(session, c, _INODE_PROBE).stdout
     for _ in range(5):
         session.run(c.reset())
         sh(session, c, "for i in 1 2 3 4 5 6 7 8; do touch /tmp/$i; rm /tmp/$i; done")
         session.run(c.reset())
-        assert sh(session, c, probe).stdout == fresh
+        assert sh(session, c, _INODE_PROBE).stdout == fresh
 
 
 def test_destroy_during_a_run_leaves_no_process_and_no_cgroup(session: Session,

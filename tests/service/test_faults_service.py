@@ -194,10 +194,11 @@ def test_runs_in_flight_when_the_spawner_or_an_init_dies_end_with_an_error(
         _judge_warm(svc, images)
         resp = _stream_until_up(svc, images)
         spawner = _spawner(svc.pid)
-        # The inits are the spawner's children; the busy one has the run's process (an
-        # idle one may hold the next run's child, made ahead: a fork of init, so named).
-        busy = [p for p in spawner.children()
-                if any(k.name() != "sbx-init" for k in p.children())]
+        # The inits are the spawner's children named so (its helpers made ahead are too);
+        # the busy one has the run's process (an idle one may hold the next run's child,
+        # made ahead: a fork of init, so named).
+        busy = [p for p in spawner.children() if p.name() == "sbx-init"
+                and any(k.name() != "sbx-init" for k in p.children())]
         assert len(busy) == 1, busy
         # Its container's id, from the cgroup it sits in (c-<id>/init).
         (killed,) = set(re.findall(r"/c-([0-9a-f]+)/", Path(

@@ -49,6 +49,7 @@
 
 #include "child.h"
 #include "hostopen.h"
+#include "mapper.h"
 #include "mounts.h"
 #include "mp.h"
 #include "scratch.h"
@@ -1514,6 +1515,11 @@ int main(int argc, char **argv)
 {
     /* Before anything else: exec made this process dumpable again. */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    /* Exec'd by descriptor, its name would be the descriptor's number: the caller names
+     * it (the joiner, the mapper; init names itself). */
+    prctl(PR_SET_NAME, argv[0], 0, 0, 0);
+    if (argc == 5 && strcmp(argv[1], "mapper") == 0)
+        return mapper_main(atoi(argv[2]), argv[3], argv[4]);
     if (argc != 5 || strcmp(argv[1], "join") != 0)
         return 2;
     ctl = atoi(argv[3]);
