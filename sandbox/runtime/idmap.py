@@ -197,6 +197,9 @@ class Mapper:
             self.pid = os.posix_spawn(init_binary, [
                 MAPPER_NAME, "mapper", str(theirs.fileno()), _fmt_nested(mapping.uids),
                 _fmt_nested(mapping.gids)], {})
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.sock = ours
