@@ -44,15 +44,14 @@ from sandbox.runtime.network import FULL, PROXY, PROXY_PORT, routes, slirp
 # pivot_root a container sees nothing of the host, so its init execs the binary by fd.
 INIT_BINARY = Path(__file__).with_name("sbx-init")
 
-NAMESPACES = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC
-              | sc.CLONE_NEWUTS | sc.CLONE_NEWNET | sc.CLONE_NEWCGROUP)
 # Process names, for whoever lists processes: a helper (a fork of this process), the joiner.
 HELPER_NAME, JOINER_NAME = "sbx-helper", "sbx-joiner"
 # Helpers made ahead: two, so that containers asked for back to back find one ready.
 SPARES = 2
-# What a helper makes ahead: the pid namespace is the joiner's, for init, and the cgroup
+# What a helper makes ahead. The pid namespace is the joiner's, for init; the cgroup
 # namespace waits for the container's cgroup.
-_UNSHARED = NAMESPACES & ~sc.CLONE_NEWPID & ~sc.CLONE_NEWCGROUP
+_UNSHARED = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
+             | sc.CLONE_NEWNET)
 
 
 def _mapping(d: dict[str, Any]) -> idmap.IdMapping:
@@ -288,9 +287,8 @@ class Spawner:
                     self.mapper.close()
                     self.mapper = None
                 raise
-        else:
-            with _sigchld_held():
-                idmap.apply(_mapping(helper.mapping), helper.pid)
+        else:  # a write or two of our own (direct, single): no helper to reap
+            idmap.apply(_mapping(helper.mapping), helper.pid)
         helper.mapped = True
 
     def _end(self, helper: Helper) -> None:

@@ -106,6 +106,22 @@ def test_a_closed_runtime_leaves_no_helper_mapper_or_joiner(busybox_root: Path) 
     assert alive == []
 
 
+def test_containers_from_spares_share_no_namespace(own: Session, busybox_root: Path) -> None:
+    """Each container's namespaces are its own, its user namespace too: made inside the id
+    mapper's, never that one shared (as rootless podman shares one)."""
+    own.container(busybox_root)
+    _until_spares(own)
+    kinds = ("user", "mnt", "ipc", "uts", "net", "cgroup")
+    script = "; ".join(f"readlink /proc/self/ns/{k}" for k in kinds)
+    seen = []
+    for c in (own.container(busybox_root), own.container(busybox_root)):
+        r = own.exec(c, ["sh", "-c", script])
+        assert r.status == Status.OK, r.stderr
+        seen.append(r.stdout.decode().split())
+    assert all(a != b for a, b in zip(*seen, strict=True)), seen
+    assert os.readlink("/proc/self/ns/user") not in seen[0] + seen[1]
+
+
 def test_a_container_from_a_spare_sees_its_own_cgroup_as_root(
         own: Session, busybox_root: Path) -> None:
     if own.runtime.cgroups.driver is None:
