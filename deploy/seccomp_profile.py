@@ -22,20 +22,20 @@ from typing import Any
 
 RUN_POLICY = Path(__file__).resolve().parents[1] / "policies" / "seccomp" / "default.json"
 
-# name -> why the runtime (service, spawner, helper, joiner, init) calls it.
+# name -> why the runtime (service, spawner, helper, mapper, init) calls it.
 RUNTIME_SYSCALLS = {
-    "unshare": "the helper's user, mount, ipc, uts, net and cgroup namespaces; the joiner's "
-               "pid namespace; every run's own IPC namespace (native/child.c)",
-    "setns": "the joiner enters the helper's namespaces before it forks init "
-             "(native/init.c, sbx-init join)",
+    "unshare": "the helper's user, mount, ipc, uts, net, cgroup and pid namespaces "
+               "(native/helper.c); every run's own IPC namespace (native/child.c)",
+    "setns": "a helper enters the id mapper's user namespace before it makes the "
+             "container's (native/helper.c, sbx-init helper)",
     "mount": "the container's root: tmpfs, binds of the layers, overlayfs, proc, devpts, "
-             "/dev; remounts at reset (rootfs.py, native/mounts.c, native/scratch.c)",
+             "/dev; remounts at reset (native/rootfs.c, mounts.c, scratch.c)",
     "umount2": "the old root after pivot_root; a reset's old root and tmpfs (native/scratch.c)",
     "pivot_root": "init's own root (native/mounts.c)",
     "chroot": "every run's child enters the container's /root (native/child.c)",
-    "sethostname": "the container's hostname in its UTS namespace (syscalls.py)",
+    "sethostname": "the container's hostname in its UTS namespace (native/helper.c)",
     "mount_setattr": "read-only, nosuid, nodev on layer trees with locked mounts "
-                     "(syscalls.py) and on cached-file binds (native/scratch.c)",
+                     "(native/rootfs.c) and on cached-file binds (native/scratch.c)",
     "open_tree": "a cached file's blob cloned for its bind into a run (native/scratch.c)",
     "move_mount": "that clone attached at the run's path (native/scratch.c)",
 }

@@ -58,7 +58,7 @@ def container_limits(profile: Profile, spec: RootfsSpec, has: frozenset[str]) ->
     init: a session's runs at once share it. Where the profile sets no maximum for runs,
     the container has none either."""
     run_memory, run_pids = profile.maxima.memory_bytes, profile.maxima.pids
-    mounts = sum(op.size for op in mount_plan(spec, list(spec.layers)).ops
+    mounts = sum(op.size for op in mount_plan(spec).ops
                  if isinstance(op, Tmpfs))
     return CgroupLimits(
         memory_bytes=(run_memory + mounts + CONTAINER_OVERHEAD_BYTES

@@ -1,10 +1,11 @@
 """A container's root filesystem as data: an ordered list of mount operations.
 
 `plan()` turns a `RootfsSpec` into operations (as bubblewrap's --bind/--tmpfs/--proc list
-does); `execute()` carries them out inside the container's fresh mount namespace, in order,
-up to the proc mount, and the container's init does the rest, ending with pivot_root
-(native/mounts.c: a proc mount shows the pid namespace of whoever mounts it). Reading the
-plan tells exactly what a container sees.
+does), on the host; `message()` gives them as the create request carries them. The
+spawner's helper (native/helper.c, rootfs.c) carries them out inside the container's fresh
+mount namespace, in order, up to the proc mount, and the container's init does the rest,
+ending with pivot_root (native/mounts.c: a proc mount shows the pid namespace of whoever
+mounts it). Reading the plan tells exactly what a container sees.
 
 Init's own root is a small tmpfs (`STAGING` until pivot_root, `/` after it) that holds the
 layers (read-only binds), the writable root's upper tmpfs, and the container's root at
@@ -20,11 +21,9 @@ paths in init's root ("/rw"); before pivot_root both are joined to the staging m
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import stat
+import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 from sandbox.errors import RuntimeSetupError
 from sandbox.runtime import syscalls as sc
@@ -111,7 +110,7 @@ class Layer:
     again for a reset; the file cache's blobs, which init binds one by one into runs'
     roots."""
 
-    source: str                      # /proc/self/fd/N
+    source: str                      # a host directory, opened by the helper
     target: str                      # in init's root
 
 
@@ -198,9 +197,9 @@ class Plan:
         return [op for op in self.ops if isinstance(op, Tmpfs) and op.resettable]
 
 
-def plan(spec: RootfsSpec, sources: list[str], files: str | None = None) -> Plan:
-    """Operations for `spec`; `sources[i]` is how to reach `spec.layers[i]` (e.g. an fd path),
-    `files` how to reach `spec.files`."""
+def plan(spec: RootfsSpec) -> Plan:
+    """Operations for `spec`."""
+    sources, files = spec.layers, spec.files
     if not sources:
         raise RuntimeSetupError("a container needs a root directory or at least one layer")
     p = Plan()
@@ -269,200 +268,114 @@ def _in_root(target: str) -> str:
     return _staged(ROOT) + target if target != "/" else _staged(ROOT)
 
 
-def _tmpfs(op: Tmpfs, path: str) -> None:
+def _tmpfs_data(op: Tmpfs) -> str:
     # Owned by container root whoever mounts it, as init's remounts at a reset are
     # (native/scratch.c: by then init runs under an id of its own, idmap.init_uid).
     data = f"size={op.size},mode={op.mode:o},uid=0,gid=0"
-    if op.inodes:
-        data += f",nr_inodes={op.inodes}"
-    sc.mount("tmpfs", path, "tmpfs", op.flags, data)
+    return data + (f",nr_inodes={op.inodes}" if op.inodes else "")
 
 
-def _overlay(target: str, lowers: tuple[str, ...], upper: str | None, work: str | None) -> None:
-    data = "lowerdir=" + ":".join(lowers)
-    if upper:
-        data += f",upperdir={upper},workdir={work}"
-    sc.mount("overlay", target, "overlay", _SAFE | (0 if upper else sc.MS_RDONLY),
-             data + ",userxattr")
+def _mount(source: str, fstype: str, target: str, flags: int,
+           data: str | None = None) -> dict[str, object]:
+    return {"op": "mount", "source": source, "fstype": fstype, "target": target,
+            "flags": flags, "data": data}
 
 
-def execute(p: Plan) -> tuple[list[dict[str, str]], WritableRoot | None]:
-    """Carry out a plan in a fresh mount namespace (as root of its user namespace), but for
-    the proc mount and the ops at the plan's end that need it (the masks, the read-only
-    parts, pivot_root): those are init's, in the container's pid namespace. Returns them in
-    order, as init's configuration takes them, and for a writable root what a reset needs
-    to make it anew."""
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-    writable: WritableRoot | None = None
-    for_init: list[dict[str, str]] = []
-    for op in p.ops:
-        # Init does its part after all of this: the plan's end, and the proc mount (which
-        # nothing before the end needs).
-        if any(d["op"] != "proc" for d in for_init) and not isinstance(
-                op, Mask | ReadOnly | PivotRoot):
-            raise RuntimeSetupError(f"{op} comes after the plan's end that init carries out")
-        match op:
-            case Tmpfs(staging=True) as t:
-                _tmpfs(t, _staged(t.target))
-            case Tmpfs() as t:
-                _tmpfs(t, _in_root(t.target))
-            case Mkdir(target=target, mode=mode, staging=True):
-                os.mkdir(_staged(target), mode)
-            case Mkdir(target=target, mode=mode):
-                path = _in_root(target)
-                if not os.path.isdir(path):
-                    os.mkdir(path, mode)
-            case Layer(source=source, target=target):
-                _bind_read_only(source, _staged(target))
-            case Root() as r:
-                writable = _root(r, p)
-            case Bind(source=source, target=target, readonly=ro, flags=flags):
-                path = _in_root(target)
-                sc.mount(source, path, None, sc.MS_BIND)
-                locked = sc.locked_mount_flags(path)
-                sc.mount(None, path, None, sc.MS_REMOUNT | sc.MS_BIND | flags | locked
-                         | (sc.MS_RDONLY if ro else 0))
-            case Proc(target=target):
-                for_init.append({"op": "proc", "target": _in_root(target)})
-            case Sysfs(target=target):
-                sc.mount("sysfs", _in_root(target), "sysfs",
-                         _SAFE | sc.MS_NOEXEC | sc.MS_RDONLY)
-            case DevPts(target=target):
-                sc.mount("devpts", _in_root(target), "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-                         f"newinstance,ptmxmode=0666,mode=0620,max={PTYS_PER_CONTAINER}")
-            case Touch(target=target):
-                os.close(os.open(_in_root(target), os.O_CREAT | os.O_WRONLY, 0o644))
-            case Symlink(link_to=link_to, target=target):
-                os.symlink(link_to, _in_root(target))
-            case Mask(target=target):
-                for_init.append({"op": "mask", "target": _in_root(target)})
-            case ReadOnly(target=target):
-                for_init.append({"op": "readonly", "target": _in_root(target)})
-            case RemountReadOnly(target=target, flags=flags):
-                sc.mount(None, _in_root(target), None, sc.MS_REMOUNT | sc.MS_RDONLY | flags)
-            case PivotRoot():
-                for_init.append({"op": "pivot_root", "target": STAGING})
-    return for_init, writable
+def _helper_op(op: Op) -> dict[str, object]:
+    """An operation as the helper carries it out (native/rootfs.h), its paths joined to the
+    staging mount."""
+    match op:
+        case Tmpfs(staging=staging) as t:
+            return _mount("tmpfs", "tmpfs", _staged(t.target) if staging else _in_root(t.target),
+                          t.flags, _tmpfs_data(t))
+        case Mkdir(target=target, mode=mode, staging=staging):
+            return {"op": "mkdir", "target": _staged(target) if staging else _in_root(target),
+                    "mode": mode, "if_missing": not staging}
+        case Layer(source=source, target=target):
+            return {"op": "layer", "source": source, "target": _staged(target)}
+        case Root() as r:
+            return {"op": "root", "target": _staged(ROOT),
+                    "lowers": [_staged(d) for d in r.lowers],
+                    "upper": r.upper and _staged(r.upper), "work": r.work and _staged(r.work),
+                    "mountpoints": list(r.mountpoints),
+                    "provided": [list(pair) for pair in r.provided],
+                    "skeleton": _staged(SKELETON)}
+        case Bind(source=source, target=target, readonly=ro, flags=flags):
+            return {"op": "bind", "source": source, "target": _in_root(target),
+                    "flags": flags | (sc.MS_RDONLY if ro else 0)}
+        case Sysfs(target=target):
+            return _mount("sysfs", "sysfs", _in_root(target),
+                          _SAFE | sc.MS_NOEXEC | sc.MS_RDONLY)
+        case DevPts(target=target):
+            return _mount("devpts", "devpts", _in_root(target), sc.MS_NOSUID | sc.MS_NOEXEC,
+                          f"newinstance,ptmxmode=0666,mode=0620,max={PTYS_PER_CONTAINER}")
+        case Touch(target=target):
+            return {"op": "touch", "target": _in_root(target)}
+        case Symlink(link_to=link_to, target=target):
+            return {"op": "symlink", "link_to": link_to, "target": _in_root(target)}
+        case RemountReadOnly(target=target, flags=flags):
+            return {"op": "remount", "target": _in_root(target), "flags": sc.MS_RDONLY | flags}
+    raise RuntimeSetupError(f"{op} is init's to carry out, not the helper's")
 
 
-def _root(r: Root, p: Plan) -> WritableRoot | None:
-    """Mount the container's root; with a skeleton layer on top if the image lacks a mount
-    point (found by looking, so a shape the plan cannot know of is still served) or the
-    runtime provides files. A provided file goes where the image's directory is a real one
-    or absent: an image whose /etc is a link or a file keeps its own shape."""
-    lowers = r.lowers
-    _mount_root(lowers, r.upper, r.work)
-    root = _staged(ROOT)
-    missing = [t for t in r.mountpoints if not _is_real_dir(root, t)]
-    provided = [(path, content) for path, content in r.provided
-                if _shape(root, os.path.dirname(path)) != "other"]
-    if missing or provided:
-        skeleton = _staged(SKELETON)
-        _make_skeleton(root, [*missing, *{os.path.dirname(p) for p, _ in provided}], skeleton)
-        for path, content in provided:
-            with open(skeleton + path, "x", encoding="utf-8") as f:
-                f.write(content)
-            os.chmod(skeleton + path, 0o644)
-        sc.umount2(root, sc.MNT_DETACH)
-        try:
-            _mount_root((SKELETON, *lowers), r.upper, r.work)
-            lowers = (SKELETON, *lowers)
-        except OSError as e:
-            # overlayfs takes no layer with mounts locked below it (a directory root with
-            # the host's mounts under it, which only a bind can show): such a root goes
-            # without the provided files, as it went before they were.
-            if missing or e.errno != errno.EINVAL:
-                raise
-            _mount_root(lowers, r.upper, r.work)
+def _init_op(op: Op) -> dict[str, str] | None:
+    """An operation init carries out (native/mounts.c), or None for the helper's."""
+    match op:
+        case Proc(target=target):
+            return {"op": "proc", "target": _in_root(target)}
+        case Mask(target=target):
+            return {"op": "mask", "target": _in_root(target)}
+        case ReadOnly(target=target):
+            return {"op": "readonly", "target": _in_root(target)}
+        case PivotRoot():
+            return {"op": "pivot_root", "target": STAGING}
+    return None
+
+
+def _writable(p: Plan) -> WritableRoot | None:
+    """What a reset needs to make a writable root anew (its skeleton layer included, when
+    the helper mounted one)."""
+    r = next(op for op in p.ops if isinstance(op, Root))
     if r.upper is None:
         return None
     tmpfs_targets = [op.target for op in p.ops
                      if isinstance(op, Tmpfs) and not op.staging and op.target != "/dev"
                      and not op.target.startswith("/dev/")]
     size = next(op.size for op in p.ops if isinstance(op, Tmpfs) and op.target == RW)
-    return WritableRoot(lowers=lowers, upper_size=size,
+    return WritableRoot(lowers=r.lowers, upper_size=size,
                         carried=_outermost(["/proc", "/dev", *tmpfs_targets,
                                             *(["/sys"] if "/sys" in r.mountpoints else [])]))
 
 
-def _mount_root(lowers: tuple[str, ...], upper: str | None, work: str | None) -> None:
-    staged = tuple(_staged(d) for d in lowers)
-    if upper is None and len(lowers) == 1:
-        _bind_read_only(staged[0], _staged(ROOT))
-    else:
-        _overlay(_staged(ROOT), staged, upper and _staged(upper), work and _staged(work))
+@functools.lru_cache(maxsize=64)
+def message(spec: RootfsSpec) -> dict[str, Any]:
+    """The plan of `spec` as the create request carries it: `mounts`, the helper's part
+    (every operation but the proc mount and those at the plan's end, which need the
+    container's pid namespace), and `init`, init's part of its configuration. Made once per
+    spec: a pool's containers of one image share it."""
+    p = plan(spec)
+    helper: list[dict[str, object]] = []
+    for_init: list[dict[str, str]] = []
+    for op in p.ops:
+        done_by_init = _init_op(op)
+        if done_by_init is not None:
+            for_init.append(done_by_init)
+        elif any(d["op"] != "proc" for d in for_init):
+            raise RuntimeSetupError(f"{op} comes after the plan's end that init carries out")
+        else:
+            helper.append(_helper_op(op))
+    writable = _writable(p)
+    return {"mounts": helper, "init": {
+        "mounts": for_init, "root": ROOT, "files": None if spec.files is None else FILES,
+        "writable": None if writable is None else writable.message(),
+        "resettable": [{"target": op.target, "size": op.size, "mode": op.mode,
+                        "inodes": op.inodes, "flags": op.flags} for op in p.resettable()]}}
 
 
 def _outermost(targets: list[str]) -> tuple[str, ...]:
     """Mounts to move onto a new root: a mount below another moves with it."""
     return tuple(t for t in targets
                  if not any(t != o and t.startswith(o.rstrip("/") + "/") for o in targets))
-
-
-def _is_real_dir(root: str, target: str) -> bool:
-    """Whether every component of `target` below `root` is a directory, not a link."""
-    return _shape(root, target) == "dir"
-
-
-def _shape(root: str, target: str) -> str:
-    """"dir" when every component of `target` below `root` is a directory; "absent" when
-    the first that is not does not exist; "other" when it is a link or a file."""
-    path = root
-    for part in target.strip("/").split("/"):
-        path = f"{path}/{part}"
-        try:
-            if not stat.S_ISDIR(os.lstat(path).st_mode):
-                return "other"
-        except FileNotFoundError:
-            return "absent"
-    return "dir"
-
-
-def _make_skeleton(root: str, targets: list[str], skeleton: str) -> None:
-    """Directories for `targets` in a layer meant to go over the image's: an image
-    directory on the way keeps its mode and owner (the skeleton's copy is what the merged
-    tree shows); anything else becomes a plain 0755 directory, hiding a link or file."""
-    os.makedirs(skeleton, mode=0o755, exist_ok=True)
-    for target in targets:
-        # The image is looked at only while every component so far is a real directory:
-        # past a link, a path would lead wherever the image chose (the host, here).
-        image: str | None = root
-        skel = skeleton
-        for part in target.strip("/").split("/"):
-            skel = f"{skel}/{part}"
-            st = None
-            if image is not None:
-                image = f"{image}/{part}"
-                with contextlib.suppress(FileNotFoundError):
-                    st = os.lstat(image)
-                if st is None or not stat.S_ISDIR(st.st_mode):
-                    image, st = None, None
-            if os.path.isdir(skel):
-                continue
-            os.mkdir(skel, 0o755)
-            if st is not None:
-                os.chmod(skel, stat.S_IMODE(st.st_mode))
-                # An owner the user namespace does not map shows as the overflow id.
-                with contextlib.suppress(OSError):
-                    os.chown(skel, st.st_uid, st.st_gid)
-
-
-def _bind_read_only(source: str, target: str) -> None:
-    """A read-only, nosuid, nodev bind of a directory.
-
-    Not recursive, so that mounts below the directory on the host stay out of sight; the
-    kernel refuses that (EINVAL) when such mounts are locked (they came from a more
-    privileged namespace and hide what is under them), and then they come along, made
-    read-only, nosuid and nodev with the rest.
-    """
-    try:
-        sc.mount(source, target, None, sc.MS_BIND)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        sc.mount(source, target, None, sc.MS_BIND | sc.MS_REC)
-    sc.mount_setattr_recursive(
-        target, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
 
 
 @dataclass(frozen=True)
@@ -476,12 +389,13 @@ class WritableRoot:
     need not wait for. The kernel frees the old mounts once detached (the run's processes
     are gone by then)."""
 
-    lowers: tuple[str, ...]          # paths in init's root, topmost first
+    lowers: tuple[str, ...]          # paths in init's root, topmost first (without the skeleton)
     upper_size: int
     carried: tuple[str, ...]         # container paths of the mounts moved to a new root
     slots: tuple[tuple[str, str], ...] = ((ROOT, RW), (NEXT_ROOT, NEXT_RW))  # (root, upper tmpfs)
 
     def message(self) -> dict[str, object]:
         """For init's configuration."""
-        return {"lowers": list(self.lowers), "upper_size": self.upper_size,
+        return {"lowers": list(self.lowers), "skeleton": SKELETON,
+                "upper_size": self.upper_size,
                 "carried": list(self.carried), "slots": [list(p) for p in self.slots]}

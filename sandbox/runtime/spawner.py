@@ -1,19 +1,17 @@
-"""The spawner: a single-threaded process that forks containers for the host side.
+"""The spawner: a single-threaded process that starts containers for the host side.
 
 Forking a threaded (asyncio) process is unsafe, so the service starts this process once,
 with every module already imported, and asks it over a SOCK_SEQPACKET socket for
-containers. For each one a helper, forked ahead (two wait, made like the last container),
-has started the native init's joiner (`sbx-init join`, native/init.c) while still in the
-host's namespaces, unshared user, mount, ipc, uts and net (unless the profile's network is
-"host") namespaces and waited while the spawner wrote its id map (with newuidmap's ranges,
-through idmap.Mapper). On the request it joins the container's cgroup, unshares the cgroup
-namespace and makes the container's filesystem (rootfs.execute). The joiner then joins
-those namespaces, makes the pid
-namespace and forks init (its pid 1), and both exit, so init is re-parented here (this
-process is a child subreaper) and dies with it (PDEATHSIG). Init mounts /proc, pivots into
-its own root (the staging tmpfs, holding the container's root at rootfs.ROOT), moves to an
-id of its own where the map has more than one (idmap.IdMapping.init_uid) and serves the
-container.
+containers. For each one a helper (`sbx-init helper`, native/helper.c), started ahead (two
+wait, made like the last container), has unshared user, mount, ipc, uts and net (unless the
+profile's network is "host") namespaces and waited while the spawner wrote its id map (with
+newuidmap's ranges, through idmap.Mapper). The create request goes on to it as the host
+planned it: it joins the container's cgroup, unshares the cgroup namespace, makes the
+container's filesystem (the host's plan: rootfs.message), makes the pid namespace and clones
+init (its pid 1) as this process's child, and exits. Init (a child of this process, a child
+subreaper, dying with it: PDEATHSIG) mounts /proc, pivots into its own root (the staging
+tmpfs, holding the container's root at rootfs.ROOT), moves to an id of its own where the map
+has more than one (idmap.IdMapping.init_uid) and serves the container.
 
 Run as `python -m sandbox.runtime.spawner FD`.
 """
@@ -21,7 +19,6 @@ Run as `python -m sandbox.runtime.spawner FD`.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import select
 import signal
@@ -33,134 +30,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
 from sandbox.errors import RuntimeSetupError
-from sandbox.runtime import idmap, protocol, rootfs
+from sandbox.runtime import idmap, protocol
 from sandbox.runtime import syscalls as sc
-from sandbox.runtime.network import FULL, PROXY, PROXY_PORT, routes, slirp
+from sandbox.runtime.network import FULL, PROXY, slirp
 
 # Built with the package (setup.py). Opened once, when the spawner starts: after
 # pivot_root a container sees nothing of the host, so its init execs the binary by fd.
 INIT_BINARY = Path(__file__).with_name("sbx-init")
 
-# Process names, for whoever lists processes: a helper (a fork of this process), the joiner.
-HELPER_NAME, JOINER_NAME = "sbx-helper", "sbx-joiner"
+# A helper's process name, for whoever lists processes.
+HELPER_NAME = "sbx-helper"
 # Helpers made ahead: two, so that containers asked for back to back find one ready.
 SPARES = 2
-# What a helper makes ahead. The pid namespace is the joiner's, for init; the cgroup
-# namespace waits for the container's cgroup.
-_UNSHARED = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
-             | sc.CLONE_NEWNET)
 
 
 def _mapping(d: dict[str, Any]) -> idmap.IdMapping:
     return idmap.IdMapping(
         d["method"], tuple(idmap.IdRange(*r) for r in d["uid_map"]),
         tuple(idmap.IdRange(*r) for r in d["gid_map"]), d["run_uid"], d["run_gid"])
-
-
-def _spec(d: dict[str, Any]) -> rootfs.RootfsSpec:
-    return rootfs.RootfsSpec(**{**d, "layers": tuple(d["layers"]),
-                                "tmpfs": tuple(rootfs.TmpfsMount(**m) for m in d["tmpfs"]),
-                                "provided": tuple(tuple(f) for f in d["provided"])})
-
-
-def _network(req: dict[str, Any], link: socket.socket) -> None:
-    """The container's network beyond lo (sandbox/runtime/network): for `proxy`, the
-    listener its runs reach the proxy through, handed to the spawner; for `full`, the
-    unreachable routes (slirp4netns is started by the spawner)."""
-    if req.get("network") == PROXY:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-            listener.bind(("127.0.0.1", PROXY_PORT))
-            listener.listen(128)
-            protocol.send(link, {"ev": "listener"}, [listener.fileno()])
-    elif req.get("network") == FULL:
-        routes.add_unreachable(req["unreachable"])
-
-
-def _helper(link: socket.socket, ctl: socket.socket, init_binary: int,
-            host_network: bool, parent_userns: int | None) -> None:
-    """The forked helper: namespaces, the container's filesystem, then init. Never returns.
-
-    It is made ahead, before any container asks for it (`Spawner.spares`): the fork,
-    init's joiner, the namespaces and the id map are off a container's path. Until a
-    request comes it holds nothing of a container: no cgroup, no layer, no tenant's data;
-    its cgroup namespace is made once it has joined the container's cgroup, as the
-    namespace is rooted where it is made.
-    `parent_userns` is the namespace its user namespace is made in (idmap.Mapper), if not
-    the host's."""
-    try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the spawner's reaper would take ours
-        with open("/proc/self/comm", "w") as comm:
-            comm.write(HELPER_NAME)
-        joiner, join, config = _start_init(ctl, init_binary)
-        if parent_userns is not None:  # after the joiner: init's memory stays the host's
-            sc.setns(parent_userns, sc.CLONE_NEWUSER)
-        # A profile with network "host" keeps the host's network: no namespace of its own.
-        # The pid namespace is made by the joiner, for init.
-        sc.unshare(_UNSHARED & ~sc.CLONE_NEWNET if host_network else _UNSHARED)
-        protocol.send(link, {"ev": "unshared"})
-        got = protocol.recv(link)
-        if got is None:
-            os._exit(0)  # a spare the spawner no longer wants
-        req, fds = got
-        n_container = req["container_cgroup_fds"]
-        for fd in fds[:n_container]:
-            # The joiner too: init, its child, starts in the container's cgroup.
-            os.write(fd, str(joiner).encode())
-            os.write(fd, b"0")
-        sc.unshare(sc.CLONE_NEWCGROUP)  # rooted at the container's cgroup
-        spec = _spec(req["rootfs"])
-        # Opened in the new mount namespace (a bind source must be a mount of the caller's
-        # namespace) and before setresuid: the service's own host uid still owns the
-        # lookup, where container root may be an id that cannot traverse its directories.
-        sources = [os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-                   for layer in spec.layers]
-        files = (None if spec.files is None else
-                 os.open(spec.files, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-        os.setresgid(0, 0, 0)
-        os.setresuid(0, 0, 0)
-        plan = rootfs.plan(spec, [f"/proc/self/fd/{fd}" for fd in sources],
-                           None if files is None else f"/proc/self/fd/{files}")
-        init_mounts, writable = rootfs.execute(plan)
-        sc.sethostname(req.get("hostname") or "sandbox")
-        if not host_network:
-            sc.loopback_up()
-            _network(req, link)
-        join.send(b"j")
-        answer = join.recv(256)
-        if not answer.isdigit():
-            raise RuntimeSetupError("the container's init did not start: "
-                                    f"{answer[1:].decode(errors='replace') or 'it died'}")
-        os.waitpid(joiner, 0)  # init is the spawner's child now (a subreaper)
-        for fd in fds[n_container:]:
-            os.write(fd, answer)  # init's own cgroup
-            # And this helper too, for the moment it takes to exit (its address space is
-            # the spawner's, and tearing it down is slow): the spawner answers without
-            # waiting for that, and on cgroup v2 the container's own cgroup must hold no
-            # process once runs' cgroups take its controllers.
-            os.write(fd, b"0")
-        mapping = _mapping(req["mapping"])
-        os.write(config, msgpack.packb({
-            "started_ns": req["started_ns"], "seccomp_bpf": req["seccomp_bpf"],
-            "last_cap": sc.cap_last_cap(), "caps": int(req.get("caps") or 0),
-            "set_groups": mapping.method != "single",
-            "init_id": (None if mapping.shares_init_id
-                        else [mapping.init_uid, mapping.init_gid]),
-            "mounts": init_mounts, "root": rootfs.ROOT,
-            "files": None if files is None else rootfs.FILES,
-            "writable": writable.message() if writable is not None else None,
-            "resettable": [{"target": op.target, "size": op.size, "mode": op.mode,
-                            "inodes": op.inodes, "flags": op.flags}
-                           for op in plan.resettable()]}))
-        protocol.send(link, {"ev": "started", "pid": int(answer)})
-        os._exit(0)
-    except BaseException as e:
-        try:
-            protocol.send(link, {"ev": "failed", "error": str(e)[:4000]})
-        finally:
-            os._exit(1)  # init, given no configuration, exits too
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -181,31 +69,9 @@ def _sigchld_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
 
-def _start_init(ctl: socket.socket, init_binary: int) -> tuple[int, socket.socket, int]:
-    """Start `sbx-init join` (native/init.c) before this helper unshares anything, so that
-    init's memory belongs to the host's user namespace (its /proc files are then never
-    container root's). On "j" sent over the socket returned, it joins our namespaces (the
-    container's filesystem made by then), makes the pid namespace, forks init (its pid 1)
-    and answers with init's pid; init reads its configuration from the pipe returned until
-    EOF. Returns the joiner's pid, our end of the socket and of the pipe."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    cfg_r, cfg_w = os.pipe()
-    for fd in (ctl.fileno(), theirs.fileno(), cfg_r):
-        os.set_inheritable(fd, True)
-    try:
-        # posix_spawn: a vfork, where a fork of this process would copy its page tables.
-        pid = os.posix_spawn(f"/proc/self/fd/{init_binary}",
-                             [JOINER_NAME, "join", str(theirs.fileno()), str(ctl.fileno()),
-                              str(cfg_r)], {})
-    finally:
-        theirs.close()
-        os.close(cfg_r)
-    return pid, ours, cfg_w
-
-
 @dataclass
 class Helper:
-    """A forked helper (`_helper`), as the spawner holds it."""
+    """A helper (`sbx-init helper`, native/helper.c), as the spawner holds it."""
 
     pid: int
     link: socket.socket            # requests to it, its answers
@@ -256,22 +122,28 @@ class Spawner:
                 self.mapper = idmap.Mapper(mapping, f"/proc/self/fd/{self.init_binary}")
         return self.mapper
 
-    def _fork(self, req: dict[str, Any]) -> Helper:
+    def _start(self, req: dict[str, Any]) -> Helper:
         mapper = self._mapper(_mapping(req["mapping"]))
         host, child = protocol.socketpair()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        gc.freeze()  # keeps the collector from dirtying shared pages in the children
-        pid = os.fork()
-        if pid == 0:
-            self.sock.close()
+        userns = -1 if mapper is None else mapper.userns
+        try:
+            # posix_spawn: a vfork, where a fork of this process would copy its page tables.
+            # Exec'd in the host's user namespace, the helper's memory (and init's, a clone
+            # of it) stays that namespace's. A dup2 onto itself clears close-on-exec.
+            pid = os.posix_spawn(
+                f"/proc/self/fd/{self.init_binary}",
+                [HELPER_NAME, "helper", str(theirs.fileno()), str(child.fileno()), str(userns),
+                 str(int(req["host_network"]))], {},
+                file_actions=[(os.POSIX_SPAWN_DUP2, fd, fd)
+                              for fd in (theirs.fileno(), child.fileno(), userns) if fd >= 0])
+        except BaseException:
             host.close()
             ours.close()
-            for spare in self.spares:
-                spare.close()
-            _helper(theirs, child, self.init_binary, req["host_network"],
-                    None if mapper is None else mapper.userns)
-        child.close()
-        theirs.close()
+            raise
+        finally:
+            child.close()
+            theirs.close()
         return Helper(pid, ours, host, req["mapping"], req["host_network"], mapper)
 
     def _map(self, helper: Helper) -> None:
@@ -318,7 +190,7 @@ class Spawner:
                 return spare
             except (RuntimeSetupError, OSError, protocol.ProtocolError):
                 self._end(spare)
-        helper = self._fork(req)
+        helper = self._start(req)
         try:
             self._map(helper)
         except BaseException:
@@ -331,7 +203,7 @@ class Spawner:
         made when a container asks for it, which then says why it failed."""
         with contextlib.suppress(RuntimeSetupError, OSError, protocol.ProtocolError):
             while len(self.spares) < SPARES:
-                self.spares.append(self._fork(req))
+                self.spares.append(self._start(req))
 
     def prepare(self, spare: Helper) -> None:
         """Write the id map of a spare that has made its namespaces (between requests)."""
@@ -343,7 +215,7 @@ class Spawner:
             self._end(spare)
 
     def create(self, req: dict[str, Any], fds: list[int]) -> None:
-        req["started_ns"] = time.monotonic_ns()
+        req["init"]["started_ns"] = time.monotonic_ns()
         helper: Helper | None = None
         extra: list[int] = []
         try:

@@ -11,7 +11,6 @@ import socket
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,18 @@ from sandbox.runtime import idmap
 from sandbox.runtime.cgroups import Cgroup, Detection, detect
 from sandbox.runtime.container import Container, container_limits
 from sandbox.runtime.housekeeping import Housekeeper
-from sandbox.runtime.network import FULL, NONE, PROXY, names, proxy, slirp
+from sandbox.runtime.network import FULL, NONE, PROXY, PROXY_PORT, names, proxy, routes, slirp
 from sandbox.runtime.network.rules import host_addresses
 from sandbox.runtime.policy import PolicyRegistry
 from sandbox.runtime.profiles import HOST_NETWORK
 from sandbox.runtime.requests import ContainerSpec
 from sandbox.runtime.rootfs import RootfsSpec
+from sandbox.runtime.rootfs import message as rootfs_message
 from sandbox.runtime.supervisor import Supervisor
+from sandbox.runtime.syscalls import cap_last_cap
+
+# The highest capability this kernel knows: init drops every one above a profile's.
+_LAST_CAP = cap_last_cap()
 
 
 class Runtime:
@@ -119,9 +123,14 @@ class Runtime:
                                     f"the container's own; policy {policy.name!r} keeps the "
                                     "host's")
         net: dict[str, Any] = {"network": spec.network}
-        if spec.network == FULL:
+        if spec.network == PROXY:
+            net["proxy_port"] = PROXY_PORT
+        elif spec.network == FULL:
             slirp.program()  # its absence said before anything is made
-            net["unreachable"] = self.proxy.blocked.unreachable(host_addresses())
+            net["unreachable"] = routes.unreachable(
+                self.proxy.blocked.unreachable(host_addresses()))
+        planned = rootfs_message(rootfs)
+        mapping = self.mapping
         cid = secrets.token_hex(6)
         cgroup: Cgroup | None = None
         fds: list[int] = []
@@ -140,11 +149,18 @@ class Runtime:
             generation = self.spawner.generation
             asked = True
             reply, got = await self.spawner.ask(
-                {"op": "create", "id": cid, "rootfs": asdict(rootfs),
-                 "mapping": self.mapping.describe(), "seccomp_bpf": policy.program.bpf,
-                 "caps": profile.capability_mask,
+                {"op": "create", "id": cid, "mounts": planned["mounts"],
+                 "mapping": mapping.describe(),
                  "host_network": profile.network == HOST_NETWORK,
-                 "hostname": spec.hostname, "container_cgroup_fds": n_container, **net},
+                 "hostname": spec.hostname or "sandbox", "container_cgroup_fds": n_container,
+                 **net,
+                 # The configuration init starts with (native/init.h), as the helper hands
+                 # it over.
+                 "init": {**planned["init"], "seccomp_bpf": policy.program.bpf,
+                          "last_cap": _LAST_CAP, "caps": profile.capability_mask,
+                          "set_groups": mapping.method != "single",
+                          "init_id": (None if mapping.shares_init_id
+                                      else [mapping.init_uid, mapping.init_gid])}},
                 fds)
         except BaseException:
             # Its descriptors first: a create that ran out of them (EMFILE) must still be

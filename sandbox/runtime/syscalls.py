@@ -7,10 +7,7 @@ says which step failed and why.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import os
-import socket
-import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -23,14 +20,9 @@ _libc.mount.argtypes = [
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
-_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 
 CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
@@ -42,7 +34,6 @@ MS_NOEXEC = 8
 MS_REMOUNT = 32
 MS_NOATIME = 1024
 MS_NODIRATIME = 2048
-MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
@@ -75,11 +66,6 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), f"unshare({flags:#x})")
 
 
-def setns(fd: int, nstype: int) -> None:
-    """Python 3.11's os module has no setns (3.12 has)."""
-    _check(_libc.setns(fd, nstype), f"setns({fd}, {nstype:#x})")
-
-
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
           data: str | None = None) -> None:
     _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
@@ -94,31 +80,6 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
 
 
-def sethostname(name: str) -> None:
-    raw = name.encode()
-    _check(_libc.sethostname(raw, len(raw)), f"sethostname({name!r})")
-
-
-_SYS_MOUNT_SETATTR = 442
-_AT_RECURSIVE = 0x8000
-MOUNT_ATTR_RDONLY = 0x1
-MOUNT_ATTR_NOSUID = 0x2
-MOUNT_ATTR_NODEV = 0x4
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = (("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64))
-
-
-def mount_setattr_recursive(path: str, attr_set: int) -> None:
-    """Set mount attributes on `path` and every mount below it (Linux >= 5.12)."""
-    attr = _MountAttr(attr_set, 0, 0, 0)
-    _check(_libc.syscall(_SYS_MOUNT_SETATTR, -100, _b(path), _AT_RECURSIVE,
-                         ctypes.byref(attr), ctypes.sizeof(attr)),
-           f"mount_setattr({path!r}, recursive)")
-
-
 def locked_mount_flags(path: str) -> int:
     """The flags of the mount holding `path` that a remount inside a user namespace must keep."""
     flags = os.statvfs(path).f_flag
@@ -128,12 +89,3 @@ def locked_mount_flags(path: str) -> int:
 def cap_last_cap() -> int:
     with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
         return int(f.read())
-
-
-def loopback_up() -> None:
-    """Bring `lo` up in this network namespace (a new one starts with it down)."""
-    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        req = struct.pack("16sh", b"lo", 0)
-        flags = struct.unpack("16sh", fcntl.ioctl(s.fileno(), siocgifflags, req))[1]
-        fcntl.ioctl(s.fileno(), siocsifflags, struct.pack("16sh", b"lo", flags | iff_up))

@@ -28,7 +28,7 @@ from sandbox.errors import PolicyError
 from sandbox.runtime.idmap import MAPPER_NAME
 from sandbox.runtime.profiles import Limits
 from sandbox.runtime.results import Status
-from sandbox.runtime.spawner import HELPER_NAME, JOINER_NAME
+from sandbox.runtime.spawner import HELPER_NAME
 from sandbox.tenants import Tenant
 from tests.integration.test_engine import Running
 from tests.support.interactive import INTERACTOR, SOLUTION
@@ -253,8 +253,8 @@ def test_nothing_is_left_behind(eng: Running, images: Any) -> None:
     assert open_pipes() == pipes
     # The runtime's spawner and inits only: every run's processes are gone (an idle init
     # may hold the next run's child, made ahead: a fork of init, named as init). The
-    # spawner's own helpers made ahead, their joiners and its id mapper are not runs'.
-    ours = (HELPER_NAME, JOINER_NAME, MAPPER_NAME)
+    # spawner's own helpers made ahead and its id mapper are not runs'.
+    ours = (HELPER_NAME, MAPPER_NAME)
     after = {p.pid for p in psutil.Process().children(recursive=True)
              if not (p.name() == "sbx-init" == psutil.Process(p.ppid()).name())
              and p.name() not in ours}

@@ -317,14 +317,28 @@ def test_missing_layer_is_a_clear_error(session: Session, tmp_path: Path) -> Non
         session.container(tmp_path / "nope")
 
 
-def _shapeless_root(session: Session, base: Path, *, plant: bool) -> list[Path]:
-    """A busybox-only image, FROM scratch style: no /proc, /dev, /tmp or /var; with `plant`,
-    /tmp is a link to /etc and a second layer adds a file, as a hostile image would."""
+def _busybox_only(session: Session, base: Path, names: list[str]) -> list[Path]:
+    """Layers `base/<name>` holding only /bin/busybox, FROM scratch style: no /proc, /dev,
+    /tmp, /etc or /var."""
     m = session.runtime.mapping
     full = busybox.build_rootfs(base / "full", owner=(m.root_uid, m.root_gid))
-    bare = base / "bare"
-    (bare / "bin").mkdir(parents=True)
-    shutil.copy2(full / "bin/busybox", bare / "bin/busybox")
+    for name in names:
+        (base / name / "bin").mkdir(parents=True)
+        shutil.copy2(full / "bin/busybox", base / name / "bin/busybox")
+    return [base / name for name in names]
+
+
+def _owned_by_container_root(session: Session, layers: list[Path]) -> None:
+    m = session.runtime.mapping
+    for layer in layers:
+        for path in [layer, *layer.rglob("*")]:
+            os.lchown(path, m.root_uid, m.root_gid)
+
+
+def _shapeless_root(session: Session, base: Path, *, plant: bool) -> list[Path]:
+    """A busybox-only image with an empty /etc; with `plant`, /tmp is a link to /etc and a
+    second layer adds a file, as a hostile image would."""
+    [bare] = _busybox_only(session, base, ["bare"])
     (bare / "etc").mkdir()
     layers = [bare]
     if plant:
@@ -333,9 +347,7 @@ def _shapeless_root(session: Session, base: Path, *, plant: bool) -> list[Path]:
         (top / "etc").mkdir(parents=True)
         (top / "etc/marker").write_text("top layer\n")
         layers.append(top)
-    for layer in layers:
-        for path in [layer, *layer.rglob("*")]:
-            os.lchown(path, m.root_uid, m.root_gid)
+    _owned_by_container_root(session, layers)
     return layers
 
 
@@ -360,6 +372,31 @@ def test_image_without_mount_points_runs(session: Session, tmp_path: Path, profi
         assert "y" not in lines[1:]                 # nothing of the run before
         assert ("marker" in lines[1:]) == plant     # every layer is there
         session.run(c.reset())
+
+
+@pytest.mark.parametrize("profile", ["judge", "default"])
+def test_skeleton_keeps_image_directories_and_replaces_links_and_files(
+        session: Session, tmp_path: Path, profile: str) -> None:
+    """Where the skeleton layer goes over an image, an image directory on the way keeps its
+    mode (the merged tree shows the skeleton's copy); a mount point the image has as a file
+    becomes a directory; an image /etc that is a link keeps its shape, and gets none of the
+    runtime's files (they would land wherever the link leads)."""
+    image, linked = _busybox_only(session, tmp_path, ["image", "linked"])
+    (image / "proc").write_text("a file where /proc goes")
+    (image / "etc").mkdir()
+    (image / "etc").chmod(0o750)
+    (linked / "elsewhere").mkdir()
+    (linked / "etc").symlink_to("elsewhere")
+    _owned_by_container_root(session, [image, linked])
+    script = ("/bin/busybox stat -c %a /etc; /bin/busybox test -r /proc/self/status && "
+              "echo proc; /bin/busybox cat /etc/hostname")
+    c = session.container(image, profile=profile)
+    r = session.exec(c, ["/bin/busybox", "sh", "-c", script], uid=0)
+    assert r.stdout.decode().split() == ["750", "proc", "sandbox"], r
+    c = session.container(linked, profile=profile)
+    r = session.exec(c, ["/bin/busybox", "sh", "-c", "/bin/busybox ls -A /elsewhere; "
+                         "/bin/busybox test -L /etc && echo link"], uid=0)
+    assert r.stdout.decode().split() == ["link"], r
 
 
 @pytest.mark.parametrize("profile", ["judge", "default"])

@@ -39,7 +39,7 @@ def _spawner(s: Session) -> psutil.Process:
 
 
 def _spares(s: Session) -> list[psutil.Process]:
-    """The spawner's forked helpers waiting for a container."""
+    """The spawner's helpers waiting for a container."""
     return [p for p in _spawner(s).children() if p.name() == HELPER_NAME]
 
 

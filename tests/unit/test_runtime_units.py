@@ -93,11 +93,11 @@ def _kinds(plan: rootfs.Plan) -> list[str]:
 
 def test_plan_read_only_directory_root() -> None:
     spec = rootfs.RootfsSpec(layers=("/r",))
-    plan = rootfs.plan(spec, ["/proc/self/fd/5"])
+    plan = rootfs.plan(spec)
     kinds = _kinds(plan)
     assert kinds[-1] == "PivotRoot"
     layers = [op for op in plan.ops if isinstance(op, rootfs.Layer)]
-    assert [(op.source, op.target) for op in layers] == [("/proc/self/fd/5", "/layers/0")]
+    assert [(op.source, op.target) for op in layers] == [("/r", "/layers/0")]
     root = next(op for op in plan.ops if isinstance(op, rootfs.Root))
     assert (root.lowers, root.upper) == (("/layers/0",), None)
     assert root.mountpoints == ("/proc", "/dev", "/tmp")   # /dev/shm is inside our /dev
@@ -115,10 +115,10 @@ def test_plan_read_only_directory_root() -> None:
 
 def test_plan_writable_overlay_puts_top_layer_first() -> None:
     spec = rootfs.RootfsSpec(layers=("/a", "/b", "/c"), writable=True, upper_size=1 << 20)
-    plan = rootfs.plan(spec, ["A", "B", "C"])
+    plan = rootfs.plan(spec)
     layers = {op.target: op.source for op in plan.ops if isinstance(op, rootfs.Layer)}
     root = next(op for op in plan.ops if isinstance(op, rootfs.Root))
-    assert [layers[d] for d in root.lowers] == ["C", "B", "A"]
+    assert [layers[d] for d in root.lowers] == ["/c", "/b", "/a"]
     assert root.upper and root.work
     upper_tmpfs = next(op for op in plan.ops if isinstance(op, rootfs.Tmpfs)
                        and op.target == rootfs.RW)
@@ -126,35 +126,33 @@ def test_plan_writable_overlay_puts_top_layer_first() -> None:
 
 
 def test_plan_read_only_layers_use_overlay_without_upper() -> None:
-    plan = rootfs.plan(rootfs.RootfsSpec(layers=("/a", "/b")), ["A", "B"])
+    plan = rootfs.plan(rootfs.RootfsSpec(layers=("/a", "/b")))
     root = next(op for op in plan.ops if isinstance(op, rootfs.Root))
     assert root.upper is None and len(root.lowers) == 2
 
 
-def test_skeleton_gives_missing_mount_points_and_keeps_image_directories(
-        tmp_path: Path) -> None:
-    """Mount points an image lacks, or has as a link or a file, come from a skeleton layer
-    on top; an image directory on the way keeps its mode there (the merged tree shows the
-    skeleton's copy)."""
-    image, skeleton = tmp_path / "image", tmp_path / "skeleton"
-    (image / "var").mkdir(parents=True)
-    (image / "var").chmod(0o750)
-    (image / "tmp").symlink_to("/etc")
-    (image / "proc").write_text("a file")
-    (image / "dev").mkdir()
-    (image / "run").symlink_to(tmp_path / "elsewhere")    # past a link: never looked at
-    (tmp_path / "elsewhere" / "lock").mkdir(parents=True)
-    (tmp_path / "elsewhere" / "lock").chmod(0o700)
-    targets = ["/proc", "/dev", "/tmp", "/var/tmp", "/sys", "/run/lock"]
-    missing = [t for t in targets if not rootfs._is_real_dir(str(image), t)]
-    assert missing == ["/proc", "/tmp", "/var/tmp", "/sys", "/run/lock"]
-    rootfs._make_skeleton(str(image), missing, str(skeleton))
-    assert sorted(p.name for p in skeleton.iterdir()) == ["proc", "run", "sys", "tmp", "var"]
-    assert ((skeleton / "run/lock").stat().st_mode & 0o7777) == 0o755
-    assert all((skeleton / p).is_dir() and not (skeleton / p).is_symlink()
-               for p in ("proc", "tmp", "var/tmp", "sys"))
-    assert ((skeleton / "var").stat().st_mode & 0o7777) == 0o750
-    assert ((skeleton / "tmp").stat().st_mode & 0o7777) == 0o755
+def test_message_splits_the_plan_between_helper_and_init() -> None:
+    """The helper gets every operation up to the proc mount, joined to the staging mount;
+    init gets the proc mount and the plan's end; a writable root's reset is told its layers
+    (the skeleton apart: only the helper knows whether the image needed one)."""
+    spec = rootfs.RootfsSpec(layers=("/a", "/b"), writable=True, upper_size=1 << 20,
+                             provided=(("/etc/hosts", "127.0.0.1 localhost\n"),))
+    m = rootfs.message(spec)
+    helper, init = m["mounts"], m["init"]
+    assert init["mounts"][0]["op"] == "proc"
+    assert init["mounts"][-1] == {"op": "pivot_root", "target": rootfs.STAGING}
+    assert {op["op"] for op in helper} == {"mount", "mkdir", "layer", "root", "bind",
+                                           "touch", "symlink", "remount"}
+    assert all(op["target"].startswith(rootfs.STAGING + "/") or op["target"] == rootfs.STAGING
+               for op in helper)
+    assert [op["source"] for op in helper if op["op"] == "layer"] == ["/a", "/b"]
+    root = next(op for op in helper if op["op"] == "root")
+    assert root["lowers"] == ["/tmp/layers/1", "/tmp/layers/0"]
+    assert root["skeleton"] == "/tmp/skeleton"
+    assert root["provided"] == [["/etc/hosts", "127.0.0.1 localhost\n"]]
+    assert init["writable"]["lowers"] == ["/layers/1", "/layers/0"]
+    assert init["writable"]["skeleton"] == rootfs.SKELETON
+    assert rootfs.message(spec) is m  # planned once per spec
 
 
 def test_writable_root_carries_only_outermost_mounts() -> None:
@@ -164,7 +162,7 @@ def test_writable_root_carries_only_outermost_mounts() -> None:
 
 def test_plan_needs_a_layer() -> None:
     with pytest.raises(RuntimeSetupError):
-        rootfs.plan(rootfs.RootfsSpec(layers=()), [])
+        rootfs.plan(rootfs.RootfsSpec(layers=()))
 
 
 def _etc(tmp_path: Path, subuid: str, subgid: str) -> Path:
@@ -220,7 +218,7 @@ def test_idmap_one_id_is_shared_by_init_and_runs(tmp_path: Path) -> None:
 
 
 def test_plan_read_only_sys_masks_its_sensitive_parts() -> None:
-    plan = rootfs.plan(rootfs.RootfsSpec(layers=("/r",), sys="ro"), ["R"])
+    plan = rootfs.plan(rootfs.RootfsSpec(layers=("/r",), sys="ro"))
     assert any(isinstance(op, rootfs.Sysfs) for op in plan.ops)
     masked = {op.target for op in plan.ops if isinstance(op, rootfs.Mask)}
     assert {"/sys/firmware", "/sys/devices/virtual/powercap"} <= masked
@@ -249,7 +247,7 @@ def test_profile_tmpfs_mounts_become_resettable_mounts() -> None:
     shape = RootfsShape.from_dict({"tmpfs": [
         {"target": "/work", "size": 1 << 20, "inodes": 64},
         {"target": "/dev/shm", "size": 1 << 20, "noexec": True}]}, "p.rootfs")
-    plan = rootfs.plan(rootfs.RootfsSpec(layers=("/r",), tmpfs=shape.tmpfs), ["R"])
+    plan = rootfs.plan(rootfs.RootfsSpec(layers=("/r",), tmpfs=shape.tmpfs))
     kinds = [(type(op).__name__, getattr(op, "target", None)) for op in plan.ops]
     # /dev/shm is mounted while /dev is still writable; /work after /dev is sealed.
     assert kinds.index(("Tmpfs", "/dev/shm")) < kinds.index(("RemountReadOnly", "/dev"))

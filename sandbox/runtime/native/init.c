@@ -1,13 +1,14 @@
 /*
- * sbx-init: a container's init, pid 1 of its namespaces, starting one child per exec.
+ * sbx-init: a container's init, pid 1 of its namespaces, starting one child per exec; and,
+ * by its first argument, the spawner's helper (helper.c) or the id mapper (mapper.c).
  *
- * Started by the spawner's helper as `sbx-init join` (join_main, below), which forks init
- * into the container's namespaces once the helper has made its filesystem. Init reads its
- * configuration from CONFIG_FD, one MessagePack map: started_ns, seccomp_bpf, last_cap,
- * set_groups, init_id ([uid, gid] or nil), mounts (its part of the mount plan: mounts.h)
- * and resettable (the profile's tmpfs mounts). It mounts /proc and pivots into the new
- * root, moves to its own id (where the map has more than one), captures the state every
- * child starts from, reports "ready" and serves its control socket (SOCK_SEQPACKET, one
+ * The helper clones init into the container's namespaces once it has made its filesystem.
+ * Init's configuration is a map of the request the helper received (init_main, init.h):
+ * started_ns, seccomp_bpf, last_cap, set_groups, init_id ([uid, gid] or nil), mounts (its
+ * part of the mount plan: mounts.h) and resettable (the profile's tmpfs mounts). It mounts
+ * /proc and pivots into the new root, moves to its own id (where the map has more than
+ * one), captures the state every child starts from, reports "ready" and serves its
+ * control socket (SOCK_SEQPACKET, one
  * MessagePack map per datagram, descriptors as SCM_RIGHTS; see sandbox/runtime/protocol.py):
  * exec, signal, reset, open and bind, answered by the events exited, reset, opened and
  * bound (and pty, before exited, for an exec with a terminal: its master).
@@ -47,19 +48,16 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "channel.h"
 #include "child.h"
+#include "helper.h"
 #include "hostopen.h"
+#include "init.h"
 #include "mapper.h"
 #include "mounts.h"
 #include "mp.h"
 #include "scratch.h"
 
-/* As protocol.py: the largest inline message, descriptors per message, the largest body
- * sent through a memfd, and the marker of such a message ({"memfd": true}). */
-#define INLINE_MAX (64 << 10)
-#define MAX_FDS 32
-#define MAX_MESSAGE (16 << 20)
-static const uint8_t IN_MEMFD[] = {0x81, 0xa5, 'm', 'e', 'm', 'f', 'd', 0xc3};
 
 #define DEFAULT_PATH "/usr/local/bin:/usr/bin:/bin"
 #define DEVPTS_MAGIC 0x1cd1
@@ -143,31 +141,8 @@ static void close_fds(const int *fds, int n)
 /* One message, with at most one descriptor. A host that is gone shows up on the next read. */
 static void send_msg(const struct mp_writer *w, int fd)
 {
-    struct iovec iov = {(void *)w->buf, w->len};
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } u;
-    struct msghdr mh;
-
-    if (w->overflow)
-        return;
-    memset(&mh, 0, sizeof(mh));
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    if (fd >= 0) {
-        struct cmsghdr *c;
-        memset(&u, 0, sizeof(u));
-        mh.msg_control = u.buf;
-        mh.msg_controllen = sizeof(u.buf);
-        c = CMSG_FIRSTHDR(&mh);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &fd, sizeof(int));
-    }
-    while (sendmsg(ctl, &mh, MSG_NOSIGNAL) < 0 && errno == EINTR)
-        ;
+    if (!w->overflow)
+        channel_send(ctl, w->buf, w->len, fd);
 }
 
 static void put_key(struct mp_writer *w, const char *key)
@@ -1129,71 +1104,22 @@ answer:
 
 static uint8_t inline_buf[INLINE_MAX];
 
-/* Everything `fd` holds from its offset to its end (a memfd's message body, the config
-pipe); NULL if it cannot be read or is over MAX_MESSAGE. */
-static uint8_t *read_all(int fd, size_t *len)
-{
-    size_t cap = 1 << 16, got = 0;
-    uint8_t *buf = malloc(cap), *more;
-    ssize_t n;
-    while (buf) {
-        if (got == cap) {
-            if (cap >= MAX_MESSAGE || !(more = realloc(buf, cap * 2)))
-                break;
-            buf = more;
-            cap *= 2;
-        }
-        n = read(fd, buf + got, cap - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            break;
-        if (n == 0) {
-            *len = got;
-            return buf;
-        }
-        got += (size_t)n;
-    }
-    free(buf);
-    return NULL;
-}
-
 /* Read and serve one request; returns 0 when the host has closed its end. */
 static int serve_one(void)
 {
-    union {
-        char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
-        struct cmsghdr align;
-    } u;
-    struct iovec iov = {inline_buf, sizeof(inline_buf)};
-    struct msghdr mh;
-    struct cmsghdr *c;
     struct mp_value msg, op;
-    int fds[MAX_FDS], nfds = 0;
+    int fds[MAX_FDS], nfds = 0, cut;
     uint8_t *data = inline_buf, *body = NULL;
     size_t len;
     ssize_t n;
 
-    memset(&mh, 0, sizeof(mh));
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = u.buf;
-    mh.msg_controllen = sizeof(u.buf);
-    n = recvmsg(ctl, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    n = channel_recv(ctl, inline_buf, sizeof(inline_buf), fds, &nfds, MSG_DONTWAIT, &cut);
     if (n < 0)
         return errno == EAGAIN || errno == EINTR || errno == ENOMEM ? 1 : 0;
-    for (c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            if (k > MAX_FDS - nfds)
-                k = MAX_FDS - nfds;
-            memcpy(fds + nfds, CMSG_DATA(c), sizeof(int) * (size_t)k);
-            nfds += k;
-        }
     if (n == 0 && nfds == 0)
         return 0;
     len = (size_t)n;
-    if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC))
+    if (cut)
         goto drop;
     if (len == sizeof(IN_MEMFD) && memcmp(data, IN_MEMFD, len) == 0) {
         if (nfds == 0)
@@ -1285,50 +1211,43 @@ static void drop_bounding_set(void)
             setup_failed("dropping the capability bounding set", errno);
 }
 
-static int64_t read_config(int fd)
+static int64_t read_config(const struct mp_value *root, int skeleton)
 {
     static char err[1024];
-    struct mp_value root, v, item;
-    uint8_t *buf;
-    size_t len;
+    struct mp_value v, item;
     int64_t started = 0, x;
 
-    /* Written by the spawner's helper once the container's filesystem is made; nothing
-     * (EOF) when that failed, which the helper reports itself. */
-    if (!(buf = read_all(fd, &len)) || len == 0)
-        _exit(1);
-    close(fd);
-    if (mp_parse(buf, len, &root) < 0 || root.type != MP_MAP)
+    if (root->type != MP_MAP)
         setup_failed("init's configuration is not a MessagePack map", 0);
-    if (mp_get(&root, "started_ns", &v) == 0)
+    if (mp_get(root, "started_ns", &v) == 0)
         mp_int(&v, 0, INT64_MAX, &started);
-    if (mp_get(&root, "seccomp_bpf", &v) < 0 || v.type != MP_BIN ||
+    if (mp_get(root, "seccomp_bpf", &v) < 0 || v.type != MP_BIN ||
         v.len % sizeof(struct sock_filter) != 0 || v.len / sizeof(struct sock_filter) > 4096)
         setup_failed("seccomp_bpf is not a classic BPF program", 0);
     /* Kept for init's life: the buffer is never freed. */
     cfg.prog.len = (unsigned short)(v.len / sizeof(struct sock_filter));
     cfg.prog.filter = (struct sock_filter *)v.data;
-    if (mp_get(&root, "last_cap", &v) < 0 || mp_int(&v, -1, 63, &x) < 0)
+    if (mp_get(root, "last_cap", &v) < 0 || mp_int(&v, -1, 63, &x) < 0)
         setup_failed("last_cap is missing", 0);
     cfg.last_cap = (int)x;
-    if (mp_get(&root, "caps", &v) == 0 && v.type != MP_NIL) {
+    if (mp_get(root, "caps", &v) == 0 && v.type != MP_NIL) {
         if (v.type != MP_INT || v.negative)
             setup_failed("caps must be a capability mask", 0);
         cfg.caps = v.u;
     }
-    if (mp_get(&root, "set_groups", &v) < 0 || v.type != MP_BOOL)
+    if (mp_get(root, "set_groups", &v) < 0 || v.type != MP_BOOL)
         setup_failed("set_groups is missing", 0);
     cfg.set_groups = (int)v.u;
-    if (mp_get(&root, "init_id", &v) == 0 && v.type != MP_NIL) {
+    if (mp_get(root, "init_id", &v) == 0 && v.type != MP_NIL) {
         int64_t uid, gid;
         if (mp_item(&v, 0, &item) < 0 || mp_int(&item, 0, UINT32_MAX - 1, &uid) < 0 ||
             mp_item(&v, 1, &item) < 0 || mp_int(&item, 0, UINT32_MAX - 1, &gid) < 0)
             setup_failed("init_id must be [uid, gid]", 0);
         become((uid_t)uid, (gid_t)gid);
     }
-    if (mp_get(&root, "mounts", &v) < 0 || mounts_execute(&v, err, sizeof(err)) < 0)
+    if (mp_get(root, "mounts", &v) < 0 || mounts_execute(&v, err, sizeof(err)) < 0)
         setup_failed(err[0] ? err : "mounts is missing", 0);
-    if (scratch_init(&scratch, &root, err, sizeof(err)) < 0)
+    if (scratch_init(&scratch, root, skeleton, err, sizeof(err)) < 0)
         setup_failed(err, 0);
     return started;
 }
@@ -1362,7 +1281,7 @@ static int request_pending(void)
     return poll(&p, 1, 0) > 0;
 }
 
-static int init_main(int config_fd)
+int init_main(int control, const struct mp_value *config, int skeleton)
 {
     struct sigaction sa;
     sigset_t chld, none;
@@ -1374,8 +1293,9 @@ static int init_main(int config_fd)
      * process the caller may signal. */
     if (getpid() != 1)
         return 1;
+    ctl = control;
     prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
-    started = read_config(config_fd);
+    started = read_config(config, skeleton);
     drop_bounding_set();
     /* Re-parented to the spawner by now (a child subreaper): die with it. */
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
@@ -1440,88 +1360,16 @@ static int init_main(int config_fd)
     return 0;
 }
 
-/* The namespaces of the process `pid` that are not this process's own, joined: the user
- * namespace first (it gives every capability in it, which the others need). */
-static const char *join_namespaces(pid_t pid)
-{
-    static const char *const kinds[] = {"user", "mnt", "uts", "ipc", "net", "cgroup"};
-    static char what[64];
-    char path[64];
-    struct stat theirs, ours;
-    int fds[6], i, n = (int)(sizeof(kinds) / sizeof(kinds[0]));
-
-    for (i = 0; i < n; i++) {
-        snprintf(what, sizeof(what), "open /proc/%d/ns/%s", (int)pid, kinds[i]);
-        if ((fds[i] = open(what + 5, O_RDONLY | O_CLOEXEC)) < 0)
-            return what;
-        snprintf(path, sizeof(path), "/proc/self/ns/%s", kinds[i]);
-        if (fstat(fds[i], &theirs) < 0 || stat(path, &ours) < 0)
-            return what;
-        if (theirs.st_ino == ours.st_ino && theirs.st_dev == ours.st_dev) {
-            close(fds[i]); /* shared (a profile with the host's network) */
-            fds[i] = -1;
-        }
-    }
-    for (i = 0; i < n; i++) {
-        snprintf(what, sizeof(what), "setns %s", kinds[i]);
-        if (fds[i] >= 0 && (setns(fds[i], 0) < 0 || close(fds[i]) < 0))
-            return what;
-    }
-    return NULL;
-}
-
-/*
- * sbx-init join HELPER_SOCKET CONTROL_FD CONFIG_FD
- *
- * Started by the spawner's helper before the helper unshared its namespaces: so the memory
- * of init (forked from here) belongs to the host's user namespace, and when init is
- * non-dumpable its /proc files are the host's root's, never container root's (who could
- * otherwise raise init's oom_score_adj, for one). On "j" from the helper (its namespaces,
- * id map and filesystem are made), joins them, becomes container root, makes the pid
- * namespace, forks init (its pid 1), answers with init's pid (or "E" and what failed) and
- * exits.
- */
-static int join_main(int sock, int config_fd)
-{
-    char go = 0, buf[128];
-    const char *failed = NULL;
-    pid_t pid = -1;
-    int n;
-
-    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-    if (read(sock, &go, 1) != 1 || go != 'j')
-        return 1; /* the helper failed, and tells why */
-    if (!(failed = join_namespaces(getppid()))) {
-        if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
-            failed = "setresuid 0";
-        else if (unshare(CLONE_NEWPID) < 0)
-            failed = "unshare pid";
-        else if ((pid = fork()) < 0)
-            failed = "fork";
-    }
-    if (pid == 0) {
-        close(sock);
-        /* A child's parent-death signal is not inherited; init sets its own. */
-        return init_main(config_fd);
-    }
-    if (failed)
-        n = snprintf(buf, sizeof(buf), "E%s: %s", failed, strerror(errno));
-    else
-        n = snprintf(buf, sizeof(buf), "%d", (int)pid);
-    return write(sock, buf, (size_t)n) == n && !failed ? 0 : 1;
-}
-
 int main(int argc, char **argv)
 {
     /* Before anything else: exec made this process dumpable again. */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     /* Exec'd by descriptor, its name would be the descriptor's number: the caller names
-     * it (the joiner, the mapper; init names itself). */
+     * it (the helper, the mapper; init names itself). */
     prctl(PR_SET_NAME, argv[0], 0, 0, 0);
     if (argc == 5 && strcmp(argv[1], "mapper") == 0)
         return mapper_main(atoi(argv[2]), argv[3], argv[4]);
-    if (argc != 5 || strcmp(argv[1], "join") != 0)
-        return 2;
-    ctl = atoi(argv[3]);
-    return join_main(atoi(argv[2]), atoi(argv[4]));
+    if (argc == 6 && strcmp(argv[1], "helper") == 0)
+        return helper_main(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
+    return 2;
 }

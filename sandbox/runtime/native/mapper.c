@@ -30,6 +30,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "channel.h"
+
 static int write_map(int pid, const char *which, const char *text, char *err, size_t n)
 {
     char path[64];
@@ -51,25 +53,12 @@ static int write_map(int pid, const char *which, const char *text, char *err, si
 /* "u", and our user namespace as SCM_RIGHTS. */
 static int send_namespace(int sock)
 {
-    char data = 'u';
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } control;
-    struct iovec iov = {.iov_base = &data, .iov_len = 1};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                         .msg_controllen = sizeof(control.buf)};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
     int fd = open("/proc/self/ns/user", O_RDONLY | O_CLOEXEC), ok;
     if (fd < 0)
         return -1;
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &fd, sizeof(int));
-    ok = sendmsg(sock, &msg, MSG_NOSIGNAL) == 1;
+    ok = channel_send(sock, "u", 1, fd);
     close(fd);
-    return ok ? 0 : -1;
+    return ok;
 }
 
 int mapper_main(int sock, const char *uid_map, const char *gid_map)

@@ -6,9 +6,10 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
-#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "rootfs.h"
 
 #define SAFE (MS_NOSUID | MS_NODEV)
 
@@ -16,27 +17,6 @@ static int failed(char *err, size_t n, const char *call, const char *target)
 {
     snprintf(err, n, "[Errno %d] %s(%s): %s", errno, call, target, strerror(errno));
     return -1;
-}
-
-/* The flags of the mount holding `path` that a remount inside a user namespace must keep
- * (the kernel "locks" them). */
-static unsigned long locked_flags(const char *path)
-{
-    static const struct {
-        unsigned long st, ms;
-    } map[] = {{ST_RDONLY, MS_RDONLY},   {ST_NOSUID, MS_NOSUID},
-               {ST_NODEV, MS_NODEV},     {ST_NOEXEC, MS_NOEXEC},
-               {ST_NOATIME, MS_NOATIME}, {ST_NODIRATIME, MS_NODIRATIME},
-               {ST_RELATIME, MS_RELATIME}};
-    struct statvfs sv;
-    unsigned long out = 0;
-    size_t i;
-    if (statvfs(path, &sv) < 0)
-        return 0;
-    for (i = 0; i < sizeof(map) / sizeof(map[0]); i++)
-        if (sv.f_flag & map[i].st)
-            out |= map[i].ms;
-    return out;
 }
 
 static int one(const char *op, const char *target, char *err, size_t n)
@@ -61,7 +41,7 @@ static int one(const char *op, const char *target, char *err, size_t n)
         if (mount(target, target, NULL, MS_BIND | MS_REC, NULL) < 0)
             return failed(err, n, "mount bind", target);
         if (mount(NULL, target, NULL,
-                  MS_REMOUNT | MS_BIND | MS_RDONLY | locked_flags(target), NULL) < 0)
+                  MS_REMOUNT | MS_BIND | MS_RDONLY | locked_mount_flags(target), NULL) < 0)
             return failed(err, n, "remount read-only", target);
     } else if (strcmp(op, "pivot_root") == 0) {
         /* Nothing of the host remains: the old root goes, lazily, once nothing uses it. */

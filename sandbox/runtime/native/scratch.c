@@ -108,7 +108,8 @@ bad:
     return -1;
 }
 
-static int init_writable(struct scratch *s, const struct mp_value *wv, char *err, size_t n)
+static int init_writable(struct scratch *s, const struct mp_value *wv, int skeleton,
+                         char *err, size_t n)
 {
     struct writable_root *w;
     struct mp_value v, item, pair;
@@ -124,6 +125,17 @@ static int init_writable(struct scratch *s, const struct mp_value *wv, char *err
     /* A mount's options are one page: what does not fit is refused, never cut short. */
     if (!(w->lowerdir = calloc(1, LOWERDIR_MAX)))
         goto bad;
+    if (skeleton) {
+        char *top = NULL;
+        if (mp_get(wv, "skeleton", &item) < 0 || !(top = str_of(&item)) || strchr(top, ':')) {
+            free(top);
+            goto bad;
+        }
+        len = (size_t)snprintf(w->lowerdir, LOWERDIR_MAX, "%s:", top);
+        free(top);
+        if (len >= LOWERDIR_MAX)
+            goto bad;
+    }
     for (i = 0; i < v.len; i++) {
         char *one;
         int k;
@@ -158,11 +170,12 @@ static int init_writable(struct scratch *s, const struct mp_value *wv, char *err
             goto bad;
     return 0;
 bad:
-    snprintf(err, n, "writable: {lowers, upper_size, carried, slots} expected");
+    snprintf(err, n, "writable: {lowers, skeleton, upper_size, carried, slots} expected");
     return -1;
 }
 
-int scratch_init(struct scratch *s, const struct mp_value *config, char *err, size_t n)
+int scratch_init(struct scratch *s, const struct mp_value *config, int skeleton, char *err,
+                 size_t n)
 {
     struct mp_value v;
 
@@ -178,7 +191,7 @@ int scratch_init(struct scratch *s, const struct mp_value *config, char *err, si
     if (mp_get(config, "resettable", &v) < 0 || init_tmpfs(s, &v, err, n) < 0)
         return -1;
     if (mp_get(config, "writable", &v) == 0 && v.type != MP_NIL &&
-        init_writable(s, &v, err, n) < 0)
+        init_writable(s, &v, skeleton, err, n) < 0)
         return -1;
     return read_marks(s, err, n);
 }

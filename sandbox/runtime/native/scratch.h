@@ -67,9 +67,11 @@ struct scratch {
 };
 
 /* From the config's "root", "files" (nil, or where the file cache's blobs are), "resettable" (an array of {target, size, mode, inodes, flags})
- * and "writable" (nil, or {lowers, upper_size, carried, slots}), and their marks as they are
- * now. 0, or -1 with `err` filled. */
-int scratch_init(struct scratch *s, const struct mp_value *config, char *err, size_t n);
+ * and "writable" (nil, or {lowers, skeleton, upper_size, carried, slots}), and their marks
+ * as they are now; `skeleton`: the root was mounted with the skeleton layer over the lowers
+ * (and so is every new one). 0, or -1 with `err` filled. */
+int scratch_init(struct scratch *s, const struct mp_value *config, int skeleton, char *err,
+                 size_t n);
 
 /* Where the container's root is now, in init's root: where runs chroot, where paths are
  * opened for the host. */

@@ -1,18 +1,16 @@
-"""Unreachable routes in a `full` container's network namespace, added by the spawner's
-helper while it holds CAP_NET_ADMIN in the container's user namespace (runs hold no
-capabilities, so they cannot take them away). One rtnetlink request per route; no program
-is started for it."""
+"""Unreachable routes in a `full` container's network namespace: rtnetlink requests built
+here, on the host, and sent by the spawner's helper (native/helper.c) while it holds
+CAP_NET_ADMIN in the container's user namespace (runs hold no capabilities, so they cannot
+take them away). One request per route; no program is started for it."""
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import struct
 
 _RTM_NEWROUTE = 24
 _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_REPLACE, _NLM_F_CREATE = 0x1, 0x4, 0x100, 0x400
-_NLMSG_ERROR = 2
 _RTA_DST = 1
 _RT_TABLE_MAIN, _RTPROT_STATIC, _RT_SCOPE_UNIVERSE, _RTN_UNREACHABLE = 254, 4, 0, 7
 
@@ -32,16 +30,7 @@ def _request(seq: int, cidr: str) -> bytes:
     return struct.pack("IHHII", 16 + len(body), _RTM_NEWROUTE, flags, seq, 0) + body
 
 
-def add_unreachable(cidrs: list[str]) -> None:
-    """Make every destination in `cidrs` unreachable in this network namespace (connects
-    fail at once with EHOSTUNREACH). OSError naming the range when the kernel refuses."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       socket.NETLINK_ROUTE) as s:
-        for seq, cidr in enumerate(cidrs, 1):
-            s.send(_request(seq, cidr))
-            reply = s.recv(4096)
-            _, kind = struct.unpack_from("IH", reply)
-            if kind == _NLMSG_ERROR:
-                (error,) = struct.unpack_from("i", reply, 16)
-                if error:
-                    raise OSError(-error, f"unreachable route {cidr}: {os.strerror(-error)}")
+def unreachable(cidrs: list[str]) -> list[tuple[str, bytes]]:
+    """[range, request] for each destination in `cidrs`: once sent, connects there fail at
+    once with EHOSTUNREACH. The helper names the range when the kernel refuses one."""
+    return [(cidr, _request(seq, cidr)) for seq, cidr in enumerate(cidrs, 1)]
