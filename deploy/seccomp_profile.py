@@ -30,7 +30,8 @@ RUNTIME_SYSCALLS = {
              "container's (native/helper.c, sbx-init helper)",
     "mount": "the container's root: tmpfs, binds of the layers, overlayfs, proc, devpts, "
              "/dev; remounts at reset (native/rootfs.c, mounts.c, scratch.c)",
-    "umount2": "the old root after pivot_root; a reset's old root and tmpfs (native/scratch.c)",
+    "umount2": "the root remounted with its skeleton layer (native/rootfs.c); the old root "
+               "after pivot_root; a reset's old root and tmpfs (native/scratch.c)",
     "pivot_root": "init's own root (native/mounts.c)",
     "chroot": "every run's child enters the container's /root (native/child.c)",
     "sethostname": "the container's hostname in its UTS namespace (native/helper.c)",

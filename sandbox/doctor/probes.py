@@ -1,8 +1,8 @@
 """The probe `sandboxd info`'s report lacks: a proc mount in a new user and pid namespace,
 as a container's init makes one, in a process of its own (`python -m sandbox.doctor.probes`)
-that makes the namespaces the way the spawner does (sandbox/runtime/syscalls.py) and
-exits; everything it made goes with it. A process of its own because
-unshare(CLONE_NEWUSER) needs a single-threaded caller. Exit status 0 when it worked;
+that makes the namespaces the way the spawner's helper does (native/helper.c), through
+sandbox/runtime/syscalls.py, and exits; everything it made goes with it. A process of its
+own because unshare(CLONE_NEWUSER) needs a single-threaded caller. Exit status 0 when it worked;
 otherwise the last line on stderr says which call failed (the user namespace and overlayfs
 probes are hostinfo's, made with util-linux's unshare, and say only whether).
 """

@@ -128,7 +128,9 @@ def _read_body(fd: int) -> bytes:
 
 
 def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    data, fds, flags, _ = socket.recv_fds(sock, INLINE_MAX, MAX_FDS)
+    # Close-on-exec, as Python's own descriptors are: the spawner posix_spawns helpers,
+    # which would otherwise inherit whatever it received.
+    data, fds, flags, _ = socket.recv_fds(sock, INLINE_MAX, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         _close_all(fds)
         if not flags & socket.MSG_TRUNC:

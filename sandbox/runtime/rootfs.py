@@ -98,7 +98,7 @@ class Tmpfs:
 
 @dataclass(frozen=True)
 class Bind:
-    source: str                      # a host path (or /proc/self/fd/N), not joined to the root
+    source: str                      # a host path, not joined to the root
     target: str
     readonly: bool = True
     flags: int = _SAFE

@@ -35,8 +35,8 @@ from sandbox.runtime import idmap, protocol
 from sandbox.runtime import syscalls as sc
 from sandbox.runtime.network import FULL, PROXY, slirp
 
-# Built with the package (setup.py). Opened once, when the spawner starts: after
-# pivot_root a container sees nothing of the host, so its init execs the binary by fd.
+# Built with the package (setup.py). Opened once, when the spawner starts, and exec'd by
+# descriptor: helpers and the id mapper are this binary.
 INIT_BINARY = Path(__file__).with_name("sbx-init")
 
 # A helper's process name, for whoever lists processes.
@@ -341,6 +341,7 @@ class Spawner:
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
+    os.set_inheritable(sock.fileno(), False)  # passed to us inheritable; not to helpers
     # What it makes for runs (init's root, mount points, the runtime's files) has the modes
     # it names, whatever the service's umask: under 0077 the container's root, a
     # subordinate id, could not enter its own root ("exec: Permission denied").

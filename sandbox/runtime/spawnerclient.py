@@ -11,14 +11,16 @@ import socket
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sandbox.errors import ContainerGoneError, RuntimeSetupError
 from sandbox.runtime import idmap
 from sandbox.runtime.cgroups import Cgroup, Detection, detect
+from sandbox.runtime.cgroups.base import CgroupDriver
 from sandbox.runtime.container import Container, container_limits
-from sandbox.runtime.housekeeping import Housekeeper
+from sandbox.runtime.housekeeping import Housekeeper, Pending
 from sandbox.runtime.network import FULL, NONE, PROXY, PROXY_PORT, names, proxy, routes, slirp
 from sandbox.runtime.network.rules import host_addresses
 from sandbox.runtime.policy import PolicyRegistry
@@ -31,6 +33,42 @@ from sandbox.runtime.syscalls import cap_last_cap
 
 # The highest capability this kernel knows: init drops every one above a profile's.
 _LAST_CAP = cap_last_cap()
+
+
+@dataclass
+class _CgroupsAhead:
+    """A container's cgroup and its init's leaf, made before the container is asked for:
+    empty, without limits (the create writes its profile's), holding nothing of a tenant.
+    The helper joins the container's cgroup (rooting the cgroup namespace there) and init
+    starts in the leaf; on v2 the container's cgroup hands controllers down only later, to
+    runs, once no process is left in it."""
+
+    cid: str                       # the container's id: its cgroup is c-<cid>
+    cgroup: Cgroup
+    fds: list[int]                 # cgroup.procs of the container's, then of init's leaf
+    n_container: int
+
+    @classmethod
+    def make(cls, driver: CgroupDriver, cid: str) -> _CgroupsAhead:
+        cgroup = driver.create(f"c-{cid}")
+        fds: list[int] = []
+        try:
+            fds = cgroup.open_procs_fds()
+            n_container = len(fds)
+            fds += cgroup.child("init", limitable=False).open_procs_fds()
+        except BaseException:
+            # Its descriptors first: one that ran out of them (EMFILE) must still be able
+            # to remove what it made; no process can be in it, so no kill is needed.
+            for fd in fds:
+                os.close(fd)
+            cgroup.destroy(empty=True)
+            raise
+        return cls(cid, cgroup, fds, n_container)
+
+    def destroy(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.cgroup.destroy(empty=True)
 
 
 class Runtime:
@@ -56,6 +94,11 @@ class Runtime:
         # The forward proxy of `proxy` containers; its blocked ranges are `full`'s too
         # (the engine sets them from its configuration).
         self.proxy = proxy.Proxy()
+        # The next container's cgroups, made in the housekeeping thread after a create:
+        # ~1 ms of mkdir and open in every hierarchy off the next create's path.
+        self._cgroups_ahead: _CgroupsAhead | None = None
+        self._ahead_work = Pending()
+        self._closing = False
 
     @classmethod
     async def start(cls, *, mapping: idmap.IdMapping | None = None,
@@ -138,14 +181,12 @@ class Runtime:
         asked = False
         try:
             if self.cgroups.driver is not None:
-                cgroup = self.cgroups.driver.create(f"c-{cid}")
+                ahead, self._cgroups_ahead = self._cgroups_ahead, None
+                if ahead is None:
+                    ahead = _CgroupsAhead.make(self.cgroups.driver, cid)
+                cid, cgroup, fds, n_container = (ahead.cid, ahead.cgroup, ahead.fds,
+                                                 ahead.n_container)
                 cgroup.apply(container_limits(profile, rootfs, self.cgroups.driver.controllers))
-                fds = cgroup.open_procs_fds()
-                n_container = len(fds)
-                # The helper joins the container's cgroup (rooting the cgroup namespace
-                # there) and init moves on to this leaf; on v2 the container's cgroup hands
-                # controllers down only later, to runs, once no process is left in it.
-                fds += cgroup.child("init", limitable=False).open_procs_fds()
             generation = self.spawner.generation
             asked = True
             reply, got = await self.spawner.ask(
@@ -204,7 +245,16 @@ class Runtime:
         self.containers[cid] = container
         if cgroup is not None:  # the first run's cgroup, made while the container waits
             container._housekeep(lambda: container._make_spares(1))
+            if self._cgroups_ahead is None:  # and the next container's
+                self.housekeeper.submit(self._ahead_work, self._make_cgroups_ahead)
         return container
+
+    def _make_cgroups_ahead(self) -> None:
+        """In the housekeeping thread: the next container's cgroups, unless some wait."""
+        if self._cgroups_ahead is None and not self._closing:
+            driver = self.cgroups.driver
+            assert driver is not None
+            self._cgroups_ahead = _CgroupsAhead.make(driver, secrets.token_hex(6))
 
     async def close(self) -> None:
         try:
@@ -214,8 +264,12 @@ class Runtime:
                 await c.destroy()
         finally:
             # Whatever failed above: the spawner kills what is left and exits, reaped here.
+            self._closing = True
             await self.spawner.close()
             await asyncio.to_thread(self.housekeeper.close)
+            ahead, self._cgroups_ahead = self._cgroups_ahead, None
+            if ahead is not None:
+                ahead.destroy()
         if self.cgroups.driver is not None:
             self.cgroups.driver.close()
         os.close(self.devnull)

@@ -92,7 +92,7 @@ def test_a_killed_mapper_is_made_again(own: Session, busybox_root: Path) -> None
     _echo(own, own.container(busybox_root), "and once more")
 
 
-def test_a_closed_runtime_leaves_no_helper_mapper_or_joiner(busybox_root: Path) -> None:
+def test_a_closed_runtime_leaves_no_helper_or_mapper(busybox_root: Path) -> None:
     s = Session()
     try:
         _echo(s, s.container(busybox_root), "made")

@@ -16,9 +16,9 @@
  * `lo` up and, for the `proxy` network, hands over a listener on 127.0.0.1:`proxy_port`
  * ({"ev": "listener"} and the socket), or adds `unreachable` routes (rtnetlink requests the
  * host built, each with the range it names) for `full`. It moves to init's leaf, makes the
- * pid namespace and clones init as the spawner's own child (CLONE_PARENT: the spawner is a
- * subreaper, and init's parent-death signal is the spawner's from its first instruction),
- * answers {"ev": "started", "pid": N} and exits. Init is init_main (init.c) with the
+ * pid namespace and clones init as the spawner's own child (CLONE_PARENT: the spawner, a
+ * subreaper, reaps it, and init's parent-death signal, set first thing, is the spawner's
+ * death), answers {"ev": "started", "pid": N} and exits. Init is init_main (init.c) with the
  * request's `init` map.
  *
  * Being exec'd in the host's user namespace, the helper's memory (and so init's, a clone of
@@ -38,6 +38,7 @@
 #include <linux/rtnetlink.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -213,18 +214,44 @@ static void network(const struct mp_value *req)
         unreachable_routes(&v);
 }
 
+/* Every descriptor but 0-2 and `keep` (ascending, -1 for none) closed: the spawner's are
+ * close-on-exec, but a helper holds nothing it was not meant to, whatever changes there. */
+static void close_others(const int *keep, int n)
+{
+    unsigned int from = 3;
+    int i;
+    for (i = 0; i < n; i++) {
+        if (keep[i] < (int)from)
+            continue;
+        if ((unsigned int)keep[i] > from)
+            syscall(SYS_close_range, from, (unsigned int)keep[i] - 1, 0);
+        from = (unsigned int)keep[i] + 1;
+    }
+    syscall(SYS_close_range, from, ~0U, 0);
+}
+
 int helper_main(int link, int control, int userns, int host_network)
 {
     static struct mp_writer w;
     struct rootfs_layers layers = {NULL, 0};
     struct mp_value req, v, config;
     char hostname[65];
-    int fds[MAX_FDS], nfds = 0, skeleton = 0, i, flags;
+    int fds[MAX_FDS], nfds = 0, skeleton = 0, i, flags, spawner;
     int64_t n_container;
     uint8_t *buf;
     size_t len;
     pid_t pid;
+    int keep[3] = {link, control, userns}, k, j;
 
+    /* Sorted for close_others. */
+    for (k = 0; k < 3; k++)
+        for (j = k + 1; j < 3; j++)
+            if (keep[j] < keep[k]) {
+                int t = keep[k];
+                keep[k] = keep[j];
+                keep[j] = t;
+            }
+    close_others(keep, 3);
     link_fd = link;
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     /* Its id map is written through /proc (main made every mode of sbx-init undumpable). */
@@ -252,10 +279,16 @@ int helper_main(int link, int control, int userns, int host_network)
     write_all_fds(fds, (int)n_container, "joining the container's cgroup");
     if (unshare(CLONE_NEWCGROUP) < 0)
         failed_call("unshare cgroup");
-    if (mp_get(&req, "mounts", &v) < 0 || rootfs_open_layers(&v, &layers, why, sizeof(why)) < 0)
+    if (mp_get(&req, "mounts", &v) < 0)
+        failed_request("mounts: the helper's part of the mount plan expected");
+    if (rootfs_open_layers(&v, &layers, why, sizeof(why)) < 0)
         failed();
     if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
         failed_call("setresuid 0");
+    /* Where that changed the effective id (a direct map: host root to a subordinate id),
+     * the kernel set dumpable back to fs.suid_dumpable and cleared the death signal. */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (rootfs_execute(&v, &layers, &skeleton, why, sizeof(why)) < 0)
         failed();
     for (i = 0; i < layers.n; i++)
@@ -275,13 +308,26 @@ int helper_main(int link, int control, int userns, int host_network)
         close(fds[i]);
     if (unshare(CLONE_NEWPID) < 0)
         failed_call("unshare pid");
+    /* Init's parent is the spawner, whose end it must not outlive: a clone starts without
+     * a death signal, so init checks, once it has one, that the spawner is still there. */
+    if ((spawner = (int)syscall(SYS_pidfd_open, getppid(), 0)) < 0)
+        failed_call("pidfd_open of the spawner");
+    /* A raw clone, as glibc has no fork with CLONE_PARENT: the child's thread block still
+     * holds the helper's tid. Init is single-threaded and uses nothing that reads it (no
+     * pthread calls on itself, no error-checking or robust mutexes). */
     pid = (pid_t)syscall(SYS_clone, CLONE_PARENT | SIGCHLD, NULL, NULL, NULL, NULL);
     if (pid < 0)
         failed_call("clone init");
     if (pid == 0) {
+        struct pollfd gone = {.fd = spawner, .events = POLLIN};
+        prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+        if (poll(&gone, 1, 0) != 0)
+            _exit(1);
+        close(spawner);
         close(link_fd);
         _exit(init_main(control, &config, skeleton));
     }
+    close(spawner);
     close(control);
     mp_w_map(&w, 2);
     mp_w_cstr(&w, "ev");

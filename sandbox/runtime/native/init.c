@@ -4,8 +4,9 @@
  *
  * The helper clones init into the container's namespaces once it has made its filesystem.
  * Init's configuration is a map of the request the helper received (init_main, init.h):
- * started_ns, seccomp_bpf, last_cap, set_groups, init_id ([uid, gid] or nil), mounts (its
- * part of the mount plan: mounts.h) and resettable (the profile's tmpfs mounts). It mounts
+ * started_ns, seccomp_bpf, last_cap, caps, set_groups, init_id ([uid, gid] or nil), mounts
+ * (its part of the mount plan: mounts.h), root, files, resettable and writable
+ * (scratch.h). It mounts
  * /proc and pivots into the new root, moves to its own id (where the map has more than
  * one), captures the state every child starts from, reports "ready" and serves its
  * control socket (SOCK_SEQPACKET, one
@@ -1297,7 +1298,8 @@ int init_main(int control, const struct mp_value *config, int skeleton)
     prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
     started = read_config(config, skeleton);
     drop_bounding_set();
-    /* Re-parented to the spawner by now (a child subreaper): die with it. */
+    /* Die with the spawner, its parent (set at the clone too; an identity change clears
+     * it). */
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     close_host_descriptors();
     if (baseline_snapshot(&cfg.base) < 0)

@@ -53,12 +53,12 @@ static int write_map(int pid, const char *which, const char *text, char *err, si
 /* "u", and our user namespace as SCM_RIGHTS. */
 static int send_namespace(int sock)
 {
-    int fd = open("/proc/self/ns/user", O_RDONLY | O_CLOEXEC), ok;
+    int fd = open("/proc/self/ns/user", O_RDONLY | O_CLOEXEC), sent;
     if (fd < 0)
         return -1;
-    ok = channel_send(sock, "u", 1, fd);
+    sent = channel_send(sock, "u", 1, fd);
     close(fd);
-    return ok;
+    return sent;
 }
 
 int mapper_main(int sock, const char *uid_map, const char *gid_map)

@@ -225,6 +225,15 @@ static int write_file(const char *path, const struct mp_value *content, char *er
     return 0;
 }
 
+/* E2BIG, not EINVAL: a root refused here is not retried without the skeleton (do_root),
+ * as one the kernel refused for a locked lower layer is. */
+static int too_long(char *err, size_t n)
+{
+    bad(err, n, "root: too many layers for one overlay mount");
+    errno = E2BIG;
+    return -1;
+}
+
 /* The root at `target`: a read-only bind of a single layer, or an overlay (read-only
  * without an upper). `top`, if not NULL, goes over `lowers` (overlayfs's order). */
 static int mount_root(const char *target, const char *top, const struct mp_value *lowers,
@@ -244,6 +253,8 @@ static int mount_root(const char *target, const char *top, const struct mp_value
         return bind_read_only(one, target, err, n);
     }
     len = (size_t)snprintf(data, sizeof(data), "lowerdir=%s%s", top ? top : "", top ? ":" : "");
+    if (len > OPTIONS_MAX)
+        return too_long(err, n);
     for (i = 0; i < lowers->len; i++) {
         if (mp_item(lowers, i, &item) < 0 || item.type != MP_STR ||
             memchr(item.data, 0, item.len) || memchr(item.data, ':', item.len))
@@ -251,13 +262,13 @@ static int mount_root(const char *target, const char *top, const struct mp_value
         k = snprintf(data + len, sizeof(data) - len, "%s%.*s", i ? ":" : "", (int)item.len,
                      (const char *)item.data);
         if (k < 0 || (len += (size_t)k) > OPTIONS_MAX)
-            return bad(err, n, "root: too many layers for one overlay mount");
+            return too_long(err, n);
     }
     if (upper)
         len += (size_t)snprintf(data + len, sizeof(data) - len, ",upperdir=%s,workdir=%s",
                                 upper, work);
     if (len + sizeof(",userxattr") - 1 > OPTIONS_MAX)
-        return bad(err, n, "root: too many layers for one overlay mount");
+        return too_long(err, n);
     strcat(data, ",userxattr");
     if (mount("overlay", target, "overlay", SAFE | (upper ? 0 : MS_RDONLY), data) < 0)
         return fail(err, n, "mount overlay", target);
