@@ -130,6 +130,7 @@ class Engine:
         # What runs here: the host's os and architecture, any variant (see _runnable).
         self._native = Platform(images.platform.os, images.platform.architecture)
         self.records = ContainerRecords(config.state_dir)
+        runtime.claims = self.records  # the cgroups it makes ahead are recorded too
         self.pools = Pools(runtime, config.pools, images, self.records)
         self.files = FileCache(config.state_dir / "files", config.files)
         # Every container made from now on can bind cached files (runfiles.py).

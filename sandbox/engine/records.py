@@ -3,8 +3,9 @@ crash can remove what the crashed one left.
 
 A container dies with its spawner (PDEATHSIG), and its mounts with its mount namespace;
 what outlives a SIGKILLed service is its cgroups. Each container gets a record
-`containers/<id>` naming the service's pid; at start, records of dead pids are swept: their
-cgroups (`c-<id>`) are killed and removed, then the record. Container cgroups that no
+`containers/<id>` naming the service's pid (so do the cgroups the runtime makes ahead of a
+container: Runtime.claims); at start, records of dead pids are swept: their cgroups
+(`c-<id>`) are killed and removed, then the record. Container cgroups that no
 record names any more (an instance whose state directory was removed) are removed too,
 once they are empty and old.
 """
@@ -18,9 +19,7 @@ from pathlib import Path
 
 from sandbox import pids
 from sandbox.errors import CgroupError
-from sandbox.runtime.cgroups.base import CgroupDriver
-
-ORPHAN_AGE_S = 60.0
+from sandbox.runtime.cgroups.base import ORPHAN_AGE_S, CgroupDriver
 
 
 class ContainerRecords:

@@ -11,14 +11,14 @@ import socket
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sandbox.errors import ContainerGoneError, RuntimeSetupError
 from sandbox.runtime import idmap
 from sandbox.runtime.cgroups import Cgroup, Detection, detect
-from sandbox.runtime.cgroups.base import CgroupDriver
+from sandbox.runtime.cgroups.base import ORPHAN_AGE_S, CgroupDriver
 from sandbox.runtime.container import Container, container_limits
 from sandbox.runtime.housekeeping import Housekeeper, Pending
 from sandbox.runtime.network import FULL, NONE, PROXY, PROXY_PORT, names, proxy, routes, slirp
@@ -33,6 +33,17 @@ from sandbox.runtime.syscalls import cap_last_cap
 
 # The highest capability this kernel knows: init drops every one above a profile's.
 _LAST_CAP = cap_last_cap()
+# Cgroups made ahead are used this young at most: empty, they look like an orphan to
+# another instance's start once ORPHAN_AGE_S old (engine/records.py).
+AHEAD_MAX_AGE_S = ORPHAN_AGE_S / 2
+
+
+class Claims(Protocol):
+    """Who keeps a record of the container ids whose cgroups exist (engine/records.py)."""
+
+    def add(self, cid: str) -> None: ...
+
+    def remove(self, cid: str) -> None: ...
 
 
 @dataclass
@@ -47,6 +58,7 @@ class _CgroupsAhead:
     cgroup: Cgroup
     fds: list[int]                 # cgroup.procs of the container's, then of init's leaf
     n_container: int
+    made: float = field(default_factory=time.monotonic)
 
     @classmethod
     def make(cls, driver: CgroupDriver, cid: str) -> _CgroupsAhead:
@@ -97,6 +109,10 @@ class Runtime:
         # The next container's cgroups, made in the housekeeping thread after a create:
         # ~1 ms of mkdir and open in every hierarchy off the next create's path.
         self._cgroups_ahead: _CgroupsAhead | None = None
+        # Told of each container id before its cgroups are made ahead, and when they go
+        # without a container (the engine's records: so that another instance's sweep of
+        # orphaned cgroups leaves them be, and a restart after a crash removes them).
+        self.claims: Claims | None = None
         self._ahead_work = Pending()
         self._closing = False
 
@@ -178,12 +194,19 @@ class Runtime:
         cgroup: Cgroup | None = None
         fds: list[int] = []
         n_container = 0
-        asked = False
+        asked = claimed = False
         try:
             if self.cgroups.driver is not None:
                 ahead, self._cgroups_ahead = self._cgroups_ahead, None
+                if ahead is not None and time.monotonic() - ahead.made > AHEAD_MAX_AGE_S:
+                    # Another instance may have taken them for an orphan meanwhile.
+                    self.housekeeper.submit(self._ahead_work,
+                                            lambda old=ahead: self._discard(old))
+                    ahead = None
                 if ahead is None:
                     ahead = _CgroupsAhead.make(self.cgroups.driver, cid)
+                else:
+                    claimed = True
                 cid, cgroup, fds, n_container = (ahead.cid, ahead.cgroup, ahead.fds,
                                                  ahead.n_container)
                 cgroup.apply(container_limits(profile, rootfs, self.cgroups.driver.controllers))
@@ -212,6 +235,8 @@ class Runtime:
             fds = []
             if cgroup is not None:
                 cgroup.destroy(empty=not asked)
+            if claimed and self.claims is not None:
+                self.claims.remove(cid)
             raise
         finally:
             for fd in fds:
@@ -249,12 +274,24 @@ class Runtime:
                 self.housekeeper.submit(self._ahead_work, self._make_cgroups_ahead)
         return container
 
+    def _discard(self, ahead: _CgroupsAhead) -> None:
+        ahead.destroy()
+        if self.claims is not None:
+            self.claims.remove(ahead.cid)
+
     def _make_cgroups_ahead(self) -> None:
         """In the housekeeping thread: the next container's cgroups, unless some wait."""
         if self._cgroups_ahead is None and not self._closing:
-            driver = self.cgroups.driver
+            driver, cid, claims = self.cgroups.driver, secrets.token_hex(6), self.claims
             assert driver is not None
-            self._cgroups_ahead = _CgroupsAhead.make(driver, secrets.token_hex(6))
+            if claims is not None:
+                claims.add(cid)
+            try:
+                self._cgroups_ahead = _CgroupsAhead.make(driver, cid)
+            except BaseException:
+                if claims is not None:
+                    claims.remove(cid)
+                raise
 
     async def close(self) -> None:
         try:
@@ -269,7 +306,7 @@ class Runtime:
             await asyncio.to_thread(self.housekeeper.close)
             ahead, self._cgroups_ahead = self._cgroups_ahead, None
             if ahead is not None:
-                ahead.destroy()
+                self._discard(ahead)
         if self.cgroups.driver is not None:
             self.cgroups.driver.close()
         os.close(self.devnull)

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox.engine.records import ORPHAN_AGE_S, ContainerRecords
+from sandbox.engine.records import ContainerRecords
+from sandbox.runtime.cgroups.base import ORPHAN_AGE_S
 
 
 @dataclass

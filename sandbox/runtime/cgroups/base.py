@@ -30,6 +30,10 @@ _KEPT_READ_SIZE = 4096  # a counter or a few keyed lines; a longer text is read 
 # usage, usage_user and usage_sys): with a cgroup.procs per hierarchy, all a run cgroup
 # holds (a leak check's bound, loadtest/soakcheck.py).
 KEPT_FILES_MAX = 4
+# An empty container cgroup unchanged this long belongs to no live instance: another
+# instance's start removes it (engine/records.py). Cgroups made ahead of a container
+# (spawnerclient) are used only while well younger than that.
+ORPHAN_AGE_S = 60.0
 
 
 @dataclass(frozen=True)
