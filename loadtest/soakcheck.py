@@ -54,6 +54,8 @@ class Level:
     live_containers: int               # its own count (/metrics)
     pool_idle: int
     records: frozenset[str]            # state_dir/containers: the containers it has
+    ahead: tuple[str, ...]             # of those, cgroups made ahead of a container: empty,
+                                       # their init leaf only, never run in (one at most)
     inits: int                         # the spawner's children: one per container
     strays: tuple[str, ...]            # any other process below the service
     mounts_per_container: int | None   # the most of any container (None: unreadable)
@@ -171,6 +173,7 @@ class Service:
             hierarchies=len(self.cgroup_bases), threads=proc.num_threads(),
             live_containers=int(m.get("sandboxd_live_containers", 0)),
             pool_idle=int(m.get("sandboxd_pool_idle", 0)), records=records,
+            ahead=self._ahead(records, seen),
             inits=len(inits), strays=strays,
             mounts_per_container=_most(_mounts(p) for p in inits),
             cgroups_per_container=_most(run_cgroups),
@@ -214,6 +217,23 @@ class Service:
                        if p.is_dir() and p.name != "init")
         except OSError:
             return None
+
+    def _ahead(self, records: frozenset[str], seen: set[str]) -> tuple[str, ...]:
+        """The records that are the runtime's cgroups made ahead of the next container
+        (spawnerclient._CgroupsAhead), not a container's."""
+        base = self.cgroup_base
+        if base is None:
+            return ()
+        waiting = []
+        for r in sorted(records - seen):
+            cgroup = base / f"c-{r}"
+            try:
+                children = [p.name for p in cgroup.iterdir() if p.is_dir()]
+            except OSError:
+                continue
+            if children == ["init"] and not _holds_processes(cgroup):
+                waiting.append(r)
+        return tuple(waiting)
 
     def _empty_cgroups(self, records: frozenset[str], seen: set[str]) -> dict[str, Any]:
         """Container cgroups made since the soak began that no live container owns and no
@@ -266,10 +286,14 @@ def leaks(after_warmup: Level, end: Level) -> list[str]:
         found.append(f"{b.cgroup_fds} descriptors of run cgroups open, for "
                      f"{b.run_cgroups} run cgroups in {b.hierarchies} hierarchies (and "
                      f"{KEPT_FILES_MAX} counter files each at most)")
-    if b.inits != b.live_containers or len(b.records) != b.live_containers:
+    if b.inits != b.live_containers or len(b.records) - len(b.ahead) != b.live_containers:
         found.append(f"{b.live_containers} live containers by the service's count, "
                      f"{b.inits} container inits below its spawner, {len(b.records)} "
-                     f"container records in its state dir")
+                     f"container records in its state dir ({len(b.ahead)} of them cgroups "
+                     "made ahead)")
+    if len(b.ahead) > 1:
+        found.append(f"{len(b.ahead)} sets of cgroups made ahead of a container, where the "
+                     f"runtime keeps one at most: {', '.join(b.ahead)}")
     if b.strays:
         found.append(f"processes left below the service: {', '.join(b.strays[:10])}")
     for what, x2, y2 in (("mounts in a container", a.mounts_per_container,
