@@ -1,6 +1,6 @@
 /*
- * sbx-init: a container's init, pid 1 of its namespaces, starting one child per exec; and,
- * by its first argument, the spawner's helper (helper.c) or the id mapper (mapper.c).
+ * sbx-init's init: a container's pid 1, starting one child per exec. The binary is also
+ * the spawner's helper and the id mapper (main.c).
  *
  * The helper clones init into the container's namespaces once it has made its filesystem.
  * Init's configuration is a map of the request the helper received (init_main, init.h):
@@ -51,10 +51,8 @@
 
 #include "channel.h"
 #include "child.h"
-#include "helper.h"
 #include "hostopen.h"
 #include "init.h"
-#include "mapper.h"
 #include "mounts.h"
 #include "mp.h"
 #include "scratch.h"
@@ -1360,18 +1358,4 @@ int init_main(int control, const struct mp_value *config, int skeleton)
     }
     kill_all_and_reap();
     return 0;
-}
-
-int main(int argc, char **argv)
-{
-    /* Before anything else: exec made this process dumpable again. */
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-    /* Exec'd by descriptor, its name would be the descriptor's number: the caller names
-     * it (the helper, the mapper; init names itself). */
-    prctl(PR_SET_NAME, argv[0], 0, 0, 0);
-    if (argc == 5 && strcmp(argv[1], "mapper") == 0)
-        return mapper_main(atoi(argv[2]), argv[3], argv[4]);
-    if (argc == 6 && strcmp(argv[1], "helper") == 0)
-        return helper_main(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
-    return 2;
 }
