@@ -28,8 +28,8 @@ from sandbox.runtime.profiles import Profile
 from sandbox.runtime.protocol import Base, Entry, Opened
 from sandbox.runtime.requests import ExecRequest, validate
 from sandbox.runtime.results import RunResult
-from sandbox.runtime.rootfs import RootfsSpec, Tmpfs
-from sandbox.runtime.rootfs import plan as mount_plan
+from sandbox.runtime.rootfs import RootfsSpec
+from sandbox.runtime.rootfs import message as mount_plan
 from sandbox.runtime.run import Run, run_cgroup_limits
 from sandbox.runtime.runcontrol import RunControl
 
@@ -58,8 +58,7 @@ def container_limits(profile: Profile, spec: RootfsSpec, has: frozenset[str]) ->
     init: a session's runs at once share it. Where the profile sets no maximum for runs,
     the container has none either."""
     run_memory, run_pids = profile.maxima.memory_bytes, profile.maxima.pids
-    mounts = sum(op.size for op in mount_plan(spec).ops
-                 if isinstance(op, Tmpfs))
+    mounts = mount_plan(spec)["tmpfs_bytes"]
     return CgroupLimits(
         memory_bytes=(run_memory + mounts + CONTAINER_OVERHEAD_BYTES
                       if run_memory and "memory" in has else None),

@@ -351,8 +351,9 @@ def _writable(p: Plan) -> WritableRoot | None:
 def message(spec: RootfsSpec) -> dict[str, Any]:
     """The plan of `spec` as the create request carries it: `mounts`, the helper's part
     (every operation but the proc mount and those at the plan's end, which need the
-    container's pid namespace), and `init`, init's part of its configuration. Made once per
-    spec: a pool's containers of one image share it."""
+    container's pid namespace), and `init`, init's part of its configuration; and, for the
+    host, `tmpfs_bytes`, what every tmpfs of the plan may hold (the container's cgroup
+    limit counts it). Made once per spec: a pool's containers of one image share it."""
     p = plan(spec)
     helper: list[dict[str, object]] = []
     for_init: list[dict[str, str]] = []
@@ -365,7 +366,8 @@ def message(spec: RootfsSpec) -> dict[str, Any]:
         else:
             helper.append(_helper_op(op))
     writable = _writable(p)
-    return {"mounts": helper, "init": {
+    return {"tmpfs_bytes": sum(op.size for op in p.ops if isinstance(op, Tmpfs)),
+            "mounts": helper, "init": {
         "mounts": for_init, "root": ROOT, "files": None if spec.files is None else FILES,
         "writable": None if writable is None else writable.message(),
         "resettable": [{"target": op.target, "size": op.size, "mode": op.mode,
