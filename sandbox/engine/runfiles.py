@@ -4,10 +4,12 @@ the file cache's blob, with no copy whatever its size; the rest are copied in (p
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Awaitable, Callable, Sequence
 
 from sandbox.engine.filecache import FileCache
 from sandbox.engine.specs import FileSpec
+from sandbox.errors import SandboxError
 from sandbox.runtime import files
 from sandbox.runtime.container import BindError, CachedBind, Container
 
@@ -31,7 +33,8 @@ async def place(container: Container, specs: Sequence[FileSpec], cache: FileCach
     run's exec before awaiting it, with no suspension between (init refuses that exec if a
     bind failed; Container.send_bind), which saves a round trip per run; without, it has
     been awaited already. A cached file gone from the cache since its entry was looked up
-    is NotFound; a path that cannot take it, PolicyError (as for a copy)."""
+    is NotFound; a path that cannot take it, PolicyError (as for a copy); a blob init could
+    not take for another reason, SandboxError with init's reason."""
     binds: list[CachedBind] = []
     bound_specs: list[FileSpec] = []
     for f in specs:
@@ -54,7 +57,11 @@ async def place(container: Container, specs: Sequence[FileSpec], cache: FileCach
         except BindError as e:
             cached = bound_specs[e.index].cached
             assert cached is not None
-            raise cache.missing(cached.id) from e
+            if e.error.errno == errno.ENOENT:  # deleted or expired since it was looked up
+                raise cache.missing(cached.id) from e
+            # Not the client's doing: init's own reason, for the operator to act on.
+            raise SandboxError(f"cannot bind cached file {cached.id} at "
+                               f"{bound_specs[e.index].path}: {e.error.strerror}") from e
 
     if exec_follows:
         return bound

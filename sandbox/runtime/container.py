@@ -86,8 +86,8 @@ class CachedBind:
 
 
 class BindError(SandboxError):
-    """Init could not bind `index`'s file: its blob (`blob_failed`: gone from the cache) or
-    its path (`error`, as an open of the path would fail)."""
+    """Init could not bind `index`'s file: its blob (`blob_failed`: ENOENT when gone from
+    the cache) or its path (`error`, as an open of the path would fail)."""
 
     def __init__(self, index: int, blob_failed: bool, error: OSError) -> None:
         super().__init__(str(error))

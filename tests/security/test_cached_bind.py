@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from sandbox.engine import CachedFile, FileSpec, PoolConfig
-from sandbox.errors import NotFound, PolicyError
+from sandbox.engine import CachedFile, FileSpec, PoolConfig, runfiles
+from sandbox.engine.filecache import FileCache
+from sandbox.errors import NotFound, PolicyError, SandboxError
 from sandbox.runtime import files
 from sandbox.runtime.container import CachedBind, Container
 from sandbox.runtime.requests import ExecRequest
@@ -204,3 +205,40 @@ def test_another_tenant_never_sees_a_tenants_file(eng: Running, images: Any) -> 
             assert out.result.stdout == b"0\n", out.result
             eng.settle()
     assert os.listdir(e.files.blob_dir) == [mine.id.removeprefix("sha256:")]
+
+
+def test_a_blob_init_cannot_take_is_missing_only_when_it_is_gone(
+        session: Session, root: Path, tmp_path: Path) -> None:
+    """A blob gone from the cache since its entry was looked up is NotFound ("store it
+    first"); any other reason init could not take it is the runtime's, told with init's
+    reason, never blamed on the client's file."""
+    cache = FileCache(tmp_path / "files")
+    got = session.run(cache.put_bytes(T_A, MINE))
+    spec = FileSpec("/tmp/prog", mode=0o755, cached=cache.get(T_A, got.id))
+
+    def place() -> None:
+        async def go() -> None:
+            await runfiles.place(c, [spec], cache, uid=None, gid=None)
+        session.run(go())
+
+    before, session.runtime.files = session.runtime.files, str(cache.blob_dir)
+    try:
+        c = session.container(root, profile="judge")
+    finally:
+        session.runtime.files = before
+    try:
+        place()  # bound, its executable variant made on the way
+        cache.blob_dir.chmod(0o700)  # init may no longer look a blob up
+        with pytest.raises(SandboxError, match=r"^cannot bind cached file sha256:[0-9a-f]{64} "
+                           r"at /tmp/prog: \[Errno 13\] open_tree\('.*'\): Permission denied") as e:
+            place()
+        assert not isinstance(e.value, NotFound)
+        cache.blob_dir.chmod(0o711)
+        for blob in cache.blob_dir.iterdir():
+            blob.unlink()
+        with pytest.raises(NotFound, match=r"^no file sha256:[0-9a-f]{64}: store it first"):
+            place()
+    finally:
+        cache.blob_dir.chmod(0o711)
+        session.run(c.destroy())
+        cache.close()

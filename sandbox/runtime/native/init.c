@@ -1062,12 +1062,12 @@ static void do_bind(const struct mp_value *msg)
         }
         memcpy(name, blob.data, blob.len);
         name[blob.len] = 0;
-        if (scratch_bind(&scratch, name, fd, (int)ex.u, f.why, sizeof(f.why)) < 0) {
+        if ((k = scratch_bind(&scratch, name, fd, (int)ex.u, f.why, sizeof(f.why))) < 0) {
             f.err = errno ? errno : EIO;
-            blob_failed = 1;
+            blob_failed = k == SCRATCH_BLOB_FAILED;
         }
         close(fd);
-        if (blob_failed)
+        if (f.err)
             goto answer;
     }
 answer:

@@ -317,7 +317,7 @@ int scratch_bind(struct scratch *s, const char *blob, int target, int exec, char
     if (!s->files) {
         errno = ENOTSUP;
         snprintf(err, n, "this container was made without the file cache's blobs");
-        return -1;
+        return SCRATCH_BLOB_FAILED;
     }
     if (s->nbinds == s->binds_cap) {
         int cap = s->binds_cap ? s->binds_cap * 2 : 8;
@@ -331,8 +331,10 @@ int scratch_bind(struct scratch *s, const char *blob, int target, int exec, char
     /* A detached copy of the blob's mount, its flags set before anyone can reach it. */
     tree = (int)open_tree(AT_FDCWD, src, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC |
                                          AT_SYMLINK_NOFOLLOW);
-    if (tree < 0)
-        return fail(err, n, "open_tree", src);
+    if (tree < 0) {
+        fail(err, n, "open_tree", src);
+        return SCRATCH_BLOB_FAILED;
+    }
     if (mount_setattr(tree, "", AT_EMPTY_PATH, &attr, sizeof(attr)) < 0 ||
         move_mount(tree, "", target, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) < 0) {
         saved = errno;

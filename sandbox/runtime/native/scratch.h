@@ -89,7 +89,10 @@ void scratch_touching(struct scratch *s);
  * regular file `target` (a descriptor: hostopen.h's open_mount_point), read-only, nosuid,
  * nodev, and noexec unless `exec`: no copy, whatever its size. The next reset undoes it
  * (the bind's mount is found by the descriptor kept, wherever a run moved its mount point).
- * 0, or -1 with errno set and `err` filled. */
+ * 0; or, with errno set and `err` filled, SCRATCH_BLOB_FAILED when the blob could not be
+ * taken (gone from the cache, or no cache in this container) and -1 when it could not be
+ * mounted at `target`. */
+#define SCRATCH_BLOB_FAILED (-2)
 int scratch_bind(struct scratch *s, const char *blob, int target, int exec, char *err, size_t n);
 
 /* If `target` (a descriptor) is a bind made since the last reset (a session binds the same
