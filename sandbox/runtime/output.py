@@ -1,13 +1,20 @@
 """A run's output: the pipes its stdout and stderr write to (or its terminal's master, see
 pty.py), read by this process's event loop as bytes arrive (so the output limit is exact and
 the partial output is kept), and handed to the caller's callback, whose pace holds back the
-run and not this process."""
+run and not this process.
+
+A pipe nobody streams need not be watched from the start: what a short run writes waits in
+the pipe (64 KiB) and is read in one go when the run ends (PipeReader.writers_gone), which
+spares the event loop a wake-up at each write and at the writers' exit, and spares the run's
+own CPU the service's thread woken onto it (a pipe write wakes its reader on the writer's
+CPU)."""
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
 import os
+import sys
 from collections.abc import Awaitable, Callable
 
 # Called with each chunk of a run's output as it is read. An awaitable answered means "no
@@ -47,18 +54,30 @@ class PipeReader:
         self.on_data, self.on_overflow, self.done = on_data, on_overflow, done
         self._keep = not isinstance(on_data, Streamed)
         self._paused = False
+        self._watched = False   # the event loop reads it as data comes (watch)
         self._free = 0   # bytes that may be read whatever the consumer says
 
+    def watch(self) -> None:
+        """Read it as data comes from now on (a no-op once watched, while paused, or done)."""
+        if not (self._watched or self._paused or self.done.done()):
+            self._watched = True
+            asyncio.get_running_loop().add_reader(self.fd, self.readable)
+
     def readable(self) -> None:
+        self._read()
+
+    def _read(self) -> bool:
+        """One read, and what it read handled; False when it found nothing (EAGAIN), ended
+        the reader or paused it."""
         try:
             chunk = os.read(self.fd, 1 << 16)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             chunk = b""
         if not chunk:
             self.finish()
-            return
+            return False
         if self.cap is not None and self.size + len(chunk) > self.cap:
             chunk = chunk[: self.cap - self.size]
             self.truncated = True
@@ -73,6 +92,7 @@ class PipeReader:
         if self.truncated:
             self.on_overflow()
             self.finish()
+        return not (self._paused or self.done.done())
 
     def _hold(self, wait: Awaitable[object], size: int) -> None:
         later = asyncio.ensure_future(wait)
@@ -81,24 +101,31 @@ class PipeReader:
         if self._free >= size:
             self._free -= size
             return
-        self._paused = True
+        self._paused, self._watched = True, False
         asyncio.get_running_loop().remove_reader(self.fd)
         later.add_done_callback(lambda _: self._resume())
 
     def _resume(self) -> None:
-        if self._paused and not self.done.done():
+        if self._paused:
             self._paused = False
-            asyncio.get_running_loop().add_reader(self.fd, self.readable)
+            self.watch()
 
     def writers_gone(self) -> None:
         """The run is over: what its pipe still holds (at most the pipe's size) is read to
-        EOF whatever the consumer says, so a slow one still gets the end of the output."""
-        if not self.done.done():
-            try:
-                self._free = fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ)
-            except OSError:  # not a pipe: a terminal's master
-                self._free = _PTY_HELD
-            self._resume()
+        EOF whatever the consumer says, so a slow one still gets the end of the output. An
+        unwatched pipe is read at once, to its end when no writer is left (no wake-up)."""
+        if not (self._watched or self._paused):
+            self._free = sys.maxsize   # this much is the pipe's now, as below
+            while self._read():
+                pass
+        if self.done.done():
+            return
+        try:
+            self._free = fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ)
+        except OSError:  # not a pipe: a terminal's master
+            self._free = _PTY_HELD
+        self._resume()
+        self.watch()
 
     def finish(self) -> None:
         if not self.done.done():
@@ -109,25 +136,29 @@ class PipeReader:
 
 def open_output(readers: list[PipeReader], cap: int | None, on_output: OutputCallback | None,
                 on_overflow: Callable[[], None],
-                names: tuple[str, ...] = ("stdout", "stderr")) -> list[int]:
-    """Pipes for `names` (stdout and stderr), read by the event loop, their readers added to
+                names: tuple[str, ...] = ("stdout", "stderr"), *, watch: bool = True
+                ) -> list[int]:
+    """Pipes for `names` (stdout and stderr), read by the event loop (from now on with
+    `watch`, else once watched or once the writers are gone), their readers added to
     `readers` as they are made; returns the write ends."""
     ends = []
     for name in names:
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(r, False)
         ends.append(w)
-        read_output(readers, name, r, cap, on_output, on_overflow)
+        read_output(readers, name, r, cap, on_output, on_overflow, watch=watch)
     return ends
 
 
 def read_output(readers: list[PipeReader], name: str, fd: int, cap: int | None,
-                on_output: OutputCallback | None, on_overflow: Callable[[], None]) -> None:
+                on_output: OutputCallback | None, on_overflow: Callable[[], None], *,
+                watch: bool = True) -> None:
     """Read `fd` (non-blocking; the reader closes it at its end) as the output `name`."""
-    loop = asyncio.get_running_loop()
-    reader = PipeReader(name, fd, cap, on_output, on_overflow, loop.create_future())
+    reader = PipeReader(name, fd, cap, on_output, on_overflow,
+                        asyncio.get_running_loop().create_future())
     readers.append(reader)
-    loop.add_reader(fd, reader.readable)
+    if watch:
+        reader.watch()
 
 
 async def drain(readers: list[PipeReader], warnings: list[str]) -> None:

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 _CPU_POLL_MIN_S = 0.005
 _CPU_POLL_MAX_S = 0.1
 _OUTPUTS = ((1, "stdout"), (2, "stderr"))   # a run's output descriptors, by number
+# A run's output that nobody streams is watched only from this long after the exec (or read
+# at its end): a run ended by then cost the event loop no wake-up for its output, and the
+# most a run waits for it is this long once, should it fill a pipe (64 KiB) first.
+_WATCH_OUTPUT_AFTER_S = 0.002
 
 # What a result without cgroup figures cannot say; run `sandboxd setup` to get them.
 FALLBACK_CPU = ("no cpu cgroup: the CPU limit is RLIMIT_CPU, per process and in whole "
@@ -174,6 +178,8 @@ class Run:
                 # (or reported why not) before it reads any signal for it.
                 control._attach(f"{c.id}-{self.id}",
                                 lambda signum: c._signal_run(self.id, signum))
+            if not self.on_output:
+                self.timers.append(loop.call_later(_WATCH_OUTPUT_AFTER_S, self._watch_output))
             # The limits' clocks start now, the child's setup in init included (init tells
             # only when the run ends, which saves a message and a wake-up per run).
             if limits.wall_ms:
@@ -241,10 +247,15 @@ class Run:
                 own.append(stdin_fd)
         pipes = open_output(self.readers, self.limits.output_bytes, self.on_output,
                             lambda: self.kill(Status.OUTPUT_LIMIT),
-                            tuple(name for n, name in _OUTPUTS if n not in stdio))
+                            tuple(name for n, name in _OUTPUTS if n not in stdio),
+                            watch=bool(self.on_output))
         own += pipes
         made = iter(pipes)
         return [stdin_fd, *(stdio[n] if n in stdio else next(made) for n, _ in _OUTPUTS)]
+
+    def _watch_output(self) -> None:
+        for r in self.readers:
+            r.watch()
 
     def _open_terminal(self, got: asyncio.Future[dict[str, Any]],
                        control: RunControl | None) -> None:

@@ -150,3 +150,29 @@ def test_the_output_cap_stays_exact_under_backpressure(streamed: bool) -> None:
         # A streamed run's output went to its consumer only.
         assert len(reader.buf) == (0 if streamed else 100_000)
     asyncio.run(go())
+
+
+def test_an_unwatched_pipe_is_read_at_once_when_its_writers_are_gone() -> None:
+    """A pipe nobody streams is read at the run's end in one go, with no turn of the loop,
+    whatever its consumer says; one whose writer is still there is watched from then on."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        never: asyncio.Future[None] = loop.create_future()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        reader = PipeReader("stdout", r, None, lambda name, data: never, lambda: None,
+                            loop.create_future())
+        written = _fill(w)
+        os.close(w)
+        reader.writers_gone()
+        assert reader.done.done() and len(reader.buf) == written and not never.done()
+
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        reader = PipeReader("stdout", r, None, None, lambda: None, loop.create_future())
+        os.write(w, b"before ")
+        reader.writers_gone()   # a writer left behind holds the pipe: watched now
+        assert not reader.done.done() and reader.buf == b"before "
+        os.write(w, b"after")
+        os.close(w)
+        await asyncio.wait_for(reader.done, 5)
+        assert reader.buf == b"before after"
+    asyncio.run(go())
