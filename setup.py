@@ -16,7 +16,8 @@ from setuptools.command.build_ext import build_ext
 NATIVE = Path("sandbox/runtime/native")
 INIT_SOURCES = [str(NATIVE / f"{name}.c") for name in ("main", "init", "channel", "child",
                                                        "helper", "hostopen", "mapper", "mounts",
-                                                       "rootfs", "scratch", "mp")]
+                                                       "proctitle", "rootfs", "scratch",
+                                                       "mp")]
 INIT = Path("sandbox/runtime/sbx-init")
 INIT_CFLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers",
                "-fno-strict-aliasing"]

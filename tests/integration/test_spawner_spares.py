@@ -135,3 +135,16 @@ def test_a_container_from_a_spare_sees_its_own_cgroup_as_root(
     # rooted at the spawner's, and show the container's as "/../c-...".
     lines = r.stdout.decode().splitlines()
     assert lines and all(".." not in line and c.id not in line for line in lines), lines
+
+
+def test_an_init_shows_itself_as_sbx_init_not_as_its_helper(own: Session,
+                                                             busybox_root: Path) -> None:
+    """Init is cloned from the helper without an exec: `ps` shows it by its own name and
+    command line, not as a helper (an operator counting helpers, or inits, counts right)."""
+    c = own.container(busybox_root)
+    init = psutil.Process(c.pid)
+    assert init.name() == "sbx-init"
+    assert init.cmdline() == ["sbx-init"]
+    _until_spares(own)
+    helpers = [p for p in _spawner(own).children() if p.name() == HELPER_NAME]
+    assert helpers and all(p.cmdline()[:2] == [HELPER_NAME, "helper"] for p in helpers)

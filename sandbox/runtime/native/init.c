@@ -53,6 +53,7 @@
 #include "child.h"
 #include "hostopen.h"
 #include "init.h"
+#include "proctitle.h"
 #include "mounts.h"
 #include "mp.h"
 #include "scratch.h"
@@ -1293,7 +1294,8 @@ int init_main(int control, const struct mp_value *config, int skeleton)
     if (getpid() != 1)
         return 1;
     ctl = control;
-    prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
+    /* Cloned from the helper, with its command line ("sbx-helper helper ..."). */
+    proctitle_set("sbx-init");
     started = read_config(config, skeleton);
     drop_bounding_set();
     /* Die with the spawner, its parent (set at the clone too; an identity change clears

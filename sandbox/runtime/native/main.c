@@ -9,6 +9,7 @@
 
 #include "helper.h"
 #include "mapper.h"
+#include "proctitle.h"
 
 int main(int argc, char **argv)
 {
@@ -17,6 +18,7 @@ int main(int argc, char **argv)
     /* Exec'd by descriptor, its name would be the descriptor's number: the caller names
      * it (the helper, the mapper; init names itself). */
     prctl(PR_SET_NAME, argv[0], 0, 0, 0);
+    proctitle_init(argc, argv);
     if (argc == 5 && strcmp(argv[1], "mapper") == 0)
         return mapper_main(atoi(argv[2]), argv[3], argv[4]);
     if (argc == 6 && strcmp(argv[1], "helper") == 0)
