@@ -53,9 +53,9 @@
 #include "child.h"
 #include "hostopen.h"
 #include "init.h"
-#include "proctitle.h"
 #include "mounts.h"
 #include "mp.h"
+#include "proctitle.h"
 #include "scratch.h"
 
 

@@ -24,9 +24,7 @@ void proctitle_set(const char *name)
     size_t n = strlen(name);
 
     prctl(PR_SET_NAME, name, 0, 0, 0);
-    if (!args || args_len == 0)
-        return;
-    if (args_len < 2)
+    if (!args || args_len < 2)
         return;
     if (n > args_len - 2)
         n = args_len - 2;
