@@ -214,20 +214,21 @@ static void network(const struct mp_value *req)
         unreachable_routes(&v);
 }
 
-/* Every descriptor but 0-2 and `keep` (ascending, -1 for none) closed: the spawner's are
+/* Every descriptor but 0-2 and the `n` of `keep` (-1 for none) closed: the spawner's are
  * close-on-exec, but a helper holds nothing it was not meant to, whatever changes there. */
 static void close_others(const int *keep, int n)
 {
-    unsigned int from = 3;
-    int i;
-    for (i = 0; i < n; i++) {
-        if (keep[i] < (int)from)
-            continue;
-        if ((unsigned int)keep[i] > from)
-            syscall(SYS_close_range, from, (unsigned int)keep[i] - 1, 0);
-        from = (unsigned int)keep[i] + 1;
+    int fd, i, top = 2;
+    for (i = 0; i < n; i++)
+        if (keep[i] > top)
+            top = keep[i];
+    for (fd = 3; fd < top; fd++) {
+        for (i = 0; i < n && keep[i] != fd; i++)
+            ;
+        if (i == n)
+            close(fd);
     }
-    syscall(SYS_close_range, from, ~0U, 0);
+    syscall(SYS_close_range, (unsigned int)top + 1, ~0U, 0);
 }
 
 int helper_main(int link, int control, int userns, int host_network)
@@ -241,16 +242,8 @@ int helper_main(int link, int control, int userns, int host_network)
     uint8_t *buf;
     size_t len;
     pid_t pid;
-    int keep[3] = {link, control, userns}, k, j;
+    const int keep[3] = {link, control, userns};
 
-    /* Sorted for close_others. */
-    for (k = 0; k < 3; k++)
-        for (j = k + 1; j < 3; j++)
-            if (keep[j] < keep[k]) {
-                int t = keep[k];
-                keep[k] = keep[j];
-                keep[j] = t;
-            }
     close_others(keep, 3);
     link_fd = link;
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
