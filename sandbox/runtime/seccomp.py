@@ -14,13 +14,13 @@ import importlib.resources
 import json
 import os
 import re
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sandbox.errors import PolicyError
+from sandbox.runtime import bpf
 
 try:
     import seccomp  # Debian's python3-seccomp, when this interpreter can see it
@@ -390,21 +390,9 @@ def _compile(
     native = _native_arch()
     goarch = _GOARCH.get(native, native.removeprefix("SCMP_ARCH_").lower())
     default = _action(profile.default_action, profile.default_errno_ret, "defaultAction")
-
-    flt = seccomp.SyscallFilter(default)
-    # A syscall from an architecture the filter does not list (i386 `int 0x80`, x32) must not be
-    # judged by the native rules: kill the process instead.
-    flt.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
-    # A binary tree of syscall numbers instead of a linear chain: a syscall walks ~log2(n)
-    # comparisons, and so does the kernel when it builds its per-syscall cache at load
-    # time (it emulates the filter for every syscall number), which made loading a
-    # 440-instruction chain cost ~0.4 ms per exec.
-    flt.set_attr(seccomp.Attr.CTL_OPTIMIZE, 2)
     arch_values = [_arch_value(native, "native architecture")]
-    # libseccomp adds rules only to the architectures present when each rule is added.
     for arch in _compat_arches(profile, native):
         arch_values.append(_arch_value(arch, "architectures"))
-        flt.add_arch(arch_values[-1])
 
     rules = [
         (i, rule, _action(rule.action, rule.errno_ret, f"syscalls[{i}].action"))
@@ -415,11 +403,35 @@ def _compile(
     _check_conflicts(rules, skipped)
     # profile.flags are not passed on: TSYNC is moot in the single-threaded child, and LOG and
     # SPEC_ALLOW only relax auditing or a mitigation, so leaving them out is never less strict.
+    # libseccomp refuses a rule that repeats the default action; runc skips those too.
+    rules = [(i, r, action) for i, r, action in rules if action != default]
+    whole = _libseccomp_bpf(default, arch_values, rules, skipped)
+    named = [int(seccomp.resolve_syscall(arch_values[0], n))
+             for _, r, _ in rules for n in r.names if n not in skipped]
+    newest = max((nr for nr in named if nr >= 0), default=-1)
+    if default != int(seccomp.ALLOW) and newest >= 0:
+        whole = _enosys_stub(arch_values[0], newest) + whole
+    bpf = whole
+    if len(arch_values) == 1 and newest >= 0:
+        bpf = _dispatched(whole, default, arch_values[0], rules, skipped, newest) or whole
+    return SeccompProgram(name=profile.name, bpf=bpf, skipped_syscalls=tuple(sorted(skipped)))
 
+
+def _libseccomp_bpf(default: int, arch_values: list[int],
+                    rules: list[tuple[int, SyscallRule, int]], skipped: frozenset[str]) -> bytes:
+    flt = seccomp.SyscallFilter(default)
+    # A syscall from an architecture the filter does not list (i386 `int 0x80`, x32) must not be
+    # judged by the native rules: kill the process instead.
+    flt.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
+    # A binary tree of syscall numbers instead of a linear chain: a syscall walks ~log2(n)
+    # comparisons, and so does the kernel when it builds its per-syscall cache at load
+    # time (it emulates the filter for every syscall number), which made loading a
+    # 440-instruction chain cost ~0.4 ms per exec.
+    flt.set_attr(seccomp.Attr.CTL_OPTIMIZE, 2)
+    # libseccomp adds rules only to the architectures present when each rule is added.
+    for arch in arch_values[1:]:
+        flt.add_arch(arch)
     for i, rule, action in rules:
-        # libseccomp refuses a rule that repeats the default action; runc skips those too.
-        if action == default:
-            continue
         args = [seccomp.Arg(a.index, OPERATORS[a.op], a.value, a.value_two) for a in rule.args]
         for name in rule.names:
             if name in skipped:
@@ -431,25 +443,48 @@ def _compile(
                     f"syscalls[{i}]: libseccomp rejected the rule for {name}: "
                     f"{os.strerror(exc.errno) if exc.errno else exc}"
                 ) from None
-    bpf = _export_bpf(flt)
-    if default != int(seccomp.ALLOW):
-        named = [int(seccomp.resolve_syscall(arch_values[0], n))
-                 for _, r, action in rules if action != default
-                 for n in r.names if n not in skipped]
-        newest = max((nr for nr in named if nr >= 0), default=-1)
-        if newest >= 0:
-            bpf = _enosys_stub(arch_values[0], newest) + bpf
-    return SeccompProgram(name=profile.name, bpf=bpf, skipped_syscalls=tuple(sorted(skipped)))
+    return _export_bpf(flt)
 
 
-# Classic BPF opcodes and seccomp return values used by the stub below.
-_BPF_LD_W_ABS = 0x20
-_BPF_JEQ_K = 0x15
-_BPF_JGT_K = 0x25
-_BPF_JGE_K = 0x35
-_BPF_RET_K = 0x06
+def _dispatched(whole: bytes, default: int, native: int,
+                rules: list[tuple[int, SyscallRule, int]], skipped: frozenset[str],
+                newest: int) -> bytes | None:
+    """The same decisions as `whole` in fewer instructions (bpf.dispatched): the syscalls
+    with argument conditions go on to a libseccomp program of their rules alone."""
+    conditional = frozenset(n for _, r, _ in rules if r.args for n in r.names) - skipped
+    rest = _libseccomp_bpf(default, [native],
+                           [(i, replace(r, names=tuple(n for n in r.names if n in conditional)),
+                             action) for i, r, action in rules
+                            if r.args or conditional.intersection(r.names)], skipped)
+    deferred = frozenset(int(seccomp.resolve_syscall(native, n)) for n in conditional)
+    return bpf.dispatched(whole, rest, arch=native, deferred=deferred, newest=newest,
+                          cases=_argument_cases(native, rules, conditional))
+
+
+def _argument_cases(native: int, rules: list[tuple[int, SyscallRule, int]],
+                    conditional: frozenset[str]) -> list[bpf.Case]:
+    """Each conditional syscall with each argument its rules compare at, and next to, each
+    value and mask they compare it with (one argument at a time; the others 0 or all ones)."""
+    full = 0xFFFFFFFFFFFFFFFF
+    values: dict[tuple[str, int], set[int]] = {}
+    for _, rule, _ in rules:
+        for name in conditional.intersection(rule.names):
+            for a in rule.args:
+                seen = values.setdefault((name, a.index), {0, 0xFFFFFFFF, full})
+                for v in (a.value, a.value_two, a.value & a.value_two):
+                    seen.update((v + d) & full for d in (-1, 0, 1))
+    cases = []
+    for (name, index), seen in sorted(values.items()):
+        nr = int(seccomp.resolve_syscall(native, name))
+        for fill in (0, full):
+            for v in sorted(seen):
+                args = [fill] * 6
+                args[index] = v
+                cases.append(bpf.Case(nr, native, tuple(args)))
+    return cases
+
+
 _SECCOMP_RET_ERRNO = 0x00050000
-_X32_SYSCALL_BIT = 0x40000000
 
 
 def _enosys_stub(native: int, newest: int) -> bytes:
@@ -457,16 +492,13 @@ def _enosys_stub(native: int, newest: int) -> bytes:
     one the profile names is newer than the profile, so it fails with ENOSYS (as runc
     does) and a libc falls back to an older call, instead of treating EPERM as fatal.
     x32 numbers are left to libseccomp's bad-architecture action."""
-    def insn(code: int, jt: int, jf: int, k: int) -> bytes:
-        return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
-
     return b"".join((
-        insn(_BPF_LD_W_ABS, 0, 0, 4),                    # seccomp_data.arch
-        insn(_BPF_JEQ_K, 0, 4, native),                  # another arch: to libseccomp
-        insn(_BPF_LD_W_ABS, 0, 0, 0),                    # seccomp_data.nr
-        insn(_BPF_JGE_K, 2, 0, _X32_SYSCALL_BIT),        # x32: to libseccomp
-        insn(_BPF_JGT_K, 0, 1, newest),
-        insn(_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS),
+        bpf.insn(bpf.LD_W_ABS, 0, 0, 4),                     # seccomp_data.arch
+        bpf.insn(bpf.JEQ_K, 0, 4, native),                   # another arch: to libseccomp
+        bpf.insn(bpf.LD_W_ABS, 0, 0, 0),                     # seccomp_data.nr
+        bpf.insn(bpf.JGE_K, 2, 0, bpf.X32_SYSCALL_BIT),      # x32: to libseccomp
+        bpf.insn(bpf.JGT_K, 0, 1, newest),
+        bpf.insn(bpf.RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS),
     ))
 
 
@@ -661,8 +693,6 @@ def _export_bpf(flt: Any) -> bytes:
 
 # --------------------------------------------------------------------------- installing
 
-_SOCK_FILTER_SIZE = 8
-_BPF_MAXINSNS = 4096
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 _SECCOMP_SET_MODE_FILTER = 1
@@ -681,12 +711,12 @@ _prctl = _libc.prctl
 _prctl.restype = ctypes.c_int
 
 
-def install(bpf: bytes) -> None:
+def install(program: bytes) -> None:
     """Load a compiled program into the calling thread. The caller has set no_new_privs."""
-    count, rest = divmod(len(bpf), _SOCK_FILTER_SIZE)
-    if rest or not 0 < count <= _BPF_MAXINSNS:
-        raise OSError(errno.EINVAL, f"not a BPF program: {len(bpf)} bytes")
-    prog = _SockFprog(count, bpf)  # points at the bytes object; nothing is copied
+    count, rest = divmod(len(program), bpf.INSN_SIZE)
+    if rest or not 0 < count <= bpf.MAX_INSNS:
+        raise OSError(errno.EINVAL, f"not a BPF program: {len(program)} bytes")
+    prog = _SockFprog(count, program)  # points at the bytes object; nothing is copied
     if _SECCOMP_NR is not None:
         rc = _syscall(
             ctypes.c_long(_SECCOMP_NR),

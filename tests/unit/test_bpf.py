@@ -1,0 +1,141 @@
+"""The dispatcher in front of libseccomp's programs (sandbox/runtime/bpf.py): it decides as
+libseccomp's whole program does, it is refused where it would not, and the kernel takes
+what it builds (the policy's real syscalls under it: tests/unit/test_seccomp.py)."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from sandbox.runtime import bpf
+from sandbox.runtime import seccomp as seccomp_mod
+from sandbox.runtime.seccomp import (
+    SeccompProfile,
+    builtin_profile_path,
+    compile_profile,
+    load_profile,
+)
+from tests.unit.test_seccomp import MOBY_PROFILE, nr, syscall, value_in_child
+
+NATIVE = int(seccomp_mod.seccomp.system_arch()) & 0xFFFFFFFF
+I386 = 0x40000003
+ALLOW = 0x7FFF0000
+EPERM = 0x00050000 | errno.EPERM
+EACCES = 0x00050000 | errno.EACCES
+
+
+def compiled(profile: SeccompProfile, monkeypatch: pytest.MonkeyPatch,
+             **kw: Any) -> tuple[bytes, bytes]:
+    """The dispatched program and libseccomp's whole one, for the same profile."""
+    dispatched = compile_profile(profile, **kw).bpf
+    with monkeypatch.context() as m:
+        m.setattr(seccomp_mod, "_dispatched", lambda *a: None)
+        whole = compile_profile(profile, **kw).bpf
+    return dispatched, whole
+
+
+def cases(profile_bpf: bytes) -> list[bpf.Case]:
+    """Every number up to past any syscall, x32's, another architecture's, and the
+    argument values the built-in and Docker's rules compare."""
+    values = (0, 1, 2, 3, 4, 8, 10, 16, 17, 40, 0x5412, 0x541C, 0x80000000, 0xFFFFFFFF,
+              0x7E020000, 0x10000, 2**64 - 1, 2**64 - 4)
+    out = [bpf.Case(n, NATIVE) for n in range(1100)]
+    out += [bpf.Case(n, NATIVE) for n in (0x3FFFFFFF, 0x40000000, 0x40000027, 0xFFFFFFFF)]
+    out += [bpf.Case(n, I386) for n in range(0, 450, 7)]
+    for name in ("socket", "socketpair", "ioctl", "clone", "personality", "prlimit64",
+                 "setpriority", "ioprio_set", "sched_setaffinity", "move_pages"):
+        for i in range(6):
+            for v in values:
+                args = [0] * 6
+                args[i] = v
+                out.append(bpf.Case(nr(name), NATIVE, tuple(args)))
+    return out
+
+
+def assert_same_decisions(a: bytes, b: bytes) -> None:
+    ca, cb = bpf.decode(a), bpf.decode(b)
+    wrong = [c for c in cases(a) if bpf.run(ca, c) != bpf.run(cb, c)]
+    assert not wrong, wrong[:5]
+
+
+@pytest.mark.parametrize("own_process_only", [False, True])
+def test_the_default_policy_is_dispatched_and_decides_as_libseccomp(
+        monkeypatch: pytest.MonkeyPatch, own_process_only: bool) -> None:
+    profile = load_profile(builtin_profile_path("default"))
+    dispatched, whole = compiled(profile, monkeypatch, own_process_only=own_process_only)
+    # What every exec's child saves: the kernel JIT-compiles each instruction at each load.
+    assert bpf.length(dispatched) < 0.75 * bpf.length(whole)
+    assert_same_decisions(dispatched, whole)
+
+
+def test_dockers_profile_is_dispatched_and_decides_as_libseccomp(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    if not MOBY_PROFILE.is_file():
+        pytest.skip(f"Docker's profile is not at {MOBY_PROFILE} (test data of the workspace)")
+    # Its archMap adds i386 and x32 on x86_64, which keep libseccomp's whole program (see
+    # test_a_profile_with_another_architecture_keeps_libseccomps_program): without them.
+    native_only = replace(load_profile(MOBY_PROFILE), arch_map=(), architectures=())
+    for caps in (frozenset(), frozenset({"CAP_SYS_ADMIN"})):
+        dispatched, whole = compiled(native_only, monkeypatch, capabilities=caps)
+        assert bpf.length(dispatched) < bpf.length(whole)
+        assert_same_decisions(dispatched, whole)
+
+
+def test_a_profile_with_another_architecture_keeps_libseccomps_program(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = {"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86"],
+           "syscalls": [{"names": ["getpid", "read", "write"], "action": "SCMP_ACT_ALLOW"}]}
+    profile = seccomp_mod._parse_profile(raw, "two-arches")
+    dispatched, whole = compiled(profile, monkeypatch)
+    assert dispatched == whole
+
+
+def chain(actions: list[int], default: int) -> bytes:
+    """A linear program: syscall n gets actions[n] (other architectures: EACCES)."""
+    code = [bpf.insn(bpf.LD_W_ABS, 0, 0, 4), bpf.insn(bpf.JEQ_K, 1, 0, NATIVE),
+            bpf.insn(bpf.RET_K, 0, 0, EACCES), bpf.insn(bpf.LD_W_ABS, 0, 0, 0)]
+    for n, action in enumerate(actions):
+        code += [bpf.insn(bpf.JEQ_K, 0, 1, n), bpf.insn(bpf.RET_K, 0, 0, action)]
+    return b"".join([*code, bpf.insn(bpf.RET_K, 0, 0, default)])
+
+
+def test_a_rest_that_would_decide_otherwise_is_refused() -> None:
+    # socket (deferred) is allowed for every argument by the whole program; a rest that
+    # denies it would change a decision the dispatcher does not make itself.
+    whole = chain([ALLOW] * 100, EPERM)
+    socket_only = chain([EPERM] * nr("socket") + [ALLOW], EPERM)
+    deny_all = chain([], EPERM)
+    args = [bpf.Case(nr("socket"), NATIVE, (v, 0, 0, 0, 0, 0)) for v in (1, 2, 40)]
+    kept = bpf.dispatched(whole, socket_only, arch=NATIVE,
+                          deferred=frozenset({nr("socket")}), newest=99, cases=args)
+    assert kept is not None
+    assert bpf.dispatched(whole, deny_all, arch=NATIVE, deferred=frozenset({nr("socket")}),
+                          newest=99, cases=args) is None
+
+
+def test_a_tree_of_many_ranges_takes_long_jumps_and_loads() -> None:
+    # Every third syscall denied: ~300 ranges, whose tree's halves are more than an 8-bit
+    # conditional jump spans. The child's own calls stay allowed.
+    keep = {nr(n) for n in ("exit", "exit_group", "write", "getpid", "rt_sigreturn",
+                            "close", "brk", "mmap", "munmap", "futex")}
+    actions = [EPERM if n % 3 == 0 and n not in keep else ALLOW for n in range(450)]
+    whole = chain(actions, EPERM)
+    program = bpf.dispatched(whole, chain([], EPERM), arch=NATIVE, deferred=frozenset(),
+                             newest=449, cases=[])
+    assert program is not None
+    assert any(op == bpf.JA and k > 255 for op, _, _, k in bpf.decode(program))
+    # The kernel takes it, and it decides as the chain does.
+    denied = next(n for n in range(240, 450, 3) if n not in keep)
+    assert value_in_child(program, lambda: syscall("getpid")) > 0
+    assert value_in_child(program, lambda: syscall(denied, 0, 0, 0)) == -errno.EPERM
+    assert value_in_child(program, lambda: syscall(1000, 0, 0, 0)) == -errno.EPERM
+
+
+def test_the_interpreter_refuses_what_it_does_not_know() -> None:
+    with pytest.raises(bpf.BPFError):
+        bpf.run(bpf.decode(bpf.insn(0xC6, 0, 0, 0)), bpf.Case(0, NATIVE))
+    with pytest.raises(bpf.BPFError):
+        bpf.run(bpf.decode(bpf.insn(bpf.LD_W_ABS, 0, 0, 64)), bpf.Case(0, NATIVE))
