@@ -119,13 +119,18 @@ def write_proc(root: Path, mountinfo: str, cgroup: str) -> None:
 def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """Every write the drivers make, as (path relative to the tree, data)."""
     log: list[tuple[str, str]] = []
-    real = base.write_raw
+    real, real_kept = base.write_raw, base.Cgroup.write_kept
 
     def recording(path: str, data: str) -> None:
         log.append((path, data))
         real(path, data)
 
+    def recording_kept(self: Cgroup, path: str, data: str) -> None:
+        log.append((path, data))
+        real_kept(self, path, data)
+
     monkeypatch.setattr(base, "write_raw", recording)
+    monkeypatch.setattr(base.Cgroup, "write_kept", recording_kept)
     return log
 
 
@@ -697,6 +702,22 @@ def test_v1_recycle_resets_cpu_time_and_renews_the_memory_cgroup(
                    ("memory/sandboxd/c-1/r-1/memory.swappiness", "0")]
     assert (mem / "memory.max_usage_in_bytes").read_text() == "0\n"  # nothing carried over
     assert (cg / "pids/sandboxd/c-1/r-1/pids.max").exists()  # the other hierarchies kept
+
+
+def test_v1_recycle_under_a_parent_that_does_not_swap_writes_no_swappiness(
+        tmp_path: Path, writes: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    # v1 copies the parent's memory.swappiness into a memory cgroup at its mkdir: under a
+    # container whose swappiness is 0, the renewed one has it already.
+    c, cg = renewable_v1_run(tmp_path, monkeypatch)
+    (cg / "memory/sandboxd/c-1/memory.swappiness").write_text("0\n")
+    for _ in range(2):
+        writes.clear()
+        assert c.recycle(CgroupLimits(memory_bytes=64 << 20))
+        assert [Path(p).name for p, _ in writes] == ["cpuacct.usage", "memory.limit_in_bytes",
+                                                     "memory.memsw.limit_in_bytes"]
+    # Read once: the parent's file is not opened again.
+    (cg / "memory/sandboxd/c-1/memory.swappiness").unlink()
+    assert c.recycle(CgroupLimits(memory_bytes=64 << 20))
 
 
 def test_v1_counters_kept_open_and_the_renewed_memory_cgroup(

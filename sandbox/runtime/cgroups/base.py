@@ -26,10 +26,11 @@ KILL_TIMEOUT_S = 5.0
 RMDIR_TIMEOUT_S = 2.0
 _READ_SIZE = 65536
 _KEPT_READ_SIZE = 4096  # a counter or a few keyed lines; a longer text is read again whole
-# The most control files read_kept keeps open in one cgroup (v1: pids.current and cpuacct's
-# usage, usage_user and usage_sys): with a cgroup.procs per hierarchy, all a run cgroup
-# holds (a leak check's bound, loadtest/soakcheck.py).
-KEPT_FILES_MAX = 4
+# The most control files read_kept and write_kept keep open in one cgroup (v1: pids.current
+# and cpuacct's usage, usage_user and usage_sys; cpuacct.usage again, for its reset): with
+# a cgroup.procs per hierarchy, all a run cgroup holds (a leak check's bound,
+# loadtest/soakcheck.py).
+KEPT_FILES_MAX = 5
 # An empty container cgroup unchanged this long belongs to no live instance: another
 # instance's start removes it (engine/records.py). Cgroups made ahead of a container
 # (spawnerclient) are used only while well younger than that.
@@ -71,8 +72,9 @@ class Cgroup(ABC):
         self._guard = threading.Lock()
         self._use = 0
         self._procs: list[int] | None = None
-        # Control files read at every run's end, kept open (read_kept): path -> descriptor.
-        self._kept: dict[str, int] = {}
+        # Control files read or written at every run's end, kept open (read_kept,
+        # write_kept): (path, open flags) -> descriptor.
+        self._kept: dict[tuple[str, int], int] = {}
 
     def lease(self) -> Lease:
         """The current use of this cgroup, for the run it is handed to; call it when handing
@@ -127,14 +129,25 @@ class Cgroup(ABC):
 
         Kept files are closed only by destroy and close_procs_fds, once no run uses the
         cgroup any more: a descriptor is never closed under a reader."""
-        fd = self._kept.get(path)
+        data = os.pread(self._kept_fd(path, os.O_RDONLY), _KEPT_READ_SIZE, 0)
+        return data if len(data) < _KEPT_READ_SIZE else read_bytes(path)
+
+    def write_kept(self, path: str, data: str) -> None:
+        """write() through a descriptor kept as read_kept keeps its own: for a control
+        file written at every run's end (cgroupfs takes each write whole, at any offset)."""
+        try:
+            os.pwrite(self._kept_fd(path, os.O_WRONLY), data.encode(), 0)
+        except OSError as e:
+            raise CgroupError(f"cannot write {data!r} to {path}: {e.strerror}") from e
+
+    def _kept_fd(self, path: str, flags: int) -> int:
+        fd = self._kept.get((path, flags))
         if fd is None:
-            opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            fd = self._kept.setdefault(path, opened)
+            opened = os.open(path, flags | os.O_CLOEXEC)
+            fd = self._kept.setdefault((path, flags), opened)
             if fd != opened:  # another thread (a kill of the run's lease) kept one first
                 os.close(opened)
-        data = os.pread(fd, _KEPT_READ_SIZE, 0)
-        return data if len(data) < _KEPT_READ_SIZE else read_bytes(path)
+        return fd
 
     @abstractmethod
     def add_pid(self, pid: int) -> None: ...

@@ -27,6 +27,7 @@ class V1Cgroup(Cgroup):
         self._driver = driver
         self._dirs = {c: f"{b}/{path}" for c, b in driver.bases.items()}
         self._hier = tuple(dict.fromkeys(self._dirs.values()))
+        self._parent_no_swap: bool | None = None   # _parent_swaps_not, once read
 
     def _dir(self, controller: str) -> str:
         d = self._dirs.get(controller)
@@ -54,7 +55,7 @@ class V1Cgroup(Cgroup):
             base.write(f"{d}/cpuset.mems", mems)
             base.write(f"{d}/cpuset.cpus", limits.cpuset_cpus)
 
-    def _apply_memory(self, d: str, limit: int) -> None:
+    def _apply_memory(self, d: str, limit: int, *, swappiness: bool = True) -> None:
         value = str(limit)
         if not self._driver.memsw:
             base.write(f"{d}/memory.limit_in_bytes", value)
@@ -71,7 +72,8 @@ class V1Cgroup(Cgroup):
                     ) from e
                 base.write(f"{d}/memory.memsw.limit_in_bytes", value)
                 base.write(f"{d}/memory.limit_in_bytes", value)
-        base.write(f"{d}/memory.swappiness", "0")
+        if swappiness:
+            base.write(f"{d}/memory.swappiness", "0")
 
     def open_procs_fds(self) -> list[int]:
         fds: list[int] = []
@@ -209,7 +211,7 @@ class V1Cgroup(Cgroup):
         if not self.is_empty() or base.has_children(self._hier[0]):
             return False
         if (acct := self._dirs.get("cpuacct")) is not None:
-            base.write(f"{acct}/cpuacct.usage", "0")  # resets usage_user and usage_sys too
+            self.write_kept(f"{acct}/cpuacct.usage", "0")  # resets usage_user and _sys too
         if (mem := self._dirs.get("memory")) is not None:
             # A memory cgroup cannot be reset exactly: what a run left charged to it (slab,
             # page cache it read first, a file in a session's /tmp) would count against the
@@ -226,8 +228,21 @@ class V1Cgroup(Cgroup):
                 old, self._procs[i] = self._procs[i], self._open_procs(mem)
                 os.close(old)
             if limits.memory_bytes is not None:
-                self._apply_memory(mem, limits.memory_bytes)
+                self._apply_memory(mem, limits.memory_bytes,
+                                   swappiness=not self._parent_swaps_not(mem))
         return True
+
+    def _parent_swaps_not(self, mem: str) -> bool:
+        """Whether the parent's memory.swappiness is 0, which v1 copies into a memory
+        cgroup at its mkdir (so a renewed one needs no write of it). Read once: only the
+        runtime writes it, and a container's is written before any run's."""
+        if self._parent_no_swap is None:
+            try:
+                parent = base.read_bytes(f"{os.path.dirname(mem)}/memory.swappiness")
+            except OSError:
+                parent = b""   # unknown: written, as for a new run cgroup
+            self._parent_no_swap = parent.strip() == b"0"
+        return self._parent_no_swap
 
 class V1Driver(CgroupDriver):
     version = 1
