@@ -411,10 +411,11 @@ def _compile(
     newest = max((nr for nr in named if nr >= 0), default=-1)
     if default != int(seccomp.ALLOW) and newest >= 0:
         whole = _enosys_stub(arch_values[0], newest) + whole
-    bpf = whole
+    program = whole
     if len(arch_values) == 1 and newest >= 0:
-        bpf = _dispatched(whole, default, arch_values[0], rules, skipped, newest) or whole
-    return SeccompProgram(name=profile.name, bpf=bpf, skipped_syscalls=tuple(sorted(skipped)))
+        program = _dispatched(whole, default, arch_values[0], rules, skipped, newest) or whole
+    return SeccompProgram(name=profile.name, bpf=program,
+                          skipped_syscalls=tuple(sorted(skipped)))
 
 
 def _libseccomp_bpf(default: int, arch_values: list[int],
@@ -457,8 +458,11 @@ def _dispatched(whole: bytes, default: int, native: int,
                              action) for i, r, action in rules
                             if r.args or conditional.intersection(r.names)], skipped)
     deferred = frozenset(int(seccomp.resolve_syscall(native, n)) for n in conditional)
-    return bpf.dispatched(whole, rest, arch=native, deferred=deferred, newest=newest,
-                          cases=_argument_cases(native, rules, conditional))
+    try:
+        return bpf.dispatched(whole, rest, arch=native, deferred=deferred, newest=newest,
+                              cases=_argument_cases(native, rules, conditional))
+    except bpf.BPFError:
+        return None   # an instruction the interpreter does not follow: libseccomp's as it is
 
 
 def _argument_cases(native: int, rules: list[tuple[int, SyscallRule, int]],

@@ -354,3 +354,20 @@ def test_a_late_kill_does_not_reach_the_next_use(v1: V1Driver,
     assert second.kill()
     assert p2.wait() == -signal.SIGKILL
     cg.destroy()
+
+
+@pytest.mark.parametrize("parent_swappiness", ["0", "37"])
+def test_a_renewed_memory_cgroup_never_swaps(v1: V1Driver, parent_swappiness: str) -> None:
+    # A recycle makes the run's memory cgroup anew: under a container that does not swap,
+    # the kernel copies its swappiness 0 into the new one at mkdir (no write); under one
+    # that does, the recycle writes it.
+    cg = v1.create("c-swap")
+    mem = f"{v1.bases['memory']}/c-swap"
+    Path(f"{mem}/memory.swappiness").write_text(parent_swappiness)
+    run = cg.child("r-1")
+    run.apply(CgroupLimits(memory_bytes=64 << 20))
+    for _ in range(3):
+        assert run.recycle(CgroupLimits(memory_bytes=64 << 20))
+        assert read(f"{mem}/r-1/memory.swappiness") == "0"
+        assert read(f"{mem}/r-1/memory.limit_in_bytes") == str(64 << 20)
+    cg.destroy()

@@ -139,3 +139,15 @@ def test_the_interpreter_refuses_what_it_does_not_know() -> None:
         bpf.run(bpf.decode(bpf.insn(0xC6, 0, 0, 0)), bpf.Case(0, NATIVE))
     with pytest.raises(bpf.BPFError):
         bpf.run(bpf.decode(bpf.insn(bpf.LD_W_ABS, 0, 0, 64)), bpf.Case(0, NATIVE))
+
+
+def test_a_program_the_interpreter_cannot_follow_is_loaded_as_libseccomp_wrote_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    profile = load_profile(builtin_profile_path("default"))
+
+    def unknown(code: bpf.Code, case: bpf.Case) -> int:
+        raise bpf.BPFError("opcode 0x94")
+
+    dispatched, whole = compiled(profile, monkeypatch)
+    monkeypatch.setattr(bpf, "run", unknown)
+    assert compile_profile(profile).bpf == whole != dispatched
