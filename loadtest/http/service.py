@@ -138,9 +138,11 @@ class Spawned:
 
 @contextlib.contextmanager
 def spawned(pool_idle: int, *, min_idle: int = 0, compiler: bool = False,
-            config: str = "") -> Iterator[Spawned]:
+            config: str = "", code: Path | None = None) -> Iterator[Spawned]:
     """A registry with a busybox image (and a gcc image with `compiler`) and a `sandboxd
-    serve` using it, then nothing left. `config`: more TOML for its config file."""
+    serve` using it, then nothing left. `config`: more TOML for its config file. `code`:
+    the checkout whose service runs (`python -m` takes its modules from the working
+    directory first); this interpreter's by default."""
     work = Path(tempfile.mkdtemp(prefix="sandboxd-loadtest-"))
     try:
         with start_registry(work / "registry") as registry:
@@ -156,7 +158,7 @@ def spawned(pool_idle: int, *, min_idle: int = 0, compiler: bool = False,
                     [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
                      "--port", str(port), "--state-dir", str(work / "state"),
                      "--config", str(config_file)],
-                    stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                    stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, cwd=code)
             url = f"http://127.0.0.1:{port}"
             try:
                 deadline = time.monotonic() + START_TIMEOUT_S
