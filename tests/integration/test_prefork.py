@@ -71,6 +71,30 @@ def warm(request: pytest.FixtureRequest, session: Session,
     session.run(c.destroy())
 
 
+SIGNAL_MASKS = ["grep", "-E", "^Sig(Blk|Ign|Cgt):", "/proc/self/status"]
+ALL_DEFAULT = b"SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\nSigCgt:\t0000000000000000\n"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_run_starts_with_every_signal_at_its_default_on_either_path(
+        session: Session, busybox_root: Path, policy: str) -> None:
+    # The spawner is Python, which ignores SIGPIPE, SIGXFSZ and more, and exec keeps what
+    # is ignored: init makes every disposition default at its start, and its children
+    # reset only the one it catches. A new container's first run takes the vfork path;
+    # a paced one, the child made ahead.
+    c = session.container(busybox_root, profile=policy)
+    try:
+        first = run(session, c, SIGNAL_MASKS)
+        assert (first.status, first.stdout) == (Status.OK, ALL_DEFAULT), first
+        prepared(session, c)
+        before = c.prepared_runs
+        ahead = run(session, c, SIGNAL_MASKS)
+        assert c.prepared_runs == before + 1
+        assert (ahead.status, ahead.stdout) == (Status.OK, ALL_DEFAULT), ahead
+    finally:
+        session.run(c.destroy())
+
+
 def test_the_next_run_goes_through_the_child_made_ahead(session: Session,
                                                         warm: Container) -> None:
     before = (warm.prepared_runs, warm.prepare_fallbacks)

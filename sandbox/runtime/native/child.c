@@ -7,8 +7,8 @@
  * exited.
  *
  * The child, in two halves (a child init makes ahead of its run does the first before the
- * request comes, init.c's prepare). child_prepare: default signal dispositions and an
- * empty mask, setsid, nice, scheduling policy, I/O priority and personality as init had
+ * request comes, init.c's prepare). child_prepare: default signal dispositions (of a
+ * child of init: the one init catches; init made the rest default) and an empty mask, setsid, nice, scheduling policy, I/O priority and personality as init had
  * them before any run, chroot into the container's root, umask, drop the bounding set, an
  * IPC namespace of its own, (a prepared child: load the seccomp BPF), the run's cgroups
  * (write "0" to each cgroup.procs descriptor). child_release: every rlimit, CPU affinity,
@@ -92,17 +92,35 @@ static __attribute__((noreturn)) void fail(const struct plan *p, int code, const
     _exit(code);
 }
 
-static void reset_signals(void)
+static void signal_default(int sig)
 {
     struct kernel_sigaction dfl;
-    sigset_t none;
-    int i;
 
     memset(&dfl, 0, sizeof(dfl));
     dfl.handler = SIG_DFL;
+    syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof(dfl.mask));
+}
+
+void signals_default(void)
+{
+    int i;
+
     for (i = 1; i < _NSIG; i++)
         if (i != SIGKILL && i != SIGSTOP)
-            syscall(SYS_rt_sigaction, i, &dfl, NULL, sizeof(dfl.mask));
+            signal_default(i);
+}
+
+/* A child of init (with a baseline) finds every disposition at its default but the one
+ * init catches, as init set them at its start (signals_default): one call rather than 64
+ * (~20-30 µs of each run's path here). Any other caller's are all made default. */
+static void reset_signals(const struct plan *p)
+{
+    sigset_t none;
+
+    if (p->base)
+        signal_default(INIT_CAUGHT_SIGNAL);
+    else
+        signals_default();
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
@@ -160,7 +178,7 @@ void child_prepare(const struct plan *p, int load_filter)
 {
     int i;
 
-    reset_signals();
+    reset_signals(p);
     if (setsid() < 0)
         fail(p, 125, "setsid", errno);
     if (p->base)

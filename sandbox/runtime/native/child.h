@@ -79,4 +79,10 @@ int child_filter_allows_release(const struct sock_fprog *prog, int set_groups);
 /* The calling process's rlimits, nice, scheduling, affinity and I/O priority; -1, errno. */
 int baseline_snapshot(struct baseline *b);
 
+/* The only signal init catches (on_sigchld). Init makes every disposition default at its
+ * start (signals_default: ignored ones too, which exec would keep) before it installs
+ * that one handler, so a child of init resets this one alone. */
+#define INIT_CAUGHT_SIGNAL SIGCHLD
+void signals_default(void);
+
 #endif

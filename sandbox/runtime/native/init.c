@@ -1311,13 +1311,16 @@ int init_main(int control, const struct mp_value *config, int skeleton)
     if (region == MAP_FAILED)
         region = NULL;
 
-    /* As pid 1 of its namespace, init gets from inside only the signals it handles; exec
-     * reset every handler the spawner had (ignored ones stay ignored). SIGCHLD is blocked
-     * but while init waits, so that it interrupts only the wait. */
+    /* As pid 1 of its namespace, init gets only the signals it handles (from outside,
+     * SIGKILL and SIGSTOP too), whatever the other dispositions: the spawner's ignored
+     * ones, which exec kept, go back to default, so that its children inherit defaults
+     * and reset only INIT_CAUGHT_SIGNAL. SIGCHLD is blocked but while init waits, so that
+     * it interrupts only the wait. */
+    signals_default();
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_sigchld;
     sigemptyset(&sa.sa_mask);
-    sigaction(SIGCHLD, &sa, NULL);
+    sigaction(INIT_CAUGHT_SIGNAL, &sa, NULL);
     sigemptyset(&chld);
     sigaddset(&chld, SIGCHLD);
     sigprocmask(SIG_SETMASK, &chld, NULL);
