@@ -164,13 +164,18 @@ def read_output(readers: list[PipeReader], name: str, fd: int, cap: int | None,
 async def drain(readers: list[PipeReader], warnings: list[str]) -> None:
     """Wait for both pipes to reach EOF; every writer is dead by now, unless one handed its
     descriptor to a process outside the run."""
+    for r in readers:
+        r.writers_gone()
+    # Usually read to their end just now: then nothing is awaited, since gathering futures
+    # already done still costs the event loop two turns (their callbacks, then the
+    # gather's own) before the run's result can go out.
+    if not (pending := [r.done for r in readers if not r.done.done()]):
+        return
     try:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
         # arrives as the pipes close.
         async with asyncio.timeout(_DRAIN_TIMEOUT_S):
-            for r in readers:
-                r.writers_gone()
-            await asyncio.gather(*(r.done for r in readers))
+            await asyncio.gather(*pending)
     except TimeoutError:
         warnings.append("output pipes stayed open after the run ended; output cut there")
         for r in readers:

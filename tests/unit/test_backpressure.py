@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sandbox.runtime.output import PipeReader, Streamed
+from sandbox.runtime.output import PipeReader, Streamed, drain, read_output
 from service.streaming import Pump
 
 
@@ -175,4 +175,33 @@ def test_an_unwatched_pipe_is_read_at_once_when_its_writers_are_gone() -> None:
         os.close(w)
         await asyncio.wait_for(reader.done, 5)
         assert reader.buf == b"before after"
+    asyncio.run(go())
+
+
+def test_draining_pipes_already_at_their_end_takes_no_turn_of_the_loop() -> None:
+    """The usual end of a run: its writers gone, both pipes are read to EOF at once and
+    drain returns without suspending (each turn of the loop delays the result); a pipe
+    still held by a writer is waited for."""
+    async def go() -> None:
+        readers: list[PipeReader] = []
+        for name in ("stdout", "stderr"):
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            os.write(w, name.encode())
+            os.close(w)
+            read_output(readers, name, r, None, None, lambda: None, watch=False)
+        steps = drain(readers, [])
+        with pytest.raises(StopIteration):
+            steps.send(None)   # finished in its first step: nothing awaited
+        assert [bytes(r.buf) for r in readers] == [b"stdout", b"stderr"]
+
+        held: list[PipeReader] = []
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        read_output(held, "stdout", r, None, None, lambda: None, watch=False)
+        waiting = asyncio.ensure_future(drain(held, []))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        os.write(w, b"late")
+        os.close(w)
+        await asyncio.wait_for(waiting, 5)
+        assert held[0].buf == b"late"
     asyncio.run(go())

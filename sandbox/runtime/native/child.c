@@ -8,8 +8,9 @@
  *
  * The child, in two halves (a child init makes ahead of its run does the first before the
  * request comes, init.c's prepare). child_prepare: default signal dispositions (of a
- * child of init: the one init catches; init made the rest default) and an empty mask, setsid, nice, scheduling policy, I/O priority and personality as init had
- * them before any run, chroot into the container's root, umask, drop the bounding set, an
+ * child of init: the one init catches; init made the rest default) and an empty mask,
+ * setsid, nice, scheduling policy, I/O priority and personality as init had them before
+ * any run, chroot into the container's root, umask, drop the bounding set, an
  * IPC namespace of its own, (a prepared child: load the seccomp BPF), the run's cgroups
  * (write "0" to each cgroup.procs descriptor). child_release: every rlimit, CPU affinity,
  * stdio on 0-2 (a pty's slave made the controlling terminal, for a run with a terminal),
