@@ -27,7 +27,7 @@ class V1Cgroup(Cgroup):
         self._driver = driver
         self._dirs = {c: f"{b}/{path}" for c, b in driver.bases.items()}
         self._hier = tuple(dict.fromkeys(self._dirs.values()))
-        self._parent_no_swap: bool | None = None   # _parent_swaps_not, once read
+        self._parent_no_swap: bool | None = None   # _parent_never_swaps, once read
 
     def _dir(self, controller: str) -> str:
         d = self._dirs.get(controller)
@@ -229,10 +229,10 @@ class V1Cgroup(Cgroup):
                 os.close(old)
             if limits.memory_bytes is not None:
                 self._apply_memory(mem, limits.memory_bytes,
-                                   swappiness=not self._parent_swaps_not(mem))
+                                   swappiness=not self._parent_never_swaps(mem))
         return True
 
-    def _parent_swaps_not(self, mem: str) -> bool:
+    def _parent_never_swaps(self, mem: str) -> bool:
         """Whether the parent's memory.swappiness is 0, which v1 copies into a memory
         cgroup at its mkdir (so a renewed one needs no write of it). Read once: only the
         runtime writes it, and a container's is written before any run's."""

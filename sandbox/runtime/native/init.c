@@ -1322,7 +1322,7 @@ int init_main(int control, const struct mp_value *config, int skeleton)
     sigemptyset(&sa.sa_mask);
     sigaction(INIT_CAUGHT_SIGNAL, &sa, NULL);
     sigemptyset(&chld);
-    sigaddset(&chld, SIGCHLD);
+    sigaddset(&chld, INIT_CAUGHT_SIGNAL);
     sigprocmask(SIG_SETMASK, &chld, NULL);
     sigemptyset(&none);
 
