@@ -134,8 +134,11 @@ def test_limits_and_leftovers_of_a_prepared_run(session: Session, warm: Containe
         r = run(session, warm, ["sleep", "10"], limits=Limits(wall_ms=200))
         assert r.status == Status.WALL_LIMIT, r
     elif case == "memory":
+        # CPU and wall time out of reach: at its limit, reclaim (no swap here) may burn
+        # the judge's default 2 s of CPU before the OOM kill comes, and the first limit
+        # enforced would then be time (seen once in CI, with oom_killed set too).
         r = run(session, warm, ["sh", "-c", "x=$(head -c 64000000 /dev/zero | tr '\\0' a)"],
-                limits=Limits(memory_bytes=16 << 20))
+                limits=Limits(memory_bytes=16 << 20, cpu_ms=30_000, wall_ms=60_000))
         assert r.status == Status.MEMORY_LIMIT, r
     elif case == "pids":
         r = run(session, warm, ["sh", "-c", "for i in 1 2 3 4 5 6; do sleep 5 & done; wait"],
