@@ -86,7 +86,7 @@ def client(url: str, image: str, policy: str) -> Callable[[], dict[str, Any]]:
     return one
 
 
-def rounds(ones: list[Callable[[], dict[str, Any]]], pids: list[int], names: list[str],
+def one_round(ones: list[Callable[[], dict[str, Any]]], pids: list[int], names: list[str],
            requests: int) -> list[Side]:
     """One round: `requests` runs per tree, alternated, the pair's order swapped each time."""
     procs = [psutil.Process(pid) for pid in pids]
@@ -118,7 +118,7 @@ def run(trees: list[Path], policy: str, requests: int, n_rounds: int
                 for one in ones:
                     one()
             names = [t.name for t in trees]
-            results = [rounds(ones, [s.pid for s in services], names, requests)
+            results = [one_round(ones, [s.pid for s in services], names, requests)
                        for _ in range(n_rounds)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
