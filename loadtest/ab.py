@@ -37,10 +37,12 @@ import psutil
 from loadtest.baseline import Command, Loops, measure, median, percentile
 from loadtest.http.service import spawned
 from loadtest.rows import Row, loop_bases, table
+from sandbox.runtime.spawner import INIT_BINARY
 from testbed import busybox
 
 WARMUP = 300          # runs per tree before the first round: pools filled, caches warm
-BUILT = "sandbox/runtime/sbx-init"   # what `build_ext --inplace` leaves in a tree
+# What `build_ext --inplace` leaves in a tree: the runtime's native binary, in its place.
+BUILT = INIT_BINARY.relative_to(INIT_BINARY.parents[2])
 
 
 @dataclass(frozen=True)
