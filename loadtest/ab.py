@@ -1,15 +1,18 @@
 """Two trees of sandboxd side by side: `python -m loadtest.ab BASE NEW [--policy judge]
-[--requests N] [--rounds R]`.
+[--requests N] [--rounds R] [--burst B]`.
 
 Each tree is a checkout with its native parts built (`python setup.py build_ext
 --inplace` in it; `git worktree add` makes one of a commit). Each gets a registry and a
 `sandboxd serve` of its own, started from that tree, and warm runs of busybox `true` (as
-in loadtest.api) go to one and to the other in turn, one request at a time, the pair's
-order swapped every time. Whatever the machine does meanwhile falls on both alike: on a
-VM whose figures move 10-30 % between two runs of the same benchmark, a change of a few
-percent can be read only this way.
+in loadtest.api) go to one and to the other in turn, B requests at a time (`--burst`, 1 by
+default), the pair's order swapped every time. With bursts of one, each service has been
+idle through the other's run: what a service does after an answer never delays its next
+request. Bursts of several show that cost: each request after the first follows an
+answer of the same service as closely as this client can send it. Whatever the machine
+does meanwhile falls on both alike: on a VM whose figures move 10-30 % between two runs of
+the same benchmark, a change of a few percent can be read only this way.
 
-Per round and tree: the client's median and p99 (a plain keep-alive HTTP/1.1 client, so
+Per round and tree: the client's median and p99 (loadtest/http/lean.py's keep-alive client, so
 that its own cost stays small), the service's CPU per run (its process, every thread), and
 the median of the runs' own `cpu_ms`. NEW's rows give BASE's figure of the same round as
 their first baseline; every latency row also gives the tight bare fork+exec and
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import shutil
 import sys
@@ -32,9 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psutil
 
 from loadtest.baseline import Command, Loops, measure, median, percentile
+from loadtest.http.lean import LeanClient
 from loadtest.http.service import spawned
 from loadtest.rows import Row, loop_bases, table
 from sandbox.runtime.spawner import INIT_BINARY
@@ -53,7 +57,8 @@ class Side:
     run_cpu_ms: list[float]
 
     def figures(self) -> dict[str, float]:
-        return {"median_ms": round(median(self.latency_ms), 3),
+        return {"runs": len(self.latency_ms),
+                "median_ms": round(median(self.latency_ms), 3),
                 "p99_ms": round(percentile(self.latency_ms, 99), 3),
                 "service_cpu_us_per_run": round(self.cpu_us_per_run),
                 "run_cpu_ms_median": round(median(self.run_cpu_ms), 3)}
@@ -71,43 +76,43 @@ def tree(text: str) -> Path:
 
 def client(url: str, image: str, policy: str) -> Callable[[], dict[str, Any]]:
     """One warm run of `true` per call, on one keep-alive connection: the run's result."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    body = json.dumps({"image": image, "cmd": ["true"], "policy": policy})
-    headers = {"Content-Type": "application/json"}
+    conn = LeanClient(url)
+    request = conn.request("POST", "/v1/runs", orjson.dumps(
+        {"image": image, "cmd": ["true"], "policy": policy}))
 
     def one() -> dict[str, Any]:
-        conn.request("POST", "/v1/runs", body, headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        result = json.loads(data) if resp.status == 200 else {}
+        status, data = conn.send(request)
+        result = orjson.loads(data) if status == 200 else {}
         if result.get("status") != "ok":
-            raise SystemExit(f"{url}: a run of `true` answered {resp.status}: {data[:300]!r}")
-        return result
+            raise SystemExit(f"{url}: a run of `true` answered {status}: {data[:300]!r}")
+        return dict(result)
 
     return one
 
 
 def one_round(ones: list[Callable[[], dict[str, Any]]], pids: list[int], names: list[str],
-           requests: int) -> list[Side]:
-    """One round: `requests` runs per tree, alternated, the pair's order swapped each time."""
+              requests: int, burst: int) -> list[Side]:
+    """One round: `requests` runs per tree, `burst` at a time to each tree in turn, the
+    pair's order swapped each time."""
     procs = [psutil.Process(pid) for pid in pids]
     lat: list[list[float]] = [[], []]
     cpu: list[list[float]] = [[], []]
     before = [p.cpu_times() for p in procs]
-    for i in range(requests):
+    sizes = [burst] * (requests // burst) + ([requests % burst] if requests % burst else [])
+    for i, size in enumerate(sizes):
         for k in (0, 1) if i % 2 == 0 else (1, 0):
-            t = time.perf_counter()
-            result = ones[k]()
-            lat[k].append((time.perf_counter() - t) * 1000)
-            cpu[k].append(float(result["cpu_ms"]))
+            for _ in range(size):
+                t = time.perf_counter()
+                result = ones[k]()
+                lat[k].append((time.perf_counter() - t) * 1000)
+                cpu[k].append(float(result["cpu_ms"]))
     after = [p.cpu_times() for p in procs]
     return [Side(names[k], lat[k],
                  (after[k].user + after[k].system - before[k].user - before[k].system)
-                 / requests * 1e6, cpu[k]) for k in (0, 1)]
+                 / len(lat[k]) * 1e6, cpu[k]) for k in (0, 1)]
 
 
-def run(trees: list[Path], policy: str, requests: int, n_rounds: int
+def run(trees: list[Path], policy: str, requests: int, n_rounds: int, burst: int = 1
         ) -> tuple[list[Row], dict[str, Any]]:
     work = Path(tempfile.mkdtemp(prefix="sandboxd-bench-ab-"))
     try:
@@ -120,7 +125,7 @@ def run(trees: list[Path], policy: str, requests: int, n_rounds: int
                 for one in ones:
                     one()
             names = [t.name for t in trees]
-            results = [one_round(ones, [s.pid for s in services], names, requests)
+            results = [one_round(ones, [s.pid for s in services], names, requests, burst)
                        for _ in range(n_rounds)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -134,7 +139,8 @@ def run(trees: list[Path], policy: str, requests: int, n_rounds: int
             bases = loop_bases(bare, bare_by) if bare_by else ()
             rows.append(Row(f"round {i}, {base.name}: {what}", b[key], bases))
             rows.append(Row(f"round {i}, {new.name}: {what}", n[key], (("base", b[key]), *bases)))
-    return rows, {"policy": policy, "requests": requests, "trees": [str(t) for t in trees],
+    return rows, {"policy": policy, "requests": requests, "burst": burst,
+                  "trees": [str(t) for t in trees],
                   "rounds": [{s.name: s.figures() for s in r} for r in results],
                   "bare": {m: loop.figures() for m, loop in bare.items()}}
 
@@ -147,13 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default="judge", help="the runs' policy (default: judge)")
     ap.add_argument("--requests", type=int, default=3000, help="runs per tree and round")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--burst", type=int, default=1,
+                    help="requests to one tree before the other's turn")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args(argv)
-    if args.requests < 2 or args.rounds < 1:
-        ap.error("--requests >= 2 and --rounds >= 1")
+    if args.rounds < 1 or not 1 <= args.burst <= args.requests // 2:
+        ap.error("--rounds >= 1 and 1 <= --burst <= --requests / 2")
     if args.base.name == args.new.name:
         ap.error(f"both trees are named {args.base.name!r}: the rows name them by directory")
-    rows, figures = run([args.base, args.new], args.policy, args.requests, args.rounds)
+    rows, figures = run([args.base, args.new], args.policy, args.requests, args.rounds,
+                          args.burst)
     if not args.json_only:
         print(table(rows))
     print(json.dumps(figures))

@@ -7,7 +7,9 @@ baselines beside each figure:
 
 - a warm run over HTTP: POST /v1/runs of busybox `true` (executed directly, no shell)
   with that policy (a warm container, reset after each run), one at a time: median and
-  p99 from the client's side;
+  p99 from the client's side, from a lean blocking client (loadtest/http/lean.py, ~0.03
+  ms of CPU a request), and again from aiohttp's client (~0.37 ms a request, which on 2
+  cores lies on each request's path: `aiohttp` rows);
 - throughput: the same at concurrency 8 for `--seconds`, from this Python client, and
   again from ApacheBench (`ab -k`, Debian's apache2-utils) when it is installed: the
   Python client's own CPU (~0.3 ms a request) shares the two cores with the service, so
@@ -49,8 +51,9 @@ from typing import Any
 import orjson
 import psutil
 
-from loadtest.baseline import BenchError, Command, Loops, fastest, flat, measure
+from loadtest.baseline import BenchError, Command, Loops, fastest, flat, measure, median, percentile
 from loadtest.http.driver import closed_loop
+from loadtest.http.lean import LeanClient
 from loadtest.http.service import spawned
 from loadtest.http.stats import summary
 from loadtest.http.targets import BareEnv, BareTarget, HttpTarget
@@ -70,6 +73,24 @@ TIGHT_RUNS_PER_CLIENT = 250    # the tight loops' runs per worker at THROUGHPUT
 async def _latency(target: HttpTarget | BareTarget, n: int) -> dict[str, Any]:
     phase = await closed_loop(target.send, 1, requests=n)
     return summary(phase.recorder, phase.elapsed_s, False)
+
+
+def _lean_latency(url: str, image: str, workload: Workload, n: int) -> dict[str, Any]:
+    """n runs one after the other from the lean client: median and p99 (ms), runs/s."""
+    lat: list[float] = []
+    with LeanClient(url) as client:
+        request = client.request("POST", "/v1/runs", orjson.dumps(workload.run_body(image, 0)))
+        start = time.perf_counter()
+        for _ in range(n):
+            t = time.perf_counter()
+            status, body = client.send(request)
+            lat.append((time.perf_counter() - t) * 1000)
+            if status != 200 or orjson.loads(body).get("status") != "ok":
+                raise BenchError(f"a warm run answered {status}: {body[:300]!r}")
+        elapsed = time.perf_counter() - start
+    return {"warm_run_median_ms": round(median(lat), 3),
+            "warm_run_p99_ms": round(percentile(lat, 99), 3),
+            "runs_per_s_sequential": round(n / elapsed, 1)}
 
 
 async def _throughput(target: HttpTarget | BareTarget, seconds: float) -> float:
@@ -118,15 +139,13 @@ async def _measure(url: str, image: str, workload: Workload, requests: int, seco
     async with HttpTarget(url, None, image, workload, 8, 60.0) as http, \
             BareTarget(bare_env, TRUE, 8) as bare:
         warm = await _latency(http, requests)
-        sequential = warm["throughput_per_s"]
         bare_lat = await _latency(bare, requests)
         rate = await _throughput(http, seconds)
         bare_rate = await _throughput(bare, seconds)
     return {
-        "warm_run_median_ms": warm["latency_ms"]["p50"],
-        "warm_run_p99_ms": warm["latency_ms"]["p99"],
+        "aiohttp_warm_run_median_ms": warm["latency_ms"]["p50"],
+        "aiohttp_warm_run_p99_ms": warm["latency_ms"]["p99"],
         "warm_run_errors": warm["errors"],
-        "runs_per_s_sequential": sequential,
         "client_bare_median_ms": bare_lat["latency_ms"]["p50"],
         "client_bare_p99_ms": bare_lat["latency_ms"]["p99"],
         "runs_per_s": round(rate, 1),
@@ -203,8 +222,9 @@ def measure_policy(policy: str, n: Counts, bare_env: BareEnv,
         memory = round(_pss_mib(svc.pid), 1)
         one = measure(true, n.requests)
         many = measure(true, THROUGHPUT * TIGHT_RUNS_PER_CLIENT, THROUGHPUT)
-        fig = asyncio.run(_measure(svc.url, svc.image, workload, n.requests, n.seconds,
-                                   bare_env))
+        fig = _lean_latency(svc.url, svc.image, workload, n.requests)
+        fig |= asyncio.run(_measure(svc.url, svc.image, workload, n.requests, n.seconds,
+                                    bare_env))
         if (ab_rate := _ab_rate(svc.url, svc.image, workload, n.seconds)) is not None:
             fig["runs_per_s_ab"] = ab_rate
         # Warm means served by a pooled container: the pool's own count says so.
@@ -222,7 +242,7 @@ def measure_policy(policy: str, n: Counts, bare_env: BareEnv,
                                        / fig["bare_exec_median_ms"], 2)
     fig["warm_vs_bare_p99"] = round(fig["warm_run_p99_ms"] / fig["bare_exec_p99_ms"], 2)
     fig["runs_per_s_vs_bare"] = round(fig["runs_per_s"] / fig["bare_runs_per_s"], 3)
-    fig["warm_vs_client_bare_median"] = round(fig["warm_run_median_ms"]
+    fig["warm_vs_client_bare_median"] = round(fig["aiohttp_warm_run_median_ms"]
                                               / fig["client_bare_median_ms"], 2)
     fig["runs_per_s_vs_client_bare"] = round(fig["runs_per_s"]
                                              / fig["client_bare_runs_per_s"], 3)
@@ -239,8 +259,12 @@ def policy_rows(policy: str, fig: dict[str, Any], n: Counts, one: Loops,
     """The figures of one policy, each beside the tight loops and the client's own loop."""
     return [
         Row(f"{policy}: warm run median (ms)", fig["warm_run_median_ms"],
+            loop_bases(one, "p50")),
+        Row(f"{policy}: warm run p99 (ms)", fig["warm_run_p99_ms"], loop_bases(one, "p99")),
+        Row(f"{policy}: warm run median, aiohttp client (ms)",
+            fig["aiohttp_warm_run_median_ms"],
             (*loop_bases(one, "p50"), ("client loop", fig["client_bare_median_ms"]))),
-        Row(f"{policy}: warm run p99 (ms)", fig["warm_run_p99_ms"],
+        Row(f"{policy}: warm run p99, aiohttp client (ms)", fig["aiohttp_warm_run_p99_ms"],
             (*loop_bases(one, "p99"), ("client loop", fig["client_bare_p99_ms"]))),
         Row(f"{policy}: warm runs/s, 1 client", fig["runs_per_s_sequential"],
             loop_bases(one, "runs_per_s")),

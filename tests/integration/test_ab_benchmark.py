@@ -24,7 +24,7 @@ def test_two_trees_are_served_side_by_side(tmp_path: Path) -> None:
     for name in ("before", "after"):
         (tmp_path / name).symlink_to(REPO)
     done = ab(str(tmp_path / "before"), str(tmp_path / "after"), "--requests", "20",
-              "--rounds", "2")
+              "--rounds", "2", "--burst", "3")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     figures = json.loads(lines[-1])
@@ -32,6 +32,7 @@ def test_two_trees_are_served_side_by_side(tmp_path: Path) -> None:
     for r in figures["rounds"]:
         assert set(r) == {"before", "after"}
         for side in r.values():
+            assert side["runs"] == 20   # six bursts of 3, then one of 2
             assert 0 < side["median_ms"] <= side["p99_ms"]
             assert side["service_cpu_us_per_run"] > 0 and side["run_cpu_ms_median"] > 0
     assert set(figures["bare"]) == {"fork_exec", "posix_spawn"}
@@ -50,3 +51,5 @@ def test_a_tree_without_its_native_parts_is_refused(tmp_path: Path) -> None:
     assert "build_ext --inplace" in done.stderr
     done = ab(str(tmp_path / "nothing"), str(REPO))
     assert done.returncode == 2 and "not a sandboxd checkout" in done.stderr
+    done = ab(str(REPO), str(tmp_path), "--requests", "10", "--burst", "6")
+    assert done.returncode == 2 and "--burst" in done.stderr
