@@ -11,7 +11,8 @@
  * child of init: the one init catches; init made the rest default) and an empty mask,
  * setsid, nice, scheduling policy, I/O priority and personality as init had them before
  * any run, chroot into the container's root, umask, drop the bounding set, an
- * IPC namespace of its own, (a prepared child: load the seccomp BPF), the run's cgroups
+ * IPC namespace of its own (unless the one init is in is new: init.c's ipc_ahead), (a
+ * prepared child: load the seccomp BPF), the run's cgroups
  * (write "0" to each cgroup.procs descriptor). child_release: every rlimit, CPU affinity,
  * stdio on 0-2 (a pty's slave made the controlling terminal, for a run with a terminal),
  * chdir, clear the ambient set, setgroups/setresgid/setresuid, clear the remaining
