@@ -187,6 +187,7 @@ class Run:
                                                    Status.WALL_LIMIT))
             if limits.cpu_ms and self.lease is not None:
                 self._watch_cpu(self.lease.cgroup, limits.cpu_ms)
+            c._recycle_ended()   # while init starts the child
             done_msg = await exited
             self.host_load = hostload.share(pressure, pressure_of(),
                                             time.monotonic_ns() - sent)
