@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox.errors import SandboxError
 from sandbox.runtime import hostload
-from sandbox.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, Lease
+from sandbox.runtime.cgroups import UNLIMITED, Cgroup, CgroupLimits, CgroupStats, Lease
 from sandbox.runtime.output import OutputCallback, PipeReader, drain, open_output, read_output
 from sandbox.runtime.profiles import Limits, format_cpuset, host_cpus, parse_cpuset
 from sandbox.runtime.pty import Terminal
@@ -55,11 +55,12 @@ CGROUP_PSI = "psi:cgroup-v2:cpu.pressure"  # measured_by["host_load"]: the run's
 
 def run_cgroup_limits(limits: Limits, has: frozenset[str]) -> CgroupLimits:
     """What the cgroup enforces; the rest falls back to rlimits (see rlimits). A run
-    without a cpuset gets every CPU written out: a recycled cgroup may come from a run
-    that had one."""
-    quota = int(limits.cpu_quota_cores * 100_000) if limits.cpu_quota_cores else None
+    without a cpuset gets every CPU written out, and one without a pids limit or a quota
+    UNLIMITED: a recycled cgroup may come from a run that had one."""
+    quota = int(limits.cpu_quota_cores * 100_000) if limits.cpu_quota_cores else UNLIMITED
+    pids = UNLIMITED if limits.pids is None else limits.pids
     return CgroupLimits(memory_bytes=limits.memory_bytes if "memory" in has else None,
-                        pids=limits.pids if "pids" in has else None,
+                        pids=pids if "pids" in has else None,
                         cpu_quota_us=quota if "cpu" in has else None,
                         cpuset_cpus=(limits.cpuset or _HOST_CPUS) if "cpuset" in has else None)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.runtime import syscalls as sc
-from sandbox.runtime.cgroups import CgroupLimits, V1Driver, V2Driver, detect
+from sandbox.runtime.cgroups import UNLIMITED, CgroupLimits, V1Driver, V2Driver, detect
 from sandbox.runtime.cgroups.base import Cgroup
 from sandbox.runtime.cgroups.delegate import delegate_v1, undelegate_v1
 from tests.integration.conftest import cleanup_driver
@@ -96,6 +96,9 @@ def test_limits_stats_and_membership(v1: V1Driver, start: Callable[..., subproce
     assert read(f"{mem}/memory.swappiness") == "0"
     assert read(f"{v1.bases['pids']}/c-limits/pids.max") == "32"
     assert read(f"{v1.bases['cpu']}/c-limits/cpu.cfs_quota_us") == "200000"
+    cg.apply(CgroupLimits(pids=UNLIMITED, cpu_quota_us=UNLIMITED))   # lifted, as the kernel has it
+    assert read(f"{v1.bases['pids']}/c-limits/pids.max") == "max"
+    assert read(f"{v1.bases['cpu']}/c-limits/cpu.cfs_quota_us") == "-1"
 
     p = start("b = b'x' * (48 << 20); s = sum(range(3_000_000))")
     cg.add_pid(p.pid)

@@ -572,3 +572,17 @@ def test_a_cancelled_creation_leaves_the_runtime_usable_and_nothing_behind(
     assert set(runtime.containers) == before
     c = session.container(busybox_root)
     assert session.exec(c, ["echo", "fine"]).stdout == b"fine\n"
+
+
+def test_a_cpu_quota_ends_with_its_run(session: Session, container: Container) -> None:
+    """Run cgroups are recycled: the next run in one that had a quota runs unthrottled."""
+    driver = session.runtime.cgroups.driver
+    if driver is None or "cpu" not in driver.controllers:
+        pytest.skip("no cpu cgroup controller here")
+    for _ in range(3):   # through every spare the container keeps
+        r = sh(session, container, "while :; do :; done", cpu_quota_cores=0.2, wall_ms=300)
+        assert r.cpu_ms is not None and r.cpu_ms < 0.5 * r.wall_ms
+    for _ in range(3):
+        r = sh(session, container, "while :; do :; done", wall_ms=600)
+        assert r.status == Status.WALL_LIMIT
+        assert r.cpu_ms is not None and r.cpu_ms > 0.75 * r.wall_ms, (r.cpu_ms, r.wall_ms)

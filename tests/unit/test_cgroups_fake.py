@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.errors import CgroupError
-from sandbox.runtime.cgroups import CgroupLimits, V1Driver, V2Driver, base, detect
+from sandbox.runtime.cgroups import UNLIMITED, CgroupLimits, V1Driver, V2Driver, base, detect
 from sandbox.runtime.cgroups.base import Cgroup
 from sandbox.runtime.cgroups.delegate import delegate_v1, systemd_recipe_v2, undelegate_v1
 from sandbox.runtime.cgroups.detect import parse_mountinfo, parse_proc_cgroup
@@ -375,6 +375,12 @@ def test_v1_apply_writes_exactly(tmp_path: Path, writes: list[tuple[str, str]]) 
     writes.clear()
     c.apply(CgroupLimits())
     assert writes == []
+    c.apply(CgroupLimits(pids=UNLIMITED, cpu_quota_us=UNLIMITED))  # a recycled one's lifted
+    assert [(str(Path(p).relative_to(cg)), d) for p, d in writes] == [
+        ("pids/sandboxd/c-1/pids.max", "max"),
+        ("cpu/sandboxd/c-1/cpu.cfs_period_us", "100000"),
+        ("cpu/sandboxd/c-1/cpu.cfs_quota_us", "-1"),
+    ]
 
 
 def test_v1_apply_raises_memsw_first_when_limit_goes_up(
@@ -540,6 +546,10 @@ def test_v2_apply_writes_exactly(tmp_path: Path, writes: list[tuple[str, str]]) 
         ("c-1/cpu.max", "150000 100000"),
         ("c-1/cpuset.cpus", "0-1"),
     ]
+    writes.clear()
+    c.apply(CgroupLimits(pids=UNLIMITED, cpu_quota_us=UNLIMITED))  # a recycled one's lifted
+    assert [(str(Path(p).relative_to(b)), d) for p, d in writes] == [
+        ("c-1/pids.max", "max"), ("c-1/cpu.max", "max 100000")]
 
 
 def test_v2_child_enables_controllers_once(tmp_path: Path,

@@ -37,11 +37,16 @@ KEPT_FILES_MAX = 5
 ORPHAN_AGE_S = 60.0
 
 
+# A limit to lift (pids, cpu_quota_us; None leaves the cgroup's as it is): a recycled run
+# cgroup must not keep a limit of the run before.
+UNLIMITED = -1
+
+
 @dataclass(frozen=True)
 class CgroupLimits:
     memory_bytes: int | None = None  # hard limit, swap off
-    pids: int | None = None
-    cpu_quota_us: int | None = None  # CPU time per cpu_period_us
+    pids: int | None = None          # UNLIMITED: none
+    cpu_quota_us: int | None = None  # CPU time per cpu_period_us; UNLIMITED: none
     cpu_period_us: int = 100_000
     cpuset_cpus: str | None = None
 
@@ -300,6 +305,11 @@ def write_raw(path: str, data: str) -> None:
         os.write(fd, data.encode())
     finally:
         os.close(fd)
+
+
+def max_or(limit: int) -> str:
+    """A pids or v2 cpu limit as cgroupfs takes it: "max" for UNLIMITED."""
+    return "max" if limit == UNLIMITED else str(limit)
 
 
 def write(path: str, data: str) -> None:

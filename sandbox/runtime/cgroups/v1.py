@@ -44,7 +44,7 @@ class V1Cgroup(Cgroup):
         if limits.memory_bytes is not None:
             self._apply_memory(self._dir("memory"), limits.memory_bytes)
         if limits.pids is not None:
-            base.write(f"{self._dir('pids')}/pids.max", str(limits.pids))
+            base.write(f"{self._dir('pids')}/pids.max", base.max_or(limits.pids))
         if limits.cpu_quota_us is not None:
             d = self._dir("cpu")
             base.write(f"{d}/cpu.cfs_period_us", str(limits.cpu_period_us))

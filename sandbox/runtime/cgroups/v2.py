@@ -61,10 +61,11 @@ class V2Cgroup(Cgroup):
                 raise CgroupError(f"cannot write '0' to {d}/memory.swap.max: {e.strerror}") from e
         if limits.pids is not None:
             self._need("pids")
-            base.write(f"{d}/pids.max", str(limits.pids))
+            base.write(f"{d}/pids.max", base.max_or(limits.pids))
         if limits.cpu_quota_us is not None:
             self._need("cpu")
-            base.write(f"{d}/cpu.max", f"{limits.cpu_quota_us} {limits.cpu_period_us}")
+            base.write(f"{d}/cpu.max",
+                       f"{base.max_or(limits.cpu_quota_us)} {limits.cpu_period_us}")
         if limits.cpuset_cpus is not None:
             self._need("cpuset")
             base.write(f"{d}/cpuset.cpus", limits.cpuset_cpus)
