@@ -320,11 +320,11 @@ class Container:
         if not self._spares:
             cg = self.cgroup.child(f"r-{run_id}")
             cg.apply(limits)
-            return cg.lease(), cg.procs_fds()
+            return cg.lease(), cg.join_fds(limits)
         cg, applied = self._spares.pop()
         if applied != limits:
             cg.apply(limits)
-        return cg.lease(), cg.procs_fds()
+        return cg.lease(), cg.join_fds(limits)
 
     def _take_next(self) -> NextRun | None:
         """What the last exec gave init for this one; whatever this exec is, it is the next

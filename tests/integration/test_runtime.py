@@ -586,3 +586,23 @@ def test_a_cpu_quota_ends_with_its_run(session: Session, container: Container) -
         r = sh(session, container, "while :; do :; done", wall_ms=600)
         assert r.status == Status.WALL_LIMIT
         assert r.cpu_ms is not None and r.cpu_ms > 0.75 * r.wall_ms, (r.cpu_ms, r.wall_ms)
+
+
+def test_a_run_joins_a_cpu_cgroup_of_its_own_only_for_a_quota(session: Session,
+                                                                container: Container) -> None:
+    """One cgroup join fewer on a run's path: without a quota the run stays in its
+    container's cpu cgroup (cpuacct still counts its time in its own)."""
+    driver = session.runtime.cgroups.driver
+    if driver is None or driver.version != 1 or "cpu" not in driver.controllers:
+        pytest.skip("no cgroup v1 cpu controller here")
+
+    def paths(**limits: object) -> dict[str, str]:
+        r = sh(session, container, "cat /proc/self/cgroup", **limits)
+        assert r.status == Status.OK, r
+        return {ctl: line.split(":", 2)[2] for line in r.stdout.decode().splitlines()
+                for ctl in line.split(":", 2)[1].split(",")}
+
+    plain, quota = paths(), paths(cpu_quota_cores=1.5)
+    # The run's own cgroup is where memory and cpuacct have it; init's is the container's.
+    assert plain["cpuacct"] == plain["memory"] != plain["cpu"] == "/init", plain
+    assert quota["cpu"] == quota["cpuacct"] == quota["memory"] != "/init", quota

@@ -490,6 +490,35 @@ def test_v1_pids_open_list_kill_destroy(tmp_path: Path, writes: list[tuple[str, 
     assert not (cg / "memory/sandboxd").exists()
 
 
+def _joined(c: Cgroup, limits: CgroupLimits, cg: Path) -> list[str]:
+    """The hierarchies of the cgroup.procs descriptors a run under `limits` joins by."""
+    return [str(Path(os.readlink(f"/proc/self/fd/{fd}")).relative_to(cg).parts[0])
+            for fd in c.join_fds(limits)]
+
+
+def test_v1_a_run_without_a_quota_does_not_join_a_cpu_hierarchy_of_its_own(
+        tmp_path: Path) -> None:
+    drv, cg = v1_driver(tmp_path)
+    c = drv.create("c").child("r")
+    new_v1_cgroup(drv, cg, "c/r")
+    assert _joined(c, CgroupLimits(cpu_quota_us=UNLIMITED), cg) == [
+        "memory", "pids", "cpuacct", "cpuset", "freezer"]
+    everything = ["memory", "pids", "cpu", "cpuacct", "cpuset", "freezer"]
+    assert _joined(c, CgroupLimits(cpu_quota_us=50_000), cg) == everything
+    assert _joined(c, CgroupLimits(), cg) == everything   # its quota left as it is
+    c.close_procs_fds()
+    # Co-mounted with cpuacct, the cpu hierarchy counts the run's CPU time: joined always.
+    cg = v1_tree(tmp_path / "co", comounted=True)
+    drv = detect(root=tmp_path / "co", uid=0).driver
+    assert isinstance(drv, V1Driver)
+    c = drv.create("c")
+    for h in ("memory", "pids", "cpu,cpuacct", "freezer"):
+        populate(cg / h / "sandboxd/c", h)
+    assert _joined(c, CgroupLimits(cpu_quota_us=UNLIMITED), cg) == [
+        "memory", "pids", "cpu,cpuacct", "freezer"]
+    c.close_procs_fds()
+
+
 def test_v1_add_pid_writes_every_hierarchy(tmp_path: Path,
                                            writes: list[tuple[str, str]]) -> None:
     drv, cg = v1_driver(tmp_path)

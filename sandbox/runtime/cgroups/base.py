@@ -115,6 +115,11 @@ class Cgroup(ABC):
             self._procs = self.open_procs_fds()
         return self._procs
 
+    def join_fds(self, limits: CgroupLimits) -> list[int]:
+        """Of procs_fds, those a run under `limits` joins by: all of them, but where a
+        driver knows one to leave out."""
+        return self.procs_fds()
+
     def close_procs_fds(self) -> None:
         """Close what is kept open for this cgroup: its cgroup.procs descriptors and the
         control files read_kept keeps."""
