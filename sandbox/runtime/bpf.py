@@ -191,7 +191,7 @@ def dispatched(whole: bytes, rest: bytes, *, arch: int, deferred: frozenset[int]
 def _prefix(ranges: Sequence[_Range], arch: int) -> bytes:
     """The search, jumping to the instruction after it (the rest) where it does not decide:
     load the arch, [jeq arch: skip] ja rest; load nr, [jge x32: ja rest]; then the tree."""
-    body = _tree(ranges, 0, len(ranges) - 1)
+    body = _shared_returns(ranges) or _tree(ranges, 0, len(ranges) - 1)
     head: list[tuple[int, int, int, int | str]] = [
         (LD_W_ABS, 0, 0, 4), (JEQ_K, 1, 0, arch), (JA, 0, 0, "rest"),
         (LD_W_ABS, 0, 0, 0), (JGE_K, 0, 1, X32_SYSCALL_BIT), (JA, 0, 0, "rest")]
@@ -200,6 +200,44 @@ def _prefix(ranges: Sequence[_Range], arch: int) -> bytes:
     for i, (op, jt, jf, k) in enumerate(code):
         out.append(insn(op, jt, jf, len(code) - i - 1 if k == "rest" else int(k)))
     return b"".join(out)
+
+
+def _shared_returns(ranges: Sequence[_Range]) -> list[tuple[int, int, int, int | str]] | None:
+    """The search as comparisons only, each jumping straight to the next comparison or to
+    one return per action (after the comparisons; the rest after those): a range costs a
+    comparison, not a comparison and a return of its own (311 -> 238 instructions for the
+    default profile; the kernel converts and JIT-compiles each at every load). None when a
+    jump would be longer than a conditional jump's 8-bit offset reaches, or for one range."""
+    if len(ranges) < 2:
+        return None
+    actions = sorted({r.action for r in ranges if r.action is not None})
+    nodes: list[tuple[int, tuple[str, int], tuple[str, int]]] = []
+
+    def build(lo: int, hi: int) -> tuple[str, int]:
+        """A search of ranges[lo..hi]: where it starts (a comparison, a return or the rest)."""
+        if lo == hi:
+            action = ranges[lo].action
+            return ("rest", 0) if action is None else ("return", actions.index(action))
+        i = len(nodes)
+        nodes.append((0, ("rest", 0), ("rest", 0)))   # its place, before its subtrees'
+        mid = (lo + hi + 1) // 2
+        below, above = build(lo, mid - 1), build(mid, hi)
+        nodes[i] = (ranges[mid].first, below, above)
+        return ("node", i)
+
+    build(0, len(ranges) - 1)
+
+    def at(target: tuple[str, int]) -> int:
+        kind, n = target
+        return n if kind == "node" else len(nodes) + (n if kind == "return" else len(actions))
+
+    code: list[tuple[int, int, int, int | str]] = []
+    for i, (first, below, above) in enumerate(nodes):
+        jt, jf = at(above) - i - 1, at(below) - i - 1
+        if max(jt, jf) > 255:
+            return None
+        code.append((JGE_K, jt, jf, first))
+    return code + [(RET_K, 0, 0, action) for action in actions]
 
 
 def _tree(ranges: Sequence[_Range], lo: int, hi: int) -> list[tuple[int, int, int, int | str]]:

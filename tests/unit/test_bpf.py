@@ -116,6 +116,27 @@ def test_a_rest_that_would_decide_otherwise_is_refused() -> None:
                           newest=99, cases=args) is None
 
 
+def test_a_search_of_few_ranges_shares_one_return_per_action_and_loads() -> None:
+    # Blocks of ten syscalls allowed, denied with EPERM, with EACCES in turn (the child's
+    # own calls allowed): each range costs one comparison, each action one return.
+    keep = {nr(n) for n in ("exit", "exit_group", "write", "getpid", "rt_sigreturn",
+                            "close", "brk", "mmap", "munmap", "futex")}
+    actions = [ALLOW if n in keep else (ALLOW, EPERM, EACCES)[n // 10 % 3] for n in range(450)]
+    rest = chain([], EPERM)
+    program = bpf.dispatched(chain(actions, EPERM), rest, arch=NATIVE, deferred=frozenset(),
+                             newest=449, cases=[])
+    assert program is not None
+    ranges = 1 + sum(a != b for a, b in zip([*actions, EPERM], [*actions[1:], EPERM, EPERM],
+                                            strict=True))
+    assert bpf.length(program) == 6 + (ranges - 1) + 3 + bpf.length(rest)
+    eperm = next(n for n in range(10, 450, 30) if n not in keep)
+    eacces = next(n for n in range(20, 450, 30) if n not in keep)
+    assert value_in_child(program, lambda: syscall("getpid")) > 0
+    assert value_in_child(program, lambda: syscall(eperm, 0, 0, 0)) == -errno.EPERM
+    assert value_in_child(program, lambda: syscall(eacces, 0, 0, 0)) == -errno.EACCES
+    assert value_in_child(program, lambda: syscall(1000, 0, 0, 0)) == -errno.EPERM
+
+
 def test_a_tree_of_many_ranges_takes_long_jumps_and_loads() -> None:
     # Every third syscall denied: ~300 ranges, whose tree's halves are more than an 8-bit
     # conditional jump spans. The child's own calls stay allowed.
