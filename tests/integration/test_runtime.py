@@ -606,3 +606,26 @@ def test_a_run_joins_a_cpu_cgroup_of_its_own_only_for_a_quota(session: Session,
     # The run's own cgroup is where memory and cpuacct have it; init's is the container's.
     assert plain["cpuacct"] == plain["memory"] != plain["cpu"] == "/init", plain
     assert quota["cpu"] == quota["cpuacct"] == quota["memory"] != "/init", quota
+
+
+def test_a_filter_that_would_stop_the_childs_own_setup_is_loaded_last(
+        session: Session, busybox_root: Path) -> None:
+    """A child loads its filter before its cgroup joins only where every call it makes after
+    that passes the filter: one that denies chdir is loaded after the child's own chdir,
+    and holds for the run all the same."""
+    from dataclasses import replace
+
+    from sandbox.runtime import seccomp
+    from sandbox.runtime.profiles import load_profile
+
+    program = seccomp.compile_profile(seccomp.load_profile(
+        {"defaultAction": "SCMP_ACT_ALLOW",
+         "syscalls": [{"names": ["chdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]},
+        name="no-chdir"))
+    policies = session.runtime.policies
+    policies._programs["no-chdir"] = program
+    policies.register(replace(load_profile("judge"), name="judge-no-chdir", seccomp="no-chdir"))
+    c = session.container(busybox_root, profile="judge-no-chdir")
+    assert not c.filter_ahead
+    r = sh(session, c, "cd /tmp || echo refused")
+    assert r.status == Status.OK and b"refused" in r.stdout, r

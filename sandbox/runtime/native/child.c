@@ -11,14 +11,14 @@
  * child of init: the one init catches; init made the rest default) and an empty mask,
  * setsid, nice, scheduling policy, I/O priority and personality as init had them before
  * any run, chroot into the container's root, umask, drop the bounding set, an
- * IPC namespace of its own (unless the one init is in is new: init.c's ipc_ahead), (a
- * prepared child: load the seccomp BPF), the run's cgroups
- * (write "0" to each cgroup.procs descriptor). child_release: every rlimit, CPU affinity,
- * stdio on 0-2 (a pty's slave made the controlling terminal, for a run with a terminal),
- * chdir, clear the ambient set, setgroups/setresgid/setresuid, clear the remaining
- * capability sets, non-dumpable again (for the mm a vfork child still shares with init),
- * no_new_privs, close every other descriptor, (a vfork child: load the seccomp BPF),
- * execve each candidate path. A failure is written to the close-on-exec error descriptor
+ * IPC namespace of its own (unless the one init is in is new: init.c's ipc_ahead), (load
+ * the seccomp BPF where the calls after it pass it: child_filter_allows_release), the
+ * run's cgroups (write "0" to each cgroup.procs descriptor). child_release: every rlimit,
+ * CPU affinity, stdio on 0-2 (a pty's slave made the controlling terminal, for a run with
+ * a terminal), chdir, clear the ambient set, setgroups/setresgid/setresuid, clear the
+ * remaining capability sets, non-dumpable again (for the mm a vfork child still shares
+ * with init), no_new_privs, close every other descriptor, (where child_prepare could not:
+ * load the seccomp BPF), execve each candidate path. A failure is written to the close-on-exec error descriptor
  * as "<exit code>:<stage>:<errno>" and the child exits with that code (125 runtime failure,
  * 126 cannot execute, 127 not found).
  *
@@ -287,10 +287,13 @@ void child_release(const struct plan *p, int filter_loaded)
     fail(p, saved == ENOENT || saved == ENOTDIR ? 127 : 126, "exec", saved);
 }
 
+/* The filter's load (~60 us, a JIT compile) before the cgroup joins where it may be: then
+ * it is not counted in the run's CPU time, and the joins come when the host's recycle of
+ * the last run's cgroup, which takes the kernel's cgroup mutex too, is mostly over. */
 static __attribute__((noreturn)) void child(const struct plan *p)
 {
-    child_prepare(p, 0);
-    child_release(p, 0);
+    child_prepare(p, p->early_filter);
+    child_release(p, p->early_filter);
 }
 
 /* ------------------------------------------------------------------------ the check */

@@ -49,6 +49,9 @@ struct plan {
     int ncgroup;
     int cgroup_fd[MAX_CGROUP_FDS];
     struct sock_fprog prog;
+    /* A vfork child loads prog in child_prepare, before its cgroup joins, rather than last
+     * (child_filter_allows_release says the calls after it pass). */
+    int early_filter;
     int last_cap;
     uint64_t caps; /* kept in the bounding set; a uid-0 run holds them (its profile's) */
     int err_fd; /* close-on-exec: "<code>:<stage>:<errno>" on a failure before execve */

@@ -68,7 +68,7 @@ struct config {
     int last_cap;                /* init drops its bounding set to caps (drop_bounding_set) */
     uint64_t caps;               /* the profile's capabilities: a uid-0 run keeps these */
     int set_groups;              /* false under a "single" id map (setgroups is denied) */
-    int early_filter;            /* a prepared child loads the filter before its request */
+    int early_filter;            /* children load the filter before their cgroup joins */
     struct baseline base;        /* what children start from */
 };
 
@@ -579,6 +579,7 @@ static const char *parse_exec(const struct mp_value *msg, const int *fds, int nf
     for (i = 0; i < (uint32_t)e->plan.ncgroup; i++)
         e->plan.cgroup_fd[i] = fds[nstdio + i];
     e->plan.prog = cfg.prog;
+    e->plan.early_filter = cfg.early_filter;
     e->plan.last_cap = -1; /* init's bounding set is the run's already */
     e->plan.caps = cfg.caps;
     return NULL;
