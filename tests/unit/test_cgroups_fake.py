@@ -761,9 +761,10 @@ def test_v1_recycle_under_a_parent_that_does_not_swap_writes_no_swappiness(
 
 def test_v1_counters_kept_open_and_the_renewed_memory_cgroup(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A run's CPU figures are read through descriptors kept open (read_kept), each read
-    # giving the file's text now. The memory cgroup is made anew by each recycle: the
-    # next run's memory figures come from the new one, never from the removed one.
+    # A run's figures are read through descriptors kept open (read_kept), each read giving
+    # the file's text now. The memory cgroup is made anew by each recycle: the next run's
+    # memory figures come from the new one, never from the removed one, whose descriptors
+    # are closed.
     drv, cg = v1_driver(tmp_path)
     c = drv.create("c-1").child("r-1")
     new_v1_cgroup(drv, cg, "c-1/r-1")
@@ -772,7 +773,7 @@ def test_v1_counters_kept_open_and_the_renewed_memory_cgroup(
     first = c.stats()
     assert (first.memory_peak_bytes, first.oom_kills) == (7966720, 1)
     kept = set(c._kept.values())
-    assert len(kept) == 3  # cpuacct.usage, usage_user and usage_sys
+    assert len(kept) == 5  # cpuacct.usage, usage_user, usage_sys; max_usage, oom_control
     (cg / "cpuacct/sandboxd/c-1/r-1/cpuacct.usage").write_text("44208287621\n")
     assert c.stats().cpu_total_ns == 44208287621
     monkeypatch.setattr(base, "rmdir", shutil.rmtree)

@@ -27,10 +27,10 @@ RMDIR_TIMEOUT_S = 2.0
 _READ_SIZE = 65536
 _KEPT_READ_SIZE = 4096  # a counter or a few keyed lines; a longer text is read again whole
 # The most control files read_kept and write_kept keep open in one cgroup (v1: pids.current
-# and cpuacct's usage, usage_user and usage_sys; cpuacct.usage again, for its reset): with
-# a cgroup.procs per hierarchy, all a run cgroup holds (a leak check's bound,
-# loadtest/soakcheck.py).
-KEPT_FILES_MAX = 5
+# and cpuacct's usage, usage_user and usage_sys; cpuacct.usage again, for its reset; the
+# memory cgroup's max_usage_in_bytes and oom_control): with a cgroup.procs per hierarchy,
+# all a run cgroup holds (a leak check's bound, loadtest/soakcheck.py).
+KEPT_FILES_MAX = 7
 # An empty container cgroup unchanged this long belongs to no live instance: another
 # instance's start removes it (engine/records.py). Cgroups made ahead of a container
 # (spawnerclient) are used only while well younger than that.
@@ -149,6 +149,12 @@ class Cgroup(ABC):
             os.pwrite(self._kept_fd(path, os.O_WRONLY), data.encode(), 0)
         except OSError as e:
             raise CgroupError(f"cannot write {data!r} to {path}: {e.strerror}") from e
+
+    def _forget_kept(self, directory: str) -> None:
+        """Close what is kept of the files of `directory` (removed: made anew)."""
+        prefix = directory + "/"
+        for key in [k for k in self._kept if k[0].startswith(prefix)]:
+            os.close(self._kept.pop(key))
 
     def _kept_fd(self, path: str, flags: int) -> int:
         fd = self._kept.get((path, flags))

@@ -153,26 +153,28 @@ class V1Cgroup(Cgroup):
                     user, sys_ = ticks["user"] * tick_ns, ticks["system"] * tick_ns
                     cpu_source = "cgroup-v1:cpuacct.stat+usage"
             if (d := self._dirs.get("memory")) is not None:
-                # Read anew, not kept: the memory cgroup is made anew at every recycle.
-                peak = base.read_int(f"{d}/memory.max_usage_in_bytes")
+                # Kept too: the recycle that makes the memory cgroup anew opens them again.
+                peak = int(read(f"{d}/memory.max_usage_in_bytes"))
                 memory_source = "cgroup-v1:memory.max_usage_in_bytes"
                 oom = self._oom_kills(d)
         except (OSError, ValueError, KeyError) as e:
             raise CgroupError(f"cannot read the figures of cgroup {self.path}: {e}") from e
         return CgroupStats(user, sys_, total, peak, oom, cpu_source, memory_source)
 
-    @staticmethod
-    def _oom_kills(d: str) -> int:
+    def _oom_kills(self, d: str) -> int:
         # v1 counts an OOM kill only in the victim's own cgroup, so add the descendants'.
-        total = 0
-        dirs = base.subtree_dirs(d) if base.has_children(d) else (d,)
-        for sub in dirs:
-            ctl = base.read_keyed(f"{sub}/memory.oom_control")
-            if "oom_kill" in ctl:
-                total += ctl["oom_kill"]
-            elif base.read_int(f"{sub}/memory.failcnt") > 0:
-                total += 1  # kernel < 4.13: hitting the limit is the best hint there is
-        return total
+        if not base.has_children(d):
+            return self._oom_kills_of(d, base.parse_keyed(
+                self.read_kept(f"{d}/memory.oom_control")))
+        return sum(self._oom_kills_of(sub, base.read_keyed(f"{sub}/memory.oom_control"))
+                   for sub in base.subtree_dirs(d))
+
+    @staticmethod
+    def _oom_kills_of(d: str, ctl: dict[str, int]) -> int:
+        if "oom_kill" in ctl:
+            return ctl["oom_kill"]
+        # kernel < 4.13: hitting the limit is the best hint there is
+        return 1 if base.read_int(f"{d}/memory.failcnt") > 0 else 0
 
     def cpu_ns(self) -> int | None:
         d = self._dirs.get("cpuacct")
@@ -242,6 +244,10 @@ class V1Cgroup(Cgroup):
                 i = self._hier.index(mem)
                 old, self._procs[i] = self._procs[i], self._open_procs(mem)
                 os.close(old)
+            # So are the figures' files: opened here, off the path of the next run's end.
+            self._forget_kept(mem)
+            for name in ("memory.max_usage_in_bytes", "memory.oom_control"):
+                self._kept_fd(f"{mem}/{name}", os.O_RDONLY)
             if limits.memory_bytes is not None:
                 self._apply_memory(mem, limits.memory_bytes,
                                    swappiness=not self._parent_never_swaps(mem))
