@@ -14,6 +14,7 @@ import pytest
 
 from sandbox.errors import ContainerGoneError, PolicyError, RuntimeSetupError
 from sandbox.runtime.container import Container
+from sandbox.runtime.profiles import format_cpuset, host_cpus
 from sandbox.runtime.requests import ContainerSpec, ExecRequest
 from sandbox.runtime.results import Status
 from testbed import busybox
@@ -588,13 +589,14 @@ def test_a_cpu_quota_ends_with_its_run(session: Session, container: Container) -
         assert r.cpu_ms is not None and r.cpu_ms > 0.75 * r.wall_ms, (r.cpu_ms, r.wall_ms)
 
 
-def test_a_run_joins_a_cpu_cgroup_of_its_own_only_for_a_quota(session: Session,
-                                                                container: Container) -> None:
-    """One cgroup join fewer on a run's path: without a quota the run stays in its
-    container's cpu cgroup (cpuacct still counts its time in its own)."""
+def test_a_run_joins_cpu_and_cpuset_cgroups_of_its_own_only_for_their_limits(
+        session: Session, container: Container) -> None:
+    """Cgroup joins fewer on a run's path: without a quota, or a cpuset of its own, the run
+    stays in its container's cpu or cpuset cgroup (cpuacct still counts its time in its
+    own)."""
     driver = session.runtime.cgroups.driver
-    if driver is None or driver.version != 1 or "cpu" not in driver.controllers:
-        pytest.skip("no cgroup v1 cpu controller here")
+    if driver is None or driver.version != 1 or not {"cpu", "cpuset"} <= driver.controllers:
+        pytest.skip("no cgroup v1 cpu and cpuset controllers here")
 
     def paths(**limits: object) -> dict[str, str]:
         r = sh(session, container, "cat /proc/self/cgroup", **limits)
@@ -602,10 +604,13 @@ def test_a_run_joins_a_cpu_cgroup_of_its_own_only_for_a_quota(session: Session,
         return {ctl: line.split(":", 2)[2] for line in r.stdout.decode().splitlines()
                 for ctl in line.split(":", 2)[1].split(",")}
 
-    plain, quota = paths(), paths(cpu_quota_cores=1.5)
+    plain, own = paths(), paths(cpu_quota_cores=1.5, cpuset="0")
     # The run's own cgroup is where memory and cpuacct have it; init's is the container's.
-    assert plain["cpuacct"] == plain["memory"] != plain["cpu"] == "/init", plain
-    assert quota["cpu"] == quota["cpuacct"] == quota["memory"] != "/init", quota
+    assert plain["cpuacct"] == plain["memory"] != plain["cpu"] == plain["cpuset"] == "/init", \
+        plain
+    assert own["cpu"] == own["cpuset"] == own["cpuacct"] == own["memory"] != "/init", own
+    r = sh(session, container, "grep Cpus_allowed_list /proc/self/status")
+    assert r.stdout.split()[-1].decode() == format_cpuset(host_cpus()), r   # the service's
 
 
 def test_a_filter_that_would_stop_the_childs_own_setup_is_loaded_last(

@@ -496,16 +496,17 @@ def _joined(c: Cgroup, limits: CgroupLimits, cg: Path) -> list[str]:
             for fd in c.join_fds(limits)]
 
 
-def test_v1_a_run_without_a_quota_does_not_join_a_cpu_hierarchy_of_its_own(
+def test_v1_a_run_joins_no_cpu_or_cpuset_cgroup_its_container_has_the_limits_of(
         tmp_path: Path) -> None:
     drv, cg = v1_driver(tmp_path)
     c = drv.create("c").child("r")
     new_v1_cgroup(drv, cg, "c/r")
-    assert _joined(c, CgroupLimits(cpu_quota_us=UNLIMITED), cg) == [
-        "memory", "pids", "cpuacct", "cpuset", "freezer"]
+    (cg / "cpuset/sandboxd/c/cpuset.cpus").write_text("0-1\n")   # the container's CPUs
+    assert _joined(c, CgroupLimits(cpu_quota_us=UNLIMITED, cpuset_cpus="0-1"), cg) == [
+        "memory", "pids", "cpuacct", "freezer"]
     everything = ["memory", "pids", "cpu", "cpuacct", "cpuset", "freezer"]
-    assert _joined(c, CgroupLimits(cpu_quota_us=50_000), cg) == everything
-    assert _joined(c, CgroupLimits(), cg) == everything   # its quota left as it is
+    assert _joined(c, CgroupLimits(cpu_quota_us=50_000, cpuset_cpus="1"), cg) == everything
+    assert _joined(c, CgroupLimits(), cg) == everything   # its limits left as they are
     c.close_procs_fds()
     # Co-mounted with cpuacct, the cpu hierarchy counts the run's CPU time: joined always.
     cg = v1_tree(tmp_path / "co", comounted=True)
@@ -514,7 +515,7 @@ def test_v1_a_run_without_a_quota_does_not_join_a_cpu_hierarchy_of_its_own(
     c = drv.create("c")
     for h in ("memory", "pids", "cpu,cpuacct", "freezer"):
         populate(cg / h / "sandboxd/c", h)
-    assert _joined(c, CgroupLimits(cpu_quota_us=UNLIMITED), cg) == [
+    assert _joined(c, CgroupLimits(cpu_quota_us=UNLIMITED, cpuset_cpus="0-1"), cg) == [
         "memory", "pids", "cpu,cpuacct", "freezer"]
     c.close_procs_fds()
 
