@@ -32,7 +32,7 @@ class V1Cgroup(Cgroup):
         self._cpu_alone, self._cpuset_alone = (
             self._hier.index(d) if d is not None and list(self._dirs.values()).count(d) == 1
             else None for d in (self._dirs.get("cpu"), self._dirs.get("cpuset")))
-        self._parent_cpus: str | None = None   # _stays_on_parent_cpus, once read
+        self._parent_cpus: str | None = None   # _container_cpus, once read
         self._parent_no_swap: bool | None = None   # _parent_never_swaps, once read
 
     def _dir(self, controller: str) -> str:
@@ -112,10 +112,9 @@ class V1Cgroup(Cgroup):
         """The cpuset.cpus of the cgroup above this one (a run's container: its init's,
         copied from it at mkdir by cgroup.clone_children), read once."""
         if self._parent_cpus is None:
-            d = self._hier[self._cpuset_alone] if self._cpuset_alone is not None else ""
             try:
                 self._parent_cpus = base.read_bytes(
-                    f"{os.path.dirname(d)}/cpuset.cpus").decode().strip()
+                    f"{os.path.dirname(self._dir('cpuset'))}/cpuset.cpus").decode().strip()
             except OSError:
                 self._parent_cpus = ""   # unknown: joined
         return self._parent_cpus
