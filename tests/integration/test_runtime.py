@@ -634,3 +634,18 @@ def test_a_filter_that_would_stop_the_childs_own_setup_is_loaded_last(
     assert not c.filter_ahead
     r = sh(session, c, "cd /tmp || echo refused")
     assert r.status == Status.OK and b"refused" in r.stdout, r
+
+
+def test_a_finished_runs_cgroup_is_recycled_without_a_next_exec(session: Session,
+                                                                 container: Container) -> None:
+    """A run's cgroup waits for the container's next exec to be recycled (off the next
+    request's path), and no longer than a few milliseconds when none comes."""
+    if session.runtime.cgroups.driver is None:
+        pytest.skip("no cgroups for sandboxd here")
+    assert sh(session, container, "true").status == Status.OK
+    session.run(container._settle())
+    assert sh(session, container, "true").status == Status.OK
+    [(ended, _)] = container._ended
+    assert all(cg is not ended for cg, _ in container._spares)
+    session.run(asyncio.sleep(0.5))
+    assert container._ended == [] and any(cg is ended for cg, _ in container._spares)
