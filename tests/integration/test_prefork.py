@@ -26,6 +26,8 @@ from tests.conftest import Session
 ENV = {"PATH": "/bin"}
 POLICIES = ("judge", "default")
 _WAIT_S = 5.0   # for init to fork its child once the run's answer is in (not a figure)
+# For it after one run: init forks it right after that run's reset, before the answer.
+_AFTER_RUN_S = 1.0
 # Between runs: longer than init's PREPARE_MIN_GAP_NS (native/init.c), so that it makes
 # the next run's child (back to back it does not).
 PACE_S = 0.05
@@ -44,22 +46,29 @@ def waiting_child(c: Container) -> psutil.Process | None:
     return kids[0] if kids else None
 
 
-def wait_for_child(c: Container) -> psutil.Process:
-    deadline = time.monotonic() + _WAIT_S
-    while (child := waiting_child(c)) is None:
-        assert time.monotonic() < deadline, "init made no child ahead"
+def child_within(c: Container, seconds: float) -> psutil.Process | None:
+    deadline = time.monotonic() + seconds
+    while (child := waiting_child(c)) is None and time.monotonic() < deadline:
         time.sleep(0.01)
     return child
 
 
+def wait_for_child(c: Container) -> psutil.Process:
+    child = child_within(c, _WAIT_S)
+    assert child is not None, "init made no child ahead"
+    return child
+
+
 def prepared(session: Session, c: Container) -> psutil.Process:
-    """Runs `true` as a pool does until init holds the next run's child; that child."""
-    for _ in range(5):
+    """Runs `true` as a pool does until init holds the next run's child; that child. Init
+    makes one only once the container's runs have lately come far enough apart (a moving
+    average), so a run that gave it the next run's cgroup may not be that run yet."""
+    for _ in range(8):
         assert run(session, c, ["true"]).status == Status.OK
         session.run(c._settle())
-        if c._next is not None:
-            return wait_for_child(c)
-    raise AssertionError("no run gave init the next run's cgroup")
+        if c._next is not None and (child := child_within(c, _AFTER_RUN_S)) is not None:
+            return child
+    raise AssertionError("init made no child ahead")
 
 
 @pytest.fixture(params=POLICIES)
