@@ -18,9 +18,9 @@
  * a terminal), chdir, clear the ambient set, setgroups/setresgid/setresuid, clear the
  * remaining capability sets, non-dumpable again (for the mm a vfork child still shares
  * with init), no_new_privs, close every other descriptor, (where child_prepare could not:
- * load the seccomp BPF), execve each candidate path. A failure is written to the close-on-exec error descriptor
- * as "<exit code>:<stage>:<errno>" and the child exits with that code (125 runtime failure,
- * 126 cannot execute, 127 not found).
+ * load the seccomp BPF), execve each candidate path. A failure is written to the
+ * close-on-exec error descriptor as "<exit code>:<stage>:<errno>" and the child exits with
+ * that code (125 runtime failure, 126 cannot execute, 127 not found).
  *
  * Why every piece of inheritable state is set again rather than inherited from init: a run
  * must start as the first run did, whatever an earlier run managed to change.
