@@ -38,7 +38,7 @@ import orjson
 import psutil
 
 from loadtest.baseline import Command, Loops, measure, median, percentile
-from loadtest.http.lean import LeanClient
+from loadtest.http.lean import LeanClient, LeanError, run_ok
 from loadtest.http.service import spawned
 from loadtest.rows import Row, loop_bases, table
 from sandbox.runtime.spawner import INIT_BINARY
@@ -81,11 +81,10 @@ def client(url: str, image: str, policy: str) -> Callable[[], dict[str, Any]]:
         {"image": image, "cmd": ["true"], "policy": policy}))
 
     def one() -> dict[str, Any]:
-        status, data = conn.send(request)
-        result = orjson.loads(data) if status == 200 else {}
-        if result.get("status") != "ok":
-            raise SystemExit(f"{url}: a run of `true` answered {status}: {data[:300]!r}")
-        return dict(result)
+        try:
+            return run_ok(conn, request)
+        except LeanError as e:
+            raise SystemExit(f"{url}: {e}") from None
 
     return one
 

@@ -53,7 +53,7 @@ import psutil
 
 from loadtest.baseline import BenchError, Command, Loops, fastest, flat, measure, median, percentile
 from loadtest.http.driver import closed_loop
-from loadtest.http.lean import LeanClient
+from loadtest.http.lean import LeanClient, LeanError, run_ok
 from loadtest.http.service import spawned
 from loadtest.http.stats import summary
 from loadtest.http.targets import BareEnv, BareTarget, HttpTarget
@@ -83,10 +83,11 @@ def _lean_latency(url: str, image: str, workload: Workload, n: int) -> dict[str,
         start = time.perf_counter()
         for _ in range(n):
             t = time.perf_counter()
-            status, body = client.send(request)
+            try:
+                run_ok(client, request)
+            except LeanError as e:
+                raise BenchError(str(e)) from None
             lat.append((time.perf_counter() - t) * 1000)
-            if status != 200 or orjson.loads(body).get("status") != "ok":
-                raise BenchError(f"a warm run answered {status}: {body[:300]!r}")
         elapsed = time.perf_counter() - start
     return {"warm_run_median_ms": round(median(lat), 3),
             "warm_run_p99_ms": round(percentile(lat, 99), 3),

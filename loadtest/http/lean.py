@@ -14,7 +14,10 @@ and refuses anything else rather than guess.
 from __future__ import annotations
 
 import socket
+from typing import Any
 from urllib.parse import urlsplit
+
+import orjson
 
 _MAX_HEAD = 64 << 10
 
@@ -83,3 +86,13 @@ class LeanClient:
         if not data:
             raise LeanError("the service closed the connection")
         self._buf += data
+
+
+def run_ok(client: LeanClient, request: bytes) -> dict[str, Any]:
+    """One POST /v1/runs (`request`, made by client.request) whose run must end `ok`: its
+    result, or LeanError quoting the answer."""
+    status, body = client.send(request)
+    result = orjson.loads(body) if status == 200 else {}
+    if not isinstance(result, dict) or result.get("status") != "ok":
+        raise LeanError(f"a warm run answered {status}: {body[:300]!r}")
+    return result

@@ -315,16 +315,20 @@ class Container:
         joins by (the cgroup's own: not the run's to close). A spare is past its recycling,
         so the lease names this run's use only."""
         assert self.cgroup is not None
-        if not self._spares:
-            self._recycle_ended()
-        if not self._spares:
+        if (spare := self._pop_spare()) is None:
             cg = self.cgroup.child(f"r-{run_id}")
             cg.apply(limits)
             return cg.lease(), cg.join_fds(limits)
-        cg, applied = self._spares.pop()
+        cg, applied = spare
         if applied != limits:
             cg.apply(limits)
         return cg.lease(), cg.join_fds(limits)
+
+    def _pop_spare(self) -> tuple[Cgroup, CgroupLimits] | None:
+        """A spare, the ended runs' cgroups recycled first when there is none (_release)."""
+        if not self._spares:
+            self._recycle_ended()
+        return self._spares.pop() if self._spares else None
 
     def _take_next(self) -> NextRun | None:
         """What the last exec gave init for this one; whatever this exec is, it is the next
@@ -339,12 +343,9 @@ class Container:
         if self.cgroup is None:
             return NextRun(None), []
         self._prepares = True
-        if not self._spares:
-            self._recycle_ended()
-        if not self._spares:
+        if (spare := self._pop_spare()) is None:
             return None
-        cg, applied = self._spares.pop()
-        return NextRun((cg, applied)), cg.procs_fds()
+        return NextRun(spare), spare[0].procs_fds()
 
     def _forget_next(self, nxt: NextRun, *, sent: bool) -> None:
         """A NextRun init does not hold (its exec was refused, or never sent): its cgroup,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from loadtest.http.lean import LeanClient, LeanError
+from loadtest.http.lean import LeanClient, LeanError, run_ok
 
 
 @contextlib.contextmanager
@@ -65,3 +65,16 @@ def test_what_it_cannot_read_is_refused(given: bytes, says: str) -> None:
     with serving([given]) as (url, _), LeanClient(url) as client, \
             pytest.raises(LeanError, match=says):
         client.send(client.request("GET", "/v1/info"))
+
+
+def test_a_run_must_answer_ok_to_count() -> None:
+    answers = [answer("200 OK", b'{"status":"ok","cpu_ms":0.4}', "Content-Length: 28"),
+               answer("200 OK", b'{"status":"time_limit"}', "Content-Length: 23"),
+               answer("500 Internal Server Error", b"[]", "Content-Length: 2")]
+    with serving(answers) as (url, _), LeanClient(url) as client:
+        req = client.request("POST", "/v1/runs", b"{}")
+        assert run_ok(client, req) == {"status": "ok", "cpu_ms": 0.4}
+        with pytest.raises(LeanError, match="answered 200"):
+            run_ok(client, req)
+        with pytest.raises(LeanError, match="answered 500"):
+            run_ok(client, req)
