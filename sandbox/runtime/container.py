@@ -385,9 +385,10 @@ class Container:
 
     def _release(self, cg: Cgroup, applied: CgroupLimits, reusable: bool) -> None:
         """A run's cgroup once the run is over. The usual case, a cleanly ended run's
-        cgroup recycled as a spare (a few writes, and the memory cgroup made anew), is done
-        on the event loop, after the next exec of this container is sent to init
-        (_recycle_ended): its child then starts in init while the loop would only wait.
+        cgroup recycled as a spare (a few reads and writes; the memory cgroup made anew
+        when the run left more than a little charged to it), is done on the event loop,
+        after the next exec of this container is sent to init (_recycle_ended): its child
+        then starts in init while the loop would only wait.
         Done as the run ended, it lay on the path of the next request of a client that
         sends one as soon as it has its answer (~0.1 ms of its median). A spare is always
         at hand meanwhile (two are kept), and when no exec comes the cgroup is recycled

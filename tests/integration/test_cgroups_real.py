@@ -23,6 +23,7 @@ from sandbox.runtime import syscalls as sc
 from sandbox.runtime.cgroups import UNLIMITED, CgroupLimits, V1Driver, V2Driver, detect
 from sandbox.runtime.cgroups.base import Cgroup
 from sandbox.runtime.cgroups.delegate import delegate_v1, undelegate_v1
+from sandbox.runtime.cgroups.v1 import KEEP_MEMORY_RESIDUE_MAX
 from tests.integration.conftest import cleanup_driver
 
 pytestmark = [
@@ -360,7 +361,8 @@ def test_a_late_kill_does_not_reach_the_next_use(v1: V1Driver,
 
 
 @pytest.mark.parametrize("parent_swappiness", ["0", "37"])
-def test_a_renewed_memory_cgroup_never_swaps(v1: V1Driver, parent_swappiness: str) -> None:
+def test_a_renewed_memory_cgroup_never_swaps(v1: V1Driver, parent_swappiness: str,
+                                            tmp_path: Path) -> None:
     # A recycle makes the run's memory cgroup anew: under a container that does not swap,
     # the kernel copies its swappiness 0 into the new one at mkdir (no write); under one
     # that does, the recycle writes it.
@@ -369,8 +371,57 @@ def test_a_renewed_memory_cgroup_never_swaps(v1: V1Driver, parent_swappiness: st
     Path(f"{mem}/memory.swappiness").write_text(parent_swappiness)
     run = cg.child("r-1")
     run.apply(CgroupLimits(memory_bytes=64 << 20))
-    for _ in range(3):
+    for i in range(3):
+        # page cache charged to it, more than a kept one may hold
+        assert run_to_end(run, "dd", "if=/dev/zero", f"of={tmp_path}/f{i}", "bs=1M",
+                          "count=1", "status=none") == 0
+        ino = os.stat(f"{mem}/r-1").st_ino
         assert run.recycle(CgroupLimits(memory_bytes=64 << 20))
+        assert os.stat(f"{mem}/r-1").st_ino != ino
         assert read(f"{mem}/r-1/memory.swappiness") == "0"
         assert read(f"{mem}/r-1/memory.limit_in_bytes") == str(64 << 20)
+    cg.destroy()
+
+
+def run_to_end(cg: Cgroup, *argv: str) -> int:
+    """argv in cg until it ends, on one CPU: what it leaves of the kernel's per-CPU charge
+    stock is then one CPU's (64 pages), as a short run's usually is."""
+    cpu = min(os.sched_getaffinity(0))
+    p = subprocess.Popen(["/bin/sh", "-c", 'read go && exec "$0" "$@"', *argv],
+                         stdin=subprocess.PIPE,
+                         preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    cg.add_pid(p.pid)
+    go(p)
+    return p.wait()
+
+
+def test_a_memory_cgroup_a_run_left_nearly_empty_serves_the_next_run(v1: V1Driver) -> None:
+    # Kept, not made anew, after a run that freed what it used: the next run's peak starts
+    # at what is left (at most the bound), not at the last run's peak.
+    cg = v1.create("c-keep")
+    run = cg.child("r-1")
+    mem = f"{v1.bases['memory']}/c-keep/r-1"
+    run.apply(CgroupLimits(memory_bytes=64 << 20))
+    ino = os.stat(mem).st_ino
+    assert run_to_end(run, "dd", "if=/dev/zero", "of=/dev/null", "bs=8M", "count=1",
+                      "status=none") == 0
+    assert (run.stats().memory_peak_bytes or 0) >= 8 << 20
+    assert run.recycle(CgroupLimits(memory_bytes=64 << 20))
+    assert os.stat(mem).st_ino == ino
+    assert (run.stats().memory_peak_bytes or 0) <= KEEP_MEMORY_RESIDUE_MAX
+    assert run_to_end(run, "dd", "if=/dev/zero", "of=/dev/null", "bs=2M", "count=1",
+                      "status=none") == 0
+    assert 2 << 20 <= (run.stats().memory_peak_bytes or 0) < 8 << 20
+    # A lower limit is written in place and holds: the next run is OOM-killed at it.
+    assert run.recycle(CgroupLimits(memory_bytes=16 << 20))
+    assert os.stat(mem).st_ino == ino
+    assert read(f"{mem}/memory.limit_in_bytes") == str(16 << 20)
+    assert run_to_end(run, "dd", "if=/dev/zero", "of=/dev/null", "bs=32M", "count=1",
+                      "status=none") == -signal.SIGKILL
+    assert run.stats().oom_kills == 1
+    # An OOM kill's count cannot be reset: made anew, the next run's figures start at 0.
+    assert run.recycle(CgroupLimits(memory_bytes=16 << 20))
+    assert os.stat(mem).st_ino != ino
+    s = run.stats()
+    assert (s.oom_kills, s.memory_peak_bytes) == (0, 0)
     cg.destroy()

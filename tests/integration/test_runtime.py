@@ -131,6 +131,23 @@ def test_runs_after_one_another_are_measured_and_limited_each_on_its_own(
         assert r.cpu_ms < heavy.cpu_ms / 8
 
 
+def test_a_file_left_in_tmp_counts_in_no_later_runs_peak(session: Session,
+                                                        container: Container) -> None:
+    """A file a run leaves in its container (a session's /tmp) stays charged to the memory
+    cgroup it was written from. A run cgroup that served that run is made anew for the
+    next (KEEP_MEMORY_RESIDUE_MAX): the file counts in no later run's peak or limit."""
+    if session.runtime.cgroups.driver is None:
+        pytest.skip("no cgroups: nothing is reused")
+    assert sh(session, container, "dd if=/dev/zero of=/tmp/left bs=1M count=4").status \
+        == Status.OK
+    # Spares are taken last in, first out: of three runs after one, one gets its cgroup.
+    after = [sh(session, container, "true") for _ in range(3)]
+    for r in after:
+        assert r.status == Status.OK and r.memory_peak_bytes is not None
+        assert r.memory_peak_bytes < 2 << 20
+    sh(session, container, "rm /tmp/left")
+
+
 def test_fork_bomb_held_by_pids(session: Session, container: Container) -> None:
     r = sh(session, container, "b() { b | b & }; b; sleep 1; echo survived", pids=20,
            wall_ms=5000)

@@ -21,6 +21,7 @@ from sandbox.runtime.cgroups import UNLIMITED, CgroupLimits, V1Driver, V2Driver,
 from sandbox.runtime.cgroups.base import Cgroup
 from sandbox.runtime.cgroups.delegate import delegate_v1, systemd_recipe_v2, undelegate_v1
 from sandbox.runtime.cgroups.detect import parse_mountinfo, parse_proc_cgroup
+from sandbox.runtime.cgroups.v1 import KEEP_MEMORY_RESIDUE_MAX
 from sandbox.runtime.container import (
     CONTAINER_OVERHEAD_BYTES,
     CONTAINER_OVERHEAD_PIDS,
@@ -87,7 +88,8 @@ V1_FILES: dict[str, dict[str, str]] = {
     "memory": {"memory.limit_in_bytes": "9223372036854771712\n",
                "memory.memsw.limit_in_bytes": "9223372036854771712\n",
                "memory.swappiness": "60\n", "memory.max_usage_in_bytes": "7966720\n",
-               "memory.failcnt": "0\n", "memory.oom_control": MEMORY_OOM_CONTROL.format(n=0)},
+               "memory.usage_in_bytes": "0\n", "memory.failcnt": "0\n",
+               "memory.oom_control": MEMORY_OOM_CONTROL.format(n=0)},
     "pids": {"pids.max": "max\n", "pids.current": "0\n"},
     "cpu": {"cpu.cfs_quota_us": "-1\n", "cpu.cfs_period_us": "100000\n"},
     "cpuacct": {"cpuacct.usage": "44208287620\n", "cpuacct.usage_user": "28183878936\n",
@@ -722,7 +724,8 @@ def test_v1_recycle_resets_cpu_time_and_renews_the_memory_cgroup(
     c = drv.create("c-1").child("r-1")
     new_v1_cgroup(drv, cg, "c-1/r-1")
     mem = cg / "memory/sandboxd/c-1/r-1"
-    (mem / "memory.usage_in_bytes").write_text("262144\n")  # charges a new one would not have
+    # More charged than the next run may be given (slab, page cache, a file in /tmp)
+    (mem / "memory.usage_in_bytes").write_text(f"{KEEP_MEMORY_RESIDUE_MAX + 4096}\n")
     monkeypatch.setattr(base, "rmdir", shutil.rmtree)
     real_mkdir = os.mkdir
 
@@ -751,13 +754,75 @@ def test_v1_recycle_under_a_parent_that_does_not_swap_writes_no_swappiness(
     c, cg = renewable_v1_run(tmp_path, monkeypatch)
     (cg / "memory/sandboxd/c-1/memory.swappiness").write_text("0\n")
     for _ in range(2):
+        (cg / "memory/sandboxd/c-1/r-1/memory.failcnt").write_text("3\n")   # not kept
         writes.clear()
         assert c.recycle(CgroupLimits(memory_bytes=64 << 20))
         assert [Path(p).name for p, _ in writes] == ["cpuacct.usage", "memory.limit_in_bytes",
                                                      "memory.memsw.limit_in_bytes"]
     # Read once: the parent's file is not opened again.
     (cg / "memory/sandboxd/c-1/memory.swappiness").unlink()
+    (cg / "memory/sandboxd/c-1/r-1/memory.failcnt").write_text("3\n")
     assert c.recycle(CgroupLimits(memory_bytes=64 << 20))
+
+
+def kept_v1_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                ) -> tuple[Cgroup, Path, list[str]]:
+    """A v1 run cgroup with a 64 MiB limit that recycle may keep or make anew; the list
+    records the memory cgroups it removed."""
+    c, cg = renewable_v1_run(tmp_path, monkeypatch)
+    removed: list[str] = []
+    monkeypatch.setattr(base, "rmdir", lambda d: (removed.append(d), shutil.rmtree(d)))
+    c.apply(CgroupLimits(memory_bytes=64 << 20))
+    return c, cg / "memory/sandboxd/c-1/r-1", removed
+
+
+def test_v1_recycle_keeps_a_memory_cgroup_the_run_left_nearly_empty(
+        tmp_path: Path, writes: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a run leaves charged after its end is mostly the per-CPU charge stock and slab
+    # freed late: within the bound, the memory cgroup serves the next run with its
+    # watermark reset (to that usage), rather than a rmdir and mkdir.
+    c, mem, removed = kept_v1_run(tmp_path, monkeypatch)
+    (mem / "memory.usage_in_bytes").write_text(f"{KEEP_MEMORY_RESIDUE_MAX}\n")
+    writes.clear()
+    assert c.recycle(CgroupLimits(memory_bytes=64 << 20))
+    assert [(Path(p).name, d) for p, d in writes] == [("cpuacct.usage", "0"),
+                                                      ("memory.max_usage_in_bytes", "0")]
+    assert removed == []
+    # Another limit is written in place, lowered in the order the kernel accepts.
+    writes.clear()
+    assert c.recycle(CgroupLimits(memory_bytes=32 << 20))
+    assert [(Path(p).name, d) for p, d in writes] == [
+        ("cpuacct.usage", "0"), ("memory.limit_in_bytes", str(32 << 20)),
+        ("memory.memsw.limit_in_bytes", str(32 << 20)), ("memory.max_usage_in_bytes", "0")]
+    assert removed == []
+    # No limit at all: the memory cgroup is made anew, without one.
+    writes.clear()
+    assert c.recycle(CgroupLimits())
+    assert removed == [str(mem)]
+    assert [Path(p).name for p, _ in writes] == ["cpuacct.usage"]
+
+
+@pytest.mark.parametrize("left", [
+    {"memory.usage_in_bytes": f"{KEEP_MEMORY_RESIDUE_MAX + 4096}\n"},
+    {"memory.failcnt": "1\n"},
+    {"memory.oom_control": MEMORY_OOM_CONTROL.format(n=1)},
+], ids=["usage", "failcnt", "oom_kill"])
+def test_v1_recycle_makes_anew_a_memory_cgroup_with_more_in_it(
+        tmp_path: Path, writes: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch,
+        left: dict[str, str]) -> None:
+    # More than the bound charged (it would count in the next run's peak and against its
+    # limit), a limit hit or an OOM kill (whose count cannot be reset): a new one.
+    c, mem, removed = kept_v1_run(tmp_path, monkeypatch)
+    for name, text in left.items():
+        (mem / name).write_text(text)
+    writes.clear()
+    assert c.recycle(CgroupLimits(memory_bytes=64 << 20))
+    assert removed == [str(mem)]
+    assert [Path(p).name for p, _ in writes] == [
+        "cpuacct.usage", "memory.limit_in_bytes", "memory.memsw.limit_in_bytes",
+        "memory.swappiness"]
+    assert (mem / "memory.failcnt").read_text() == "0\n"
+    assert c.stats().oom_kills == 0
 
 
 def test_v1_counters_kept_open_and_the_renewed_memory_cgroup(

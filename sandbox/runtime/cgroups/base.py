@@ -28,9 +28,10 @@ _READ_SIZE = 65536
 _KEPT_READ_SIZE = 4096  # a counter or a few keyed lines; a longer text is read again whole
 # The most control files read_kept and write_kept keep open in one cgroup (v1: pids.current
 # and cpuacct's usage, usage_user and usage_sys; cpuacct.usage again, for its reset; the
-# memory cgroup's max_usage_in_bytes and oom_control): with a cgroup.procs per hierarchy,
-# all a run cgroup holds (a leak check's bound, loadtest/soakcheck.py).
-KEPT_FILES_MAX = 7
+# memory cgroup's max_usage_in_bytes, oom_control, usage_in_bytes and failcnt, and
+# max_usage_in_bytes again, for its reset): with a cgroup.procs per hierarchy, all a run
+# cgroup holds (a leak check's bound, loadtest/soakcheck.py).
+KEPT_FILES_MAX = 10
 # An empty container cgroup unchanged this long belongs to no live instance: another
 # instance's start removes it (engine/records.py). Cgroups made ahead of a container
 # (spawnerclient) are used only while well younger than that.
@@ -133,9 +134,9 @@ class Cgroup(ABC):
         read until close_procs_fds. cgroupfs (kernfs) makes a file's text anew at every
         read from offset 0, so a pread there reads what a new open would (the value now),
         in one system call rather than an open, a read and a close: a run's end reads four
-        of them in a cgroup that serves run after run (v1's pids and cpuacct; not a file
-        of a directory made anew for each run, as v1's memory cgroup is, which would be
-        opened as often as before). A removed cgroup's file reads ENODEV.
+        of them in a cgroup that serves run after run (v1's pids, cpuacct and memory; a
+        memory cgroup made anew has its files opened by the recycle that makes it). A
+        removed cgroup's file reads ENODEV.
 
         Kept files are closed only by destroy and close_procs_fds, once no run uses the
         cgroup any more: a descriptor is never closed under a reader."""
