@@ -19,9 +19,10 @@ from sandbox.runtime.cgroups.base import Cgroup, CgroupDriver, CgroupLimits, Cgr
 CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "cpuset", "freezer")
 _FREEZE_TIMEOUT_S = 1.0
 # The most a run may leave charged to its memory cgroup for the next run to get it as it is
-# (watermark reset) rather than made anew: 64 pages of per-CPU charge stock on two CPUs, or
-# slab freed after the run's end, or a page it read first. It counts in the next run's peak
-# and against its limit, as a new memory cgroup's first 64-page charge already rounds a peak.
+# (watermark reset) rather than made anew: the kernel's per-CPU charge stock (64 pages on
+# each CPU the run charged on), slab freed after the run's end, a page it read first. It
+# counts in the next run's peak and against its limit, as a new memory cgroup's first
+# 64-page charge already rounds a peak up.
 KEEP_MEMORY_RESIDUE_MAX = 512 << 10
 
 
@@ -272,7 +273,7 @@ class V1Cgroup(Cgroup):
                     or self._oom_kills_of(mem, base.parse_keyed(
                         read(f"{mem}/memory.oom_control")))):
                 return False
-        except (OSError, ValueError):   # a kernel without one of them: made anew
+        except (OSError, ValueError, CgroupError):   # a kernel without one: made anew
             return False
         if limits.memory_bytes != self._memory_limit:
             # A limit to lift, or one whose swappiness was never written: made anew.
