@@ -79,6 +79,9 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.images.store.catalog import transaction as sqlite_transaction  # noqa: F401
     from sandbox.runtime.cgroups.hostsetup import setup_host as setup_host
     from sandbox.runtime.cgroups.hostsetup import undo_host_setup as undo_host_setup
+    from sandbox.runtime.cgroups.v1 import (  # noqa: F401
+        KEEP_MEMORY_RESIDUE_MAX as MEMORY_PEAK_CARRY_MAX,
+    )
     from sandbox.runtime.hostinfo import report as host_report  # noqa: F401
     from sandbox.runtime.network import Allowlist as Allowlist
     from sandbox.runtime.network import NetworkRequest as NetworkRequest
@@ -145,6 +148,7 @@ _HOMES = {
     "InvalidReference": "sandbox.errors",
     "LOCAL_TENANT": "sandbox.tenants:LOCAL",
     "MAX_CHANGES": "sandbox.images.changes",
+    "MEMORY_PEAK_CARRY_MAX": "sandbox.runtime.cgroups.v1:KEEP_MEMORY_RESIDUE_MAX",
     "MAX_PIPELINE_CAPTURE_BYTES": "sandbox.engine.pipeline:MAX_CAPTURE_BYTES",
     "MAX_PIPELINE_PROCESSES": "sandbox.engine.pipeline:MAX_PROCESSES",
     "MAX_CHANGE_BYTES": "sandbox.images.changes",

@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from sandbox import MEMORY_PEAK_CARRY_MAX, Status
 from sandbox import RunResult as EngineResult
-from sandbox import Status
 
 Text = Annotated[str, Meta(max_length=1 << 16)]
 Output = Annotated[str, Meta(max_length=1 << 40)]   # encoded as output_encoding says
@@ -88,7 +88,11 @@ class RunResult(Part):
     user_ms: float | None
     sys_ms: float | None
     wall_ms: float | None
-    memory_peak_bytes: int | None
+    memory_peak_bytes: Annotated[int, Meta(description=(
+        "the run's peak memory, from its cgroup where measured_by says so; the kernel charges "
+        "memory in batches of 64 pages, and on cgroup v1 the peak may count up to "
+        f"{MEMORY_PEAK_CARRY_MAX >> 10} KiB that the container's run before left charged"
+    ))] | None
     setup_ms: float | None
     measured_by: dict[str, str | None]
     image: str
