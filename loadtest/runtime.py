@@ -11,7 +11,9 @@ no verdict. Per policy (`--policy`, both by default):
   service's pools do (host-side latency, from the call to the returned result),
   sequential (back to back, and 30 ms apart: init then makes each next run's child
   ahead) and 2 at once, beside the bare loops of the same binary at the same
-  concurrency;
+  concurrency. The back-to-back runs of every policy take turns, in bursts of 20 (each
+  burst's first run untimed: its container was idle through the other's turn), so that
+  the VM's drift over the minutes of a run falls on each policy alike;
 - cold start: create_container until ready, beside the bare loops of a busybox `unshare`
   of the same namespaces;
 - idle memory: USS of idle containers' inits, each with the next run's child it holds after
@@ -97,6 +99,7 @@ IDLE_WAIT_S = 1.0
 # ahead (back to back, or at the rate of the HTTP benchmarks, it does not: native/init.c,
 # PREPARE_MIN_GAP_NS).
 SPACED_S = 0.03
+EXEC_BURST = 20   # back-to-back execs of one policy before the next policy's turn
 DEVNULL_STDIO = [
     (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
     (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
@@ -224,23 +227,62 @@ def bare_loops(root: Path, n: Counts) -> tuple[Bare, dict[str, Any]]:
     return bare, fig
 
 
+@dataclass
+class BackToBack:
+    """One policy's timed back-to-back warm execs of `true` (sequential_execs)."""
+
+    latency: list[float]
+    results: list[RunResult]
+    ms: float = 0.0         # the time of its timed runs, for the rate
+    prepared: int = 0       # through the child init made ahead
+    fallbacks: int = 0      # asked for it, took the vfork path
+
+
+async def sequential_execs(runtime: Runtime, root: Path, n: Counts,
+                           policies: tuple[str, ...]) -> dict[str, BackToBack]:
+    """n.runs back-to-back execs per policy, one warm container each, the policies taking
+    turns in bursts of EXEC_BURST (order swapped each round). One policy's series after
+    another's showed this VM's drift over the minutes between them as a difference
+    between the policies. Each burst's first run is not timed: its container was idle
+    through the other policies' turns, which init may use to make its next child ahead."""
+    cs: dict[str, Container] = {}
+    try:
+        for policy in policies:
+            cs[policy] = await create(runtime, root, policy)
+            await exec_loop(cs[policy], n.warmup)
+        got = {p: BackToBack([], []) for p in policies}
+        order = list(policies)
+        while any(len(b.latency) < n.runs for b in got.values()):
+            for policy in order:
+                c, b = cs[policy], got[policy]
+                burst = min(EXEC_BURST, n.runs - len(b.latency))
+                if burst == 0:
+                    continue
+                await checked_exec(c, TRUE, reset_after=True)
+                counted = c.prepared_runs, c.prepare_fallbacks
+                for _ in range(burst):
+                    t0 = time.monotonic_ns()
+                    b.results.append(await checked_exec(c, TRUE, reset_after=True))
+                    b.latency.append(ms_since(t0))
+                    b.ms += b.latency[-1]
+                b.prepared += c.prepared_runs - counted[0]
+                b.fallbacks += c.prepare_fallbacks - counted[1]
+            order.reverse()
+        return got
+    finally:
+        for c in cs.values():
+            await c.destroy()
+
+
 async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str,
-                     bare: Bare) -> tuple[list[Row], dict[str, Any]]:
+                     bare: Bare, seq: BackToBack) -> tuple[list[Row], dict[str, Any]]:
     half = max(1, n.runs // 2)
+    results, latency = seq.results, seq.latency
+    warm_rate = len(latency) / (seq.ms / 1000)
+    prepared, fallbacks = seq.prepared, seq.fallbacks
     c = await create(runtime, root, policy)
     try:
         await exec_loop(c, n.warmup)
-        results: list[RunResult] = []
-        latency: list[float] = []
-        counted = c.prepared_runs, c.prepare_fallbacks
-        t_all = time.monotonic_ns()
-        for _ in range(n.runs):
-            t0 = time.monotonic_ns()
-            results.append(await checked_exec(c, TRUE, reset_after=True))
-            latency.append(ms_since(t0))
-        warm_rate = n.runs / (ms_since(t_all) / 1000)
-        prepared = c.prepared_runs - counted[0]
-        fallbacks = c.prepare_fallbacks - counted[1]
         spaced_results: list[RunResult] = []
         spaced: list[float] = []
         counted = c.prepared_runs, c.prepare_fallbacks
@@ -651,12 +693,18 @@ async def run(n: Counts, policies: tuple[str, ...],
         fig = host_info(runtime, n) | {"policy_list": list(policies)} | fig
         rows: list[Row] = []
         per_policy: dict[str, dict[str, Any]] = {p: {} for p in policies}
-        for what, step in (("exec", bench_exec), ("cold start", bench_cold)):
-            for policy in policies:
-                progress(quiet, f"{what}, {policy}")
-                more_rows, more = await step(runtime, root, n, policy, bare)
-                rows += more_rows
-                per_policy[policy] |= more
+        progress(quiet, "exec back to back, the policies in turns")
+        seq = await sequential_execs(runtime, root, n, policies)
+        for policy in policies:
+            progress(quiet, f"exec, {policy}")
+            more_rows, more = await bench_exec(runtime, root, n, policy, bare, seq[policy])
+            rows += more_rows
+            per_policy[policy] |= more
+        for policy in policies:
+            progress(quiet, f"cold start, {policy}")
+            more_rows, more = await bench_cold(runtime, root, n, policy, bare)
+            rows += more_rows
+            per_policy[policy] |= more
         for policy in policies:
             progress(quiet, f"idle memory, {policy}")
             more_rows, more = await bench_idle(runtime, root, n, policy)
