@@ -190,10 +190,13 @@ class V1Cgroup(Cgroup):
     def _oom_kills(self, d: str) -> int:
         # v1 counts an OOM kill only in the victim's own cgroup, so add the descendants'.
         if not base.has_children(d):
-            return self._oom_kills_of(d, base.parse_keyed(
-                self.read_kept(f"{d}/memory.oom_control")))
+            return self._own_oom_kills(d)
         return sum(self._oom_kills_of(sub, base.read_keyed(f"{sub}/memory.oom_control"))
                    for sub in base.subtree_dirs(d))
+
+    def _own_oom_kills(self, d: str) -> int:
+        """The OOM kills counted in memory cgroup d itself, through its kept oom_control."""
+        return self._oom_kills_of(d, base.parse_keyed(self.read_kept(f"{d}/memory.oom_control")))
 
     @staticmethod
     def _oom_kills_of(d: str, ctl: dict[str, int]) -> int:
@@ -269,9 +272,7 @@ class V1Cgroup(Cgroup):
         read = self.read_kept
         try:
             if (int(read(f"{mem}/memory.usage_in_bytes")) > KEEP_MEMORY_RESIDUE_MAX
-                    or int(read(f"{mem}/memory.failcnt"))
-                    or self._oom_kills_of(mem, base.parse_keyed(
-                        read(f"{mem}/memory.oom_control")))):
+                    or int(read(f"{mem}/memory.failcnt")) or self._own_oom_kills(mem)):
                 return False
         except (OSError, ValueError, CgroupError):   # a kernel without one: made anew
             return False
