@@ -24,12 +24,17 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import tenacity
 
 from tests.service.conftest import Service
 from tests.service.test_api_build import Files, build, context, image_of
 from tests.support.images import Tools
 
 ROOT = os.geteuid() == 0
+# buildah's re-exec into its chroot copies itself into a memfd and seals it; the kernel
+# refuses the seal (EBUSY) while another CPU's LRU batch still holds a page of the copy,
+# which a loaded 2-core CI machine hits now and then. Seen once in CI; the build is sound.
+BUILDAH_TRANSIENT = "sealing memfd copy: Device or resource busy"
 # Run config fields a Dockerfile sets and every builder must write alike (Docker's
 # image spec, v1.2). Empty and absent are the same: builders differ in which they write.
 RUN_FIELDS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels", "ExposedPorts",
@@ -313,12 +318,18 @@ class Buildah:
         self.argv = ["buildah", "--root", str(self.storage[0]), "--runroot",
                      str(self.storage[1]), "--storage-driver", "vfs"]
 
-    def build(self, context_dir: Path, layout: Path, build_args: tuple[str, ...]
-              ) -> dict[str, Any]:
-        """Build, write the image to `layout` (tag "theirs"); returns its Docker config."""
+    @tenacity.retry(retry=tenacity.retry_if_exception(
+                        lambda e: BUILDAH_TRANSIENT in str(e)),
+                    stop=tenacity.stop_after_attempt(3), reraise=True)
+    def _build(self, context_dir: Path, build_args: tuple[str, ...]) -> None:
         args = [a for arg in build_args for a in ("--build-arg", arg)]
         self.tools.run(*self.argv, "build", "--quiet", "--isolation", "chroot", "--format",
                        "docker", "--tls-verify=false", *args, "-t", "cmp", str(context_dir))
+
+    def build(self, context_dir: Path, layout: Path, build_args: tuple[str, ...]
+              ) -> dict[str, Any]:
+        """Build, write the image to `layout` (tag "theirs"); returns its Docker config."""
+        self._build(context_dir, build_args)
         # An OCI layout holds the OCI config, which has no Healthcheck, Shell or OnBuild:
         # the fields come from the Docker config buildah keeps beside it.
         self.tools.run(*self.argv, "push", "--quiet", "cmp", f"oci:{layout}:theirs")
