@@ -453,16 +453,66 @@ def _dispatched(whole: bytes, default: int, native: int,
     """The same decisions as `whole` in fewer instructions (bpf.dispatched): the syscalls
     with argument conditions go on to a libseccomp program of their rules alone."""
     conditional = frozenset(n for _, r, _ in rules if r.args for n in r.names) - skipped
-    rest = _libseccomp_bpf(default, [native],
-                           [(i, replace(r, names=tuple(n for n in r.names if n in conditional)),
-                             action) for i, r, action in rules
-                            if r.args or conditional.intersection(r.names)], skipped)
+    by_word = {n: d for n in sorted(conditional)
+               if (d := _word_decision(native, n, rules, default)) is not None}
+    left = conditional - by_word.keys()
     deferred = frozenset(int(seccomp.resolve_syscall(native, n)) for n in conditional)
+    cases = _argument_cases(native, rules, conditional)
+    cases += [c for d in by_word.values() for c in _word_cases(native, d)]
     try:
+        rest = bpf.word_decisions(native, list(by_word.values())) if by_word else b""
+        rest += _libseccomp_bpf(default, [native],
+                                [(i, replace(r, names=tuple(n for n in r.names if n in left)),
+                                  action) for i, r, action in rules
+                                 if left.intersection(r.names)], skipped)
         return bpf.dispatched(whole, rest, arch=native, deferred=deferred, newest=newest,
-                              cases=_argument_cases(native, rules, conditional))
+                              cases=cases)
     except bpf.BPFError:
         return None   # an instruction the interpreter does not follow: libseccomp's as it is
+
+
+# A word decision's cubes cost up to three instructions each, libseccomp's rules at least
+# as much; past this many the dispatcher's short jumps would not reach.
+_WORD_CUBES_MAX = 16
+
+
+def _word_decision(native: int, name: str, rules: list[tuple[int, SyscallRule, int]],
+                   default: int) -> bpf.WordDecision | None:
+    """`name`'s rules as a bpf.WordDecision when they all give one action by masking one
+    argument's low 32 bits (a mask and value with no high bit, so libseccomp's test of the
+    high word always holds): tested as the words the rules match or as those they do not,
+    whichever takes fewer cubes (ioctl's 32 rules leave 2 words). None when neither is
+    short (libseccomp's program decides it)."""
+    mine = [(r.args, action) for _, r, action in rules if name in r.names]
+    if {action for _, action in mine} != {mine[0][1]} or any(len(a) != 1 for a, _ in mine):
+        return None
+    conds = [a[0] for a, _ in mine]
+    if any(c.op != "SCMP_CMP_MASKED_EQ" or c.index != conds[0].index
+           or max(c.value, c.value_two) > bpf.WORD or c.value_two & ~c.value for c in conds):
+        return None
+    # Docker's masked comparison: "value" is the mask, "valueTwo" what the masked word equals.
+    matched = [(c.value, c.value_two) for c in conds]
+    unmatched = bpf.complement(matched, limit=len(matched) - 1)
+    decision = bpf.WordDecision(nr=int(seccomp.resolve_syscall(native, name)),
+                                index=conds[0].index, cubes=tuple(matched),
+                                action=mine[0][1], otherwise=default)
+    if unmatched is not None:
+        return replace(decision, cubes=tuple(unmatched), action=default, otherwise=mine[0][1])
+    return decision if len(matched) <= _WORD_CUBES_MAX else None
+
+
+def _word_cases(native: int, d: bpf.WordDecision) -> list[bpf.Case]:
+    """Each cube's word, its neighbours and its free bits all set, under high words of
+    0 and all ones (the rules' masks ignore them: libseccomp's program must too)."""
+    cases = []
+    for mask, value in d.cubes:
+        for word in (value, value - 1, value + 1, value | (~mask & bpf.WORD)):
+            for high in (0, bpf.WORD):
+                for fill in (0, 0xFFFFFFFFFFFFFFFF):
+                    args = [fill] * 6
+                    args[d.index] = high << 32 | (word & bpf.WORD)
+                    cases.append(bpf.Case(d.nr, native, tuple(args)))
+    return cases
 
 
 def _argument_cases(native: int, rules: list[tuple[int, SyscallRule, int]],

@@ -5,6 +5,7 @@ what it builds (the policy's real syscalls under it: tests/unit/test_seccomp.py)
 from __future__ import annotations
 
 import errno
+import random
 from dataclasses import replace
 from typing import Any
 
@@ -41,7 +42,8 @@ def cases() -> list[bpf.Case]:
     """Every number up to past any syscall, x32's, another architecture's, and the
     argument values the built-in and Docker's rules compare."""
     values = (0, 1, 2, 3, 4, 8, 10, 16, 17, 40, 0x5412, 0x541C, 0x80000000, 0xFFFFFFFF,
-              0x7E020000, 0x10000, 2**64 - 1, 2**64 - 4)
+              0x7E020000, 0x10000, 2**64 - 1, 2**64 - 4, 1 << 32 | 0x5412,
+              0xFFFFFFFF00000000 | 0x541C, 0x7E020000 | 0x11, 1 << 32 | 0x7E020000)
     out = [bpf.Case(n, NATIVE) for n in range(1100)]
     out += [bpf.Case(n, NATIVE) for n in (0x3FFFFFFF, 0x40000000, 0x40000027, 0xFFFFFFFF)]
     out += [bpf.Case(n, I386) for n in range(0, 450, 7)]
@@ -153,6 +155,107 @@ def test_a_tree_of_many_ranges_takes_long_jumps_and_loads() -> None:
     assert value_in_child(program, lambda: syscall("getpid")) > 0
     assert value_in_child(program, lambda: syscall(denied, 0, 0, 0)) == -errno.EPERM
     assert value_in_child(program, lambda: syscall(1000, 0, 0, 0)) == -errno.EPERM
+
+
+def in_cubes(word: int, cubes: list[bpf.Cube]) -> bool:
+    return any(word & m == v for m, v in cubes)
+
+
+IOCTL_RULES = [(1 << b, (0x5410 ^ 1 << b) & 1 << b) for b in range(4, 32)] + [
+    (0xF, v) for v in range(16) if v not in (0x2, 0xC)]
+
+
+def test_the_complement_of_cubes_is_the_words_none_of_them_holds() -> None:
+    # The default policy's ioctl rules (one per bit that differs from 0x5410, then the low
+    # nibbles): all that is left is TIOCSTI and TIOCLINUX.
+    assert bpf.complement(IOCTL_RULES, limit=8) == [(0xFFFFFFFF, 0x5412), (0xFFFFFFFF, 0x541C)]
+    assert bpf.complement([(0, 0)], limit=8) == []            # a cube of every word
+    assert bpf.complement([], limit=8) == [(0, 0)]            # no cube: every word is left
+    assert bpf.complement([(1, 1)], limit=8) == [(1, 0)]
+    # The words two one-bit cubes leave take one cube; the bits' other three, none.
+    assert bpf.complement([(0x10, 0), (0x1, 1)], limit=8) == [(0x11, 0x10)]
+    seven_points = [(0x7, v) for v in range(8) if v != 5]
+    assert bpf.complement(seven_points, limit=8) == [(0x7, 5)]
+    # More than the limit allows (the 16 odd-parity 5-bit words, no two of them neighbours,
+    # take 16 cubes), or a search past its budget: none.
+    even = [(0x1F, v) for v in range(32) if v.bit_count() % 2 == 0]
+    assert len(bpf.complement(even, limit=16) or ()) == 16
+    assert bpf.complement(even, limit=8) is None
+    assert bpf.complement(IOCTL_RULES, limit=8, budget=10) is None
+    # A word is in the complement exactly when no cube holds it: random sets of cubes that
+    # fix bits among the low 12 and bit 31, checked on every word those bits make.
+    rng = random.Random(7)
+    for _ in range(40):
+        cubes = [(m, rng.getrandbits(32) & m) for m in
+                 (rng.getrandbits(12) & rng.getrandbits(12) | rng.getrandbits(1) << 31
+                  for _ in range(rng.randint(1, 12)))]
+        left = bpf.complement(cubes, limit=10_000, budget=1_000_000)
+        assert left is not None
+        for word in (w | top for w in range(4096) for top in (0, 1 << 31)):
+            assert in_cubes(word, cubes) != in_cubes(word, left), (cubes, hex(word))
+
+
+def ioctl_cost(profile: SeccompProfile, *, rules: bool) -> int:
+    """Instructions of the profile as compiled, with ioctl's rules or ioctl allowed."""
+    kept = [r for r in profile.syscalls if "ioctl" not in r.names or rules]
+    if not rules:
+        kept.append(replace(profile.syscalls[0], names=("ioctl",), action="SCMP_ACT_ALLOW",
+                            args=()))
+    return bpf.length(compile_profile(replace(profile, syscalls=tuple(kept))).bpf)
+
+
+def test_ioctls_rules_cost_a_few_comparisons_not_one_per_rule() -> None:
+    # libseccomp spends ~3 instructions on each of ioctl's 32 rules (~100 loaded per exec);
+    # their two exceptions, tested on the low word, take a handful.
+    profile = load_profile(builtin_profile_path("default"))
+    assert ioctl_cost(profile, rules=True) - ioctl_cost(profile, rules=False) < 12
+
+
+@pytest.mark.parametrize("wrong", [[(0xFFFFFFFF, 0x5413)], [(0xFFFF0000, 0x10000)]])
+def test_a_word_decision_that_would_decide_otherwise_is_refused(
+        monkeypatch: pytest.MonkeyPatch, wrong: list[bpf.Cube]) -> None:
+    # Exceptions that hold words the rules allow (computed wrong): checked against
+    # libseccomp's whole program at each of them, the program is refused, and libseccomp's
+    # rest decides ioctl. (Exceptions that miss a word only complement's correctness
+    # guards: tests above.)
+    profile = load_profile(builtin_profile_path("default"))
+    right = compile_profile(profile).bpf
+    real = bpf.complement
+
+    def complement(cubes: list[bpf.Cube], **kw: Any) -> list[bpf.Cube] | None:
+        left = real(cubes, **kw)
+        return wrong if left == [(0xFFFFFFFF, 0x5412), (0xFFFFFFFF, 0x541C)] else left
+
+    monkeypatch.setattr(bpf, "complement", complement)
+    dispatched, whole = compiled(profile, monkeypatch)
+    assert bpf.length(dispatched) > bpf.length(right)
+    assert_same_decisions(dispatched, whole)
+
+
+def test_a_word_decision_of_many_rules_is_tested_as_the_rules(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # clone's one rule (no namespace flag) leaves seven cubes: tested as the rule instead.
+    # The first 200 syscalls allowed besides: one range, where the dispatcher pays.
+    names = [seccomp_mod.seccomp.resolve_syscall(NATIVE, n).decode() for n in range(200)
+             if n not in (nr("clone"), nr("ioctl"))]
+    raw = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": names, "action": "SCMP_ACT_ALLOW"},
+        {"names": ["clone"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 0, "value": 0x7E020000, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]},
+        {"names": ["ioctl"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13,
+         "args": [{"index": 1, "value": 0xFFFFFFFF, "valueTwo": 0x5412,
+                   "op": "SCMP_CMP_MASKED_EQ"}]}]}
+    profile = seccomp_mod._parse_profile(raw, "words")
+    dispatched, whole = compiled(profile, monkeypatch)
+    assert_same_decisions(dispatched, whole)
+    code = bpf.decode(dispatched)
+    assert bpf.length(dispatched) < bpf.length(whole)
+    # clone: its low word masked, then one comparison; ioctl: one comparison of its word.
+    low = [i for i, c in enumerate(code) if c[0] == bpf.LD_W_ABS and c[3] in (0x10, 0x18)]
+    assert [code[i + 1][::3] for i in low] == [(bpf.AND_K, 0x7E020000), (bpf.JEQ_K, 0x5412)]
+    ioctl = lambda cmd: lambda: syscall("ioctl", 0, cmd, 0)  # noqa: E731
+    assert value_in_child(dispatched, ioctl(1 << 32 | 0x5412)) == -errno.EACCES
+    assert value_in_child(dispatched, ioctl(0x5413)) == -errno.EPERM
 
 
 def test_the_interpreter_refuses_what_it_does_not_know() -> None:
