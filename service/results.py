@@ -1,5 +1,5 @@
 """A run's result as the API gives it: one msgspec Struct that /openapi.json documents
-(service/schemas.py's RUN_RESULT) and whose fields runs.result_json fills, the engine's
+(service/schemas.py's RUN_RESULT) and whose fields runbodies.result_json fills, the engine's
 figures by name from sandbox's RunResult (ENGINE_FIGURES), so a figure is added in two
 places only: where it is measured and here."""
 

@@ -26,7 +26,8 @@ from msgspec import UNSET, Meta, UnsetType
 
 from sandbox import FileSpec, Limits
 from service.api import State, image_of, read_json, ready, state
-from service.api.runs import PreparedRun, prepare_run, run_result, stdin_of
+from service.api.runbodies import stdin_of
+from service.api.runs import PreparedRun, prepare_run, run_result
 from service.auth import Principal, principal
 from service.bodies import BATCH_SHARED
 from service.errors import ApiError, bad_request, blame, to_api_error

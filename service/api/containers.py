@@ -33,11 +33,11 @@ from service.api import (
     state,
 )
 from service.api.images import image_json
+from service.api.runbodies import exec_spec
 from service.api.runs import (
     RUN_REPLIES,
     WS_REPLY,
     PreparedRun,
-    exec_spec,
     execute,
     websocket,
 )

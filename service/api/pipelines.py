@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandbox import PipelineOutcome, PipelineSpec, PipeSpec, PolicyError, RunSpec, check_pipeline
-from service.api import State, image_of, platform_of, policy_of, ready, runs
+from service.api import State, image_of, platform_of, policy_of, ready, runbodies
 from service.auth import Principal
 from service.errors import ApiError, bad_request, blame
 from service.netproxy import network_of
@@ -69,7 +69,7 @@ def _process(st: State, who: Principal, body: dict[str, Any], i: int) -> RunSpec
                                                             for f in own.get("files", ())}
     merged["files"] = list(files.values())
     try:
-        spec, _ = runs.exec_spec(st, who, merged)
+        spec, _ = runbodies.exec_spec(st, who, merged)
     except ApiError as e:
         where = f"processes[{i}]"
         field = f"{where}.{e.field}" if e.field else where
@@ -93,7 +93,7 @@ async def result(st: State, who: Principal, job: PreparedPipeline) -> dict[str, 
 
 def result_json(outcome: PipelineOutcome, spec: PipelineSpec,
                 enc: OutputEncoder) -> dict[str, Any]:
-    processes = [runs.result_json(o, p, enc)
+    processes = [runbodies.result_json(o, p, enc)
                  for o, p in zip(outcome.processes, spec.processes, strict=True)]
     status = next((p["status"] for p in processes if p["status"] != "ok"), "ok")
     pipes = [{"captured": enc.whole(data) if pipe.capture_bytes else None,

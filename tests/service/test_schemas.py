@@ -107,7 +107,7 @@ def test_the_document_says_the_rules_between_fields() -> None:
 
 
 def test_the_result_is_declared_once() -> None:
-    """The API's RunResult is filled by name from the engine's (runs.result_json): what it
+    """The API's RunResult is filled by name from the engine's (runbodies.result_json): what it
     does not take from the engine is the handler's own few fields."""
     from sandbox.engine.repeats import Repeats as EngineRepeats
     from service.results import ENGINE_FIGURES, Repeats, RunResult
