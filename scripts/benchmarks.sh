@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every figure of docs/benchmarks.md, measured in one go on this machine (Debian 12, as
-# root): the runtime, pulls, the API and its per-layer profile, commits (loadtest.build),
+# root): the runtime, the seccomp filter's load, pulls, the API and its per-layer profile, commits (loadtest.build),
 # the HTTP load test with its peers (bwrap, crun, runc, podman) and the isolation sweep, the
 # open loop, the CPU-share check and the verdict soak. Every goal of issue #11 for both the
 # judge and the default policy: warm runs over HTTP and without, idle memory, cold starts,
@@ -41,6 +41,7 @@ run() {  # NAME COMMAND...: its table and JSON line to OUT/NAME.txt, shown when 
 
 policies=judge,default
 run runtime $py -m loadtest.runtime --policy $policies
+run filterload $py -m loadtest.filterload
 run pull $py -m loadtest.pull
 # py-spy's stacks per policy: api-profile.judge.raw, api-profile.default.raw.
 run api $py -m loadtest.api --policy $policies --profile --profile-out "$out/api-profile.raw"
