@@ -9,10 +9,6 @@ py-spy's samples.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,17 +16,11 @@ import pytest
 from loadtest.httpprofile import LOOP as LOOP_LAYER
 from loadtest.httpprofile import WORKER, shares, table
 from loadtest.rows import policies_arg
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import benchmarks
 
 
 def quick_run(*args: str) -> tuple[list[str], dict[str, Any]]:
-    """The table's lines and the JSON line's figures of `python -m loadtest.api --quick`."""
-    done = subprocess.run([sys.executable, "-m", "loadtest.api", "--quick", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    return lines[:-1], json.loads(lines[-1])
+    return benchmarks.quick_run("loadtest.api", *args)
 
 
 @pytest.mark.one_pass

@@ -3,21 +3,13 @@ speed is checked: only that each figure is there, positive, and beside its basel
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.benchmarks import quick_run
 
 
 def test_quick_run_prints_the_commit_and_build_figures_beside_their_baselines() -> None:
-    done = subprocess.run([sys.executable, "-m", "loadtest.build", "--quick"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    fig = json.loads(lines[-1])
+    lines, fig = quick_run("loadtest.build")
     assert fig["commits"] == 2 and fig["files"] == 20
     assert fig["commit_min_ms"] <= fig["commit_median_ms"] <= fig["commit_max_ms"]
     for key in ("commit_median_ms", "bare_tar_median_ms", "bare_tar_gzip1_median_ms",

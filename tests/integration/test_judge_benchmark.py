@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.benchmarks import quick_run
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.one_pass
 def test_quick_judge_run_prints_each_figure_beside_its_bare_baseline() -> None:
-    done = subprocess.run([sys.executable, "-m", "loadtest.judge", "--quick"], cwd=REPO,
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
-    fig = json.loads(lines[-1])
+    lines, fig = quick_run("loadtest.judge", timeout=900)
     for key in ("submission_median_ms", "submission_bare_median_ms", "batch_cases_per_s",
                 "batch_bare_runs_per_s", "batch_case_p50_ms", "batch_case_p99_ms",
                 "pipeline_median_ms", "pipeline_bare_median_ms"):
@@ -31,7 +29,7 @@ def test_quick_judge_run_prints_each_figure_beside_its_bare_baseline() -> None:
     assert rep["min"] <= rep["median"] <= rep["max"] and rep["spread"] >= 0
     assert rep["dedicated_cpu"] is True  # the benchmark's service reserves the CPUs
     assert bare["min"] <= bare["median"] <= bare["max"]
-    table = "\n".join(lines[:-1])
+    table = "\n".join(lines)
     for row in ("submission: compile", "batch of 40 echo cases", "interactor <-> solution",
                 "spin ~1 s, 3 repeats: CPU time stdev"):
         assert row in table, row

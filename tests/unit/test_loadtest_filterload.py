@@ -5,25 +5,15 @@ sensible."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from loadtest import filterload
 from sandbox.runtime import bpf
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.benchmarks import quick_run
 
 
 def test_quick_run_times_each_program_beside_a_one_instruction_filter() -> None:
-    done = subprocess.run([sys.executable, "-m", "loadtest.filterload", "--quick"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    figures = json.loads(lines[-1])
+    lines, figures = quick_run("loadtest.filterload")
     assert figures["loads"] == filterload.QUICK_LOADS
     progs = filterload.programs()
     assert set(figures["programs"]) == {*progs, filterload.BARE}

@@ -8,11 +8,7 @@ No speed is checked: only that each required figure is there, numeric and sensib
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +16,7 @@ import pytest
 from loadtest import runtime as bench
 from sandbox.runtime.requests import ExecRequest
 from sandbox.runtime.results import Status
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import benchmarks
 
 PER_POLICY = ("warm_exec_median_ms", "warm_exec_p99_ms", "warm_exec_runs_per_s",
               "warm_exec_2_containers_runs_per_s", "cold_start_median_ms",
@@ -34,12 +29,7 @@ OVERHEADS = ("cpu_overhead_pct", "syscall_overhead_pct")
 
 
 def quick_run(*args: str) -> tuple[list[str], dict[str, Any]]:
-    """The table's lines and the JSON line's figures of `python -m loadtest.runtime --quick`."""
-    done = subprocess.run([sys.executable, "-m", "loadtest.runtime", "--quick", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    return lines[:-1], json.loads(lines[-1])
+    return benchmarks.quick_run("loadtest.runtime", *args)
 
 
 def number(figures: dict[str, Any], key: str) -> float:
