@@ -39,7 +39,7 @@ import psutil
 
 from loadtest.baseline import Command, Loops, measure, median, percentile
 from loadtest.http.lean import LeanClient, LeanError, run_ok
-from loadtest.http.service import spawned
+from loadtest.http.service import spawned, stop_on_sigterm
 from loadtest.rows import Row, loop_bases, table
 from sandbox.runtime.spawner import INIT_BINARY
 from testbed import busybox
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="requests to one tree before the other's turn")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args(argv)
+    stop_on_sigterm()
     if args.rounds < 1 or not 1 <= args.burst <= args.requests // 2:
         ap.error("--rounds >= 1 and 1 <= --burst <= --requests / 2")
     if args.base.name == args.new.name:

@@ -54,7 +54,7 @@ import psutil
 from loadtest.baseline import BenchError, Command, Loops, fastest, flat, measure, median, percentile
 from loadtest.http.driver import closed_loop
 from loadtest.http.lean import LeanClient, LeanError, run_ok
-from loadtest.http.service import spawned
+from loadtest.http.service import spawned, stop_on_sigterm
 from loadtest.http.stats import summary
 from loadtest.http.targets import BareEnv, BareTarget, HttpTarget
 from loadtest.http.workloads import WORKLOADS, Workload
@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small counts, for the test suite")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args(argv)
+    stop_on_sigterm()
     if args.quick:
         args.requests, args.seconds, args.idle, args.profile_runs = 20, 1.0, 4, 50
     if args.requests < 2 or args.seconds <= 0 or args.idle < 1 or args.profile_runs < 1:

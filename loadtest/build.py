@@ -45,7 +45,7 @@ from typing import Any
 import aiohttp
 
 from loadtest.baseline import BenchError, median
-from loadtest.http.service import spawned
+from loadtest.http.service import spawned, stop_on_sigterm
 from loadtest.rows import Row, table
 
 FILES = 1000
@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small counts, for the test suite")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args(argv)
+    stop_on_sigterm()
     files, big = FILES, 256 << 20
     if args.quick:
         args.commits, files, args.builds, big = 2, 20, 2, 16 << 20

@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 
 from loadtest.baseline import BenchError, Command, fastest, measure
+from loadtest.http.service import stop_on_sigterm
 from loadtest.output import emit
 from loadtest.rows import Row, loop_bases, table
 from sandbox.runtime.profiles import host_cpus
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small counts, for the test suite")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args(argv)
+    stop_on_sigterm()
     if args.quick:
         args.runs, args.rounds, args.loop, args.pairs = 8, 1, 20000, 20
     if min(args.runs, args.rounds, args.loop, args.pairs) < 1:

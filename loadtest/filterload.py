@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.baseline import BenchError
+from loadtest.http.service import stop_on_sigterm
 from loadtest.output import emit
 from loadtest.rows import Row, table
 from sandbox.runtime import bpf
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="few loads, for the test suite")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args(argv)
+    stop_on_sigterm()
     if args.loads < 10:
         ap.error("--loads: at least 10 (the figures are percentiles)")
     loads = QUICK_LOADS if args.quick else args.loads

@@ -45,7 +45,7 @@ from typing import Any
 import aiohttp
 
 from loadtest.baseline import BenchError, Command, fastest, measure, percentile
-from loadtest.http.service import spawned
+from loadtest.http.service import spawned, stop_on_sigterm
 from loadtest.http.workloads import JUDGE_C_SOLUTION, judge_answer, judge_compile, judge_input
 from loadtest.rows import Row, loop_bases, table
 
@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small counts, for the test suite")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args(argv)
+    stop_on_sigterm()
     if args.quick:
         args.submissions, args.cases, args.lines, args.repeats = 1, 40, 200, 3
     if min(args.submissions, args.cases, args.lines, args.repeats) < 1:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtest.baseline import Command, flat, measure
+from loadtest.http.service import stop_on_sigterm
 from loadtest.output import emit
 from sandbox.images import ImageService
 from sandbox.images.store.unpack import Ownership
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a small image, for the test suite")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args(argv)
+    stop_on_sigterm()
     if args.quick:
         args.mb, args.layers, args.repeat, args.cached = 2, 2, 1, 5
     if min(args.mb, args.layers, args.repeat, args.cached) < 1:

@@ -67,6 +67,7 @@ from loadtest.baseline import (
     percentile,
 )
 from loadtest.baseline import flat as baseline_figures
+from loadtest.http.service import stop_on_sigterm
 from loadtest.rows import Row, loop_bases, policies_arg, table
 from sandbox.runtime import _spawn, seccomp
 from sandbox.runtime.container import Container
@@ -735,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small counts, for the test suite")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = ap.parse_args(argv)
+    stop_on_sigterm()
     if any(v is not None and v < 2 for v in (args.runs, args.cold, args.writable)):
         ap.error("--runs, --cold and --writable need at least 2")
     n = counts_from(args)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.baseline import Command, fastest, measure, median, percentile
+from loadtest.http.service import stop_on_sigterm
 from loadtest.output import emit
 from loadtest.runtime import (
     ENV,
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="for the order of each round")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = ap.parse_args(argv)
+    stop_on_sigterm()
     if args.runs is not None and args.runs < 2:
         ap.error("--runs needs at least 2")
     try:

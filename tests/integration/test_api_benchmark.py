@@ -9,8 +9,15 @@ py-spy's samples.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from loadtest.httpprofile import LOOP as LOOP_LAYER
@@ -66,6 +73,28 @@ def test_quick_run_prints_every_figure_for_both_policies() -> None:
             assert rows[figure].count("x)") == ratios, rows[figure]
         # ApacheBench (scripts/test.sh installs apache2-utils): every answer a run ok.
         assert per["runs_per_s_ab"] > 0
+
+
+def test_a_terminated_run_stops_its_service_and_removes_its_files(tmp_path: Path) -> None:
+    # SIGTERM (what `timeout` and a CI's cancel send) unwinds as Ctrl-C does: before, the
+    # benchmark died at once and left its bare root and its service's files in TMPDIR.
+    proc = subprocess.Popen([sys.executable, "-m", "loadtest.api", "--quick"],
+                            cwd=benchmarks.REPO, env={**os.environ, "TMPDIR": str(tmp_path)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # Terminated once its service serves (the spawned state dir is there).
+        while not any(tmp_path.glob("sandboxd-loadtest-*/state")):
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, err
+    assert list(tmp_path.iterdir()) == []
+    left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+            if str(tmp_path) in " ".join(p.info["cmdline"] or ())]
+    assert left == []
 
 
 def test_the_policy_option_measures_only_the_policies_named() -> None:
