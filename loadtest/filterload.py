@@ -13,7 +13,6 @@ each alike. Figures and ratios only; the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,12 @@ from loadtest.http.service import stop_on_sigterm
 from loadtest.output import emit
 from loadtest.rows import Row, table
 from sandbox.runtime import bpf
-from sandbox.runtime.seccomp import builtin_profile_path, compile_profile, load_profile
+from sandbox.runtime.seccomp import (
+    builtin_profile_names,
+    builtin_profile_path,
+    compile_profile,
+    load_profile,
+)
 
 SOURCE = Path(__file__).with_name("native") / "filterload.c"
 ALLOW = bpf.insn(bpf.RET_K, 0, 0, 0x7FFF0000)   # SECCOMP_RET_ALLOW
@@ -36,11 +40,8 @@ QUICK_LOADS = 20
 
 def programs() -> dict[str, bytes]:
     """Each built-in seccomp profile's program as the runtime compiles it, both forms."""
-    folder = importlib.resources.files("policies").joinpath("seccomp")
-    names = sorted(p.name.removesuffix(".json") for p in folder.iterdir()
-                   if p.name.endswith(".json"))
     out = {}
-    for name in names:
+    for name in builtin_profile_names():
         profile = load_profile(builtin_profile_path(name))
         out[name] = compile_profile(profile).bpf
         out[f"{name}, own-process-only"] = compile_profile(profile, own_process_only=True).bpf

@@ -33,6 +33,7 @@ __all__ = [
     "SeccompProfile",
     "SeccompProgram",
     "SyscallRule",
+    "builtin_profile_names",
     "builtin_profile_path",
     "compile_profile",
     "install",
@@ -159,17 +160,25 @@ class SeccompProgram:
 # --------------------------------------------------------------------------- loading
 
 
+def _builtin_folder() -> Any:
+    return importlib.resources.files("policies").joinpath("seccomp")
+
+
+def builtin_profile_names() -> list[str]:
+    """The seccomp profiles shipped with sandboxd (policies/seccomp/*.json), by name."""
+    return sorted(p.name.removesuffix(".json") for p in _builtin_folder().iterdir()
+                  if p.name.endswith(".json"))
+
+
 def builtin_profile_path(name: str) -> Path:
     """Path of policies/seccomp/<name>.json shipped with sandboxd."""
     if not _PROFILE_NAME.fullmatch(name):
         raise PolicyError(
             f"invalid seccomp profile name {name!r}; use lowercase letters, digits, '_' and '-'"
         )
-    folder = importlib.resources.files("policies").joinpath("seccomp")
-    path = Path(str(folder.joinpath(f"{name}.json")))
+    path = Path(str(_builtin_folder().joinpath(f"{name}.json")))
     if not path.is_file():
-        known = sorted(p.name.removesuffix(".json") for p in folder.iterdir()
-                       if p.name.endswith(".json"))  # fmt: skip
+        known = builtin_profile_names()
         raise PolicyError(
             f"unknown seccomp profile {name!r}; built-in profiles: {', '.join(known) or 'none'}"
         )
