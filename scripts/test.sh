@@ -9,9 +9,9 @@ bash scripts/setup.sh
 
 # The image tests meet a real registry and images made by independent tools (builds are
 # compared with buildah's); the load test runs its workloads through the peers too; tmux
-# is the real terminal that drives `sbx run -it`.
+# is the real terminal that drives `sbx run -it`; the README's examples use curl and jq.
 source scripts/lib.sh
-apt_install_missing docker-registry skopeo umoci apache2-utils openssl bubblewrap crun runc buildah haproxy iproute2 passt slirp4netns systemd dbus libpam-systemd tmux
+apt_install_missing docker-registry skopeo umoci apache2-utils openssl bubblewrap crun runc buildah haproxy iproute2 passt slirp4netns systemd dbus libpam-systemd tmux curl jq
 
 # Rootless `network = "full"` (slirp4netns) opens /dev/net/tun: Debian's udev rules make it
 # 0666, a machine without udev leaves it 0600 (root's only).
