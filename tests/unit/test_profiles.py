@@ -139,3 +139,31 @@ def test_a_profile_file_may_narrow_the_cpu_maxima(tmp_path: Path) -> None:
                                           r"above"):
         _load(tmp_path, limits={"defaults": {"cpu_quota_cores": 1},
                                 "maxima": {"cpu_quota_cores": 0.5}})
+
+
+def test_a_policy_resolves_each_ask_once_and_keeps_no_refusal(monkeypatch: Any) -> None:
+    from sandbox.runtime import policy as policy_module
+    judge = policy_module.PolicyRegistry(own_process_only=False).get("judge")
+    resolves = 0
+    resolve = policy_module.Policy._resolve
+
+    def counted(self: Any, asked: Limits | None) -> Any:
+        nonlocal resolves
+        resolves += 1
+        return resolve(self, asked)
+
+    monkeypatch.setattr(policy_module.Policy, "_resolve", counted)
+    first = judge.limits(Limits(cpu_ms=1000, wall_ms=2000))
+    again = judge.limits(Limits(cpu_ms=1000, wall_ms=2000))   # equal, not the same object
+    assert again is first and resolves == 1
+    assert (first.cpu_ms, first.wall_ms) == (1000, 2000)
+    assert judge.limits(None) is judge.limits(None) and resolves == 2
+    assert judge.limits(Limits(cpu_ms=1001)).cpu_ms == 1001 and resolves == 3
+    too_much = Limits(memory_bytes=1 << 60)
+    for _ in range(2):
+        with pytest.raises(PolicyError, match="memory_bytes"):
+            judge.limits(too_much)
+    assert resolves == 5
+    monkeypatch.setattr(policy_module, "RESOLVED_KEPT", 2)
+    judge.limits(Limits(cpu_ms=1002))     # the oldest ask (cpu_ms 1000) is forgotten
+    assert judge.limits(Limits(cpu_ms=1000, wall_ms=2000)) is not first and resolves == 7
