@@ -51,6 +51,10 @@ CpuList = Annotated[str, Meta(pattern=rf"^{_CPU_RANGE.pattern}(?:,{_CPU_RANGE.pa
                               description=_CPUS)]
 
 
+TABLES_KEPT = 256   # distinct limits tables Limits.from_dict keeps read
+_tables: dict[tuple[Any, ...], Limits] = {}
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-run limits; None means "not limited" (or the profile's default once resolved)."""
@@ -69,6 +73,26 @@ class Limits:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "limits") -> Limits:
+        """A limits table (a request's or a profile's) read and checked. A judge sends the
+        same table with every run and case: each distinct one (its keys, values and their
+        types: 1 and true are not the same ask) is read once (~5-12 µs each time on a
+        run's path), the last TABLES_KEPT kept; a refused one never."""
+        try:
+            key = (cls, *((k, type(v), v) for k, v in data.items()))
+            known = _tables.get(key)
+        except (AttributeError, TypeError):   # not a table, or a value that cannot be a key
+            key = known = None
+        if known is not None:
+            return known
+        limits = cls._read(data, where)
+        if key is not None:
+            if len(_tables) >= TABLES_KEPT:
+                del _tables[next(iter(_tables))]
+            _tables[key] = limits
+        return limits
+
+    @classmethod
+    def _read(cls, data: Any, where: str) -> Limits:
         try:
             table = read(data, _LimitsTable, where, json=True)
         except Invalid as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import resource
@@ -53,6 +54,12 @@ _NCPU = os.cpu_count() or 1
 CGROUP_PSI = "psi:cgroup-v2:cpu.pressure"  # measured_by["host_load"]: the run's own waiting
 
 
+# A run's limits repeat run after run (a judge's every case): what they make of them is
+# made once per distinct limits (a few µs each time on a run's path).
+_MADE_KEPT = 256
+
+
+@functools.lru_cache(maxsize=_MADE_KEPT)
 def run_cgroup_limits(limits: Limits, has: frozenset[str]) -> CgroupLimits:
     """What the cgroup enforces; the rest falls back to rlimits (see rlimits). A run
     without a cpuset gets every CPU written out, and one without a pids limit or a quota
@@ -65,7 +72,8 @@ def run_cgroup_limits(limits: Limits, has: frozenset[str]) -> CgroupLimits:
                         cpuset_cpus=(limits.cpuset or _HOST_CPUS) if "cpuset" in has else None)
 
 
-def rlimits(limits: Limits, has: frozenset[str]) -> list[tuple[int, int, int]]:
+@functools.lru_cache(maxsize=_MADE_KEPT)
+def rlimits(limits: Limits, has: frozenset[str]) -> tuple[tuple[int, int, int], ...]:
     """The run's rlimits: backstops, and the limits no cgroup controller enforces here."""
     r: list[tuple[int, int, int]] = [(resource.RLIMIT_CORE, 0, 0)]
     if limits.cpu_ms:
@@ -83,7 +91,7 @@ def rlimits(limits: Limits, has: frozenset[str]) -> list[tuple[int, int, int]]:
         r.append((resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes))
     if limits.pids and "pids" not in has:
         r.append((resource.RLIMIT_NPROC, limits.pids, limits.pids))
-    return r
+    return tuple(r)
 
 
 class Run:

@@ -167,3 +167,24 @@ def test_a_policy_resolves_each_ask_once_and_keeps_no_refusal(monkeypatch: Any) 
     monkeypatch.setattr(policy_module, "RESOLVED_KEPT", 2)
     judge.limits(Limits(cpu_ms=1002))     # the oldest ask (cpu_ms 1000) is forgotten
     assert judge.limits(Limits(cpu_ms=1000, wall_ms=2000)) is not first and resolves == 7
+
+
+def test_a_limits_table_is_read_once_and_its_value_types_count(monkeypatch: Any) -> None:
+    first = Limits.from_dict({"cpu_ms": 700, "wall_ms": 900})
+    assert Limits.from_dict({"cpu_ms": 700, "wall_ms": 900}, "cases[3].limits") is first
+    assert Limits.from_dict({"cpu_ms": 1}).cpu_ms == 1
+    # Equal to 1 and hashed alike, but not the same ask: still refused, every time.
+    for _ in range(2):
+        with pytest.raises(PolicyError, match="cpu_ms: expected a positive integer"):
+            Limits.from_dict({"cpu_ms": True})
+    with pytest.raises(PolicyError, match="cpu_ms: expected a positive integer, got an array"):
+        Limits.from_dict({"cpu_ms": [1]})   # no key can be made of it: read, and refused
+    with pytest.raises(PolicyError, match="expected an object"):
+        Limits.from_dict([("cpu_ms", 1)])
+    monkeypatch.setattr(profiles, "_tables", {})
+    monkeypatch.setattr(profiles, "TABLES_KEPT", 1)
+    kept = Limits.from_dict({"cpu_ms": 700, "wall_ms": 900})
+    assert Limits.from_dict({"cpu_ms": 700, "wall_ms": 900}) is kept
+    Limits.from_dict({"cpu_ms": 701})     # the older table is forgotten
+    again = Limits.from_dict({"cpu_ms": 700, "wall_ms": 900})
+    assert again == first and again is not kept
