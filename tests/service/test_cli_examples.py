@@ -18,7 +18,7 @@ import pytest
 from sbx.manual import Example
 from testbed.registry import start_registry
 from tests.service.conftest import ROOT, Service, start_service, stop_service, wait_ready
-from tests.support.images import Tools
+from tests.support.images import docker_hub_mirror
 from tests.unit.test_sbx_help import PAGES
 
 TOKEN = "examples-token-0123456789abcdef"
@@ -37,17 +37,13 @@ def sandboxd(images: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """The service's URL; Docker Hub's busybox is the test image, from a mirror."""
     workdir = tmp_path_factory.mktemp("examples")
     with start_registry(workdir / "hub", die_with_parent=True) as hub:
-        Tools(workdir / "tools").skopeo_copy(
-            f"oci:{images.layout}:multi", f"docker://{hub.host}/library/busybox:latest",
-            "--all")
+        mirror = docker_hub_mirror(images, workdir / "tools", hub.host)
         config = f"""
 [[tokens]]
 token = "{TOKEN}"
 name = "examples"
 
-[registries."docker.io"]
-mirrors = ["http://{hub.host}"]
-
+{mirror}
 [pools]
 min_idle = 0
 max_idle = 1

@@ -24,7 +24,7 @@ from testbed import busybox
 from testbed.demoimages import TarImage, gcc_rootfs, push_images, python_rootfs, write_tar
 from testbed.registry import start_registry
 from tests.service.conftest import ROOT, Service, start_service, stop_service, wait_ready
-from tests.support.images import Tools
+from tests.support.images import docker_hub_mirror
 
 README = ROOT / "README.md"
 SECTION = "## The API, with curl"
@@ -68,13 +68,12 @@ def _with_local_bin(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hub(images: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A registry standing in for Docker Hub, with the images the examples name."""
+def hub(images: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A registry standing in for Docker Hub, with the images the examples name: its
+    host, and the config table that makes it docker.io's mirror."""
     work = tmp_path_factory.mktemp("readme-hub")
     with start_registry(work / "hub", die_with_parent=True) as registry:
-        Tools(work / "tools").skopeo_copy(
-            f"oci:{images.layout}:multi",
-            f"docker://{registry.host}/library/busybox:latest", "--all")
+        mirror = docker_hub_mirror(images, work / "tools", registry.host)
         push_images(work / "builder", [
             TarImage(write_tar(python_rootfs(work / "python"), work / "python.tar.gz"),
                      f"{registry.host}/library/python:3.12-slim", ["python3"],
@@ -82,12 +81,13 @@ def hub(images: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             TarImage(write_tar(_with_local_bin(gcc_rootfs(work / "gcc")), work / "gcc.tar.gz"),
                      f"{registry.host}/library/gcc:13", ["bash"],
                      {"PATH": "/usr/local/bin:/usr/bin:/bin"})])
-        yield registry.host
+        yield registry.host, mirror
 
 
 @pytest.fixture(scope="module")
-def sandboxd(hub: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def sandboxd(hub: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("readme")
+    host, mirror = hub
     config = f"""
 [[tokens]]
 token = "alice-0123456789abcdef"
@@ -97,16 +97,14 @@ name = "alice"
 token = "bob-0123456789abcdef"
 name = "bob"
 
-[registries."docker.io"]
-mirrors = ["http://{hub}"]
-
+{mirror}
 [network]
 proxy_hosts = ["pypi.org", "*.pythonhosted.org"]   # as the README's sandboxd.toml
 """
     proc, log = start_service(workdir, config)
     url = wait_ready(proc, log)
     yield url
-    stop_service(Service(url, proc, log, workdir / "state", hub), workdir)
+    stop_service(Service(url, proc, log, workdir / "state", host), workdir)
 
 
 def _requests(trace: str) -> list[tuple[int, str, str]]:

@@ -103,6 +103,15 @@ class Tools:
         return digest_file.read_text().strip()
 
 
+def docker_hub_mirror(images: PushedImages, workdir: Path, hub: str) -> str:
+    """Registry `hub` made Docker Hub for a service: the test busybox (multi-platform) in
+    it as library/busybox:latest, so that an example's `busybox` is the test image; returns
+    the service's config table that makes `hub` docker.io's mirror."""
+    Tools(workdir).skopeo_copy(f"oci:{images.layout}:multi",
+                               f"docker://{hub}/library/busybox:latest", "--all")
+    return f'[registries."docker.io"]\nmirrors = ["http://{hub}"]\n'
+
+
 def native_platform() -> tuple[str, str]:
     machine = platform.machine()
     return "linux", _GOARCH.get(machine, machine)
