@@ -77,6 +77,7 @@ if TYPE_CHECKING:  # what type checkers see; `X as X` says it is re-exported
     from sandbox.images.registry.hosts import split_host as split_host
     from sandbox.images.store.catalog import open_database as open_database
     from sandbox.images.store.catalog import transaction as sqlite_transaction  # noqa: F401
+    from sandbox.kept import Kept as Kept
     from sandbox.runtime.cgroups.hostsetup import setup_host as setup_host
     from sandbox.runtime.cgroups.hostsetup import undo_host_setup as undo_host_setup
     from sandbox.runtime.cgroups.v1 import (  # noqa: F401
@@ -146,6 +147,7 @@ _HOMES = {
     "ImageError": "sandbox.errors",
     "ImageInUse": "sandbox.errors",
     "InvalidReference": "sandbox.errors",
+    "Kept": "sandbox.kept",
     "LOCAL_TENANT": "sandbox.tenants:LOCAL",
     "MAX_CHANGES": "sandbox.images.changes",
     "MEMORY_PEAK_CARRY_MAX": "sandbox.runtime.cgroups.v1:KEEP_MEMORY_RESIDUE_MAX",

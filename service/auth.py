@@ -12,6 +12,7 @@ from aiohttp import web
 
 from sandbox import (
     InvalidReference,
+    Kept,
     Tenant,
     is_digest,
     is_local_address,
@@ -42,20 +43,18 @@ class Principal:
     # May see what belongs to every tenant (request ids in /metrics): a token the operator
     # marked `operator = true`, or the one local user of a service without tokens.
     operator: bool = False
-    # References allow_image let through, the oldest first: a judge names one image for
-    # every run, and what decides (the token and the config) never changes.
-    _allowed: dict[str, None] = field(default_factory=dict, repr=False, compare=False)
+    # References allow_image let through: a judge names one image for every run, and what
+    # decides (the token and the config) never changes.
+    _allowed: Kept[str, bool] = field(default_factory=lambda: Kept(ALLOWED_KEPT), repr=False,
+                                      compare=False)
 
     def allow_image(self, reference: str, field: str) -> None:
         """403 unless this caller may use the registry `reference` lives in. Each reference
         allowed is parsed once (~4-15 µs each time on a run's path), the last ALLOWED_KEPT
         kept; a refused one every time."""
-        if reference in self._allowed:
-            return
-        self._check_image(reference, field)
-        if len(self._allowed) >= ALLOWED_KEPT:
-            del self._allowed[next(iter(self._allowed))]
-        self._allowed[reference] = None
+        if reference not in self._allowed:
+            self._check_image(reference, field)
+            self._allowed.keep(reference, True)
 
     def _check_image(self, reference: str, field: str) -> None:
         if is_digest(reference.strip()):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from sandbox.kept import Kept
 from sandbox.runtime import seccomp
 from sandbox.runtime.profiles import UNCONFINED, Limits, Profile, load_profile
 
@@ -27,9 +28,8 @@ class Policy:
     def name(self) -> str:
         return self.profile.name
 
-    # Each ask resolved so far, the oldest first (see limits).
-    _resolved: dict[Limits | None, RunLimits] = field(
-        default_factory=dict, init=False, repr=False, compare=False)
+    _resolved: Kept[Limits | None, RunLimits] = field(   # see limits
+        default_factory=lambda: Kept(RESOLVED_KEPT), init=False, repr=False, compare=False)
 
     def limits(self, asked: Limits | None) -> RunLimits:
         """The limits of one run: what was asked, within the maxima, defaults for the rest
@@ -40,11 +40,7 @@ class Policy:
             return asked
         if (known := self._resolved.get(asked)) is not None:
             return known
-        resolved = self._resolve(asked)
-        if len(self._resolved) >= RESOLVED_KEPT:
-            del self._resolved[next(iter(self._resolved))]
-        self._resolved[asked] = resolved
-        return resolved
+        return self._resolved.keep(asked, self._resolve(asked))
 
     def _resolve(self, asked: Limits | None) -> RunLimits:
         resolved = self.profile.resolve(asked)

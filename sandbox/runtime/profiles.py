@@ -27,6 +27,7 @@ from msgspec import Meta
 
 from sandbox.configfile import Table, read, table_of
 from sandbox.errors import PolicyError
+from sandbox.kept import Kept
 from sandbox.runtime.rootfs import DEFAULT_TMPFS, TmpfsMount
 from sandbox.runtime.seccomp import builtin_profile_path
 from sandbox.validation import Invalid
@@ -52,7 +53,7 @@ CpuList = Annotated[str, Meta(pattern=rf"^{_CPU_RANGE.pattern}(?:,{_CPU_RANGE.pa
 
 
 TABLES_KEPT = 256   # distinct limits tables Limits.from_dict keeps read
-_tables: dict[tuple[Any, ...], Limits] = {}
+_tables: Kept[tuple[Any, ...], Limits] = Kept(TABLES_KEPT)
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,7 @@ class Limits:
         if known is not None:
             return known
         limits = cls._read(data, where)
-        if key is not None:
-            if len(_tables) >= TABLES_KEPT:
-                del _tables[next(iter(_tables))]
-            _tables[key] = limits
-        return limits
+        return limits if key is None else _tables.keep(key, limits)
 
     @classmethod
     def _read(cls, data: Any, where: str) -> Limits:

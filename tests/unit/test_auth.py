@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from sandbox.tenants import Tenant
-from service import auth
 from service.auth import Principal
 from service.errors import ApiError
 
@@ -36,7 +35,7 @@ def test_an_allowed_reference_is_checked_once_and_a_refused_one_every_time(
     other = Principal("other", Tenant("O"), registries=())
     with pytest.raises(ApiError, match=r"may not use registry registry\.example:5000"):
         other.allow_image("registry.example:5000/judge/gcc:13", "image")
-    monkeypatch.setattr(auth, "ALLOWED_KEPT", 1)
+    monkeypatch.setattr(who._allowed, "size", 1)
     who.allow_image("registry.example:5000/judge/python:3", "image")   # the first forgotten
     who.allow_image("registry.example:5000/judge/gcc:13", "image")
     assert checks == 6

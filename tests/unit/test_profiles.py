@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from sandbox.errors import PolicyError
+from sandbox.kept import Kept
 from sandbox.runtime import profiles
 from sandbox.runtime.profiles import HOST_NETWORK, UNCONFINED, Limits, Profile, load_profile
 
@@ -164,7 +165,7 @@ def test_a_policy_resolves_each_ask_once_and_keeps_no_refusal(monkeypatch: Any) 
         with pytest.raises(PolicyError, match="memory_bytes"):
             judge.limits(too_much)
     assert resolves == 5
-    monkeypatch.setattr(policy_module, "RESOLVED_KEPT", 2)
+    monkeypatch.setattr(judge._resolved, "size", len(judge._resolved))
     judge.limits(Limits(cpu_ms=1002))     # the oldest ask (cpu_ms 1000) is forgotten
     assert judge.limits(Limits(cpu_ms=1000, wall_ms=2000)) is not first and resolves == 7
 
@@ -181,8 +182,7 @@ def test_a_limits_table_is_read_once_and_its_value_types_count(monkeypatch: Any)
         Limits.from_dict({"cpu_ms": [1]})   # no key can be made of it: read, and refused
     with pytest.raises(PolicyError, match="expected an object"):
         Limits.from_dict([("cpu_ms", 1)])
-    monkeypatch.setattr(profiles, "_tables", {})
-    monkeypatch.setattr(profiles, "TABLES_KEPT", 1)
+    monkeypatch.setattr(profiles, "_tables", Kept(1))
     kept = Limits.from_dict({"cpu_ms": 700, "wall_ms": 900})
     assert Limits.from_dict({"cpu_ms": 700, "wall_ms": 900}) is kept
     Limits.from_dict({"cpu_ms": 701})     # the older table is forgotten
