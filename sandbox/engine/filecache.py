@@ -442,8 +442,13 @@ class FileCache:
 
     def make_executable(self, file_id: str) -> str:
         """Make `file_id`'s executable variant (a copy, 0555) if it is missing; its name. The
-        copy is written outside the lock, and renamed into place only while an entry still
-        holds the blob (else the blob is gone: NotFound). Disk work: call it in a thread."""
+        copy is written outside the lock, and linked into place only while an entry still
+        holds the blob (else the blob is gone: NotFound). Disk work: call it in a thread.
+
+        Never over a variant made meanwhile: the cases of a batch ask for it at once, and
+        a bind of the first may be between init's open_tree of that file and its
+        move_mount; a rename over it would unlink the file that bind holds, and the move
+        fail with ENOENT (seen as the run's path missing)."""
         name = digests.hex_part(_check_id(file_id)) + EXEC_SUFFIX
         variant = self._blobs / name
         if variant.exists():
@@ -459,7 +464,8 @@ class FileCache:
                 if db.execute("SELECT 1 FROM files WHERE id=? LIMIT 1",
                               (file_id,)).fetchone() is None:
                     raise self.missing(file_id)
-                os.rename(tmp, variant)
+                with contextlib.suppress(FileExistsError):  # made meanwhile: that one stays
+                    os.link(tmp, variant)
         finally:
             tmp.unlink(missing_ok=True)
         return name

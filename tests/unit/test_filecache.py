@@ -102,6 +102,24 @@ def test_an_executable_variant_is_made_once_and_goes_with_its_blob(cache: FileCa
     assert _temps(cache) == []
 
 
+def test_a_variant_made_meanwhile_is_never_replaced(cache: FileCache,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two cases of a batch ask for the executable variant at once: the one made last must
+    not replace the first, which a bind may hold half-mounted (a rename over it unlinked it:
+    the bind's move_mount failed with ENOENT)."""
+    e = _put(cache, A, b"#!/bin/sh\n")
+    name = cache.make_executable(e.id)
+    variant = cache.blob_dir / name
+    first = variant.stat().st_ino
+    # The second caller looked before the first had linked its copy: it copies too.
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda p: False if p == variant else real_exists(p))
+    assert cache.make_executable(e.id) == name
+    monkeypatch.undo()
+    assert variant.stat().st_ino == first
+    assert variant.read_bytes() == b"#!/bin/sh\n" and _temps(cache) == []
+
+
 def test_blobs_stored_before_binds_are_made_readable_at_start(tmp_path: Path) -> None:
     first = FileCache(tmp_path / "files")
     e = _put(first, A, b"old")
