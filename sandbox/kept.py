@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+# Distinct asks kept per table: a judge's problems each send one limits table and one image;
+# more than this many at once are asked again, not refused.
+KEPT = 256
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -13,7 +17,7 @@ class Kept(dict[K, V]):
     """Only answers go in, through `keep`: a refused ask raises before it, and so is asked
     (and refused) again every time."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int = KEPT) -> None:
         super().__init__()
         self.size = size
 

@@ -23,7 +23,6 @@ from service.config import ServiceConfig
 from service.errors import ApiError, from_sandbox
 
 PRINCIPAL = web.RequestKey("principal", object)
-ALLOWED_KEPT = 256   # image references a caller keeps allowed (Principal.allow_image)
 
 
 @dataclass
@@ -45,13 +44,12 @@ class Principal:
     operator: bool = False
     # References allow_image let through: a judge names one image for every run, and what
     # decides (the token and the config) never changes.
-    _allowed: Kept[str, bool] = field(default_factory=lambda: Kept(ALLOWED_KEPT), repr=False,
-                                      compare=False)
+    _allowed: Kept[str, bool] = field(default_factory=Kept, repr=False, compare=False)
 
     def allow_image(self, reference: str, field: str) -> None:
         """403 unless this caller may use the registry `reference` lives in. Each reference
-        allowed is parsed once (~4-15 µs each time on a run's path), the last ALLOWED_KEPT
-        kept; a refused one every time."""
+        allowed is parsed once (~4-15 µs each time on a run's path), as many as Kept keeps;
+        a refused one every time."""
         if reference not in self._allowed:
             self._check_image(reference, field)
             self._allowed.keep(reference, True)

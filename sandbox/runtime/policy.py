@@ -10,8 +10,6 @@ from sandbox.kept import Kept
 from sandbox.runtime import seccomp
 from sandbox.runtime.profiles import UNCONFINED, Limits, Profile, load_profile
 
-RESOLVED_KEPT = 256   # distinct limits a policy keeps resolved (Policy.limits)
-
 
 @dataclass(frozen=True)
 class RunLimits(Limits):
@@ -29,13 +27,13 @@ class Policy:
         return self.profile.name
 
     _resolved: Kept[Limits | None, RunLimits] = field(   # see limits
-        default_factory=lambda: Kept(RESOLVED_KEPT), init=False, repr=False, compare=False)
+        default_factory=Kept, init=False, repr=False, compare=False)
 
     def limits(self, asked: Limits | None) -> RunLimits:
         """The limits of one run: what was asked, within the maxima, defaults for the rest
         (PolicyError naming the field above its maximum). A judge asks the same limits for
         every case, and most runs none: each ask is resolved once (~10-15 µs each time on
-        a run's path), the last RESOLVED_KEPT of them kept; a refused one is not."""
+        a run's path), the last kept.KEPT of them kept; a refused one is not."""
         if isinstance(asked, RunLimits):
             return asked
         if (known := self._resolved.get(asked)) is not None:

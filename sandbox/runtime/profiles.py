@@ -52,8 +52,7 @@ CpuList = Annotated[str, Meta(pattern=rf"^{_CPU_RANGE.pattern}(?:,{_CPU_RANGE.pa
                               description=_CPUS)]
 
 
-TABLES_KEPT = 256   # distinct limits tables Limits.from_dict keeps read
-_tables: Kept[tuple[Any, ...], Limits] = Kept(TABLES_KEPT)
+_tables: Kept[tuple[Any, ...], Limits] = Kept()   # Limits.from_dict's tables read
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class Limits:
         """A limits table (a request's or a profile's) read and checked. A judge sends the
         same table with every run and case: each distinct one (its keys, values and their
         types: 1 and true are not the same ask) is read once (~5-12 µs each time on a
-        run's path), the last TABLES_KEPT kept; a refused one never."""
+        run's path), the last kept.KEPT kept; a refused one never."""
         try:
             key = (cls, *((k, type(v), v) for k, v in data.items()))
             known = _tables.get(key)

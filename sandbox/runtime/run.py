@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sandbox.errors import SandboxError
+from sandbox.kept import KEPT
 from sandbox.runtime import hostload
 from sandbox.runtime.cgroups import UNLIMITED, Cgroup, CgroupLimits, CgroupStats, Lease
 from sandbox.runtime.output import OutputCallback, PipeReader, drain, open_output, read_output
@@ -55,11 +56,8 @@ CGROUP_PSI = "psi:cgroup-v2:cpu.pressure"  # measured_by["host_load"]: the run's
 
 
 # A run's limits repeat run after run (a judge's every case): what they make of them is
-# made once per distinct limits (a few µs each time on a run's path).
-_MADE_KEPT = 256
-
-
-@functools.lru_cache(maxsize=_MADE_KEPT)
+# made once per distinct limits (a few µs each time on a run's path), as many as Kept keeps.
+@functools.lru_cache(maxsize=KEPT)
 def run_cgroup_limits(limits: Limits, has: frozenset[str]) -> CgroupLimits:
     """What the cgroup enforces; the rest falls back to rlimits (see rlimits). A run
     without a cpuset gets every CPU written out, and one without a pids limit or a quota
@@ -72,7 +70,7 @@ def run_cgroup_limits(limits: Limits, has: frozenset[str]) -> CgroupLimits:
                         cpuset_cpus=(limits.cpuset or _HOST_CPUS) if "cpuset" in has else None)
 
 
-@functools.lru_cache(maxsize=_MADE_KEPT)
+@functools.lru_cache(maxsize=KEPT)
 def rlimits(limits: Limits, has: frozenset[str]) -> tuple[tuple[int, int, int], ...]:
     """The run's rlimits: backstops, and the limits no cgroup controller enforces here."""
     r: list[tuple[int, int, int]] = [(resource.RLIMIT_CORE, 0, 0)]
