@@ -10,7 +10,12 @@ baselines beside each figure:
   p99 from the client's side, from a lean blocking client (loadtest/http/lean.py, ~0.03
   ms of CPU a request), and again from aiohttp's client (~0.37 ms a request, which on 2
   cores lies on each request's path: `aiohttp` rows);
-- throughput: the same at concurrency 8 for `--seconds`, from this Python client, and
+- the same one at a time for exit0 (loadtest/native/exit0.c: exit(0) with no libc, so no
+  C library's start-up: glibc's probes of the CPU are most of `true`'s time on a VM that
+  traps them), beside the bare loops of exit0; and for each program the warm median less
+  the bare one: the sandbox's own time per run, whatever the program's start costs on
+  this machine;
+- throughput: the same as `true`'s at concurrency 8 for `--seconds`, from this Python client, and
   again from ApacheBench (`ab -k`, Debian's apache2-utils) when it is installed: the
   Python client's own CPU (~0.3 ms a request) shares the two cores with the service, so
   its figure is partly the client's; ab's C loop costs a fraction of that. Every answer
@@ -52,6 +57,7 @@ import orjson
 import psutil
 
 from loadtest.baseline import BenchError, Command, Loops, fastest, flat, measure, median, percentile
+from loadtest.cbuild import build_exit0
 from loadtest.http.driver import closed_loop
 from loadtest.http.lean import LeanClient, LeanError, run_ok
 from loadtest.http.service import spawned, stop_on_sigterm
@@ -64,6 +70,9 @@ from loadtest.rows import Row, loop_bases, policies_arg, table
 from testbed import busybox
 
 TRUE = WORKLOADS["exec"]  # busybox true, one exec, no shell
+# No libc (loadtest/cbuild.py), added to the image's /bin for this benchmark.
+EXIT0 = Workload("exit0", "exit(0) executed directly, no libc: a run's cost apart from the "
+                 "program's own start", "", argv=("/bin/exit0",))
 POLICIES = ("judge", "default")
 FILL_TIMEOUT_S = 120.0
 THROUGHPUT = 8                 # clients at once for runs/s
@@ -210,20 +219,32 @@ class Counts:
     profile_runs: int    # sequential runs under the profiler (0: no profile)
 
 
-def measure_policy(policy: str, n: Counts, bare_env: BareEnv,
-                   profile_out: Path | None) -> tuple[dict[str, Any], Loops, Loops]:
-    """One policy's figures, from a service of its own, and the tight loops measured while
-    it sat idle (1 and THROUGHPUT at once)."""
+@dataclass(frozen=True)
+class Bares:
+    """The tight loops measured while a policy's service sat idle."""
+
+    one: Loops       # busybox true, 1 at once
+    many: Loops      # THROUGHPUT at once
+    exit0: Loops     # exit0, 1 at once
+
+
+def measure_policy(policy: str, n: Counts, bare_env: BareEnv, exit0: Path,
+                   profile_out: Path | None) -> tuple[dict[str, Any], Bares]:
+    """One policy's figures, from a service of its own whose image has `exit0` in /bin,
+    and the tight loops measured while it sat idle."""
     workload = replace(TRUE, policy=policy)
     true = Command(str(bare_env.root / "bin" / "busybox"), tuple(TRUE.command),
                    {"PATH": str(bare_env.root / "bin")})
-    with spawned(max(n.idle, THROUGHPUT), min_idle=n.idle) as svc:
+    with spawned(max(n.idle, THROUGHPUT), min_idle=n.idle, programs=(exit0,)) as svc:
         asyncio.run(_first_run(svc.url, svc.image, workload))  # the pool fills to `idle`
         filled = _wait_idle(svc.url, policy, n.idle)
         memory = round(_pss_mib(svc.pid), 1)
-        one = measure(true, n.requests)
-        many = measure(true, THROUGHPUT * TIGHT_RUNS_PER_CLIENT, THROUGHPUT)
+        bares = Bares(measure(true, n.requests),
+                      measure(true, THROUGHPUT * TIGHT_RUNS_PER_CLIENT, THROUGHPUT),
+                      measure(Command(str(exit0), ("exit0",), {}), n.requests))
         fig = _lean_latency(svc.url, svc.image, workload, n.requests)
+        fig |= {f"exit0_{k}": v for k, v in _lean_latency(
+            svc.url, svc.image, replace(EXIT0, policy=policy), n.requests).items()}
         fig |= asyncio.run(_measure(svc.url, svc.image, workload, n.requests, n.seconds,
                                     bare_env))
         if (ab_rate := _ab_rate(svc.url, svc.image, workload, n.seconds)) is not None:
@@ -237,17 +258,22 @@ def measure_policy(policy: str, n: Counts, bare_env: BareEnv,
         if n.profile_runs:
             fig["http_profile"] = asyncio.run(_profiled(svc.url, svc.image, workload,
                                                         svc.pid, n.profile_runs, profile_out))
-    fig |= flat("bare_exec", one) | flat(f"bare_exec_{THROUGHPUT}_at_once", many)
-    fig["bare_runs_per_s"] = round(fastest(many, "runs_per_s").runs_per_s, 1)
+    fig |= (flat("bare_exec", bares.one) | flat(f"bare_exec_{THROUGHPUT}_at_once", bares.many)
+            | flat("bare_exit0", bares.exit0))
+    fig["bare_runs_per_s"] = round(fastest(bares.many, "runs_per_s").runs_per_s, 1)
     fig["warm_vs_bare_median"] = round(fig["warm_run_median_ms"]
                                        / fig["bare_exec_median_ms"], 2)
+    # The sandbox's own time per run: what it adds to each program's fastest bare run.
+    fig["warm_over_bare_ms"] = round(fig["warm_run_median_ms"] - fig["bare_exec_median_ms"], 3)
+    fig["exit0_warm_over_bare_ms"] = round(fig["exit0_warm_run_median_ms"]
+                                           - fig["bare_exit0_median_ms"], 3)
     fig["warm_vs_bare_p99"] = round(fig["warm_run_p99_ms"] / fig["bare_exec_p99_ms"], 2)
     fig["runs_per_s_vs_bare"] = round(fig["runs_per_s"] / fig["bare_runs_per_s"], 3)
     fig["warm_vs_client_bare_median"] = round(fig["aiohttp_warm_run_median_ms"]
                                               / fig["client_bare_median_ms"], 2)
     fig["runs_per_s_vs_client_bare"] = round(fig["runs_per_s"]
                                              / fig["client_bare_runs_per_s"], 3)
-    return fig, one, many
+    return fig, bares
 
 
 def profile_path(out: Path | None, policy: str) -> Path | None:
@@ -255,9 +281,9 @@ def profile_path(out: Path | None, policy: str) -> Path | None:
     return None if out is None else out.with_name(f"{out.stem}.{policy}{out.suffix}")
 
 
-def policy_rows(policy: str, fig: dict[str, Any], n: Counts, one: Loops,
-                many: Loops) -> list[Row]:
+def policy_rows(policy: str, fig: dict[str, Any], n: Counts, bares: Bares) -> list[Row]:
     """The figures of one policy, each beside the tight loops and the client's own loop."""
+    one, many = bares.one, bares.many
     return [
         Row(f"{policy}: warm run median (ms)", fig["warm_run_median_ms"],
             loop_bases(one, "p50")),
@@ -267,6 +293,14 @@ def policy_rows(policy: str, fig: dict[str, Any], n: Counts, one: Loops,
             (*loop_bases(one, "p50"), ("client loop", fig["client_bare_median_ms"]))),
         Row(f"{policy}: warm run p99, aiohttp client (ms)", fig["aiohttp_warm_run_p99_ms"],
             (*loop_bases(one, "p99"), ("client loop", fig["client_bare_p99_ms"]))),
+        Row(f"{policy}: warm run of exit0 (no libc) median (ms)",
+            fig["exit0_warm_run_median_ms"], loop_bases(bares.exit0, "p50")),
+        Row(f"{policy}: warm run of exit0 (no libc) p99 (ms)", fig["exit0_warm_run_p99_ms"],
+            loop_bases(bares.exit0, "p99")),
+        Row(f"{policy}:   the sandbox's own time: warm minus bare median, `true` (ms)",
+            fig["warm_over_bare_ms"]),
+        Row(f"{policy}:   the sandbox's own time: warm minus bare median, exit0 (ms)",
+            fig["exit0_warm_over_bare_ms"]),
         Row(f"{policy}: warm runs/s, 1 client", fig["runs_per_s_sequential"],
             loop_bases(one, "runs_per_s")),
         Row(f"{policy}: warm runs/s, {THROUGHPUT} clients", fig["runs_per_s"],
@@ -288,11 +322,12 @@ def run(policies: tuple[str, ...], n: Counts,
     try:
         bare_env = BareEnv(busybox.build_rootfs(base / "rootfs"), base / "scratch")
         bare_env.scratch.mkdir()
+        exit0 = build_exit0(base)
         for policy in policies:
-            fig, one, many = measure_policy(policy, n, bare_env,
-                                            profile_path(profile_out, policy))
+            fig, bares = measure_policy(policy, n, bare_env, exit0,
+                                        profile_path(profile_out, policy))
             per_policy[policy] = fig
-            rows += policy_rows(policy, fig, n, one, many)
+            rows += policy_rows(policy, fig, n, bares)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return rows, {"policy_list": list(policies), "requests": n.requests,

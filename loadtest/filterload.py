@@ -13,7 +13,6 @@ each alike. Figures and ratios only; the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.baseline import BenchError
+from loadtest.cbuild import NATIVE, build
 from loadtest.http.service import stop_on_sigterm
 from loadtest.output import emit
 from loadtest.rows import Row, table
@@ -32,7 +32,7 @@ from sandbox.runtime.seccomp import (
     load_profile,
 )
 
-SOURCE = Path(__file__).with_name("native") / "filterload.c"
+SOURCE = NATIVE / "filterload.c"
 ALLOW = bpf.insn(bpf.RET_K, 0, 0, 0x7FFF0000)   # SECCOMP_RET_ALLOW
 BARE = "one-instruction filter"
 QUICK_LOADS = 20
@@ -50,15 +50,8 @@ def programs() -> dict[str, bytes]:
 
 def measure(progs: dict[str, bytes], loads: int) -> dict[str, dict[str, float]]:
     """Each program's load (µs: p10, median, p90) and instructions, by name."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BenchError("gcc is needed to build the load loop: apt-get install gcc libc6-dev")
     with tempfile.TemporaryDirectory(prefix="filterload-") as tmp:
-        exe = Path(tmp) / "filterload"
-        built = subprocess.run([gcc, "-O2", "-o", str(exe), str(SOURCE)],
-                               capture_output=True, text=True, check=False)
-        if built.returncode != 0:
-            raise BenchError(f"cannot build {SOURCE.name}:\n{built.stderr.strip()}")
+        exe = build(SOURCE, Path(tmp) / "filterload")
         files = {}
         for i, (name, prog) in enumerate(progs.items()):
             files[name] = Path(tmp) / f"{i}.bpf"

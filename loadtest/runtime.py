@@ -11,9 +11,12 @@ no verdict. Per policy (`--policy`, both by default):
   service's pools do (host-side latency, from the call to the returned result),
   sequential (back to back, and 30 ms apart: init then makes each next run's child
   ahead) and 2 at once, beside the bare loops of the same binary at the same
-  concurrency. The back-to-back runs of every policy take turns, in bursts of 20 (each
-  burst's first run untimed: its container was idle through the other's turn), so that
-  the VM's drift over the minutes of a run falls on each policy alike;
+  concurrency. Back to back, the same for exit0 (loadtest/native/exit0.c: exit(0) with
+  no libc, so no C library's start-up), and for each program the warm median less the
+  bare one: the sandbox's own time per exec, whatever the program's start costs on this
+  machine. The back-to-back series of every policy and program take turns, in bursts of
+  20 (each burst's first run untimed: its container was idle through the other turns),
+  so that the VM's drift over the minutes of a run falls on each alike;
 - cold start: create_container until ready, beside the bare loops of a busybox `unshare`
   of the same namespaces;
 - idle memory: USS of idle containers' inits, each with the next run's child it holds after
@@ -46,7 +49,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +69,7 @@ from loadtest.baseline import (
     percentile,
 )
 from loadtest.baseline import flat as baseline_figures
+from loadtest.cbuild import build, build_exit0
 from loadtest.http.service import stop_on_sigterm
 from loadtest.rows import Row, loop_bases, policies_arg, table
 from sandbox.runtime import _spawn, seccomp
@@ -80,6 +83,9 @@ from testbed import busybox
 WORKLOADS = Path(__file__).resolve().parent / "workloads"
 ENV = {"PATH": "/bin"}
 TRUE = ["true"]
+EXIT0 = ["/bin/exit0"]   # no libc: a run's cost apart from the program's start (cbuild.py)
+# The programs timed back to back: each figure of `true` has exit0's beside it.
+PROGRAMS = {"true": TRUE, "exit0": EXIT0}
 POLICIES = ("judge", "default")
 WRITABLE = "default"           # the policy whose root a run writes
 # A file-heavy run in the root (not a tmpfs), as container root (who owns the image's
@@ -211,6 +217,7 @@ class Bare:
     exec_1: Loops      # busybox true, 1 at once
     exec_2: Loops      # 2 at once
     unshare: Loops     # busybox unshare of the container's namespaces, running true
+    exit0_1: Loops     # the libc-free exit0, 1 at once
 
 
 def bare_loops(root: Path, n: Counts) -> tuple[Bare, dict[str, Any]]:
@@ -219,18 +226,20 @@ def bare_loops(root: Path, n: Counts) -> tuple[Bare, dict[str, Any]]:
     # and net namespaces (busybox has no cgroup-namespace flag) running `true`.
     unshare = Command(str(root / "bin/unshare"), ("unshare", "-r", "-m", "-p", "-f", "-i",
                                                   "-u", "-n", str(root / "bin/true")), ENV)
+    exit0 = Command(str(root / "bin/exit0"), ("exit0",), ENV)
     half = max(1, n.runs // 2)
     bare = Bare(measure(true, n.runs, 1, n.warmup), measure(true, 2 * half, 2, n.warmup),
-                measure(unshare, n.cold, 1, n.warmup))
+                measure(unshare, n.cold, 1, n.warmup), measure(exit0, n.runs, 1, n.warmup))
     fig = (baseline_figures("bare_exec", bare.exec_1) | baseline_figures("bare_exec_2",
                                                                          bare.exec_2)
-           | baseline_figures("bare_unshare", bare.unshare))
+           | baseline_figures("bare_unshare", bare.unshare)
+           | baseline_figures("bare_exit0", bare.exit0_1))
     return bare, fig
 
 
 @dataclass
 class BackToBack:
-    """One policy's timed back-to-back warm execs of `true` (sequential_execs)."""
+    """One policy's timed back-to-back warm execs of one program (sequential_execs)."""
 
     latency: list[float]
     results: list[RunResult]
@@ -239,31 +248,32 @@ class BackToBack:
     fallbacks: int = 0      # asked for it, took the vfork path
 
 
-async def sequential_execs(runtime: Runtime, root: Path, n: Counts,
-                           policies: tuple[str, ...]) -> dict[str, BackToBack]:
-    """n.runs back-to-back execs per policy, one warm container each, the policies taking
-    turns in bursts of EXEC_BURST (order swapped each round). One policy's series after
-    another's showed this VM's drift over the minutes between them as a difference
-    between the policies. Each burst's first run is not timed: its container was idle
-    through the other policies' turns, which init may use to make its next child ahead."""
+async def sequential_execs(runtime: Runtime, root: Path, n: Counts, policies: tuple[str, ...]
+                           ) -> dict[tuple[str, str], BackToBack]:
+    """n.runs back-to-back execs of each of PROGRAMS per policy, one warm container each,
+    the (policy, program) series taking turns in bursts of EXEC_BURST (order swapped each
+    round). One series after another showed this VM's drift over the minutes between them
+    as a difference between them. Each burst's first run is not timed: its container was
+    idle through the other turns, which init may use to make its next child ahead."""
     cs: dict[str, Container] = {}
     try:
         for policy in policies:
             cs[policy] = await create(runtime, root, policy)
-            await exec_loop(cs[policy], n.warmup)
-        got = {p: BackToBack([], []) for p in policies}
-        order = list(policies)
+            for argv in PROGRAMS.values():
+                await exec_loop(cs[policy], n.warmup, argv)
+        got = {(p, name): BackToBack([], []) for p in policies for name in PROGRAMS}
+        order = list(got)
         while any(len(b.latency) < n.runs for b in got.values()):
-            for policy in order:
-                c, b = cs[policy], got[policy]
+            for policy, name in order:
+                c, b, argv = cs[policy], got[policy, name], PROGRAMS[name]
                 burst = min(EXEC_BURST, n.runs - len(b.latency))
                 if burst == 0:
                     continue
-                await checked_exec(c, TRUE, reset_after=True)
+                await checked_exec(c, argv, reset_after=True)
                 counted = c.prepared_runs, c.prepare_fallbacks
                 for _ in range(burst):
                     t0 = time.monotonic_ns()
-                    b.results.append(await checked_exec(c, TRUE, reset_after=True))
+                    b.results.append(await checked_exec(c, argv, reset_after=True))
                     b.latency.append(ms_since(t0))
                     b.ms += b.latency[-1]
                 b.prepared += c.prepared_runs - counted[0]
@@ -275,8 +285,9 @@ async def sequential_execs(runtime: Runtime, root: Path, n: Counts,
             await c.destroy()
 
 
-async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str,
-                     bare: Bare, seq: BackToBack) -> tuple[list[Row], dict[str, Any]]:
+async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str, bare: Bare,
+                     seq: BackToBack, seq0: BackToBack) -> tuple[list[Row], dict[str, Any]]:
+    """`seq`: the policy's back-to-back execs of `true`; `seq0`: of exit0."""
     half = max(1, n.runs // 2)
     results, latency = seq.results, seq.latency
     warm_rate = len(latency) / (seq.ms / 1000)
@@ -311,6 +322,7 @@ async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str,
 
     bare_median = fastest(bare.exec_1).median_ms
     bare_rate = fastest(bare.exec_1, "runs_per_s").runs_per_s
+    bare0_median = fastest(bare.exit0_1).median_ms
     fig = {
         "warm_exec_median_ms": median(latency), "warm_exec_p99_ms": percentile(latency, 99),
         "warm_exec_result_wall_median_ms": median([r.wall_ms for r in results]),
@@ -324,6 +336,13 @@ async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str,
         "warm_exec_runs_per_s": warm_rate, "warm_exec_2_containers_runs_per_s": warm_rate2,
         "warm_exec_vs_bare_median": median(latency) / bare_median,
         "warm_exec_vs_bare_runs_per_s": warm_rate / bare_rate,
+        # The sandbox's own time per exec, apart from the program's start: both programs'
+        # warm median less their bare one.
+        "warm_exec_exit0_median_ms": median(seq0.latency),
+        "warm_exec_exit0_p99_ms": percentile(seq0.latency, 99),
+        "warm_exec_exit0_vs_bare_median": median(seq0.latency) / bare0_median,
+        "warm_exec_over_bare_ms": median(latency) - bare_median,
+        "warm_exec_exit0_over_bare_ms": median(seq0.latency) - bare0_median,
     }
     rows = [
         Row(f"{policy}: exec `true` median (ms)", fig["warm_exec_median_ms"],
@@ -334,6 +353,14 @@ async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str,
             fig["warm_exec_result_wall_median_ms"], loop_bases(bare.exec_1, "p50")),
         Row(f"{policy}:   result.setup_ms median (call..started)",
             fig["warm_exec_result_setup_median_ms"]),
+        Row(f"{policy}: exec of exit0 (no libc) median (ms)", fig["warm_exec_exit0_median_ms"],
+            loop_bases(bare.exit0_1, "p50")),
+        Row(f"{policy}: exec of exit0 (no libc) p99 (ms)", fig["warm_exec_exit0_p99_ms"],
+            loop_bases(bare.exit0_1, "p99")),
+        Row(f"{policy}:   the sandbox's own time: exec minus bare median, `true` (ms)",
+            fig["warm_exec_over_bare_ms"]),
+        Row(f"{policy}:   the sandbox's own time: exec minus bare median, exit0 (ms)",
+            fig["warm_exec_exit0_over_bare_ms"]),
         Row(f"{policy}:   runs through the child made ahead, of {n.runs}", prepared),
         Row(f"{policy}:   asked for it, took the vfork path", fallbacks),
         Row(f"{policy}: exec `true` {SPACED_S * 1000:g} ms apart, median (ms)",
@@ -633,18 +660,11 @@ async def bench_writable(runtime: Runtime, root: Path, n: Counts,
 
 
 def build_workloads(dest: Path, owner: tuple[int, int]) -> None:
-    """gcc -static -O2 each workloads/*.c into dest/bin (the container's /bin)."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BenchError("gcc is needed for the workloads: apt-get install gcc libc6-dev")
-    for src in sorted(WORKLOADS.glob("*.c")):
-        out = dest / "bin" / src.stem
-        done = subprocess.run([gcc, "-static", "-O2", "-o", str(out), str(src)],
-                              capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise BenchError(f"cannot build {src.name} (static libc: libc6-dev):\n"
-                             f"{done.stderr.strip()}")
-        os.chmod(out, 0o755)
+    """gcc -static -O2 each workloads/*.c into dest/bin (the container's /bin), and the
+    libc-free exit0 (loadtest/cbuild.py)."""
+    built = [build(src, dest / "bin" / src.stem, ("-static", "-O2"))
+             for src in sorted(WORKLOADS.glob("*.c"))]
+    for out in [*built, build_exit0(dest / "bin")]:
         os.lchown(out, *owner)
 
 
@@ -698,7 +718,8 @@ async def run(n: Counts, policies: tuple[str, ...],
         seq = await sequential_execs(runtime, root, n, policies)
         for policy in policies:
             progress(quiet, f"exec, {policy}")
-            more_rows, more = await bench_exec(runtime, root, n, policy, bare, seq[policy])
+            more_rows, more = await bench_exec(runtime, root, n, policy, bare,
+                                               seq[policy, "true"], seq[policy, "exit0"])
             rows += more_rows
             per_policy[policy] |= more
         for policy in policies:

@@ -113,12 +113,19 @@ def _tar(build: Callable[[Path], Path], work: Path, name: str) -> Path:
     return tar
 
 
-def _push(work: Path, registry_host: str, compiler: bool) -> tuple[str, str | None]:
-    """The busybox image's reference, and the compiler image's when asked (its 28 MB tar
-    takes seconds to build and push, so only runs that compile pay for it)."""
+def _push(work: Path, registry_host: str, compiler: bool,
+          programs: tuple[Path, ...]) -> tuple[str, str | None]:
+    """The busybox image's reference (`programs` in its /bin), and the compiler image's
+    when asked (its 28 MB tar takes seconds to build and push, so only runs that compile
+    pay for it)."""
+    def rootfs(dest: Path) -> Path:
+        root = busybox.build_rootfs(dest)
+        for program in programs:
+            shutil.copy2(program, root / "bin" / program.name)
+        return root
+
     busybox_ref = f"{registry_host}/loadtest/busybox:1"
-    images = [TarImage(_tar(busybox.build_rootfs, work, "busybox"), busybox_ref, ["sh"],
-                       {"PATH": "/bin"})]
+    images = [TarImage(_tar(rootfs, work, "busybox"), busybox_ref, ["sh"], {"PATH": "/bin"})]
     gcc_ref = f"{registry_host}/loadtest/gcc:12" if compiler else None
     if gcc_ref is not None:
         images.append(TarImage(_tar(gcc_rootfs, work, "gcc"), gcc_ref, ["gcc", "--version"],
@@ -138,15 +145,16 @@ class Spawned:
 
 @contextlib.contextmanager
 def spawned(pool_idle: int, *, min_idle: int = 0, compiler: bool = False,
-            config: str = "", code: Path | None = None) -> Iterator[Spawned]:
-    """A registry with a busybox image (and a gcc image with `compiler`) and a `sandboxd
-    serve` using it, then nothing left. `config`: more TOML for its config file. `code`:
-    the checkout whose service runs (`python -m` takes its modules from the working
-    directory first); this interpreter's by default."""
+            config: str = "", code: Path | None = None,
+            programs: tuple[Path, ...] = ()) -> Iterator[Spawned]:
+    """A registry with a busybox image (`programs` added to its /bin; and a gcc image
+    with `compiler`) and a `sandboxd serve` using it, then nothing left. `config`: more
+    TOML for its config file. `code`: the checkout whose service runs (`python -m` takes
+    its modules from the working directory first); this interpreter's by default."""
     work = Path(tempfile.mkdtemp(prefix="sandboxd-loadtest-"))
     try:
         with start_registry(work / "registry") as registry:
-            image, compiler_image = _push(work, registry.host, compiler)
+            image, compiler_image = _push(work, registry.host, compiler, programs)
             port = free_port()
             config_file = work / "sandboxd.toml"
             # Enough warm containers for every concurrent request of one workload.

@@ -59,6 +59,12 @@ def test_quick_run_prints_every_figure_for_both_policies() -> None:
         assert per["warm_vs_bare_median"] == round(per["warm_run_median_ms"]
                                                    / per["bare_exec_median_ms"], 2)
         assert per["runs_per_s_vs_bare"] == round(per["runs_per_s"] / per["bare_runs_per_s"], 3)
+        # exit0 (no libc), warm and bare: the sandbox's own time apart from a libc's start.
+        for key in ("exit0_warm_run_median_ms", "exit0_warm_run_p99_ms", "bare_exit0_median_ms"):
+            assert per[key] > 0, (policy, key)
+        for prog, warm, bare in (("", "warm_run_median_ms", "bare_exec_median_ms"),
+                                 ("exit0_", "exit0_warm_run_median_ms", "bare_exit0_median_ms")):
+            assert per[f"{prog}warm_over_bare_ms"] == round(per[warm] - per[bare], 3)
         # In the table, every figure of the policy beside its baselines with the ratio.
         rows = {line.split("  ")[0].strip(): line for line in lines
                 if line.startswith(f"{policy}: ")}
@@ -66,6 +72,7 @@ def test_quick_run_prints_every_figure_for_both_policies() -> None:
                                (f"{policy}: warm run p99 (ms)", 2),
                                (f"{policy}: warm run median, aiohttp client (ms)", 3),
                                (f"{policy}: warm run p99, aiohttp client (ms)", 3),
+                               (f"{policy}: warm run of exit0 (no libc) median (ms)", 2),
                                (f"{policy}: warm runs/s, 1 client", 2),
                                (f"{policy}: warm runs/s, 8 clients", 3),
                                (f"{policy}: warm runs/s, 8 clients of ab (C)", 2),

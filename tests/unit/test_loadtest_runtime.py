@@ -19,6 +19,7 @@ from sandbox.runtime.results import Status
 from tests.support import benchmarks
 
 PER_POLICY = ("warm_exec_median_ms", "warm_exec_p99_ms", "warm_exec_runs_per_s",
+              "warm_exec_exit0_median_ms", "warm_exec_exit0_p99_ms",
               "warm_exec_2_containers_runs_per_s", "cold_start_median_ms",
               "cold_start_p99_ms", "idle_container_uss_mib")
 WRITABLE = ("writable_warm_reset_median_ms", "writable_fresh_median_ms",
@@ -55,8 +56,11 @@ def test_quick_run_prints_every_figure_for_both_policies() -> None:
         assert per["warm_exec_vs_bare_median"] == pytest.approx(
             per["warm_exec_median_ms"] / figures["bare_exec_median_ms"])
         # Each figure beside both tight bare loops of the same binaries, with the ratio.
+        for prog, bare in (("", "bare_exec"), ("_exit0", "bare_exit0")):
+            assert per[f"warm_exec{prog}_over_bare_ms"] == pytest.approx(
+                per[f"warm_exec{prog}_median_ms"] - figures[f"{bare}_median_ms"])
         for figure in ("exec `true` median (ms)", "exec `true` 2 loops, 2 containers "
-                       "(runs/s)", "cold start median (ms)"):
+                       "(runs/s)", "cold start median (ms)", "exec of exit0 (no libc) median (ms)"):
             line = row(lines, f"{policy}: {figure}")
             assert "fork+exec" in line and "posix_spawn" in line and line.count("x)") == 2
         assert "unshare" in row(lines, f"{policy}: cold start median (ms)")
@@ -72,7 +76,7 @@ def test_quick_run_prints_every_figure_for_both_policies() -> None:
                                                "root (ms)")
     for key in OVERHEADS:
         assert number(figures, key) > -100, key  # a ratio of two positive times
-    for prefix in ("bare_exec", "bare_exec_2", "bare_unshare", "bare_touch"):
+    for prefix in ("bare_exec", "bare_exec_2", "bare_unshare", "bare_touch", "bare_exit0"):
         for method in ("fork_exec", "posix_spawn"):
             assert figures[f"{prefix}_{method}_median_ms"] > 0, (prefix, method)
         assert figures[f"{prefix}_median_ms"] == min(figures[f"{prefix}_fork_exec_median_ms"],
