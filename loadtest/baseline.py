@@ -93,13 +93,16 @@ class Loop:
 Loops = dict[str, Loop]
 
 
-def measure(cmd: Command, runs: int, concurrency: int = 1, warmup: int = 20) -> Loops:
+def measure(cmd: Command, runs: int, concurrency: int = 1, warmup: int = 20,
+            gap_s: float = 0.0) -> Loops:
     """Both loops over `cmd`, `runs` runs in all at `concurrency` at once, after `warmup`
-    untimed runs per worker; one fresh process of its own session does it."""
+    untimed runs per worker; one fresh process of its own session does it. With `gap_s`,
+    each worker sleeps that long before each timed run (the baseline of runs that come
+    apart: an idle machine's caches and CPUs are cold then, bare too)."""
     if runs < concurrency or concurrency < 1:
         raise BenchError(f"{runs} runs cannot keep {concurrency} workers busy")
     ask = {"command": asdict(cmd), "runs": runs, "concurrency": concurrency,
-           "warmup": warmup}
+           "warmup": warmup, "gap_s": gap_s}
     done = subprocess.run([sys.executable, "-m", "loadtest.baseline"],
                           input=json.dumps(ask), capture_output=True, text=True,
                           timeout=TIMEOUT_S, start_new_session=True, check=False)
@@ -168,9 +171,10 @@ def _run_posix_spawn(cmd: Command, i: int, null: int) -> int:
 RUNNERS = {"fork_exec": _run_fork_exec, "posix_spawn": _run_posix_spawn}
 
 
-def _worker(method: str, cmd: Command, first: int, count: int, warmup: int, ready: int,
-            go: int, out: int) -> None:
-    """A forked worker: warm up, say so, wait for the start, time `count` runs, report."""
+def _worker(method: str, cmd: Command, first: int, count: int, warmup: int, gap_s: float,
+            ready: int, go: int, out: int) -> None:
+    """A forked worker: warm up, say so, wait for the start, time `count` runs (each
+    `gap_s` after the last), report."""
     run = RUNNERS[method]
     null = os.open(os.devnull, os.O_RDWR)
     for i in range(warmup):
@@ -181,6 +185,8 @@ def _worker(method: str, cmd: Command, first: int, count: int, warmup: int, read
     times: list[int] = []
     failed = ""
     for i in range(first, first + count):
+        if gap_s:
+            time.sleep(gap_s)
         t0 = time.perf_counter_ns()
         code = run(cmd, i, null)
         times.append(time.perf_counter_ns() - t0)
@@ -192,7 +198,8 @@ def _worker(method: str, cmd: Command, first: int, count: int, warmup: int, read
         json.dump({"ns": times, "end": end, "error": failed}, f)
 
 
-def _loop(method: str, cmd: Command, runs: int, concurrency: int, warmup: int) -> Loop:
+def _loop(method: str, cmd: Command, runs: int, concurrency: int, warmup: int,
+          gap_s: float) -> Loop:
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     workers: list[tuple[int, int]] = []
@@ -207,7 +214,7 @@ def _loop(method: str, cmd: Command, runs: int, concurrency: int, warmup: int) -
             try:
                 os.close(go_w)
                 os.close(out_r)
-                _worker(method, cmd, first, count, warmup, ready_w, go_r, out_w)
+                _worker(method, cmd, first, count, warmup, gap_s, ready_w, go_r, out_w)
                 code = 0
             finally:
                 os._exit(code)
@@ -254,7 +261,8 @@ def main() -> int:
     ask = json.load(sys.stdin)
     cmd = Command(**{**ask["command"], "argv": tuple(ask["command"]["argv"]),
                      "stdin": tuple(ask["command"]["stdin"])})
-    loops = {m: _loop(m, cmd, ask["runs"], ask["concurrency"], ask["warmup"]) for m in METHODS}
+    loops = {m: _loop(m, cmd, ask["runs"], ask["concurrency"], ask["warmup"],
+                      float(ask.get("gap_s", 0.0))) for m in METHODS}
     json.dump({m: asdict(loop) for m, loop in loops.items()}, sys.stdout)
     return 0
 

@@ -11,12 +11,14 @@ no verdict. Per policy (`--policy`, both by default):
   service's pools do (host-side latency, from the call to the returned result),
   sequential (back to back, and 30 ms apart: init then makes each next run's child
   ahead) and 2 at once, beside the bare loops of the same binary at the same
-  concurrency. Back to back, the same for exit0 (loadtest/native/exit0.c: exit(0) with
-  no libc, so no C library's start-up), and for each program the warm median less the
-  bare one: the sandbox's own time per exec, whatever the program's start costs on this
-  machine. The back-to-back series of every policy and program take turns, in bursts of
-  20 (each burst's first run untimed: its container was idle through the other turns),
-  so that the VM's drift over the minutes of a run falls on each alike;
+  concurrency (30 ms apart too: on a VM whose idle CPUs and caches go cold, a bare run
+  30 ms after the last costs ~1.6-3x one back to back). Back to back, the same for exit0
+  (loadtest/native/exit0.c: exit(0) with no libc, so no C library's start-up), and for
+  each program the warm median less the bare one: the sandbox's own time per exec,
+  whatever the program's start costs on this machine. The back-to-back series of every
+  policy and program take turns, in bursts of 20 (each burst's first run untimed: its
+  container was idle through the other turns), so that the VM's drift over the minutes of
+  a run falls on each alike;
 - cold start: create_container until ready, beside the bare loops of a busybox `unshare`
   of the same namespaces;
 - idle memory: USS of idle containers' inits, each with the next run's child it holds after
@@ -218,6 +220,7 @@ class Bare:
     exec_2: Loops      # 2 at once
     unshare: Loops     # busybox unshare of the container's namespaces, running true
     exit0_1: Loops     # the libc-free exit0, 1 at once
+    spaced: Loops      # busybox true, 1 at once, SPACED_S apart
 
 
 def bare_loops(root: Path, n: Counts) -> tuple[Bare, dict[str, Any]]:
@@ -229,11 +232,13 @@ def bare_loops(root: Path, n: Counts) -> tuple[Bare, dict[str, Any]]:
     exit0 = Command(str(root / "bin/exit0"), ("exit0",), ENV)
     half = max(1, n.runs // 2)
     bare = Bare(measure(true, n.runs, 1, n.warmup), measure(true, 2 * half, 2, n.warmup),
-                measure(unshare, n.cold, 1, n.warmup), measure(exit0, n.runs, 1, n.warmup))
+                measure(unshare, n.cold, 1, n.warmup), measure(exit0, n.runs, 1, n.warmup),
+                measure(true, half, 1, n.warmup, gap_s=SPACED_S))
     fig = (baseline_figures("bare_exec", bare.exec_1) | baseline_figures("bare_exec_2",
                                                                          bare.exec_2)
            | baseline_figures("bare_unshare", bare.unshare)
-           | baseline_figures("bare_exit0", bare.exit0_1))
+           | baseline_figures("bare_exit0", bare.exit0_1)
+           | baseline_figures("bare_spaced", bare.spaced))
     return bare, fig
 
 
@@ -323,6 +328,7 @@ async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str, bare:
     bare_median = fastest(bare.exec_1).median_ms
     bare_rate = fastest(bare.exec_1, "runs_per_s").runs_per_s
     bare0_median = fastest(bare.exit0_1).median_ms
+    apart = f" {SPACED_S * 1000:g} ms apart"
     fig = {
         "warm_exec_median_ms": median(latency), "warm_exec_p99_ms": percentile(latency, 99),
         "warm_exec_result_wall_median_ms": median([r.wall_ms for r in results]),
@@ -364,9 +370,9 @@ async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str, bare:
         Row(f"{policy}:   runs through the child made ahead, of {n.runs}", prepared),
         Row(f"{policy}:   asked for it, took the vfork path", fallbacks),
         Row(f"{policy}: exec `true` {SPACED_S * 1000:g} ms apart, median (ms)",
-            fig["warm_exec_spaced_median_ms"], loop_bases(bare.exec_1, "p50")),
+            fig["warm_exec_spaced_median_ms"], loop_bases(bare.spaced, "p50", apart)),
         Row(f"{policy}:   result.wall_ms median", fig["warm_exec_spaced_wall_median_ms"],
-            loop_bases(bare.exec_1, "p50")),
+            loop_bases(bare.spaced, "p50", apart)),
         Row(f"{policy}:   runs through the child made ahead, of {half}", spaced_prepared),
         Row(f"{policy}: exec `true` sequential (runs/s)", warm_rate,
             loop_bases(bare.exec_1, "runs_per_s")),

@@ -60,3 +60,12 @@ def test_a_failing_command_is_an_error_not_a_figure() -> None:
         measure(Command(BUSYBOX, ("sh", "-c", "exit 3")), runs=2, warmup=0)
     with pytest.raises(BenchError, match="cannot keep"):
         measure(Command(BUSYBOX, ("true",)), runs=1, concurrency=2)
+
+
+def test_a_gap_comes_before_each_timed_run_and_only_then() -> None:
+    # The spaced baseline: each worker sleeps gap_s before each timed run, none before the
+    # warm-up ones, so the loop lasts at least runs x gap_s (a lower bound, not a speed).
+    runs, gap = 4, 0.25
+    for loop in measure(Command(BUSYBOX, ("true",)), runs=runs, warmup=2, gap_s=gap).values():
+        assert loop.runs == runs
+        assert loop.elapsed_s >= runs * gap

@@ -64,6 +64,11 @@ def test_quick_run_prints_every_figure_for_both_policies() -> None:
             line = row(lines, f"{policy}: {figure}")
             assert "fork+exec" in line and "posix_spawn" in line and line.count("x)") == 2
         assert "unshare" in row(lines, f"{policy}: cold start median (ms)")
+        # Runs 30 ms apart stand beside the bare loops run 30 ms apart.
+        spaced = row(lines, f"{policy}: exec `true` 30 ms apart, median (ms)")
+        for method in ("fork+exec", "posix_spawn"):
+            key = f"bare_spaced_{method.replace('+', '_')}_median_ms"
+            assert f"{method} 30 ms apart {figures[key]:.3f}" in spaced, spaced
     for key in WRITABLE:
         assert number(figures, key) > 0, key
     assert figures["writable_runs"] == 3
@@ -76,7 +81,8 @@ def test_quick_run_prints_every_figure_for_both_policies() -> None:
                                                "root (ms)")
     for key in OVERHEADS:
         assert number(figures, key) > -100, key  # a ratio of two positive times
-    for prefix in ("bare_exec", "bare_exec_2", "bare_unshare", "bare_touch", "bare_exit0"):
+    for prefix in ("bare_exec", "bare_exec_2", "bare_unshare", "bare_touch", "bare_exit0",
+                   "bare_spaced"):
         for method in ("fork_exec", "posix_spawn"):
             assert figures[f"{prefix}_{method}_median_ms"] > 0, (prefix, method)
         assert figures[f"{prefix}_median_ms"] == min(figures[f"{prefix}_fork_exec_median_ms"],
