@@ -66,7 +66,7 @@ from loadtest.http.targets import BareEnv, BareTarget, HttpTarget
 from loadtest.http.workloads import WORKLOADS, Workload
 from loadtest.httpprofile import profile
 from loadtest.httpprofile import table as profile_table
-from loadtest.rows import Row, loop_bases, policies_arg, table
+from loadtest.rows import OwnTime, Row, loop_bases, own_time_rows, policies_arg, table
 from testbed import busybox
 
 TRUE = WORKLOADS["exec"]  # busybox true, one exec, no shell
@@ -293,14 +293,9 @@ def policy_rows(policy: str, fig: dict[str, Any], n: Counts, bares: Bares) -> li
             (*loop_bases(one, "p50"), ("client loop", fig["client_bare_median_ms"]))),
         Row(f"{policy}: warm run p99, aiohttp client (ms)", fig["aiohttp_warm_run_p99_ms"],
             (*loop_bases(one, "p99"), ("client loop", fig["client_bare_p99_ms"]))),
-        Row(f"{policy}: warm run of exit0 (no libc) median (ms)",
-            fig["exit0_warm_run_median_ms"], loop_bases(bares.exit0, "p50")),
-        Row(f"{policy}: warm run of exit0 (no libc) p99 (ms)", fig["exit0_warm_run_p99_ms"],
-            loop_bases(bares.exit0, "p99")),
-        Row(f"{policy}:   the sandbox's own time: warm minus bare median, `true` (ms)",
-            fig["warm_over_bare_ms"]),
-        Row(f"{policy}:   the sandbox's own time: warm minus bare median, exit0 (ms)",
-            fig["exit0_warm_over_bare_ms"]),
+        *own_time_rows(policy, "warm run", OwnTime(
+            fig["exit0_warm_run_median_ms"], fig["exit0_warm_run_p99_ms"],
+            fig["warm_over_bare_ms"], fig["exit0_warm_over_bare_ms"]), bares.exit0),
         Row(f"{policy}: warm runs/s, 1 client", fig["runs_per_s_sequential"],
             loop_bases(one, "runs_per_s")),
         Row(f"{policy}: warm runs/s, {THROUGHPUT} clients", fig["runs_per_s"],

@@ -34,6 +34,32 @@ def loop_bases(loops: Loops, by: str, suffix: str = "") -> tuple[tuple[str, floa
                   else loop.latency_ms[by]) for m, loop in loops.items())
 
 
+@dataclass(frozen=True)
+class OwnTime:
+    """exit0's figures (loadtest/cbuild.py) and the sandbox's own time per run: each
+    program's warm median less its bare one."""
+
+    exit0_median_ms: float
+    exit0_p99_ms: float
+    true_over_bare_ms: float
+    exit0_over_bare_ms: float
+
+
+def own_time_rows(policy: str, what: str, own: OwnTime, exit0: Loops) -> list[Row]:
+    """The rows of `own` for `policy`, exit0's beside its bare loops; `what` names a run
+    ("warm run", "exec")."""
+    return [
+        Row(f"{policy}: {what} of exit0 (no libc) median (ms)", own.exit0_median_ms,
+            loop_bases(exit0, "p50")),
+        Row(f"{policy}: {what} of exit0 (no libc) p99 (ms)", own.exit0_p99_ms,
+            loop_bases(exit0, "p99")),
+        Row(f"{policy}:   the sandbox's own time: {what} minus bare median, `true` (ms)",
+            own.true_over_bare_ms),
+        Row(f"{policy}:   the sandbox's own time: {what} minus bare median, exit0 (ms)",
+            own.exit0_over_bare_ms),
+    ]
+
+
 def policies_arg(text: str) -> tuple[str, ...]:
     """`--policy judge,default`: the policies to measure, in that order, each once."""
     names = tuple(p.strip() for p in text.split(",") if p.strip())

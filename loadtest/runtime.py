@@ -73,7 +73,7 @@ from loadtest.baseline import (
 from loadtest.baseline import flat as baseline_figures
 from loadtest.cbuild import build, build_exit0
 from loadtest.http.service import stop_on_sigterm
-from loadtest.rows import Row, loop_bases, policies_arg, table
+from loadtest.rows import OwnTime, Row, loop_bases, own_time_rows, policies_arg, table
 from sandbox.runtime import _spawn, seccomp
 from sandbox.runtime.container import Container
 from sandbox.runtime.profiles import Limits
@@ -359,14 +359,9 @@ async def bench_exec(runtime: Runtime, root: Path, n: Counts, policy: str, bare:
             fig["warm_exec_result_wall_median_ms"], loop_bases(bare.exec_1, "p50")),
         Row(f"{policy}:   result.setup_ms median (call..started)",
             fig["warm_exec_result_setup_median_ms"]),
-        Row(f"{policy}: exec of exit0 (no libc) median (ms)", fig["warm_exec_exit0_median_ms"],
-            loop_bases(bare.exit0_1, "p50")),
-        Row(f"{policy}: exec of exit0 (no libc) p99 (ms)", fig["warm_exec_exit0_p99_ms"],
-            loop_bases(bare.exit0_1, "p99")),
-        Row(f"{policy}:   the sandbox's own time: exec minus bare median, `true` (ms)",
-            fig["warm_exec_over_bare_ms"]),
-        Row(f"{policy}:   the sandbox's own time: exec minus bare median, exit0 (ms)",
-            fig["warm_exec_exit0_over_bare_ms"]),
+        *own_time_rows(policy, "exec", OwnTime(
+            fig["warm_exec_exit0_median_ms"], fig["warm_exec_exit0_p99_ms"],
+            fig["warm_exec_over_bare_ms"], fig["warm_exec_exit0_over_bare_ms"]), bare.exit0_1),
         Row(f"{policy}:   runs through the child made ahead, of {n.runs}", prepared),
         Row(f"{policy}:   asked for it, took the vfork path", fallbacks),
         Row(f"{policy}: exec `true` {SPACED_S * 1000:g} ms apart, median (ms)",
