@@ -262,7 +262,7 @@ def main() -> int:
     cmd = Command(**{**ask["command"], "argv": tuple(ask["command"]["argv"]),
                      "stdin": tuple(ask["command"]["stdin"])})
     loops = {m: _loop(m, cmd, ask["runs"], ask["concurrency"], ask["warmup"],
-                      float(ask.get("gap_s", 0.0))) for m in METHODS}
+                      ask["gap_s"]) for m in METHODS}
     json.dump({m: asdict(loop) for m, loop in loops.items()}, sys.stdout)
     return 0
 

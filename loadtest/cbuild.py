@@ -10,7 +10,7 @@ from loadtest.baseline import BenchError
 
 NATIVE = Path(__file__).resolve().parent / "native"
 # A program that only exits: a run of it costs what the sandbox does, not a libc's start.
-EXIT0 = NATIVE / "exit0.c"
+EXIT0_SOURCE = NATIVE / "exit0.c"
 EXIT0_FLAGS = ("-static", "-nostdlib", "-O2")
 
 
@@ -30,4 +30,4 @@ def build(source: Path, out: Path, flags: tuple[str, ...] = ("-O2",)) -> Path:
 
 def build_exit0(dest_dir: Path) -> Path:
     """exit0 (loadtest/native/exit0.c) built into dest_dir."""
-    return build(EXIT0, dest_dir / "exit0", EXIT0_FLAGS)
+    return build(EXIT0_SOURCE, dest_dir / "exit0", EXIT0_FLAGS)
